@@ -1,0 +1,550 @@
+//! Text ↔ token ids, as the reference's tokenizer computes them (llava-spec §2).
+//!
+//! Two backends behind one [`Tokenizer`]:
+//! - **`tokenizer.json`** (llava-hf): the `tokenizers` crate, which is what transformers'
+//!   fast tokenizer runs.
+//! - **`tokenizer.model`** (LLaVA v0/1.5, KoLLaVA): our own port of the slow `LlamaTokenizer`:
+//!   sentencepiece BPE ([`sentencepiece`]) plus transformers' added-token handling: the text
+//!   is split on added/special tokens (longest match first), plain-string added tokens such as
+//!   v0's `<im_start>` swallow the whitespace on both sides (transformers ≤ 4.33), and every
+//!   chunk between them is encoded on its own. `legacy: false` tokenizers (LLaVA-1.5) add the
+//!   dummy `▁` once at the start and none after special tokens (transformers ≥ 4.37).
+//!
+//! Decoding goes through the pieces for both backends so that [`StreamDecoder`] can hold
+//! back a Hangul syllable until all of its UTF-8 bytes have arrived.
+
+pub mod sentencepiece;
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use serde_json::Value;
+
+use self::sentencepiece::{SentencePiece, SPACE_MARK};
+
+/// Errors from loading or running a tokenizer. Each names the file or value at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenizerError {
+    #[error("no tokenizer in {dir}: expected tokenizer.json or tokenizer.model")]
+    Missing { dir: String },
+    #[error("cannot read {file}: {reason}")]
+    Parse { file: String, reason: String },
+    #[error("tokenizer failed on the input: {reason}")]
+    Encode { reason: String },
+}
+
+/// One token that transformers splits the text on before sentencepiece sees it.
+#[derive(Debug, Clone)]
+struct AddedToken {
+    content: String,
+    id: u32,
+    /// Swallow whitespace on the left / right.
+    lstrip: bool,
+    rstrip: bool,
+    /// Skipped by `decode(skip_special_tokens=True)`.
+    special: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Slow(Box<SlowTokenizer>),
+    Fast(Box<tokenizers::Tokenizer>),
+}
+
+#[derive(Debug, Clone)]
+struct SlowTokenizer {
+    sp: SentencePiece,
+    added: Vec<AddedToken>,
+    legacy: bool,
+    add_bos: bool,
+    add_eos: bool,
+}
+
+/// A checkpoint's tokenizer.
+#[derive(Debug, Clone)]
+pub struct Tokenizer {
+    backend: Backend,
+    pub bos_id: u32,
+    pub eos_id: u32,
+    pub unk_id: u32,
+    /// Ids `decode(skip_special=true)` drops.
+    special_ids: HashSet<u32>,
+    /// Number of ids the tokenizer can produce (sentencepiece pieces plus added tokens).
+    vocab_size: usize,
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>, TokenizerError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| TokenizerError::Parse {
+        file: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| TokenizerError::Parse {
+            file: path.display().to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// A special-token entry: either `"<s>"` or `{"content": "<s>", "lstrip": …}`.
+fn token_entry(v: &Value) -> Option<(String, bool, bool)> {
+    match v {
+        Value::String(s) => Some((s.clone(), false, false)),
+        Value::Object(o) => Some((
+            o.get("content")?.as_str()?.to_string(),
+            o.get("lstrip").and_then(Value::as_bool).unwrap_or(false),
+            o.get("rstrip").and_then(Value::as_bool).unwrap_or(false),
+        )),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// Loads the tokenizer of a checkpoint directory: `tokenizer.json` when present,
+    /// otherwise `tokenizer.model` with `tokenizer_config.json`, `special_tokens_map.json`
+    /// and `added_tokens.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let json_path = dir.join("tokenizer.json");
+        if json_path.exists() {
+            return Self::from_tokenizer_json(&json_path, &config);
+        }
+        let model_path = dir.join("tokenizer.model");
+        if !model_path.exists() {
+            return Err(TokenizerError::Missing {
+                dir: dir.display().to_string(),
+            });
+        }
+        let bytes = std::fs::read(&model_path).map_err(|e| TokenizerError::Parse {
+            file: model_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let sp = SentencePiece::from_bytes(&bytes, &model_path.display().to_string())?;
+        let special_map = read_json(&dir.join("special_tokens_map.json"))?.unwrap_or(Value::Null);
+        let added_json = read_json(&dir.join("added_tokens.json"))?;
+        Self::from_sentencepiece(sp, &config, &special_map, added_json.as_ref())
+    }
+
+    fn from_tokenizer_json(path: &Path, config: &Value) -> Result<Self, TokenizerError> {
+        let tok = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Parse {
+            file: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let id = |key: &str, default: &str| -> u32 {
+            let name = config
+                .get(key)
+                .and_then(token_entry)
+                .map(|t| t.0)
+                .unwrap_or_else(|| default.to_string());
+            tok.token_to_id(&name).unwrap_or(0)
+        };
+        let (bos_id, eos_id, unk_id) = (
+            id("bos_token", "<s>"),
+            id("eos_token", "</s>"),
+            id("unk_token", "<unk>"),
+        );
+        let special_ids = tok
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(&i, _)| i)
+            .collect();
+        let vocab_size = tok.get_vocab_size(true);
+        Ok(Self {
+            backend: Backend::Fast(Box::new(tok)),
+            bos_id,
+            eos_id,
+            unk_id,
+            special_ids,
+            vocab_size,
+        })
+    }
+
+    fn from_sentencepiece(
+        sp: SentencePiece,
+        config: &Value,
+        special_map: &Value,
+        added_json: Option<&Value>,
+    ) -> Result<Self, TokenizerError> {
+        let mut added: Vec<AddedToken> = Vec::new();
+        let mut push = |t: AddedToken| {
+            if !t.content.is_empty() && !added.iter().any(|a| a.content == t.content) {
+                added.push(t);
+            }
+        };
+        // Newer configs list every added token with its flags.
+        if let Some(Value::Object(dec)) = config.get("added_tokens_decoder") {
+            for (id, v) in dec {
+                if let (Ok(id), Some((content, lstrip, rstrip))) = (id.parse(), token_entry(v)) {
+                    let special = v.get("special").and_then(Value::as_bool).unwrap_or(true);
+                    push(AddedToken {
+                        content,
+                        id,
+                        lstrip,
+                        rstrip,
+                        special,
+                    });
+                }
+            }
+        }
+        // bos/eos/unk/pad: from the config, else special_tokens_map.json.
+        let mut specials = Vec::new();
+        for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+            let entry = config
+                .get(key)
+                .and_then(token_entry)
+                .or_else(|| special_map.get(key).and_then(token_entry));
+            if let Some((content, lstrip, rstrip)) = entry {
+                specials.push((key, content.clone()));
+                if let Some(id) = sp.piece_to_id(&content) {
+                    push(AddedToken {
+                        content,
+                        id,
+                        lstrip,
+                        rstrip,
+                        special: true,
+                    });
+                }
+            }
+        }
+        // added_tokens.json holds bare strings (v0's <im_patch>, <im_start>, <im_end>);
+        // transformers ≤ 4.33 strips whitespace on both sides of such tokens.
+        if let Some(Value::Object(map)) = added_json {
+            let mut entries: Vec<(String, u32)> = map
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_u64()? as u32)))
+                .collect();
+            entries.sort_by_key(|e| e.1);
+            for (content, id) in entries {
+                push(AddedToken {
+                    content,
+                    id,
+                    lstrip: true,
+                    rstrip: true,
+                    special: true,
+                });
+            }
+        }
+        let find = |key: &str, default: &str| -> u32 {
+            let name = specials
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, c)| c.as_str())
+                .unwrap_or(default);
+            sp.piece_to_id(name).unwrap_or(0)
+        };
+        let (bos_id, eos_id) = (find("bos_token", "<s>"), find("eos_token", "</s>"));
+        let unk_id = sp.unk_id();
+        let legacy = config
+            .get("legacy")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        let add_bos = config
+            .get("add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        let add_eos = config
+            .get("add_eos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let mut special_ids: HashSet<u32> =
+            added.iter().filter(|a| a.special).map(|a| a.id).collect();
+        special_ids.extend((0..sp.vocab_size() as u32).filter(|&i| sp.is_control(i)));
+        let vocab_size = added
+            .iter()
+            .map(|a| a.id as usize + 1)
+            .max()
+            .unwrap_or(0)
+            .max(sp.vocab_size());
+        Ok(Self {
+            backend: Backend::Slow(Box::new(SlowTokenizer {
+                sp,
+                added,
+                legacy,
+                add_bos,
+                add_eos,
+            })),
+            bos_id,
+            eos_id,
+            unk_id,
+            special_ids,
+            vocab_size,
+        })
+    }
+
+    /// Number of distinct ids (the embedding rows a checkpoint needs at least).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// `tokenizer(text).input_ids`: BOS (when the tokenizer adds it) then the text's ids.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        match &self.backend {
+            Backend::Slow(s) => Ok(s.encode(text)),
+            Backend::Fast(t) => t
+                .encode(text, true)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| TokenizerError::Encode {
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// The id of a token string, such as `<im_patch>` or `<image>`.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        match &self.backend {
+            Backend::Slow(s) => s
+                .added
+                .iter()
+                .find(|a| a.content == token)
+                .map(|a| a.id)
+                .or_else(|| s.sp.piece_to_id(token)),
+            Backend::Fast(t) => t.token_to_id(token),
+        }
+    }
+
+    /// The token string of an id, if it has one.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        match &self.backend {
+            Backend::Slow(s) => s
+                .added
+                .iter()
+                .find(|a| a.id == id)
+                .map(|a| a.content.clone())
+                .or_else(|| s.sp.piece(id).map(str::to_string)),
+            Backend::Fast(t) => t.id_to_token(id),
+        }
+    }
+
+    fn push_token_bytes(&self, id: u32, out: &mut Vec<u8>) {
+        match &self.backend {
+            Backend::Slow(s) => {
+                if let Some(a) = s.added.iter().find(|a| a.id == id) {
+                    out.extend_from_slice(a.content.as_bytes());
+                } else {
+                    s.sp.piece_bytes(id, out);
+                }
+            }
+            Backend::Fast(t) => {
+                if let Some(p) = t.id_to_token(id) {
+                    match sentencepiece::parse_byte_piece(&p) {
+                        Some(b) => out.push(b),
+                        None => out.extend(p.replace(SPACE_MARK, " ").bytes()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Raw bytes of `ids`, special tokens dropped when `skip_special`, with sentencepiece's
+    /// leading dummy space removed. May end in the middle of a UTF-8 character.
+    pub fn decode_bytes(&self, ids: &[u32], skip_special: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &id in ids {
+            if skip_special && self.special_ids.contains(&id) {
+                continue;
+            }
+            self.push_token_bytes(id, &mut out);
+        }
+        if out.first() == Some(&b' ') {
+            out.remove(0);
+        }
+        out
+    }
+
+    /// `tokenizer.decode(ids, skip_special_tokens=skip_special)`; invalid UTF-8 becomes U+FFFD.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {
+        String::from_utf8_lossy(&self.decode_bytes(ids, skip_special)).into_owned()
+    }
+}
+
+impl SlowTokenizer {
+    fn encode(&self, text: &str) -> Vec<u32> {
+        let mut ids = Vec::new();
+        if self.add_bos {
+            if let Some(bos) = self.added.iter().find(|a| a.content == "<s>") {
+                ids.push(bos.id);
+            } else if let Some(bos) = self.sp.piece_to_id("<s>") {
+                ids.push(bos);
+            }
+        }
+        if self.legacy {
+            ids.extend(self.encode_legacy(text));
+        } else {
+            ids.extend(self.encode_modern(text));
+        }
+        if self.add_eos {
+            if let Some(eos) = self.sp.piece_to_id("</s>") {
+                ids.push(eos);
+            }
+        }
+        ids
+    }
+
+    /// transformers' `Trie.split` plus the whitespace stripping around no-split tokens.
+    fn split<'a>(&'a self, text: &'a str) -> Vec<Chunk<'a>> {
+        let mut chunks: Vec<Chunk<'a>> = Vec::new();
+        let mut last = 0;
+        let mut i = 0;
+        let bytes = text.as_bytes();
+        while i < bytes.len() {
+            let hit = self
+                .added
+                .iter()
+                .filter(|a| text[i..].starts_with(a.content.as_str()))
+                .max_by_key(|a| a.content.len());
+            match hit {
+                Some(a) => {
+                    if last < i {
+                        chunks.push(Chunk::Text(&text[last..i]));
+                    }
+                    chunks.push(Chunk::Token(a));
+                    i += a.content.len();
+                    last = i;
+                }
+                None => {
+                    // Advance one character (added tokens start on char boundaries).
+                    i += text[i..].chars().next().map_or(1, char::len_utf8);
+                }
+            }
+        }
+        if last < text.len() {
+            chunks.push(Chunk::Text(&text[last..]));
+        }
+        for k in 0..chunks.len() {
+            if let Chunk::Token(a) = chunks[k] {
+                if a.rstrip {
+                    if let Some(Chunk::Text(t)) = chunks.get_mut(k + 1) {
+                        *t = t.trim_start();
+                    }
+                }
+                if a.lstrip && k > 0 {
+                    if let Some(Chunk::Text(t)) = chunks.get_mut(k - 1) {
+                        *t = t.trim_end();
+                    }
+                }
+            }
+        }
+        chunks
+    }
+
+    /// transformers ≤ 4.33 (`legacy: true`): every text chunk gets sentencepiece's dummy prefix.
+    fn encode_legacy(&self, text: &str) -> Vec<u32> {
+        let mut ids = Vec::new();
+        for chunk in self.split(text) {
+            match chunk {
+                Chunk::Token(a) => ids.push(a.id),
+                Chunk::Text(t) if !t.is_empty() => ids.extend(self.sp.encode(t, true)),
+                Chunk::Text(_) => {}
+            }
+        }
+        ids
+    }
+
+    /// transformers ≥ 4.37 with `legacy: false`: `▁` is prepended to the whole text once; a
+    /// chunk starting with a space is encoded behind `<unk>` (then cut off) so that its `▁`
+    /// survives, and no other chunk gets a dummy prefix.
+    fn encode_modern(&self, text: &str) -> Vec<u32> {
+        if text.is_empty() {
+            return Vec::new();
+        }
+        let unk = self
+            .sp
+            .piece(self.sp.unk_id())
+            .unwrap_or("<unk>")
+            .to_string();
+        let unk_len = self.sp.encode(&unk, false).len();
+        let text = format!("{SPACE_MARK}{}", text.replace(SPACE_MARK, " "));
+        let chunks = self.split(&text);
+        let mut pieces: Vec<Vec<u32>> = Vec::new();
+        let mut is_special: Vec<bool> = Vec::new();
+        for chunk in &chunks {
+            match chunk {
+                Chunk::Token(a) => {
+                    pieces.push(vec![a.id]);
+                    is_special.push(true);
+                }
+                Chunk::Text(t) if !t.is_empty() => {
+                    let ids = if t.starts_with([SPACE_MARK, ' ']) {
+                        let all = self.sp.encode(&format!("{unk}{t}"), false);
+                        all.get(unk_len..).map(<[u32]>::to_vec).unwrap_or(all)
+                    } else {
+                        self.sp.encode(t, false)
+                    };
+                    // One entry per token, as transformers' token list.
+                    for id in ids {
+                        pieces.push(vec![id]);
+                        is_special.push(false);
+                    }
+                }
+                Chunk::Text(_) => {}
+            }
+        }
+        let mut flat: Vec<u32> = pieces.into_iter().flatten().collect();
+        // `tokens[0] == "▁" and tokens[1] in all_special_tokens`: drop the lone prefix.
+        let space_id = self.sp.piece_to_id(&SPACE_MARK.to_string());
+        if flat.len() > 1 && Some(flat[0]) == space_id && is_special.get(1) == Some(&true) {
+            flat.remove(0);
+        }
+        flat
+    }
+}
+
+enum Chunk<'a> {
+    Text(&'a str),
+    Token(&'a AddedToken),
+}
+
+/// Turns generated ids into text as they arrive, never emitting half a UTF-8 character.
+///
+/// It re-decodes the whole generation each step (as transformers' `TextStreamer` does), so
+/// sentencepiece's leading-space rule and multi-token byte sequences come out right.
+#[derive(Debug, Default)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl StreamDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one id; returns the newly completed text, if any.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Option<String> {
+        self.ids.push(id);
+        let bytes = tok.decode_bytes(&self.ids, true);
+        let valid = match std::str::from_utf8(&bytes) {
+            Ok(s) => s.len(),
+            // An incomplete trailing sequence: wait for more bytes. An invalid one in the
+            // middle cannot become valid: emit it lossily.
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => bytes.len(),
+        };
+        if valid <= self.emitted {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&bytes[self.emitted..valid]).into_owned();
+        self.emitted = valid;
+        Some(text)
+    }
+
+    /// Whatever is left (an incomplete character at the end becomes U+FFFD).
+    pub fn finish(&mut self, tok: &Tokenizer) -> Option<String> {
+        let bytes = tok.decode_bytes(&self.ids, true);
+        if bytes.len() <= self.emitted {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&bytes[self.emitted..]).into_owned();
+        self.emitted = bytes.len();
+        Some(text)
+    }
+
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+}

@@ -1,0 +1,138 @@
+//! The CLIP ViT vision tower (transformers' `CLIPVisionModel`), up to the hidden state LLaVA
+//! selects (llava-spec §1a.2): patch + position embeddings, `pre_layrnorm`, then the first
+//! `vision_layers_used` encoder layers. `post_layernorm` is never applied.
+//!
+//! Reference: huggingface/transformers `models/clip/modeling_clip.py` (v4.37).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+
+use crate::config::{ClipVisionConfig, FeatureSelect};
+use crate::layers::{activate, attention, LayerNorm, Linear};
+
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+    act: crate::config::Activation,
+}
+
+impl EncoderLayer {
+    fn load(vb: VarBuilder, cfg: &ClipVisionConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let attn = vb.pp("self_attn");
+        Ok(Self {
+            layer_norm1: LayerNorm::load(vb.pp("layer_norm1"), h, cfg.layer_norm_eps)?,
+            q_proj: Linear::load(attn.pp("q_proj"), h, h, true)?,
+            k_proj: Linear::load(attn.pp("k_proj"), h, h, true)?,
+            v_proj: Linear::load(attn.pp("v_proj"), h, h, true)?,
+            out_proj: Linear::load(attn.pp("out_proj"), h, h, true)?,
+            layer_norm2: LayerNorm::load(vb.pp("layer_norm2"), h, cfg.layer_norm_eps)?,
+            fc1: Linear::load(vb.pp("mlp").pp("fc1"), h, cfg.intermediate_size, true)?,
+            fc2: Linear::load(vb.pp("mlp").pp("fc2"), cfg.intermediate_size, h, true)?,
+            heads: cfg.num_attention_heads,
+            act: cfg.hidden_act,
+        })
+    }
+
+    /// `xs: (b, n, hidden) → (b, n, hidden)`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, n, h) = xs.dims3()?;
+        let d = h / self.heads;
+        let x = self.layer_norm1.forward(xs)?;
+        let split = |t: Tensor| {
+            t.reshape((b, n, self.heads, d))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.q_proj.forward(&x)?)?;
+        let k = split(self.k_proj.forward(&x)?)?;
+        let v = split(self.v_proj.forward(&x)?)?;
+        let a = attention(&q, &k, &v, None, (d as f64).powf(-0.5))?;
+        let a = a.transpose(1, 2)?.reshape((b, n, h))?;
+        let xs = (xs + self.out_proj.forward(&a)?)?;
+        let x = self.layer_norm2.forward(&xs)?;
+        let x = self
+            .fc2
+            .forward(&activate(self.act, &self.fc1.forward(&x)?)?)?;
+        xs + x
+    }
+}
+
+/// CLIP vision weights (the layers LLaVA uses).
+#[derive(Debug, Clone)]
+pub struct ClipVision {
+    patch_embedding: Conv2d,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layrnorm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    feature_select: FeatureSelect,
+}
+
+impl ClipVision {
+    /// `vb` is scoped at `vision_model`. Only the first `layers_used` encoder layers load.
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &ClipVisionConfig,
+        layers_used: usize,
+        feature_select: FeatureSelect,
+    ) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let emb = vb.pp("embeddings");
+        let conv_cfg = Conv2dConfig {
+            stride: cfg.patch_size,
+            ..Default::default()
+        };
+        let weight = emb.pp("patch_embedding").get(
+            (h, cfg.num_channels, cfg.patch_size, cfg.patch_size),
+            "weight",
+        )?;
+        let patch_embedding = Conv2d::new(weight, None, conv_cfg);
+        let num_positions = cfg.grid() * cfg.grid() + 1;
+        let position_embedding = emb
+            .pp("position_embedding")
+            .get((num_positions, h), "weight")?;
+        let class_embedding = emb.get(h, "class_embedding")?;
+        let pre_layrnorm = LayerNorm::load(vb.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?;
+        let layers = (0..layers_used)
+            .map(|i| EncoderLayer::load(vb.pp("encoder.layers").pp(i), cfg))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            patch_embedding,
+            class_embedding,
+            position_embedding,
+            pre_layrnorm,
+            layers,
+            feature_select,
+        })
+    }
+
+    /// The selected hidden state. `pixels: (b, 3, S, S) → (b, N, vision_hidden)`, with
+    /// `N = (S/patch)²` (+1 with `ClsPatch`).
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let patches = self.patch_embedding.forward(pixels)?; // (b, h, g, g)
+        let (b, h, _, _) = patches.dims4()?;
+        let patches = patches.flatten_from(2)?.transpose(1, 2)?; // (b, g², h)
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, h))?
+            .broadcast_as((b, 1, h))?;
+        let xs = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding)?;
+        let mut xs = self.pre_layrnorm.forward(&xs)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs)?;
+        }
+        match self.feature_select {
+            FeatureSelect::Patch => xs.narrow(1, 1, xs.dim(1)? - 1),
+            FeatureSelect::ClsPatch => Ok(xs),
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The LLaMA decoder (LLaMA-1/2, Vicuna, KoVicuna, Mistral/Synatra as LLaMA + GQA + an
+//! optional sliding window). One forward path for inference and training: it takes input
+//! embeddings and returns the final-normed hidden state of every position; [`Decoder::logits`]
+//! applies `lm_head` to whichever positions the caller needs.
+//!
+//! Reference: huggingface/transformers `models/llama/modeling_llama.py` (v4.37).
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+
+use crate::config::DecoderConfig;
+use crate::kv_cache::KvCache;
+use crate::layers::{activate, attention, Linear, RmsNorm};
+
+#[derive(Debug, Clone)]
+struct SelfAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl SelfAttention {
+    fn load(vb: VarBuilder, cfg: &DecoderConfig) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let bias = cfg.attention_bias;
+        Ok(Self {
+            q_proj: Linear::load(vb.pp("q_proj"), h, nh * d, bias)?,
+            k_proj: Linear::load(vb.pp("k_proj"), h, nkv * d, bias)?,
+            v_proj: Linear::load(vb.pp("v_proj"), h, nkv * d, bias)?,
+            o_proj: Linear::load(vb.pp("o_proj"), nh * d, h, bias)?,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: d,
+        })
+    }
+
+    /// `xs: (b, s, hidden)`, `cos/sin: (b, s, d/2)`, `mask: (b, 1, s, t)` → `(b, s, hidden)`.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (b, s, _) = xs.dims3()?;
+        let d = self.head_dim;
+        let split = |t: Tensor, n: usize| t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous();
+        let q = split(self.q_proj.forward(xs)?, self.heads)?;
+        let k = split(self.k_proj.forward(xs)?, self.kv_heads)?;
+        let v = split(self.v_proj.forward(xs)?, self.kv_heads)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = cache.append(layer, &k, &v)?;
+        let rep = self.heads / self.kv_heads;
+        let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
+        let a = attention(&q, &k, &v, Some(mask), (d as f64).powf(-0.5))?;
+        let a = a.transpose(1, 2)?.reshape((b, s, self.heads * d))?;
+        self.o_proj.forward(&a)
+    }
+}
+
+/// Grouped-query attention: each of the `kv_heads` serves `rep` query heads.
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, n, t, d) = x.dims4()?;
+    Tensor::cat(&vec![x; rep], 2)?.reshape((b, n * rep, t, d))
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    act: crate::config::Activation,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &DecoderConfig) -> Result<Self> {
+        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: Linear::load(vb.pp("gate_proj"), h, i, bias)?,
+            up_proj: Linear::load(vb.pp("up_proj"), h, i, bias)?,
+            down_proj: Linear::load(vb.pp("down_proj"), i, h, bias)?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gate = activate(self.act, &self.gate_proj.forward(xs)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_layernorm: RmsNorm,
+    self_attn: SelfAttention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// LLaMA weights. Immutable; share it behind an `Arc` and give each request a [`KvCache`].
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    embed_tokens: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    /// `1 / theta^(2i/d)`, `(d/2,)` f32.
+    inv_freq: Tensor,
+    cfg: DecoderConfig,
+}
+
+impl Decoder {
+    /// `vb` is at the checkpoint root: loads `model.embed_tokens`, `model.layers.*`,
+    /// `model.norm` and `lm_head` (or the tied embedding).
+    pub fn load(vb: VarBuilder, cfg: &DecoderConfig) -> Result<Self> {
+        let m = vb.pp("model");
+        let embed_weight = m
+            .pp("embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let embed_tokens = Embedding::new(embed_weight.clone(), cfg.hidden_size);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = m.pp("layers").pp(i);
+            layers.push(Layer {
+                input_layernorm: RmsNorm::load(
+                    l.pp("input_layernorm"),
+                    cfg.hidden_size,
+                    cfg.rms_norm_eps,
+                )?,
+                self_attn: SelfAttention::load(l.pp("self_attn"), cfg)?,
+                post_attention_layernorm: RmsNorm::load(
+                    l.pp("post_attention_layernorm"),
+                    cfg.hidden_size,
+                    cfg.rms_norm_eps,
+                )?,
+                mlp: Mlp::load(l.pp("mlp"), cfg)?,
+            });
+        }
+        let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::from_weight(embed_weight)
+        } else {
+            Linear::load(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
+        };
+        let d = cfg.head_dim;
+        let inv_freq: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / d as f32))
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, d / 2, vb.device())?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    pub(crate) fn embed_tokens_device(&self) -> &candle_core::Device {
+        self.embed_tokens.embeddings().device()
+    }
+
+    /// Token embeddings. `ids: (b, s)` u32 → `(b, s, hidden)`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.forward(ids)
+    }
+
+    /// The whole stack on a step of embeddings, appending to `cache`.
+    /// `xs: (b, s, hidden)`; `valid[r]` real (not padding) leading positions of row `r`
+    /// → final-normed hidden states `(b, s, hidden)`.
+    pub fn forward(&self, xs: &Tensor, valid: &[usize], cache: &mut KvCache) -> Result<Tensor> {
+        let (b, s, _) = xs.dims3()?;
+        let (positions, mask) = cache.begin_step(valid, s, self.cfg.sliding_window, xs.device())?;
+        if let Some(&last) = positions.iter().max() {
+            if last as usize >= self.cfg.max_position_embeddings {
+                candle_core::bail!(
+                    "position {last} is beyond the model's context of {} tokens",
+                    self.cfg.max_position_embeddings
+                );
+            }
+        }
+        let pos = Tensor::from_vec(positions, (b, s), xs.device())?.to_dtype(DType::F32)?;
+        let freqs = pos
+            .unsqueeze(2)?
+            .broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
+        let dtype = xs.dtype();
+        let (cos, sin) = (
+            freqs.cos()?.to_dtype(dtype)?.contiguous()?,
+            freqs.sin()?.to_dtype(dtype)?.contiguous()?,
+        );
+        let mask = mask.to_dtype(dtype)?;
+        let mut xs = xs.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let x = layer.input_layernorm.forward(&xs)?;
+            let x = layer.self_attn.forward(&x, &cos, &sin, &mask, cache, i)?;
+            xs = (xs + x)?;
+            let x = layer.post_attention_layernorm.forward(&xs)?;
+            xs = (&xs + layer.mlp.forward(&x)?)?;
+        }
+        self.norm.forward(&xs)
+    }
+
+    /// `hidden: (…, hidden) → (…, vocab)`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+}

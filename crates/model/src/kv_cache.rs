@@ -1,0 +1,106 @@
+//! Per-sequence attention state, kept apart from the (shared, immutable) weights.
+//!
+//! Built for batches of sequences of different lengths from the start: every cached slot of
+//! every row records the position of the token it holds, or `None` for padding. A step may
+//! append a different number of real tokens to each row (right padding fills the rest); the
+//! attention mask is then derived from those positions alone, so ragged prefill, batched
+//! decode and Mistral's sliding window all go through one rule:
+//! query at position `p` may attend the key at position `q` iff `q <= p` and, with a window
+//! `W`, `p - q < W`.
+
+use candle_core::{Device, Result, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    /// Per decoder layer: keys and values, each `(batch, kv_heads, slots, head_dim)`.
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Per row: the position held by each slot (`None` = padding).
+    slots: Vec<Vec<Option<usize>>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize, batch: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            slots: vec![Vec::new(); batch],
+        }
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Slots per row (including padding).
+    pub fn slot_count(&self) -> usize {
+        self.slots.first().map_or(0, Vec::len)
+    }
+
+    /// The position the next token of `row` will take (= real tokens cached so far).
+    pub fn next_position(&self, row: usize) -> usize {
+        self.slots[row].iter().filter(|s| s.is_some()).count()
+    }
+
+    /// Registers a step of `seq` new slots per row, of which the first `valid[r]` are real.
+    /// Returns the query positions `(batch, seq)` (padding queries get the position they
+    /// would have had) and the additive mask `(batch, 1, seq, slots)`.
+    pub(crate) fn begin_step(
+        &mut self,
+        valid: &[usize],
+        seq: usize,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<(Vec<u32>, Tensor)> {
+        if valid.len() != self.slots.len() {
+            candle_core::bail!(
+                "batch of {} rows for a cache of {}",
+                valid.len(),
+                self.slots.len()
+            );
+        }
+        let mut positions = Vec::with_capacity(valid.len() * seq);
+        for (r, &n) in valid.iter().enumerate() {
+            let past = self.next_position(r);
+            for i in 0..seq {
+                positions.push((past + i) as u32);
+                self.slots[r].push((i < n).then_some(past + i));
+            }
+        }
+        let total = self.slot_count();
+        let mut mask = vec![0f32; valid.len() * seq * total];
+        for (r, row_slots) in self.slots.iter().enumerate() {
+            for i in 0..seq {
+                let p = positions[r * seq + i] as usize;
+                let own = total - seq + i;
+                let out = &mut mask[(r * seq + i) * total..(r * seq + i + 1) * total];
+                for (j, slot) in row_slots.iter().enumerate() {
+                    let allowed = match *slot {
+                        Some(q) => q <= p && window.is_none_or(|w| p - q < w),
+                        // A padding query still sees itself, so its softmax is finite.
+                        None => j == own,
+                    };
+                    if !allowed {
+                        out[j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (valid.len(), 1, seq, total), device)?;
+        Ok((positions, mask))
+    }
+
+    /// Appends this step's keys/values `(batch, kv_heads, seq, d)` to `layer` and returns
+    /// the full cached tensors.
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match &self.layers[layer] {
+            None => (k.contiguous()?, v.contiguous()?),
+            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}

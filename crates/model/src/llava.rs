@@ -1,0 +1,122 @@
+//! LLaVA: vision tower → projector → features spliced into the decoder's input embeddings.
+//!
+//! Both splicing schemes reduce to one operation (llava-spec §1a.6, §1b): the caller passes,
+//! per image, the range of ids its features replace. v0 replaces its `<im_patch>` run and
+//! llava-hf its `<image>` run (same length); LLaVA-1.5 passes an empty range at the split
+//! point, so the features are inserted and the sequence grows.
+
+use std::ops::Range;
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::clip::ClipVision;
+use crate::config::ModelConfig;
+use crate::decoder::Decoder;
+use crate::projector::Projector;
+
+/// Weights of a whole LLaVA model. Immutable: per-sequence state lives in a `KvCache`.
+#[derive(Debug, Clone)]
+pub struct Llava {
+    pub vision: ClipVision,
+    pub projector: Projector,
+    pub decoder: Decoder,
+    cfg: ModelConfig,
+}
+
+impl Llava {
+    /// `llm` is at the checkpoint root with canonical LLaVA key names (`model.*`,
+    /// `lm_head`); `vision` is at the tower's `vision_model`.
+    pub fn load(llm: VarBuilder, vision: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let decoder = Decoder::load(llm.clone(), &cfg.decoder)?;
+        let projector = Projector::load(
+            llm.pp("model").pp("mm_projector"),
+            cfg.projector,
+            cfg.vision.hidden_size,
+            cfg.decoder.hidden_size,
+        )?;
+        let vision = ClipVision::load(
+            vision,
+            &cfg.vision,
+            cfg.vision_layers_used,
+            cfg.feature_select,
+        )?;
+        Ok(Self {
+            vision,
+            projector,
+            decoder,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// `pixels: (n, 3, S, S) → (n, N, vision_hidden)`: the selected CLIP hidden state.
+    pub fn vision_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.vision.forward(pixels)
+    }
+
+    /// `pixels: (n, 3, S, S) → (n, N, hidden)`: image features in embedding space.
+    pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.projector.forward(&self.vision_features(pixels)?)
+    }
+
+    /// Input embeddings of one sequence with image features spliced in.
+    /// `ids`: the prompt; `slots[k]`: the ids image `k` replaces (empty = insert there), in
+    /// increasing order; `features: (n_images, N, hidden)` → `(1, len', hidden)`.
+    pub fn embed_with_images(
+        &self,
+        ids: &[u32],
+        slots: &[Range<usize>],
+        features: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let device = self.decoder.embed_tokens_device();
+        let ids_t = Tensor::new(ids, device)?.unsqueeze(0)?;
+        let text = self.decoder.embed(&ids_t)?; // (1, L, h)
+        if slots.is_empty() {
+            return Ok(text);
+        }
+        let Some(features) = features else {
+            candle_core::bail!(
+                "the prompt has {} image slots but no image was given",
+                slots.len()
+            );
+        };
+        let n_images = features.dim(0)?;
+        if slots.len() > n_images {
+            candle_core::bail!(
+                "the prompt has {} image slots but only {n_images} images were given",
+                slots.len()
+            );
+        }
+        let mut parts = Vec::with_capacity(2 * slots.len() + 1);
+        let mut cursor = 0;
+        for (k, slot) in slots.iter().enumerate() {
+            if slot.start < cursor || slot.end > ids.len() {
+                candle_core::bail!(
+                    "image slot {slot:?} is out of order or past the prompt's {} ids",
+                    ids.len()
+                );
+            }
+            if slot.start > cursor {
+                parts.push(text.narrow(1, cursor, slot.start - cursor)?);
+            }
+            let f = features.narrow(0, k, 1)?;
+            if !slot.is_empty() && slot.len() != f.dim(1)? {
+                candle_core::bail!(
+                    "image slot of {} ids cannot hold {} feature rows",
+                    slot.len(),
+                    f.dim(1)?
+                );
+            }
+            parts.push(f);
+            cursor = slot.end;
+        }
+        if cursor < ids.len() {
+            parts.push(text.narrow(1, cursor, ids.len() - cursor)?);
+        }
+        Tensor::cat(&parts, 1)
+    }
+}
