@@ -1,1 +1,341 @@
-//! placeholder
+//! Everything about a checkpoint on disk, resolved once: where its files are, which family
+//! it is, its [`ModelConfig`], how images are preprocessed and enter the ids, which
+//! conversation template the reference picks, and a loaded [`Llava`].
+//!
+//! Brief overview: [`open`] locates the directory ([`locate`]), reads `config.json` into
+//! [`config::RawLlavaConfig`], detects the [`Family`] from `architectures`/`model_type`,
+//! finds the vision tower, and resolves everything into a [`Checkpoint`]. Then
+//! [`Checkpoint::load_model`] builds `VarBuilder`s over the weights ([`weights`]) with the
+//! family's keys renamed to the canonical LLaVA names and hands them to the model crate.
+//!
+//! It owns files and JSON; it does no tensor math, tokenizing or HTTP.
+
+pub mod config;
+pub mod locate;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use kollava_inputs::image::{AspectMode, ClipPreprocess};
+use kollava_inputs::template::{template_for_model_name, NameRule};
+use kollava_inputs::{ImageTokens, Tokenizer};
+use kollava_model::{Llava, ModelConfig};
+
+pub use config::Family;
+
+/// Errors opening or loading a checkpoint. Each names the file, key or value at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckpointError {
+    #[error("model directory {path} does not exist")]
+    MissingDir { path: String },
+    #[error("{path} is a file; --model takes a checkpoint directory or a hub repo id")]
+    NotADirectory { path: String },
+    #[error("{repo} is not in the local Hugging Face cache ({cache}) and nothing can be downloaded here: download it first (`huggingface-cli download {repo}`) or pass its directory")]
+    NotDownloaded { repo: String, cache: String },
+    #[error("cannot read {path}: {reason}")]
+    Io { path: String, reason: String },
+    #[error("{file} is not valid JSON: {reason}")]
+    Json { file: String, reason: String },
+    #[error("{file} has no {key:?}")]
+    MissingKey { file: String, key: String },
+    #[error("{file}: unsupported {what}")]
+    Unsupported { file: String, what: String },
+    #[error("{file}: invalid {what}")]
+    Invalid { file: String, what: String },
+    #[error("{file} does not describe a LLaVA checkpoint (architectures {architectures:?}, model_type {model_type:?}); supported: LlavaLlamaForCausalLM (v0, 1.5), LlavaMistralForCausalLM, LlavaForConditionalGeneration")]
+    UnknownFamily {
+        file: String,
+        architectures: Vec<String>,
+        model_type: Option<String>,
+    },
+    #[error("shard {shard} listed in {index} is missing")]
+    MissingShard { shard: String, index: String },
+    #[error("no weights in {dir}: expected model.safetensors[.index.json] or pytorch_model.bin[.index.json]")]
+    NoWeights { dir: String },
+    #[error("cannot read weights from {file}: {reason}")]
+    Weights { file: String, reason: String },
+    #[error("vision tower {name:?} (mm_vision_tower in {config}) is not on disk: download it (`huggingface-cli download {name}`) or pass --vision-tower PATH")]
+    MissingVisionTower { name: String, config: String },
+    #[error("loading {part} weights from {dir}: {reason}")]
+    Load {
+        part: &'static str,
+        dir: String,
+        reason: String,
+    },
+    #[error("the tokenizer of {dir} has no {token} token, which this {family} checkpoint needs")]
+    MissingImageToken {
+        dir: String,
+        token: String,
+        family: &'static str,
+    },
+    #[error(transparent)]
+    Tokenizer(#[from] kollava_inputs::tokenizer::TokenizerError),
+}
+
+/// Options the user can give when opening a checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// `--vision-tower`: a CLIP directory or repo id overriding `mm_vision_tower`.
+    pub vision_tower: Option<String>,
+}
+
+/// A resolved checkpoint, ready to load.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    /// The name the reference derives from the path (drives its template choice).
+    pub name: String,
+    pub family: Family,
+    pub config: ModelConfig,
+    /// Where the CLIP weights come from: a separate tower directory, or `None` when they
+    /// are inside the checkpoint (llava-hf).
+    pub vision_dir: Option<PathBuf>,
+    pub preprocess: ClipPreprocess,
+    pub aspect: AspectMode,
+    /// Longest prompt + answer in tokens (LLaVA's `context_len`).
+    pub context_len: usize,
+    /// Ids that end generation besides the template's stop string.
+    pub eos_ids: Vec<u32>,
+    /// llava-hf's `image_token_index`; v0's `mm_use_im_start_end`.
+    image_token_index: Option<u32>,
+    use_im_start_end: bool,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CheckpointError> {
+    let text = std::fs::read_to_string(path).map_err(|e| CheckpointError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| CheckpointError::Json {
+        file: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn eos_list(v: Option<&serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|n| vec![n as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|n| n as u32))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Finds a tower named by `mm_vision_tower`: relative to the checkpoint, a path, or a repo
+/// id in the hub cache.
+fn find_vision_tower(
+    name: &str,
+    ckpt_dir: &Path,
+    config_file: &Path,
+) -> Result<PathBuf, CheckpointError> {
+    let relative = ckpt_dir.join(name);
+    if relative.join("config.json").is_file() {
+        return Ok(relative);
+    }
+    let direct = PathBuf::from(name);
+    if direct.join("config.json").is_file() {
+        return Ok(direct);
+    }
+    if let Some(dir) = locate::hub_snapshot(name) {
+        return Ok(dir);
+    }
+    Err(CheckpointError::MissingVisionTower {
+        name: name.to_string(),
+        config: config_file.display().to_string(),
+    })
+}
+
+/// Opens a checkpoint directory or cached repo id and resolves its configuration.
+pub fn open(model: &str, opts: &OpenOptions) -> Result<Checkpoint, CheckpointError> {
+    let loc = locate::locate(model)?;
+    let config_file = loc.dir.join("config.json");
+    if !config_file.is_file() {
+        return Err(CheckpointError::Io {
+            path: config_file.display().to_string(),
+            reason: "no such file (is this a checkpoint directory?)".into(),
+        });
+    }
+    let raw: config::RawLlavaConfig = read_json(&config_file)?;
+    let cfg_name = config_file.display().to_string();
+    let family = config::detect_family(&raw, &cfg_name)?;
+
+    let (vision_cfg, vision_dir, preprocessor_file) =
+        if family == Family::LlavaHf && opts.vision_tower.is_none() {
+            let v = raw
+                .vision_config
+                .clone()
+                .ok_or_else(|| CheckpointError::MissingKey {
+                    file: cfg_name.clone(),
+                    key: "vision_config".into(),
+                })?;
+            (
+                config::resolve_clip(&v, &cfg_name)?,
+                None,
+                loc.dir.join("preprocessor_config.json"),
+            )
+        } else {
+            let name = opts
+                .vision_tower
+                .clone()
+                .or_else(|| raw.mm_vision_tower.clone())
+                .ok_or_else(|| CheckpointError::MissingKey {
+                    file: cfg_name.clone(),
+                    key: "mm_vision_tower".into(),
+                })?;
+            let dir = match &opts.vision_tower {
+                Some(p) if Path::new(p).is_dir() => PathBuf::from(p),
+                _ => find_vision_tower(&name, &loc.dir, &config_file)?,
+            };
+            let vcfg_file = dir.join("config.json");
+            let v: config::RawClipConfig = read_json(&vcfg_file)?;
+            (
+                config::resolve_clip(&v, &vcfg_file.display().to_string())?,
+                Some(dir.clone()),
+                dir.join("preprocessor_config.json"),
+            )
+        };
+    let raw_pre: Option<config::RawPreprocessorConfig> = if preprocessor_file.is_file() {
+        Some(read_json(&preprocessor_file)?)
+    } else {
+        None
+    };
+    let preprocess = config::resolve_preprocess(raw_pre.as_ref(), vision_cfg.image_size);
+    let model_config = config::resolve_model(&raw, family, vision_cfg, &cfg_name)?;
+
+    let aspect = match family {
+        // llava-hf's processor center-crops whatever the original model was trained with.
+        Family::LlavaHf | Family::LlavaV0 => AspectMode::Crop,
+        _ => match raw.image_aspect_ratio.as_deref().unwrap_or("square") {
+            "pad" => AspectMode::Pad,
+            "square" => AspectMode::Crop,
+            "resize" => AspectMode::Resize,
+            other => {
+                return Err(CheckpointError::Unsupported {
+                    file: cfg_name,
+                    what: format!(
+                        "image_aspect_ratio {other:?} (LLaVA-1.6 anyres is out of scope)"
+                    ),
+                })
+            }
+        },
+    };
+    let text = raw.text_config.as_deref().unwrap_or(&raw);
+    let context_len = raw
+        .max_sequence_length
+        .or(text.max_position_embeddings)
+        .unwrap_or(2048);
+    let mut eos_ids = eos_list(text.eos_token_id.as_ref().or(raw.eos_token_id.as_ref()));
+    let gen_file = loc.dir.join("generation_config.json");
+    if gen_file.is_file() {
+        let gen: serde_json::Value = read_json(&gen_file)?;
+        for id in eos_list(gen.get("eos_token_id")) {
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
+        }
+    }
+    Ok(Checkpoint {
+        dir: loc.dir,
+        name: loc.name,
+        family,
+        config: model_config,
+        vision_dir,
+        preprocess,
+        aspect,
+        context_len,
+        eos_ids,
+        image_token_index: raw.image_token_index,
+        use_im_start_end: raw.mm_use_im_start_end.unwrap_or(false),
+    })
+}
+
+impl Checkpoint {
+    /// The checkpoint's tokenizer.
+    pub fn tokenizer(&self) -> Result<Tokenizer, CheckpointError> {
+        Ok(Tokenizer::from_dir(&self.dir)?)
+    }
+
+    /// How images enter this checkpoint's ids.
+    pub fn image_tokens(&self, tok: &Tokenizer) -> Result<ImageTokens, CheckpointError> {
+        let n = self.config.image_tokens();
+        let need = |token: &str| {
+            tok.token_to_id(token)
+                .ok_or_else(|| CheckpointError::MissingImageToken {
+                    dir: self.dir.display().to_string(),
+                    token: token.to_string(),
+                    family: self.family.name(),
+                })
+        };
+        Ok(match self.family {
+            Family::LlavaV0 => ImageTokens::PatchTokens {
+                patch: need("<im_patch>")?,
+                start_end: if self.use_im_start_end {
+                    Some((need("<im_start>")?, need("<im_end>")?))
+                } else {
+                    None
+                },
+                n,
+            },
+            Family::LlavaHf => ImageTokens::Token {
+                id: match self.image_token_index {
+                    Some(id) => id,
+                    None => need("<image>")?,
+                },
+                n,
+            },
+            Family::Llava15 | Family::LlavaMistral => ImageTokens::Splice { n },
+        })
+    }
+
+    /// The conversation template the reference's CLI picks for this checkpoint (llava-spec
+    /// §4.4): June-2023 `run_llava`'s rule for v0, fork-HEAD's for 1.5-style checkpoints.
+    pub fn default_template(&self) -> &'static str {
+        match self.family {
+            Family::LlavaV0 => template_for_model_name(&self.name, NameRule::ForkJuneRunLlava),
+            Family::Llava15 | Family::LlavaMistral => {
+                template_for_model_name(&self.name, NameRule::ForkHeadCli)
+            }
+            Family::LlavaHf => "llava_hf",
+        }
+    }
+
+    /// Loads the weights, upcast to `dtype` (f32 on CPU).
+    pub fn load_model(&self, dtype: DType, device: &Device) -> Result<Llava, CheckpointError> {
+        let files = weights::find_weights(&self.dir)?;
+        let layout = weights::KeyLayout::detect(&files.names);
+        let vb = weights::var_builder(&files, dtype, device)?;
+        let llm = vb.clone().rename_f(move |name| layout.llm_key(name));
+        let vision = match &self.vision_dir {
+            Some(dir) => {
+                let vfiles = weights::find_weights(dir)?;
+                weights::var_builder(&vfiles, dtype, device)?.pp("vision_model")
+            }
+            None => vb
+                .rename_f(move |name| layout.vision_key(name))
+                .pp("vision_model"),
+        };
+        let load_err = |part: &'static str, dir: &Path| {
+            let dir = dir.display().to_string();
+            move |e: candle_core::Error| CheckpointError::Load {
+                part,
+                dir,
+                reason: e.to_string(),
+            }
+        };
+        let vision_dir = self.vision_dir.clone().unwrap_or_else(|| self.dir.clone());
+        Llava::load(llm, vision, &self.config).map_err(|e| {
+            let text = e.to_string();
+            if text.contains("vision_model") {
+                load_err("vision tower", &vision_dir)(e)
+            } else {
+                load_err("language model", &self.dir)(e)
+            }
+        })
+    }
+}

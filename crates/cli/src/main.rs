@@ -1,1 +1,48 @@
-fn main() {}
+//! The `kollava` binary: parse arguments, run a command, map errors to exit codes.
+//! Errors print as one `error: …` line with their causes (`{:#}`); a closed stdout (e.g.
+//! `| head`) is not an error.
+
+mod args;
+mod commands;
+mod pipeline;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn run() -> anyhow::Result<ExitCode> {
+    let cli = args::Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match &cli.command {
+        args::Command::Run(a) => commands::run::run(a).map(|_| ExitCode::SUCCESS),
+        args::Command::Chat(a) => commands::chat::run(a).map(|_| ExitCode::SUCCESS),
+        args::Command::Verify(a) => commands::verify::run(a),
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(err) => {
+            if err.chain().any(|e| {
+                e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,487 @@
+//! Raw `config.json` / `preprocessor_config.json` structs (fields named exactly as the JSON
+//! keys, missing keys as `Option`) and their one-time resolution into a [`ModelConfig`].
+//!
+//! Defaults cite upstream: LLaMA's from transformers' `LlamaConfig`, LLaVA's from
+//! `haotian-liu/LLaVA:llava/model/llava_arch.py@c121f04` (`mm_vision_select_layer` -1 when
+//! absent, `mm_projector_type` linear, `mm_use_im_patch_token` true, `image_aspect_ratio`
+//! square) and the June-2023 code (llava-spec §1a).
+
+use kollava_model::config::{
+    Activation, ClipVisionConfig, DecoderConfig, FeatureSelect, ModelConfig, ProjectorKind,
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::CheckpointError;
+
+/// The checkpoint layouts we load (llava-spec §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// June-2023 LLaVA / KoLLaVA-KoVicuna: `<im_patch>` tokens, tower loaded separately.
+    LlavaV0,
+    /// LLaVA-1.5 code (`LlavaLlamaForCausalLM` from v1.0 on), `-200` splice.
+    Llava15,
+    /// `LlavaMistralForCausalLM`: the 1.5 scheme on a Mistral decoder (sliding window).
+    LlavaMistral,
+    /// transformers' `LlavaForConditionalGeneration` (llava-hf).
+    LlavaHf,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::LlavaV0 => "llava-v0",
+            Family::Llava15 => "llava-v1.5",
+            Family::LlavaMistral => "llava-mistral",
+            Family::LlavaHf => "llava-hf",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct RawLlavaConfig {
+    pub architectures: Option<Vec<String>>,
+    pub model_type: Option<String>,
+    pub vocab_size: Option<usize>,
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_hidden_layers: Option<usize>,
+    pub num_attention_heads: Option<usize>,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: Option<f64>,
+    pub rope_theta: Option<f64>,
+    pub rope_scaling: Option<Value>,
+    pub rope_parameters: Option<Value>,
+    pub max_position_embeddings: Option<usize>,
+    pub max_sequence_length: Option<usize>,
+    pub sliding_window: Option<usize>,
+    pub attention_bias: Option<bool>,
+    pub mlp_bias: Option<bool>,
+    pub hidden_act: Option<String>,
+    pub tie_word_embeddings: Option<bool>,
+    pub eos_token_id: Option<Value>,
+    // LLaVA (original code) keys.
+    pub mm_vision_tower: Option<String>,
+    pub mm_hidden_size: Option<usize>,
+    pub mm_projector_type: Option<String>,
+    pub mm_vision_select_layer: Option<i64>,
+    pub mm_vision_select_feature: Option<String>,
+    pub mm_use_im_start_end: Option<bool>,
+    pub mm_use_im_patch_token: Option<bool>,
+    pub image_aspect_ratio: Option<String>,
+    // llava-hf keys.
+    pub text_config: Option<Box<RawLlavaConfig>>,
+    pub vision_config: Option<RawClipConfig>,
+    pub vision_feature_layer: Option<i64>,
+    pub vision_feature_select_strategy: Option<String>,
+    pub image_token_index: Option<u32>,
+    pub projector_hidden_act: Option<String>,
+    pub multimodal_projector_bias: Option<bool>,
+}
+
+/// A CLIP config: `CLIPVisionModel` (flat) or `CLIPModel` (with `vision_config`).
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct RawClipConfig {
+    pub model_type: Option<String>,
+    pub vision_config: Option<Box<RawClipConfig>>,
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_attention_heads: Option<usize>,
+    pub num_hidden_layers: Option<usize>,
+    pub image_size: Option<usize>,
+    pub patch_size: Option<usize>,
+    pub num_channels: Option<usize>,
+    pub layer_norm_eps: Option<f64>,
+    pub hidden_act: Option<String>,
+}
+
+/// `preprocessor_config.json` of a CLIP image processor.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct RawPreprocessorConfig {
+    pub size: Option<Value>,
+    pub crop_size: Option<Value>,
+    pub image_mean: Option<Vec<f32>>,
+    pub image_std: Option<Vec<f32>>,
+    pub rescale_factor: Option<f64>,
+    pub do_center_crop: Option<bool>,
+    pub resample: Option<u32>,
+}
+
+pub(crate) fn parse_activation(name: &str, file: &str) -> Result<Activation, CheckpointError> {
+    match name {
+        "quick_gelu" => Ok(Activation::QuickGelu),
+        "gelu" => Ok(Activation::Gelu),
+        "gelu_new" | "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
+        "silu" | "swish" => Ok(Activation::Silu),
+        other => Err(CheckpointError::Unsupported {
+            file: file.to_string(),
+            what: format!("activation {other:?}"),
+        }),
+    }
+}
+
+/// Which family a config describes, from `architectures`/`model_type` (never the name).
+pub fn detect_family(raw: &RawLlavaConfig, file: &str) -> Result<Family, CheckpointError> {
+    let archs = raw.architectures.clone().unwrap_or_default();
+    let has = |a: &str| archs.iter().any(|x| x == a);
+    let model_type = raw.model_type.as_deref().unwrap_or("");
+    if has("LlavaForConditionalGeneration")
+        || (raw.text_config.is_some() && raw.vision_config.is_some())
+    {
+        return Ok(Family::LlavaHf);
+    }
+    if has("LlavaMistralForCausalLM") || model_type == "llava_mistral" {
+        return Ok(Family::LlavaMistral);
+    }
+    let llama_llava = has("LlavaLlamaForCausalLM")
+        || matches!(model_type, "llava" | "llava_llama")
+        || (model_type == "llama" && raw.mm_vision_tower.is_some());
+    if llama_llava {
+        if raw.mm_vision_tower.is_none() {
+            return Err(CheckpointError::Unsupported {
+                file: file.to_string(),
+                what: "a LLaVA config without mm_vision_tower (a projector-only or text-only checkpoint)".into(),
+            });
+        }
+        // Keys the v1.0 refactor introduced; June-2023 configs have none of them.
+        let v1 = raw.mm_projector_type.is_some()
+            || raw.mm_use_im_patch_token.is_some()
+            || raw.image_aspect_ratio.is_some();
+        return Ok(if v1 { Family::Llava15 } else { Family::LlavaV0 });
+    }
+    if has("LlavaMPTForCausalLM") || model_type.contains("mpt") {
+        return Err(CheckpointError::Unsupported {
+            file: file.to_string(),
+            what: "the MPT variant of LLaVA".into(),
+        });
+    }
+    Err(CheckpointError::UnknownFamily {
+        file: file.to_string(),
+        architectures: archs,
+        model_type: raw.model_type.clone(),
+    })
+}
+
+fn need<T: Copy>(v: Option<T>, key: &str, file: &str) -> Result<T, CheckpointError> {
+    v.ok_or_else(|| CheckpointError::MissingKey {
+        file: file.to_string(),
+        key: key.to_string(),
+    })
+}
+
+/// The decoder part of a config (the top level, or llava-hf's `text_config`).
+pub fn resolve_decoder(
+    raw: &RawLlavaConfig,
+    family: Family,
+    file: &str,
+) -> Result<DecoderConfig, CheckpointError> {
+    if let Some(s) = raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+        return Err(CheckpointError::Unsupported {
+            file: file.to_string(),
+            what: format!("rope_scaling {s}"),
+        });
+    }
+    let hidden = need(raw.hidden_size, "hidden_size", file)?;
+    let heads = need(raw.num_attention_heads, "num_attention_heads", file)?;
+    let rope_theta = raw
+        .rope_theta
+        .or_else(|| {
+            raw.rope_parameters
+                .as_ref()
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(Value::as_f64)
+        })
+        .unwrap_or(10000.0);
+    Ok(DecoderConfig {
+        vocab_size: need(raw.vocab_size, "vocab_size", file)?,
+        hidden_size: hidden,
+        intermediate_size: need(raw.intermediate_size, "intermediate_size", file)?,
+        num_hidden_layers: need(raw.num_hidden_layers, "num_hidden_layers", file)?,
+        num_attention_heads: heads,
+        num_key_value_heads: raw.num_key_value_heads.unwrap_or(heads),
+        head_dim: raw.head_dim.unwrap_or(hidden / heads.max(1)),
+        rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+        rope_theta,
+        // LLaMA-1 era configs carry `max_sequence_length` only.
+        max_position_embeddings: raw
+            .max_position_embeddings
+            .or(raw.max_sequence_length)
+            .unwrap_or(2048),
+        sliding_window: if family == Family::LlavaMistral {
+            raw.sliding_window
+        } else {
+            None
+        },
+        attention_bias: raw.attention_bias.unwrap_or(false),
+        mlp_bias: raw.mlp_bias.unwrap_or(false),
+        hidden_act: parse_activation(raw.hidden_act.as_deref().unwrap_or("silu"), file)?,
+        tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+    })
+}
+
+/// The vision config of a CLIP checkpoint or of llava-hf's `vision_config`.
+pub fn resolve_clip(raw: &RawClipConfig, file: &str) -> Result<ClipVisionConfig, CheckpointError> {
+    let v = raw.vision_config.as_deref().unwrap_or(raw);
+    Ok(ClipVisionConfig {
+        hidden_size: need(v.hidden_size, "vision_config.hidden_size", file)?,
+        intermediate_size: need(v.intermediate_size, "vision_config.intermediate_size", file)?,
+        num_attention_heads: need(
+            v.num_attention_heads,
+            "vision_config.num_attention_heads",
+            file,
+        )?,
+        num_hidden_layers: need(v.num_hidden_layers, "vision_config.num_hidden_layers", file)?,
+        image_size: v.image_size.unwrap_or(224),
+        patch_size: v.patch_size.unwrap_or(32),
+        num_channels: v.num_channels.unwrap_or(3),
+        layer_norm_eps: v.layer_norm_eps.unwrap_or(1e-5),
+        hidden_act: parse_activation(v.hidden_act.as_deref().unwrap_or("quick_gelu"), file)?,
+    })
+}
+
+/// `hidden_states[select]` → number of encoder layers to run.
+pub fn resolve_select_layer(
+    select: i64,
+    layers: usize,
+    file: &str,
+) -> Result<usize, CheckpointError> {
+    let idx = if select < 0 {
+        layers as i64 + 1 + select
+    } else {
+        select
+    };
+    if !(0..=layers as i64).contains(&idx) {
+        return Err(CheckpointError::Invalid {
+            file: file.to_string(),
+            what: format!("vision select layer {select} for a tower of {layers} layers"),
+        });
+    }
+    Ok(idx as usize)
+}
+
+/// `mm_projector_type`: `linear`, `identity`, or `mlp{N}x_gelu`.
+pub fn resolve_projector(name: &str, file: &str) -> Result<ProjectorKind, CheckpointError> {
+    if name == "linear" {
+        return Ok(ProjectorKind::Linear);
+    }
+    if name == "identity" {
+        return Ok(ProjectorKind::Identity);
+    }
+    if let Some(depth) = name
+        .strip_prefix("mlp")
+        .and_then(|s| s.strip_suffix("x_gelu"))
+        .and_then(|d| d.parse::<usize>().ok())
+    {
+        if depth >= 1 {
+            return Ok(ProjectorKind::Mlp {
+                depth,
+                activation: Activation::Gelu,
+            });
+        }
+    }
+    Err(CheckpointError::Unsupported {
+        file: file.to_string(),
+        what: format!("mm_projector_type {name:?} (expected linear, identity or mlpNx_gelu)"),
+    })
+}
+
+/// Assembles a [`ModelConfig`] from the LLaVA config and the tower's vision config.
+pub fn resolve_model(
+    raw: &RawLlavaConfig,
+    family: Family,
+    vision: ClipVisionConfig,
+    file: &str,
+) -> Result<ModelConfig, CheckpointError> {
+    let (decoder, projector, select, feature) = match family {
+        Family::LlavaHf => {
+            let text = raw
+                .text_config
+                .as_deref()
+                .ok_or_else(|| CheckpointError::MissingKey {
+                    file: file.to_string(),
+                    key: "text_config".into(),
+                })?;
+            let act =
+                parse_activation(raw.projector_hidden_act.as_deref().unwrap_or("gelu"), file)?;
+            let feature = match raw
+                .vision_feature_select_strategy
+                .as_deref()
+                .unwrap_or("default")
+            {
+                "default" => FeatureSelect::Patch,
+                "full" => FeatureSelect::ClsPatch,
+                other => {
+                    return Err(CheckpointError::Unsupported {
+                        file: file.to_string(),
+                        what: format!("vision_feature_select_strategy {other:?}"),
+                    })
+                }
+            };
+            if raw.multimodal_projector_bias == Some(false) {
+                return Err(CheckpointError::Unsupported {
+                    file: file.to_string(),
+                    what: "multimodal_projector_bias false".into(),
+                });
+            }
+            let mut dec = resolve_decoder(text, family, file)?;
+            if let Some(v) = raw.vocab_size {
+                dec.vocab_size = v;
+            }
+            (
+                dec,
+                ProjectorKind::Mlp {
+                    depth: 2,
+                    activation: act,
+                },
+                raw.vision_feature_layer.unwrap_or(-2),
+                feature,
+            )
+        }
+        _ => {
+            let projector = match family {
+                // June-2023 code has only the linear projector.
+                Family::LlavaV0 => ProjectorKind::Linear,
+                _ => resolve_projector(raw.mm_projector_type.as_deref().unwrap_or("linear"), file)?,
+            };
+            let feature = match raw.mm_vision_select_feature.as_deref().unwrap_or("patch") {
+                "patch" => FeatureSelect::Patch,
+                "cls_patch" => FeatureSelect::ClsPatch,
+                other => {
+                    return Err(CheckpointError::Unsupported {
+                        file: file.to_string(),
+                        what: format!("mm_vision_select_feature {other:?}"),
+                    })
+                }
+            };
+            (
+                resolve_decoder(raw, family, file)?,
+                projector,
+                raw.mm_vision_select_layer.unwrap_or(-1),
+                feature,
+            )
+        }
+    };
+    if let Some(mm) = raw.mm_hidden_size {
+        if mm != vision.hidden_size {
+            return Err(CheckpointError::Invalid {
+                file: file.to_string(),
+                what: format!(
+                    "mm_hidden_size {mm} but the vision tower's hidden_size is {}",
+                    vision.hidden_size
+                ),
+            });
+        }
+    }
+    if projector == ProjectorKind::Identity && vision.hidden_size != decoder.hidden_size {
+        return Err(CheckpointError::Invalid {
+            file: file.to_string(),
+            what: format!(
+                "identity projector between vision width {} and hidden size {}",
+                vision.hidden_size, decoder.hidden_size
+            ),
+        });
+    }
+    let vision_layers_used = resolve_select_layer(select, vision.num_hidden_layers, file)?;
+    Ok(ModelConfig {
+        vision,
+        vision_layers_used,
+        feature_select: feature,
+        projector,
+        decoder,
+    })
+}
+
+/// Image processor settings: `shortest_edge`, crop, mean/std and rescale factor.
+pub fn resolve_preprocess(
+    raw: Option<&RawPreprocessorConfig>,
+    image_size: usize,
+) -> kollava_inputs::image::ClipPreprocess {
+    let mut p = kollava_inputs::image::ClipPreprocess::square(image_size as u32);
+    let Some(raw) = raw else { return p };
+    let dims = |v: &Value| -> Option<(u32, u32)> {
+        match v {
+            Value::Number(n) => n.as_u64().map(|n| (n as u32, n as u32)),
+            Value::Object(o) => {
+                if let Some(s) = o.get("shortest_edge").and_then(Value::as_u64) {
+                    return Some((s as u32, s as u32));
+                }
+                Some((
+                    o.get("width")?.as_u64()? as u32,
+                    o.get("height")?.as_u64()? as u32,
+                ))
+            }
+            _ => None,
+        }
+    };
+    if let Some((s, _)) = raw.size.as_ref().and_then(dims) {
+        p.shortest_edge = s;
+    }
+    if let Some(c) = raw.crop_size.as_ref().and_then(dims) {
+        p.crop = c;
+    }
+    if let Some(m) = raw.image_mean.as_ref().filter(|m| m.len() == 3) {
+        p.mean = [m[0], m[1], m[2]];
+    }
+    if let Some(s) = raw.image_std.as_ref().filter(|s| s.len() == 3) {
+        p.std = [s[0], s[1], s[2]];
+    }
+    if let Some(r) = raw.rescale_factor {
+        p.rescale_factor = r;
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn select_layer_minus_two_runs_all_but_the_last_layer() {
+        assert_eq!(resolve_select_layer(-2, 24, "c").unwrap(), 23);
+        assert_eq!(resolve_select_layer(-1, 24, "c").unwrap(), 24);
+        assert!(resolve_select_layer(-26, 24, "c").is_err());
+    }
+
+    #[test]
+    fn projector_types_parse_and_unknown_ones_are_named() {
+        assert_eq!(
+            resolve_projector("mlp2x_gelu", "c").unwrap(),
+            ProjectorKind::Mlp {
+                depth: 2,
+                activation: Activation::Gelu
+            }
+        );
+        assert_eq!(
+            resolve_projector("mlp3x_gelu", "c").unwrap(),
+            ProjectorKind::Mlp {
+                depth: 3,
+                activation: Activation::Gelu
+            }
+        );
+        let err = resolve_projector("qformer", "cfg.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("qformer") && err.contains("cfg.json"), "{err}");
+    }
+
+    #[test]
+    fn family_comes_from_architectures_and_keys() {
+        let parse = |s: &str| serde_json::from_str::<RawLlavaConfig>(s).unwrap();
+        let v0 = parse(
+            r#"{"architectures":["LlavaLlamaForCausalLM"],"model_type":"llava","mm_vision_tower":"x","mm_use_im_start_end":true}"#,
+        );
+        assert_eq!(detect_family(&v0, "c").unwrap(), Family::LlavaV0);
+        let old = parse(r#"{"model_type":"llama","mm_vision_tower":"x"}"#);
+        assert_eq!(detect_family(&old, "c").unwrap(), Family::LlavaV0);
+        let v15 = parse(
+            r#"{"architectures":["LlavaLlamaForCausalLM"],"mm_vision_tower":"x","mm_projector_type":"mlp2x_gelu"}"#,
+        );
+        assert_eq!(detect_family(&v15, "c").unwrap(), Family::Llava15);
+        let unknown = parse(r#"{"architectures":["BertModel"],"model_type":"bert"}"#);
+        let err = detect_family(&unknown, "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("BertModel") && err.contains("bert"), "{err}");
+    }
+}

@@ -1,0 +1,202 @@
+//! What the user typed, validated: clap structs only. Each doc comment is the `--help`
+//! text, in English with Korean alongside. Resolution into library settings happens in the
+//! commands.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kollava",
+    version,
+    about = "Korean/English LLaVA vision-language assistant on CPU — 한국어/영어 이미지 질의응답",
+    long_about = "kollava loads KoLLaVA / LLaVA checkpoints (v0 KoVicuna, LLaVA-1.5, llava-hf, Mistral/Synatra) \
+and answers questions about images, matching the Python reference.\n\
+kollava는 KoLLaVA / LLaVA 체크포인트를 불러와 이미지에 대한 질문에 답합니다 (Python 구현과 같은 결과).",
+    after_help = "Examples / 예시:\n  \
+kollava run --model tests/fixtures/llava-v1.5 --image tests/fixtures/images/wide_rgb.png --query \"이 이미지에 무엇이 있나요?\"\n  \
+kollava chat --model ./KoLLaVA-KoVicuna-7b --image photo.jpg\n  \
+kollava verify --model ./llava-v1.5-7b --reference ./dump"
+)]
+pub struct Cli {
+    /// Log more (repeat for more detail) — 자세한 로그
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Answer one question about an image — 이미지에 대한 질문 하나에 답하기
+    #[command(after_help = "Examples / 예시:\n  \
+kollava run --model ./KoLLaVA-KoVicuna-7b --image food.jpg --query \"이미지 속 재료들로 어떤 음식을 만들 수 있을까요?\"\n  \
+kollava run --model liuhaotian/llava-v1.5-7b --image cat.png --query \"What is unusual here?\" --temperature 0\n  \
+kollava run --model ./llava-v1.5-7b --image cat.png --query \"Describe it.\" --json")]
+    Run(RunArgs),
+    /// Chat in the terminal, with images — 터미널에서 이미지와 함께 대화하기
+    #[command(after_help = "In the chat / 대화 중 명령:\n  \
+/image PATH   attach an image to the next message — 다음 메시지에 이미지 첨부\n  \
+/reset        start over — 대화 초기화\n  \
+/exit, Ctrl-D quit — 종료\n\n\
+Examples / 예시:\n  \
+kollava chat --model ./KoLLaVA-v1.5-Synatra-7b --image photo.jpg --conv-mode mistral")]
+    Chat(ChatArgs),
+    /// Check a checkpoint against a reference dump from the Python code — Python 결과와 비교 검증
+    #[command(after_help = "Examples / 예시:\n  \
+kollava verify --model tests/fixtures/llava-v0 --reference tests/fixtures/llava-v0\n  \
+kollava verify --model ./llava-v1.5-7b --reference ./dump --tol image.=2\n\n\
+A dump is written by scripts/dump_reference.py (see scripts/README.md).\n\
+덤프는 scripts/dump_reference.py 로 만듭니다.")]
+    Verify(VerifyArgs),
+}
+
+/// Which checkpoint to load.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Checkpoint directory, or a hub repo id already in the local Hugging Face cache — 체크포인트 경로 또는 캐시된 허브 저장소 ID
+    #[arg(short, long, value_name = "DIR|REPO")]
+    pub model: String,
+    /// CLIP tower to use instead of the config's mm_vision_tower — mm_vision_tower 대신 쓸 CLIP 경로
+    #[arg(long, value_name = "DIR|REPO")]
+    pub vision_tower: Option<String>,
+    /// Conversation template (default: what the reference picks from the model name) — 대화 템플릿
+    #[arg(long, value_name = "NAME")]
+    pub conv_mode: Option<String>,
+    /// How images are fitted to the tower (default: the checkpoint's) — 이미지 맞춤 방식
+    #[arg(long, value_parser = ["crop", "pad", "resize"])]
+    pub image_aspect: Option<String>,
+}
+
+/// How answers are sampled.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// 0 = greedy (deterministic) — 0이면 탐욕적 디코딩
+    #[arg(short, long, default_value_t = 0.2, value_parser = non_negative)]
+    pub temperature: f32,
+    /// Nucleus sampling mass, (0, 1] — 누적 확률 상한
+    #[arg(long, default_value_t = 1.0, value_parser = unit_interval)]
+    pub top_p: f32,
+    /// Sample among the k most likely tokens; 0 = off — 상위 k개 토큰에서 샘플링
+    #[arg(long, default_value_t = 50)]
+    pub top_k: usize,
+    /// > 1 discourages repetition — 반복 억제 (1 = 끔)
+    #[arg(long, default_value_t = 1.0, value_parser = positive)]
+    pub repetition_penalty: f32,
+    /// Random seed for reproducible sampling — 재현 가능한 샘플링을 위한 시드
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Longest answer in tokens — 최대 생성 토큰 수
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_new_tokens: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image file or http(s) URL — 이미지 파일 또는 URL
+    #[arg(short, long, value_name = "PATH|URL")]
+    pub image: Option<String>,
+    /// The question — 질문
+    #[arg(
+        short,
+        long,
+        required_unless_present = "query_file",
+        conflicts_with = "query_file"
+    )]
+    pub query: Option<String>,
+    /// Read the question from a UTF-8 text file — 질문을 파일에서 읽기
+    #[arg(long, value_name = "PATH")]
+    pub query_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print one JSON object (text, ids, timings) instead of streaming — JSON으로 출력
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image for the first message — 첫 메시지에 붙일 이미지
+    #[arg(short, long, value_name = "PATH|URL")]
+    pub image: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Checkpoint directory or cached repo id — 체크포인트
+    #[arg(short, long, value_name = "DIR|REPO")]
+    pub model: String,
+    /// Directory with reference.json and reference.safetensors — 기준 덤프 디렉터리
+    #[arg(short, long, value_name = "DIR")]
+    pub reference: PathBuf,
+    /// CLIP tower to use instead of the config's mm_vision_tower
+    #[arg(long, value_name = "DIR|REPO")]
+    pub vision_tower: Option<String>,
+    /// Override a tolerance: PREFIX=MAXDIFF, e.g. image.=2 — 허용 오차 변경
+    #[arg(long = "tol", value_name = "PREFIX=VALUE", value_parser = parse_tol)]
+    pub tolerances: Vec<(String, f64)>,
+}
+
+fn non_negative(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if v >= 0.0 && v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("{v} must be a finite number >= 0"))
+    }
+}
+
+fn positive(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if v > 0.0 && v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("{v} must be a finite number > 0"))
+    }
+}
+
+fn unit_interval(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if v > 0.0 && v <= 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} must be in (0, 1]"))
+    }
+}
+
+fn parse_tol(s: &str) -> Result<(String, f64), String> {
+    let (prefix, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not PREFIX=VALUE"))?;
+    let v: f64 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number"))?;
+    if v < 0.0 || !v.is_finite() {
+        return Err(format!("tolerance {v} must be >= 0"));
+    }
+    Ok((prefix.to_string(), v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn out_of_range_top_p_is_rejected() {
+        let r = Cli::try_parse_from(["kollava", "run", "-m", "x", "-q", "hi", "--top-p", "1.5"]);
+        assert!(r.unwrap_err().to_string().contains("(0, 1]"));
+    }
+}

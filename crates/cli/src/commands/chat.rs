@@ -1,0 +1,154 @@
+//! `kollava chat`: multi-turn chat in the terminal. Follows the template's history like
+//! LLaVA's CLI; `/image PATH` attaches an image to the next message (any turn), text-only
+//! follow-ups reuse the images already in the conversation.
+
+use std::io::{BufRead, Write};
+
+use anyhow::Result;
+use kollava_inputs::image::RgbImage;
+use kollava_inputs::template::{Conversation, Role};
+
+use crate::args::ChatArgs;
+use crate::pipeline::{self, Loaded};
+
+/// One line of user input, parsed.
+#[derive(Debug, PartialEq, Eq)]
+enum Input {
+    Message(String),
+    Image(String),
+    Reset,
+    Exit,
+    Empty,
+}
+
+fn parse(line: &str) -> Input {
+    let t = line.trim();
+    match t {
+        "" => Input::Empty,
+        "/exit" | "/quit" => Input::Exit,
+        "/reset" => Input::Reset,
+        _ => match t.strip_prefix("/image") {
+            Some(rest) if rest.is_empty() || rest.starts_with(char::is_whitespace) => {
+                Input::Image(rest.trim().to_string())
+            }
+            _ => Input::Message(t.to_string()),
+        },
+    }
+}
+
+struct State {
+    conv: Conversation,
+    images: Vec<RgbImage>,
+    pending: Option<RgbImage>,
+}
+
+impl State {
+    fn new(loaded: &Loaded) -> Self {
+        Self {
+            conv: Conversation::new(loaded.template.clone()),
+            images: Vec::new(),
+            pending: None,
+        }
+    }
+}
+
+pub fn run(args: &ChatArgs) -> Result<()> {
+    let first_image = args
+        .image
+        .as_deref()
+        .map(pipeline::read_image)
+        .transpose()?;
+    let loaded = pipeline::load(&args.model)?;
+    pipeline::sampling_params(&args.sampling)?;
+    let mut state = State::new(&loaded);
+    state.pending = first_image.clone();
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    eprintln!(
+        "kollava chat — {} ({}, template {}). /image PATH, /reset, /exit or Ctrl-D. 종료: /exit 또는 Ctrl-D",
+        loaded.ckpt.name,
+        loaded.ckpt.family.name(),
+        loaded.template.name
+    );
+    loop {
+        write!(out, "USER> ")?;
+        out.flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            writeln!(out)?;
+            return Ok(());
+        }
+        match parse(&line) {
+            Input::Empty => continue,
+            Input::Exit => return Ok(()),
+            Input::Reset => {
+                state = State::new(&loaded);
+                state.pending = first_image.clone();
+                eprintln!("(conversation reset / 대화 초기화)");
+            }
+            Input::Image(path) if path.is_empty() => eprintln!("usage: /image PATH"),
+            Input::Image(path) => match pipeline::read_image(&path) {
+                Ok(img) => {
+                    eprintln!(
+                        "(image attached to your next message: {}x{})",
+                        img.width, img.height
+                    );
+                    state.pending = Some(img);
+                }
+                Err(e) => eprintln!("error: {e:#}"),
+            },
+            Input::Message(text) => {
+                let with_image = state.pending.is_some();
+                state
+                    .conv
+                    .push(Role::User, Some(loaded.user_text(&text, with_image)));
+                state.conv.push(Role::Assistant, None);
+                if let Some(img) = state.pending.take() {
+                    state.images.push(img);
+                }
+                write!(out, "ASSISTANT> ")?;
+                out.flush()?;
+                let result =
+                    loaded.answer(&state.conv, &state.images, &args.sampling, &mut |piece| {
+                        let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
+                    });
+                writeln!(out)?;
+                // Replace the pending `None` with the answer (or drop the turn on error).
+                state.conv.messages.pop();
+                match result {
+                    Ok(answer) => state
+                        .conv
+                        .push(Role::Assistant, Some(answer.generation.text)),
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        state.conv.messages.pop();
+                        if with_image {
+                            state.pending = state.images.pop();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_recognised_and_text_is_kept() {
+        assert_eq!(parse("/image cat.png\n"), Input::Image("cat.png".into()));
+        assert_eq!(parse("/reset"), Input::Reset);
+        assert_eq!(parse("  /exit "), Input::Exit);
+        assert_eq!(
+            parse("/imagery is nice"),
+            Input::Message("/imagery is nice".into())
+        );
+        assert_eq!(
+            parse("고양이는 몇 마리인가요?"),
+            Input::Message("고양이는 몇 마리인가요?".into())
+        );
+        assert_eq!(parse("\n"), Input::Empty);
+    }
+}

@@ -1,0 +1,69 @@
+//! `kollava run`: one question about one image, like LLaVA's `run_llava`.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use kollava_inputs::template::{Conversation, Role};
+
+use crate::args::RunArgs;
+use crate::pipeline;
+
+pub fn run(args: &RunArgs) -> Result<()> {
+    let query = match (&args.query, &args.query_file) {
+        (Some(q), _) => q.clone(),
+        (None, Some(path)) => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            String::from_utf8(bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not valid UTF-8 (byte {})",
+                    path.display(),
+                    e.utf8_error().valid_up_to()
+                )
+            })?
+        }
+        (None, None) => bail!("give --query or --query-file"),
+    };
+    if query.trim().is_empty() {
+        bail!("the query is empty");
+    }
+    // Read the image before the (slow) model load, so a bad path fails fast.
+    let image = args
+        .image
+        .as_deref()
+        .map(pipeline::read_image)
+        .transpose()?;
+    let loaded = pipeline::load(&args.model)?;
+    let mut conv = Conversation::new(loaded.template.clone());
+    conv.push(Role::User, Some(loaded.user_text(&query, image.is_some())));
+    conv.push(Role::Assistant, None);
+    let images: Vec<_> = image.into_iter().collect();
+
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_err = None;
+    let answer = loaded.answer(&conv, &images, &args.sampling, &mut |piece| {
+        if !args.json && write_err.is_none() {
+            if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+                write_err = Some(e);
+            }
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
+    if args.json {
+        let json = serde_json::json!({
+            "text": answer.generation.text,
+            "token_ids": answer.generation.ids,
+            "prompt_tokens": answer.prompt_tokens,
+            "stop": format!("{:?}", answer.generation.stop).to_lowercase(),
+            "template": loaded.template.name,
+            "timings": answer.timings,
+        });
+        writeln!(out, "{json}")?;
+    } else {
+        writeln!(out)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! Choosing the next token from logits, as transformers' `generate` does: the repetition
+//! penalty first (a logits processor), then temperature, top-k and top-p (warpers), then a
+//! draw; `temperature == 0` is greedy (`do_sample=False`), ties going to the lowest id like
+//! `torch.argmax`.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Sampling settings. Validated by [`SamplingParams::validate`]; never clamped silently.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1]; 1 disables it.
+    pub top_p: f32,
+    /// Keep the k most likely tokens; 0 disables it.
+    pub top_k: usize,
+    /// > 1 discourages tokens already in the context (CTRL-style, as transformers).
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    /// `run_llava`'s defaults: temperature 0.2 with HF's top_k 50, top_p 1.0.
+    fn default() -> Self {
+        Self {
+            temperature: 0.2,
+            top_p: 1.0,
+            top_k: 50,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// A sampling setting out of range.
+#[derive(Debug, thiserror::Error)]
+#[error("{name} = {value} is out of range: {expected}")]
+pub struct InvalidParam {
+    pub name: &'static str,
+    pub value: String,
+    pub expected: &'static str,
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), InvalidParam> {
+        let bad = |name, value: f32, expected| {
+            Err(InvalidParam {
+                name,
+                value: value.to_string(),
+                expected,
+            })
+        };
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad("temperature", self.temperature, "a finite number >= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", self.top_p, "in (0, 1]");
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad(
+                "repetition_penalty",
+                self.repetition_penalty,
+                "a finite number > 0",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A sampler with its own seeded random stream (one per sequence, so results do not depend
+/// on what else is being generated).
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = StdRng::seed_from_u64(params.seed);
+        Self { params, rng }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next id. `context` holds the prompt and generated ids so far (for the
+    /// repetition penalty).
+    pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> u32 {
+        let mut scores = logits.to_vec();
+        if self.params.repetition_penalty != 1.0 {
+            let mut seen = std::collections::HashSet::new();
+            for &id in context {
+                if seen.insert(id) {
+                    if let Some(s) = scores.get_mut(id as usize) {
+                        *s = if *s < 0.0 {
+                            *s * self.params.repetition_penalty
+                        } else {
+                            *s / self.params.repetition_penalty
+                        };
+                    }
+                }
+            }
+        }
+        if self.params.temperature == 0.0 {
+            return argmax(&scores);
+        }
+        for s in &mut scores {
+            *s /= self.params.temperature;
+        }
+        // Candidates sorted by score, highest first (stable: lower id first on ties).
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        if self.params.top_k > 0 && self.params.top_k < order.len() {
+            // transformers keeps every token tied with the k-th score.
+            let kth = scores[order[self.params.top_k - 1]];
+            order.retain(|&i| scores[i] >= kth);
+        }
+        let max = scores[order[0]];
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| ((scores[i] - max) as f64).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        for p in &mut probs {
+            *p /= total;
+        }
+        if self.params.top_p < 1.0 {
+            // Keep the smallest prefix whose mass reaches top_p (at least one token).
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (n, p) in probs.iter().enumerate() {
+                acc += p;
+                if acc >= self.params.top_p as f64 {
+                    keep = n + 1;
+                    break;
+                }
+            }
+            order.truncate(keep);
+            probs.truncate(keep);
+            let total: f64 = probs.iter().sum();
+            for p in &mut probs {
+                *p /= total;
+            }
+        }
+        let r: f64 = self.rng.random();
+        let mut acc = 0.0;
+        for (n, p) in probs.iter().enumerate() {
+            acc += p;
+            if r < acc {
+                return order[n] as u32;
+            }
+        }
+        order[probs.len() - 1] as u32
+    }
+}
+
+/// Index of the first maximum, as `torch.argmax`.
+pub fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut s = Sampler::new(SamplingParams::greedy());
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]), 1);
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_scores() {
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 4.0,
+            ..SamplingParams::greedy()
+        });
+        // 2.0 / 4 = 0.5 < 1.0, so the unseen token wins.
+        assert_eq!(s.sample(&[2.0, 1.0], &[0]), 1);
+        // -1.0 * 4 = -4 < -2.
+        assert_eq!(s.sample(&[-1.0, -2.0], &[0, 0]), 1);
+    }
+
+    #[test]
+    fn out_of_range_parameters_are_rejected_not_clamped() {
+        let p = SamplingParams {
+            top_p: 1.5,
+            ..SamplingParams::default()
+        };
+        assert!(p.validate().unwrap_err().to_string().contains("top_p"));
+        let p = SamplingParams {
+            temperature: -0.1,
+            ..SamplingParams::default()
+        };
+        assert!(p.validate().is_err());
+    }
+
+    #[test]
+    fn same_seed_same_draws() {
+        let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            seed: 7,
+            ..SamplingParams::default()
+        };
+        let (mut a, mut b) = (Sampler::new(p.clone()), Sampler::new(p));
+        let xs: Vec<u32> = (0..20).map(|_| a.sample(&logits, &[])).collect();
+        let ys: Vec<u32> = (0..20).map(|_| b.sample(&logits, &[])).collect();
+        assert_eq!(xs, ys);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn samples_stay_in_the_top_k_and_top_p_set(seed in 0u64..1000, k in 1usize..8, p in 0.05f32..1.0) {
+            let logits: Vec<f32> = (0..32).map(|i| ((i * 7919 % 32) as f32) * 0.3).collect();
+            let mut order: Vec<usize> = (0..32).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: k, top_p: p, repetition_penalty: 1.0, seed });
+            let id = s.sample(&logits, &[]) as usize;
+            let rank = order.iter().position(|&i| i == id).unwrap();
+            proptest::prop_assert!(rank < k);
+        }
+
+        #[test]
+        fn tiny_temperature_equals_argmax(seed in 0u64..1000) {
+            let logits: Vec<f32> = (0..50).map(|i| ((i * 31 % 50) as f32) * 0.5).collect();
+            let mut s = Sampler::new(SamplingParams { temperature: 1e-4, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed });
+            proptest::prop_assert_eq!(s.sample(&logits, &[]), argmax(&logits));
+        }
+    }
+}
