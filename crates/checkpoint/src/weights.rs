@@ -177,6 +177,12 @@ pub fn var_builder(
                 })?;
                 for (name, t) in tensors {
                     if !name.ends_with("rotary_emb.inv_freq") {
+                        // Convert shard by shard so that peak memory stays near the final
+                        // size (one shard's raw tensors on top), not raw + converted.
+                        let t = t.to_dtype(dtype).map_err(|e| CheckpointError::Weights {
+                            file: f.display().to_string(),
+                            reason: format!("{name}: {e}"),
+                        })?;
                         map.insert(name, t);
                     }
                 }

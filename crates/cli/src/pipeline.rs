@@ -86,8 +86,12 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
         Some("resize") => AspectMode::Resize,
         _ => ckpt.aspect,
     };
-    let device = Device::Cpu;
     // CPU inference runs in f32: candle has no CPU bf16 matmul; f16/bf16 weights are upcast.
+    // The CUDA build keeps f32 too until the performance work (issue 6) adds faster paths.
+    #[cfg(feature = "cuda")]
+    let device = Device::cuda_if_available(0)?;
+    #[cfg(not(feature = "cuda"))]
+    let device = Device::Cpu;
     let model = ckpt.load_model(DType::F32, &device)?;
     Ok(Loaded {
         ckpt,

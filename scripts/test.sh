@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every check CI runs: formatting, lints, and the whole test suite (offline, CPU-only).
+# Needs only a Rust toolchain (cargo, rustfmt, clippy) and a C compiler (libjpeg-turbo is
+# built from source by mozjpeg-sys); installs rustfmt/clippy through rustup if missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if command -v rustup >/dev/null 2>&1; then
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi
+if ! command -v cc >/dev/null 2>&1; then
+  echo "installing a C compiler (needed to build libjpeg-turbo)" >&2
+  apt-get update -qq && apt-get install -y -qq gcc >/dev/null
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked
