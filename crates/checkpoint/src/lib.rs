@@ -52,6 +52,12 @@ pub enum CheckpointError {
     },
     #[error("shard {shard} listed in {index} is missing")]
     MissingShard { shard: String, index: String },
+    #[error("{file} has no tensor {key}, which {index} places in it")]
+    MissingTensor {
+        key: String,
+        file: String,
+        index: String,
+    },
     #[error("no weights in {dir}: expected model.safetensors[.index.json] or pytorch_model.bin[.index.json]")]
     NoWeights { dir: String },
     #[error("cannot read weights from {file}: {reason}")]
@@ -101,6 +107,19 @@ pub struct Checkpoint {
     /// llava-hf's `image_token_index`; v0's `mm_use_im_start_end`.
     image_token_index: Option<u32>,
     use_im_start_end: bool,
+}
+
+/// A candle error as one line. With `RUST_BACKTRACE` set candle appends a backtrace to its
+/// errors, and its `Context` puts the context on a line of its own; either would break the
+/// CLI's one-line `error: …`.
+pub(crate) fn candle_reason(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_reason(inner),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", candle_reason(inner))
+        }
+        other => other.to_string().lines().collect::<Vec<_>>().join(" "),
+    }
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CheckpointError> {
@@ -309,12 +328,12 @@ impl Checkpoint {
     pub fn load_model(&self, dtype: DType, device: &Device) -> Result<Llava, CheckpointError> {
         let files = weights::find_weights(&self.dir)?;
         let layout = weights::KeyLayout::detect(&files.names);
-        let vb = weights::var_builder(&files, dtype, device)?;
+        let vb = weights::var_builder(&files, dtype, device, "")?;
         let llm = vb.clone().rename_f(move |name| layout.llm_key(name));
         let vision = match &self.vision_dir {
             Some(dir) => {
                 let vfiles = weights::find_weights(dir)?;
-                weights::var_builder(&vfiles, dtype, device)?.pp("vision_model")
+                weights::var_builder(&vfiles, dtype, device, "vision_model.")?.pp("vision_model")
             }
             None => vb
                 .rename_f(move |name| layout.vision_key(name))
@@ -325,7 +344,7 @@ impl Checkpoint {
             move |e: candle_core::Error| CheckpointError::Load {
                 part,
                 dir,
-                reason: e.to_string(),
+                reason: candle_reason(&e),
             }
         };
         let vision_dir = self.vision_dir.clone().unwrap_or_else(|| self.dir.clone());

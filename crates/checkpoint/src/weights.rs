@@ -4,13 +4,14 @@
 //! `lm_head.weight`, `model.mm_projector.*`, and `vision_model.*` for the tower) through
 //! `VarBuilder::rename_f`, so the model code knows one layout.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::CheckpointError;
+use crate::{candle_reason, CheckpointError};
 
 /// Which container the tensors are in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,10 +29,11 @@ pub struct WeightFiles {
     pub names: BTreeSet<String>,
 }
 
+/// The shard files an index lists (each checked to exist) and its `weight_map`.
 fn read_index(
     path: &Path,
     dir: &Path,
-) -> Result<(Vec<PathBuf>, BTreeSet<String>), CheckpointError> {
+) -> Result<(Vec<PathBuf>, BTreeMap<String, String>), CheckpointError> {
     let text = std::fs::read_to_string(path).map_err(|e| CheckpointError::Io {
         path: path.display().to_string(),
         reason: e.to_string(),
@@ -49,12 +51,14 @@ fn read_index(
             key: "weight_map".into(),
         })?;
     let mut files = BTreeSet::new();
-    let mut names = BTreeSet::new();
+    let mut names = BTreeMap::new();
     for (name, file) in map {
-        names.insert(name.clone());
-        if let Some(f) = file.as_str() {
-            files.insert(f.to_string());
-        }
+        let file = file.as_str().ok_or_else(|| CheckpointError::Invalid {
+            file: path.display().to_string(),
+            what: format!("weight_map entry {name:?} (not a file name)"),
+        })?;
+        names.insert(name.clone(), file.to_string());
+        files.insert(file.to_string());
     }
     let mut out = Vec::new();
     for f in files {
@@ -74,11 +78,28 @@ fn read_index(
 pub fn find_weights(dir: &Path) -> Result<WeightFiles, CheckpointError> {
     let st_index = dir.join("model.safetensors.index.json");
     if st_index.is_file() {
-        let (files, names) = read_index(&st_index, dir)?;
+        let (files, map) = read_index(&st_index, dir)?;
+        // Headers are cheap to read; a tensor the index places in a shard that lacks it
+        // would otherwise surface only as "cannot find tensor", without the shard's name.
+        let mut headers = HashMap::new();
+        for (name, shard) in &map {
+            let path = dir.join(shard);
+            let held = match headers.entry(shard) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(safetensors_names(&path)?),
+            };
+            if !held.contains(name) {
+                return Err(CheckpointError::MissingTensor {
+                    key: name.clone(),
+                    file: path.display().to_string(),
+                    index: st_index.display().to_string(),
+                });
+            }
+        }
         return Ok(WeightFiles {
             format: WeightFormat::Safetensors,
             files,
-            names,
+            names: map.into_keys().collect(),
         });
     }
     let single = dir.join("model.safetensors");
@@ -92,11 +113,11 @@ pub fn find_weights(dir: &Path) -> Result<WeightFiles, CheckpointError> {
     }
     let pt_index = dir.join("pytorch_model.bin.index.json");
     if pt_index.is_file() {
-        let (files, names) = read_index(&pt_index, dir)?;
+        let (files, map) = read_index(&pt_index, dir)?;
         return Ok(WeightFiles {
             format: WeightFormat::PytorchPickle,
             files,
-            names,
+            names: map.into_keys().collect(),
         });
     }
     let single = dir.join("pytorch_model.bin");
@@ -104,7 +125,7 @@ pub fn find_weights(dir: &Path) -> Result<WeightFiles, CheckpointError> {
         let names = candle_core::pickle::read_pth_tensor_info(&single, false, None)
             .map_err(|e| CheckpointError::Weights {
                 file: single.display().to_string(),
-                reason: e.to_string(),
+                reason: candle_reason(&e),
             })?
             .into_iter()
             .map(|t| t.name)
@@ -140,12 +161,14 @@ fn safetensors_names(path: &Path) -> Result<BTreeSet<String>, CheckpointError> {
 }
 
 /// A `VarBuilder` over the files, converting every tensor to `dtype` when it is fetched.
-/// Safetensors stay memory-mapped; pickles are read into memory once (skipping the
-/// `rotary_emb.inv_freq` buffers old checkpoints carry).
+/// Safetensors stay memory-mapped; pickles are read into memory once, keeping only names
+/// that start with `keep_prefix` (a CLIP repo's `text_model.*` is never needed) and
+/// skipping the `rotary_emb.inv_freq` buffers old checkpoints carry.
 pub fn var_builder(
     w: &WeightFiles,
     dtype: DType,
     device: &Device,
+    keep_prefix: &str,
 ) -> Result<VarBuilder<'static>, CheckpointError> {
     match w.format {
         WeightFormat::Safetensors => {
@@ -162,7 +185,7 @@ pub fn var_builder(
                         .first()
                         .map(|f| f.display().to_string())
                         .unwrap_or_default(),
-                    reason: e.to_string(),
+                    reason: candle_reason(&e),
                 }
             })
         }
@@ -172,16 +195,16 @@ pub fn var_builder(
                 let tensors = candle_core::pickle::read_all_with_key(f, None).map_err(|e| {
                     CheckpointError::Weights {
                         file: f.display().to_string(),
-                        reason: e.to_string(),
+                        reason: candle_reason(&e),
                     }
                 })?;
                 for (name, t) in tensors {
-                    if !name.ends_with("rotary_emb.inv_freq") {
+                    if name.starts_with(keep_prefix) && !name.ends_with("rotary_emb.inv_freq") {
                         // Convert shard by shard so that peak memory stays near the final
                         // size (one shard's raw tensors on top), not raw + converted.
                         let t = t.to_dtype(dtype).map_err(|e| CheckpointError::Weights {
                             file: f.display().to_string(),
-                            reason: format!("{name}: {e}"),
+                            reason: format!("{name}: {}", candle_reason(&e)),
                         })?;
                         map.insert(name, t);
                     }
@@ -306,5 +329,24 @@ mod tests {
             err.contains("model-00001-of-00002.safetensors") && err.contains("index"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_tensor_missing_from_its_shard_is_named_with_the_shard() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shard = "model-00001-of-00001.safetensors";
+        let a = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+        candle_core::safetensors::save(&HashMap::from([("a", a)]), tmp.path().join(shard)).unwrap();
+        std::fs::write(
+            tmp.path().join("model.safetensors.index.json"),
+            format!(r#"{{"weight_map": {{"a": "{shard}", "b": "{shard}"}}}}"#),
+        )
+        .unwrap();
+        let err = find_weights(tmp.path()).unwrap_err();
+        assert!(
+            matches!(&err, CheckpointError::MissingTensor { key, .. } if key == "b"),
+            "{err}"
+        );
+        assert!(err.to_string().contains(shard), "{err}");
     }
 }

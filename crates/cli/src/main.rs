@@ -11,6 +11,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn run() -> anyhow::Result<ExitCode> {
+    // Errors are one line for users: keep candle (and anyhow) from capturing backtraces into
+    // error values even when RUST_BACKTRACE is set. Panics still honour RUST_BACKTRACE.
+    // Called before any other thread exists.
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
     let cli = args::Cli::parse();
     let level = match cli.verbose {
         0 => "warn",
@@ -23,6 +27,8 @@ fn run() -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
         .init();
     match &cli.command {
         args::Command::Run(a) => commands::run::run(a).map(|_| ExitCode::SUCCESS),

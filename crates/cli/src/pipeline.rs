@@ -182,7 +182,11 @@ impl Loaded {
         let prompt_tokens = p.spliced_len(n);
         let context = self.ckpt.context_len;
         if prompt_tokens >= context {
-            bail!("the prompt is {prompt_tokens} tokens with its images, {} more than the model's context of {context}", prompt_tokens + 1 - context);
+            bail!(
+                "the prompt is {prompt_tokens} tokens with its images, but the model's context of \
+                 {context} tokens must also hold the answer: shorten it by at least {} tokens",
+                prompt_tokens + 1 - context
+            );
         }
 
         let t = Instant::now();

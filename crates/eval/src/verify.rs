@@ -24,7 +24,7 @@ pub enum VerifyError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Tokenizer(#[from] kollava_inputs::tokenizer::TokenizerError),
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Compute {
         context: String,
         source: candle_core::Error,

@@ -13,15 +13,27 @@ fn load(name: &str) -> Llava {
 }
 
 fn embed(model: &Llava, ids: &[u32]) -> Tensor {
-    model.decoder.embed(&Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap()
+    model
+        .decoder
+        .embed(
+            &Tensor::new(ids, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        )
+        .unwrap()
 }
 
 fn logits_rows(model: &Llava, hidden: &Tensor) -> Vec<Vec<f32>> {
     let l = model.decoder.logits(hidden).unwrap().squeeze(0).unwrap();
-    (0..l.dim(0).unwrap()).map(|i| l.i(i).unwrap().to_vec1().unwrap()).collect()
+    (0..l.dim(0).unwrap())
+        .map(|i| l.i(i).unwrap().to_vec1().unwrap())
+        .collect()
 }
 
-const IDS: [u32; 12] = [1, 319, 13563, 1546, 263, 12758, 5199, 322, 385, 23116, 21082, 20255];
+const IDS: [u32; 12] = [
+    1, 319, 13563, 1546, 263, 12758, 5199, 322, 385, 23116, 21082, 20255,
+];
 
 #[test]
 fn cached_decode_equals_one_full_forward() {
@@ -30,17 +42,33 @@ fn cached_decode_equals_one_full_forward() {
         let model = load(name);
         let layers = model.config().decoder.num_hidden_layers;
         let mut full_cache = KvCache::new(layers, 1);
-        let full = model.decoder.forward(&embed(&model, &IDS), &[IDS.len()], &mut full_cache).unwrap();
+        let full = model
+            .decoder
+            .forward(&embed(&model, &IDS), &[IDS.len()], &mut full_cache)
+            .unwrap();
         let full = logits_rows(&model, &full);
 
         let mut cache = KvCache::new(layers, 1);
-        let mut stepwise = logits_rows(&model, &model.decoder.forward(&embed(&model, &IDS[..5]), &[5], &mut cache).unwrap());
+        let mut stepwise = logits_rows(
+            &model,
+            &model
+                .decoder
+                .forward(&embed(&model, &IDS[..5]), &[5], &mut cache)
+                .unwrap(),
+        );
         for &id in &IDS[5..] {
-            let h = model.decoder.forward(&embed(&model, &[id]), &[1], &mut cache).unwrap();
+            let h = model
+                .decoder
+                .forward(&embed(&model, &[id]), &[1], &mut cache)
+                .unwrap();
             stepwise.extend(logits_rows(&model, &h));
         }
         for (i, (a, b)) in full.iter().zip(&stepwise).enumerate() {
-            assert!(max_abs_diff(a, b) < 1e-4, "{name} position {i}: {}", max_abs_diff(a, b));
+            assert!(
+                max_abs_diff(a, b) < 1e-4,
+                "{name} position {i}: {}",
+                max_abs_diff(a, b)
+            );
         }
     }
 }
@@ -55,10 +83,16 @@ fn a_sequence_decodes_the_same_alone_and_in_a_ragged_batch() {
     let mut alone = Vec::new();
     for ids in [short, long] {
         let mut cache = KvCache::new(layers, 1);
-        let h = model.decoder.forward(&embed(&model, ids), &[ids.len()], &mut cache).unwrap();
+        let h = model
+            .decoder
+            .forward(&embed(&model, ids), &[ids.len()], &mut cache)
+            .unwrap();
         let mut rows = vec![logits_rows(&model, &h).pop().unwrap()];
         for id in [29871u32, 13] {
-            let h = model.decoder.forward(&embed(&model, &[id]), &[1], &mut cache).unwrap();
+            let h = model
+                .decoder
+                .forward(&embed(&model, &[id]), &[1], &mut cache)
+                .unwrap();
             rows.push(logits_rows(&model, &h).pop().unwrap());
         }
         alone.push(rows);
@@ -68,7 +102,10 @@ fn a_sequence_decodes_the_same_alone_and_in_a_ragged_batch() {
     padded.resize(long.len(), 0);
     let x = Tensor::cat(&[embed(&model, &padded), embed(&model, long)], 0).unwrap();
     let mut cache = KvCache::new(layers, 2);
-    let h = model.decoder.forward(&x, &[short.len(), long.len()], &mut cache).unwrap();
+    let h = model
+        .decoder
+        .forward(&x, &[short.len(), long.len()], &mut cache)
+        .unwrap();
     let l = model.decoder.logits(&h).unwrap();
     let mut batched = [
         vec![l.i((0, short.len() - 1)).unwrap().to_vec1::<f32>().unwrap()],
@@ -76,7 +113,10 @@ fn a_sequence_decodes_the_same_alone_and_in_a_ragged_batch() {
     ];
     for id in [29871u32, 13] {
         let ids = Tensor::new(&[[id], [id]], &Device::Cpu).unwrap();
-        let h = model.decoder.forward(&model.decoder.embed(&ids).unwrap(), &[1, 1], &mut cache).unwrap();
+        let h = model
+            .decoder
+            .forward(&model.decoder.embed(&ids).unwrap(), &[1, 1], &mut cache)
+            .unwrap();
         let l = model.decoder.logits(&h).unwrap();
         for (r, rows) in batched.iter_mut().enumerate() {
             rows.push(l.i((r, 0)).unwrap().to_vec1::<f32>().unwrap());
@@ -84,7 +124,11 @@ fn a_sequence_decodes_the_same_alone_and_in_a_ragged_batch() {
     }
     for r in 0..2 {
         for (step, (a, b)) in alone[r].iter().zip(&batched[r]).enumerate() {
-            assert!(max_abs_diff(a, b) < 1e-4, "row {r} step {step}: {}", max_abs_diff(a, b));
+            assert!(
+                max_abs_diff(a, b) < 1e-4,
+                "row {r} step {step}: {}",
+                max_abs_diff(a, b)
+            );
         }
     }
 }
@@ -99,13 +143,26 @@ fn sliding_window_changes_attention_beyond_the_window() {
     let windowed = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
     let mut unwindowed_ckpt = ckpt.clone();
     unwindowed_ckpt.config.decoder.sliding_window = None;
-    let plain = unwindowed_ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
+    let plain = unwindowed_ckpt
+        .load_model(DType::F32, &Device::Cpu)
+        .unwrap();
     let ids: Vec<u32> = (0..60).map(|i| 100 + i * 37).collect();
     let run = |m: &Llava| {
         let mut cache = KvCache::new(m.config().decoder.num_hidden_layers, 1);
-        logits_rows(m, &m.decoder.forward(&embed(m, &ids), &[ids.len()], &mut cache).unwrap())
+        logits_rows(
+            m,
+            &m.decoder
+                .forward(&embed(m, &ids), &[ids.len()], &mut cache)
+                .unwrap(),
+        )
     };
     let (a, b) = (run(&windowed), run(&plain));
-    assert!(max_abs_diff(&a[30], &b[30]) < 1e-5, "inside the window both agree");
-    assert!(max_abs_diff(&a[59], &b[59]) > 1e-4, "beyond the window they must differ");
+    assert!(
+        max_abs_diff(&a[30], &b[30]) < 1e-5,
+        "inside the window both agree"
+    );
+    assert!(
+        max_abs_diff(&a[59], &b[59]) > 1e-4,
+        "beyond the window they must differ"
+    );
 }

@@ -15,6 +15,7 @@
 
 use std::io::Cursor;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use image::{DynamicImage, ImageReader};
 
@@ -33,11 +34,8 @@ pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ImageError {
-    #[error("cannot read image {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read image {path}: {reason}")]
+    Read { path: String, reason: String },
     #[error("{what} is not a readable image ({reason})")]
     Decode { what: String, reason: String },
     #[error(
@@ -149,9 +147,9 @@ impl ClipPreprocess {
 
 /// Reads and decodes an image file, converted to RGB as Pillow's `convert('RGB')` does.
 pub fn open(path: &Path) -> Result<RgbImage, ImageError> {
-    let bytes = std::fs::read(path).map_err(|source| ImageError::Read {
+    let bytes = std::fs::read(path).map_err(|e| ImageError::Read {
         path: path.display().to_string(),
-        source,
+        reason: e.to_string(),
     })?;
     decode(&bytes, &path.display().to_string())
 }
@@ -213,9 +211,22 @@ fn decode_jpeg_like_pillow(bytes: &[u8], what: &str) -> Result<Option<RgbImage>,
         Err(p) => return Err(fail(panic_text(&p))),
     };
     check_size(what, width, height)?;
+    let ran_out = AtomicBool::new(false);
     let decoded = std::panic::catch_unwind(|| -> std::io::Result<Vec<u8>> {
-        let mut s = mozjpeg::Decompress::new_mem(bytes)?.rgb()?;
+        let src = EofWatch {
+            bytes,
+            ran_out: &ran_out,
+        };
+        let mut s = mozjpeg::Decompress::new_reader(src)?.rgb()?;
         let px: Vec<u8> = s.read_scanlines::<u8>()?;
+        // Checked before `finish`: like Pillow, a file cut after its last row (only the
+        // end marker missing) still decodes.
+        if ran_out.load(Ordering::Relaxed) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "truncated: the data ends before the last row",
+            ));
+        }
         s.finish()?;
         Ok(px)
     });
@@ -236,6 +247,33 @@ fn decode_jpeg_like_pillow(bytes: &[u8], what: &str) -> Result<Option<RgbImage>,
                 Err(fail(text))
             }
         }
+    }
+}
+
+/// The JPEG bytes for libjpeg, remembering whether it asked for more than there is. On a
+/// truncated file libjpeg only warns, fakes an end marker and fills the missing rows with
+/// grey; Pillow raises "image file is truncated", and so do we.
+struct EofWatch<'a> {
+    bytes: &'a [u8],
+    ran_out: &'a AtomicBool,
+}
+
+impl std::io::Read for EofWatch<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.bytes.read(buf)
+    }
+}
+
+impl std::io::BufRead for EofWatch<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.bytes.is_empty() {
+            self.ran_out.store(true, Ordering::Relaxed);
+        }
+        Ok(self.bytes)
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.bytes = &self.bytes[n.min(self.bytes.len())..];
     }
 }
 
@@ -627,6 +665,16 @@ mod tests {
         let err = decode(b"hello, not an image", "notes.txt").unwrap_err();
         assert!(matches!(err, ImageError::Decode { .. }), "{err}");
         assert!(err.to_string().contains("notes.txt"));
+    }
+
+    #[test]
+    fn truncated_jpeg_is_an_error_not_grey_rows() {
+        let bytes = std::fs::read(kollava_testkit::fixtures_dir().join("images/photo.jpg"))
+            .expect("fixture photo.jpg");
+        assert!(decode(&bytes, "photo.jpg").is_ok());
+        let err = decode(&bytes[..bytes.len() / 2], "cut.jpg").unwrap_err();
+        assert!(matches!(err, ImageError::Decode { .. }), "{err}");
+        assert!(err.to_string().contains("truncated"), "{err}");
     }
 
     proptest::proptest! {

@@ -1,0 +1,681 @@
+//! End-to-end tests of the `kollava` binary, run as a user runs it: every subcommand on
+//! every fixture checkpoint, `verify` catching a perturbed reference, and every kind of bad
+//! input turned into one `error: …` line that names the file or value at fault (never a
+//! panic, never a backtrace).
+//!
+//! Broken checkpoints are built in a temp dir from a copy of the fixtures folder, so the
+//! fixtures stay read-only. Keys, shapes and lengths are read from the fixtures, never
+//! hard-coded, so the tests also hold on the hidden fixture set.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use candle_core::{DType, Device, Tensor};
+use kollava_testkit::{fixtures_dir, CHECKPOINTS};
+use serde_json::Value;
+
+const QUERY: &str = "이 이미지에 무엇이 있나요?";
+
+// ---------------------------------------------------------------------------------------
+// Running the binary
+
+fn command(args: &[&dyn AsRef<OsStr>]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kollava"));
+    cmd.args(args.iter().map(|a| a.as_ref()))
+        // Developers often have it set, and candle then appends a backtrace to its errors:
+        // that must not leak into the one-line message.
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+/// `kollava ARGS` with stdin closed.
+fn kollava(args: &[&dyn AsRef<OsStr>]) -> Output {
+    command(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("kollava runs")
+}
+
+/// `kollava ARGS` with `input` typed on stdin, then end of input.
+fn kollava_with_stdin(args: &[&dyn AsRef<OsStr>], input: &str) -> Output {
+    let mut child = command(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kollava starts");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(input.as_bytes()).expect("write stdin");
+    drop(stdin);
+    child.wait_with_output().expect("kollava runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[track_caller]
+fn assert_success(o: &Output) {
+    let err = stderr(o);
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{err}",
+        o.status,
+        stdout(o)
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// The run failed with exit code 1 and exactly one `error: …` line on stderr that contains
+/// each of `needles`. Returns that line.
+#[track_caller]
+fn assert_one_line_error(o: &Output, needles: &[&str]) -> String {
+    let err = stderr(o);
+    assert!(!err.contains("panicked"), "panic:\n{err}");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "exit {:?}; stderr:\n{err}",
+        o.status
+    );
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr, got:\n{err}");
+    let line = lines[0];
+    assert!(line.starts_with("error: "), "{line}");
+    for needle in needles {
+        assert!(line.contains(needle), "{needle:?} is not in: {line}");
+    }
+    line.to_string()
+}
+
+/// `kollava run --json` on a fixture with the Korean query and `wide_rgb.png`, plus `extra`
+/// flags (sampling).
+fn run_json(model: &Path, extra: &[&str]) -> Value {
+    let image = image("wide_rgb.png");
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![
+        &"run",
+        &"--model",
+        &model,
+        &"--image",
+        &image,
+        &"--query",
+        &QUERY,
+        &"--max-new-tokens",
+        &"8",
+        &"--json",
+    ];
+    args.extend(extra.iter().map(|a| a as &dyn AsRef<OsStr>));
+    let o = kollava(&args);
+    assert_success(&o);
+    serde_json::from_str(stdout(&o).trim()).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)))
+}
+
+fn token_ids(answer: &Value) -> Vec<u64> {
+    answer["token_ids"]
+        .as_array()
+        .expect("token_ids is an array")
+        .iter()
+        .map(|v| v.as_u64().expect("ids are non-negative integers"))
+        .collect()
+}
+
+/// `(passed, failed, skipped)` from `verify`'s closing line.
+fn verify_summary(out: &str) -> (usize, usize, usize) {
+    let last = out.lines().last().unwrap_or_default();
+    let n: Vec<usize> = last
+        .split(", ")
+        .map(|part| {
+            part.split(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("not a summary line: {last:?}"))
+        })
+        .collect();
+    assert!(
+        n.len() == 3 && last.contains("passed") && last.contains("failed"),
+        "{last:?}"
+    );
+    (n[0], n[1], n[2])
+}
+
+// ---------------------------------------------------------------------------------------
+// Fixture copies to break
+
+fn checkpoint(name: &str) -> PathBuf {
+    fixtures_dir().join(name)
+}
+
+fn image(name: &str) -> PathBuf {
+    fixtures_dir().join("images").join(name)
+}
+
+/// A writable copy of the fixtures folder with one checkpoint and everything its relative
+/// paths point at (`images/`, the `../clip-…` towers): every folder except the other
+/// checkpoints.
+struct Scratch {
+    _tmp: tempfile::TempDir,
+    ckpt: PathBuf,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        for entry in std::fs::read_dir(fixtures_dir()).expect("fixtures dir") {
+            let path = entry.expect("dir entry").path();
+            let other_checkpoint =
+                path.join("reference.json").is_file() && path.file_name() != Some(OsStr::new(name));
+            if path.is_dir() && !other_checkpoint {
+                copy_dir(&path, &tmp.path().join(path.file_name().expect("named")));
+            }
+        }
+        let ckpt = tmp.path().join(name);
+        Scratch { _tmp: tmp, ckpt }
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.ckpt.join(name)
+    }
+}
+
+/// `name` with `bytes` in `dir`.
+fn write_file(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, bytes).expect("write temp file");
+    path
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let path = entry.expect("dir entry").path();
+        let dest = to.join(path.file_name().expect("named"));
+        if path.is_dir() {
+            copy_dir(&path, &dest);
+        } else {
+            std::fs::copy(&path, &dest).expect("copy file");
+        }
+    }
+}
+
+fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
+    let text = std::fs::read_to_string(path).expect("read json");
+    let mut json: Value = serde_json::from_str(&text).expect("parse json");
+    edit(&mut json);
+    std::fs::write(path, serde_json::to_string_pretty(&json).unwrap()).expect("write json");
+}
+
+fn edit_safetensors(path: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).expect("load tensors");
+    edit(&mut tensors);
+    candle_core::safetensors::save(&tensors, path).expect("save tensors");
+}
+
+/// `(tensor name, shard file)` from the checkpoint's `model.safetensors.index.json`, for the
+/// first tensor whose name ends with `suffix`.
+fn indexed_tensor(ckpt: &Path, suffix: &str) -> (String, String) {
+    let text = std::fs::read_to_string(ckpt.join("model.safetensors.index.json")).expect("index");
+    let index: Value = serde_json::from_str(&text).expect("index parses");
+    let map = index["weight_map"].as_object().expect("weight_map");
+    let (name, shard) = map
+        .iter()
+        .find(|(name, _)| name.ends_with(suffix))
+        .unwrap_or_else(|| panic!("no tensor *{suffix} in the index"));
+    (
+        name.clone(),
+        shard.as_str().expect("shard name").to_string(),
+    )
+}
+
+/// The first half of a fixture image's bytes.
+fn first_half(name: &str) -> Vec<u8> {
+    let bytes = std::fs::read(image(name)).expect("fixture image");
+    bytes[..bytes.len() / 2].to_vec()
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn adler32(bytes: &[u8]) -> u32 {
+    let (mut a, mut b) = (1u32, 0u32);
+    for &x in bytes {
+        a = (a + u32::from(x)) % 65521;
+        b = (b + a) % 65521;
+    }
+    (b << 16) | a
+}
+
+fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut out = (data.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(kind);
+    out.extend_from_slice(data);
+    let mut crc_input = kind.to_vec();
+    crc_input.extend_from_slice(data);
+    out.extend_from_slice(&crc32(&crc_input).to_be_bytes());
+    out
+}
+
+/// A valid grey PNG header claiming `width`x`height`, with only the first row of pixels
+/// stored (an uncompressed deflate block): a few kB on disk that would need
+/// `width * height` bytes once decoded.
+fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    let mut ihdr = width.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8-bit greyscale, deflate, no filter/interlace
+    let row: Vec<u8> = std::iter::once(0).chain((0..width).map(|_| 0)).collect();
+    let len = u16::try_from(row.len()).expect("one row fits a stored block");
+    let mut zlib = vec![0x78, 0x01, 0x01]; // zlib header; final stored block
+    zlib.extend_from_slice(&len.to_le_bytes());
+    zlib.extend_from_slice(&(!len).to_le_bytes());
+    zlib.extend_from_slice(&row);
+    zlib.extend_from_slice(&adler32(&row).to_be_bytes());
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(png_chunk(b"IHDR", &ihdr));
+    png.extend(png_chunk(b"IDAT", &zlib));
+    png.extend(png_chunk(b"IEND", &[]));
+    png
+}
+
+// ---------------------------------------------------------------------------------------
+// Happy paths
+
+#[test]
+fn run_json_reports_text_ids_and_every_timing_on_every_checkpoint() {
+    for name in CHECKPOINTS {
+        let answer = run_json(&checkpoint(name), &["--temperature", "0"]);
+        assert!(answer["text"].is_string(), "{name}: {answer}");
+        let ids = token_ids(&answer);
+        assert!(!ids.is_empty() && ids.len() <= 8, "{name}: {answer}");
+        let prompt_tokens = answer["prompt_tokens"].as_u64().unwrap_or(0);
+        assert!(prompt_tokens > 0, "{name}: {answer}");
+        for key in [
+            "load_ms",
+            "preprocess_ms",
+            "vision_ms",
+            "prefill_ms",
+            "decode_ms",
+            "decode_tokens_per_s",
+        ] {
+            let v = answer["timings"][key].as_f64();
+            assert!(
+                v.is_some_and(|v| v.is_finite() && v >= 0.0),
+                "{name}: timings.{key} in {answer}"
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_run_gives_the_same_ids_twice() {
+    for name in CHECKPOINTS {
+        let a = run_json(&checkpoint(name), &["--temperature", "0"]);
+        let b = run_json(&checkpoint(name), &["--temperature", "0"]);
+        assert_eq!(token_ids(&a), token_ids(&b), "{name}");
+    }
+}
+
+#[test]
+fn seeded_sampling_gives_the_same_ids_twice() {
+    let args = ["--temperature", "0.8", "--seed", "5"];
+    for name in CHECKPOINTS {
+        let a = run_json(&checkpoint(name), &args);
+        let b = run_json(&checkpoint(name), &args);
+        assert_eq!(token_ids(&a), token_ids(&b), "{name}");
+    }
+}
+
+#[test]
+fn verify_passes_on_every_fixture() {
+    for name in CHECKPOINTS {
+        let dir = checkpoint(name);
+        let o = kollava(&[&"verify", &"--model", &dir, &"--reference", &dir]);
+        assert_success(&o);
+        let (passed, failed, _) = verify_summary(&stdout(&o));
+        assert!(passed > 0 && failed == 0, "{name}:\n{}", stdout(&o));
+    }
+}
+
+#[test]
+fn chat_answers_each_message_and_quits_on_slash_exit() {
+    let dir = checkpoint("llava-v1.5");
+    let input = format!(
+        "/image {}\nHello\nWhat color?\n/reset\n/exit\n",
+        image("wide_rgb.png").display()
+    );
+    let o = kollava_with_stdin(
+        &[
+            &"chat",
+            &"--model",
+            &dir,
+            &"--temperature",
+            &"0",
+            &"--max-new-tokens",
+            &"4",
+        ],
+        &input,
+    );
+    assert_success(&o);
+    assert_eq!(
+        stdout(&o).matches("ASSISTANT>").count(),
+        2,
+        "{}",
+        stdout(&o)
+    );
+    assert!(!stderr(&o).contains("error:"), "{}", stderr(&o));
+}
+
+#[test]
+fn chat_quits_cleanly_on_end_of_input() {
+    let dir = checkpoint("llava-v1.5");
+    let args: [&dyn AsRef<OsStr>; 5] = [&"chat", &"--model", &dir, &"--max-new-tokens", &"4"];
+    assert_success(&kollava(&args));
+    // Ctrl-D in the middle of a conversation.
+    let o = kollava_with_stdin(&args, "Hello\n");
+    assert_success(&o);
+    assert_eq!(
+        stdout(&o).matches("ASSISTANT>").count(),
+        1,
+        "{}",
+        stdout(&o)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// verify must be able to fail
+
+/// Runs `verify` on a scratch copy and checks that exactly `key` fails.
+#[track_caller]
+fn assert_verify_fails_only_on(scratch: &Scratch, key: &str) {
+    let o = kollava(&[
+        &"verify",
+        &"--model",
+        &scratch.ckpt,
+        &"--reference",
+        &scratch.ckpt,
+    ]);
+    let out = stdout(&o);
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    let (_, failed, _) = verify_summary(&out);
+    assert_eq!(failed, 1, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL") && l.split_whitespace().nth(1) == Some(key)),
+        "no FAIL line for {key}:\n{out}"
+    );
+}
+
+#[test]
+fn verify_fails_on_logits_off_by_1e_2() {
+    let s = Scratch::new("llava-v1.5");
+    edit_safetensors(&s.file("reference.safetensors"), |t| {
+        let logits = t["logits.last3"].affine(1.0, 1e-2).unwrap();
+        t.insert("logits.last3".into(), logits);
+    });
+    assert_verify_fails_only_on(&s, "logits.last3");
+}
+
+#[test]
+fn verify_fails_on_one_changed_greedy_id() {
+    let s = Scratch::new("llava-v1.5");
+    edit_safetensors(&s.file("reference.safetensors"), |t| {
+        let want = &t["generate.greedy_ids"];
+        let mut ids: Vec<i64> = want.to_dtype(DType::I64).unwrap().to_vec1().unwrap();
+        ids[0] += 1;
+        let ids = Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .to_dtype(want.dtype())
+            .unwrap();
+        t.insert("generate.greedy_ids".into(), ids);
+    });
+    assert_verify_fails_only_on(&s, "generate.greedy_ids");
+}
+
+#[test]
+fn verify_fails_on_one_changed_tokenizer_id_in_reference_json() {
+    let s = Scratch::new("llava-v1.5");
+    edit_json(&s.file("reference.json"), |j| {
+        let ids = j["tokenizer"]["strings"][0]["ids"]
+            .as_array_mut()
+            .expect("ids");
+        let last = ids.last_mut().expect("non-empty");
+        *last = Value::from(last.as_u64().expect("id") + 1);
+    });
+    assert_verify_fails_only_on(&s, "tokenizer.0");
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad checkpoints
+
+#[test]
+fn missing_model_dir_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such-model");
+    let o = kollava(&[&"run", &"-m", &missing, &"-q", &"hi"]);
+    assert_one_line_error(&o, &[&missing.display().to_string(), "does not exist"]);
+}
+
+#[test]
+fn model_path_that_is_a_file_is_refused() {
+    let file = checkpoint("llava-v1.5").join("config.json");
+    let o = kollava(&[&"run", &"-m", &file, &"-q", &"hi"]);
+    assert_one_line_error(&o, &[&file.display().to_string(), "is a file"]);
+}
+
+#[test]
+fn missing_shard_is_named_with_its_index() {
+    let s = Scratch::new("llava-v1.5");
+    let (_, shard) = indexed_tensor(&s.ckpt, "up_proj.weight");
+    std::fs::remove_file(s.file(&shard)).unwrap();
+    let o = kollava(&[&"run", &"-m", &s.ckpt, &"-q", &"hi"]);
+    assert_one_line_error(&o, &[&shard, "model.safetensors.index.json", "missing"]);
+}
+
+#[test]
+fn tensor_missing_from_its_shard_names_tensor_and_shard() {
+    let s = Scratch::new("llava-v1.5");
+    let (key, shard) = indexed_tensor(&s.ckpt, "up_proj.weight");
+    edit_safetensors(&s.file(&shard), |t| {
+        t.remove(&key)
+            .expect("the index is right about the fixture");
+    });
+    let o = kollava(&[&"run", &"-m", &s.ckpt, &"-q", &"hi"]);
+    assert_one_line_error(&o, &[&key, &shard]);
+}
+
+#[test]
+fn tensor_missing_from_the_checkpoint_is_named_without_a_backtrace() {
+    let s = Scratch::new("llava-v1.5");
+    let (key, shard) = indexed_tensor(&s.ckpt, "up_proj.weight");
+    edit_safetensors(&s.file(&shard), |t| {
+        t.remove(&key);
+    });
+    edit_json(&s.file("model.safetensors.index.json"), |j| {
+        j["weight_map"].as_object_mut().unwrap().remove(&key);
+    });
+    let o = kollava(&[&"run", &"-m", &s.ckpt, &"-q", &"hi"]);
+    assert_one_line_error(&o, &[&key, &s.ckpt.display().to_string()]);
+}
+
+#[test]
+fn tensor_of_the_wrong_shape_shows_both_shapes_without_a_backtrace() {
+    let s = Scratch::new("llava-v1.5");
+    let (key, shard) = indexed_tensor(&s.ckpt, "up_proj.weight");
+    let (mut want, mut got) = (Vec::new(), Vec::new());
+    edit_safetensors(&s.file(&shard), |t| {
+        let w = &t[&key];
+        want = w.dims().to_vec();
+        let short = w.narrow(0, 0, want[0] - 1).unwrap();
+        got = short.dims().to_vec();
+        t.insert(key.clone(), short);
+    });
+    let o = kollava(&[&"run", &"-m", &s.ckpt, &"-q", &"hi"]);
+    assert_one_line_error(&o, &[&key, &format!("{want:?}"), &format!("{got:?}")]);
+}
+
+#[test]
+fn unknown_architecture_is_refused_listing_what_was_found() {
+    let s = Scratch::new("llava-v1.5");
+    edit_json(&s.file("config.json"), |c| {
+        c["architectures"] = serde_json::json!(["LlavaQwenForCausalLM"]);
+        c["model_type"] = serde_json::json!("llava_qwen");
+    });
+    let o = kollava(&[&"run", &"-m", &s.ckpt, &"-q", &"hi"]);
+    assert_one_line_error(&o, &["config.json", "LlavaQwenForCausalLM", "llava_qwen"]);
+}
+
+#[test]
+fn unknown_projector_type_is_named() {
+    let s = Scratch::new("llava-v1.5");
+    edit_json(&s.file("config.json"), |c| {
+        c["mm_projector_type"] = serde_json::json!("resampler");
+    });
+    let o = kollava(&[&"run", &"-m", &s.ckpt, &"-q", &"hi"]);
+    assert_one_line_error(&o, &["config.json", "mm_projector_type", "resampler"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad images
+
+/// `kollava run` on llava-v1.5 with `image`.
+fn run_with_image(image: &Path) -> Output {
+    let dir = checkpoint("llava-v1.5");
+    kollava(&[&"run", &"-m", &dir, &"-i", &image, &"-q", &QUERY])
+}
+
+#[test]
+fn missing_image_is_named_and_its_reason_printed_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such-image.png");
+    let line = assert_one_line_error(&run_with_image(&missing), &[&missing.display().to_string()]);
+    assert_eq!(line.matches("os error").count(), 1, "{line}");
+}
+
+#[test]
+fn text_file_as_image_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let notes = write_file(&tmp, "notes.txt", b"not a picture\n");
+    assert_one_line_error(
+        &run_with_image(&notes),
+        &[&notes.display().to_string(), "not a readable image"],
+    );
+}
+
+#[test]
+fn truncated_png_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let png = write_file(&tmp, "cut.png", &first_half("wide_rgb.png"));
+    assert_one_line_error(
+        &run_with_image(&png),
+        &[&png.display().to_string(), "not a readable image"],
+    );
+}
+
+#[test]
+fn truncated_jpeg_is_refused_not_padded_with_grey() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jpg = write_file(&tmp, "cut.jpg", &first_half("photo.jpg"));
+    assert_one_line_error(
+        &run_with_image(&jpg),
+        &[&jpg.display().to_string(), "truncated"],
+    );
+}
+
+#[test]
+fn decompression_bomb_is_refused_by_its_header() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bomb = write_file(&tmp, "bomb.png", &png_claiming(20_000, 20_000));
+    assert_one_line_error(
+        &run_with_image(&bomb),
+        &[&bomb.display().to_string(), "20000x20000", "limit"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad prompts and flags
+
+#[test]
+fn blank_query_is_refused() {
+    let dir = checkpoint("llava-v1.5");
+    let o = kollava(&[&"run", &"-m", &dir, &"--query", &"  "]);
+    assert_one_line_error(&o, &["query", "empty"]);
+}
+
+#[test]
+fn prompt_longer_than_the_context_says_by_how_much() {
+    let prompt_tokens = run_json(&checkpoint("llava-v1.5"), &["--temperature", "0"])
+        ["prompt_tokens"]
+        .as_u64()
+        .expect("prompt_tokens");
+    let context = 20;
+    assert!(
+        prompt_tokens >= context,
+        "the fixture prompt fits in {context}"
+    );
+    let s = Scratch::new("llava-v1.5");
+    edit_json(&s.file("config.json"), |c| {
+        for key in ["max_position_embeddings", "max_sequence_length"] {
+            if c.get(key).is_some() {
+                c[key] = Value::from(context);
+            }
+        }
+    });
+    let img = image("wide_rgb.png");
+    let o = kollava(&[&"run", &"-m", &s.ckpt, &"-i", &img, &"-q", &QUERY]);
+    assert_one_line_error(
+        &o,
+        &[
+            &format!("{prompt_tokens} tokens"),
+            &format!("context of {context}"),
+            &format!("at least {} tokens", prompt_tokens + 1 - context),
+        ],
+    );
+}
+
+#[test]
+fn query_file_with_invalid_utf8_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = write_file(&tmp, "question.txt", &[0xff, 0xfe, 0x41]);
+    let dir = checkpoint("llava-v1.5");
+    let o = kollava(&[&"run", &"-m", &dir, &"--query-file", &file]);
+    assert_one_line_error(&o, &[&file.display().to_string(), "UTF-8"]);
+}
+
+#[test]
+fn unknown_conv_mode_lists_the_known_ones() {
+    let dir = checkpoint("llava-v1.5");
+    let o = kollava(&[&"run", &"-m", &dir, &"-q", &"hi", &"--conv-mode", &"nope"]);
+    assert_one_line_error(&o, &["--conv-mode", "\"nope\"", "vicuna_v1"]);
+}
+
+#[test]
+fn top_p_above_one_is_a_usage_error() {
+    let dir = checkpoint("llava-v1.5");
+    let o = kollava(&[&"run", &"-m", &dir, &"-q", &"hi", &"--top-p", &"1.5"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("--top-p") && err.contains("1.5") && err.contains("(0, 1]"),
+        "{err}"
+    );
+}
