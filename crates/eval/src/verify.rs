@@ -13,6 +13,9 @@ use candle_core::{DType, Device, Tensor};
 use kollava_checkpoint::{Checkpoint, CheckpointError};
 use kollava_inputs::image::{self, AspectMode};
 use kollava_inputs::prompt;
+use kollava_inputs::template::{Role, Template};
+use kollava_train::labels::{label_rule, preprocess, preprocess_rendered, LabelRule};
+use kollava_train::loss::{projector_step, splice_labels};
 use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +215,149 @@ fn parse_mode(s: &str) -> Option<AspectMode> {
         "resize" => Some(AspectMode::Resize),
         _ => None,
     }
+}
+
+/// Our template and masking rule for a template name used in dumps. The fixtures name
+/// the v0 `### ` training format `conv_v1_signal` and KoLLaVA's template `mistral_kollava`.
+fn dump_template(name: &str) -> Option<(Template, LabelRule)> {
+    let ours = match name {
+        "conv_v1_signal" => "llava_v0",
+        "mistral_kollava" => "mistral",
+        other => other,
+    };
+    let t = Template::by_name(ours)?;
+    let rule = if name == "conv_v1_signal" {
+        LabelRule::Signal
+    } else {
+        label_rule(&t)
+    };
+    Some((t, rule))
+}
+
+fn tensor_ids(t: &Tensor) -> candle_core::Result<Vec<i64>> {
+    t.flatten_all()?.to_dtype(DType::I64)?.to_vec1()
+}
+
+/// `train_labels.*` (ids and labels per template) and, for `train_sample`, the loss and
+/// the projector gradient norm of one backward with the LLM and the tower frozen.
+fn verify_training(
+    ckpt: &Checkpoint,
+    reference: &ReferenceDump,
+    tok: &kollava_inputs::Tokenizer,
+    scheme: &kollava_inputs::ImageTokens,
+    decoded: &HashMap<String, kollava_inputs::image::RgbImage>,
+    tols: &Tolerances,
+) -> Result<Vec<KeyResult>, VerifyError> {
+    let compute = |context: &str| {
+        let context = context.to_string();
+        move |source: candle_core::Error| VerifyError::Compute {
+            context: context.clone(),
+            source,
+        }
+    };
+    let mut out = Vec::new();
+    let mut examples = HashMap::new();
+    let entries = reference
+        .get("train_labels")
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    for (name, entry) in &entries {
+        let key = format!("train_labels.{name}");
+        let Some((template, rule)) = dump_template(name) else {
+            out.push(KeyResult {
+                key,
+                outcome: Outcome::Skipped(format!("unknown template {name:?}")),
+            });
+            continue;
+        };
+        let turns: Option<Vec<(Role, String)>> = entry["turns"].as_array().map(|a| {
+            a.iter()
+                .filter_map(|t| {
+                    let role = if t[0].as_i64()? == 0 {
+                        Role::User
+                    } else {
+                        Role::Assistant
+                    };
+                    Some((role, t[1].as_str()?.to_string()))
+                })
+                .collect()
+        });
+        let bad = |e: kollava_train::labels::LabelError| VerifyError::Reference {
+            path: key.clone(),
+            reason: e.to_string(),
+        };
+        let ex = match (turns, entry["text"].as_str()) {
+            (Some(turns), _) => preprocess(tok, scheme, &template, rule, &turns).map_err(bad)?,
+            (None, Some(text)) => {
+                preprocess_rendered(tok, scheme, &template, rule, text).map_err(bad)?
+            }
+            (None, None) => continue,
+        };
+        for (field, got) in [("ids", &ex.ids), ("labels", &ex.labels)] {
+            let k = format!("{key}.{field}");
+            let want = match reference.tensors.get(&k) {
+                Some(t) => tensor_ids(t).map_err(compute(&k))?,
+                None => json_ids(&entry[field]),
+            };
+            out.push(compare_ids(&k, got, &want));
+        }
+        examples.insert(name.clone(), ex);
+    }
+
+    let sample = reference.get("train_sample").as_str().unwrap_or_default();
+    let sample = sample.strip_prefix("train_labels.").unwrap_or(sample);
+    let wants_loss = reference.tensors.contains_key("train.loss")
+        || reference.tensors.contains_key("train.projector_grad_norm");
+    if let (Some(ex), true) = (examples.get(sample), wants_loss) {
+        let device = Device::Cpu;
+        let model = ckpt.load_model(DType::F32, &device)?;
+        let forward_image = reference.get("forward_image").as_str().unwrap_or_default();
+        let (stem, mode) = forward_image
+            .split_once('/')
+            .unwrap_or((forward_image, "crop"));
+        let img = decoded.get(stem).ok_or_else(|| VerifyError::Reference {
+            path: "forward_image".into(),
+            reason: format!("image {stem:?} is not in `images`"),
+        })?;
+        let pixels = image::preprocess(
+            img,
+            parse_mode(mode).unwrap_or(ckpt.aspect),
+            &ckpt.preprocess,
+        );
+        let (cw, ch) = ckpt.preprocess.crop;
+        let pixels = Tensor::from_vec(pixels, (1, 3, ch as usize, cw as usize), &device)
+            .map_err(compute("pixels"))?;
+        let slots: Vec<std::ops::Range<usize>> = ex
+            .prompt
+            .images
+            .iter()
+            .map(|s| s.at..s.at + s.replaces)
+            .collect();
+        let labels = splice_labels(&ex.ids, &ex.labels, scheme.n());
+        let step = projector_step(&model, &pixels, &ex.prompt.ids, &slots, &labels)
+            .map_err(compute("training step"))?;
+        for (key, got) in [
+            ("train.loss", step.loss as f64),
+            ("train.projector_grad_norm", step.grad_norm),
+        ] {
+            if let Some(want) = reference.tensors.get(key) {
+                let want = f32s(want).map_err(compute(key))?;
+                let outcome = match want.first() {
+                    Some(&w) => Outcome::Compared {
+                        max_diff: (got - w as f64).abs(),
+                        tol: tols.for_key(key),
+                    },
+                    None => Outcome::Mismatch("empty reference tensor".into()),
+                };
+                out.push(KeyResult {
+                    key: key.to_string(),
+                    outcome,
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Recomputes every key of `reference` for `ckpt`, in a stable order.
@@ -428,15 +574,10 @@ pub fn verify(
             out.push(compare_ids("generate.greedy_ids", &got, &want));
         }
     }
-    for key in &keys {
-        if key.starts_with("train") {
-            out.push(KeyResult {
-                key: key.to_string(),
-                outcome: Outcome::Skipped(
-                    "training keys are checked by the training work (issue 3)".into(),
-                ),
-            });
-        }
+    if reference.get("train_labels").is_object() {
+        out.extend(verify_training(
+            ckpt, reference, &tok, &scheme, &decoded, tols,
+        )?);
     }
     Ok(out)
 }

@@ -55,8 +55,8 @@ impl SelfAttention {
         let q = split(self.q_proj.forward(xs)?, self.heads)?;
         let k = split(self.k_proj.forward(xs)?, self.kv_heads)?;
         let v = split(self.v_proj.forward(xs)?, self.kv_heads)?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let q = crate::layers::rope(&q, cos, sin)?;
+        let k = crate::layers::rope(&k, cos, sin)?;
         let (k, v) = cache.append(layer, &k, &v)?;
         let rep = self.heads / self.kv_heads;
         let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);

@@ -3,7 +3,7 @@
 //! [`Linear`] is an enum so that quantized and LoRA weights can join the dense one without
 //! another model copy (style guide §2).
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
 use crate::config::Activation;
@@ -34,6 +34,25 @@ impl Linear {
         match self {
             Linear::Dense(l) => l.forward(xs),
         }
+    }
+
+    /// `(weight, bias)`.
+    pub fn parameters(&self) -> (&Tensor, Option<&Tensor>) {
+        match self {
+            Linear::Dense(l) => (l.weight(), l.bias()),
+        }
+    }
+
+    /// A copy whose weight and bias are trainable `Var`s.
+    pub fn to_trainable(&self) -> Result<(Linear, Var, Option<Var>)> {
+        let (w, b) = self.parameters();
+        let w = Var::from_tensor(w)?;
+        let b = b.map(Var::from_tensor).transpose()?;
+        let l = candle_nn::Linear::new(
+            w.as_tensor().clone(),
+            b.as_ref().map(|b| b.as_tensor().clone()),
+        );
+        Ok((Linear::Dense(l), w, b))
     }
 }
 
@@ -102,6 +121,35 @@ pub fn attention(
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    probs.matmul(v)
+    probs_matmul(&softmax_last_dim(&scores)?, v)
+}
+
+fn probs_matmul(p: &Tensor, v: &Tensor) -> Result<Tensor> {
+    p.matmul(v)
+}
+
+/// Softmax over the last dimension. candle's fused kernel has no backward pass, so when
+/// gradients are tracked (training) the same math runs as differentiable primitives.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if xs.track_op() {
+        candle_nn::ops::softmax(xs, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(xs)
+    }
+}
+
+/// Rotary embedding in the non-interleaved (`rotate_half`) layout of HF LLaMA.
+/// `xs: (b, h, s, d)`, `cos/sin: (b, s, d/2)`. Differentiable when gradients are tracked
+/// (candle's fused kernel has no backward pass).
+pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !xs.track_op() {
+        return candle_nn::rotary_emb::rope(xs, cos, sin);
+    }
+    let half = xs.dim(D::Minus1)? / 2;
+    let x1 = xs.narrow(D::Minus1, 0, half)?;
+    let x2 = xs.narrow(D::Minus1, half, half)?;
+    let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+    let out1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let out2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    Tensor::cat(&[out1, out2], D::Minus1)
 }

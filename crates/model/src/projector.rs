@@ -1,7 +1,7 @@
 //! The multimodal projector (`model.mm_projector`, llava-hf's `multi_modal_projector`):
 //! maps CLIP features into the decoder's embedding space (llava-spec §1b).
 
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use crate::config::{Activation, ProjectorKind};
@@ -12,6 +12,8 @@ pub struct Projector {
     /// Linear layers in order; an activation sits between consecutive ones.
     linears: Vec<Linear>,
     activation: Activation,
+    /// `ProjectorKind::Linear` (keys without an index) rather than an MLP.
+    is_linear: bool,
 }
 
 impl Projector {
@@ -41,7 +43,37 @@ impl Projector {
         Ok(Self {
             linears,
             activation,
+            is_linear: kind == ProjectorKind::Linear,
         })
+    }
+
+    /// A copy with trainable weights, and those `Var`s named as in the checkpoint
+    /// (`0.weight`, `0.bias`, `2.weight`, … for an MLP; `weight`, `bias` for a linear one).
+    pub fn to_trainable(&self) -> Result<(Projector, Vec<(String, Var)>)> {
+        let mut linears = Vec::with_capacity(self.linears.len());
+        let mut vars = Vec::new();
+        let single = self.linears.len() == 1 && self.is_linear;
+        for (i, l) in self.linears.iter().enumerate() {
+            let (l, w, b) = l.to_trainable()?;
+            let prefix = if single {
+                String::new()
+            } else {
+                format!("{}.", 2 * i)
+            };
+            vars.push((format!("{prefix}weight"), w));
+            if let Some(b) = b {
+                vars.push((format!("{prefix}bias"), b));
+            }
+            linears.push(l);
+        }
+        Ok((
+            Projector {
+                linears,
+                activation: self.activation,
+                is_linear: self.is_linear,
+            },
+            vars,
+        ))
     }
 
     /// `xs: (…, vision_dim) → (…, hidden)`.

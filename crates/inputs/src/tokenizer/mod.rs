@@ -72,6 +72,10 @@ pub struct Tokenizer {
     special_ids: HashSet<u32>,
     /// Number of ids the tokenizer can produce (sentencepiece pieces plus added tokens).
     vocab_size: usize,
+    /// Whether text after a special token gets sentencepiece's dummy prefix (transformers'
+    /// `legacy` behaviour). When it does not (slow tokenizers with `legacy: false`), the
+    /// reference's training label arithmetic subtracts one per later round.
+    legacy: bool,
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>, TokenizerError> {
@@ -154,7 +158,12 @@ impl Tokenizer {
             .map(|(&i, _)| i)
             .collect();
         let vocab_size = tok.get_vocab_size(true);
+        // The 2023 tokenizer.json layout (Prepend + Replace normalizer) gives every segment
+        // after a special token its dummy prefix, i.e. it behaves like `legacy: true`
+        // whatever tokenizer_config.json says.
+        let legacy = true;
         Ok(Self {
+            legacy,
             backend: Backend::Fast(Box::new(tok)),
             bos_id,
             eos_id,
@@ -261,6 +270,7 @@ impl Tokenizer {
             .unwrap_or(0)
             .max(sp.vocab_size());
         Ok(Self {
+            legacy,
             backend: Backend::Slow(Box::new(SlowTokenizer {
                 sp,
                 added,
@@ -274,6 +284,11 @@ impl Tokenizer {
             special_ids,
             vocab_size,
         })
+    }
+
+    /// transformers' `legacy` flag.
+    pub fn is_legacy(&self) -> bool {
+        self.legacy
     }
 
     /// Number of distinct ids (the embedding rows a checkpoint needs at least).
