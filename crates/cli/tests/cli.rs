@@ -679,3 +679,62 @@ fn top_p_above_one_is_a_usage_error() {
         "{err}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Images from http(s) URLs
+
+/// Serves `body` once on a loopback port; returns the URL.
+fn serve_once(body: Vec<u8>) -> (String, std::thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/image.png", listener.local_addr().unwrap());
+    let handle = std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = listener.accept() {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    (url, handle)
+}
+
+#[test]
+fn an_image_url_gives_the_same_answer_as_the_file() {
+    let ckpt = checkpoint("llava-v1.5");
+    let file = image("wide_rgb.png");
+    let (url, server) = serve_once(std::fs::read(&file).unwrap());
+    let run = |img: &dyn AsRef<OsStr>| {
+        let mut cmd = command(&[
+            &"run",
+            &"--model",
+            &ckpt,
+            &"--image",
+            img,
+            &"--query",
+            &QUERY,
+            &"--temperature",
+            &"0",
+            &"--max-new-tokens",
+            &"6",
+            &"--json",
+        ]);
+        for var in [
+            "HTTP_PROXY",
+            "http_proxy",
+            "HTTPS_PROXY",
+            "https_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ] {
+            cmd.env_remove(var);
+        }
+        let o = cmd.stdin(Stdio::null()).output().unwrap();
+        assert_success(&o);
+        token_ids(&serde_json::from_str(stdout(&o).trim()).unwrap())
+    };
+    let from_url = run(&url);
+    server.join().unwrap();
+    assert_eq!(from_url, run(&file));
+}

@@ -696,3 +696,53 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    /// A few-colour image, so GIF's palette keeps every colour exactly.
+    fn sample() -> image::RgbImage {
+        image::RgbImage::from_fn(17, 11, |x, y| {
+            let c = [[200, 30, 40], [10, 220, 90], [0, 0, 255], [250, 250, 250]]
+                [((x / 4 + y / 3) % 4) as usize];
+            image::Rgb(c)
+        })
+    }
+
+    fn encode(img: &image::RgbImage, format: image::ImageFormat) -> Vec<u8> {
+        let mut buf = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgb8(img.clone())
+            .write_to(&mut buf, format)
+            .unwrap();
+        buf.into_inner()
+    }
+
+    #[test]
+    fn bmp_gif_webp_and_png_decode_to_the_same_rgb() {
+        let img = sample();
+        for format in [
+            image::ImageFormat::Png,
+            image::ImageFormat::Bmp,
+            image::ImageFormat::Gif,
+            image::ImageFormat::WebP,
+        ] {
+            let bytes = encode(&img, format);
+            let got = decode(&bytes, &format!("{format:?}")).unwrap();
+            assert_eq!((got.width, got.height), (17, 11), "{format:?}");
+            assert_eq!(got.data, img.as_raw().as_slice(), "{format:?}");
+        }
+    }
+
+    #[test]
+    fn palette_and_grey_alpha_convert_like_pillow() {
+        // LumaA: grey copied to three channels, alpha dropped (not composited).
+        let la = image::DynamicImage::ImageLumaA8(
+            image::ImageBuffer::from_raw(2, 1, vec![10, 0, 200, 255]).unwrap(),
+        );
+        let mut buf = std::io::Cursor::new(Vec::new());
+        la.write_to(&mut buf, image::ImageFormat::Png).unwrap();
+        let got = decode(buf.get_ref(), "la.png").unwrap();
+        assert_eq!(got.data, vec![10, 10, 10, 200, 200, 200]);
+    }
+}
