@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod locate;
+pub mod random;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

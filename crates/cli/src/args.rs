@@ -50,6 +50,62 @@ kollava verify --model ./llava-v1.5-7b --reference ./dump --tol image.=2\n\n\
 A dump is written by scripts/dump_reference.py (see scripts/README.md).\n\
 덤프는 scripts/dump_reference.py 로 만듭니다.")]
     Verify(VerifyArgs),
+    /// Write a random-weight checkpoint with real shapes — 실제 크기의 무작위 가중치 체크포인트 만들기
+    #[command(
+        after_help = "Architectures / 구조: llava-v0-7b, llava-1.5-7b, llava-1.5-13b, llava-mistral-7b, bench-1b, tiny\n\n\
+Examples / 예시:\n  \
+kollava init-random --arch bench-1b --out models/bench-1b\n  \
+kollava init-random --arch llava-1.5-7b --layout hf --dtype bf16 --out /data/llava-7b-random"
+    )]
+    InitRandom(InitRandomArgs),
+    /// Measure speed: preprocessing, vision, prefill, decode, memory — 속도 측정
+    #[command(after_help = "Examples / 예시:\n  \
+kollava bench --model models/bench-1b --threads 2 --repeat 5\n  \
+kollava bench --model tests/fixtures/llava-v1.5 --gen-tokens 16 --json")]
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitRandomArgs {
+    /// Architecture (see below) — 모델 구조
+    #[arg(long, value_parser = ["llava-v0-7b", "llava-1.5-7b", "llava-1.5-13b", "llava-mistral-7b", "bench-1b", "tiny"])]
+    pub arch: String,
+    /// Output directory (must not exist or be empty) — 출력 디렉터리
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Weight dtype on disk — 저장 자료형
+    #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16"])]
+    pub dtype: String,
+    /// Key layout: LLaVA's original or llava-hf (default: the architecture's) — 키 배치
+    #[arg(long, value_parser = ["original", "hf"])]
+    pub layout: Option<String>,
+    /// Random seed — 시드
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image (default: a built-in 336x336 test pattern) — 이미지
+    #[arg(short, long, value_name = "PATH|URL")]
+    pub image: Option<String>,
+    /// Pad the prompt (image rows included) to at least this many tokens — 프롬프트 길이
+    #[arg(long)]
+    pub prompt_tokens: Option<usize>,
+    /// Tokens to generate per run (EOS ignored) — 생성 토큰 수
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(2..))]
+    pub gen_tokens: u32,
+    /// Threads (default: all cores) — 스레드 수
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Timed runs after one warm-up; medians are reported — 반복 횟수
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
+    /// Print one JSON object — JSON 출력
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Which checkpoint to load.

@@ -34,6 +34,8 @@ fn run() -> anyhow::Result<ExitCode> {
         args::Command::Run(a) => commands::run::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Chat(a) => commands::chat::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Verify(a) => commands::verify::run(a),
+        args::Command::InitRandom(a) => commands::init_random::run(a).map(|_| ExitCode::SUCCESS),
+        args::Command::Bench(a) => commands::bench::run(a).map(|_| ExitCode::SUCCESS),
     }
 }
 

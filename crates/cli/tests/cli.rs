@@ -738,3 +738,74 @@ fn an_image_url_gives_the_same_answer_as_the_file() {
     server.join().unwrap();
     assert_eq!(from_url, run(&file));
 }
+
+// ---------------------------------------------------------------------------------------
+// init-random and bench
+
+#[test]
+fn init_random_writes_a_checkpoint_that_runs_in_both_layouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    for layout in ["original", "hf"] {
+        let out = tmp.path().join(layout);
+        let o = kollava(&[
+            &"init-random",
+            &"--arch",
+            &"tiny",
+            &"--layout",
+            &layout,
+            &"--out",
+            &out,
+        ]);
+        assert_success(&o);
+        let answer = run_json(&out, &["--temperature", "0"]);
+        assert_eq!(token_ids(&answer).len(), 8, "{layout}");
+    }
+    // An existing, non-empty directory is refused and left alone.
+    let o = kollava(&[
+        &"init-random",
+        &"--arch",
+        &"tiny",
+        &"--out",
+        &tmp.path().join("hf"),
+    ]);
+    assert_one_line_error(&o, &["not empty"]);
+}
+
+#[test]
+fn bench_json_reports_every_figure() {
+    let o = kollava(&[
+        &"bench",
+        &"--model",
+        &checkpoint("llava-v1.5"),
+        &"--gen-tokens",
+        &"3",
+        &"--repeat",
+        &"1",
+        &"--threads",
+        &"1",
+        &"--json",
+    ]);
+    assert_success(&o);
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    for key in [
+        "preprocess_ms",
+        "vision_ms",
+        "prefill_ms",
+        "prefill_tokens_per_s",
+        "time_to_first_token_ms",
+        "decode_tokens_per_s",
+        "peak_rss_mib",
+        "decode_bytes_per_token",
+        "memory_bandwidth_gb_s",
+        "roofline_tokens_per_s",
+        "roofline_fraction",
+    ] {
+        assert!(
+            v[key].as_f64().is_some_and(|x| x.is_finite() && x > 0.0),
+            "{key}: {}",
+            v[key]
+        );
+    }
+    assert_eq!(v["gen_tokens"], 3);
+    assert_eq!(v["threads"], 1);
+}

@@ -3,4 +3,5 @@
 //! reports each key's difference. It loads models through `checkpoint` like every other
 //! entry point.
 
+pub mod bench;
 pub mod verify;

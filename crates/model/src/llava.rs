@@ -72,6 +72,10 @@ impl Llava {
         slots: &[Range<usize>],
         features: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let vocab = self.cfg.decoder.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            candle_core::bail!("token id {bad} is outside the model's vocabulary of {vocab}: the tokenizer and the checkpoint disagree");
+        }
         let device = self.decoder.embed_tokens_device();
         let ids_t = Tensor::new(ids, device)?.unsqueeze(0)?;
         let text = self.decoder.embed(&ids_t)?; // (1, L, h)

@@ -1,5 +1,7 @@
 //! One file per subcommand: wiring only.
 
+pub mod bench;
 pub mod chat;
+pub mod init_random;
 pub mod run;
 pub mod verify;
