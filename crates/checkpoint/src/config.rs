@@ -126,8 +126,21 @@ pub fn detect_family(raw: &RawLlavaConfig, file: &str) -> Result<Family, Checkpo
     let archs = raw.architectures.clone().unwrap_or_default();
     let has = |a: &str| archs.iter().any(|x| x == a);
     let model_type = raw.model_type.as_deref().unwrap_or("");
+    if archs
+        .iter()
+        .any(|a| a.starts_with("LlavaNext") || a.starts_with("LlavaOnevision"))
+        || raw_has_grid(raw)
+    {
+        return Err(CheckpointError::Unsupported {
+            file: file.to_string(),
+            what: format!("LLaVA-1.6/NeXT checkpoints ({archs:?}; anyres is out of scope)"),
+        });
+    }
     if has("LlavaForConditionalGeneration")
-        || (raw.text_config.is_some() && raw.vision_config.is_some())
+        || (archs.is_empty()
+            && model_type == "llava"
+            && raw.text_config.is_some()
+            && raw.vision_config.is_some())
     {
         return Ok(Family::LlavaHf);
     }
@@ -163,12 +176,46 @@ pub fn detect_family(raw: &RawLlavaConfig, file: &str) -> Result<Family, Checkpo
     })
 }
 
-fn need<T: Copy>(v: Option<T>, key: &str, file: &str) -> Result<T, CheckpointError> {
-    v.ok_or_else(|| CheckpointError::MissingKey {
-        file: file.to_string(),
-        key: key.to_string(),
-    })
+/// LLaVA-1.6 configs carry `image_grid_pinpoints` (anyres).
+fn raw_has_grid(raw: &RawLlavaConfig) -> bool {
+    raw.image_aspect_ratio.as_deref() == Some("anyres")
 }
+
+/// Defaults for keys a saved config may omit. transformers writes nested configs as a
+/// diff against their class defaults, so llava-hf's `text_config` of llava-1.5-7b has no
+/// `hidden_size` at all: these are `LlamaConfig`'s and `MistralConfig`'s defaults
+/// (transformers v4.37 `configuration_llama.py` / `configuration_mistral.py`).
+struct DecoderDefaults {
+    vocab: usize,
+    hidden: usize,
+    intermediate: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: Option<usize>,
+    max_positions: usize,
+    sliding_window: Option<usize>,
+}
+
+const LLAMA_DEFAULTS: DecoderDefaults = DecoderDefaults {
+    vocab: 32000,
+    hidden: 4096,
+    intermediate: 11008,
+    layers: 32,
+    heads: 32,
+    kv_heads: None,
+    max_positions: 2048,
+    sliding_window: None,
+};
+const MISTRAL_DEFAULTS: DecoderDefaults = DecoderDefaults {
+    vocab: 32000,
+    hidden: 4096,
+    intermediate: 14336,
+    layers: 32,
+    heads: 32,
+    kv_heads: Some(8),
+    max_positions: 4096 * 32,
+    sliding_window: Some(4096),
+};
 
 /// The decoder part of a config (the top level, or llava-hf's `text_config`).
 pub fn resolve_decoder(
@@ -182,8 +229,46 @@ pub fn resolve_decoder(
             what: format!("rope_scaling {s}"),
         });
     }
-    let hidden = need(raw.hidden_size, "hidden_size", file)?;
-    let heads = need(raw.num_attention_heads, "num_attention_heads", file)?;
+    let model_type = raw.model_type.as_deref().unwrap_or("llama");
+    let defaults = match model_type {
+        "mistral" | "llava_mistral" => &MISTRAL_DEFAULTS,
+        "llama" | "llava" | "llava_llama" => &LLAMA_DEFAULTS,
+        other => {
+            return Err(CheckpointError::Unsupported {
+                file: file.to_string(),
+                what: format!("language model type {other:?} (supported: llama, mistral)"),
+            })
+        }
+    };
+    let invalid = |what: String| CheckpointError::Invalid {
+        file: file.to_string(),
+        what,
+    };
+    let hidden = raw.hidden_size.unwrap_or(defaults.hidden);
+    let heads = raw.num_attention_heads.unwrap_or(defaults.heads);
+    let kv_heads = raw
+        .num_key_value_heads
+        .or(defaults.kv_heads)
+        .unwrap_or(heads);
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(invalid(format!(
+            "attention heads: {heads} query heads cannot share {kv_heads} key/value heads"
+        )));
+    }
+    let head_dim = match raw.head_dim {
+        Some(d) => d,
+        None if hidden.is_multiple_of(heads) => hidden / heads,
+        None => {
+            return Err(invalid(format!(
+                "hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+            )))
+        }
+    };
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(invalid(format!(
+            "head_dim {head_dim} (rotary embeddings need an even, non-zero size)"
+        )));
+    }
     let rope_theta = raw
         .rope_theta
         .or_else(|| {
@@ -193,26 +278,27 @@ pub fn resolve_decoder(
                 .and_then(Value::as_f64)
         })
         .unwrap_or(10000.0);
+    let sliding_window = if family == Family::LlavaMistral || model_type == "mistral" {
+        raw.sliding_window.or(defaults.sliding_window)
+    } else {
+        None
+    };
     Ok(DecoderConfig {
-        vocab_size: need(raw.vocab_size, "vocab_size", file)?,
+        vocab_size: raw.vocab_size.unwrap_or(defaults.vocab),
         hidden_size: hidden,
-        intermediate_size: need(raw.intermediate_size, "intermediate_size", file)?,
-        num_hidden_layers: need(raw.num_hidden_layers, "num_hidden_layers", file)?,
+        intermediate_size: raw.intermediate_size.unwrap_or(defaults.intermediate),
+        num_hidden_layers: raw.num_hidden_layers.unwrap_or(defaults.layers),
         num_attention_heads: heads,
-        num_key_value_heads: raw.num_key_value_heads.unwrap_or(heads),
-        head_dim: raw.head_dim.unwrap_or(hidden / heads.max(1)),
+        num_key_value_heads: kv_heads,
+        head_dim,
         rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
         rope_theta,
         // LLaMA-1 era configs carry `max_sequence_length` only.
         max_position_embeddings: raw
             .max_position_embeddings
             .or(raw.max_sequence_length)
-            .unwrap_or(2048),
-        sliding_window: if family == Family::LlavaMistral {
-            raw.sliding_window
-        } else {
-            None
-        },
+            .unwrap_or(defaults.max_positions),
+        sliding_window,
         attention_bias: raw.attention_bias.unwrap_or(false),
         mlp_bias: raw.mlp_bias.unwrap_or(false),
         hidden_act: parse_activation(raw.hidden_act.as_deref().unwrap_or("silu"), file)?,
@@ -220,20 +306,35 @@ pub fn resolve_decoder(
     })
 }
 
-/// The vision config of a CLIP checkpoint or of llava-hf's `vision_config`.
+/// The vision config of a CLIP checkpoint or of llava-hf's `vision_config`. Missing keys
+/// take `CLIPVisionConfig`'s defaults (transformers v4.37 `configuration_clip.py`), since
+/// nested configs are saved as a diff against them.
 pub fn resolve_clip(raw: &RawClipConfig, file: &str) -> Result<ClipVisionConfig, CheckpointError> {
     let v = raw.vision_config.as_deref().unwrap_or(raw);
+    let invalid = |what: String| CheckpointError::Invalid {
+        file: file.to_string(),
+        what,
+    };
+    let hidden = v.hidden_size.unwrap_or(768);
+    let heads = v.num_attention_heads.unwrap_or(12);
+    let (image_size, patch_size) = (v.image_size.unwrap_or(224), v.patch_size.unwrap_or(32));
+    if heads == 0 || !hidden.is_multiple_of(heads) {
+        return Err(invalid(format!(
+            "vision hidden_size {hidden} is not a multiple of {heads} heads"
+        )));
+    }
+    if patch_size == 0 || !image_size.is_multiple_of(patch_size) {
+        return Err(invalid(format!(
+            "vision image_size {image_size} is not a multiple of patch_size {patch_size}"
+        )));
+    }
     Ok(ClipVisionConfig {
-        hidden_size: need(v.hidden_size, "vision_config.hidden_size", file)?,
-        intermediate_size: need(v.intermediate_size, "vision_config.intermediate_size", file)?,
-        num_attention_heads: need(
-            v.num_attention_heads,
-            "vision_config.num_attention_heads",
-            file,
-        )?,
-        num_hidden_layers: need(v.num_hidden_layers, "vision_config.num_hidden_layers", file)?,
-        image_size: v.image_size.unwrap_or(224),
-        patch_size: v.patch_size.unwrap_or(32),
+        hidden_size: hidden,
+        intermediate_size: v.intermediate_size.unwrap_or(3072),
+        num_attention_heads: heads,
+        num_hidden_layers: v.num_hidden_layers.unwrap_or(12),
+        image_size,
+        patch_size,
         num_channels: v.num_channels.unwrap_or(3),
         layer_norm_eps: v.layer_norm_eps.unwrap_or(1e-5),
         hidden_act: parse_activation(v.hidden_act.as_deref().unwrap_or("quick_gelu"), file)?,
@@ -463,6 +564,64 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("qformer") && err.contains("cfg.json"), "{err}");
+    }
+
+    #[test]
+    fn sparse_hub_configs_take_transformers_defaults() {
+        // llava-hf/llava-1.5-7b-hf's config.json as published: text_config and
+        // vision_config only list what differs from LlamaConfig / CLIPVisionConfig.
+        let raw: RawLlavaConfig = serde_json::from_str(
+            r#"{"architectures":["LlavaForConditionalGeneration"],"model_type":"llava","image_token_index":32000,
+                "projector_hidden_act":"gelu","vision_feature_layer":-2,"vision_feature_select_strategy":"default",
+                "text_config":{"_name_or_path":"lmsys/vicuna-7b-v1.5","architectures":["LlamaForCausalLM"],
+                    "max_position_embeddings":4096,"model_type":"llama","rms_norm_eps":1e-05,"torch_dtype":"float16","vocab_size":32064},
+                "vision_config":{"hidden_size":1024,"image_size":336,"intermediate_size":4096,"model_type":"clip_vision_model",
+                    "num_attention_heads":16,"num_hidden_layers":24,"patch_size":14,"projection_dim":768,"vocab_size":32000},
+                "vocab_size":32064}"#,
+        )
+        .unwrap();
+        assert_eq!(detect_family(&raw, "c").unwrap(), Family::LlavaHf);
+        let vision = resolve_clip(raw.vision_config.as_ref().unwrap(), "c").unwrap();
+        let cfg = resolve_model(&raw, Family::LlavaHf, vision, "c").unwrap();
+        assert_eq!(
+            (
+                cfg.decoder.hidden_size,
+                cfg.decoder.num_hidden_layers,
+                cfg.decoder.intermediate_size
+            ),
+            (4096, 32, 11008)
+        );
+        assert_eq!(
+            (
+                cfg.decoder.num_key_value_heads,
+                cfg.decoder.head_dim,
+                cfg.decoder.vocab_size
+            ),
+            (32, 128, 32064)
+        );
+        assert_eq!((cfg.image_tokens(), cfg.vision_layers_used), (576, 23));
+    }
+
+    #[test]
+    fn impossible_head_counts_are_invalid_not_a_panic() {
+        let raw: RawLlavaConfig =
+            serde_json::from_str(r#"{"hidden_size":100,"num_attention_heads":3}"#).unwrap();
+        let err = resolve_decoder(&raw, Family::Llava15, "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("config.json") && err.contains("100"), "{err}");
+        let raw: RawLlavaConfig =
+            serde_json::from_str(r#"{"num_attention_heads":32,"num_key_value_heads":5}"#).unwrap();
+        assert!(resolve_decoder(&raw, Family::Llava15, "c").is_err());
+    }
+
+    #[test]
+    fn llava_next_is_refused_by_name() {
+        let raw: RawLlavaConfig = serde_json::from_str(r#"{"architectures":["LlavaNextForConditionalGeneration"],"model_type":"llava_next","text_config":{},"vision_config":{}}"#).unwrap();
+        assert!(detect_family(&raw, "c")
+            .unwrap_err()
+            .to_string()
+            .contains("NeXT"));
     }
 
     #[test]

@@ -325,11 +325,30 @@ impl Checkpoint {
         }
     }
 
+    /// Strings that end an answer with `template`: its own stop string, plus `###` for the
+    /// 1.5-style families, whose reference CLI (KoLLaVA fork-HEAD `llava/serve/cli.py`)
+    /// always stops there. KoLLaVA-v1.5-Synatra was trained in the `###` format and emits
+    /// it whatever template it is prompted with (llava-spec §1c, §6.2).
+    pub fn stop_strings(&self, template: &kollava_inputs::template::Template) -> Vec<String> {
+        let mut stops = vec![template.stop_string().to_string()];
+        if matches!(self.family, Family::Llava15 | Family::LlavaMistral) {
+            stops.push("###".into());
+        }
+        stops.retain(|s| !s.is_empty());
+        stops.dedup();
+        stops
+    }
+
     /// Loads the weights, upcast to `dtype` (f32 on CPU).
     pub fn load_model(&self, dtype: DType, device: &Device) -> Result<Llava, CheckpointError> {
         let files = weights::find_weights(&self.dir)?;
         let layout = weights::KeyLayout::detect(&files.names);
-        let vb = weights::var_builder(&files, dtype, device, "")?;
+        // LLaVA's trainer saves a copy of the tower under `model.vision_tower.`; upstream
+        // ignores it and so do we (the tower comes from `mm_vision_tower`).
+        let skip_tower_copy = layout == weights::KeyLayout::Llava;
+        let vb = weights::var_builder_filtered(&files, dtype, device, &|name: &str| {
+            !(skip_tower_copy && name.starts_with("model.vision_tower."))
+        })?;
         let llm = vb.clone().rename_f(move |name| layout.llm_key(name));
         let vision = match &self.vision_dir {
             Some(dir) => {
@@ -357,5 +376,55 @@ impl Checkpoint {
                 load_err("language model", &self.dir)(e)
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kollava_inputs::template::Template;
+
+    fn fixture(name: &str) -> Checkpoint {
+        open(
+            kollava_testkit::checkpoint_dir(name).to_str().unwrap(),
+            &OpenOptions::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn reference_template_choice_per_fixture() {
+        // June-2023 run_llava: no "v1" in "llava-v0" → multimodal; fork-HEAD CLI: "v1" → llava_v1.
+        assert_eq!(fixture("llava-v0").default_template(), "multimodal");
+        assert_eq!(fixture("llava-v1.5").default_template(), "llava_v1");
+        assert_eq!(fixture("llava-hf").default_template(), "llava_hf");
+    }
+
+    #[test]
+    fn kollava_1_5_style_models_also_stop_on_hashes() {
+        let v15 = fixture("llava-v1.5");
+        let t = Template::by_name("llava_v1").unwrap();
+        assert_eq!(
+            v15.stop_strings(&t),
+            vec!["</s>".to_string(), "###".to_string()]
+        );
+        let mistral = fixture("llava-mistral");
+        let t = Template::by_name("mistral").unwrap();
+        assert_eq!(
+            mistral.stop_strings(&t),
+            vec!["<|im_end|>".to_string(), "###".to_string()]
+        );
+        let v0 = fixture("llava-v0");
+        let t = Template::by_name("multimodal").unwrap();
+        assert_eq!(v0.stop_strings(&t), vec!["###".to_string()]);
+    }
+
+    #[test]
+    fn symlinked_checkpoints_keep_the_name_the_user_typed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let link = tmp.path().join("llava-v1.5-7b");
+        std::os::unix::fs::symlink(kollava_testkit::checkpoint_dir("llava-v1.5"), &link).unwrap();
+        let c = open(link.to_str().unwrap(), &OpenOptions::default()).unwrap();
+        assert_eq!(c.name, "llava-v1.5-7b");
     }
 }

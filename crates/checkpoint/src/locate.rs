@@ -93,7 +93,19 @@ pub fn hub_snapshot(repo: &str) -> Option<PathBuf> {
 /// LLaVA's `get_model_name_from_path`: the last component, or `parent_checkpoint-N` for a
 /// trainer's `checkpoint-N` directory.
 pub fn model_name_from_path(path: &Path) -> String {
-    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    // The path as typed, as Python splits the string: a symlink to a hub snapshot keeps its
+    // readable name. Only paths without a usable last component (`.`, `..`, a bare
+    // `checkpoint-N`) are resolved.
+    let typed_ok = path.file_name().is_some()
+        && !(path
+            .file_name()
+            .is_some_and(|f| f.to_string_lossy().starts_with("checkpoint-"))
+            && path.parent().and_then(Path::file_name).is_none());
+    let canonical = if typed_ok {
+        path.to_path_buf()
+    } else {
+        path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
+    };
     let last = canonical
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())

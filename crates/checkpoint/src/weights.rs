@@ -141,27 +141,180 @@ pub fn find_weights(dir: &Path) -> Result<WeightFiles, CheckpointError> {
     })
 }
 
+/// Where one tensor's bytes are in a safetensors file.
+#[derive(Debug, Clone)]
+struct TensorLoc {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: u64,
+    end: u64,
+}
+
+fn safetensors_dtype(name: &str) -> Option<DType> {
+    Some(match name {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "F64" => DType::F64,
+        "I64" => DType::I64,
+        "U32" => DType::U32,
+        "U8" => DType::U8,
+        _ => return None,
+    })
+}
+
+/// Reads a safetensors header (never the data) and checks every tensor lies in the file.
+fn read_header(
+    path: &Path,
+    file_index: usize,
+) -> Result<HashMap<String, TensorLoc>, CheckpointError> {
+    use std::io::Read;
+    let bad = |reason: String| CheckpointError::Weights {
+        file: path.display().to_string(),
+        reason,
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| CheckpointError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let file_len = f.metadata().map_err(|e| bad(e.to_string()))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| bad("truncated: no safetensors header".into()))?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 || 8 + n > file_len {
+        return Err(bad(format!(
+            "header of {n} bytes does not fit in a file of {file_len} bytes"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
+    let entries = json
+        .as_object()
+        .ok_or_else(|| bad("bad header: not an object".into()))?;
+    let data_start = 8 + n;
+    let mut out = HashMap::new();
+    for (name, v) in entries {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype_name = v["dtype"].as_str().unwrap_or("?");
+        let dtype = safetensors_dtype(dtype_name)
+            .ok_or_else(|| bad(format!("{name}: unsupported dtype {dtype_name}")))?;
+        let shape: Vec<usize> = v["shape"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64().map(|x| x as usize))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let offs: Vec<u64> = v["data_offsets"]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
+            .unwrap_or_default();
+        let [begin, end] = offs[..] else {
+            return Err(bad(format!("{name}: bad data_offsets")));
+        };
+        let numel: usize = shape.iter().product();
+        if end < begin
+            || (end - begin) as usize != numel * dtype.size_in_bytes()
+            || data_start + end > file_len
+        {
+            return Err(bad(format!("{name}: data {begin}..{end} does not match its shape {shape:?} or the file is truncated ({file_len} bytes)")));
+        }
+        out.insert(
+            name.clone(),
+            TensorLoc {
+                file: file_index,
+                dtype,
+                shape,
+                start: data_start + begin,
+                end: data_start + end,
+            },
+        );
+    }
+    Ok(out)
+}
+
 fn safetensors_names(path: &Path) -> Result<BTreeSet<String>, CheckpointError> {
-    let file = std::fs::File::open(path).map_err(|e| CheckpointError::Io {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    // SAFETY: the mapping is read-only and lives only for this function; a file truncated
-    // underneath us is reported by safetensors' header checks, not read out of bounds.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| CheckpointError::Io {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    let (_, meta) =
-        safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| CheckpointError::Weights {
-            file: path.display().to_string(),
-            reason: e.to_string(),
+    Ok(read_header(path, 0)?.into_keys().collect())
+}
+
+/// A `VarBuilder` backend that reads each tensor with a positioned read and converts it
+/// on the spot. Unlike a memory map, the raw bytes never stay resident: loading peaks at
+/// the final model plus one tensor, which keeps f16 → f32 upcasts inside the memory budget.
+struct SafetensorsFiles {
+    files: Vec<(PathBuf, std::fs::File)>,
+    index: HashMap<String, TensorLoc>,
+}
+
+impl SafetensorsFiles {
+    fn open(paths: &[PathBuf]) -> Result<Self, CheckpointError> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            index.extend(read_header(p, i)?);
+            let f = std::fs::File::open(p).map_err(|e| CheckpointError::Io {
+                path: p.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            files.push((p.clone(), f));
+        }
+        Ok(Self { files, index })
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for SafetensorsFiles {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        use std::os::unix::fs::FileExt;
+        let loc = self.index.get(name).ok_or_else(|| {
+            candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            }
+            .bt()
         })?;
-    Ok(meta.tensors().keys().cloned().collect())
+        let (path, file) = &self.files[loc.file];
+        let mut buf = vec![0u8; (loc.end - loc.start) as usize];
+        file.read_exact_at(&mut buf, loc.start).map_err(|e| {
+            candle_core::Error::Msg(format!("reading {name} from {}: {e}", path.display()))
+        })?;
+        let t = Tensor::from_raw_buffer(&buf, loc.dtype, &loc.shape, &Device::Cpu)?;
+        drop(buf);
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
 }
 
 /// A `VarBuilder` over the files, converting every tensor to `dtype` when it is fetched.
-/// Safetensors stay memory-mapped; pickles are read into memory once, keeping only names
+/// Safetensors are read tensor by tensor (positioned reads, no resident copy); pickles are read into memory once, keeping only names
 /// that start with `keep_prefix` (a CLIP repo's `text_model.*` is never needed) and
 /// skipping the `rotary_emb.inv_freq` buffers old checkpoints carry.
 pub fn var_builder(
@@ -170,24 +323,26 @@ pub fn var_builder(
     device: &Device,
     keep_prefix: &str,
 ) -> Result<VarBuilder<'static>, CheckpointError> {
+    var_builder_filtered(w, dtype, device, &|name: &str| {
+        name.starts_with(keep_prefix)
+    })
+}
+
+/// [`var_builder`] keeping the pickled tensors whose name passes `keep`.
+pub fn var_builder_filtered(
+    w: &WeightFiles,
+    dtype: DType,
+    device: &Device,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<VarBuilder<'static>, CheckpointError> {
     match w.format {
         WeightFormat::Safetensors => {
-            for f in &w.files {
-                // Validate headers up front so a truncated shard names itself.
-                safetensors_names(f)?;
-            }
-            // SAFETY: the files are opened read-only and must not be modified while the
-            // model is loaded; this is the usual contract of memory-mapped checkpoints.
-            unsafe { VarBuilder::from_mmaped_safetensors(&w.files, dtype, device) }.map_err(|e| {
-                CheckpointError::Weights {
-                    file: w
-                        .files
-                        .first()
-                        .map(|f| f.display().to_string())
-                        .unwrap_or_default(),
-                    reason: candle_reason(&e),
-                }
-            })
+            let backend = SafetensorsFiles::open(&w.files)?;
+            Ok(VarBuilder::from_backend(
+                Box::new(backend),
+                dtype,
+                device.clone(),
+            ))
         }
         WeightFormat::PytorchPickle => {
             let mut map: HashMap<String, Tensor> = HashMap::new();
@@ -199,7 +354,7 @@ pub fn var_builder(
                     }
                 })?;
                 for (name, t) in tensors {
-                    if name.starts_with(keep_prefix) && !name.ends_with("rotary_emb.inv_freq") {
+                    if keep(&name) && !name.ends_with("rotary_emb.inv_freq") {
                         // Convert shard by shard so that peak memory stays near the final
                         // size (one shard's raw tensors on top), not raw + converted.
                         let t = t.to_dtype(dtype).map_err(|e| CheckpointError::Weights {

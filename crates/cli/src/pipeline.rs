@@ -145,17 +145,6 @@ impl Loaded {
         }
     }
 
-    /// Strings that end an answer: the template's, plus `###` for KoLLaVA's `mistral`
-    /// template (Synatra was trained in the `###` format and emits it; llava-spec §1c).
-    pub fn stop_strings(&self) -> Vec<String> {
-        let mut stops = vec![self.template.stop_string().to_string()];
-        if self.template.name == "mistral" {
-            stops.push("###".into());
-        }
-        stops.retain(|s| !s.is_empty());
-        stops
-    }
-
     /// Generates the assistant's next message for `conv` (whose last message is the
     /// assistant's `None`), with one image per `<image>` in the conversation.
     pub fn answer(
@@ -214,15 +203,27 @@ impl Loaded {
             .embed_with_images(&p.ids, &slots, features.as_ref())?;
         timings.vision_ms = t.elapsed().as_secs_f64() * 1e3;
 
+        let mut eos_ids = if self.ckpt.eos_ids.is_empty() {
+            vec![self.tok.eos_id]
+        } else {
+            self.ckpt.eos_ids.clone()
+        };
+        let mut stop_strings = Vec::new();
+        for s in self.ckpt.stop_strings(&self.template) {
+            // A stop string that is one special token (`</s>`, an added `<|im_end|>`) never
+            // shows up in text decoded without special tokens: stop on its id instead.
+            match self.tok.encode(&s).ok().as_deref() {
+                Some([bos, id]) if *bos == self.tok.bos_id && self.tok.is_special(*id) => {
+                    eos_ids.push(*id)
+                }
+                _ => stop_strings.push(s),
+            }
+        }
         let opts = GenerateOptions {
             sampling: sampling_params(sampling)?,
             max_new_tokens: sampling.max_new_tokens as usize,
-            eos_ids: if self.ckpt.eos_ids.is_empty() {
-                vec![self.tok.eos_id]
-            } else {
-                self.ckpt.eos_ids.clone()
-            },
-            stop_strings: self.stop_strings(),
+            eos_ids,
+            stop_strings,
             context_len: context,
         };
         let generation =

@@ -186,15 +186,13 @@ impl Decoder {
     /// → final-normed hidden states `(b, s, hidden)`.
     pub fn forward(&self, xs: &Tensor, valid: &[usize], cache: &mut KvCache) -> Result<Tensor> {
         let (b, s, _) = xs.dims3()?;
-        let (positions, mask) = cache.begin_step(valid, s, self.cfg.sliding_window, xs.device())?;
-        if let Some(&last) = positions.iter().max() {
-            if last as usize >= self.cfg.max_position_embeddings {
-                candle_core::bail!(
-                    "position {last} is beyond the model's context of {} tokens",
-                    self.cfg.max_position_embeddings
-                );
-            }
-        }
+        let (positions, mask) = cache.begin_step(
+            valid,
+            s,
+            self.cfg.sliding_window,
+            self.cfg.max_position_embeddings,
+            xs.device(),
+        )?;
         let pos = Tensor::from_vec(positions, (b, s), xs.device())?.to_dtype(DType::F32)?;
         let freqs = pos
             .unsqueeze(2)?

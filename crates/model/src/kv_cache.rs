@@ -48,6 +48,7 @@ impl KvCache {
         valid: &[usize],
         seq: usize,
         window: Option<usize>,
+        max_positions: usize,
         device: &Device,
     ) -> Result<(Vec<u32>, Tensor)> {
         if valid.len() != self.slots.len() {
@@ -56,6 +57,16 @@ impl KvCache {
                 valid.len(),
                 self.slots.len()
             );
+        }
+        // Check before touching the cache, so a refused step leaves it usable.
+        for (r, &n) in valid.iter().enumerate() {
+            let end = self.next_position(r) + n;
+            if end > max_positions {
+                candle_core::bail!(
+                    "position {} is beyond the model's context of {max_positions} tokens",
+                    end - 1
+                );
+            }
         }
         let mut positions = Vec::with_capacity(valid.len() * seq);
         for (r, &n) in valid.iter().enumerate() {

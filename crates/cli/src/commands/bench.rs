@@ -58,6 +58,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     let mut p = build(&query)?;
     if let Some(target) = args.prompt_tokens {
+        if target + args.gen_tokens as usize > loaded.ckpt.context_len {
+            anyhow::bail!(
+                "--prompt-tokens {target} + --gen-tokens {} exceed the model's context of {}",
+                args.gen_tokens,
+                loaded.ckpt.context_len
+            );
+        }
         while p.spliced_len(n) < target {
             query.push_str(" Please answer carefully.");
             p = build(&query)?;

@@ -309,6 +309,11 @@ impl Tokenizer {
         }
     }
 
+    /// Whether `decode(…, skip_special = true)` drops this id.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special_ids.contains(&id)
+    }
+
     /// The id of a token string, such as `<im_patch>` or `<image>`.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         match &self.backend {
