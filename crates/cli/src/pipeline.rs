@@ -92,7 +92,12 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     let device = Device::cuda_if_available(0)?;
     #[cfg(not(feature = "cuda"))]
     let device = Device::Cpu;
-    let model = ckpt.load_model(DType::F32, &device)?;
+    let dtype = if args.dtype == "f16" {
+        DType::F16
+    } else {
+        DType::F32
+    };
+    let model = ckpt.load_model(dtype, &device)?;
     Ok(Loaded {
         ckpt,
         tok,

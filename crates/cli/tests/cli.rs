@@ -809,3 +809,19 @@ fn bench_json_reports_every_figure() {
     assert_eq!(v["gen_tokens"], 3);
     assert_eq!(v["threads"], 1);
 }
+
+#[test]
+fn f16_weights_give_the_same_greedy_start_as_f32() {
+    // f16 is opt-in (memory and decode speed); the first tokens must not change on any
+    // family, and overall most positions agree (random tiny models have near-ties).
+    let (mut same, mut total) = (0, 0);
+    for name in ["llava-v0", "llava-v1.5", "llava-hf", "llava-mistral"] {
+        let ckpt = checkpoint(name);
+        let f32_ids = token_ids(&run_json(&ckpt, &["--temperature", "0", "--dtype", "f32"]));
+        let f16_ids = token_ids(&run_json(&ckpt, &["--temperature", "0", "--dtype", "f16"]));
+        assert_eq!(f32_ids[..4], f16_ids[..4], "{name}");
+        same += f32_ids.iter().zip(&f16_ids).filter(|(a, b)| a == b).count();
+        total += f32_ids.len();
+    }
+    assert!(same * 4 >= total * 3, "{same}/{total} positions agree");
+}

@@ -118,7 +118,9 @@ impl ClipVision {
     /// The selected hidden state. `pixels: (b, 3, S, S) → (b, N, vision_hidden)`, with
     /// `N = (S/patch)²` (+1 with `ClsPatch`).
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
-        let patches = self.patch_embedding.forward(pixels)?; // (b, h, g, g)
+        // Pixels come as f32; the reference casts them to the tower's dtype.
+        let pixels = pixels.to_dtype(self.class_embedding.dtype())?;
+        let patches = self.patch_embedding.forward(&pixels)?; // (b, h, g, g)
         let (b, h, _, _) = patches.dims4()?;
         let patches = patches.flatten_from(2)?.transpose(1, 2)?; // (b, g², h)
         let cls = self

@@ -172,6 +172,11 @@ impl Decoder {
         &self.cfg
     }
 
+    /// The weights' dtype.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.embeddings().dtype()
+    }
+
     pub(crate) fn embed_tokens_device(&self) -> &candle_core::Device {
         self.embed_tokens.embeddings().device()
     }

@@ -60,7 +60,13 @@ impl Llava {
 
     /// `pixels: (n, 3, S, S) → (n, N, hidden)`: image features in embedding space.
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
-        self.projector.forward(&self.vision_features(pixels)?)
+        let features = self.vision_features(pixels)?;
+        self.projector.forward(&features.to_dtype(self.dtype())?)
+    }
+
+    /// The language model's weight dtype.
+    pub fn dtype(&self) -> candle_core::DType {
+        self.decoder.dtype()
     }
 
     /// Input embeddings of one sequence with image features spliced in.

@@ -133,14 +133,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let prefill_tps = prompt_len as f64 / (prefill_ms / 1e3);
     // Read before the bandwidth probe, whose buffers would count.
     let rss = peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64);
-    let bytes_per_token = decoder_bytes_per_token(&loaded.model.config().decoder, 4.0);
+    let dtype_bytes = loaded.model.dtype().size_in_bytes() as f64;
+    let bytes_per_token = decoder_bytes_per_token(&loaded.model.config().decoder, dtype_bytes);
     let bandwidth = memory_bandwidth(threads, 3);
     let roofline_tps = bandwidth / bytes_per_token;
     let json = serde_json::json!({
         "model": loaded.ckpt.dir.display().to_string(),
         "family": loaded.ckpt.family.name(),
         "parameters": parameter_count(loaded.model.config()),
-        "weights_dtype": "f32",
+        "weights_dtype": format!("{:?}", loaded.model.dtype()).to_lowercase(),
         "threads": threads,
         "repeat": args.repeat,
         "prompt_tokens": prompt_len,
@@ -166,10 +167,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "model        {} ({}, {:.2} B params, f32, {threads} threads)",
+        "model        {} ({}, {:.2} B params, {:?} language model, {threads} threads)",
         loaded.ckpt.dir.display(),
         loaded.ckpt.family.name(),
-        parameter_count(loaded.model.config()) / 1e9
+        parameter_count(loaded.model.config()) / 1e9,
+        loaded.model.dtype()
     )?;
     writeln!(
         out,
