@@ -568,7 +568,7 @@ pub fn verify(
                 stop_strings: Vec::new(),
                 context_len: usize::MAX,
             };
-            let g = kollava_generate::generate(&model, &tok, &embeds, &p.ids, &opts, &mut |_| {})
+            let g = kollava_generate::generate(&model, &tok, &embeds, &p.ids, &opts, &mut |_| true)
                 .map_err(compute("greedy generation"))?;
             let got: Vec<i64> = g.ids.iter().map(|&i| i as i64).collect();
             out.push(compare_ids("generate.greedy_ids", &got, &want));

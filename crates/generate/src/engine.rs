@@ -18,6 +18,8 @@ pub enum StopReason {
     MaxTokens,
     /// The sequence reached the model's context length.
     Context,
+    /// The caller's `on_text` asked to stop (e.g. the client disconnected).
+    Cancelled,
 }
 
 #[derive(Debug, Clone)]
@@ -106,14 +108,14 @@ fn last_logits(model: &Llava, hidden: &Tensor) -> Result<Vec<f32>> {
 
 /// Generates an answer for one sequence. `embeds: (1, L, hidden)` is the prompt with image
 /// features spliced in; `context_ids` feed the repetition penalty; `on_text` receives
-/// each completed piece of text.
+/// each completed piece of text and returns `false` to stop early.
 pub fn generate(
     model: &Llava,
     tokenizer: &Tokenizer,
     embeds: &Tensor,
     context_ids: &[u32],
     opts: &GenerateOptions,
-    on_text: &mut dyn FnMut(&str),
+    on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
     let mut cache = KvCache::new(model.config().decoder.num_hidden_layers, 1);
     let mut sampler = Sampler::new(opts.sampling.clone());
@@ -146,8 +148,8 @@ pub fn generate(
         context.push(id);
         if let Some(piece) = decoder.push(tokenizer, id) {
             let (shown, stopped) = matcher.push(&piece);
-            if !shown.is_empty() {
-                on_text(&shown);
+            if !shown.is_empty() && !on_text(&shown) {
+                break StopReason::Cancelled;
             }
             if stopped {
                 break StopReason::StopString;
@@ -162,7 +164,7 @@ pub fn generate(
         let hidden = model.decoder.forward(&x, &[1], &mut cache)?;
         logits = last_logits(model, &hidden)?;
     };
-    if stop != StopReason::StopString {
+    if !matches!(stop, StopReason::StopString | StopReason::Cancelled) {
         if let Some(rest) = decoder.finish(tokenizer) {
             let (shown, _) = matcher.push(&rest);
             if !shown.is_empty() {

@@ -1,10 +1,12 @@
 //! Text generation on a loaded [`kollava_model::Llava`]: [`sampler`] (greedy, temperature,
 //! top-k, top-p, repetition penalty, seeded) and [`engine`] (prefill, decode loop, stop
-//! conditions, streaming). It knows nothing of HTTP, clap or template text: stop strings
-//! and EOS ids come in as plain data.
+//! conditions, streaming), and [`session`], the loaded-checkpoint path every front end
+//! shares. It knows nothing of HTTP or clap.
 
 pub mod engine;
 pub mod sampler;
+pub mod session;
 
 pub use engine::{generate, GenerateOptions, Generation, StopReason};
 pub use sampler::{Sampler, SamplingParams};
+pub use session::{Answer, AnswerOptions, Session, SessionError, SessionOptions};

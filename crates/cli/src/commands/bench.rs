@@ -52,7 +52,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut query = "Describe the image in detail.".to_string();
     let build = |q: &str| -> Result<prompt::Prompt> {
         let mut conv = Conversation::new(loaded.template.clone());
-        conv.push(Role::User, Some(loaded.user_text(q, true)));
+        conv.push(Role::User, Some(loaded.user_text(q, 1)));
         conv.push(Role::Assistant, None);
         Ok(prompt::build(&loaded.tok, &conv.prompt(), &loaded.scheme)?)
     };
@@ -107,7 +107,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             &embeds,
             &p.ids,
             &opts,
-            &mut |_| {},
+            &mut |_| true,
         )?;
         let ttft = preprocess_ms + vision_ms + g.prefill_ms;
         if run > 0 {

@@ -9,7 +9,9 @@ use kollava_inputs::image::RgbImage;
 use kollava_inputs::template::{Conversation, Role};
 
 use crate::args::ChatArgs;
-use crate::pipeline::{self, Loaded};
+use kollava_generate::Session;
+
+use crate::pipeline;
 
 /// One line of user input, parsed.
 #[derive(Debug, PartialEq, Eq)]
@@ -43,7 +45,7 @@ struct State {
 }
 
 impl State {
-    fn new(loaded: &Loaded) -> Self {
+    fn new(loaded: &Session) -> Self {
         Self {
             conv: Conversation::new(loaded.template.clone()),
             images: Vec::new(),
@@ -59,7 +61,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         .map(pipeline::read_image)
         .transpose()?;
     let loaded = pipeline::load(&args.model)?;
-    pipeline::sampling_params(&args.sampling)?;
+    let opts = pipeline::answer_options(&args.sampling)?;
     let mut state = State::new(&loaded);
     state.pending = first_image.clone();
     let stdin = std::io::stdin();
@@ -99,19 +101,21 @@ pub fn run(args: &ChatArgs) -> Result<()> {
             },
             Input::Message(text) => {
                 let with_image = state.pending.is_some();
-                state
-                    .conv
-                    .push(Role::User, Some(loaded.user_text(&text, with_image)));
+                state.conv.push(
+                    Role::User,
+                    Some(loaded.user_text(&text, usize::from(with_image))),
+                );
                 state.conv.push(Role::Assistant, None);
                 if let Some(img) = state.pending.take() {
                     state.images.push(img);
                 }
                 write!(out, "ASSISTANT> ")?;
                 out.flush()?;
-                let result =
-                    loaded.answer(&state.conv, &state.images, &args.sampling, &mut |piece| {
-                        let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
-                    });
+                let result = loaded.answer(&state.conv, &state.images, &opts, &mut |piece| {
+                    out.write_all(piece.as_bytes())
+                        .and_then(|_| out.flush())
+                        .is_ok()
+                });
                 writeln!(out)?;
                 // Replace the pending `None` with the answer (or drop the turn on error).
                 state.conv.messages.pop();

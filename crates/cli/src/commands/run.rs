@@ -35,19 +35,25 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .transpose()?;
     let loaded = pipeline::load(&args.model)?;
     let mut conv = Conversation::new(loaded.template.clone());
-    conv.push(Role::User, Some(loaded.user_text(&query, image.is_some())));
+    conv.push(
+        Role::User,
+        Some(loaded.user_text(&query, usize::from(image.is_some()))),
+    );
     conv.push(Role::Assistant, None);
     let images: Vec<_> = image.into_iter().collect();
 
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_err = None;
-    let answer = loaded.answer(&conv, &images, &args.sampling, &mut |piece| {
+    let opts = pipeline::answer_options(&args.sampling)?;
+    let answer = loaded.answer(&conv, &images, &opts, &mut |piece| {
         if !args.json && write_err.is_none() {
             if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
                 write_err = Some(e);
             }
         }
+        // Stop generating once stdout is gone (e.g. `| head`).
+        write_err.is_none()
     })?;
     if let Some(e) = write_err {
         return Err(e.into());
@@ -59,7 +65,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
             "prompt_tokens": answer.prompt_tokens,
             "stop": format!("{:?}", answer.generation.stop).to_lowercase(),
             "template": loaded.template.name,
-            "timings": answer.timings,
+            "timings": {
+                "load_ms": answer.timings.load_ms,
+                "preprocess_ms": answer.timings.preprocess_ms,
+                "vision_ms": answer.timings.vision_ms,
+                "prefill_ms": answer.timings.prefill_ms,
+                "decode_ms": answer.timings.decode_ms,
+                "decode_tokens_per_s": answer.timings.decode_tokens_per_s,
+            },
         });
         writeln!(out, "{json}")?;
     } else {

@@ -1,0 +1,250 @@
+//! A loaded checkpoint ready to answer: the straight path every front end (CLI, server)
+//! shares, in the order the data flows: checkpoint → tokenizer and model → template →
+//! prompt ids + image pixels → features spliced into embeddings → [`generate`].
+//!
+//! [`generate`]: crate::engine::generate
+
+use std::ops::Range;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use kollava_checkpoint::{Checkpoint, CheckpointError, OpenOptions};
+use kollava_inputs::image::{self, AspectMode, RgbImage};
+use kollava_inputs::prompt::{self, PromptError};
+use kollava_inputs::template::{Conversation, Template};
+use kollava_inputs::{ImageTokens, Tokenizer};
+use kollava_model::Llava;
+
+use crate::engine::{GenerateOptions, Generation};
+use crate::sampler::{InvalidParam, SamplingParams};
+
+/// Errors loading a session or answering. Each names what is at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Tokenizer(#[from] kollava_inputs::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
+    #[error(transparent)]
+    Sampling(#[from] InvalidParam),
+    #[error("unknown conversation template {name:?}; known: {known}")]
+    UnknownTemplate { name: String, known: String },
+    #[error("the prompt has {slots} image slots but {images} images were given")]
+    ImageCount { slots: usize, images: usize },
+    #[error("the prompt is {prompt_tokens} tokens with its images; the model's context of {context} tokens must also hold the answer: shorten it by at least {over} tokens")]
+    TooLong {
+        prompt_tokens: usize,
+        context: usize,
+        over: usize,
+    },
+    #[error("model computation failed: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+/// What to load.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub model: String,
+    pub vision_tower: Option<String>,
+    /// Template name; `None` = the reference's choice for the checkpoint.
+    pub conv_mode: Option<String>,
+    /// Image fitting; `None` = the checkpoint's.
+    pub aspect: Option<AspectMode>,
+    /// Language-model weight dtype (the tower is always f32).
+    pub dtype: DType,
+}
+
+/// Per-answer settings.
+#[derive(Debug, Clone)]
+pub struct AnswerOptions {
+    pub sampling: SamplingParams,
+    pub max_new_tokens: usize,
+}
+
+/// Timings of one answer, in milliseconds.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub load_ms: f64,
+    pub preprocess_ms: f64,
+    pub vision_ms: f64,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub decode_tokens_per_s: f64,
+}
+
+pub struct Answer {
+    pub generation: Generation,
+    pub prompt_tokens: usize,
+    pub timings: Timings,
+}
+
+/// A loaded checkpoint with everything needed to answer.
+pub struct Session {
+    pub ckpt: Checkpoint,
+    pub tok: Tokenizer,
+    pub model: Llava,
+    pub scheme: ImageTokens,
+    pub template: Template,
+    pub aspect: AspectMode,
+    pub device: Device,
+    pub load_ms: f64,
+}
+
+impl Session {
+    pub fn load(opts: &SessionOptions) -> Result<Session, SessionError> {
+        let t0 = Instant::now();
+        let ckpt = kollava_checkpoint::open(
+            &opts.model,
+            &OpenOptions {
+                vision_tower: opts.vision_tower.clone(),
+            },
+        )?;
+        let tok = ckpt.tokenizer()?;
+        let scheme = ckpt.image_tokens(&tok)?;
+        let name = opts
+            .conv_mode
+            .clone()
+            .unwrap_or_else(|| ckpt.default_template().to_string());
+        let template = Template::by_name(&name).ok_or_else(|| SessionError::UnknownTemplate {
+            name: name.clone(),
+            known: Template::names().join(", "),
+        })?;
+        if name != ckpt.default_template() {
+            tracing::warn!(
+                "using template {name} instead of {} (the reference's choice for {})",
+                ckpt.default_template(),
+                ckpt.name
+            );
+        }
+        tracing::info!(
+            family = ckpt.family.name(),
+            template = template.name,
+            "loading {}",
+            ckpt.dir.display()
+        );
+        #[cfg(feature = "cuda")]
+        let device = Device::cuda_if_available(0)?;
+        #[cfg(not(feature = "cuda"))]
+        let device = Device::Cpu;
+        let model = ckpt.load_model(opts.dtype, &device)?;
+        Ok(Session {
+            aspect: opts.aspect.unwrap_or(ckpt.aspect),
+            ckpt,
+            tok,
+            model,
+            scheme,
+            template,
+            device,
+            load_ms: t0.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// The user text of a turn: the question with one image placeholder per image, where
+    /// this checkpoint's reference code puts it.
+    pub fn user_text(&self, query: &str, images: usize) -> String {
+        let mut text = query.to_string();
+        for _ in 0..images {
+            text = self.scheme.user_text(&text);
+        }
+        text
+    }
+
+    /// Generates the assistant's next message for `conv` (whose last message is the
+    /// assistant's `None`), with one image per `<image>` in the conversation. `on_text`
+    /// gets each completed piece and returns `false` to stop (a client went away).
+    pub fn answer(
+        &self,
+        conv: &Conversation,
+        images: &[RgbImage],
+        opts: &AnswerOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer, SessionError> {
+        opts.sampling.validate()?;
+        let mut timings = Timings {
+            load_ms: self.load_ms,
+            ..Default::default()
+        };
+        let p = prompt::build(&self.tok, &conv.prompt(), &self.scheme)?;
+        if p.images.len() != images.len() {
+            return Err(SessionError::ImageCount {
+                slots: p.images.len(),
+                images: images.len(),
+            });
+        }
+        let prompt_tokens = p.spliced_len(self.scheme.n());
+        let context = self.ckpt.context_len;
+        if prompt_tokens >= context {
+            return Err(SessionError::TooLong {
+                prompt_tokens,
+                context,
+                over: prompt_tokens + 1 - context,
+            });
+        }
+
+        let t = Instant::now();
+        let (cw, ch) = self.ckpt.preprocess.crop;
+        let mut pixels = Vec::with_capacity(images.len() * 3 * (cw * ch) as usize);
+        for img in images {
+            pixels.extend(image::preprocess(img, self.aspect, &self.ckpt.preprocess));
+        }
+        timings.preprocess_ms = t.elapsed().as_secs_f64() * 1e3;
+
+        let t = Instant::now();
+        let features = if images.is_empty() {
+            None
+        } else {
+            let px = Tensor::from_vec(
+                pixels,
+                (images.len(), 3, ch as usize, cw as usize),
+                &self.device,
+            )?;
+            Some(self.model.encode_images(&px)?)
+        };
+        let slots: Vec<Range<usize>> = p.images.iter().map(|s| s.at..s.at + s.replaces).collect();
+        let embeds = self
+            .model
+            .embed_with_images(&p.ids, &slots, features.as_ref())?;
+        timings.vision_ms = t.elapsed().as_secs_f64() * 1e3;
+
+        let mut eos_ids = if self.ckpt.eos_ids.is_empty() {
+            vec![self.tok.eos_id]
+        } else {
+            self.ckpt.eos_ids.clone()
+        };
+        let mut stop_strings = Vec::new();
+        for s in self.ckpt.stop_strings(&self.template) {
+            // A stop string that is one special token (`</s>`, an added `<|im_end|>`) never
+            // shows up in text decoded without special tokens: stop on its id instead.
+            match self.tok.encode(&s).ok().as_deref() {
+                Some([bos, id]) if *bos == self.tok.bos_id && self.tok.is_special(*id) => {
+                    eos_ids.push(*id)
+                }
+                _ => stop_strings.push(s),
+            }
+        }
+        let gen_opts = GenerateOptions {
+            sampling: opts.sampling.clone(),
+            max_new_tokens: opts.max_new_tokens,
+            eos_ids,
+            stop_strings,
+            context_len: context,
+        };
+        let generation =
+            crate::engine::generate(&self.model, &self.tok, &embeds, &p.ids, &gen_opts, on_text)?;
+        timings.prefill_ms = generation.prefill_ms;
+        timings.decode_ms = generation.decode_ms;
+        timings.decode_tokens_per_s = if generation.decode_ms > 0.0 {
+            generation.ids.len() as f64 / (generation.decode_ms / 1e3)
+        } else {
+            0.0
+        };
+        Ok(Answer {
+            generation,
+            prompt_tokens,
+            timings,
+        })
+    }
+}
