@@ -58,11 +58,35 @@ kollava init-random --arch bench-1b --out models/bench-1b\n  \
 kollava init-random --arch llava-1.5-7b --layout hf --dtype bf16 --out /data/llava-7b-random"
     )]
     InitRandom(InitRandomArgs),
+    /// Serve an OpenAI-compatible API — OpenAI 호환 API 서버 실행
+    #[command(
+        after_help = "Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (images as base64 data URLs; stream: true for SSE)\n\n\
+Examples / 예시:\n  \
+kollava serve --model ./llava-v1.5-7b --port 8000\n  \
+curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \\\n    \
+-d '{\"messages\":[{\"role\":\"user\",\"content\":\"안녕하세요\"}]}'"
+    )]
+    Serve(ServeArgs),
     /// Measure speed: preprocessing, vision, prefill, decode, memory — 속도 측정
     #[command(after_help = "Examples / 예시:\n  \
 kollava bench --model models/bench-1b --threads 2 --repeat 5\n  \
 kollava bench --model tests/fixtures/llava-v1.5 --gen-tokens 16 --json")]
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on — 수신 주소
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port — 포트
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Requests that may wait for the model; more get 503 — 대기열 크기
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_queue: u32,
 }
 
 #[derive(Debug, Args)]

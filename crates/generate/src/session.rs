@@ -62,6 +62,8 @@ pub struct SessionOptions {
 pub struct AnswerOptions {
     pub sampling: SamplingParams,
     pub max_new_tokens: usize,
+    /// Stop strings on top of the template's (an API client's `stop`).
+    pub stop: Vec<String>,
 }
 
 /// Timings of one answer, in milliseconds.
@@ -215,7 +217,12 @@ impl Session {
             self.ckpt.eos_ids.clone()
         };
         let mut stop_strings = Vec::new();
-        for s in self.ckpt.stop_strings(&self.template) {
+        for s in self
+            .ckpt
+            .stop_strings(&self.template)
+            .into_iter()
+            .chain(opts.stop.iter().cloned())
+        {
             // A stop string that is one special token (`</s>`, an added `<|im_end|>`) never
             // shows up in text decoded without special tokens: stop on its id instead.
             match self.tok.encode(&s).ok().as_deref() {

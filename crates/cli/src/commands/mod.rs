@@ -4,4 +4,5 @@ pub mod bench;
 pub mod chat;
 pub mod init_random;
 pub mod run;
+pub mod serve;
 pub mod verify;

@@ -1,0 +1,29 @@
+//! `kollava serve`: load the model, then serve the HTTP API until Ctrl-C / SIGTERM.
+
+use anyhow::{Context, Result};
+use kollava_serve::{AppState, EngineHandle};
+
+use crate::args::ServeArgs;
+use crate::pipeline;
+
+pub fn run(args: &ServeArgs) -> Result<()> {
+    let session = pipeline::load(&args.model)?;
+    let engine = EngineHandle::spawn(session, args.max_queue as usize);
+    let addr = format!("{}:{}", args.host, args.port);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        eprintln!(
+            "kollava serving {} on http://{addr} (OpenAI API at /v1/chat/completions)",
+            engine.model_name
+        );
+        kollava_serve::serve(listener, AppState { engine })
+            .await
+            .context("serving")
+    })
+}

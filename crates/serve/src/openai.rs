@@ -1,0 +1,275 @@
+//! `POST /v1/chat/completions` and `GET /v1/models`, as OpenAI's API shapes them: text and
+//! `image_url` content parts (base64 data URLs; remote URLs and local paths are refused),
+//! `stream` as server-sent events ending with `[DONE]`, `usage` counts, OpenAI errors.
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use kollava_generate::{AnswerOptions, SamplingParams};
+use kollava_inputs::image;
+use kollava_inputs::template::Role;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+use crate::engine::{Event, Job, Turn};
+use crate::error::ApiError;
+use crate::AppState;
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<Message>,
+    #[serde(default)]
+    pub stream: bool,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub max_tokens: Option<usize>,
+    pub max_completion_tokens: Option<usize>,
+    pub seed: Option<u64>,
+    pub stop: Option<Stop>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: Content,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Part {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ImageUrl {
+    pub url: String,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A data URL's image; anything else is refused with the reason.
+fn decode_image_url(url: &str, index: usize) -> Result<image::RgbImage, ApiError> {
+    let what = format!("messages image {index}");
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (meta, data) = rest
+            .split_once(',')
+            .ok_or_else(|| ApiError::bad_request(format!("{what}: malformed data URL")))?;
+        if !meta.ends_with(";base64") {
+            return Err(ApiError::bad_request(format!(
+                "{what}: data URLs must be base64-encoded"
+            )));
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .map_err(|e| ApiError::bad_request(format!("{what}: invalid base64 ({e})")))?;
+        return image::decode(&bytes, &what).map_err(|e| ApiError::bad_request(e.to_string()));
+    }
+    let scheme = url.split(':').next().unwrap_or("");
+    Err(ApiError::bad_request(format!(
+        "{what}: {scheme:?} URLs are not accepted; send the image as a base64 data URL (remote and local URLs are disabled on this server)"
+    )))
+}
+
+/// Turns the request into a job for the engine.
+fn to_job(req: ChatRequest, events: mpsc::Sender<Event>) -> Result<Job, ApiError> {
+    if req.messages.is_empty() {
+        return Err(ApiError::bad_request("messages must not be empty"));
+    }
+    let mut system = None;
+    let mut turns: Vec<Turn> = Vec::new();
+    let mut image_index = 0;
+    for (i, m) in req.messages.into_iter().enumerate() {
+        let mut text = String::new();
+        let mut images = Vec::new();
+        match m.content {
+            Content::Text(t) => text = t,
+            Content::Parts(parts) => {
+                for part in parts {
+                    match part {
+                        Part::Text { text: t } => {
+                            if !text.is_empty() {
+                                text.push('\n');
+                            }
+                            text.push_str(&t);
+                        }
+                        Part::ImageUrl { image_url } => {
+                            images.push(decode_image_url(&image_url.url, image_index)?);
+                            image_index += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let role = match m.role.as_str() {
+            "system" | "developer" if i == 0 => {
+                system = Some(text);
+                continue;
+            }
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => return Err(ApiError::bad_request(format!("messages[{i}].role {other:?} is not supported (user, assistant, or a leading system)"))),
+        };
+        if role == Role::Assistant && !images.is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "messages[{i}]: assistant messages cannot carry images"
+            )));
+        }
+        turns.push(Turn { role, text, images });
+    }
+    if turns.last().map(|t| t.role) != Some(Role::User) {
+        return Err(ApiError::bad_request("the last message must be the user's"));
+    }
+    let sampling = SamplingParams {
+        temperature: req.temperature.unwrap_or(0.2),
+        top_p: req.top_p.unwrap_or(1.0),
+        top_k: 50,
+        repetition_penalty: 1.0,
+        seed: req.seed.unwrap_or(0),
+    };
+    sampling
+        .validate()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let max_new_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(1024);
+    if max_new_tokens == 0 {
+        return Err(ApiError::bad_request("max_tokens must be at least 1"));
+    }
+    let stop = match req.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    Ok(Job {
+        system,
+        turns,
+        options: AnswerOptions {
+            sampling,
+            max_new_tokens,
+            stop,
+        },
+        events,
+    })
+}
+
+pub async fn models(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": state.engine.model_name, "object": "model", "created": 0, "owned_by": "kollava"}],
+    }))
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(|e| {
+        // OpenAI answers 400 where axum says 422 (well-formed JSON of the wrong shape).
+        let status = if e.status() == axum::http::StatusCode::UNPROCESSABLE_ENTITY {
+            axum::http::StatusCode::BAD_REQUEST
+        } else {
+            e.status()
+        };
+        ApiError {
+            status,
+            message: format!("invalid request body: {}", e.body_text()),
+        }
+    })?;
+    let stream = req.stream;
+    let (tx, mut rx) = mpsc::channel(64);
+    let job = to_job(req, tx)?;
+    state.engine.submit(job)?;
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = format!(
+        "chatcmpl-{:x}-{}",
+        now(),
+        NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let model = state.engine.model_name.clone();
+    let created = now();
+
+    // Wait for the first event: an error before any text is still an HTTP error.
+    let first = rx
+        .recv()
+        .await
+        .ok_or_else(|| ApiError::internal("the engine dropped the request"))?;
+    if let Event::Failed(e) = first {
+        return Err(e);
+    }
+    if !stream {
+        let mut event = first;
+        loop {
+            match event {
+                Event::Text(_) => {}
+                Event::Done {
+                    text,
+                    prompt_tokens,
+                    completion_tokens,
+                    finish_reason,
+                } => {
+                    let body = json!({
+                        "id": id, "object": "chat.completion", "created": created, "model": model,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+                    });
+                    return Ok(Json(body).into_response());
+                }
+                Event::Failed(e) => return Err(e),
+            }
+            event = rx
+                .recv()
+                .await
+                .ok_or_else(|| ApiError::internal("the engine dropped the request"))?;
+        }
+    }
+    let chunk = move |delta: Value, finish: Option<&str>| -> SseEvent {
+        let body = json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        });
+        SseEvent::default().data(body.to_string())
+    };
+    let head = tokio_stream::once(chunk(json!({"role": "assistant"}), None));
+    let rest = tokio_stream::once(first).chain(ReceiverStream::new(rx));
+    // The engine drops its sender after the last event, which ends `rest`.
+    let body = rest.map(move |event| match event {
+        Event::Text(t) => chunk(json!({"content": t}), None),
+        Event::Done { finish_reason, .. } => chunk(json!({}), Some(finish_reason)),
+        Event::Failed(e) => SseEvent::default()
+            .data(json!({"error": {"message": e.message, "type": "server_error"}}).to_string()),
+    });
+    let done = tokio_stream::once(SseEvent::default().data("[DONE]"));
+    let events = head.chain(body).chain(done).map(Ok::<_, Infallible>);
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}

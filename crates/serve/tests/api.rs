@@ -1,0 +1,221 @@
+//! The OpenAI-compatible API driven without a socket (`oneshot`), on a fixture checkpoint.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use base64::Engine as _;
+use http_body_util::BodyExt;
+use kollava_generate::{AnswerOptions, SamplingParams, Session, SessionOptions};
+use kollava_inputs::template::{Conversation, Role};
+use kollava_serve::{app, AppState, EngineHandle};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+fn session() -> Session {
+    let dir = kollava_testkit::checkpoint_dir("llava-v1.5");
+    Session::load(&SessionOptions {
+        model: dir.to_str().unwrap().to_string(),
+        vision_tower: None,
+        conv_mode: None,
+        aspect: None,
+        dtype: candle_core::DType::F32,
+    })
+    .unwrap()
+}
+
+fn state() -> AppState {
+    AppState {
+        engine: EngineHandle::spawn(session(), 8),
+    }
+}
+
+fn data_url() -> String {
+    let bytes = std::fs::read(kollava_testkit::fixtures_dir().join("images/wide_rgb.png")).unwrap();
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+const QUESTION: &str = "이 이미지에 무엇이 있나요?";
+
+fn request(body: Value) -> Request<Body> {
+    Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+fn with_image(stream: bool) -> Value {
+    json!({
+        "model": "llava-v1.5",
+        "stream": stream,
+        "temperature": 0,
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": QUESTION},
+            {"type": "image_url", "image_url": {"url": data_url()}},
+        ]}],
+    })
+}
+
+async fn send(state: &AppState, req: Request<Body>) -> (StatusCode, String) {
+    let resp = app(state.clone()).oneshot(req).await.unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_completion_equals_the_cli_path_and_streaming_adds_up() {
+    let state = state();
+    let (status, body) = send(&state, request(with_image(false))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let content = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 9);
+
+    // The same request through the library path `kollava run` uses.
+    let s = session();
+    let mut conv = Conversation::new(s.template.clone());
+    conv.push(Role::User, Some(s.user_text(QUESTION, 1)));
+    conv.push(Role::Assistant, None);
+    let img =
+        kollava_inputs::image::open(&kollava_testkit::fixtures_dir().join("images/wide_rgb.png"))
+            .unwrap();
+    let opts = AnswerOptions {
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        max_new_tokens: 8,
+        stop: Vec::new(),
+    };
+    let direct = s.answer(&conv, &[img], &opts, &mut |_| true).unwrap();
+    assert_eq!(content, direct.generation.text);
+
+    let (status, body) = send(&state, request(with_image(true))).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut streamed = String::new();
+    let mut finish = None;
+    let data: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{body}");
+    for d in &data[..data.len() - 1] {
+        let chunk: Value = serde_json::from_str(d).unwrap();
+        if let Some(t) = chunk["choices"][0]["delta"]["content"].as_str() {
+            streamed.push_str(t);
+        }
+        if let Some(f) = chunk["choices"][0]["finish_reason"].as_str() {
+            finish = Some(f.to_string());
+        }
+    }
+    assert_eq!(streamed.trim(), content);
+    assert_eq!(finish.as_deref(), Some("length"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn models_lists_the_loaded_checkpoint() {
+    let state = state();
+    let (status, body) = send(
+        &state,
+        Request::get("/v1/models").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["data"][0]["id"], "llava-v1.5");
+}
+
+async fn assert_openai_error(
+    state: &AppState,
+    req: Request<Body>,
+    status: StatusCode,
+    needle: &str,
+) {
+    let (got, body) = send(state, req).await;
+    assert_eq!(got, status, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains(needle), "{msg:?} does not mention {needle:?}");
+    assert!(v["error"]["type"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
+    let state = state();
+    let malformed = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from("{not json"))
+        .unwrap();
+    assert_openai_error(
+        &state,
+        malformed,
+        StatusCode::BAD_REQUEST,
+        "invalid request body",
+    )
+    .await;
+    assert_openai_error(
+        &state,
+        request(json!({"model": "x"})),
+        StatusCode::BAD_REQUEST,
+        "messages",
+    )
+    .await;
+    assert_openai_error(
+        &state,
+        request(json!({"messages": []})),
+        StatusCode::BAD_REQUEST,
+        "empty",
+    )
+    .await;
+    let file_url = json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]});
+    assert_openai_error(
+        &state,
+        request(file_url),
+        StatusCode::BAD_REQUEST,
+        "\"file\"",
+    )
+    .await;
+    let not_image = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(b"hello")
+    );
+    let bad_image = json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": not_image}}]}]});
+    assert_openai_error(
+        &state,
+        request(bad_image),
+        StatusCode::BAD_REQUEST,
+        "not a readable image",
+    )
+    .await;
+    let bad_temp = json!({"temperature": -1, "messages": [{"role": "user", "content": "hi"}]});
+    assert_openai_error(
+        &state,
+        request(bad_temp),
+        StatusCode::BAD_REQUEST,
+        "temperature",
+    )
+    .await;
+    let huge = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(vec![b' '; kollava_serve::MAX_BODY_BYTES + 1]))
+        .unwrap();
+    assert_openai_error(
+        &state,
+        huge,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid request body",
+    )
+    .await;
+    // Still serving.
+    let ok =
+        json!({"temperature": 0, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
+    let (status, body) = send(&state, request(ok)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
