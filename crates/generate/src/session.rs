@@ -164,12 +164,24 @@ impl Session {
         opts: &AnswerOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Answer, SessionError> {
+        self.answer_prompt(&conv.prompt(), images, opts, on_text)
+    }
+
+    /// [`Session::answer`] for a prompt already rendered (LLaVA's worker protocol sends
+    /// the text with its `<image>` placeholders).
+    pub fn answer_prompt(
+        &self,
+        prompt_text: &str,
+        images: &[RgbImage],
+        opts: &AnswerOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer, SessionError> {
         opts.sampling.validate()?;
         let mut timings = Timings {
             load_ms: self.load_ms,
             ..Default::default()
         };
-        let p = prompt::build(&self.tok, &conv.prompt(), &self.scheme)?;
+        let p = prompt::build(&self.tok, prompt_text, &self.scheme)?;
         if p.images.len() != images.len() {
             return Err(SessionError::ImageCount {
                 slots: p.images.len(),

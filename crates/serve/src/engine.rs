@@ -4,7 +4,8 @@
 //! token. Batching several requests per step comes later (issue 4); the handle's shape
 //! does not change for it.
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 
 use kollava_generate::{AnswerOptions, Session, SessionError, StopReason};
 use kollava_inputs::image::RgbImage;
@@ -21,15 +22,26 @@ pub struct Turn {
     pub images: Vec<RgbImage>,
 }
 
+/// The conversation to answer.
+pub enum Input {
+    /// OpenAI-style messages, rendered with the checkpoint's template.
+    Turns {
+        system: Option<String>,
+        turns: Vec<Turn>,
+    },
+    /// A prompt rendered by the client (LLaVA's worker protocol), with its images.
+    Prompt { text: String, images: Vec<RgbImage> },
+}
+
 /// What a client asked for.
 pub struct Job {
-    pub system: Option<String>,
-    pub turns: Vec<Turn>,
+    pub input: Input,
     pub options: AnswerOptions,
     pub events: tmpsc::Sender<Event>,
 }
 
-/// What comes back, in order: text pieces, then exactly one `Done` or `Failed`.
+/// What comes back, in order: text pieces, then exactly one `Done` or `Failed` (nothing
+/// more when the job was cancelled).
 #[derive(Debug)]
 pub enum Event {
     Text(String),
@@ -46,6 +58,10 @@ pub enum Event {
 pub struct EngineHandle {
     jobs: mpsc::SyncSender<Job>,
     pub model_name: String,
+    /// Jobs queued or running (LLaVA's `queue_length`).
+    pending: Arc<AtomicUsize>,
+    /// The checkpoint follows the June-2023 worker, whose sampler has no top-k.
+    pub june_sampler: bool,
 }
 
 impl EngineHandle {
@@ -53,28 +69,48 @@ impl EngineHandle {
     pub fn spawn(session: Session, max_queue: usize) -> EngineHandle {
         let (tx, rx) = mpsc::sync_channel::<Job>(max_queue);
         let model_name = session.ckpt.name.clone();
+        let june_sampler = session.ckpt.family == kollava_checkpoint::Family::LlavaV0;
+        let pending = Arc::new(AtomicUsize::new(0));
+        let done = pending.clone();
         std::thread::Builder::new()
             .name("kollava-engine".into())
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
-                    run_job(&session, job);
+                    let events = job.events.clone();
+                    let last = run_job(&session, job);
+                    // Count the job as finished before the client can see its end.
+                    done.fetch_sub(1, Ordering::SeqCst);
+                    if let Some(last) = last {
+                        let _ = events.blocking_send(last);
+                    }
                 }
             })
             .expect("spawning the engine thread");
         EngineHandle {
             jobs: tx,
             model_name,
+            pending,
+            june_sampler,
         }
+    }
+
+    /// Jobs waiting or running.
+    pub fn queue_length(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
     }
 
     /// Queues a job; 503 when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), ApiError> {
-        self.jobs.try_send(job).map_err(|e| match e {
-            mpsc::TrySendError::Full(_) => {
-                ApiError::unavailable("the server is busy: too many queued requests, retry later")
-            }
-            mpsc::TrySendError::Disconnected(_) => {
-                ApiError::internal("the engine thread has stopped")
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        self.jobs.try_send(job).map_err(|e| {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            match e {
+                mpsc::TrySendError::Full(_) => ApiError::unavailable(
+                    "the server is busy: too many queued requests, retry later",
+                ),
+                mpsc::TrySendError::Disconnected(_) => {
+                    ApiError::internal("the engine thread has stopped")
+                }
             }
         })
     }
@@ -90,32 +126,43 @@ fn session_error(e: SessionError) -> ApiError {
     }
 }
 
-fn run_job(session: &Session, job: Job) {
-    let mut template = session.template.clone();
-    if let Some(system) = &job.system {
-        template.system = system.clone();
-        template.few_shot.clear();
+fn render(session: &Session, input: Input) -> (String, Vec<RgbImage>) {
+    match input {
+        Input::Prompt { text, images } => (text, images),
+        Input::Turns { system, turns } => {
+            let mut template = session.template.clone();
+            if let Some(system) = system {
+                template.system = system;
+                template.few_shot.clear();
+            }
+            let mut conv = Conversation::new(template);
+            let mut images = Vec::new();
+            for turn in turns {
+                let text = match turn.role {
+                    Role::User => session.user_text(&turn.text, turn.images.len()),
+                    Role::Assistant => turn.text,
+                };
+                conv.push(turn.role, Some(text));
+                images.extend(turn.images);
+            }
+            conv.push(Role::Assistant, None);
+            (conv.prompt(), images)
+        }
     }
-    let mut conv = Conversation::new(template);
-    let mut images = Vec::new();
-    for turn in &job.turns {
-        let text = match turn.role {
-            Role::User => session.user_text(&turn.text, turn.images.len()),
-            Role::Assistant => turn.text.clone(),
-        };
-        conv.push(turn.role, Some(text));
-        images.extend(turn.images.iter().cloned());
-    }
-    conv.push(Role::Assistant, None);
+}
+
+/// Runs a job, streaming its text; returns its final event (`None` when cancelled).
+fn run_job(session: &Session, job: Job) -> Option<Event> {
+    let (prompt, images) = render(session, job.input);
     let events = job.events;
-    let result = session.answer(&conv, &images, &job.options, &mut |piece| {
+    let result = session.answer_prompt(&prompt, &images, &job.options, &mut |piece| {
         events.blocking_send(Event::Text(piece.to_string())).is_ok()
     });
     let last = match result {
         Ok(answer) => {
             let g = answer.generation;
             if g.stop == StopReason::Cancelled {
-                return;
+                return None;
             }
             Event::Done {
                 text: g.text,
@@ -130,5 +177,5 @@ fn run_job(session: &Session, job: Job) {
         }
         Err(e) => Event::Failed(session_error(e)),
     };
-    let _ = events.blocking_send(last);
+    Some(last)
 }

@@ -1,13 +1,14 @@
 //! HTTP serving. [`app`] builds the router (`/health`, `/v1/models`,
-//! `/v1/chat/completions`); handlers are thin: parse → hand a job to the
+//! `/v1/chat/completions`, and LLaVA's `/worker_get_status` and `/worker_generate_stream`); handlers are thin: parse → hand a job to the
 //! [`engine::EngineHandle`] → map events to OpenAI-shaped responses. No tensors here.
 //!
-//! Still to come (issue 4): the chat page, LLaVA's worker/controller protocol, batching
-//! across requests, metrics, API keys.
+//! Still to come (issue 4): the chat page, the controller and worker registration,
+//! batching across requests, metrics, API keys.
 
 pub mod engine;
 pub mod error;
 pub mod openai;
+pub mod worker;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -28,6 +29,8 @@ pub fn app(state: AppState) -> Router {
         .route("/health", get(|| async { "ok" }))
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/worker_get_status", post(worker::get_status))
+        .route("/worker_generate_stream", post(worker::generate_stream))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

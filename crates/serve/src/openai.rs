@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-use crate::engine::{Event, Job, Turn};
+use crate::engine::{Event, Input, Job, Turn};
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -79,6 +79,13 @@ fn now() -> u64 {
 }
 
 /// A data URL's image; anything else is refused with the reason.
+pub(crate) fn decode_base64_image(data: &str, what: &str) -> Result<image::RgbImage, ApiError> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| ApiError::bad_request(format!("{what}: invalid base64 ({e})")))?;
+    image::decode(&bytes, what).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
 fn decode_image_url(url: &str, index: usize) -> Result<image::RgbImage, ApiError> {
     let what = format!("messages image {index}");
     if let Some(rest) = url.strip_prefix("data:") {
@@ -90,10 +97,7 @@ fn decode_image_url(url: &str, index: usize) -> Result<image::RgbImage, ApiError
                 "{what}: data URLs must be base64-encoded"
             )));
         }
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(data.trim())
-            .map_err(|e| ApiError::bad_request(format!("{what}: invalid base64 ({e})")))?;
-        return image::decode(&bytes, &what).map_err(|e| ApiError::bad_request(e.to_string()));
+        return decode_base64_image(data, &what);
     }
     let scheme = url.split(':').next().unwrap_or("");
     Err(ApiError::bad_request(format!(
@@ -170,8 +174,7 @@ fn to_job(req: ChatRequest, events: mpsc::Sender<Event>) -> Result<Job, ApiError
         Some(Stop::Many(v)) => v,
     };
     Ok(Job {
-        system,
-        turns,
+        input: Input::Turns { system, turns },
         options: AnswerOptions {
             sampling,
             max_new_tokens,

@@ -219,3 +219,49 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let (status, body) = send(&state, request(ok)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn llava_worker_protocol_streams_nul_delimited_prompt_plus_answer() {
+    let state = state();
+    let s = session();
+    let mut conv = Conversation::new(s.template.clone());
+    conv.push(Role::User, Some(s.user_text(QUESTION, 1)));
+    conv.push(Role::Assistant, None);
+    let prompt = conv.prompt();
+    let image_b64 = data_url().split_once(',').unwrap().1.to_string();
+    let body = json!({"model": "llava-v1.5", "prompt": prompt, "temperature": 0.0, "max_new_tokens": 8, "stop": "</s>", "images": [image_b64]});
+    let req = Request::post("/worker_generate_stream")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let (status, text) = send(&state, req).await;
+    assert_eq!(status, StatusCode::OK);
+    let chunks: Vec<Value> = text
+        .split('\0')
+        .filter(|c| !c.is_empty())
+        .map(|c| serde_json::from_str(c).unwrap())
+        .collect();
+    assert!(chunks.len() >= 2, "{text:?}");
+    for c in &chunks {
+        assert_eq!(c["error_code"], 0);
+        assert!(c["text"].as_str().unwrap().starts_with(&prompt));
+    }
+    // The final chunk is the prompt plus the same answer the OpenAI route gives.
+    let (_, body) = send(&state, request(with_image(false))).await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(
+        chunks.last().unwrap()["text"].as_str().unwrap(),
+        format!("{prompt}{answer}")
+    );
+
+    let status_req = Request::post("/worker_get_status")
+        .body(Body::empty())
+        .unwrap();
+    let (status, body) = send(&state, status_req).await;
+    assert_eq!(status, StatusCode::OK);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["model_names"][0], "llava-v1.5");
+    assert_eq!(v["speed"], 1);
+    assert_eq!(v["queue_length"], 0);
+}
