@@ -238,6 +238,14 @@ fn tensor_ids(t: &Tensor) -> candle_core::Result<Vec<i64>> {
     t.flatten_all()?.to_dtype(DType::I64)?.to_vec1()
 }
 
+/// Wraps a candle error with what was being computed.
+fn compute(context: &str) -> impl Fn(candle_core::Error) -> VerifyError + '_ {
+    move |source| VerifyError::Compute {
+        context: context.to_string(),
+        source,
+    }
+}
+
 /// `train_labels.*` (ids and labels per template) and, for `train_sample`, the loss and
 /// the projector gradient norm of one backward with the LLM and the tower frozen.
 fn verify_training(
@@ -248,13 +256,6 @@ fn verify_training(
     decoded: &HashMap<String, kollava_inputs::image::RgbImage>,
     tols: &Tolerances,
 ) -> Result<Vec<KeyResult>, VerifyError> {
-    let compute = |context: &str| {
-        let context = context.to_string();
-        move |source: candle_core::Error| VerifyError::Compute {
-            context: context.clone(),
-            source,
-        }
-    };
     let mut out = Vec::new();
     let mut examples = HashMap::new();
     let entries = reference
@@ -366,13 +367,6 @@ pub fn verify(
     reference: &ReferenceDump,
     tols: &Tolerances,
 ) -> Result<Vec<KeyResult>, VerifyError> {
-    let compute = |context: &str| {
-        let context = context.to_string();
-        move |source: candle_core::Error| VerifyError::Compute {
-            context: context.clone(),
-            source,
-        }
-    };
     let mut out = Vec::new();
     let mut keys: Vec<&String> = reference.tensors.keys().collect();
     keys.sort();
