@@ -58,6 +58,15 @@ kollava init-random --arch bench-1b --out models/bench-1b\n  \
 kollava init-random --arch llava-1.5-7b --layout hf --dtype bf16 --out /data/llava-7b-random"
     )]
     InitRandom(InitRandomArgs),
+    /// Train: stage 1 projector pretraining (frozen vision tower and LLM) — 학습 (1단계: 프로젝터)
+    #[command(
+        after_help = "Data: a JSON array or JSON Lines of {\"id\", \"image\", \"conversations\": [{\"from\": \"human\"|\"gpt\", \"value\"}]}\n\n\
+Examples / 예시:\n  \
+kollava train --model ./llava-v1.5-7b --data ko_chat.json --image-folder cc3m --output-dir out/stage1\n  \
+kollava train --model ./KoVicuna-llava --data ko_llava_instruct_150k.json --image-folder coco/train2014 \\\n    \
+--image-prefix COCO_train2014_ --version v1 --output-dir out/stage1"
+    )]
+    Train(TrainArgs),
     /// Serve an OpenAI-compatible API — OpenAI 호환 API 서버 실행
     #[command(
         after_help = "Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (images as base64 data URLs; stream: true for SSE)\n\n\
@@ -72,6 +81,48 @@ curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \\\n
 kollava bench --model models/bench-1b --threads 2 --repeat 5\n  \
 kollava bench --model tests/fixtures/llava-v1.5 --gen-tokens 16 --json")]
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Training stage (finetuning and LoRA are not implemented yet) — 학습 단계
+    #[arg(long, default_value = "pretrain", value_parser = ["pretrain"])]
+    pub stage: String,
+    /// Training data (JSON array or JSONL) — 학습 데이터
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Folder the records' `image` names are relative to — 이미지 폴더
+    #[arg(long, value_name = "DIR")]
+    pub image_folder: PathBuf,
+    /// Prefix added to every image file name (KoLLaVA's `COCO_train2014_`) — 파일 이름 접두사
+    #[arg(long, default_value = "")]
+    pub image_prefix: String,
+    /// Conversation format the labels are built with (upstream's --version) — 대화 형식
+    #[arg(long, default_value = "plain")]
+    pub version: String,
+    /// Where mm_projector.safetensors, config.json and metrics.jsonl go — 출력 디렉터리
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: PathBuf,
+    /// Peak learning rate — 학습률
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps — 최대 스텝
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Samples per optimizer step — 누적 샘플 수
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub grad_accum: u32,
+    #[arg(long, default_value_t = 0.03)]
+    pub warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Data order seed — 시드
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Args)]

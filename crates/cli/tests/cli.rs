@@ -825,3 +825,61 @@ fn f16_weights_give_the_same_greedy_start_as_f32() {
     }
     assert!(same * 4 >= total * 3, "{same}/{total} positions agree");
 }
+
+// ---------------------------------------------------------------------------------------
+// train
+
+#[test]
+fn train_pretrain_writes_projector_metrics_and_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_file(
+        &tmp,
+        "data.jsonl",
+        "{\"id\": 1, \"image\": \"wide_rgb.png\", \"conversations\": [{\"from\": \"human\", \"value\": \"<image>\\n설명해 주세요.\"}, {\"from\": \"gpt\", \"value\": \"빨간 사각형\"}]}\n".as_bytes(),
+    );
+    let out = tmp.path().join("out");
+    let images = crate_fixture_images();
+    let o = kollava(&[
+        &"train",
+        &"--model",
+        &checkpoint("llava-v1.5"),
+        &"--data",
+        &data,
+        &"--image-folder",
+        &images,
+        &"--output-dir",
+        &out,
+        &"--max-steps",
+        &"3",
+    ]);
+    assert_success(&o);
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+    let tensors = candle_core::safetensors::load(
+        out.join("mm_projector.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(tensors.contains_key("model.mm_projector.0.weight"));
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["tune_mm_mlp_adapter"], true);
+
+    let bad = write_file(&tmp, "bad.json", b"[{\"conversations\": 3}]");
+    let o = kollava(&[
+        &"train",
+        &"--model",
+        &checkpoint("llava-v1.5"),
+        &"--data",
+        &bad,
+        &"--image-folder",
+        &images,
+        &"--output-dir",
+        &out,
+    ]);
+    assert_one_line_error(&o, &["bad.json", "record 0", "conversations"]);
+}
+
+fn crate_fixture_images() -> PathBuf {
+    image("wide_rgb.png").parent().unwrap().to_path_buf()
+}

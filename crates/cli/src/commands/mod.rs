@@ -5,4 +5,5 @@ pub mod chat;
 pub mod init_random;
 pub mod run;
 pub mod serve;
+pub mod train;
 pub mod verify;
