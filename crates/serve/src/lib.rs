@@ -1,9 +1,9 @@
-//! HTTP serving. [`app`] builds the router (`/health`, `/v1/models`,
+//! HTTP serving. [`app`] builds the router (`/`: the chat page, `/health`, `/v1/models`,
 //! `/v1/chat/completions`, and LLaVA's `/worker_get_status` and `/worker_generate_stream`); handlers are thin: parse → hand a job to the
 //! [`engine::EngineHandle`] → map events to OpenAI-shaped responses. No tensors here.
 //!
-//! Still to come (issue 4): the chat page, the controller and worker registration,
-//! batching across requests, metrics, API keys.
+//! Still to come (issue 4): the page's image modes and votes/logs, the controller and
+//! worker registration, batching across requests, metrics, API keys.
 
 pub mod engine;
 pub mod error;
@@ -16,6 +16,13 @@ use axum::Router;
 
 pub use engine::EngineHandle;
 
+/// The chat page, embedded in the binary (it must work offline: no CDN).
+const CHAT_PAGE: &str = include_str!("../assets/index.html");
+
+async fn chat_page() -> axum::response::Html<&'static str> {
+    axum::response::Html(CHAT_PAGE)
+}
+
 /// Largest request body: a few base64 images.
 pub const MAX_BODY_BYTES: usize = 32 << 20;
 
@@ -26,6 +33,7 @@ pub struct AppState {
 
 pub fn app(state: AppState) -> Router {
     Router::new()
+        .route("/", get(chat_page))
         .route("/health", get(|| async { "ok" }))
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))

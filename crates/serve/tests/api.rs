@@ -265,3 +265,19 @@ async fn llava_worker_protocol_streams_nul_delimited_prompt_plus_answer() {
     assert_eq!(v["speed"], 1);
     assert_eq!(v["queue_length"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_chat_page_is_served_offline_and_uses_the_api() {
+    let state = state();
+    let (status, html) = send(&state, Request::get("/").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("/v1/chat/completions") && html.contains("image_url"));
+    assert!(
+        html.contains("다시 생성") && html.contains("Regenerate"),
+        "Korean and English labels"
+    );
+    assert!(
+        !html.contains("https://"),
+        "no external assets: the page must work offline"
+    );
+}
