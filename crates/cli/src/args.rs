@@ -58,6 +58,9 @@ kollava init-random --arch bench-1b --out models/bench-1b\n  \
 kollava init-random --arch llava-1.5-7b --layout hf --dtype bf16 --out /data/llava-7b-random"
     )]
     InitRandom(InitRandomArgs),
+    /// Evaluation — 평가
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// Train: stage 1 projector pretraining (frozen vision tower and LLM) — 학습 (1단계: 프로젝터)
     #[command(
         after_help = "Data: a JSON array or JSON Lines of {\"id\", \"image\", \"conversations\": [{\"from\": \"human\"|\"gpt\", \"value\"}]}\n\n\
@@ -81,6 +84,37 @@ curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \\\n
 kollava bench --model models/bench-1b --threads 2 --repeat 5\n  \
 kollava bench --model tests/fixtures/llava-v1.5 --gen-tokens 16 --json")]
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// Answer a question file like LLaVA's model_vqa (resumable) — model_vqa 형식 질의응답
+    #[command(
+        after_help = "Questions: JSON Lines of {\"question_id\", \"image\", \"text\", \"category\"}\n\
+Answers: JSON Lines of {\"question_id\", \"prompt\", \"text\", \"answer_id\", \"model_id\", \"metadata\"},\n\
+appended one by one; run the same command again to resume after an interruption.\n\n\
+Examples / 예시:\n  \
+kollava eval vqa --model ./KoLLaVA-KoVicuna-7b --question-file ko_questions.jsonl \\\n    \
+--image-folder coco/val2014 --answers-file answers/kollava.jsonl --temperature 0"
+    )]
+    Vqa(VqaArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VqaArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Questions (JSON Lines) — 질문 파일
+    #[arg(long, value_name = "FILE")]
+    pub question_file: PathBuf,
+    /// Folder the questions' `image` names are relative to — 이미지 폴더
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub image_folder: PathBuf,
+    /// Answers (JSON Lines, appended) — 답변 파일
+    #[arg(long, value_name = "FILE")]
+    pub answers_file: PathBuf,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
 #[derive(Debug, Args)]

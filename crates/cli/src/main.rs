@@ -35,6 +35,9 @@ fn run() -> anyhow::Result<ExitCode> {
         args::Command::Chat(a) => commands::chat::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Verify(a) => commands::verify::run(a),
         args::Command::InitRandom(a) => commands::init_random::run(a).map(|_| ExitCode::SUCCESS),
+        args::Command::Eval(args::EvalCommand::Vqa(a)) => {
+            commands::eval::vqa(a).map(|_| ExitCode::SUCCESS)
+        }
         args::Command::Train(a) => commands::train::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Serve(a) => commands::serve::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Bench(a) => commands::bench::run(a).map(|_| ExitCode::SUCCESS),

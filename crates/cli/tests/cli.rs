@@ -15,7 +15,7 @@ use std::process::{Command, Output, Stdio};
 
 use candle_core::{DType, Device, Tensor};
 use kollava_testkit::{fixtures_dir, CHECKPOINTS};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const QUERY: &str = "이 이미지에 무엇이 있나요?";
 
@@ -882,4 +882,66 @@ fn train_pretrain_writes_projector_metrics_and_config() {
 
 fn crate_fixture_images() -> PathBuf {
     image("wide_rgb.png").parent().unwrap().to_path_buf()
+}
+
+// ---------------------------------------------------------------------------------------
+// eval vqa
+
+#[test]
+fn eval_vqa_answers_like_run_and_resumes_without_duplicates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let questions = write_file(
+        &tmp,
+        "q.jsonl",
+        format!(
+            "{{\"question_id\": 1, \"image\": \"wide_rgb.png\", \"text\": \"{QUERY}\", \"category\": \"conv\"}}\n{{\"question_id\": \"q2\", \"image\": \"tall_rgb.png\", \"text\": \"What is it?\"}}\n"
+        )
+        .as_bytes(),
+    );
+    let answers = tmp.path().join("out/answers.jsonl");
+    let images = crate_fixture_images();
+    let ckpt = checkpoint("llava-v1.5");
+    let args: Vec<&dyn AsRef<OsStr>> = vec![
+        &"eval",
+        &"vqa",
+        &"--model",
+        &ckpt,
+        &"--question-file",
+        &questions,
+        &"--image-folder",
+        &images,
+        &"--answers-file",
+        &answers,
+        &"--temperature",
+        &"0",
+        &"--max-new-tokens",
+        &"8",
+    ];
+    assert_success(&kollava(&args));
+    let lines: Vec<Value> = std::fs::read_to_string(&answers)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["question_id"], 1);
+    assert_eq!(lines[1]["question_id"], "q2");
+    assert_eq!(lines[0]["prompt"], QUERY);
+    assert_eq!(lines[0]["answer_id"].as_str().unwrap().len(), 22);
+    // Same answer as `kollava run` for the same question and image.
+    let run = run_json(&ckpt, &["--temperature", "0"]);
+    assert_eq!(lines[0]["text"], run["text"]);
+
+    // Simulate an interruption: keep the first answer and half of the second line.
+    let text = std::fs::read_to_string(&answers).unwrap();
+    let first_end = text.find('\n').unwrap() + 1;
+    std::fs::write(&answers, &text[..first_end + 20]).unwrap();
+    assert_success(&kollava(&args));
+    // Every line parses (the torn one was cut), every id appears once.
+    let ids: Vec<Value> = std::fs::read_to_string(&answers)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["question_id"].clone())
+        .collect();
+    assert_eq!(ids, vec![json!(1), json!("q2")], "every id exactly once");
 }

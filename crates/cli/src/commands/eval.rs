@@ -1,0 +1,45 @@
+//! `kollava eval …`: evaluation commands.
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::args::VqaArgs;
+use crate::pipeline;
+
+/// `kollava eval vqa`: model_vqa answers, resumable.
+pub fn vqa(args: &VqaArgs) -> Result<()> {
+    let questions = kollava_eval::vqa::read_questions(&args.question_file)?;
+    let opts = pipeline::answer_options(&args.sampling)?;
+    if let Some(parent) = args
+        .answers_file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let session = pipeline::load(&args.model)?;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} answered  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let n = kollava_eval::vqa::run(
+        &session,
+        &questions,
+        &args.image_folder,
+        &opts,
+        &args.answers_file,
+        &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    eprintln!(
+        "answered {n} of {} questions ({} already in {})",
+        questions.len(),
+        questions.len() - n,
+        args.answers_file.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! `kollava eval vqa`: LLaVA's `model_vqa` (llava-spec §8). Questions are JSON Lines of
+//! `{"question_id", "image", "text", "category"}`; answers are JSON Lines of
+//! `{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}`, appended and
+//! flushed one by one, so an interrupted run resumes where it stopped and never loses
+//! what it wrote.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::Path;
+
+use kollava_generate::{AnswerOptions, Session, SessionError};
+use kollava_inputs::image;
+use kollava_inputs::template::{Conversation, Role};
+use rand::Rng;
+use serde_json::{json, Value};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VqaError {
+    #[error("cannot read {file}: {reason}")]
+    Read { file: String, reason: String },
+    #[error("{file}:{line}: {reason}")]
+    Line {
+        file: String,
+        line: usize,
+        reason: String,
+    },
+    #[error("cannot write {file}: {reason}")]
+    Write { file: String, reason: String },
+    #[error("question {id}: {source}")]
+    Answer { id: String, source: SessionError },
+    #[error("question {id}: {reason}")]
+    Image { id: String, reason: String },
+}
+
+/// One question of a `model_vqa` question file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Question {
+    /// Kept as written (a number or a string) and echoed back unchanged.
+    pub question_id: Value,
+    pub image: Option<String>,
+    pub text: String,
+}
+
+impl Question {
+    fn key(&self) -> String {
+        self.question_id.to_string()
+    }
+}
+
+/// Reads a question file; errors name the line.
+pub fn read_questions(path: &Path) -> Result<Vec<Question>, VqaError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| VqaError::Read {
+        file: file.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |reason: String| VqaError::Line {
+            file: file.clone(),
+            line: i + 1,
+            reason,
+        };
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let question_id = v
+            .get("question_id")
+            .cloned()
+            .filter(|q| !q.is_null())
+            .ok_or_else(|| bad("no question_id".into()))?;
+        let text = v["text"]
+            .as_str()
+            .ok_or_else(|| bad("no \"text\" string".into()))?
+            .to_string();
+        let image = v["image"].as_str().map(str::to_string);
+        out.push(Question {
+            question_id,
+            image,
+            text,
+        });
+    }
+    Ok(out)
+}
+
+/// Question ids already answered in `answers` (missing file: none). A malformed last
+/// line (an interrupted write) is ignored; earlier malformed lines are errors.
+pub fn answered(answers: &Path) -> Result<HashSet<String>, VqaError> {
+    let file = answers.display().to_string();
+    let text = match std::fs::read_to_string(answers) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
+        Err(e) => {
+            return Err(VqaError::Read {
+                file,
+                reason: e.to_string(),
+            })
+        }
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut ids = HashSet::new();
+    for (i, line) in lines.iter().enumerate() {
+        match serde_json::from_str::<Value>(line) {
+            Ok(v) => {
+                ids.insert(v["question_id"].to_string());
+            }
+            Err(_) if i + 1 == lines.len() => {}
+            Err(e) => {
+                return Err(VqaError::Line {
+                    file: file.clone(),
+                    line: i + 1,
+                    reason: format!("invalid JSON: {e}"),
+                })
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// `shortuuid.uuid()`-like: 22 characters of base57.
+fn answer_id() -> String {
+    const ALPHABET: &[u8] = b"23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    (0..22)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// Answers every question not yet in `answers_path`, appending one line per answer.
+/// Returns how many were answered now. `on_done(done, total)` after each.
+pub fn run(
+    session: &Session,
+    questions: &[Question],
+    image_folder: &Path,
+    opts: &AnswerOptions,
+    answers_path: &Path,
+    on_done: &mut dyn FnMut(usize, usize),
+) -> Result<usize, VqaError> {
+    let done = answered(answers_path)?;
+    let todo: Vec<&Question> = questions
+        .iter()
+        .filter(|q| !done.contains(&q.key()))
+        .collect();
+    let file = answers_path.display().to_string();
+    let werr = |e: std::io::Error| VqaError::Write {
+        file: file.clone(),
+        reason: e.to_string(),
+    };
+    // A run killed mid-write leaves a torn last line: cut it off (its question is redone);
+    // a complete last line without its newline gets one.
+    let existing = std::fs::read(answers_path).unwrap_or_default();
+    let mut needs_newline = false;
+    if !existing.is_empty() && existing.last() != Some(&b'\n') {
+        let start = existing
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        if serde_json::from_slice::<Value>(&existing[start..]).is_ok() {
+            needs_newline = true;
+        } else {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(answers_path)
+                .map_err(werr)?;
+            f.set_len(start as u64).map_err(werr)?;
+        }
+    }
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(answers_path)
+        .map_err(werr)?;
+    if needs_newline {
+        out.write_all(b"\n").map_err(werr)?;
+    }
+    for (n, q) in todo.iter().enumerate() {
+        let id = q.key();
+        let images = match &q.image {
+            Some(name) => {
+                vec![
+                    image::open(&image_folder.join(name)).map_err(|e| VqaError::Image {
+                        id: id.clone(),
+                        reason: e.to_string(),
+                    })?,
+                ]
+            }
+            None => Vec::new(),
+        };
+        let mut conv = Conversation::new(session.template.clone());
+        conv.push(Role::User, Some(session.user_text(&q.text, images.len())));
+        conv.push(Role::Assistant, None);
+        let answer = session
+            .answer(&conv, &images, opts, &mut |_| true)
+            .map_err(|source| VqaError::Answer {
+                id: id.clone(),
+                source,
+            })?;
+        let line = json!({
+            "question_id": q.question_id,
+            "prompt": q.text,
+            "text": answer.generation.text,
+            "answer_id": answer_id(),
+            "model_id": session.ckpt.name,
+            "metadata": {},
+        });
+        writeln!(out, "{line}")
+            .and_then(|_| out.flush())
+            .map_err(werr)?;
+        on_done(n + 1, todo.len());
+    }
+    Ok(todo.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn question_errors_name_the_line_and_a_torn_last_answer_is_ignored() {
+        let dir = std::env::temp_dir().join(format!("kollava-vqa-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let q = dir.join("q.jsonl");
+        std::fs::write(
+            &q,
+            "{\"question_id\": 1, \"text\": \"a\"}\n{\"question_id\": 2, \"text\": \n",
+        )
+        .unwrap();
+        let err = read_questions(&q).unwrap_err().to_string();
+        assert!(err.contains("q.jsonl:2"), "{err}");
+        let a = dir.join("a.jsonl");
+        std::fs::write(
+            &a,
+            "{\"question_id\": 1, \"text\": \"x\"}\n{\"question_id\": \"two\", \"te",
+        )
+        .unwrap();
+        assert_eq!(answered(&a).unwrap(), HashSet::from(["1".to_string()]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
