@@ -172,6 +172,9 @@ pub struct ServeArgs {
     /// Requests that may wait for the model; more get 503 — 대기열 크기
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_queue: u32,
+    /// Require `Authorization: Bearer KEY` on the API (default: $KOLLAVA_API_KEY, else none) — API 키
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
 }
 
 #[derive(Debug, Args)]

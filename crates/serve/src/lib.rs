@@ -1,16 +1,23 @@
-//! HTTP serving. [`app`] builds the router (`/`: the chat page, `/health`, `/v1/models`,
-//! `/v1/chat/completions`, and LLaVA's `/worker_get_status` and `/worker_generate_stream`); handlers are thin: parse → hand a job to the
+//! HTTP serving. [`app`] builds the router: `/` (the chat page), `/health`, `/metrics`,
+//! `/v1/models`, `/v1/chat/completions`, and LLaVA's `/worker_get_status` and
+//! `/worker_generate_stream`. Handlers are thin: parse → hand a job to the
 //! [`engine::EngineHandle`] → map events to OpenAI-shaped responses. No tensors here.
 //!
 //! Still to come (issue 4): the page's image modes and votes/logs, the controller and
-//! worker registration, batching across requests, metrics, API keys.
+//! worker registration, batching across requests.
 
 pub mod engine;
 pub mod error;
 pub mod openai;
 pub mod worker;
 
-use axum::extract::DefaultBodyLimit;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
@@ -26,19 +33,85 @@ async fn chat_page() -> axum::response::Html<&'static str> {
 /// Largest request body: a few base64 images.
 pub const MAX_BODY_BYTES: usize = 32 << 20;
 
+/// Counters for `/metrics` (Prometheus text format).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub requests: AtomicU64,
+    pub failed: AtomicU64,
+    pub generated_tokens: AtomicU64,
+}
+
 #[derive(Clone)]
 pub struct AppState {
     pub engine: EngineHandle,
+    /// `--api-key`: required as `Authorization: Bearer …` on the API routes when set.
+    pub api_key: Option<String>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    pub fn new(engine: EngineHandle, api_key: Option<String>) -> Self {
+        Self {
+            engine,
+            api_key,
+            metrics: Arc::default(),
+        }
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let m = &state.metrics;
+    let body = format!(
+        "# TYPE kollava_requests_total counter\nkollava_requests_total {}\n\
+         # TYPE kollava_request_failures_total counter\nkollava_request_failures_total {}\n\
+         # TYPE kollava_generated_tokens_total counter\nkollava_generated_tokens_total {}\n\
+         # TYPE kollava_queue_length gauge\nkollava_queue_length {}\n",
+        m.requests.load(Ordering::Relaxed),
+        m.failed.load(Ordering::Relaxed),
+        m.generated_tokens.load(Ordering::Relaxed),
+        state.engine.queue_length(),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// Bearer-key check for the API routes (constant-time comparison).
+async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let same = given.len() == key.len()
+            && given
+                .bytes()
+                .zip(key.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !same {
+            return error::ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: "missing or wrong API key (send Authorization: Bearer <key>)".into(),
+            }
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(chat_page))
-        .route("/health", get(|| async { "ok" }))
+    let api = Router::new()
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/worker_get_status", post(worker::get_status))
         .route("/worker_generate_stream", post(worker::generate_stream))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .route("/", get(chat_page))
+        .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .merge(api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

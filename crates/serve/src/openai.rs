@@ -192,6 +192,23 @@ pub async fn models(State(state): State<AppState>) -> Json<Value> {
 }
 
 pub async fn chat_completions(
+    state: State<AppState>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let metrics = state.metrics.clone();
+    metrics
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let result = chat_completions_inner(state, body).await;
+    if result.is_err() {
+        metrics
+            .failed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    result
+}
+
+async fn chat_completions_inner(
     State(state): State<AppState>,
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -239,6 +256,10 @@ pub async fn chat_completions(
                     completion_tokens,
                     finish_reason,
                 } => {
+                    state.metrics.generated_tokens.fetch_add(
+                        completion_tokens as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     let body = json!({
                         "id": id, "object": "chat.completion", "created": created, "model": model,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
@@ -254,6 +275,7 @@ pub async fn chat_completions(
                 .ok_or_else(|| ApiError::internal("the engine dropped the request"))?;
         }
     }
+    let metrics = state.metrics.clone();
     let chunk = move |delta: Value, finish: Option<&str>| -> SseEvent {
         let body = json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -266,7 +288,17 @@ pub async fn chat_completions(
     // The engine drops its sender after the last event, which ends `rest`.
     let body = rest.map(move |event| match event {
         Event::Text(t) => chunk(json!({"content": t}), None),
-        Event::Done { finish_reason, .. } => chunk(json!({}), Some(finish_reason)),
+        Event::Done {
+            finish_reason,
+            completion_tokens,
+            ..
+        } => {
+            metrics.generated_tokens.fetch_add(
+                completion_tokens as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            chunk(json!({}), Some(finish_reason))
+        }
         Event::Failed(e) => SseEvent::default()
             .data(json!({"error": {"message": e.message, "type": "server_error"}}).to_string()),
     });

@@ -23,9 +23,7 @@ fn session() -> Session {
 }
 
 fn state() -> AppState {
-    AppState {
-        engine: EngineHandle::spawn(session(), 8),
-    }
+    AppState::new(EngineHandle::spawn(session(), 32), None)
 }
 
 fn data_url() -> String {
@@ -280,4 +278,69 @@ async fn the_chat_page_is_served_offline_and_uses_the_api() {
         !html.contains("https://"),
         "no external assets: the page must work offline"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_simultaneous_greedy_requests_each_equal_the_request_alone() {
+    let state = state();
+    let ask = |i: usize| json!({"temperature": 0, "max_tokens": 4, "messages": [{"role": "user", "content": format!("질문 {}", i % 4)}]});
+    let mut alone = Vec::new();
+    for i in 0..4 {
+        let (status, body) = send(&state, request(ask(i))).await;
+        assert_eq!(status, StatusCode::OK);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        alone.push(
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let state = state.clone();
+            tokio::spawn(async move { (i, send(&state, request(ask(i))).await) })
+        })
+        .collect();
+    for h in handles {
+        let (i, (status, body)) = h.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["choices"][0]["message"]["content"].as_str().unwrap(),
+            alone[i % 4],
+            "request {i}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_key_guards_the_api_and_metrics_count_requests() {
+    let state = AppState::new(EngineHandle::spawn(session(), 4), Some("s3cret".into()));
+    let ok = || json!({"temperature": 0, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
+    assert_openai_error(&state, request(ok()), StatusCode::UNAUTHORIZED, "API key").await;
+    let mut wrong = request(ok());
+    wrong
+        .headers_mut()
+        .insert("authorization", "Bearer nope".parse().unwrap());
+    assert_openai_error(&state, wrong, StatusCode::UNAUTHORIZED, "API key").await;
+    let mut right = request(ok());
+    right
+        .headers_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    let (status, body) = send(&state, right).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The page, health and metrics stay open.
+    let (status, metrics) = send(
+        &state,
+        Request::get("/metrics").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(metrics.contains("kollava_requests_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("kollava_generated_tokens_total 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("kollava_queue_length 0"), "{metrics}");
 }

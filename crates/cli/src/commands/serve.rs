@@ -9,6 +9,11 @@ use crate::pipeline;
 pub fn run(args: &ServeArgs) -> Result<()> {
     let session = pipeline::load(&args.model)?;
     let engine = EngineHandle::spawn(session, args.max_queue as usize);
+    let api_key = args
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("KOLLAVA_API_KEY").ok())
+        .filter(|k| !k.is_empty());
     let addr = format!("{}:{}", args.host, args.port);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -22,7 +27,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             "kollava serving {} on http://{addr} (OpenAI API at /v1/chat/completions)",
             engine.model_name
         );
-        kollava_serve::serve(listener, AppState { engine })
+        kollava_serve::serve(listener, AppState::new(engine, api_key))
             .await
             .context("serving")
     })
