@@ -61,6 +61,9 @@ kollava init-random --arch llava-1.5-7b --layout hf --dtype bf16 --out /data/lla
     /// Evaluation — 평가
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Training data tools — 학습 데이터 도구
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Train: stage 1 projector pretraining (frozen vision tower and LLM) — 학습 (1단계: 프로젝터)
     #[command(
         after_help = "Data: a JSON array or JSON Lines of {\"id\", \"image\", \"conversations\": [{\"from\": \"human\"|\"gpt\", \"value\"}]}\n\n\
@@ -98,6 +101,43 @@ kollava eval vqa --model ./KoLLaVA-KoVicuna-7b --question-file ko_questions.json
 --image-folder coco/val2014 --answers-file answers/kollava.jsonl --temperature 0"
     )]
     Vqa(VqaArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Validate a training file before a long run — 학습 파일 검사
+    #[command(
+        after_help = "Checks: schema and role order, <image> placement, images that exist and decode,\n\
+duplicate ids, and with --model the token lengths against --model-max-length.\n\
+Exits non-zero listing the first problems with their ids.\n\n\
+Examples / 예시:\n  \
+kollava data check --data ko_llava_instruct_150k.json --image-folder coco/train2014 --image-prefix COCO_train2014_\n  \
+kollava data check --data ko_chat.json --image-folder cc3m --model ./llava-v1.5-7b --version plain"
+    )]
+    Check(DataCheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DataCheckArgs {
+    /// Training data (JSON array or JSONL) — 학습 데이터
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Folder the records' images are in — 이미지 폴더
+    #[arg(long, value_name = "DIR")]
+    pub image_folder: PathBuf,
+    #[arg(long, default_value = "")]
+    pub image_prefix: String,
+    /// Checkpoint whose tokenizer measures lengths (optional) — 길이 측정용 체크포인트
+    #[arg(long, value_name = "DIR|REPO")]
+    pub model: Option<String>,
+    /// Conversation format for the lengths — 대화 형식
+    #[arg(long, default_value = "plain")]
+    pub version: String,
+    #[arg(long, default_value_t = 2048)]
+    pub model_max_length: usize,
+    /// How many problems to list — 출력할 문제 수
+    #[arg(long, default_value_t = 20)]
+    pub show: usize,
 }
 
 #[derive(Debug, Args)]

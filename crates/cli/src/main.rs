@@ -38,6 +38,7 @@ fn run() -> anyhow::Result<ExitCode> {
         args::Command::Eval(args::EvalCommand::Vqa(a)) => {
             commands::eval::vqa(a).map(|_| ExitCode::SUCCESS)
         }
+        args::Command::Data(args::DataCommand::Check(a)) => commands::data::check(a),
         args::Command::Train(a) => commands::train::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Serve(a) => commands::serve::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Bench(a) => commands::bench::run(a).map(|_| ExitCode::SUCCESS),

@@ -92,6 +92,20 @@ fn parse_record(v: &Value, file: &str, index: usize) -> Result<Sample, DataError
 
 /// Reads a JSON array or JSON Lines file of records.
 pub fn read_samples(path: &Path) -> Result<Vec<Sample>, DataError> {
+    let samples = read_records(path)?
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    if samples.is_empty() {
+        return Err(DataError::Empty {
+            file: path.display().to_string(),
+        });
+    }
+    Ok(samples)
+}
+
+/// Every record of the file, each parsed on its own (for `kollava data check`, which
+/// reports all problems rather than the first). Fails only if the file is unreadable.
+pub fn read_records(path: &Path) -> Result<Vec<Result<Sample, DataError>>, DataError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| DataError::Read {
         file: file.clone(),
@@ -115,15 +129,11 @@ pub fn read_samples(path: &Path) -> Result<Vec<Sample>, DataError> {
             })
             .collect::<Result<_, _>>()?
     };
-    let samples = values
+    Ok(values
         .iter()
         .enumerate()
         .map(|(i, v)| parse_record(v, &file, i))
-        .collect::<Result<Vec<_>, _>>()?;
-    if samples.is_empty() {
-        return Err(DataError::Empty { file });
-    }
-    Ok(samples)
+        .collect())
 }
 
 #[cfg(test)]

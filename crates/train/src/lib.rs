@@ -4,6 +4,7 @@
 //! (schedule, clipping) and [`pretrain`] (stage 1: the projector alone).
 //! It has no forward pass of its own.
 
+pub mod check;
 pub mod data;
 pub mod labels;
 pub mod loss;

@@ -1,0 +1,84 @@
+//! `kollava data …`: training data tools.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use kollava_inputs::template::Template;
+use kollava_train::check::{check as check_data, histogram, LengthCheck};
+use kollava_train::labels::label_rule;
+
+use crate::args::DataCheckArgs;
+
+/// `kollava data check`.
+pub fn check(args: &DataCheckArgs) -> Result<ExitCode> {
+    let template = Template::by_name(&args.version).with_context(|| {
+        format!(
+            "unknown --version {:?}; known: {}",
+            args.version,
+            Template::names().join(", ")
+        )
+    })?;
+    let tokenizer_parts = match &args.model {
+        Some(m) => {
+            let ckpt = kollava_checkpoint::open(m, &Default::default())?;
+            let tok = ckpt.tokenizer()?;
+            let scheme = ckpt.image_tokens(&tok)?;
+            Some((tok, scheme))
+        }
+        None => None,
+    };
+    let lengths = tokenizer_parts
+        .as_ref()
+        .map(|(tokenizer, scheme)| LengthCheck {
+            tokenizer,
+            scheme,
+            template: &template,
+            rule: label_rule(&template),
+            max_length: args.model_max_length,
+        });
+    let report = check_data(
+        &args.data,
+        &args.image_folder,
+        &args.image_prefix,
+        lengths.as_ref(),
+    )?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{} records, {} problems",
+        report.records,
+        report.problems.len()
+    )?;
+    if !report.lengths.is_empty() {
+        writeln!(
+            out,
+            "token lengths ({} over {}):",
+            report.too_long, args.model_max_length
+        )?;
+        let peak = histogram(&report.lengths, 10)
+            .iter()
+            .map(|b| b.2)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        for (lo, hi, n) in histogram(&report.lengths, 10) {
+            writeln!(
+                out,
+                "  {lo:>6}-{hi:<6} {n:>7} {}",
+                "#".repeat(n * 40 / peak)
+            )?;
+        }
+    }
+    for p in report.problems.iter().take(args.show) {
+        writeln!(out, "  {}: {}", p.id, p.what)?;
+    }
+    if report.problems.len() > args.show {
+        writeln!(out, "  … and {} more", report.problems.len() - args.show)?;
+    }
+    Ok(if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
