@@ -11,6 +11,7 @@
 //! It owns files and JSON; it does no tensor math, tokenizing or HTTP.
 
 pub mod config;
+pub mod convert;
 pub mod locate;
 pub mod random;
 pub mod weights;

@@ -248,13 +248,28 @@ fn safetensors_names(path: &Path) -> Result<BTreeSet<String>, CheckpointError> {
 /// A `VarBuilder` backend that reads each tensor with a positioned read and converts it
 /// on the spot. Unlike a memory map, the raw bytes never stay resident: loading peaks at
 /// the final model plus one tensor, which keeps f16 → f32 upcasts inside the memory budget.
-struct SafetensorsFiles {
+pub(crate) struct SafetensorsFiles {
     files: Vec<(PathBuf, std::fs::File)>,
     index: HashMap<String, TensorLoc>,
 }
 
 impl SafetensorsFiles {
-    fn open(paths: &[PathBuf]) -> Result<Self, CheckpointError> {
+    /// `(name, shape, dtype)` of every tensor.
+    pub(crate) fn tensor_list(&self) -> Vec<(String, Vec<usize>, DType)> {
+        self.index
+            .iter()
+            .map(|(n, l)| (n.clone(), l.shape.clone(), l.dtype))
+            .collect()
+    }
+
+    /// One tensor in its stored dtype, on the CPU.
+    pub(crate) fn read(&self, name: &str) -> candle_core::Result<Tensor> {
+        use candle_nn::var_builder::SimpleBackend;
+        let dtype = self.index.get(name).map_or(DType::F32, |l| l.dtype);
+        self.get_unchecked(name, dtype, &Device::Cpu)
+    }
+
+    pub(crate) fn open(paths: &[PathBuf]) -> Result<Self, CheckpointError> {
         let mut files = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for (i, p) in paths.iter().enumerate() {

@@ -73,6 +73,14 @@ kollava train --model ./KoVicuna-llava --data ko_llava_instruct_150k.json --imag
 --image-prefix COCO_train2014_ --version v1 --output-dir out/stage1"
     )]
     Train(TrainArgs),
+    /// Rewrite a checkpoint's weights as safetensors (e.g. from .bin), optionally in another dtype — 가중치 변환
+    #[command(
+        after_help = "Streams tensor by tensor (memory: about one tensor); other files are copied.\n\n\
+Examples / 예시:\n  \
+kollava convert --input ./KoLLaVA-KoVicuna-7b --output ./KoLLaVA-KoVicuna-7b-st\n  \
+kollava convert --input ./KoLLaVA-KoVicuna-7b --output ./KoLLaVA-KoVicuna-7b-f16 --dtype f16"
+    )]
+    Convert(ConvertArgs),
     /// Serve an OpenAI-compatible API — OpenAI 호환 API 서버 실행
     #[command(
         after_help = "Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (images as base64 data URLs; stream: true for SSE)\n\n\
@@ -197,6 +205,19 @@ pub struct TrainArgs {
     /// Data order seed — 시드
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// Checkpoint directory — 입력 체크포인트
+    #[arg(long, value_name = "DIR")]
+    pub input: PathBuf,
+    /// New directory (must not exist or be empty) — 출력 디렉터리
+    #[arg(long, value_name = "DIR")]
+    pub output: PathBuf,
+    /// Floating-point dtype of the output (default: keep each tensor's) — 출력 자료형
+    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    pub dtype: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -39,6 +39,7 @@ fn run() -> anyhow::Result<ExitCode> {
             commands::eval::vqa(a).map(|_| ExitCode::SUCCESS)
         }
         args::Command::Data(args::DataCommand::Check(a)) => commands::data::check(a),
+        args::Command::Convert(a) => commands::convert::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Train(a) => commands::train::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Serve(a) => commands::serve::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Bench(a) => commands::bench::run(a).map(|_| ExitCode::SUCCESS),

@@ -995,3 +995,47 @@ fn data_check_reports_each_planted_problem_by_id() {
         "the good record has no problem:\n{out}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// convert
+
+#[test]
+fn converting_the_v0_bin_checkpoint_to_safetensors_keeps_every_reference_value() {
+    // A scratch fixtures tree: the converted checkpoint sits where the original did, so its
+    // relative mm_vision_tower and the reference's image paths still resolve.
+    let tmp = tempfile::tempdir().unwrap();
+    for dir in ["images", "clip-vit-tiny-patch14-28"] {
+        copy_dir(
+            &checkpoint("llava-v0").parent().unwrap().join(dir),
+            &tmp.path().join(dir),
+        );
+    }
+    let out = tmp.path().join("llava-v0");
+    let o = kollava(&[
+        &"convert",
+        &"--input",
+        &checkpoint("llava-v0"),
+        &"--output",
+        &out,
+    ]);
+    assert_success(&o);
+    assert!(out.join("model.safetensors.index.json").is_file());
+    assert!(!std::fs::read_dir(&out).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".bin")));
+    let o = kollava(&[&"verify", &"--model", &out, &"--reference", &out]);
+    assert_success(&o);
+    let (_, failed, _) = verify_summary(&stdout(&o));
+    assert_eq!(failed, 0);
+    // Refuses to overwrite.
+    let o = kollava(&[
+        &"convert",
+        &"--input",
+        &checkpoint("llava-v0"),
+        &"--output",
+        &out,
+    ]);
+    assert_one_line_error(&o, &["not empty"]);
+}

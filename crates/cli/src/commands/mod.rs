@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod convert;
 pub mod data;
 pub mod eval;
 pub mod init_random;

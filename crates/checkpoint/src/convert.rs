@@ -1,0 +1,307 @@
+//! `kollava convert`: a checkpoint's weights rewritten as safetensors (optionally in another
+//! dtype), everything else copied as is. Streams tensor by tensor: each is read from its
+//! source shard only when the writer reaches it, so a 27 GB fp32 `.bin` checkpoint converts
+//! in about one tensor of memory. The output is written under a temporary name and renamed
+//! when complete.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use safetensors::{Dtype, View};
+use serde_json::json;
+
+use crate::weights::{find_weights, WeightFormat};
+use crate::{candle_reason, CheckpointError};
+
+/// Where to read one tensor from.
+enum Source {
+    Pickle(std::sync::Arc<candle_core::pickle::PthTensors>),
+    Safetensors(std::sync::Arc<crate::weights::SafetensorsFiles>),
+}
+
+struct Lazy {
+    name: String,
+    shape: Vec<usize>,
+    /// Output dtype.
+    dtype: DType,
+    source: Source,
+}
+
+fn st_dtype(d: DType) -> Dtype {
+    match d {
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+        DType::F64 => Dtype::F64,
+        DType::I64 => Dtype::I64,
+        DType::U32 => Dtype::U32,
+        DType::U8 => Dtype::U8,
+        _ => Dtype::F32,
+    }
+}
+
+impl Lazy {
+    fn load(&self) -> candle_core::Result<Tensor> {
+        let t = match &self.source {
+            Source::Pickle(p) => {
+                p.get(&self.name)?
+                    .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                        path: self.name.clone(),
+                    })?
+            }
+            Source::Safetensors(s) => s.read(&self.name)?,
+        };
+        // Only floating-point weights change dtype; integer buffers keep theirs.
+        if t.dtype().is_float() {
+            t.to_dtype(self.dtype)
+        } else {
+            Ok(t)
+        }
+    }
+}
+
+impl View for &Lazy {
+    fn dtype(&self) -> Dtype {
+        st_dtype(self.dtype)
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        // safetensors' writer cannot fail here; a tensor that cannot be read was already
+        // read once in `convert` (validation pass), so this is an I/O fault mid-write.
+        let t = self.load().and_then(|t| t.flatten_all());
+        let bytes = t.and_then(|t| match t.dtype() {
+            DType::F32 => Ok(t
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()),
+            DType::F16 => Ok(t
+                .to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()),
+            DType::BF16 => Ok(t
+                .to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()),
+            DType::F64 => Ok(t
+                .to_vec1::<f64>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()),
+            DType::I64 => Ok(t
+                .to_vec1::<i64>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()),
+            DType::U32 => Ok(t
+                .to_vec1::<u32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()),
+            DType::U8 => t.to_vec1::<u8>(),
+            other => candle_core::bail!("unsupported dtype {other:?}"),
+        });
+        Cow::Owned(bytes.unwrap_or_else(|e| panic!("reading {} while writing: {e}", self.name)))
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size_in_bytes()
+    }
+}
+
+/// Converts the checkpoint in `input` to safetensors in `output` (which must not exist or
+/// be empty). `dtype`: `None` keeps each tensor's dtype. Non-weight files are copied.
+/// Returns the number of tensors written.
+pub fn convert(
+    input: &Path,
+    output: &Path,
+    dtype: Option<DType>,
+    on_progress: &mut dyn FnMut(usize, usize),
+) -> Result<usize, CheckpointError> {
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |e: std::io::Error| CheckpointError::Io {
+            path: p.clone(),
+            reason: e.to_string(),
+        }
+    };
+    if output.exists()
+        && std::fs::read_dir(output)
+            .map_err(io(output))?
+            .next()
+            .is_some()
+    {
+        return Err(CheckpointError::Invalid {
+            file: output.display().to_string(),
+            what: "output directory: it exists and is not empty".into(),
+        });
+    }
+    let files = find_weights(input)?;
+    let weight_err = |f: &Path| {
+        let f = f.display().to_string();
+        move |e: candle_core::Error| CheckpointError::Weights {
+            file: f.clone(),
+            reason: candle_reason(&e),
+        }
+    };
+    // Index every tensor by source shard, keeping the source's shard grouping.
+    let mut shards: Vec<Vec<Lazy>> = Vec::new();
+    for f in &files.files {
+        let mut lazies = Vec::new();
+        match files.format {
+            WeightFormat::PytorchPickle => {
+                let p = std::sync::Arc::new(
+                    candle_core::pickle::PthTensors::new(f, None).map_err(weight_err(f))?,
+                );
+                let mut names: Vec<(String, Vec<usize>, DType)> = p
+                    .tensor_infos()
+                    .iter()
+                    .map(|(n, i)| (n.clone(), i.layout.shape().dims().to_vec(), i.dtype))
+                    .collect();
+                names.sort_by(|a, b| a.0.cmp(&b.0));
+                for (name, shape, src) in names {
+                    if name.ends_with("rotary_emb.inv_freq") {
+                        continue;
+                    }
+                    let dtype = if src.is_float() {
+                        dtype.unwrap_or(src)
+                    } else {
+                        src
+                    };
+                    lazies.push(Lazy {
+                        name,
+                        shape,
+                        dtype,
+                        source: Source::Pickle(p.clone()),
+                    });
+                }
+            }
+            WeightFormat::Safetensors => {
+                let st = std::sync::Arc::new(crate::weights::SafetensorsFiles::open(
+                    std::slice::from_ref(f),
+                )?);
+                let mut names = st.tensor_list();
+                names.sort_by(|a, b| a.0.cmp(&b.0));
+                for (name, shape, src) in names {
+                    let dtype = if src.is_float() {
+                        dtype.unwrap_or(src)
+                    } else {
+                        src
+                    };
+                    lazies.push(Lazy {
+                        name,
+                        shape,
+                        dtype,
+                        source: Source::Safetensors(st.clone()),
+                    });
+                }
+            }
+        }
+        shards.push(lazies);
+    }
+    let parent = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let tmp: PathBuf = parent.join(format!(
+        ".{}.tmp-{}",
+        output.file_name().and_then(|s| s.to_str()).unwrap_or("out"),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let result = (|| -> Result<usize, CheckpointError> {
+        // Copy everything that is not a weight file or index.
+        for entry in std::fs::read_dir(input).map_err(io(input))? {
+            let entry = entry.map_err(io(input))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_weights = files
+                .files
+                .iter()
+                .any(|f| f.file_name() == Some(entry.file_name().as_os_str()))
+                || name.ends_with(".bin.index.json")
+                || name == "model.safetensors.index.json";
+            if entry.file_type().map_err(io(input))?.is_file() && !is_weights {
+                std::fs::copy(entry.path(), tmp.join(&name)).map_err(io(&entry.path()))?;
+            }
+        }
+        let n = shards.len();
+        let total: usize = shards.iter().map(Vec::len).sum();
+        let mut done = 0;
+        let mut weight_map = BTreeMap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            let file = if n == 1 {
+                "model.safetensors".to_string()
+            } else {
+                format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+            };
+            // Validate every tensor of the shard can be read before writing it.
+            for t in shard {
+                t.load().map_err(|e| CheckpointError::Weights {
+                    file: t.name.clone(),
+                    reason: candle_reason(&e),
+                })?;
+            }
+            let path = tmp.join(&file);
+            let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+            safetensors::serialize_to_file(
+                shard.iter().map(|t| (t.name.clone(), t)),
+                Some(meta),
+                &path,
+            )
+            .map_err(|e| CheckpointError::Weights {
+                file: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            for t in shard {
+                weight_map.insert(t.name.clone(), json!(file));
+            }
+            done += shard.len();
+            on_progress(done, total);
+        }
+        if n > 1 {
+            let index = json!({"metadata": {}, "weight_map": weight_map});
+            let p = tmp.join("model.safetensors.index.json");
+            std::fs::write(&p, serde_json::to_string_pretty(&index).unwrap_or_default())
+                .map_err(io(&p))?;
+        }
+        if let Some(d) = dtype {
+            // Keep config.json's torch_dtype truthful.
+            let cfg_path = tmp.join("config.json");
+            if let Ok(text) = std::fs::read_to_string(&cfg_path) {
+                if let Ok(mut cfg) = serde_json::from_str::<serde_json::Value>(&text) {
+                    let name = match d {
+                        DType::F16 => "float16",
+                        DType::BF16 => "bfloat16",
+                        _ => "float32",
+                    };
+                    cfg["torch_dtype"] = json!(name);
+                    std::fs::write(
+                        &cfg_path,
+                        serde_json::to_string_pretty(&cfg).unwrap_or(text),
+                    )
+                    .map_err(io(&cfg_path))?;
+                }
+            }
+        }
+        Ok(total)
+    })();
+    match result {
+        Ok(total) => {
+            if output.exists() {
+                std::fs::remove_dir(output).map_err(io(output))?;
+            }
+            std::fs::rename(&tmp, output).map_err(io(output))?;
+            Ok(total)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
