@@ -109,6 +109,20 @@ kollava eval vqa --model ./KoLLaVA-KoVicuna-7b --question-file ko_questions.json
 --image-folder coco/val2014 --answers-file answers/kollava.jsonl --temperature 0"
     )]
     Vqa(VqaArgs),
+    /// Summarize GPT-review files like LLaVA's summarize_gpt_review — 리뷰 점수 요약
+    #[command(
+        after_help = "Reads reviews_*.jsonl / review_*.jsonl / gpt4_text*.jsonl in DIR and prints, per category and overall,\n\
+the mean scores [answer 1, answer 2] and the relative score answer2/answer1*100.\n\n\
+Example / 예시:\n  kollava eval summarize -d table/review"
+    )]
+    Summarize(SummarizeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SummarizeArgs {
+    /// Directory with review files — 리뷰 파일 디렉터리
+    #[arg(short = 'd', long = "dir", value_name = "DIR")]
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

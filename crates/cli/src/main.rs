@@ -38,6 +38,9 @@ fn run() -> anyhow::Result<ExitCode> {
         args::Command::Eval(args::EvalCommand::Vqa(a)) => {
             commands::eval::vqa(a).map(|_| ExitCode::SUCCESS)
         }
+        args::Command::Eval(args::EvalCommand::Summarize(a)) => {
+            commands::eval::summarize(a).map(|_| ExitCode::SUCCESS)
+        }
         args::Command::Data(args::DataCommand::Check(a)) => commands::data::check(a),
         args::Command::Convert(a) => commands::convert::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Train(a) => commands::train::run(a).map(|_| ExitCode::SUCCESS),

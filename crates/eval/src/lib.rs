@@ -4,5 +4,6 @@
 //! entry point.
 
 pub mod bench;
+pub mod review;
 pub mod verify;
 pub mod vqa;

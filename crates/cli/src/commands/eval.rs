@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::args::VqaArgs;
+use crate::args::{SummarizeArgs, VqaArgs};
 use crate::pipeline;
 
 /// `kollava eval vqa`: model_vqa answers, resumable.
@@ -41,5 +41,24 @@ pub fn vqa(args: &VqaArgs) -> Result<()> {
         questions.len() - n,
         args.answers_file.display()
     );
+    Ok(())
+}
+
+/// `kollava eval summarize`: the reference's per-category review summary.
+pub fn summarize(args: &SummarizeArgs) -> Result<()> {
+    use std::io::Write;
+    let files = kollava_eval::review::review_files(&args.dir)
+        .with_context(|| format!("cannot read {}", args.dir.display()))?;
+    if files.is_empty() {
+        anyhow::bail!(
+            "no review files (reviews_*.jsonl, review_*.jsonl, gpt4_text*.jsonl) in {}",
+            args.dir.display()
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    for f in files {
+        let text = kollava_eval::review::summarize_file(&f).map_err(anyhow::Error::msg)?;
+        out.write_all(text.as_bytes())?;
+    }
     Ok(())
 }
