@@ -305,3 +305,63 @@ pub fn convert(
         }
     }
 }
+
+/// `extract_mm_projector` (llava-spec §9): the projector's tensors (and, with
+/// `with_embeddings`, June-2023's `embed_tokens` rows that stage 1 also trained) written to
+/// a safetensors file under their full names. Reads only those tensors.
+pub fn extract_projector(
+    input: &Path,
+    output: &Path,
+    with_embeddings: bool,
+) -> Result<Vec<String>, CheckpointError> {
+    let files = find_weights(input)?;
+    let wanted = |n: &str| {
+        n.contains("mm_projector")
+            || n.contains("multi_modal_projector")
+            || (with_embeddings && (n.contains("embed_tokens") || n.contains("transformer.wte")))
+    };
+    let names: Vec<&String> = files.names.iter().filter(|n| wanted(n)).collect();
+    if names.is_empty() {
+        return Err(CheckpointError::Invalid {
+            file: input.display().to_string(),
+            what: "checkpoint: it has no projector (mm_projector) tensors".into(),
+        });
+    }
+    let mut tensors = std::collections::HashMap::new();
+    for f in &files.files {
+        let err = |e: candle_core::Error| CheckpointError::Weights {
+            file: f.display().to_string(),
+            reason: candle_reason(&e),
+        };
+        match files.format {
+            WeightFormat::PytorchPickle => {
+                let p = candle_core::pickle::PthTensors::new(f, None).map_err(err)?;
+                for n in &names {
+                    if let Some(t) = p.get(n).map_err(err)? {
+                        tensors.insert((*n).clone(), t);
+                    }
+                }
+            }
+            WeightFormat::Safetensors => {
+                let st = crate::weights::SafetensorsFiles::open(std::slice::from_ref(f))?;
+                let present: std::collections::HashSet<String> =
+                    st.tensor_list().into_iter().map(|t| t.0).collect();
+                for n in names.iter().filter(|n| present.contains(n.as_str())) {
+                    tensors.insert((*n).clone(), st.read(n).map_err(err)?);
+                }
+            }
+        }
+    }
+    let tmp = output.with_extension("tmp");
+    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| CheckpointError::Weights {
+        file: tmp.display().to_string(),
+        reason: candle_reason(&e),
+    })?;
+    std::fs::rename(&tmp, output).map_err(|e| CheckpointError::Io {
+        path: output.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut keys: Vec<String> = tensors.into_keys().collect();
+    keys.sort();
+    Ok(keys)
+}

@@ -87,6 +87,9 @@ pub enum CheckpointError {
 pub struct OpenOptions {
     /// `--vision-tower`: a CLIP directory or repo id overriding `mm_vision_tower`.
     pub vision_tower: Option<String>,
+    /// `--projector`: projector weights replacing the checkpoint's (a stage-1 result, or
+    /// LLaVA's `mm_projector` file; the reference's `--model-base` projector-only case).
+    pub projector: Option<PathBuf>,
 }
 
 /// A resolved checkpoint, ready to load.
@@ -109,6 +112,7 @@ pub struct Checkpoint {
     /// llava-hf's `image_token_index`; v0's `mm_use_im_start_end`.
     image_token_index: Option<u32>,
     use_im_start_end: bool,
+    projector_file: Option<PathBuf>,
 }
 
 /// A candle error as one line. With `RUST_BACKTRACE` set candle appends a backtrace to its
@@ -272,6 +276,7 @@ pub fn open(model: &str, opts: &OpenOptions) -> Result<Checkpoint, CheckpointErr
         context_len,
         eos_ids,
         image_token_index: raw.image_token_index,
+        projector_file: opts.projector.clone(),
         use_im_start_end: raw.mm_use_im_start_end.unwrap_or(false),
     })
 }
@@ -373,13 +378,49 @@ impl Checkpoint {
             }
         };
         let vision_dir = self.vision_dir.clone().unwrap_or_else(|| self.dir.clone());
-        Llava::load(llm, vision, &self.config).map_err(|e| {
+        let mut model = Llava::load(llm, vision, &self.config).map_err(|e| {
             let text = e.to_string();
             if text.contains("vision_model") {
                 load_err("vision tower", &vision_dir)(e)
             } else {
                 load_err("language model", &self.dir)(e)
             }
+        })?;
+        if let Some(file) = &self.projector_file {
+            model.projector = self.load_projector_file(file, dtype, device)?;
+        }
+        Ok(model)
+    }
+
+    /// Projector weights from a separate file, with LLaVA's (`model.mm_projector.*`) or
+    /// llava-hf's (`multi_modal_projector.linear_N.*`) names.
+    fn load_projector_file(
+        &self,
+        file: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<kollava_model::projector::Projector, CheckpointError> {
+        let files = weights::WeightFiles::single(file)?;
+        let hf = files
+            .names
+            .iter()
+            .any(|n| n.starts_with("multi_modal_projector."));
+        let vb = weights::var_builder(&files, dtype, device, "")?;
+        let vb = if hf {
+            vb.rename_f(|n| weights::KeyLayout::HfLegacy.llm_key(n))
+        } else {
+            vb
+        };
+        kollava_model::projector::Projector::load(
+            vb.pp("model").pp("mm_projector"),
+            self.config.projector,
+            self.config.vision.hidden_size,
+            self.config.decoder.hidden_size,
+        )
+        .map_err(|e| CheckpointError::Load {
+            part: "projector",
+            dir: file.display().to_string(),
+            reason: candle_reason(&e),
         })
     }
 }

@@ -74,6 +74,39 @@ fn read_index(
     Ok((out, names))
 }
 
+impl WeightFiles {
+    /// One weight file (`.safetensors` or a PyTorch `.bin`).
+    pub fn single(path: &Path) -> Result<WeightFiles, CheckpointError> {
+        if !path.is_file() {
+            return Err(CheckpointError::Io {
+                path: path.display().to_string(),
+                reason: "no such file".into(),
+            });
+        }
+        if path.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+            let names = safetensors_names(path)?;
+            return Ok(WeightFiles {
+                format: WeightFormat::Safetensors,
+                files: vec![path.to_path_buf()],
+                names,
+            });
+        }
+        let names = candle_core::pickle::read_pth_tensor_info(path, false, None)
+            .map_err(|e| CheckpointError::Weights {
+                file: path.display().to_string(),
+                reason: candle_reason(&e),
+            })?
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        Ok(WeightFiles {
+            format: WeightFormat::PytorchPickle,
+            files: vec![path.to_path_buf()],
+            names,
+        })
+    }
+}
+
 /// Finds the weights of `dir`: an index (safetensors preferred) or a single file.
 pub fn find_weights(dir: &Path) -> Result<WeightFiles, CheckpointError> {
     let st_index = dir.join("model.safetensors.index.json");

@@ -81,6 +81,11 @@ kollava convert --input ./KoLLaVA-KoVicuna-7b --output ./KoLLaVA-KoVicuna-7b-st\
 kollava convert --input ./KoLLaVA-KoVicuna-7b --output ./KoLLaVA-KoVicuna-7b-f16 --dtype f16"
     )]
     Convert(ConvertArgs),
+    /// Save a checkpoint's projector weights to a file (LLaVA's extract_mm_projector) — 프로젝터 추출
+    #[command(
+        after_help = "Example / 예시:\n  kollava extract-projector --model ./llava-v1.5-7b --output mm_projector.safetensors"
+    )]
+    ExtractProjector(ExtractProjectorArgs),
     /// Serve an OpenAI-compatible API — OpenAI 호환 API 서버 실행
     #[command(
         after_help = "Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (images as base64 data URLs; stream: true for SSE)\n\n\
@@ -108,7 +113,7 @@ Examples / 예시:\n  \
 kollava eval vqa --model ./KoLLaVA-KoVicuna-7b --question-file ko_questions.jsonl \\\n    \
 --image-folder coco/val2014 --answers-file answers/kollava.jsonl --temperature 0"
     )]
-    Vqa(VqaArgs),
+    Vqa(Box<VqaArgs>),
     /// Summarize GPT-review files like LLaVA's summarize_gpt_review — 리뷰 점수 요약
     #[command(
         after_help = "Reads reviews_*.jsonl / review_*.jsonl / gpt4_text*.jsonl in DIR and prints, per category and overall,\n\
@@ -235,6 +240,19 @@ pub struct ConvertArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ExtractProjectorArgs {
+    /// Checkpoint directory — 체크포인트
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Output file (safetensors) — 출력 파일
+    #[arg(long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Also save embed_tokens (June-2023 stage 1 trained the <im_start>/<im_end> rows) — 임베딩 포함
+    #[arg(long)]
+    pub with_embeddings: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -304,6 +322,9 @@ pub struct ModelArgs {
     /// CLIP tower to use instead of the config's mm_vision_tower — mm_vision_tower 대신 쓸 CLIP 경로
     #[arg(long, value_name = "DIR|REPO")]
     pub vision_tower: Option<String>,
+    /// Projector weights replacing the checkpoint's (e.g. `kollava train` output) — 프로젝터 가중치 파일
+    #[arg(long, value_name = "FILE")]
+    pub projector: Option<PathBuf>,
     /// Conversation template (default: what the reference picks from the model name) — 대화 템플릿
     #[arg(long, value_name = "NAME")]
     pub conv_mode: Option<String>,

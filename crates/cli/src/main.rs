@@ -42,6 +42,9 @@ fn run() -> anyhow::Result<ExitCode> {
             commands::eval::summarize(a).map(|_| ExitCode::SUCCESS)
         }
         args::Command::Data(args::DataCommand::Check(a)) => commands::data::check(a),
+        args::Command::ExtractProjector(a) => {
+            commands::convert::extract_projector(a).map(|_| ExitCode::SUCCESS)
+        }
         args::Command::Convert(a) => commands::convert::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Train(a) => commands::train::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Serve(a) => commands::serve::run(a).map(|_| ExitCode::SUCCESS),

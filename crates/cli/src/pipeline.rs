@@ -35,6 +35,7 @@ pub fn load(args: &ModelArgs) -> Result<Session> {
         } else {
             DType::F32
         },
+        projector: args.projector.clone(),
     };
     Ok(Session::load(&opts)?)
 }

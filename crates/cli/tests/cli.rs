@@ -1039,3 +1039,106 @@ fn converting_the_v0_bin_checkpoint_to_safetensors_keeps_every_reference_value()
     ]);
     assert_one_line_error(&o, &["not empty"]);
 }
+
+#[test]
+fn extract_projector_writes_exactly_the_projector_tensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("mm_projector.safetensors");
+    let ckpt = checkpoint("llava-v1.5");
+    assert_success(&kollava(&[
+        &"extract-projector",
+        &"--model",
+        &ckpt,
+        &"--output",
+        &out,
+    ]));
+    let got = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    let mut keys: Vec<&String> = got.keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "model.mm_projector.0.bias",
+            "model.mm_projector.0.weight",
+            "model.mm_projector.2.bias",
+            "model.mm_projector.2.weight"
+        ]
+    );
+    // Values equal the checkpoint's own.
+    let mut stored = HashMap::new();
+    for shard in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ] {
+        stored.extend(
+            candle_core::safetensors::load(ckpt.join(shard), &candle_core::Device::Cpu).unwrap(),
+        );
+    }
+    for (k, t) in &got {
+        let a: Vec<f32> = t
+            .flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = stored[k]
+            .flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, b, "{k}");
+    }
+}
+
+#[test]
+fn a_separate_projector_file_replaces_the_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint("llava-v1.5");
+    let same = tmp.path().join("same.safetensors");
+    assert_success(&kollava(&[
+        &"extract-projector",
+        &"--model",
+        &ckpt,
+        &"--output",
+        &same,
+    ]));
+    let base = token_ids(&run_json(&ckpt, &["--temperature", "0"]));
+    let same_path = same.to_str().unwrap().to_string();
+    assert_eq!(
+        token_ids(&run_json(
+            &ckpt,
+            &["--temperature", "0", "--projector", &same_path]
+        )),
+        base,
+        "the checkpoint's own projector changes nothing"
+    );
+    // A different projector (scaled weights) changes the answer.
+    let changed = tmp.path().join("changed.safetensors");
+    let mut t = candle_core::safetensors::load(&same, &candle_core::Device::Cpu).unwrap();
+    for v in t.values_mut() {
+        *v = (v.to_dtype(candle_core::DType::F32).unwrap() * 25.0).unwrap();
+    }
+    candle_core::safetensors::save(&t, &changed).unwrap();
+    let changed_path = changed.to_str().unwrap().to_string();
+    assert_ne!(
+        token_ids(&run_json(
+            &ckpt,
+            &["--temperature", "0", "--projector", &changed_path]
+        )),
+        base
+    );
+    // A file without a projector is a clear error.
+    let o = kollava(&[
+        &"run",
+        &"--model",
+        &ckpt,
+        &"--query",
+        &"hi",
+        &"--projector",
+        &ckpt.join("model-00001-of-00002.safetensors"),
+    ]);
+    assert_one_line_error(&o, &["projector"]);
+}

@@ -55,6 +55,8 @@ pub struct SessionOptions {
     pub aspect: Option<AspectMode>,
     /// Language-model weight dtype (the tower is always f32).
     pub dtype: DType,
+    /// Projector weights replacing the checkpoint's.
+    pub projector: Option<std::path::PathBuf>,
 }
 
 /// Per-answer settings.
@@ -102,6 +104,7 @@ impl Session {
             &opts.model,
             &OpenOptions {
                 vision_tower: opts.vision_tower.clone(),
+                projector: opts.projector.clone(),
             },
         )?;
         let tok = ckpt.tokenizer()?;

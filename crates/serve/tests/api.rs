@@ -18,6 +18,7 @@ fn session() -> Session {
         conv_mode: None,
         aspect: None,
         dtype: candle_core::DType::F32,
+        projector: None,
     })
     .unwrap()
 }

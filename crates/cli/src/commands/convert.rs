@@ -4,7 +4,7 @@ use anyhow::Result;
 use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::args::ConvertArgs;
+use crate::args::{ConvertArgs, ExtractProjectorArgs};
 
 pub fn run(args: &ConvertArgs) -> Result<()> {
     let dtype = args.dtype.as_deref().map(|d| match d {
@@ -27,5 +27,27 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     )?;
     bar.finish_and_clear();
     eprintln!("wrote {n} tensors to {}", args.output.display());
+    Ok(())
+}
+
+/// `kollava extract-projector`.
+pub fn extract_projector(args: &ExtractProjectorArgs) -> Result<()> {
+    if args.output.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        anyhow::bail!(
+            "--output {} must end in .safetensors (PyTorch pickles are not written)",
+            args.output.display()
+        );
+    }
+    let keys = kollava_checkpoint::convert::extract_projector(
+        &args.model,
+        &args.output,
+        args.with_embeddings,
+    )?;
+    eprintln!(
+        "wrote {} tensors ({}) to {}",
+        keys.len(),
+        keys.join(", "),
+        args.output.display()
+    );
     Ok(())
 }

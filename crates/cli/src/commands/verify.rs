@@ -14,6 +14,7 @@ pub fn run(args: &VerifyArgs) -> Result<ExitCode> {
         &args.model,
         &OpenOptions {
             vision_tower: args.vision_tower.clone(),
+            projector: None,
         },
     )?;
     let reference = ReferenceDump::load(&args.reference)?;
