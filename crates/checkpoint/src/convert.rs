@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use safetensors::{Dtype, View};
@@ -27,6 +27,9 @@ struct Lazy {
     /// Output dtype.
     dtype: DType,
     source: Source,
+    /// Set when the tensor could not be read while being written: safetensors' writer has
+    /// no way to fail from `View::data`, so the failure is recorded and reported after.
+    error: std::sync::Mutex<Option<String>>,
 }
 
 fn st_dtype(d: DType) -> Dtype {
@@ -69,8 +72,6 @@ impl View for &Lazy {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        // safetensors' writer cannot fail here; a tensor that cannot be read was already
-        // read once in `convert` (validation pass), so this is an I/O fault mid-write.
         let t = self.load().and_then(|t| t.flatten_all());
         let bytes = t.and_then(|t| match t.dtype() {
             DType::F32 => Ok(t
@@ -106,7 +107,16 @@ impl View for &Lazy {
             DType::U8 => t.to_vec1::<u8>(),
             other => candle_core::bail!("unsupported dtype {other:?}"),
         });
-        Cow::Owned(bytes.unwrap_or_else(|e| panic!("reading {} while writing: {e}", self.name)))
+        match bytes {
+            Ok(b) => Cow::Owned(b),
+            Err(e) => {
+                if let Ok(mut slot) = self.error.lock() {
+                    *slot = Some(candle_reason(&e));
+                }
+                // Placeholder bytes of the right length; the file is discarded.
+                Cow::Owned(vec![0; self.data_len()])
+            }
+        }
     }
     fn data_len(&self) -> usize {
         self.shape.iter().product::<usize>() * self.dtype.size_in_bytes()
@@ -129,17 +139,6 @@ pub fn convert(
             reason: e.to_string(),
         }
     };
-    if output.exists()
-        && std::fs::read_dir(output)
-            .map_err(io(output))?
-            .next()
-            .is_some()
-    {
-        return Err(CheckpointError::Invalid {
-            file: output.display().to_string(),
-            what: "output directory: it exists and is not empty".into(),
-        });
-    }
     let files = find_weights(input)?;
     let weight_err = |f: &Path| {
         let f = f.display().to_string();
@@ -177,6 +176,7 @@ pub fn convert(
                         shape,
                         dtype,
                         source: Source::Pickle(p.clone()),
+                        error: Default::default(),
                     });
                 }
             }
@@ -197,25 +197,14 @@ pub fn convert(
                         shape,
                         dtype,
                         source: Source::Safetensors(st.clone()),
+                        error: Default::default(),
                     });
                 }
             }
         }
         shards.push(lazies);
     }
-    let parent = output
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let tmp: PathBuf = parent.join(format!(
-        ".{}.tmp-{}",
-        output.file_name().and_then(|s| s.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let result = (|| -> Result<usize, CheckpointError> {
+    crate::write_dir_atomically(output, |tmp| {
         // Copy everything that is not a weight file or index.
         for entry in std::fs::read_dir(input).map_err(io(input))? {
             let entry = entry.map_err(io(input))?;
@@ -240,13 +229,6 @@ pub fn convert(
             } else {
                 format!("model-{:05}-of-{n:05}.safetensors", i + 1)
             };
-            // Validate every tensor of the shard can be read before writing it.
-            for t in shard {
-                t.load().map_err(|e| CheckpointError::Weights {
-                    file: t.name.clone(),
-                    reason: candle_reason(&e),
-                })?;
-            }
             let path = tmp.join(&file);
             let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
             safetensors::serialize_to_file(
@@ -259,6 +241,12 @@ pub fn convert(
                 reason: e.to_string(),
             })?;
             for t in shard {
+                if let Some(reason) = t.error.lock().ok().and_then(|mut e| e.take()) {
+                    return Err(CheckpointError::Weights {
+                        file: format!("{} (tensor {})", input.display(), t.name),
+                        reason,
+                    });
+                }
                 weight_map.insert(t.name.clone(), json!(file));
             }
             done += shard.len();
@@ -290,20 +278,7 @@ pub fn convert(
             }
         }
         Ok(total)
-    })();
-    match result {
-        Ok(total) => {
-            if output.exists() {
-                std::fs::remove_dir(output).map_err(io(output))?;
-            }
-            std::fs::rename(&tmp, output).map_err(io(output))?;
-            Ok(total)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    })
 }
 
 /// `extract_mm_projector` (llava-spec §9): the projector's tensors (and, with

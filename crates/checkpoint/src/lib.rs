@@ -128,6 +128,49 @@ pub(crate) fn candle_reason(e: &candle_core::Error) -> String {
     }
 }
 
+/// Builds a new directory `out` atomically: `write` fills a temporary sibling, which is
+/// renamed to `out` only when it succeeds (and removed when it fails), so a failed or
+/// interrupted run never leaves a half-written checkpoint. `out` must not exist or be empty.
+pub(crate) fn write_dir_atomically<T>(
+    out: &Path,
+    write: impl FnOnce(&Path) -> Result<T, CheckpointError>,
+) -> Result<T, CheckpointError> {
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |e: std::io::Error| CheckpointError::Io {
+            path: p.clone(),
+            reason: e.to_string(),
+        }
+    };
+    if out.exists() && std::fs::read_dir(out).map_err(io(out))?.next().is_some() {
+        return Err(CheckpointError::Invalid {
+            file: out.display().to_string(),
+            what: "output directory: it exists and is not empty".into(),
+        });
+    }
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let name = out.file_name().and_then(|s| s.to_str()).unwrap_or("out");
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let value = match write(&tmp) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if out.exists() {
+        std::fs::remove_dir(out).map_err(io(out))?;
+    }
+    std::fs::rename(&tmp, out).map_err(io(out))?;
+    Ok(value)
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CheckpointError> {
     let text = std::fs::read_to_string(path).map_err(|e| CheckpointError::Io {
         path: path.display().to_string(),

@@ -431,44 +431,15 @@ pub fn init_random(
     out: &Path,
     on_progress: &mut dyn FnMut(u64, u64),
 ) -> Result<PathBuf, CheckpointError> {
-    if out.exists()
-        && std::fs::read_dir(out)
-            .map_err(io_err(out))?
-            .next()
-            .is_some()
-    {
-        return Err(CheckpointError::Invalid {
-            file: out.display().to_string(),
-            what: "output directory: it exists and is not empty".into(),
-        });
-    }
     if layout == Layout::Hf && a.kind != Kind::V15 {
         return Err(CheckpointError::Unsupported {
             file: a.name.into(),
             what: "llava-hf layout for this architecture (only LLaVA-1.5-style models)".into(),
         });
     }
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let tmp = parent.join(format!(
-        ".{}.tmp-{}",
-        out.file_name().and_then(|s| s.to_str()).unwrap_or("ckpt"),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    let result = write_all(a, layout, dtype, seed, &tmp, on_progress);
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if out.exists() {
-        std::fs::remove_dir(out).map_err(io_err(out))?;
-    }
-    std::fs::rename(&tmp, out).map_err(io_err(out))?;
+    crate::write_dir_atomically(out, |tmp| {
+        write_all(a, layout, dtype, seed, tmp, on_progress)
+    })?;
     Ok(out.to_path_buf())
 }
 

@@ -12,12 +12,7 @@ use crate::args::{ModelArgs, SamplingArgs};
 pub fn load(args: &ModelArgs) -> Result<Session> {
     // Checked here, before the (slow) load, and worded after the flag.
     if let Some(m) = &args.conv_mode {
-        if Template::by_name(m).is_none() {
-            anyhow::bail!(
-                "unknown --conv-mode {m:?}; known: {}",
-                Template::names().join(", ")
-            );
-        }
+        template(m, "--conv-mode")?;
     }
     let aspect = match args.image_aspect.as_deref() {
         Some("crop") => Some(AspectMode::Crop),
@@ -38,6 +33,16 @@ pub fn load(args: &ModelArgs) -> Result<Session> {
         projector: args.projector.clone(),
     };
     Ok(Session::load(&opts)?)
+}
+
+/// A template by name; the error names the flag it came from and lists the known ones.
+pub fn template(name: &str, flag: &str) -> Result<Template> {
+    Template::by_name(name).with_context(|| {
+        format!(
+            "unknown {flag} {name:?}; known: {}",
+            Template::names().join(", ")
+        )
+    })
 }
 
 /// Reads an image from a path or an http(s) URL.

@@ -1142,3 +1142,21 @@ fn a_separate_projector_file_replaces_the_checkpoints() {
     ]);
     assert_one_line_error(&o, &["projector"]);
 }
+
+#[test]
+fn convert_of_a_truncated_shard_fails_and_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_dir(&checkpoint("llava-v1.5"), &src);
+    let shard = src.join("model-00002-of-00002.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    let out = tmp.path().join("out");
+    let o = kollava(&[&"convert", &"--input", &src, &"--output", &out]);
+    assert_one_line_error(&o, &["model-00002-of-00002.safetensors"]);
+    let left: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, vec!["src".to_string()], "no output and no temp dir");
+}

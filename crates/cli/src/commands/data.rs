@@ -3,8 +3,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
-use kollava_inputs::template::Template;
+use anyhow::Result;
 use kollava_train::check::{check as check_data, histogram, LengthCheck};
 use kollava_train::labels::label_rule;
 
@@ -12,13 +11,7 @@ use crate::args::DataCheckArgs;
 
 /// `kollava data check`.
 pub fn check(args: &DataCheckArgs) -> Result<ExitCode> {
-    let template = Template::by_name(&args.version).with_context(|| {
-        format!(
-            "unknown --version {:?}; known: {}",
-            args.version,
-            Template::names().join(", ")
-        )
-    })?;
+    let template = crate::pipeline::template(&args.version, "--version")?;
     let tokenizer_parts = match &args.model {
         Some(m) => {
             let ckpt = kollava_checkpoint::open(m, &Default::default())?;

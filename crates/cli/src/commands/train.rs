@@ -8,7 +8,6 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kollava_inputs::image;
-use kollava_inputs::template::Template;
 use kollava_train::labels::label_rule;
 use kollava_train::pretrain::{pretrain_projector, PretrainInputs, PretrainOptions};
 
@@ -23,13 +22,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let template = Template::by_name(&args.version).with_context(|| {
-        format!(
-            "unknown --version {:?}; known: {}",
-            args.version,
-            Template::names().join(", ")
-        )
-    })?;
+    let template = crate::pipeline::template(&args.version, "--version")?;
     let samples = kollava_train::data::read_samples(&args.data)?;
     if !args.image_folder.is_dir() {
         bail!(
