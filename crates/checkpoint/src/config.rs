@@ -61,6 +61,8 @@ pub struct RawLlavaConfig {
     pub hidden_act: Option<String>,
     pub tie_word_embeddings: Option<bool>,
     pub eos_token_id: Option<Value>,
+    /// Written by `kollava train`: the conversation format the model was trained in.
+    pub kollava_template: Option<String>,
     // LLaVA (original code) keys.
     pub mm_vision_tower: Option<String>,
     pub mm_hidden_size: Option<usize>,

@@ -5,7 +5,7 @@
 //! when complete.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
@@ -19,6 +19,8 @@ use crate::{candle_reason, CheckpointError};
 enum Source {
     Pickle(std::sync::Arc<candle_core::pickle::PthTensors>),
     Safetensors(std::sync::Arc<crate::weights::SafetensorsFiles>),
+    /// A tensor given by the caller (trained weights replacing the stored ones).
+    Memory(Tensor),
 }
 
 struct Lazy {
@@ -54,6 +56,7 @@ impl Lazy {
                     })?
             }
             Source::Safetensors(s) => s.read(&self.name)?,
+            Source::Memory(t) => t.clone(),
         };
         // Only floating-point weights change dtype; integer buffers keep theirs.
         if t.dtype().is_float() {
@@ -132,6 +135,20 @@ pub fn convert(
     dtype: Option<DType>,
     on_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<usize, CheckpointError> {
+    crate::write_dir_atomically(output, |tmp| {
+        write_converted(input, tmp, dtype, &HashMap::new(), on_progress)
+    })
+}
+
+/// [`convert`] into an existing directory `tmp`, with `replace` (stored name → tensor)
+/// taking the place of the stored tensors of those names.
+pub(crate) fn write_converted(
+    input: &Path,
+    tmp: &Path,
+    dtype: Option<DType>,
+    replace: &HashMap<String, Tensor>,
+    on_progress: &mut dyn FnMut(usize, usize),
+) -> Result<usize, CheckpointError> {
     let io = |p: &Path| {
         let p = p.display().to_string();
         move |e: std::io::Error| CheckpointError::Io {
@@ -202,9 +219,33 @@ pub fn convert(
                 }
             }
         }
+        for l in lazies.iter_mut() {
+            if let Some(t) = replace.get(&l.name) {
+                if t.dims() != l.shape.as_slice() {
+                    return Err(CheckpointError::Weights {
+                        file: f.display().to_string(),
+                        reason: format!(
+                            "{}: new shape {:?} does not match the stored {:?}",
+                            l.name,
+                            t.dims(),
+                            l.shape
+                        ),
+                    });
+                }
+                l.source = Source::Memory(t.clone());
+            }
+        }
         shards.push(lazies);
     }
-    crate::write_dir_atomically(output, |tmp| {
+    let stored: std::collections::HashSet<&str> =
+        shards.iter().flatten().map(|l| l.name.as_str()).collect();
+    if let Some(missing) = replace.keys().find(|n| !stored.contains(n.as_str())) {
+        return Err(CheckpointError::Weights {
+            file: input.display().to_string(),
+            reason: format!("{missing}: no such tensor to replace"),
+        });
+    }
+    {
         // Copy everything that is not a weight file or index.
         for entry in std::fs::read_dir(input).map_err(io(input))? {
             let entry = entry.map_err(io(input))?;
@@ -278,7 +319,7 @@ pub fn convert(
             }
         }
         Ok(total)
-    })
+    }
 }
 
 /// `extract_mm_projector` (llava-spec §9): the projector's tensors (and, with

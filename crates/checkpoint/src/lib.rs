@@ -14,11 +14,13 @@ pub mod config;
 pub mod convert;
 pub mod locate;
 pub mod random;
+pub mod trainable;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 use kollava_inputs::image::{AspectMode, ClipPreprocess};
 use kollava_inputs::template::{template_for_model_name, NameRule};
 use kollava_inputs::{ImageTokens, Tokenizer};
@@ -113,6 +115,8 @@ pub struct Checkpoint {
     image_token_index: Option<u32>,
     use_im_start_end: bool,
     projector_file: Option<PathBuf>,
+    /// `kollava_template` from config.json, when it names a known template.
+    trained_template: Option<&'static str>,
 }
 
 /// A candle error as one line. With `RUST_BACKTRACE` set candle appends a backtrace to its
@@ -320,6 +324,12 @@ pub fn open(model: &str, opts: &OpenOptions) -> Result<Checkpoint, CheckpointErr
         eos_ids,
         image_token_index: raw.image_token_index,
         projector_file: opts.projector.clone(),
+        trained_template: raw.kollava_template.as_deref().and_then(|t| {
+            kollava_inputs::template::Template::names()
+                .iter()
+                .copied()
+                .find(|n| *n == t)
+        }),
         use_im_start_end: raw.mm_use_im_start_end.unwrap_or(false),
     })
 }
@@ -364,7 +374,11 @@ impl Checkpoint {
 
     /// The conversation template the reference's CLI picks for this checkpoint (llava-spec
     /// §4.4): June-2023 `run_llava`'s rule for v0, fork-HEAD's for 1.5-style checkpoints.
+    /// A model trained by kollava names its format in config.json, and that wins.
     pub fn default_template(&self) -> &'static str {
+        if let Some(t) = self.trained_template {
+            return t;
+        }
         match self.family {
             Family::LlavaV0 => template_for_model_name(&self.name, NameRule::ForkJuneRunLlava),
             Family::Llava15 | Family::LlavaMistral => {
@@ -392,6 +406,19 @@ impl Checkpoint {
     /// the reference, f16 to halve memory and decode traffic), the vision tower always in
     /// f32 (it is small and compute-bound, and f32 runs faster than f16 there on CPU).
     pub fn load_model(&self, dtype: DType, device: &Device) -> Result<Llava, CheckpointError> {
+        self.load_with(dtype, device, &|vb, _| vb)
+    }
+
+    /// [`Checkpoint::load_model`] with every `VarBuilder` passed through `wrap` first
+    /// (rooted at canonical names: the language model at the root, the tower at
+    /// `vision_model`'s parent, a `--projector` file at the root), so a caller can watch or
+    /// replace the tensors the model takes.
+    pub(crate) fn load_with(
+        &self,
+        dtype: DType,
+        device: &Device,
+        wrap: &dyn Fn(VarBuilder<'static>, DType) -> VarBuilder<'static>,
+    ) -> Result<Llava, CheckpointError> {
         let files = weights::find_weights(&self.dir)?;
         let layout = weights::KeyLayout::detect(&files.names);
         // LLaVA's trainer saves a copy of the tower under `model.vision_tower.`; upstream
@@ -400,18 +427,17 @@ impl Checkpoint {
         let vb = weights::var_builder_filtered(&files, dtype, device, &|name: &str| {
             !(skip_tower_copy && name.starts_with("model.vision_tower."))
         })?;
-        let llm = vb.clone().rename_f(move |name| layout.llm_key(name));
+        let llm = wrap(vb.clone().rename_f(move |name| layout.llm_key(name)), dtype);
         let vision = match &self.vision_dir {
             Some(dir) => {
                 let vfiles = weights::find_weights(dir)?;
                 weights::var_builder(&vfiles, DType::F32, device, "vision_model.")?
-                    .pp("vision_model")
             }
             None => vb
                 .rename_f(move |name| layout.vision_key(name))
-                .set_dtype(DType::F32)
-                .pp("vision_model"),
+                .set_dtype(DType::F32),
         };
+        let vision = wrap(vision, DType::F32).pp("vision_model");
         let load_err = |part: &'static str, dir: &Path| {
             let dir = dir.display().to_string();
             move |e: candle_core::Error| CheckpointError::Load {
@@ -430,7 +456,7 @@ impl Checkpoint {
             }
         })?;
         if let Some(file) = &self.projector_file {
-            model.projector = self.load_projector_file(file, dtype, device)?;
+            model.projector = self.load_projector_file(file, dtype, device, wrap)?;
         }
         Ok(model)
     }
@@ -442,6 +468,7 @@ impl Checkpoint {
         file: &Path,
         dtype: DType,
         device: &Device,
+        wrap: &dyn Fn(VarBuilder<'static>, DType) -> VarBuilder<'static>,
     ) -> Result<kollava_model::projector::Projector, CheckpointError> {
         let files = weights::WeightFiles::single(file)?;
         let hf = files
@@ -454,6 +481,7 @@ impl Checkpoint {
         } else {
             vb
         };
+        let vb = wrap(vb, dtype);
         kollava_model::projector::Projector::load(
             vb.pp("model").pp("mm_projector"),
             self.config.projector,

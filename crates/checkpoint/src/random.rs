@@ -85,6 +85,7 @@ pub struct Arch {
     vision_layers: usize,
     vision_heads: usize,
     vision_mlp: usize,
+    patch: usize,
     pub default_layout: Layout,
 }
 
@@ -92,16 +93,25 @@ const VIT_L: (usize, usize, usize, usize) = (1024, 24, 16, 4096);
 
 /// Every architecture `init-random` knows.
 pub const ARCHS: &[Arch] = &[
-    Arch { name: "llava-v0-7b", about: "KoLLaVA-KoVicuna-7B: LLaMA-7B, CLIP ViT-L/14 224, linear projector, <im_*> tokens", kind: Kind::V0, hidden: 4096, layers: 32, heads: 32, kv_heads: 32, mlp: 11008, vocab: 32003, max_positions: 2048, rms_eps: 1e-6, image_size: 224, vision_hidden: VIT_L.0, vision_layers: VIT_L.1, vision_heads: VIT_L.2, vision_mlp: VIT_L.3, default_layout: Layout::Original },
-    Arch { name: "llava-1.5-7b", about: "LLaVA-1.5-7B: LLaMA-2-7B, CLIP ViT-L/14 336, mlp2x_gelu", kind: Kind::V15, hidden: 4096, layers: 32, heads: 32, kv_heads: 32, mlp: 11008, vocab: 32000, max_positions: 4096, rms_eps: 1e-5, image_size: 336, vision_hidden: VIT_L.0, vision_layers: VIT_L.1, vision_heads: VIT_L.2, vision_mlp: VIT_L.3, default_layout: Layout::Original },
-    Arch { name: "llava-1.5-13b", about: "LLaVA-1.5-13B: LLaMA-2-13B, CLIP ViT-L/14 336, mlp2x_gelu", kind: Kind::V15, hidden: 5120, layers: 40, heads: 40, kv_heads: 40, mlp: 13824, vocab: 32000, max_positions: 4096, rms_eps: 1e-5, image_size: 336, vision_hidden: VIT_L.0, vision_layers: VIT_L.1, vision_heads: VIT_L.2, vision_mlp: VIT_L.3, default_layout: Layout::Original },
-    Arch { name: "llava-mistral-7b", about: "KoLLaVA-v1.5-Synatra-7B shape: Mistral-7B (GQA 8, window 4096), ViT-L/14 336", kind: Kind::Mistral, hidden: 4096, layers: 32, heads: 32, kv_heads: 8, mlp: 14336, vocab: 32000, max_positions: 32768, rms_eps: 1e-5, image_size: 336, vision_hidden: VIT_L.0, vision_layers: VIT_L.1, vision_heads: VIT_L.2, vision_mlp: VIT_L.3, default_layout: Layout::Original },
-    Arch { name: "bench-1b", about: "the peers' bench model: TinyLlama-1.1B dims + CLIP ViT-L/14 336 + mlp2x_gelu, llava-hf layout", kind: Kind::V15, hidden: 2048, layers: 22, heads: 32, kv_heads: 4, mlp: 5632, vocab: 32064, max_positions: 2048, rms_eps: 1e-5, image_size: 336, vision_hidden: VIT_L.0, vision_layers: VIT_L.1, vision_heads: VIT_L.2, vision_mlp: VIT_L.3, default_layout: Layout::Hf },
-    Arch { name: "tiny", about: "smoke tests: 2-layer 128-wide LLaMA, 4-layer 64-wide ViT at 336 px", kind: Kind::V15, hidden: 128, layers: 2, heads: 4, kv_heads: 4, mlp: 256, vocab: 32000, max_positions: 2048, rms_eps: 1e-5, image_size: 336, vision_hidden: 64, vision_layers: 4, vision_heads: 4, vision_mlp: 256, default_layout: Layout::Original },
+    Arch { name: "llava-v0-7b", about: "KoLLaVA-KoVicuna-7B: LLaMA-7B, CLIP ViT-L/14 224, linear projector, <im_*> tokens", kind: Kind::V0, hidden: 4096, layers: 32, heads: 32, kv_heads: 32, mlp: 11008, vocab: 32003, max_positions: 2048, rms_eps: 1e-6, image_size: 224, vision_hidden: VIT_L.0, vision_layers: VIT_L.1, vision_heads: VIT_L.2, vision_mlp: VIT_L.3, patch: 14, default_layout: Layout::Original },
+    Arch { name: "llava-1.5-7b", about: "LLaVA-1.5-7B: LLaMA-2-7B, CLIP ViT-L/14 336, mlp2x_gelu", kind: Kind::V15, hidden: 4096, layers: 32, heads: 32, kv_heads: 32, mlp: 11008, vocab: 32000, max_positions: 4096, rms_eps: 1e-5, image_size: 336, vision_hidden: VIT_L.0, vision_layers: VIT_L.1, vision_heads: VIT_L.2, vision_mlp: VIT_L.3, patch: 14, default_layout: Layout::Original },
+    Arch { name: "llava-1.5-13b", about: "LLaVA-1.5-13B: LLaMA-2-13B, CLIP ViT-L/14 336, mlp2x_gelu", kind: Kind::V15, hidden: 5120, layers: 40, heads: 40, kv_heads: 40, mlp: 13824, vocab: 32000, max_positions: 4096, rms_eps: 1e-5, image_size: 336, vision_hidden: VIT_L.0, vision_layers: VIT_L.1, vision_heads: VIT_L.2, vision_mlp: VIT_L.3, patch: 14, default_layout: Layout::Original },
+    Arch { name: "llava-mistral-7b", about: "KoLLaVA-v1.5-Synatra-7B shape: Mistral-7B (GQA 8, window 4096), ViT-L/14 336", kind: Kind::Mistral, hidden: 4096, layers: 32, heads: 32, kv_heads: 8, mlp: 14336, vocab: 32000, max_positions: 32768, rms_eps: 1e-5, image_size: 336, vision_hidden: VIT_L.0, vision_layers: VIT_L.1, vision_heads: VIT_L.2, vision_mlp: VIT_L.3, patch: 14, default_layout: Layout::Original },
+    Arch { name: "bench-1b", about: "the peers' bench model: TinyLlama-1.1B dims + CLIP ViT-L/14 336 + mlp2x_gelu, llava-hf layout", kind: Kind::V15, hidden: 2048, layers: 22, heads: 32, kv_heads: 4, mlp: 5632, vocab: 32064, max_positions: 2048, rms_eps: 1e-5, image_size: 336, vision_hidden: VIT_L.0, vision_layers: VIT_L.1, vision_heads: VIT_L.2, vision_mlp: VIT_L.3, patch: 14, default_layout: Layout::Hf },
+    Arch { name: "demo", about: "the bundled demo model: 4-layer 128-wide LLaMA, 3-layer 96-wide ViT/8 at 64 px; vocabulary from --tokenizer", kind: Kind::V15, hidden: 128, layers: 4, heads: 4, kv_heads: 4, mlp: 384, vocab: 0, max_positions: 512, rms_eps: 1e-5, image_size: 64, vision_hidden: 96, vision_layers: 4, vision_heads: 4, vision_mlp: 384, patch: 8, default_layout: Layout::Original },
+    Arch { name: "tiny", about: "smoke tests: 2-layer 128-wide LLaMA, 4-layer 64-wide ViT at 336 px", kind: Kind::V15, hidden: 128, layers: 2, heads: 4, kv_heads: 4, mlp: 256, vocab: 32000, max_positions: 2048, rms_eps: 1e-5, image_size: 336, vision_hidden: 64, vision_layers: 4, vision_heads: 4, vision_mlp: 256, patch: 14, default_layout: Layout::Original },
 ];
 
 pub fn arch(name: &str) -> Option<&'static Arch> {
     ARCHS.iter().find(|a| a.name == name)
+}
+
+impl Arch {
+    /// The same architecture sized for another tokenizer's vocabulary.
+    pub fn with_vocab(mut self, vocab: usize) -> Arch {
+        self.vocab = vocab;
+        self
+    }
 }
 
 // Tokenizer files, from the fixtures (the real LLaMA vocabulary).
@@ -186,12 +196,12 @@ impl View for &Lazy {
 
 fn vision_tensors(a: &Arch, prefix: &str, out: &mut Vec<(String, Vec<usize>, Init)>) {
     let h = a.vision_hidden;
-    let g = a.image_size / 14;
+    let g = a.image_size / a.patch;
     let p = |s: &str| format!("{prefix}vision_model.{s}");
     out.push((p("embeddings.class_embedding"), vec![h], Init::Normal));
     out.push((
         p("embeddings.patch_embedding.weight"),
-        vec![h, 3, 14, 14],
+        vec![h, 3, a.patch, a.patch],
         Init::Normal,
     ));
     out.push((
@@ -397,7 +407,7 @@ fn clip_config(a: &Arch) -> serde_json::Value {
     json!({
         "hidden_size": a.vision_hidden, "intermediate_size": a.vision_mlp,
         "num_attention_heads": a.vision_heads, "num_hidden_layers": a.vision_layers,
-        "image_size": a.image_size, "patch_size": 14, "num_channels": 3,
+        "image_size": a.image_size, "patch_size": a.patch, "num_channels": 3,
         "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu", "model_type": "clip_vision_model",
     })
 }
@@ -423,14 +433,23 @@ pub fn weight_bytes(a: &Arch, layout: Layout, dtype: DiskDtype) -> u64 {
 }
 
 /// Writes a random checkpoint of `arch` to `out` (which must not exist or be empty).
+/// `tokenizer`: a directory whose tokenizer files replace the bundled LLaMA ones (the
+/// architecture's vocabulary must match it: see [`Arch::with_vocab`]).
 pub fn init_random(
     a: &Arch,
     layout: Layout,
     dtype: DiskDtype,
     seed: u64,
+    tokenizer: Option<&Path>,
     out: &Path,
     on_progress: &mut dyn FnMut(u64, u64),
 ) -> Result<PathBuf, CheckpointError> {
+    if a.vocab == 0 {
+        return Err(CheckpointError::Unsupported {
+            file: a.name.into(),
+            what: "this architecture without a tokenizer (give one; it sets the vocabulary)".into(),
+        });
+    }
     if layout == Layout::Hf && a.kind != Kind::V15 {
         return Err(CheckpointError::Unsupported {
             file: a.name.into(),
@@ -438,9 +457,37 @@ pub fn init_random(
         });
     }
     crate::write_dir_atomically(out, |tmp| {
-        write_all(a, layout, dtype, seed, tmp, on_progress)
+        write_all(a, layout, dtype, seed, tmp, on_progress)?;
+        if let Some(src) = tokenizer {
+            copy_tokenizer(src, tmp)?;
+        }
+        Ok(())
     })?;
     Ok(out.to_path_buf())
+}
+
+/// Replaces the written tokenizer files with those in `src`.
+fn copy_tokenizer(src: &Path, dir: &Path) -> Result<(), CheckpointError> {
+    const FILES: [&str; 5] = [
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+    ];
+    if !src.join("tokenizer.json").is_file() && !src.join("tokenizer.model").is_file() {
+        return Err(CheckpointError::Io {
+            path: src.display().to_string(),
+            reason: "no tokenizer.json or tokenizer.model there".into(),
+        });
+    }
+    for f in FILES {
+        let _ = std::fs::remove_file(dir.join(f));
+        if src.join(f).is_file() {
+            std::fs::copy(src.join(f), dir.join(f)).map_err(io_err(&src.join(f)))?;
+        }
+    }
+    Ok(())
 }
 
 fn write_all(
@@ -462,7 +509,9 @@ fn write_all(
             })
             .collect()
     };
-    let tower_name = if a.image_size == 224 {
+    let tower_name = if a.patch != 14 {
+        "vision_tower".to_string()
+    } else if a.image_size == 224 {
         "clip-vit-large-patch14".to_string()
     } else {
         format!("clip-vit-large-patch14-{}", a.image_size)
@@ -491,7 +540,7 @@ fn write_all(
                     "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
                     "ignore_index": -100, "image_token_index": 32000, "pad_token_id": 32001,
                     "projector_hidden_act": "gelu", "vision_feature_layer": -2,
-                    "vision_feature_select_strategy": "default", "image_seq_length": (a.image_size / 14).pow(2),
+                    "vision_feature_select_strategy": "default", "image_seq_length": (a.image_size / a.patch).pow(2),
                     "text_config": text, "vision_config": vision, "vocab_size": vocab(a, layout),
                     "torch_dtype": dtype.torch_name(), "kollava_init_random": {"arch": a.name, "seed": seed},
                 }),
@@ -575,13 +624,13 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         for layout in [Layout::Original, Layout::Hf] {
             let dir = tmp.path().join(format!("{layout:?}"));
-            init_random(a, layout, DiskDtype::F16, 7, &dir, &mut |_, _| {}).unwrap();
+            init_random(a, layout, DiskDtype::F16, 7, None, &dir, &mut |_, _| {}).unwrap();
             let ckpt = crate::open(dir.to_str().unwrap(), &Default::default()).unwrap();
             assert_eq!(ckpt.config.decoder.hidden_size, 128);
             assert_eq!(ckpt.config.image_tokens(), 576);
             ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
             let again = tmp.path().join(format!("{layout:?}-again"));
-            init_random(a, layout, DiskDtype::F16, 7, &again, &mut |_, _| {}).unwrap();
+            init_random(a, layout, DiskDtype::F16, 7, None, &again, &mut |_, _| {}).unwrap();
             let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
             assert_eq!(bytes(&dir), bytes(&again), "same seed, same bytes");
         }
@@ -590,6 +639,7 @@ mod tests {
             Layout::Hf,
             DiskDtype::F16,
             7,
+            None,
             &tmp.path().join("Hf"),
             &mut |_, _| {},
         )

@@ -52,7 +52,7 @@ A dump is written by scripts/dump_reference.py (see scripts/README.md).\n\
     Verify(VerifyArgs),
     /// Write a random-weight checkpoint with real shapes — 실제 크기의 무작위 가중치 체크포인트 만들기
     #[command(
-        after_help = "Architectures / 구조: llava-v0-7b, llava-1.5-7b, llava-1.5-13b, llava-mistral-7b, bench-1b, tiny\n\n\
+        after_help = "Architectures / 구조: llava-v0-7b, llava-1.5-7b, llava-1.5-13b, llava-mistral-7b, bench-1b, tiny, demo\n\n\
 Examples / 예시:\n  \
 kollava init-random --arch bench-1b --out models/bench-1b\n  \
 kollava init-random --arch llava-1.5-7b --layout hf --dtype bf16 --out /data/llava-7b-random"
@@ -64,15 +64,22 @@ kollava init-random --arch llava-1.5-7b --layout hf --dtype bf16 --out /data/lla
     /// Training data tools — 학습 데이터 도구
     #[command(subcommand)]
     Data(DataCommand),
-    /// Train: stage 1 projector pretraining (frozen vision tower and LLM) — 학습 (1단계: 프로젝터)
+    /// Tokenizer tools — 토크나이저 도구
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Train: stage 1 projector pretraining or stage 2 finetuning — 학습 (1단계 프로젝터, 2단계 미세조정)
     #[command(
-        after_help = "Data: a JSON array or JSON Lines of {\"id\", \"image\", \"conversations\": [{\"from\": \"human\"|\"gpt\", \"value\"}]}\n\n\
+        after_help = "Data: a JSON array or JSON Lines of {\"id\", \"image\", \"conversations\": [{\"from\": \"human\"|\"gpt\", \"value\"}]}\n\
+Stage 1 trains the projector (vision tower and LLM frozen) and writes mm_projector.safetensors;\n\
+stage 2 trains the LLM and projector (the tower too with --tune-vision-tower) and writes a checkpoint.\n\
+Checkpoints go to OUTPUT/checkpoint-STEP every --save-steps; a rerun resumes from the newest.\n\n\
 Examples / 예시:\n  \
 kollava train --model ./llava-v1.5-7b --data ko_chat.json --image-folder cc3m --output-dir out/stage1\n  \
-kollava train --model ./KoVicuna-llava --data ko_llava_instruct_150k.json --image-folder coco/train2014 \\\n    \
---image-prefix COCO_train2014_ --version v1 --output-dir out/stage1"
+kollava train --stage finetune --model ./KoVicuna-llava --projector out/stage1/mm_projector.safetensors \\\n    \
+--data ko_llava_instruct_150k.json --image-folder coco/train2014 --image-prefix COCO_train2014_ \\\n    \
+--version v1 --output-dir out/stage2"
     )]
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Rewrite a checkpoint's weights as safetensors (e.g. from .bin), optionally in another dtype — 가중치 변환
     #[command(
         after_help = "Streams tensor by tensor (memory: about one tensor); other files are copied.\n\n\
@@ -81,6 +88,16 @@ kollava convert --input ./KoLLaVA-KoVicuna-7b --output ./KoLLaVA-KoVicuna-7b-st\
 kollava convert --input ./KoLLaVA-KoVicuna-7b --output ./KoLLaVA-KoVicuna-7b-f16 --dtype f16"
     )]
     Convert(ConvertArgs),
+    /// Draw a run's loss and learning-rate curves to a PNG — 학습 곡선 그리기
+    #[command(
+        after_help = "Example / 예시:\n  kollava plot out/stage2/metrics.jsonl -o curves.png"
+    )]
+    Plot(PlotArgs),
+    /// Merge a LoRA adapter (kollava train --lora-r output) into its base model — LoRA 병합
+    #[command(
+        after_help = "Example / 예시:\n  kollava merge-lora --model ./llava-v1.5-7b --adapter out/lora --output ./llava-v1.5-7b-merged"
+    )]
+    MergeLora(MergeLoraArgs),
     /// Save a checkpoint's projector weights to a file (LLaVA's extract_mm_projector) — 프로젝터 추출
     #[command(
         after_help = "Example / 예시:\n  kollava extract-projector --model ./llava-v1.5-7b --output mm_projector.safetensors"
@@ -121,6 +138,28 @@ the mean scores [answer 1, answer 2] and the relative score answer2/answer1*100.
 Example / 예시:\n  kollava eval summarize -d table/review"
     )]
     Summarize(SummarizeArgs),
+    /// Score a model on a synthetic held-out set by exact match — 합성 평가 세트 정확도
+    #[command(
+        after_help = "Asks every question of DIR/test.json (from `kollava data synth`) greedily and prints\n\
+`accuracy X (n=N)` as the last line.\n\n\
+Example / 예시:\n  kollava eval synth --data data/synth-heldout"
+    )]
+    Synth(EvalSynthArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EvalSynthArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Directory written by `kollava data synth` — 합성 데이터 디렉터리
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Ask at most this many questions — 최대 질문 수
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Print every wrong answer — 틀린 답 출력
+    #[arg(long)]
+    pub show_errors: bool,
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +181,58 @@ kollava data check --data ko_llava_instruct_150k.json --image-folder coco/train2
 kollava data check --data ko_chat.json --image-folder cc3m --model ./llava-v1.5-7b --version plain"
     )]
     Check(DataCheckArgs),
+    /// Generate the synthetic Korean shapes dataset the demo model learns from — 합성 데이터 생성
+    #[command(
+        after_help = "Writes DIR/images/*.png, DIR/pretrain.json (captions, stage 1), DIR/finetune.json\n\
+(multi-turn Q&A, stage 2) and DIR/test.json (held-out single questions, for `kollava eval synth`).\n\n\
+Examples / 예시:\n  \
+kollava data synth --out data/synth --count 6000\n  \
+kollava data synth --out data/synth-heldout --seed 999 --count 0 --test-count 60"
+    )]
+    Synth(DataSynthArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DataSynthArgs {
+    /// Output directory — 출력 디렉터리
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Random seed (use a new one for a held-out set) — 시드
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Training images — 학습 이미지 수
+    #[arg(long, default_value_t = 4000)]
+    pub count: usize,
+    /// Held-out images (each gives 5 to 7 questions) — 평가 이미지 수
+    #[arg(long, default_value_t = 60)]
+    pub test_count: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenizerCommand {
+    /// Train a LLaMA-style BPE tokenizer on training data — 학습 데이터로 토크나이저 학습
+    #[command(
+        after_help = "The text is every conversation rendered with --template, so the template's own words\n\
+(system prompt, roles, separators) get tokens too.\n\n\
+Example / 예시:\n  kollava tokenizer train --data data/synth/pretrain.json --data data/synth/finetune.json --out tok"
+    )]
+    Train(TokenizerTrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenizerTrainArgs {
+    /// Training data files (JSON array or JSONL; repeat) — 학습 데이터
+    #[arg(long, value_name = "FILE", required = true)]
+    pub data: Vec<PathBuf>,
+    /// Conversation template the text is rendered with — 대화 템플릿
+    #[arg(long, default_value = "llava_v0")]
+    pub template: String,
+    /// Vocabulary size, byte-fallback pieces and special tokens included — 어휘 크기
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(300..))]
+    pub vocab_size: u32,
+    /// Output directory — 출력 디렉터리
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -188,8 +279,8 @@ pub struct VqaArgs {
 pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Training stage (finetuning and LoRA are not implemented yet) — 학습 단계
-    #[arg(long, default_value = "pretrain", value_parser = ["pretrain"])]
+    /// pretrain: projector only; finetune: LLM + projector — 학습 단계
+    #[arg(long, default_value = "pretrain", value_parser = ["pretrain", "finetune"])]
     pub stage: String,
     /// Training data (JSON array or JSONL) — 학습 데이터
     #[arg(long, value_name = "FILE")]
@@ -200,30 +291,104 @@ pub struct TrainArgs {
     /// Prefix added to every image file name (KoLLaVA's `COCO_train2014_`) — 파일 이름 접두사
     #[arg(long, default_value = "")]
     pub image_prefix: String,
-    /// Conversation format the labels are built with (upstream's --version) — 대화 형식
-    #[arg(long, default_value = "plain")]
-    pub version: String,
-    /// Where mm_projector.safetensors, config.json and metrics.jsonl go — 출력 디렉터리
+    /// Conversation format the labels are built with (upstream's --version; default: plain
+    /// for pretrain, the model's own template for finetune) — 대화 형식
+    #[arg(long)]
+    pub version: Option<String>,
+    /// Where results, checkpoints and metrics.jsonl go — 출력 디렉터리
     #[arg(long, value_name = "DIR")]
     pub output_dir: PathBuf,
-    /// Peak learning rate — 학습률
-    #[arg(long, default_value_t = 2e-3)]
-    pub lr: f64,
+    /// Peak learning rate (default: 2e-3 pretrain, 2e-5 finetune, 2e-4 LoRA) — 학습률
+    #[arg(long)]
+    pub lr: Option<f64>,
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
     /// Stop after this many optimizer steps — 최대 스텝
     #[arg(long)]
     pub max_steps: Option<usize>,
-    /// Samples per optimizer step — 누적 샘플 수
+    /// Samples per forward pass — 배치 크기
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub per_device_batch_size: u32,
+    /// Forward passes per optimizer step — 그래디언트 누적
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub grad_accum: u32,
     #[arg(long, default_value_t = 0.03)]
     pub warmup_ratio: f64,
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
+    /// Longest sequence (image features included); longer ones are cut — 최대 길이
+    #[arg(long, default_value_t = 2048)]
+    pub model_max_length: usize,
+    /// Stage 2: train the vision tower too — 비전 타워도 학습
+    #[arg(long)]
+    pub tune_vision_tower: bool,
+    /// Stage 2: keep the LLM frozen — 언어 모델 고정
+    #[arg(long)]
+    pub freeze_backbone: bool,
+    /// Stage 2: keep the projector frozen — 프로젝터 고정
+    #[arg(long)]
+    pub freeze_mm_mlp_adapter: bool,
+    /// Save a checkpoint every N steps (resume point) — N 스텝마다 저장
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+    /// Keep only the newest N checkpoints — 최근 N개만 보관
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
+    /// Weights dtype of the written checkpoint — 저장 자료형
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    pub save_dtype: String,
+    /// Stage 2 with LoRA adapters of this rank instead of full finetuning (0 = off) — LoRA 랭크
+    #[arg(long, default_value_t = 0)]
+    pub lora_r: usize,
+    /// LoRA scaling numerator (the update is scaled by alpha / r) — LoRA 알파
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// Dropout on the adapters' input — LoRA 드롭아웃
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f32,
+    /// Modules to adapt (default: every linear map of the LLM except lm_head) — LoRA 대상 모듈
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    pub lora_targets: Vec<String>,
+    /// 4: QLoRA, the frozen base stored in 4 bits (needs --lora-r); 16: as loaded — 양자화 비트 (4 = QLoRA)
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(4..=16))]
+    pub bits: u8,
     /// Data order seed — 시드
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Also log to TensorBoard event files in OUTPUT/runs — TensorBoard 로그
+    #[arg(long, default_value = "none", value_parser = ["none", "tensorboard"])]
+    pub report_to: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// A run's metrics.jsonl — 학습 기록 파일
+    #[arg(value_name = "METRICS")]
+    pub metrics: PathBuf,
+    /// Output PNG (default: beside METRICS, named after it) — 출력 PNG
+    #[arg(short, long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeLoraArgs {
+    /// The base checkpoint the adapter was trained on — 기반 체크포인트
+    #[arg(long, value_name = "DIR|REPO")]
+    pub model: String,
+    /// Adapter directory (adapter_config.json, adapter_model.safetensors, and
+    /// non_lora_trainables.safetensors when the projector was trained too) — 어댑터 디렉터리
+    #[arg(long, value_name = "DIR")]
+    pub adapter: PathBuf,
+    /// New directory (must not exist or be empty) — 출력 디렉터리
+    #[arg(long, value_name = "DIR")]
+    pub output: PathBuf,
+    /// Weights dtype of the merged checkpoint (default: the base's) — 저장 자료형
+    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    pub dtype: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -273,8 +438,12 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct InitRandomArgs {
     /// Architecture (see below) — 모델 구조
-    #[arg(long, value_parser = ["llava-v0-7b", "llava-1.5-7b", "llava-1.5-13b", "llava-mistral-7b", "bench-1b", "tiny"])]
+    #[arg(long, value_parser = ["llava-v0-7b", "llava-1.5-7b", "llava-1.5-13b", "llava-mistral-7b", "bench-1b", "tiny", "demo"])]
     pub arch: String,
+    /// Tokenizer directory to use instead of the bundled LLaMA one; sets the vocabulary
+    /// size (required for `demo`) — 사용할 토크나이저 디렉터리
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer: Option<PathBuf>,
     /// Output directory (must not exist or be empty) — 출력 디렉터리
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
@@ -316,14 +485,17 @@ pub struct BenchArgs {
 /// Which checkpoint to load.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// Checkpoint directory, or a hub repo id already in the local Hugging Face cache — 체크포인트 경로 또는 캐시된 허브 저장소 ID
+    /// Checkpoint directory, or a hub repo id already in the local Hugging Face cache
+    /// (default: the bundled demo model, models/kollava-demo) — 체크포인트 경로 또는 캐시된 허브
+    /// 저장소 ID (기본값: 내장 데모 모델)
     #[arg(short, long, value_name = "DIR|REPO")]
-    pub model: String,
+    pub model: Option<String>,
     /// CLIP tower to use instead of the config's mm_vision_tower — mm_vision_tower 대신 쓸 CLIP 경로
     #[arg(long, value_name = "DIR|REPO")]
     pub vision_tower: Option<String>,
-    /// Projector weights replacing the checkpoint's (e.g. `kollava train` output) — 프로젝터 가중치 파일
-    #[arg(long, value_name = "FILE")]
+    /// Projector weights replacing the checkpoint's (e.g. `kollava train` output; the
+    /// reference's --pretrain-mm-mlp-adapter) — 프로젝터 가중치 파일
+    #[arg(long, value_name = "FILE", alias = "pretrain-mm-mlp-adapter")]
     pub projector: Option<PathBuf>,
     /// Conversation template (default: what the reference picks from the model name) — 대화 템플릿
     #[arg(long, value_name = "NAME")]

@@ -42,10 +42,19 @@ fn run() -> anyhow::Result<ExitCode> {
             commands::eval::summarize(a).map(|_| ExitCode::SUCCESS)
         }
         args::Command::Data(args::DataCommand::Check(a)) => commands::data::check(a),
+        args::Command::Data(args::DataCommand::Synth(a)) => commands::data::synth(a),
+        args::Command::Tokenizer(args::TokenizerCommand::Train(a)) => {
+            commands::tokenizer::train(a).map(|_| ExitCode::SUCCESS)
+        }
+        args::Command::Eval(args::EvalCommand::Synth(a)) => {
+            commands::eval::synth(a).map(|_| ExitCode::SUCCESS)
+        }
         args::Command::ExtractProjector(a) => {
             commands::convert::extract_projector(a).map(|_| ExitCode::SUCCESS)
         }
         args::Command::Convert(a) => commands::convert::run(a).map(|_| ExitCode::SUCCESS),
+        args::Command::Plot(a) => commands::train::plot(a).map(|_| ExitCode::SUCCESS),
+        args::Command::MergeLora(a) => commands::train::merge_lora(a).map(|_| ExitCode::SUCCESS),
         args::Command::Train(a) => commands::train::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Serve(a) => commands::serve::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Bench(a) => commands::bench::run(a).map(|_| ExitCode::SUCCESS),

@@ -21,7 +21,7 @@ pub fn load(args: &ModelArgs) -> Result<Session> {
         _ => None,
     };
     let opts = SessionOptions {
-        model: args.model.clone(),
+        model: model_path(args.model.as_deref()),
         vision_tower: args.vision_tower.clone(),
         conv_mode: args.conv_mode.clone(),
         aspect,
@@ -33,6 +33,33 @@ pub fn load(args: &ModelArgs) -> Result<Session> {
         projector: args.projector.clone(),
     };
     Ok(Session::load(&opts)?)
+}
+
+/// Where the bundled demo model is, relative to the repository.
+const DEMO_MODEL: &str = "models/kollava-demo";
+
+/// The `--model` value, or the bundled demo model: looked up in the working directory,
+/// then beside the executable (`target/release/kollava` in a checkout), then in the
+/// checkout the binary was built from.
+pub fn model_path(arg: Option<&str>) -> String {
+    if let Some(m) = arg {
+        return m.to_string();
+    }
+    let mut candidates = vec![std::path::PathBuf::from(DEMO_MODEL)];
+    if let Ok(exe) = std::env::current_exe() {
+        candidates.extend(exe.ancestors().skip(1).map(|d| d.join(DEMO_MODEL)));
+    }
+    candidates.push(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(DEMO_MODEL),
+    );
+    candidates
+        .into_iter()
+        .find(|p| p.join("config.json").is_file())
+        .unwrap_or_else(|| DEMO_MODEL.into())
+        .display()
+        .to_string()
 }
 
 /// A template by name; the error names the flag it came from and lists the known ones.

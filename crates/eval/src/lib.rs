@@ -5,5 +5,6 @@
 
 pub mod bench;
 pub mod review;
+pub mod synth;
 pub mod verify;
 pub mod vqa;

@@ -223,4 +223,38 @@ impl Decoder {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)
     }
+
+    /// Every linear map of the layers by canonical name (`model.layers.3.mlp.up_proj`), for
+    /// LoRA adapters and 4-bit bases. `lm_head` is not among them (KoLLaVA's LoRA recipe
+    /// leaves it alone).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::with_capacity(7 * self.layers.len());
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let SelfAttention {
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
+                ..
+            } = &mut l.self_attn;
+            let Mlp {
+                gate_proj,
+                up_proj,
+                down_proj,
+                ..
+            } = &mut l.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", q_proj),
+                ("self_attn.k_proj", k_proj),
+                ("self_attn.v_proj", v_proj),
+                ("self_attn.o_proj", o_proj),
+                ("mlp.gate_proj", gate_proj),
+                ("mlp.up_proj", up_proj),
+                ("mlp.down_proj", down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        out
+    }
 }

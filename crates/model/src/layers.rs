@@ -12,6 +12,25 @@ use crate::config::Activation;
 #[derive(Debug, Clone)]
 pub enum Linear {
     Dense(candle_nn::Linear),
+    /// A frozen 4-bit weight (QLoRA's base). It is dequantized for each product, so that
+    /// gradients still reach the input (and the adapters of earlier layers).
+    Quantized {
+        weight: std::sync::Arc<candle_core::quantized::QTensor>,
+        bias: Option<Tensor>,
+    },
+    /// A LoRA adapter over a frozen base: `base(x) + dropout(x) Aᵀ Bᵀ · alpha / r`.
+    Lora(Box<Lora>),
+}
+
+/// LoRA weights: `a: (r, in)`, `b: (out, r)`.
+#[derive(Debug, Clone)]
+pub struct Lora {
+    pub base: Linear,
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+    /// Dropout on the adapter's input (training only: adapters exist only while training).
+    pub dropout: f32,
 }
 
 impl Linear {
@@ -33,19 +52,48 @@ impl Linear {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Dense(l) => l.forward(xs),
+            Linear::Quantized { weight, bias } => {
+                let w = weight.dequantize(xs.device())?.to_dtype(xs.dtype())?;
+                let y = xs.broadcast_matmul(&w.t()?)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+            Linear::Lora(l) => {
+                let x = if l.dropout > 0.0 {
+                    candle_nn::ops::dropout(xs, l.dropout)?
+                } else {
+                    xs.clone()
+                };
+                let delta = x.broadcast_matmul(&l.a.t()?)?.broadcast_matmul(&l.b.t()?)?;
+                l.base.forward(xs)? + (delta * l.scale)?
+            }
         }
     }
 
-    /// `(weight, bias)`.
-    pub fn parameters(&self) -> (&Tensor, Option<&Tensor>) {
+    /// `(weight, bias)` of a dense layer; `None` for quantized and adapted ones.
+    pub fn parameters(&self) -> Option<(&Tensor, Option<&Tensor>)> {
         match self {
-            Linear::Dense(l) => (l.weight(), l.bias()),
+            Linear::Dense(l) => Some((l.weight(), l.bias())),
+            _ => None,
+        }
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            Linear::Dense(l) => l.weight().dims2(),
+            Linear::Quantized { weight, .. } => weight.shape().dims2(),
+            Linear::Lora(l) => l.base.dims(),
         }
     }
 
     /// A copy whose weight and bias are trainable `Var`s.
     pub fn to_trainable(&self) -> Result<(Linear, Var, Option<Var>)> {
-        let (w, b) = self.parameters();
+        let Some((w, b)) = self.parameters() else {
+            candle_core::bail!("only a dense layer can be made trainable");
+        };
         let w = Var::from_tensor(w)?;
         let b = b.map(Var::from_tensor).transpose()?;
         let l = candle_nn::Linear::new(
@@ -53,6 +101,41 @@ impl Linear {
             b.as_ref().map(|b| b.as_tensor().clone()),
         );
         Ok((Linear::Dense(l), w, b))
+    }
+
+    /// The same layer with its weight stored in 4 bits (ggml Q4_0, blocks of 32 inputs);
+    /// a layer whose input size is not a multiple of 32 stays as it is.
+    pub fn quantize_4bit(&self) -> Result<Linear> {
+        let Some((w, b)) = self.parameters() else {
+            return Ok(self.clone());
+        };
+        if w.dim(1)? % 32 != 0 {
+            return Ok(self.clone());
+        }
+        let q = candle_core::quantized::QTensor::quantize(
+            &w.to_dtype(DType::F32)?.detach(),
+            candle_core::quantized::GgmlDType::Q4_0,
+        )?;
+        Ok(Linear::Quantized {
+            weight: std::sync::Arc::new(q),
+            bias: b.cloned(),
+        })
+    }
+
+    /// `W + scale · B A` for an adapted dense layer: the weight a merged checkpoint stores.
+    pub fn merged_weight(&self) -> Result<Option<Tensor>> {
+        let Linear::Lora(l) = self else {
+            return Ok(None);
+        };
+        let base = match &l.base {
+            Linear::Dense(d) => d.weight().to_dtype(DType::F32)?,
+            Linear::Quantized { weight, .. } => weight.dequantize(l.a.device())?,
+            Linear::Lora(_) => candle_core::bail!("nested adapters"),
+        };
+        let delta =
+            l.b.to_dtype(DType::F32)?
+                .matmul(&l.a.to_dtype(DType::F32)?)?;
+        Ok(Some((base + (delta * l.scale)?)?))
     }
 }
 
@@ -83,18 +166,32 @@ impl RmsNorm {
 
 /// `torch.nn.LayerNorm` with weight and bias.
 #[derive(Debug, Clone)]
-pub struct LayerNorm(candle_nn::LayerNorm);
+pub struct LayerNorm(candle_nn::LayerNorm, f64);
 
 impl LayerNorm {
     pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
         let weight = vb.get(size, "weight")?;
         let bias = vb.get(size, "bias")?;
-        Ok(Self(candle_nn::LayerNorm::new(weight, bias, eps)))
+        Ok(Self(candle_nn::LayerNorm::new(weight, bias, eps), eps))
     }
 
-    /// `xs: (…, hidden) → (…, hidden)`.
+    /// `xs: (…, hidden) → (…, hidden)`. candle's fused kernel has no backward pass, so when
+    /// gradients are tracked the same math runs as differentiable primitives (in f32).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.0.forward(xs)
+        let weight = self.0.weight();
+        if !(xs.track_op() || weight.track_op()) {
+            return self.0.forward(xs);
+        }
+        let dtype = xs.dtype();
+        let x = xs.to_dtype(DType::F32)?;
+        let x = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let x = x.broadcast_div(&(var + self.1)?.sqrt()?)?.to_dtype(dtype)?;
+        let x = x.broadcast_mul(weight)?;
+        match self.0.bias() {
+            Some(b) => x.broadcast_add(b),
+            None => Ok(x),
+        }
     }
 }
 

@@ -1,14 +1,19 @@
 //! Training on the model crate's own forward path: [`data`] (the reference's JSON),
 //! [`labels`] (a conversation → ids and labels with upstream's masking arithmetic, quirks
 //! included), [`loss`] (shifted cross-entropy over the spliced sequence), [`optim`]
-//! (schedule, clipping) and [`pretrain`] (stage 1: the projector alone).
+//! (AdamW, schedule, clipping), [`lora`] (adapters, 4-bit bases, merging), [`trainer`] (the loop both stages share) and [`synth`]
+//! (the demo model's generated data), with [`tensorboard`] and [`plot`] for watching runs.
 //! It has no forward pass of its own.
 
 pub mod check;
 pub mod data;
 pub mod labels;
+pub mod lora;
 pub mod loss;
 pub mod optim;
-pub mod pretrain;
+pub mod plot;
+pub mod synth;
+pub mod tensorboard;
+pub mod trainer;
 
 pub use labels::{label_rule, preprocess, LabelRule, TrainExample, IGNORE_INDEX};

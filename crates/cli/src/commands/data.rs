@@ -7,7 +7,28 @@ use anyhow::Result;
 use kollava_train::check::{check as check_data, histogram, LengthCheck};
 use kollava_train::labels::label_rule;
 
-use crate::args::DataCheckArgs;
+use crate::args::{DataCheckArgs, DataSynthArgs};
+
+/// `kollava data synth`.
+pub fn synth(args: &DataSynthArgs) -> Result<ExitCode> {
+    use anyhow::Context;
+    let opts = kollava_train::synth::SynthOptions {
+        seed: args.seed,
+        count: args.count,
+        test_count: args.test_count,
+    };
+    let s = kollava_train::synth::generate(&args.out, &opts)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} images, {} captions, {} conversations and {} held-out questions to {}",
+        s.images,
+        s.pretrain,
+        s.finetune,
+        s.test,
+        args.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
 
 /// `kollava data check`.
 pub fn check(args: &DataCheckArgs) -> Result<ExitCode> {

@@ -3,7 +3,44 @@
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::args::{SummarizeArgs, VqaArgs};
+use crate::args::{EvalSynthArgs, SummarizeArgs, VqaArgs};
+
+/// `kollava eval synth`: exact-match accuracy; the last line is `accuracy X (n=N)`.
+pub fn synth(args: &EvalSynthArgs) -> Result<()> {
+    let session = pipeline::load(&args.model)?;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} questions  {msg}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut right = 0usize;
+    let mut done = 0usize;
+    let graded = kollava_eval::synth::evaluate(&session, &args.data, args.limit, &mut |g, n| {
+        done += 1;
+        right += g.correct as usize;
+        bar.set_length(n as u64);
+        bar.set_position(done as u64);
+        bar.set_message(format!("accuracy {:.3}", right as f64 / done as f64));
+        if args.show_errors && !g.correct {
+            bar.suspend(|| {
+                eprintln!(
+                    "{}: {} → {:?} (expected {:?})",
+                    g.id, g.question, g.answer, g.expected
+                )
+            });
+        }
+    })
+    .map_err(anyhow::Error::msg)?;
+    bar.finish_and_clear();
+    let n = graded.len();
+    let correct = graded.iter().filter(|g| g.correct).count();
+    let accuracy = if n == 0 {
+        0.0
+    } else {
+        correct as f64 / n as f64
+    };
+    println!("accuracy {accuracy:.4} (n={n})");
+    Ok(())
+}
 use crate::pipeline;
 
 /// `kollava eval vqa`: model_vqa answers, resumable.

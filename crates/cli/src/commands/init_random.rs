@@ -7,8 +7,14 @@ use kollava_checkpoint::random::{self, DiskDtype, Layout};
 use crate::args::InitRandomArgs;
 
 pub fn run(args: &InitRandomArgs) -> Result<()> {
-    let arch = random::arch(&args.arch)
+    let mut arch = *random::arch(&args.arch)
         .with_context(|| format!("unknown architecture {:?}", args.arch))?;
+    if let Some(dir) = &args.tokenizer {
+        let tok = kollava_inputs::Tokenizer::from_dir(dir)
+            .with_context(|| format!("cannot load the tokenizer in {}", dir.display()))?;
+        arch = arch.with_vocab(tok.vocab_size());
+    }
+    let arch = &arch;
     let dtype = match args.dtype.as_str() {
         "f32" => DiskDtype::F32,
         "bf16" => DiskDtype::Bf16,
@@ -27,9 +33,15 @@ pub fn run(args: &InitRandomArgs) -> Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message(format!("writing {} ({})", arch.name, arch.about));
-    let dir = random::init_random(arch, layout, dtype, args.seed, &args.out, &mut |done, _| {
-        bar.set_position(done)
-    })?;
+    let dir = random::init_random(
+        arch,
+        layout,
+        dtype,
+        args.seed,
+        args.tokenizer.as_deref(),
+        &args.out,
+        &mut |done, _| bar.set_position(done),
+    )?;
     bar.finish_and_clear();
     eprintln!(
         "wrote {} ({:.2} GB of weights) to {}",

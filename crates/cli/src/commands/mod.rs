@@ -8,5 +8,6 @@ pub mod eval;
 pub mod init_random;
 pub mod run;
 pub mod serve;
+pub mod tokenizer;
 pub mod train;
 pub mod verify;

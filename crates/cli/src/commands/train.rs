@@ -1,18 +1,31 @@
-//! `kollava train --stage pretrain`: projector pretraining with a progress bar,
-//! `metrics.jsonl`, and the trained projector written atomically.
+//! `kollava train`: stage 1 (projector) and stage 2 (LLM + projector, optionally the tower)
+//! with a progress bar, `metrics.jsonl`, atomic checkpoints and automatic resume.
+//!
+//! Output layout (as HF's Trainer): `OUTPUT/checkpoint-STEP/` every `--save-steps` (the
+//! weights, `optimizer.safetensors`, `trainer_state.json`), and the final result in
+//! `OUTPUT/` itself: `mm_projector.safetensors` + `config.json` for stage 1, a whole
+//! checkpoint in the input's family layout for stage 2.
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use kollava_inputs::image;
+use kollava_checkpoint::OpenOptions;
+use kollava_inputs::image::{self, AspectMode};
 use kollava_train::labels::label_rule;
-use kollava_train::pretrain::{pretrain_projector, PretrainInputs, PretrainOptions};
+use kollava_train::lora;
+use kollava_train::optim::AdamW;
+use kollava_train::trainer::{train, TrainInputs, TrainOptions};
 
 use crate::args::TrainArgs;
-use crate::pipeline;
+
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const PROJECTOR_FILE: &str = "mm_projector.safetensors";
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -21,8 +34,69 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
+fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    candle_core::safetensors::save(tensors, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The newest complete `checkpoint-STEP` directory in `dir`, with its step.
+fn newest_checkpoint(dir: &Path) -> Option<(usize, PathBuf)> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
+            e.path()
+                .join(STATE_FILE)
+                .is_file()
+                .then(|| (step, e.path()))
+        })
+        .max_by_key(|(s, _)| *s)
+}
+
+fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
+    let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    all.sort();
+    let excess = all.len().saturating_sub(keep);
+    for (_, p) in all.into_iter().take(excess) {
+        std::fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn dtype_arg(name: &str) -> DType {
+    match name {
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let template = crate::pipeline::template(&args.version, "--version")?;
+    let finetune = args.stage == "finetune";
+    let lora = args.lora_r > 0;
+    if lora && !finetune {
+        bail!("--lora-r trains adapters in stage 2: add --stage finetune");
+    }
+    if args.bits != 4 && args.bits != 16 {
+        bail!("--bits is 4 (QLoRA) or 16, not {}", args.bits);
+    }
+    if args.bits == 4 && !lora {
+        bail!("--bits 4 (QLoRA) trains adapters over a 4-bit base: give --lora-r too");
+    }
+    if lora && args.tune_vision_tower {
+        bail!("--tune-vision-tower with LoRA is not supported; train the tower in full finetuning");
+    }
     let samples = kollava_train::data::read_samples(&args.data)?;
     if !args.image_folder.is_dir() {
         bail!(
@@ -32,77 +106,500 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.output_dir)
         .with_context(|| format!("cannot create {}", args.output_dir.display()))?;
-    let session = pipeline::load(&args.model)?;
+
+    // Resume from the newest checkpoint when there is one.
+    let resume = newest_checkpoint(&args.output_dir);
+    let mut open = OpenOptions {
+        vision_tower: args.model.vision_tower.clone(),
+        projector: args.model.projector.clone(),
+    };
+    let mut model_path = crate::pipeline::model_path(args.model.model.as_deref());
+    let mut start = 0;
+    let mut adapter_start = None;
+    if let Some((step, dir)) = &resume {
+        eprintln!("resuming from {} (step {step})", dir.display());
+        start = *step;
+        if lora {
+            let (_, weights) = lora::read_adapter(dir).map_err(anyhow::Error::msg)?;
+            adapter_start = Some(weights);
+            if dir.join(lora::NON_LORA_FILE).is_file() {
+                open.projector = Some(dir.join(lora::NON_LORA_FILE));
+            }
+        } else if finetune {
+            model_path = dir.display().to_string();
+            open.projector = None;
+        } else {
+            open.projector = Some(dir.join(PROJECTOR_FILE));
+        }
+    }
+    let ckpt = kollava_checkpoint::open(&model_path, &open)?;
+    let version = match (&args.version, finetune) {
+        (Some(v), _) => v.clone(),
+        (None, false) => "plain".to_string(),
+        (None, true) => args
+            .model
+            .conv_mode
+            .clone()
+            .unwrap_or_else(|| ckpt.default_template().to_string()),
+    };
+    let template = crate::pipeline::template(&version, "--version")?;
+
+    let (freeze_llm, freeze_projector) = (args.freeze_backbone, args.freeze_mm_mlp_adapter);
+    let tune_vision = args.tune_vision_tower;
+    let filter: Arc<kollava_checkpoint::trainable::TrainableFilter> = if finetune {
+        Arc::new(move |n: &str| {
+            if n.starts_with("vision_model.") {
+                tune_vision
+            } else if n.starts_with("model.mm_projector.") {
+                !freeze_projector
+            } else {
+                !freeze_llm && !lora
+            }
+        })
+    } else {
+        // v0 with <im_start>/<im_end>: their embedding rows learn in stage 1 too.
+        let rows = start_end_rows(&ckpt)?.is_some();
+        Arc::new(move |n: &str| {
+            n.starts_with("model.mm_projector.") || (rows && n == "model.embed_tokens.weight")
+        })
+    };
+    let mut tm = ckpt.load_trainable(DType::F32, &Device::Cpu, filter)?;
+    let lora_opts = lora.then(|| lora::LoraOptions {
+        r: args.lora_r,
+        alpha: args.lora_alpha,
+        dropout: args.lora_dropout,
+        targets: args.lora_targets.clone(),
+        four_bit: args.bits == 4,
+        seed: args.seed,
+    });
+    let mut params = tm.params.clone();
+    if let Some(lo) = &lora_opts {
+        params.extend(lora::add_adapters(
+            &mut tm.model,
+            lo,
+            adapter_start.as_ref(),
+        )?);
+    }
+    if params.is_empty() {
+        bail!("nothing to train: every part is frozen");
+    }
+    let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    eprintln!(
+        "{} stage{}: training {n_params} parameters in {} tensors on {} samples ({version} format)",
+        args.stage,
+        match &lora_opts {
+            Some(lo) if lo.four_bit => format!(" (QLoRA r={}, 4-bit base)", lo.r),
+            Some(lo) => format!(" (LoRA r={})", lo.r),
+            None => String::new(),
+        },
+        params.len(),
+        samples.len()
+    );
+    let tok = ckpt.tokenizer()?;
+    let scheme = ckpt.image_tokens(&tok)?;
+    let aspect = match args.model.image_aspect.as_deref() {
+        Some("crop") => AspectMode::Crop,
+        Some("pad") => AspectMode::Pad,
+        Some("resize") => AspectMode::Resize,
+        _ => ckpt.aspect,
+    };
     let folder = args.image_folder.clone();
     let prefix = args.image_prefix.clone();
     let load = move |name: &str| {
         image::open(&folder.join(format!("{prefix}{name}"))).map_err(|e| e.to_string())
     };
-    let inputs = PretrainInputs {
-        model: &session.model,
-        tokenizer: &session.tok,
-        scheme: &session.scheme,
+    let row_masks: Vec<(candle_core::Var, Tensor)> = match start_end_rows(&ckpt)? {
+        Some((s, e)) if !finetune => {
+            let vocab = ckpt.config.decoder.vocab_size;
+            let mask: Vec<f32> = (0..vocab as u32)
+                .map(|i| if i == s || i == e { 1.0 } else { 0.0 })
+                .collect();
+            let mask = Tensor::from_vec(mask, (vocab, 1), &Device::Cpu)?;
+            tm.params
+                .iter()
+                .filter(|(n, _)| n == "model.embed_tokens.weight")
+                .map(|(_, v)| (v.clone(), mask.clone()))
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    let inputs = TrainInputs {
+        model: &tm.model,
+        tokenizer: &tok,
+        scheme: &scheme,
         template: &template,
         rule: label_rule(&template),
-        preprocess: &session.ckpt.preprocess,
-        aspect: session.aspect,
+        preprocess: &ckpt.preprocess,
+        aspect,
         load_image: &load,
+        row_masks: &row_masks,
     };
-    let opts = PretrainOptions {
-        lr: args.lr,
+    let opts = TrainOptions {
+        lr: args.lr.unwrap_or(match (finetune, lora) {
+            (false, _) => 2e-3,
+            (true, true) => 2e-4,
+            (true, false) => 2e-5,
+        }),
         epochs: args.epochs,
         max_steps: args.max_steps,
+        batch_size: args.per_device_batch_size as usize,
         grad_accum: args.grad_accum as usize,
         warmup_ratio: args.warmup_ratio,
         weight_decay: args.weight_decay,
         seed: args.seed,
-        ..PretrainOptions::default()
+        model_max_length: args.model_max_length,
+        train_vision: finetune && tune_vision,
+        ..TrainOptions::default()
     };
+    let mut opt = AdamW::new(params.clone(), opts.lr, opts.weight_decay);
+    if let Some((step, dir)) = &resume {
+        let state = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &Device::Cpu)
+            .with_context(|| format!("cannot read {}", dir.join(OPTIMIZER_FILE).display()))?;
+        opt.restore(&state, *step)?;
+    }
+
     let metrics_path = args.output_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path)
+    if resume.is_some() {
+        // Keep the lines up to the checkpoint: the steps after it are about to be redone
+        // (and a killed run may have left half a line).
+        let kept: String = std::fs::read_to_string(&metrics_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| (s as usize) <= start)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(&metrics_path, kept.as_bytes())?;
+    }
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(resume.is_some())
+        .write(true)
+        .truncate(resume.is_none())
+        .open(&metrics_path)
         .with_context(|| format!("cannot write {}", metrics_path.display()))?;
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let started = std::time::Instant::now();
-    let mut seen = 0usize;
-    let mut write_err = None;
-    let trained = pretrain_projector(&inputs, &samples, &opts, &mut |log| {
-        seen += log.samples;
-        bar.set_length(log.total_steps as u64);
-        bar.set_position(log.step as u64);
-        let rate = seen as f64 / started.elapsed().as_secs_f64();
-        bar.set_message(format!(
-            "loss {:.4}  lr {:.2e}  {rate:.1} samples/s",
-            log.loss, log.lr
-        ));
-        let line = serde_json::json!({"step": log.step, "epoch": log.epoch, "loss": log.loss, "lr": log.lr, "grad_norm": log.grad_norm, "samples_per_s": rate});
-        if let Err(e) = writeln!(metrics, "{line}") {
-            write_err.get_or_insert(e);
+    let mut board = match args.report_to.as_str() {
+        "tensorboard" => {
+            let dir = args.output_dir.join("runs");
+            let w = kollava_train::tensorboard::EventWriter::create(&dir)
+                .with_context(|| format!("cannot write TensorBoard events in {}", dir.display()))?;
+            Some(w)
         }
-    })?;
+        _ => None,
+    };
+    let total = opts.total_steps(samples.len());
+    let bar = ProgressBar::new(total as u64).with_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  {elapsed_precise} ETA {eta_precise}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(start as u64);
+    let started = std::time::Instant::now();
+    let (mut seen, mut masked) = (0usize, 0usize);
+    let mut write_err = None;
+    let out = args.output_dir.clone();
+    let save_dtype = dtype_arg(&args.save_dtype);
+    let trainable_names: Vec<String> = tm.params.iter().map(|(n, _)| n.clone()).collect();
+    let kind = match &lora_opts {
+        Some(lo) => Output::Lora {
+            opts: lo,
+            params: &params,
+            base: &model_path,
+        },
+        None if finetune => Output::Full,
+        None => Output::Projector,
+    };
+    let mut on_save = |step: usize, opt: &AdamW| -> candle_core::Result<()> {
+        let to_candle = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
+        let result = if step == total {
+            save_final(
+                &ckpt,
+                &tm.tensors,
+                &trainable_names,
+                &out,
+                &kind,
+                &version,
+                save_dtype,
+            )
+        } else {
+            save_checkpoint(
+                &ckpt,
+                &tm.tensors,
+                &trainable_names,
+                &out,
+                &kind,
+                &version,
+                step,
+                opt,
+            )
+            .and_then(|_| match args.save_total_limit {
+                Some(k) => prune_checkpoints(&out, k.max(1)),
+                None => Ok(()),
+            })
+        };
+        result.map_err(to_candle)
+    };
+    train(
+        &inputs,
+        &mut opt,
+        &samples,
+        &opts,
+        start,
+        args.save_steps,
+        &mut |log| {
+            seen += log.samples;
+            masked += log.masked;
+            bar.set_position(log.step as u64);
+            let rate = seen as f64 / started.elapsed().as_secs_f64();
+            bar.set_message(format!(
+                "loss {:.4}  lr {:.2e}  {rate:.1} samples/s",
+                log.loss, log.lr
+            ));
+            let line = serde_json::json!({"step": log.step, "epoch": log.epoch, "loss": log.loss,
+                "lr": log.lr, "grad_norm": log.grad_norm, "samples_per_s": rate});
+            if let Some(b) = board.as_mut() {
+                let r = b
+                    .scalar("train/loss", log.loss, log.step)
+                    .and_then(|_| b.scalar("train/learning_rate", log.lr, log.step))
+                    .and_then(|_| b.scalar("train/grad_norm", log.grad_norm, log.step))
+                    .and_then(|_| b.scalar("train/epoch", log.epoch, log.step));
+                if let Err(e) = r {
+                    write_err.get_or_insert(e);
+                }
+            }
+            // One write per line, so that a killed run leaves whole lines.
+            if let Err(e) = metrics.write_all(format!("{line}\n").as_bytes()) {
+                write_err.get_or_insert(e);
+            }
+        },
+        &mut on_save,
+    )?;
     bar.finish();
     if let Some(e) = write_err {
         return Err(e).with_context(|| format!("cannot write {}", metrics_path.display()));
     }
-    let tensors: HashMap<String, candle_core::Tensor> = trained
-        .into_iter()
-        .map(|(n, t)| (format!("model.mm_projector.{n}"), t))
-        .collect();
-    let out = args.output_dir.join("mm_projector.safetensors");
-    let tmp = out.with_extension("tmp");
-    candle_core::safetensors::save(&tensors, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &out).with_context(|| format!("cannot write {}", out.display()))?;
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        session.ckpt.dir.join("config.json"),
-    )?)?;
-    config["tune_mm_mlp_adapter"] = serde_json::json!(true);
+    if masked > 0 {
+        eprintln!("warning: {masked} samples were masked whole (tokenization mismatch)");
+    }
+    eprintln!(
+        "wrote {} and {}",
+        match kind {
+            Output::Full => args.output_dir.display().to_string(),
+            Output::Projector => args.output_dir.join(PROJECTOR_FILE).display().to_string(),
+            Output::Lora { .. } => format!(
+                "the adapter to {} (kollava merge-lora makes it a checkpoint)",
+                args.output_dir.display()
+            ),
+        },
+        metrics_path.display()
+    );
+    Ok(())
+}
+
+/// `kollava plot`.
+pub fn plot(args: &crate::args::PlotArgs) -> Result<()> {
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.metrics.with_extension("png"));
+    let n = kollava_train::plot::plot(&args.metrics, &out).map_err(anyhow::Error::msg)?;
+    eprintln!("plotted {n} steps to {}", out.display());
+    Ok(())
+}
+
+/// What a run writes.
+enum Output<'a> {
+    /// Stage 1: the projector.
+    Projector,
+    /// Stage 2: a whole checkpoint.
+    Full,
+    /// Stage 2 with adapters: PEFT files, plus the trained projector.
+    Lora {
+        opts: &'a lora::LoraOptions,
+        params: &'a [(String, candle_core::Var)],
+        base: &'a str,
+    },
+}
+
+/// Adapter, its config, the projector (`non_lora_trainables`) and the base's config
+/// (with the template) into the existing directory `dir`.
+fn write_lora(
+    ckpt: &kollava_checkpoint::Checkpoint,
+    tensors: &[(String, Tensor)],
+    dir: &Path,
+    opts: &lora::LoraOptions,
+    params: &[(String, candle_core::Var)],
+    base: &str,
+    template: &str,
+) -> Result<()> {
+    save_tensors(&dir.join(lora::ADAPTER_FILE), &lora::peft_tensors(params))?;
     write_atomic(
-        &args.output_dir.join("config.json"),
-        serde_json::to_string_pretty(&config)?.as_bytes(),
+        &dir.join(lora::ADAPTER_CONFIG),
+        serde_json::to_string_pretty(&opts.peft_config(base))?.as_bytes(),
     )?;
-    eprintln!("wrote {} and {}", out.display(), metrics_path.display());
+    save_tensors(&dir.join(lora::NON_LORA_FILE), &projector_tensors(tensors))?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.dir.join("config.json"))?)?;
+    config["kollava_template"] = serde_json::json!(template);
+    write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )
+}
+
+/// `kollava merge-lora`: base weights + `scale · B A`, written as a checkpoint of the
+/// base's family (with the adapter run's projector and template).
+pub fn merge_lora(args: &crate::args::MergeLoraArgs) -> Result<()> {
+    let (opts, adapter) = lora::read_adapter(&args.adapter).map_err(anyhow::Error::msg)?;
+    let non_lora = args.adapter.join(lora::NON_LORA_FILE);
+    let ckpt = kollava_checkpoint::open(
+        &args.model,
+        &OpenOptions {
+            vision_tower: None,
+            projector: non_lora.is_file().then_some(non_lora.clone()),
+        },
+    )?;
+    let tm = ckpt.load_trainable(DType::F32, &Device::Cpu, Arc::new(|_: &str| false))?;
+    let mut tensors = lora::merge(&tm.tensors, &adapter, opts.scale())?;
+    let merged = tensors.len();
+    if non_lora.is_file() {
+        tensors.extend(projector_tensors(&tm.tensors));
+    }
+    let dtype = args.dtype.as_deref().map(dtype_arg);
+    ckpt.save_with(&args.output, &tensors, dtype)?;
+    let cfg: Option<serde_json::Value> = std::fs::read_to_string(args.adapter.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    if let Some(t) = cfg.as_ref().and_then(|c| c["kollava_template"].as_str()) {
+        kollava_checkpoint::trainable::set_config_key(&args.output, "kollava_template", t)?;
+    }
+    eprintln!(
+        "merged {merged} adapted weights (r={}, alpha={}) into {}",
+        opts.r,
+        opts.alpha,
+        args.output.display()
+    );
+    Ok(())
+}
+
+/// The projector's tensors under their checkpoint names (with v0's embedding matrix when
+/// its `<im_start>`/`<im_end>` rows were trained, as June-2023 LLaVA saved it).
+fn projector_tensors(tensors: &[(String, Tensor)]) -> HashMap<String, Tensor> {
+    tensors
+        .iter()
+        .filter(|(n, t)| {
+            n.starts_with("model.mm_projector.")
+                || (n == "model.embed_tokens.weight" && t.is_variable())
+        })
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect()
+}
+
+/// The ids of `<im_start>` and `<im_end>` when the checkpoint wraps images in them (v0).
+fn start_end_rows(ckpt: &kollava_checkpoint::Checkpoint) -> Result<Option<(u32, u32)>> {
+    let tok = ckpt.tokenizer()?;
+    Ok(match ckpt.image_tokens(&tok)? {
+        kollava_inputs::prompt::ImageTokens::PatchTokens { start_end, .. } => start_end,
+        _ => None,
+    })
+}
+
+fn trained_only(tensors: &[(String, Tensor)], names: &[String]) -> Vec<(String, Tensor)> {
+    tensors
+        .iter()
+        .filter(|(n, _)| names.contains(n))
+        .cloned()
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+/// `OUTPUT/checkpoint-STEP`: weights in f32 (so a resumed run continues exactly), the
+/// optimizer's moments and the step, built under a temporary name and renamed.
+fn save_checkpoint(
+    ckpt: &kollava_checkpoint::Checkpoint,
+    tensors: &[(String, Tensor)],
+    trainable: &[String],
+    out: &Path,
+    kind: &Output,
+    template: &str,
+    step: usize,
+    opt: &AdamW,
+) -> Result<()> {
+    let dir = out.join(format!("checkpoint-{step}"));
+    let tmp = out.join(format!(".checkpoint-{step}.partial"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    match kind {
+        Output::Full => {
+            ckpt.save_with(&tmp, &trained_only(tensors, trainable), Some(DType::F32))?;
+            kollava_checkpoint::trainable::set_config_key(&tmp, "kollava_template", template)?;
+        }
+        Output::Projector => {
+            std::fs::create_dir_all(&tmp)?;
+            save_tensors(&tmp.join(PROJECTOR_FILE), &projector_tensors(tensors))?;
+        }
+        Output::Lora { opts, params, base } => {
+            std::fs::create_dir_all(&tmp)?;
+            write_lora(ckpt, tensors, &tmp, opts, params, base, template)?;
+        }
+    }
+    save_tensors(&tmp.join(OPTIMIZER_FILE), &opt.state())?;
+    write_atomic(
+        &tmp.join(STATE_FILE),
+        serde_json::to_string_pretty(
+            &serde_json::json!({"global_step": step, "optimizer_steps": opt.t}),
+        )?
+        .as_bytes(),
+    )?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).with_context(|| format!("cannot write {}", dir.display()))?;
+    Ok(())
+}
+
+/// The final result in `OUTPUT/` itself.
+fn save_final(
+    ckpt: &kollava_checkpoint::Checkpoint,
+    tensors: &[(String, Tensor)],
+    trainable: &[String],
+    out: &Path,
+    kind: &Output,
+    template: &str,
+    dtype: DType,
+) -> Result<()> {
+    if let Output::Lora { opts, params, base } = kind {
+        return write_lora(ckpt, tensors, out, opts, params, base, template);
+    }
+    if matches!(kind, Output::Projector) {
+        save_tensors(&out.join(PROJECTOR_FILE), &projector_tensors(tensors))?;
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(ckpt.dir.join("config.json"))?)?;
+        config["tune_mm_mlp_adapter"] = serde_json::json!(true);
+        return write_atomic(
+            &out.join("config.json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        );
+    }
+    // Written whole beside OUTPUT, then moved in entry by entry (each rename is atomic).
+    let tmp = out.join(".final.partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    ckpt.save_with(&tmp, &trained_only(tensors, trainable), Some(dtype))?;
+    kollava_checkpoint::trainable::set_config_key(&tmp, "kollava_template", template)?;
+    for entry in std::fs::read_dir(&tmp)? {
+        let entry = entry?;
+        if entry.file_name() == OPTIMIZER_FILE || entry.file_name() == STATE_FILE {
+            continue; // copied from a resumed checkpoint; not part of the result
+        }
+        let target = out.join(entry.file_name());
+        if target.is_dir() {
+            std::fs::remove_dir_all(&target)?;
+        }
+        std::fs::rename(entry.path(), &target)
+            .with_context(|| format!("cannot write {}", target.display()))?;
+    }
+    std::fs::remove_dir_all(&tmp)?;
     Ok(())
 }

@@ -14,6 +14,7 @@
 //! back a Hangul syllable until all of its UTF-8 bytes have arrived.
 
 pub mod sentencepiece;
+pub mod train;
 
 use std::collections::HashSet;
 use std::path::Path;

@@ -1,0 +1,363 @@
+//! The training loop both stages share (llava-spec §5.5): whichever weights the caller made
+//! trainable (the projector for stage 1; the language model and projector, optionally the
+//! tower, for stage 2) learn through the inference forward path.
+//!
+//! A step takes `batch_size × grad_accum` samples. Samples are tokenized, masked and their
+//! images decoded on a second thread, a few micro-batches ahead, so memory stays bounded.
+//! A micro-batch is right-padded into one decoder call; its loss is the mean over its
+//! labelled tokens, divided by `grad_accum` as HF's Trainer does. The data order of epoch
+//! `e` depends only on `seed` and `e`, so a resumed run sees exactly the samples an
+//! uninterrupted one would.
+
+use std::ops::Range;
+use std::sync::mpsc;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Result, Tensor};
+use kollava_inputs::image::{AspectMode, ClipPreprocess, RgbImage};
+use kollava_inputs::prompt::ImageTokens;
+use kollava_inputs::template::Template;
+use kollava_inputs::Tokenizer;
+use kollava_model::{KvCache, Llava};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::data::Sample;
+use crate::labels::{preprocess, LabelRule, IGNORE_INDEX};
+use crate::loss::splice_labels;
+use crate::optim::{clip_grad_norm, cosine_lr, warmup_steps, AdamW};
+
+/// Hyper-parameters. Defaults are the reference scripts' stage-1 values.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub lr: f64,
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (overrides `epochs`).
+    pub max_steps: Option<usize>,
+    /// Samples per micro-batch (one decoder call).
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    /// Sequences (after image features are spliced in) are cut to this many positions.
+    pub model_max_length: usize,
+    /// Whether gradients flow into the vision tower.
+    pub train_vision: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            lr: 2e-3,
+            epochs: 1,
+            max_steps: None,
+            batch_size: 1,
+            grad_accum: 1,
+            warmup_ratio: 0.03,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            seed: 42,
+            model_max_length: 2048,
+            train_vision: false,
+        }
+    }
+}
+
+impl TrainOptions {
+    fn samples_per_step(&self) -> usize {
+        self.batch_size.max(1) * self.grad_accum.max(1)
+    }
+
+    /// Optimizer steps in one epoch of `n` samples.
+    pub fn steps_per_epoch(&self, n: usize) -> usize {
+        n.div_ceil(self.samples_per_step()).max(1)
+    }
+
+    /// Total optimizer steps for `n` samples.
+    pub fn total_steps(&self, n: usize) -> usize {
+        self.max_steps
+            .unwrap_or(self.steps_per_epoch(n) * self.epochs.max(1))
+    }
+
+    /// The sample indices step `step` trains on (the same in a resumed run).
+    pub fn step_samples(&self, n: usize, step: usize) -> Vec<usize> {
+        let per_epoch = self.steps_per_epoch(n);
+        let epoch = step / per_epoch;
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed.wrapping_add(epoch as u64));
+        order.shuffle(&mut rng);
+        let k = self.samples_per_step();
+        let start = (step % per_epoch) * k;
+        order[start.min(n)..(start + k).min(n)].to_vec()
+    }
+}
+
+/// One optimizer step's figures.
+#[derive(Debug, Clone)]
+pub struct StepLog {
+    pub step: usize,
+    pub total_steps: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub samples: usize,
+    /// Samples of this step masked whole (tokenization mismatch).
+    pub masked: usize,
+}
+
+/// Everything a step needs besides the weights and the data.
+pub struct TrainInputs<'a> {
+    pub model: &'a Llava,
+    pub tokenizer: &'a Tokenizer,
+    pub scheme: &'a ImageTokens,
+    pub template: &'a Template,
+    pub rule: LabelRule,
+    pub preprocess: &'a ClipPreprocess,
+    pub aspect: AspectMode,
+    /// Loads a sample's image by its file name.
+    pub load_image: &'a (dyn Fn(&str) -> std::result::Result<RgbImage, String> + Sync),
+    /// Parameters of which only some rows learn: their gradient is multiplied by the mask
+    /// (`(rows, 1)` of 0/1) before clipping. Stage 1 of v0 trains just the `<im_start>` and
+    /// `<im_end>` rows of the embedding matrix this way (llava-spec §1a.6).
+    pub row_masks: &'a [(candle_core::Var, Tensor)],
+}
+
+/// A sample made ready on the loader thread.
+struct Prepared {
+    ids: Vec<u32>,
+    slots: Vec<Range<usize>>,
+    /// Spliced to the embedded length.
+    labels: Vec<i64>,
+    /// `3 × H × W` normalised pixels of its one image.
+    pixels: Option<Vec<f32>>,
+    mismatch: bool,
+}
+
+fn prepare(inp: &TrainInputs, s: &Sample) -> std::result::Result<Prepared, String> {
+    let ex = preprocess(inp.tokenizer, inp.scheme, inp.template, inp.rule, &s.turns)
+        .map_err(|e| format!("sample {}: {e}", s.id))?;
+    let pixels = match &s.image {
+        Some(name) if !ex.prompt.images.is_empty() => {
+            let img = (inp.load_image)(name).map_err(|e| format!("sample {}: {e}", s.id))?;
+            Some(kollava_inputs::image::preprocess(
+                &img,
+                inp.aspect,
+                inp.preprocess,
+            ))
+        }
+        _ => None,
+    };
+    let slots: Vec<Range<usize>> = ex
+        .prompt
+        .images
+        .iter()
+        .map(|s| s.at..s.at + s.replaces)
+        .collect();
+    if pixels.is_none() && !slots.is_empty() {
+        return Err(format!(
+            "sample {}: the {} format needs an image but the record has none",
+            s.id, inp.template.name
+        ));
+    }
+    let labels = splice_labels(&ex.ids, &ex.labels, inp.scheme.n());
+    Ok(Prepared {
+        ids: ex.prompt.ids,
+        slots: slots.into_iter().take(1).collect(),
+        labels,
+        pixels,
+        mismatch: ex.mismatch,
+    })
+}
+
+/// Loss of one micro-batch: the mean next-token cross-entropy over its labelled tokens.
+/// Returns `None` when nothing in it is labelled.
+fn micro_batch_loss(
+    inp: &TrainInputs,
+    batch: &[Prepared],
+    opts: &TrainOptions,
+) -> Result<Option<Tensor>> {
+    let model = inp.model;
+    let device = Device::Cpu;
+    let (cw, ch) = inp.preprocess.crop;
+    let pixels: Vec<f32> = batch
+        .iter()
+        .filter_map(|p| p.pixels.as_deref())
+        .flatten()
+        .copied()
+        .collect();
+    let n_images = batch.iter().filter(|p| p.pixels.is_some()).count();
+    let features = if n_images > 0 {
+        let px = Tensor::from_vec(pixels, (n_images, 3, ch as usize, cw as usize), &device)?;
+        let f = model.vision_features(&px)?;
+        let f = if opts.train_vision { f } else { f.detach() };
+        Some(model.projector.forward(&f.to_dtype(model.dtype())?)?)
+    } else {
+        None
+    };
+    let mut embeds = Vec::with_capacity(batch.len());
+    let mut labels = Vec::with_capacity(batch.len());
+    let mut image = 0;
+    for p in batch {
+        let f = match (&features, p.pixels.is_some()) {
+            (Some(f), true) => {
+                image += 1;
+                Some(f.narrow(0, image - 1, 1)?)
+            }
+            _ => None,
+        };
+        let e = model.embed_with_images(&p.ids, &p.slots, f.as_ref())?;
+        let len = e.dim(1)?.min(opts.model_max_length);
+        embeds.push(e.narrow(1, 0, len)?);
+        labels.push(&p.labels[..len.min(p.labels.len())]);
+    }
+    let lens: Vec<usize> = embeds.iter().map(|e| e.dim(1)).collect::<Result<_>>()?;
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    let hidden_size = model.config().decoder.hidden_size;
+    let padded = embeds
+        .iter()
+        .zip(&lens)
+        .map(|(e, &len)| {
+            if len == longest {
+                Ok(e.clone())
+            } else {
+                let pad = Tensor::zeros((1, longest - len, hidden_size), e.dtype(), &device)?;
+                Tensor::cat(&[e, &pad], 1)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let x = Tensor::cat(&padded, 0)?;
+    // Positions whose next token is labelled, as rows of the flattened (b·L, hidden).
+    let (rows, targets): (Vec<u32>, Vec<u32>) = labels
+        .iter()
+        .enumerate()
+        .flat_map(|(b, l)| {
+            l.iter()
+                .enumerate()
+                .skip(1)
+                .filter(|(_, &t)| t != IGNORE_INDEX)
+                .map(move |(i, &t)| ((b * longest + i - 1) as u32, t as u32))
+        })
+        .unzip();
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let mut cache = KvCache::new(model.config().decoder.num_hidden_layers, batch.len());
+    let hidden = model.decoder.forward(&x, &lens, &mut cache)?;
+    let hidden = hidden.reshape((batch.len() * longest, hidden_size))?;
+    let n = rows.len();
+    let picked = hidden.index_select(&Tensor::new(rows, &device)?, 0)?;
+    let logits = model.decoder.logits(&picked)?.to_dtype(DType::F32)?;
+    let logp = candle_nn::ops::log_softmax(&logits, 1)?;
+    let targets = Tensor::new(targets, &device)?.unsqueeze(1)?;
+    let nll = logp.gather(&targets, 1)?.sum_all()?.neg()?;
+    Ok(Some((nll / n as f64)?))
+}
+
+fn add_grads(acc: &mut Option<GradStore>, new: GradStore, opt: &AdamW) -> Result<()> {
+    let Some(acc) = acc else {
+        *acc = Some(new);
+        return Ok(());
+    };
+    for v in opt.vars() {
+        if let Some(g) = new.get(v.as_tensor()) {
+            let sum = match acc.get(v.as_tensor()) {
+                Some(a) => (a + g)?,
+                None => g.clone(),
+            };
+            acc.insert(v.as_tensor(), sum);
+        }
+    }
+    Ok(())
+}
+
+/// Trains `opt`'s parameters from optimizer step `start` (0, or where a checkpoint left
+/// off) to the end. `on_step` sees every step; `on_save(step, opt)` is called when
+/// `save_every` steps have passed and at the end.
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    inp: &TrainInputs,
+    opt: &mut AdamW,
+    samples: &[Sample],
+    opts: &TrainOptions,
+    start: usize,
+    save_every: Option<usize>,
+    on_step: &mut dyn FnMut(&StepLog),
+    on_save: &mut dyn FnMut(usize, &AdamW) -> Result<()>,
+) -> Result<()> {
+    let total = opts.total_steps(samples.len());
+    let warmup = warmup_steps(opts.warmup_ratio, total);
+    let per_epoch = opts.steps_per_epoch(samples.len());
+    let vars = opt.vars();
+    let micro = opts.batch_size.max(1);
+    std::thread::scope(|scope| -> Result<()> {
+        // The loader runs ahead by a few micro-batches; it stops when the receiver goes.
+        let (tx, rx) = mpsc::sync_channel::<std::result::Result<Vec<Prepared>, String>>(4);
+        scope.spawn(move || {
+            for step in start..total {
+                for chunk in opts.step_samples(samples.len(), step).chunks(micro) {
+                    let batch: std::result::Result<Vec<Prepared>, String> =
+                        chunk.iter().map(|&i| prepare(inp, &samples[i])).collect();
+                    if tx.send(batch).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        for step in start..total {
+            let chunks = opts.step_samples(samples.len(), step).len().div_ceil(micro);
+            let mut grads: Option<GradStore> = None;
+            let (mut loss_sum, mut count, mut masked) = (0f64, 0usize, 0usize);
+            for _ in 0..chunks {
+                let batch = rx
+                    .recv()
+                    .map_err(|_| candle_core::Error::Msg("the data loader stopped".into()))?
+                    .map_err(candle_core::Error::Msg)?;
+                count += batch.len();
+                masked += batch.iter().filter(|p| p.mismatch).count();
+                let Some(loss) = micro_batch_loss(inp, &batch, opts)? else {
+                    continue;
+                };
+                let loss = (loss / chunks as f64)?;
+                loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                add_grads(&mut grads, loss.backward()?, opt)?;
+            }
+            if let Some(g) = grads.as_mut() {
+                for (var, mask) in inp.row_masks {
+                    if let Some(grad) = g.remove(var.as_tensor()) {
+                        g.insert(var.as_tensor(), grad.broadcast_mul(mask)?);
+                    }
+                }
+            }
+            let lr = cosine_lr(opts.lr, step, warmup, total);
+            let grad_norm = match grads.as_mut() {
+                Some(g) => {
+                    let norm = clip_grad_norm(g, &vars, opts.max_grad_norm)?;
+                    opt.lr = lr;
+                    opt.step(g)?;
+                    norm
+                }
+                None => 0.0,
+            };
+            let done = step + 1;
+            on_step(&StepLog {
+                step: done,
+                total_steps: total,
+                epoch: done as f64 / per_epoch as f64,
+                loss: loss_sum,
+                lr,
+                grad_norm,
+                samples: count,
+                masked,
+            });
+            if save_every.is_some_and(|k| k > 0 && done % k == 0) && done < total {
+                on_save(done, opt)?;
+            }
+        }
+        drop(rx);
+        on_save(total, opt)
+    })
+}
