@@ -359,6 +359,11 @@ pub struct TrainArgs {
     /// Data order seed — 시드
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Data-parallel processes on this machine (torchrun-style RANK/WORLD_SIZE/MASTER_ADDR/
+    /// MASTER_PORT also work, across machines); each step's samples are split between them
+    /// — 데이터 병렬 프로세스 수
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub nproc: u32,
     /// Also log to TensorBoard event files in OUTPUT/runs — TensorBoard 로그
     #[arg(long, default_value = "none", value_parser = ["none", "tensorboard"])]
     pub report_to: String,

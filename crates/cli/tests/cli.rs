@@ -1739,3 +1739,49 @@ fn v0_pretraining_trains_only_the_image_boundary_rows() {
         }
     }
 }
+
+/// Two data-parallel processes, one sample each per step, train like one process that
+/// accumulates two micro-batches: the same losses (up to summation order), and one result.
+#[test]
+fn two_ranks_train_like_one_process_with_gradient_accumulation() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Four records: every step has two samples, for both runs alike.
+    let five: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(finetune_data(&tmp)).unwrap()).unwrap();
+    let data = write_file(
+        &tmp,
+        "four.json",
+        Value::Array(five[..4].to_vec()).to_string().as_bytes(),
+    );
+    let images = crate_fixture_images();
+    let with = |out: &Path, extra: &[&str]| {
+        let mut args = finetune_args(&data, &images, out, "5");
+        let bs = args
+            .iter()
+            .position(|a| a == "--per-device-batch-size")
+            .unwrap()
+            + 1;
+        args[bs] = "1".into();
+        args.extend(extra.iter().map(Into::into));
+        args
+    };
+    let single = tmp.path().join("single");
+    assert_success(&kollava(&as_args(&with(&single, &["--grad-accum", "2"]))));
+    let ddp = tmp.path().join("ddp");
+    let o = kollava(&as_args(&with(&ddp, &["--nproc", "2"])));
+    assert_success(&o);
+    let (a, b) = (
+        losses(&single.join("metrics.jsonl")),
+        losses(&ddp.join("metrics.jsonl")),
+    );
+    assert_eq!(a.len(), 5);
+    assert_eq!(b.len(), 5, "only rank 0 reports");
+    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
+        assert_eq!(sa, sb);
+        assert!(
+            (la - lb).abs() < 1e-4 * la.abs().max(1.0),
+            "step {sa}: {la} vs {lb}"
+        );
+    }
+    assert!(ddp.join("config.json").is_file());
+}

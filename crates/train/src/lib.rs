@@ -7,6 +7,7 @@
 
 pub mod check;
 pub mod data;
+pub mod dist;
 pub mod labels;
 pub mod lora;
 pub mod loss;

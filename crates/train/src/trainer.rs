@@ -46,6 +46,10 @@ pub struct TrainOptions {
     pub model_max_length: usize,
     /// Whether gradients flow into the vision tower.
     pub train_vision: bool,
+    /// Data-parallel processes, and this one's index: each step's samples are split
+    /// between them.
+    pub world: usize,
+    pub rank: usize,
 }
 
 impl Default for TrainOptions {
@@ -62,13 +66,21 @@ impl Default for TrainOptions {
             seed: 42,
             model_max_length: 2048,
             train_vision: false,
+            world: 1,
+            rank: 0,
         }
     }
 }
 
 impl TrainOptions {
-    fn samples_per_step(&self) -> usize {
+    /// Samples one process takes per step.
+    fn samples_per_rank(&self) -> usize {
         self.batch_size.max(1) * self.grad_accum.max(1)
+    }
+
+    /// Samples per optimizer step over all processes (the global batch).
+    fn samples_per_step(&self) -> usize {
+        self.samples_per_rank() * self.world.max(1)
     }
 
     /// Optimizer steps in one epoch of `n` samples.
@@ -82,7 +94,8 @@ impl TrainOptions {
             .unwrap_or(self.steps_per_epoch(n) * self.epochs.max(1))
     }
 
-    /// The sample indices step `step` trains on (the same in a resumed run).
+    /// The sample indices this process trains on at step `step` (the same in a resumed
+    /// run): its share of the step's global batch.
     pub fn step_samples(&self, n: usize, step: usize) -> Vec<usize> {
         let per_epoch = self.steps_per_epoch(n);
         let epoch = step / per_epoch;
@@ -91,7 +104,16 @@ impl TrainOptions {
         order.shuffle(&mut rng);
         let k = self.samples_per_step();
         let start = (step % per_epoch) * k;
-        order[start.min(n)..(start + k).min(n)].to_vec()
+        let mut global = order[start.min(n)..(start + k).min(n)].to_vec();
+        if self.world > 1 {
+            // Like torch's DistributedSampler: a short last step is filled from the start
+            // of the epoch, so that every rank has its share.
+            let missing = k - global.len();
+            global.extend(order.iter().cycle().take(missing));
+        }
+        let share = self.samples_per_rank();
+        let from = (self.rank * share).min(global.len());
+        global[from..(from + share).min(global.len())].to_vec()
     }
 }
 
@@ -124,6 +146,9 @@ pub struct TrainInputs<'a> {
     /// (`(rows, 1)` of 0/1) before clipping. Stage 1 of v0 trains just the `<im_start>` and
     /// `<im_end>` rows of the embedding matrix this way (llava-spec §1a.6).
     pub row_masks: &'a [(candle_core::Var, Tensor)],
+    /// The other processes of a data-parallel run: gradients and the loss are averaged
+    /// with them before each optimizer step.
+    pub dist: Option<&'a std::sync::Mutex<crate::dist::Dist>>,
 }
 
 /// A sample made ready on the loader thread.
@@ -257,6 +282,49 @@ fn micro_batch_loss(
     Ok(Some((nll / n as f64)?))
 }
 
+/// Averages the gradients of `vars` and the loss over all ranks (a rank without gradients
+/// counts as zeros). Returns the mean loss.
+fn average_over_ranks(
+    dist: &std::sync::Mutex<crate::dist::Dist>,
+    grads: &mut Option<GradStore>,
+    vars: &[candle_core::Var],
+    loss: f64,
+) -> Result<f64> {
+    if vars.is_empty() {
+        return Ok(loss);
+    }
+    let mut flat = Vec::new();
+    for v in vars {
+        match grads.as_ref().and_then(|g| g.get(v.as_tensor())) {
+            Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            None => flat.extend(std::iter::repeat_n(0f32, v.elem_count())),
+        }
+    }
+    flat.push(loss as f32);
+    dist.lock()
+        .map_err(|_| candle_core::Error::Msg("the rank connection is poisoned".into()))?
+        .all_reduce_mean(&mut flat)
+        .map_err(|e| {
+            candle_core::Error::Msg(format!("averaging gradients with the other ranks: {e}"))
+        })?;
+    let store = match grads {
+        Some(g) => g,
+        None => {
+            // Any backward gives a store to fill; this rank had nothing to learn from.
+            let zero = (vars[0].as_tensor().sum_all()? * 0.0)?;
+            grads.insert(zero.backward()?)
+        }
+    };
+    let mut at = 0;
+    for v in vars {
+        let n = v.elem_count();
+        let g = Tensor::from_slice(&flat[at..at + n], v.dims(), v.device())?.to_dtype(v.dtype())?;
+        store.insert(v.as_tensor(), g);
+        at += n;
+    }
+    Ok(flat[at] as f64)
+}
+
 fn add_grads(acc: &mut Option<GradStore>, new: GradStore, opt: &AdamW) -> Result<()> {
     let Some(acc) = acc else {
         *acc = Some(new);
@@ -324,6 +392,9 @@ pub fn train(
                 let loss = (loss / chunks as f64)?;
                 loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 add_grads(&mut grads, loss.backward()?, opt)?;
+            }
+            if let Some(dist) = inp.dist {
+                loss_sum = average_over_ranks(dist, &mut grads, &vars, loss_sum)?;
             }
             if let Some(g) = grads.as_mut() {
                 for (var, mask) in inp.row_masks {

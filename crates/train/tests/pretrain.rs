@@ -56,6 +56,7 @@ fn projector_pretraining_lowers_the_caption_loss() {
         aspect: ckpt.aspect,
         load_image: &load,
         row_masks: &[],
+        dist: None,
     };
     let opts = TrainOptions {
         lr: 1e-2,

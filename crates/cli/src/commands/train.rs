@@ -41,24 +41,11 @@ fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// The newest complete `checkpoint-STEP` directory in `dir`, with its step.
-fn newest_checkpoint(dir: &Path) -> Option<(usize, PathBuf)> {
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
-            e.path()
-                .join(STATE_FILE)
-                .is_file()
-                .then(|| (step, e.path()))
-        })
-        .max_by_key(|(s, _)| *s)
-}
-
-fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
-    let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)?
+/// The `checkpoint-STEP` directories in `dir`, oldest first.
+fn checkpoints(dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -67,6 +54,19 @@ fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
         })
         .collect();
     all.sort();
+    all
+}
+
+/// The newest complete checkpoint (one with its trainer state), with its step.
+fn newest_checkpoint(dir: &Path) -> Option<(usize, PathBuf)> {
+    checkpoints(dir)
+        .into_iter()
+        .rev()
+        .find(|(_, p)| p.join(STATE_FILE).is_file())
+}
+
+fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
+    let all = checkpoints(dir);
     let excess = all.len().saturating_sub(keep);
     for (_, p) in all.into_iter().take(excess) {
         std::fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
@@ -82,7 +82,47 @@ fn dtype_arg(name: &str) -> DType {
     }
 }
 
+/// `--nproc N`: runs this same command as N processes (ranks) and waits for them all.
+fn launch(n: u32) -> Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let exe = std::env::current_exe()?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let mut children = Vec::new();
+    for rank in 0..n {
+        let child = std::process::Command::new(&exe)
+            .args(&args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .spawn()
+            .with_context(|| format!("cannot start rank {rank}"))?;
+        children.push(child);
+    }
+    let mut failed = None;
+    for (rank, mut c) in children.into_iter().enumerate() {
+        let status = c.wait()?;
+        if !status.success() && failed.is_none() {
+            failed = Some((rank, status));
+        }
+    }
+    match failed {
+        Some((rank, status)) => bail!("rank {rank} of {n} failed ({status})"),
+        None => Ok(()),
+    }
+}
+
 pub fn run(args: &TrainArgs) -> Result<()> {
+    if args.nproc > 1 && std::env::var_os("RANK").is_none() {
+        return launch(args.nproc);
+    }
+    let dist = kollava_train::dist::Dist::from_env().map_err(anyhow::Error::msg)?;
+    let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank, d.world));
+    let main_rank = rank == 0;
+    let dist = dist.map(std::sync::Mutex::new);
     let finetune = args.stage == "finetune";
     let lora = args.lora_r > 0;
     if lora && !finetune {
@@ -117,7 +157,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let mut start = 0;
     let mut adapter_start = None;
     if let Some((step, dir)) = &resume {
-        eprintln!("resuming from {} (step {step})", dir.display());
+        if main_rank {
+            eprintln!("resuming from {} (step {step})", dir.display());
+        }
         start = *step;
         if lora {
             let (_, weights) = lora::read_adapter(dir).map_err(anyhow::Error::msg)?;
@@ -184,7 +226,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         bail!("nothing to train: every part is frozen");
     }
     let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
-    eprintln!(
+    if main_rank {
+        eprintln!(
         "{} stage{}: training {n_params} parameters in {} tensors on {} samples ({version} format)",
         args.stage,
         match &lora_opts {
@@ -195,6 +238,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         params.len(),
         samples.len()
     );
+    }
     let tok = ckpt.tokenizer()?;
     let scheme = ckpt.image_tokens(&tok)?;
     let aspect = match args.model.image_aspect.as_deref() {
@@ -233,6 +277,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         aspect,
         load_image: &load,
         row_masks: &row_masks,
+        dist: dist.as_ref(),
     };
     let opts = TrainOptions {
         lr: args.lr.unwrap_or(match (finetune, lora) {
@@ -249,6 +294,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         seed: args.seed,
         model_max_length: args.model_max_length,
         train_vision: finetune && tune_vision,
+        world,
+        rank,
         ..TrainOptions::default()
     };
     let mut opt = AdamW::new(params.clone(), opts.lr, opts.weight_decay);
@@ -259,7 +306,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
 
     let metrics_path = args.output_dir.join("metrics.jsonl");
-    if resume.is_some() {
+    if resume.is_some() && main_rank {
         // Keep the lines up to the checkpoint: the steps after it are about to be redone
         // (and a killed run may have left half a line).
         let kept: String = std::fs::read_to_string(&metrics_path)
@@ -275,15 +322,22 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             .collect();
         write_atomic(&metrics_path, kept.as_bytes())?;
     }
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(resume.is_some())
-        .write(true)
-        .truncate(resume.is_none())
-        .open(&metrics_path)
-        .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+    // Only rank 0 reports and saves; the other ranks just train.
+    let mut metrics = if main_rank {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(resume.is_some())
+                .write(true)
+                .truncate(resume.is_none())
+                .open(&metrics_path)
+                .with_context(|| format!("cannot write {}", metrics_path.display()))?,
+        )
+    } else {
+        None
+    };
     let mut board = match args.report_to.as_str() {
-        "tensorboard" => {
+        "tensorboard" if main_rank => {
             let dir = args.output_dir.join("runs");
             let w = kollava_train::tensorboard::EventWriter::create(&dir)
                 .with_context(|| format!("cannot write TensorBoard events in {}", dir.display()))?;
@@ -299,6 +353,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_position(start as u64);
+    if !main_rank {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     let started = std::time::Instant::now();
     let (mut seen, mut masked) = (0usize, 0usize);
     let mut write_err = None;
@@ -315,6 +372,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         None => Output::Projector,
     };
     let mut on_save = |step: usize, opt: &AdamW| -> candle_core::Result<()> {
+        if !main_rank {
+            return Ok(());
+        }
         let to_candle = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
         let result = if step == total {
             save_final(
@@ -352,7 +412,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         start,
         args.save_steps,
         &mut |log| {
-            seen += log.samples;
+            seen += log.samples * world;
             masked += log.masked;
             bar.set_position(log.step as u64);
             let rate = seen as f64 / started.elapsed().as_secs_f64();
@@ -373,8 +433,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 }
             }
             // One write per line, so that a killed run leaves whole lines.
-            if let Err(e) = metrics.write_all(format!("{line}\n").as_bytes()) {
-                write_err.get_or_insert(e);
+            if let Some(m) = metrics.as_mut() {
+                if let Err(e) = m.write_all(format!("{line}\n").as_bytes()) {
+                    write_err.get_or_insert(e);
+                }
             }
         },
         &mut on_save,
@@ -382,6 +444,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     bar.finish();
     if let Some(e) = write_err {
         return Err(e).with_context(|| format!("cannot write {}", metrics_path.display()));
+    }
+    if !main_rank {
+        return Ok(());
     }
     if masked > 0 {
         eprintln!("warning: {masked} samples were masked whole (tokenization mismatch)");
