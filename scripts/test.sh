@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check CI runs: formatting, lints, and the whole test suite (offline, CPU-only).
-# Needs only a Rust toolchain (cargo, rustfmt, clippy) and a C compiler (libjpeg-turbo is
-# built from source by mozjpeg-sys); installs rustfmt/clippy through rustup if missing.
+# Needs a Rust toolchain (cargo, rustfmt, clippy), a C compiler (libjpeg-turbo is built
+# from source by mozjpeg-sys), Python 3 and Node.js; installs what else the tests use
+# (rustfmt/clippy, the `openai` package in target/client-venv, Chromium, playwright-core
+# in target/client-node) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,22 @@ fi
 
 # A one-off build gains nothing from incremental caches, which would double the disk used.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
+# The client tests drive `kollava serve` with the official `openai` Python package.
+echo "== client test tools"
+if [ ! -x target/client-venv/bin/python ]; then
+  python3 -m venv target/client-venv
+fi
+target/client-venv/bin/pip install -q --disable-pip-version-check "openai==3.57.0"
+# ... and the chat page in headless Chromium through Playwright.
+if [ ! -x /usr/bin/chromium ]; then
+  echo "installing Chromium (for the chat page test)" >&2
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
+if [ ! -f target/client-node/node_modules/playwright-core/index.mjs ]; then
+  npm install -s --no-fund --no-audit --prefix target/client-node playwright-core@1.64.1
+fi
+export KOLLAVA_REQUIRE_CLIENT_TESTS=1
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -1785,3 +1785,117 @@ fn two_ranks_train_like_one_process_with_gradient_accumulation() {
     }
     assert!(ddp.join("config.json").is_file());
 }
+
+// ---------------------------------------------------------------------------------------
+// Real clients against `kollava serve`
+
+/// `kollava serve --port 0` on the demo model; returns the child and its base URL.
+fn serve_demo() -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = command(&[&"serve", &"--port", &"0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let url = loop {
+        let line = lines.next().expect("serve printed its address").unwrap();
+        if let Some(rest) = line.split("http://").nth(1) {
+            break format!("http://{}", rest.split_whitespace().next().unwrap());
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, url)
+}
+
+/// The Python interpreter with the client libraries, set up by scripts/test.sh. Outside it
+/// the test is skipped, loudly, unless KOLLAVA_REQUIRE_CLIENT_TESTS is set (CI sets it).
+fn client_python() -> Option<PathBuf> {
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/client-venv/bin/python");
+    if py.is_file() {
+        return Some(py);
+    }
+    assert!(
+        std::env::var_os("KOLLAVA_REQUIRE_CLIENT_TESTS").is_none(),
+        "{} is missing: run ./scripts/test.sh",
+        py.display()
+    );
+    eprintln!(
+        "SKIPPED: no {} (./scripts/test.sh sets it up)",
+        py.display()
+    );
+    None
+}
+
+/// The official `openai` Python package talks to `kollava serve`: model list, a vision
+/// question as a data URL (whole and streamed, with the demo model's right answer), and a
+/// 400 raised as the client's own error type.
+#[test]
+fn the_openai_python_client_works_against_serve() {
+    let Some(python) = client_python() else {
+        return;
+    };
+    let (mut server, url) = serve_demo();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("examples/shapes.json")).unwrap())
+            .unwrap();
+    let q = "이 그림을 설명해 주세요.";
+    let out = Command::new(&python)
+        .arg(root.join("tests/clients/openai_client.py"))
+        .arg(format!("{url}/v1"))
+        .arg(root.join("examples/shapes.png"))
+        .arg(q)
+        .arg(expected[q].as_str().unwrap())
+        .output()
+        .unwrap();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(stdout(&out).trim(), "ok");
+}
+
+/// The chat page at `/` in headless Chromium (Playwright): an image through the file
+/// picker, a Korean question, the streamed answer (the demo model's right one), then
+/// Regenerate and Clear. The screenshot is left in target/chat-page.png.
+#[test]
+fn the_chat_page_answers_in_a_real_browser() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let playwright = root.join("target/client-node/node_modules/playwright-core/index.mjs");
+    let chromium = std::env::var_os("CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/usr/bin/chromium".into());
+    if !playwright.is_file() || !chromium.is_file() {
+        assert!(
+            std::env::var_os("KOLLAVA_REQUIRE_CLIENT_TESTS").is_none(),
+            "{} or {} is missing: run ./scripts/test.sh",
+            playwright.display(),
+            chromium.display()
+        );
+        eprintln!("SKIPPED: no Playwright/Chromium (./scripts/test.sh sets them up)");
+        return;
+    }
+    let (mut server, url) = serve_demo();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("examples/shapes.json")).unwrap())
+            .unwrap();
+    let q = "이 그림을 설명해 주세요.";
+    let out = Command::new("node")
+        .arg(root.join("tests/clients/chat_page.mjs"))
+        .arg(format!("{url}/"))
+        .arg(root.join("examples/shapes.png"))
+        .arg(q)
+        .arg(expected[q].as_str().unwrap())
+        .arg(root.join("target/chat-page.png"))
+        .env("PLAYWRIGHT_CORE", &playwright)
+        .env("CHROMIUM", &chromium)
+        .output()
+        .unwrap();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(stdout(&out).trim(), "ok");
+}

@@ -23,8 +23,10 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
+        // The bound address, so that `--port 0` says which port it got.
+        let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
         eprintln!(
-            "kollava serving {} on http://{addr} (OpenAI API at /v1/chat/completions)",
+            "kollava serving {} on http://{bound} (OpenAI API at /v1/chat/completions)",
             engine.model_name
         );
         kollava_serve::serve(listener, AppState::new(engine, api_key))

@@ -1,0 +1,47 @@
+"""The official `openai` Python client against `kollava serve` (run by crates/cli/tests/cli.rs).
+
+usage: openai_client.py BASE_URL IMAGE QUESTION EXPECTED
+
+Checks that the client lists the model, gets EXPECTED for QUESTION about IMAGE (sent as a
+base64 data URL, as the OpenAI vision API does) both whole and streamed, and that a bad
+request surfaces as the client's own error type. Prints `ok` last.
+"""
+import base64
+import sys
+
+import openai
+
+base_url, image, question, expected = sys.argv[1:5]
+client = openai.OpenAI(base_url=base_url, api_key="unused")
+
+models = client.models.list()
+model = models.data[0].id
+
+with open(image, "rb") as f:
+    url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+messages = [{
+    "role": "user",
+    "content": [
+        {"type": "text", "text": question},
+        {"type": "image_url", "image_url": {"url": url}},
+    ],
+}]
+
+whole = client.chat.completions.create(model=model, messages=messages, temperature=0)
+text = whole.choices[0].message.content
+assert text == expected, f"whole: {text!r} != {expected!r}"
+assert whole.usage.completion_tokens > 0
+
+stream = client.chat.completions.create(model=model, messages=messages, temperature=0, stream=True)
+parts = [c.choices[0].delta.content or "" for c in stream if c.choices]
+assert "".join(parts) == expected, f"streamed: {''.join(parts)!r} != {expected!r}"
+assert len([p for p in parts if p]) > 1, "streamed in several pieces"
+
+try:
+    client.chat.completions.create(model=model, messages=[], temperature=0)
+except openai.BadRequestError:
+    pass
+else:
+    raise AssertionError("an empty conversation should be a 400")
+
+print("ok")
