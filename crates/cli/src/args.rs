@@ -138,6 +138,15 @@ the mean scores [answer 1, answer 2] and the relative score answer2/answer1*100.
 Example / 예시:\n  kollava eval summarize -d table/review"
     )]
     Summarize(SummarizeArgs),
+    /// Compare two answer files with an OpenAI-compatible judge, like eval_gpt_review_visual — 심사 모델로 답변 비교
+    #[command(
+        after_help = "Writes the reference's review lines {id, question_id, answer1_id, answer2_id, category, content, tuple};\n\
+each is appended when it arrives, and rerunning the command resumes where it stopped.\n\n\
+Examples / 예시:\n  \
+kollava eval review -q questions.jsonl -c context.jsonl -a gpt4.jsonl kollava.jsonl -r rule.json -o review.jsonl\n  \
+kollava eval review ... --judge-url http://127.0.0.1:8000/v1 --judge-model kollava   (a local kollava serve as judge)"
+    )]
+    Review(ReviewArgs),
     /// Score a model on a synthetic held-out set by exact match — 합성 평가 세트 정확도
     #[command(
         after_help = "Asks every question of DIR/test.json (from `kollava data synth`) greedily and prints\n\
@@ -145,6 +154,42 @@ Example / 예시:\n  kollava eval summarize -d table/review"
 Example / 예시:\n  kollava eval synth --data data/synth-heldout"
     )]
     Synth(EvalSynthArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReviewArgs {
+    /// Questions (JSONL: question_id, image, text, category) — 질문 파일
+    #[arg(short = 'q', long, value_name = "FILE")]
+    pub question: PathBuf,
+    /// Context per image (JSONL: image, captions, instances) — 문맥 파일
+    #[arg(short = 'c', long, value_name = "FILE")]
+    pub context: PathBuf,
+    /// The two answer files, in the questions' order — 비교할 두 답변 파일
+    #[arg(short = 'a', long, num_args = 2, value_names = ["ANSWERS1", "ANSWERS2"])]
+    pub answer_list: Vec<PathBuf>,
+    /// Rules by category ({"role", "prompt"}) — 규칙 파일
+    #[arg(short = 'r', long, value_name = "FILE")]
+    pub rule: PathBuf,
+    /// Review output (appended; resumable) — 출력 파일
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// OpenAI-compatible API base URL — 심사 API 주소
+    #[arg(long, default_value = "https://api.openai.com/v1")]
+    pub judge_url: String,
+    /// Judge model name — 심사 모델
+    #[arg(long, default_value = "gpt-4-0314")]
+    pub judge_model: String,
+    /// Environment variable holding the API key (unset: no key sent) — API 키 환경 변수
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    pub api_key_env: String,
+    #[arg(long, default_value_t = 1024)]
+    pub max_tokens: usize,
+    /// Requests in flight at once — 동시 요청 수
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub parallel: u32,
+    /// Retries per request, with doubling backoff from 0.5 s — 재시도 횟수
+    #[arg(long, default_value_t = 5)]
+    pub retries: usize,
 }
 
 #[derive(Debug, Args)]

@@ -46,6 +46,9 @@ fn run() -> anyhow::Result<ExitCode> {
         args::Command::Tokenizer(args::TokenizerCommand::Train(a)) => {
             commands::tokenizer::train(a).map(|_| ExitCode::SUCCESS)
         }
+        args::Command::Eval(args::EvalCommand::Review(a)) => {
+            commands::eval::review(a).map(|_| ExitCode::SUCCESS)
+        }
         args::Command::Eval(args::EvalCommand::Synth(a)) => {
             commands::eval::synth(a).map(|_| ExitCode::SUCCESS)
         }

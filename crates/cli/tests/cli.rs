@@ -1899,3 +1899,119 @@ fn the_chat_page_answers_in_a_real_browser() {
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     assert_eq!(stdout(&out).trim(), "ok");
 }
+
+/// `eval review` with a local `kollava serve` (the demo model) as the judge: a complete
+/// review file in the reference format; a rerun asks nothing again; a judge that is down
+/// is a clear error that keeps what was written.
+#[test]
+fn eval_review_with_a_local_judge_resumes_and_survives_a_dead_judge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut q = String::new();
+    let mut a1 = String::new();
+    let mut a2 = String::new();
+    for i in 0..3 {
+        q.push_str(&format!("{}\n", json!({"question_id": i, "image": "x.jpg", "text": "무엇이 있나요?", "category": if i == 2 { "detail" } else { "conv" }})));
+        a1.push_str(&format!(
+            "{}\n",
+            json!({"question_id": i, "text": "원입니다.", "answer_id": format!("a{i}")})
+        ));
+        a2.push_str(&format!(
+            "{}\n",
+            json!({"question_id": i, "text": "사각형입니다."})
+        ));
+    }
+    let q = write_file(&tmp, "q.jsonl", q.as_bytes());
+    let a1 = write_file(&tmp, "a1.jsonl", a1.as_bytes());
+    let a2 = write_file(&tmp, "a2.jsonl", a2.as_bytes());
+    let ctx = write_file(&tmp, "ctx.jsonl", format!("{}\n", json!({"image": "x.jpg", "captions": ["원 하나."], "instances": [{"category": "circle", "bbox": [0.1, 0.2, 0.3, 0.4]}]})).as_bytes());
+    let rule = write_file(&tmp, "rule.json", json!({"conv": {"role": "Assistant", "prompt": "두 답을 1-10으로 평가하세요."}, "detail": {"role": "Assistant", "prompt": "자세히 평가하세요."}}).to_string().as_bytes());
+    let out = tmp.path().join("review.jsonl");
+    let (mut server, url) = serve_demo();
+    let judge = format!("{url}/v1");
+    let args = |judge: &str| -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = vec![
+            "eval".into(),
+            "review".into(),
+            "-q".into(),
+            q.clone().into(),
+            "-c".into(),
+            ctx.clone().into(),
+            "-a".into(),
+            a1.clone().into(),
+            a2.clone().into(),
+            "-r".into(),
+            rule.clone().into(),
+            "-o".into(),
+            out.clone().into(),
+        ];
+        for a in [
+            "--judge-url",
+            judge,
+            "--judge-model",
+            "kollava-demo",
+            "--retries",
+            "1",
+        ] {
+            v.push(a.into());
+        }
+        v
+    };
+    let o = kollava(&as_args(&args(&judge)));
+    assert_success(&o);
+    let lines: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    let mut ids: Vec<u64> = lines
+        .iter()
+        .map(|l| l["question_id"].as_u64().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, [0, 1, 2]);
+    for l in &lines {
+        let qid = l["question_id"].as_u64().unwrap();
+        assert_eq!(l["id"], qid + 1);
+        assert_eq!(l["answer1_id"], format!("a{qid}"));
+        assert_eq!(l["answer2_id"], qid);
+        let content = l["content"].as_str().unwrap();
+        let expected = kollava_eval::review::parse_score(content);
+        assert_eq!(
+            l["tuple"],
+            json!(expected),
+            "the reference's parse of {content:?}"
+        );
+    }
+    let before = std::fs::read_to_string(&out).unwrap();
+    let o = kollava(&as_args(&args(&judge)));
+    assert_success(&o);
+    assert!(stderr(&o).contains("wrote 0 reviews"), "{}", stderr(&o));
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    // A dead judge: one more question to ask, a clear error, the old reviews intact.
+    std::fs::write(
+        &q,
+        format!(
+            "{}{}\n",
+            std::fs::read_to_string(&q).unwrap(),
+            json!({"question_id": 3, "image": "x.jpg", "text": "?", "category": "conv"})
+        ),
+    )
+    .unwrap();
+    for f in [&a1, &a2] {
+        std::fs::write(
+            f,
+            format!(
+                "{}{}\n",
+                std::fs::read_to_string(f).unwrap(),
+                json!({"question_id": 3, "text": "?"})
+            ),
+        )
+        .unwrap();
+    }
+    let o = kollava(&as_args(&args("http://127.0.0.1:9/v1")));
+    assert_one_line_error(&o, &["judge", "127.0.0.1:9", "rerun"]);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), before);
+}

@@ -4,6 +4,7 @@
 //! entry point.
 
 pub mod bench;
+pub mod judge;
 pub mod review;
 pub mod synth;
 pub mod verify;

@@ -3,7 +3,45 @@
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::args::{EvalSynthArgs, SummarizeArgs, VqaArgs};
+use crate::args::{EvalSynthArgs, ReviewArgs, SummarizeArgs, VqaArgs};
+
+/// `kollava eval review`.
+pub fn review(args: &ReviewArgs) -> Result<()> {
+    use kollava_eval::judge::{review, Judge, ReviewFiles};
+    let judge = Judge {
+        url: args.judge_url.clone(),
+        model: args.judge_model.clone(),
+        api_key: std::env::var(&args.api_key_env)
+            .ok()
+            .filter(|k| !k.is_empty()),
+        max_tokens: args.max_tokens,
+        temperature: 0.2,
+        retries: args.retries,
+        parallel: args.parallel as usize,
+    };
+    let files = ReviewFiles {
+        questions: args.question.clone(),
+        context: args.context.clone(),
+        answers: [args.answer_list[0].clone(), args.answer_list[1].clone()],
+        rules: args.rule.clone(),
+        output: args.output.clone(),
+    };
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} reviewed  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let (new, old) = review(&judge, &files, &|done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .map_err(anyhow::Error::msg)?;
+    bar.finish_and_clear();
+    eprintln!(
+        "wrote {new} reviews to {} ({old} were already there)",
+        args.output.display()
+    );
+    Ok(())
+}
 
 /// `kollava eval synth`: exact-match accuracy; the last line is `accuracy X (n=N)`.
 pub fn synth(args: &EvalSynthArgs) -> Result<()> {
