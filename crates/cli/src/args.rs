@@ -212,6 +212,9 @@ pub struct SummarizeArgs {
     /// Directory with review files — 리뷰 파일 디렉터리
     #[arg(short = 'd', long = "dir", value_name = "DIR")]
     pub dir: PathBuf,
+    /// Also draw the relative scores per category as a bar chart (PNG) — 막대 그래프 PNG
+    #[arg(long, value_name = "FILE")]
+    pub chart: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -2015,3 +2015,36 @@ fn eval_review_with_a_local_judge_resumes_and_survives_a_dead_judge() {
     assert_one_line_error(&o, &["judge", "127.0.0.1:9", "rerun"]);
     assert_eq!(std::fs::read_to_string(&out).unwrap(), before);
 }
+
+/// `eval summarize` prints the reference's lines (hand-computed here) and, with --chart,
+/// draws one bar per category.
+#[test]
+fn eval_summarize_prints_the_reference_summary_and_a_chart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("reviews");
+    std::fs::create_dir(&dir).unwrap();
+    let lines = [
+        ("conv", [8.0, 6.0]),
+        ("conv", [6.0, 6.0]),
+        ("detail", [5.0, 10.0]),
+    ]
+    .iter()
+    .map(|(c, t)| json!({"category": c, "tuple": t}).to_string() + "\n")
+    .collect::<String>();
+    std::fs::write(dir.join("reviews_x.jsonl"), lines).unwrap();
+    let chart = tmp.path().join("chart.png");
+    let o = kollava(&[&"eval", &"summarize", &"-d", &dir, &"--chart", &chart]);
+    assert_success(&o);
+    assert_eq!(
+        stdout(&o),
+        "reviews_x\nconv [7.0, 6.0] 85.7\nall [6.333, 7.333] 115.8\ndetail [5.0, 10.0] 200.0\n=================================\n"
+    );
+    let img = image::open(&chart).unwrap().to_rgb8();
+    // Three bars: three runs of bar-coloured pixels along a row just above the axis.
+    let y = img.height() - 45;
+    let bar = image::Rgb([31u8, 119, 180]);
+    let runs = (1..img.width())
+        .filter(|&x| *img.get_pixel(x, y) == bar && *img.get_pixel(x - 1, y) != bar)
+        .count();
+    assert_eq!(runs, 3);
+}

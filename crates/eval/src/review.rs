@@ -62,6 +62,23 @@ pub fn review_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// `summarize_gpt_review`'s printout for one file: its name, then per category (and
 /// `all`) the mean scores and the relative score `mean2 / mean1 * 100`.
 pub fn summarize_file(path: &Path) -> Result<String, String> {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    let mut out = format!("{stem}\n");
+    for (key, [m1, m2], rel) in summarize_scores(path)? {
+        out.push_str(&format!(
+            "{key} [{}, {}] {}\n",
+            py_float(m1),
+            py_float(m2),
+            py_float(rel)
+        ));
+    }
+    out.push_str("=================================\n");
+    Ok(out)
+}
+
+/// Per category (in the reference's order, `all` included): the rounded mean scores of
+/// answer 1 and answer 2, and the relative score `mean2 / mean1 · 100`.
+pub fn summarize_scores(path: &Path) -> Result<Vec<(String, [f64; 2], f64)>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     // Insertion order as the reference's dict: `all` comes right after the first category.
@@ -98,23 +115,17 @@ pub fn summarize_file(path: &Path) -> Result<String, String> {
             scores.entry(key).or_default().push(tuple);
         }
     }
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-    let mut out = format!("{stem}\n");
-    for key in order {
-        let v = &scores[&key];
-        let n = v.len() as f64;
-        let m1 = round(v.iter().map(|t| t[0]).sum::<f64>() / n, 3);
-        let m2 = round(v.iter().map(|t| t[1]).sum::<f64>() / n, 3);
-        let rel = round(m2 / m1 * 100.0, 1);
-        out.push_str(&format!(
-            "{key} [{}, {}] {}\n",
-            py_float(m1),
-            py_float(m2),
-            py_float(rel)
-        ));
-    }
-    out.push_str("=================================\n");
-    Ok(out)
+    Ok(order
+        .into_iter()
+        .map(|key| {
+            let v = &scores[&key];
+            let n = v.len() as f64;
+            let m1 = round(v.iter().map(|t| t[0]).sum::<f64>() / n, 3);
+            let m2 = round(v.iter().map(|t| t[1]).sum::<f64>() / n, 3);
+            let rel = round(m2 / m1 * 100.0, 1);
+            (key, [m1, m2], rel)
+        })
+        .collect())
 }
 
 #[cfg(test)]

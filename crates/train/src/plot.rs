@@ -1,6 +1,7 @@
-//! `kollava plot`: a PNG of a run's `metrics.jsonl` — loss on top, learning rate below,
-//! both against the step, with their ranges written on the axes. Drawn directly with the
-//! `image` crate and a built-in 5×7 pixel font, so it needs no fonts or plotting stack.
+//! Charts as PNG, drawn directly with the `image` crate and a built-in 5×7 pixel font (no
+//! fonts or plotting stack needed): `kollava plot` draws a run's `metrics.jsonl` (loss on
+//! top, learning rate below, against the step), and `eval summarize --chart` the relative
+//! review scores per category as bars.
 
 use std::path::Path;
 
@@ -13,7 +14,26 @@ const MARGIN_R: u32 = 30;
 
 /// Rows of a 5×7 glyph, high bit first of the low 5 bits.
 fn glyph(c: char) -> Option<[u8; 7]> {
-    Some(match c {
+    Some(match c.to_ascii_lowercase() {
+        'b' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x1E],
+        'c' => [0, 0, 0x0E, 0x10, 0x10, 0x11, 0x0E],
+        'd' => [0x01, 0x01, 0x0D, 0x13, 0x11, 0x11, 0x0F],
+        'f' => [0x06, 0x09, 0x08, 0x1C, 0x08, 0x08, 0x08],
+        'h' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x11],
+        'j' => [0x02, 0, 0x06, 0x02, 0x02, 0x12, 0x0C],
+        'k' => [0x10, 0x10, 0x12, 0x14, 0x18, 0x14, 0x12],
+        'm' => [0, 0, 0x1A, 0x15, 0x15, 0x11, 0x11],
+        'q' => [0, 0, 0x0D, 0x13, 0x0F, 0x01, 0x01],
+        'u' => [0, 0, 0x11, 0x11, 0x11, 0x13, 0x0D],
+        'v' => [0, 0, 0x11, 0x11, 0x11, 0x0A, 0x04],
+        'w' => [0, 0, 0x11, 0x11, 0x15, 0x15, 0x0A],
+        'x' => [0, 0, 0x11, 0x0A, 0x04, 0x0A, 0x11],
+        'y' => [0, 0, 0x11, 0x11, 0x0F, 0x01, 0x0E],
+        'z' => [0, 0, 0x1F, 0x02, 0x04, 0x08, 0x1F],
+        '_' => [0, 0, 0, 0, 0, 0, 0x1F],
+        ':' => [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0],
+        '/' => [0, 0x01, 0x02, 0x04, 0x08, 0x10, 0],
+        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
         '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
         '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
         '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
@@ -199,6 +219,65 @@ pub fn plot(metrics: &Path, out: &Path) -> Result<usize, String> {
         .map_err(|e| format!("{}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, out).map_err(|e| format!("{}: {e}", out.display()))?;
     Ok(loss.len())
+}
+
+/// Bars of `(label, value)` per panel (one panel per `(title, bars)`), with a dashed line
+/// at `reference` (100 for relative scores) and each value written above its bar.
+pub fn bar_chart(
+    panels: &[(String, Vec<(String, f64)>)],
+    reference: f64,
+    out: &Path,
+) -> Result<(), String> {
+    if panels.is_empty() || panels.iter().all(|(_, b)| b.is_empty()) {
+        return Err("nothing to chart".into());
+    }
+    let panel_h = 260u32;
+    let mut img = RgbImage::from_pixel(W, panel_h * panels.len() as u32, Rgb([255, 255, 255]));
+    let black = Rgb([20, 20, 20]);
+    let grey = Rgb([170, 170, 170]);
+    for (p, (title, bars)) in panels.iter().enumerate() {
+        let top = p as u32 * panel_h;
+        text(&mut img, 20, top + 8, title, 2, black);
+        let max = bars.iter().map(|b| b.1).fold(reference, f64::max).max(1e-9) * 1.15;
+        let (y0, y1) = ((top + panel_h - 40) as f64, (top + 40) as f64);
+        let to_y = |v: f64| y0 - v.max(0.0) / max * (y0 - y1);
+        line(&mut img, (40.0, y0), ((W - 20) as f64, y0), grey);
+        let ry = to_y(reference);
+        let mut x = 40.0;
+        while x < (W - 20) as f64 {
+            line(
+                &mut img,
+                (x, ry),
+                ((x + 6.0).min((W - 20) as f64), ry),
+                grey,
+            );
+            x += 12.0;
+        }
+        let slot = ((W - 80) as f64 / bars.len().max(1) as f64).min(160.0);
+        for (k, (label, v)) in bars.iter().enumerate() {
+            let left = 60.0 + k as f64 * slot;
+            let width = slot * 0.6;
+            let y = to_y(*v);
+            for px in left as u32..(left + width) as u32 {
+                for py in y as u32..y0 as u32 {
+                    img.put_pixel(px, py, Rgb([31, 119, 180]));
+                }
+            }
+            text(
+                &mut img,
+                left as u32,
+                (y as u32).saturating_sub(18),
+                &format!("{v:.1}"),
+                2,
+                black,
+            );
+            text(&mut img, left as u32, y0 as u32 + 8, label, 2, black);
+        }
+    }
+    let tmp = out.with_extension("png.tmp");
+    img.save_with_format(&tmp, image::ImageFormat::Png)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, out).map_err(|e| format!("{}: {e}", out.display()))
 }
 
 #[cfg(test)]

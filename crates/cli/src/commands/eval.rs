@@ -131,9 +131,25 @@ pub fn summarize(args: &SummarizeArgs) -> Result<()> {
         );
     }
     let mut out = std::io::stdout().lock();
+    let mut panels = Vec::new();
     for f in files {
         let text = kollava_eval::review::summarize_file(&f).map_err(anyhow::Error::msg)?;
         out.write_all(text.as_bytes())?;
+        if args.chart.is_some() {
+            let scores = kollava_eval::review::summarize_scores(&f).map_err(anyhow::Error::msg)?;
+            let stem = f
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            panels.push((
+                format!("{stem}: answer 2 / answer 1 %"),
+                scores.into_iter().map(|(k, _, rel)| (k, rel)).collect(),
+            ));
+        }
+    }
+    if let Some(chart) = &args.chart {
+        kollava_train::plot::bar_chart(&panels, 100.0, chart).map_err(anyhow::Error::msg)?;
+        eprintln!("wrote {}", chart.display());
     }
     Ok(())
 }
