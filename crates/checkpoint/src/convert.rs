@@ -23,7 +23,12 @@ enum Source {
     Memory(Tensor),
 }
 
+/// A change applied to each tensor as it is written (name, value in f32 → new value).
+pub(crate) type Transform =
+    std::sync::Arc<dyn Fn(&str, Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
 struct Lazy {
+    transform: Option<Transform>,
     name: String,
     shape: Vec<usize>,
     /// Output dtype.
@@ -57,6 +62,10 @@ impl Lazy {
             }
             Source::Safetensors(s) => s.read(&self.name)?,
             Source::Memory(t) => t.clone(),
+        };
+        let t = match &self.transform {
+            Some(f) if t.dtype().is_float() => f(&self.name, t.to_dtype(DType::F32)?)?,
+            _ => t,
         };
         // Only floating-point weights change dtype; integer buffers keep theirs.
         if t.dtype().is_float() {
@@ -136,7 +145,7 @@ pub fn convert(
     on_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<usize, CheckpointError> {
     crate::write_dir_atomically(output, |tmp| {
-        write_converted(input, tmp, dtype, &HashMap::new(), on_progress)
+        write_converted(input, tmp, dtype, &HashMap::new(), None, on_progress)
     })
 }
 
@@ -147,6 +156,7 @@ pub(crate) fn write_converted(
     tmp: &Path,
     dtype: Option<DType>,
     replace: &HashMap<String, Tensor>,
+    transform: Option<&Transform>,
     on_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<usize, CheckpointError> {
     let io = |p: &Path| {
@@ -193,6 +203,7 @@ pub(crate) fn write_converted(
                         shape,
                         dtype,
                         source: Source::Pickle(p.clone()),
+                        transform: transform.cloned(),
                         error: Default::default(),
                     });
                 }
@@ -214,6 +225,7 @@ pub(crate) fn write_converted(
                         shape,
                         dtype,
                         source: Source::Safetensors(st.clone()),
+                        transform: transform.cloned(),
                         error: Default::default(),
                     });
                 }

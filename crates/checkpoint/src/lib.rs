@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod convert;
+pub mod delta;
 pub mod locate;
 pub mod random;
 pub mod trainable;

@@ -141,7 +141,7 @@ impl Checkpoint {
             }
         }
         crate::write_dir_atomically(out, |tmp| {
-            crate::convert::write_converted(&self.dir, tmp, dtype, &llm, &mut |_, _| {})?;
+            crate::convert::write_converted(&self.dir, tmp, dtype, &llm, None, &mut |_, _| {})?;
             let Some(vdir) = &self.vision_dir else {
                 return Ok(());
             };
@@ -182,7 +182,7 @@ impl Checkpoint {
                 path: tdir.display().to_string(),
                 reason: e.to_string(),
             })?;
-            crate::convert::write_converted(vdir, &tdir, dtype, &vision, &mut |_, _| {})?;
+            crate::convert::write_converted(vdir, &tdir, dtype, &vision, None, &mut |_, _| {})?;
             Ok(())
         })
     }

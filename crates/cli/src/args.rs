@@ -98,6 +98,16 @@ kollava convert --input ./KoLLaVA-KoVicuna-7b --output ./KoLLaVA-KoVicuna-7b-f16
         after_help = "Example / 예시:\n  kollava merge-lora --model ./llava-v1.5-7b --adapter out/lora --output ./llava-v1.5-7b-merged"
     )]
     MergeLora(MergeLoraArgs),
+    /// Rebuild a model published as a delta from its base (LLaVA's apply_delta) — 델타 적용
+    #[command(
+        after_help = "Example / 예시:\n  kollava apply-delta --base ./llama-7b --delta ./LLaVA-7b-delta-v0 --target ./LLaVA-7b-v0"
+    )]
+    ApplyDelta(DeltaArgs),
+    /// Write a model as a delta from its base (LLaVA's make_delta) — 델타 만들기
+    #[command(
+        after_help = "Example / 예시:\n  kollava make-delta --base ./llama-7b --target ./my-llava --delta ./my-llava-delta"
+    )]
+    MakeDelta(DeltaArgs),
     /// Save a checkpoint's projector weights to a file (LLaVA's extract_mm_projector) — 프로젝터 추출
     #[command(
         after_help = "Example / 예시:\n  kollava extract-projector --model ./llava-v1.5-7b --output mm_projector.safetensors"
@@ -425,6 +435,22 @@ pub struct PlotArgs {
     /// Output PNG (default: beside METRICS, named after it) — 출력 PNG
     #[arg(short, long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DeltaArgs {
+    /// The base LLaMA checkpoint — 기반 체크포인트
+    #[arg(long, value_name = "DIR")]
+    pub base: PathBuf,
+    /// The delta (input of apply-delta, output of make-delta) — 델타
+    #[arg(long, value_name = "DIR")]
+    pub delta: PathBuf,
+    /// The full model (output of apply-delta, input of make-delta) — 전체 모델
+    #[arg(long, value_name = "DIR")]
+    pub target: PathBuf,
+    /// Weights dtype of the output (default: the input's) — 출력 자료형
+    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    pub dtype: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -55,6 +55,12 @@ fn run() -> anyhow::Result<ExitCode> {
         args::Command::ExtractProjector(a) => {
             commands::convert::extract_projector(a).map(|_| ExitCode::SUCCESS)
         }
+        args::Command::ApplyDelta(a) => {
+            commands::convert::delta(a, true).map(|_| ExitCode::SUCCESS)
+        }
+        args::Command::MakeDelta(a) => {
+            commands::convert::delta(a, false).map(|_| ExitCode::SUCCESS)
+        }
         args::Command::Convert(a) => commands::convert::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Plot(a) => commands::train::plot(a).map(|_| ExitCode::SUCCESS),
         args::Command::MergeLora(a) => commands::train::merge_lora(a).map(|_| ExitCode::SUCCESS),

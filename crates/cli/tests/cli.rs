@@ -2048,3 +2048,124 @@ fn eval_summarize_prints_the_reference_summary_and_a_chart() {
         .count();
     assert_eq!(runs, 3);
 }
+
+/// make-delta then apply-delta rebuild a checkpoint exactly (f32), including the rows an
+/// enlarged vocabulary added and a projector the base does not have.
+#[test]
+fn make_delta_then_apply_delta_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = checkpoint("llava-v1.5");
+    let mut all: HashMap<String, Tensor> = HashMap::new();
+    for e in std::fs::read_dir(&target).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("model-") && name.ends_with(".safetensors") {
+            all.extend(candle_core::safetensors::load(&p, &Device::Cpu).unwrap());
+        }
+    }
+    // The base: the language model only, doubled, with a vocabulary 3 rows smaller.
+    let base_dir = tmp.path().join("base");
+    std::fs::create_dir(&base_dir).unwrap();
+    let base: HashMap<String, Tensor> = all
+        .iter()
+        .filter(|(n, _)| !n.starts_with("model.mm_projector."))
+        .map(|(n, t)| {
+            let t = (t.to_dtype(DType::F32).unwrap() * 2.0).unwrap();
+            let t = if n == "model.embed_tokens.weight" || n == "lm_head.weight" {
+                let rows = t.dim(0).unwrap();
+                t.narrow(0, 0, rows - 3).unwrap()
+            } else {
+                t
+            };
+            (n.clone(), t)
+        })
+        .collect();
+    candle_core::safetensors::save(&base, base_dir.join("model.safetensors")).unwrap();
+    std::fs::copy(target.join("config.json"), base_dir.join("config.json")).unwrap();
+
+    let delta = tmp.path().join("delta");
+    let rebuilt = tmp.path().join("rebuilt");
+    assert_success(&kollava(&[
+        &"make-delta",
+        &"--base",
+        &base_dir,
+        &"--target",
+        &target,
+        &"--delta",
+        &delta,
+        &"--dtype",
+        &"f32",
+    ]));
+    assert_success(&kollava(&[
+        &"apply-delta",
+        &"--base",
+        &base_dir,
+        &"--delta",
+        &delta,
+        &"--target",
+        &rebuilt,
+        &"--dtype",
+        &"f32",
+    ]));
+    let mut back: HashMap<String, Tensor> = HashMap::new();
+    let mut stored: HashMap<String, Tensor> = HashMap::new();
+    for (dir, map) in [(&rebuilt, &mut back), (&delta, &mut stored)] {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("model") && name.ends_with(".safetensors") {
+                map.extend(candle_core::safetensors::load(&p, &Device::Cpu).unwrap());
+            }
+        }
+    }
+    assert_eq!(back.len(), all.len());
+    let flat = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    for (n, t) in &all {
+        assert_eq!(flat(&back[n]), flat(t), "{n}");
+    }
+    // A delta really is a difference: t − 2t = −t for a tensor both have.
+    let n = "model.norm.weight";
+    assert_eq!(
+        flat(&stored[n]),
+        flat(&all[n]).iter().map(|x| -x).collect::<Vec<_>>()
+    );
+    // The rows the base lacks are stored as they are.
+    let e = &stored["model.embed_tokens.weight"];
+    let rows = e.dim(0).unwrap();
+    assert_eq!(
+        flat(&e.narrow(0, rows - 3, 3).unwrap()),
+        flat(
+            &all["model.embed_tokens.weight"]
+                .narrow(0, rows - 3, 3)
+                .unwrap()
+        )
+    );
+
+    // A tensor the base lacks that is not the projector is refused; nothing is written.
+    let bad_base = tmp.path().join("bad-base");
+    std::fs::create_dir(&bad_base).unwrap();
+    let partial: HashMap<String, Tensor> = base
+        .into_iter()
+        .filter(|(n, _)| n != "model.norm.weight")
+        .collect();
+    candle_core::safetensors::save(&partial, bad_base.join("model.safetensors")).unwrap();
+    let out = tmp.path().join("never");
+    let o = kollava(&[
+        &"make-delta",
+        &"--base",
+        &bad_base,
+        &"--target",
+        &target,
+        &"--delta",
+        &out,
+    ]);
+    assert_one_line_error(&o, &["model.norm.weight", "base"]);
+    assert!(!out.exists());
+}

@@ -6,6 +6,29 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::args::{ConvertArgs, ExtractProjectorArgs};
 
+/// `kollava apply-delta` (`apply`) and `make-delta`.
+pub fn delta(args: &crate::args::DeltaArgs, apply: bool) -> Result<()> {
+    let dtype = args.dtype.as_deref().map(|d| match d {
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        _ => DType::F32,
+    });
+    use kollava_checkpoint::delta::{apply_delta, make_delta};
+    let (n, out) = if apply {
+        (
+            apply_delta(&args.base, &args.delta, &args.target, dtype)?,
+            &args.target,
+        )
+    } else {
+        (
+            make_delta(&args.base, &args.target, &args.delta, dtype)?,
+            &args.delta,
+        )
+    };
+    eprintln!("wrote {n} tensors to {}", out.display());
+    Ok(())
+}
+
 pub fn run(args: &ConvertArgs) -> Result<()> {
     let dtype = args.dtype.as_deref().map(|d| match d {
         "f16" => DType::F16,
