@@ -1838,18 +1838,28 @@ fn the_openai_python_client_works_against_serve() {
     let Some(python) = client_python() else {
         return;
     };
-    let (mut server, url) = serve_demo();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut client = Command::new(&python);
+    client.arg(root.join("tests/clients/openai_client.py"));
+    client_asks_the_demo(client, "/v1", &[]);
+}
+
+/// Starts `kollava serve` on the demo model and runs `client URL IMAGE QUESTION EXPECTED
+/// EXTRA…` against it, with the answer to "describe this picture" for examples/shapes.png;
+/// the client must succeed and print `ok`.
+fn client_asks_the_demo(mut client: Command, path: &str, extra: &[PathBuf]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("examples/shapes.json")).unwrap())
             .unwrap();
     let q = "이 그림을 설명해 주세요.";
-    let out = Command::new(&python)
-        .arg(root.join("tests/clients/openai_client.py"))
-        .arg(format!("{url}/v1"))
+    let (mut server, url) = serve_demo();
+    let out = client
+        .arg(format!("{url}{path}"))
         .arg(root.join("examples/shapes.png"))
         .arg(q)
         .arg(expected[q].as_str().unwrap())
+        .args(extra)
         .output()
         .unwrap();
     server.kill().unwrap();
@@ -1878,26 +1888,12 @@ fn the_chat_page_answers_in_a_real_browser() {
         eprintln!("SKIPPED: no Playwright/Chromium (./scripts/test.sh sets them up)");
         return;
     }
-    let (mut server, url) = serve_demo();
-    let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("examples/shapes.json")).unwrap())
-            .unwrap();
-    let q = "이 그림을 설명해 주세요.";
-    let out = Command::new("node")
+    let mut client = Command::new("node");
+    client
         .arg(root.join("tests/clients/chat_page.mjs"))
-        .arg(format!("{url}/"))
-        .arg(root.join("examples/shapes.png"))
-        .arg(q)
-        .arg(expected[q].as_str().unwrap())
-        .arg(root.join("target/chat-page.png"))
         .env("PLAYWRIGHT_CORE", &playwright)
-        .env("CHROMIUM", &chromium)
-        .output()
-        .unwrap();
-    server.kill().unwrap();
-    server.wait().unwrap();
-    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
-    assert_eq!(stdout(&out).trim(), "ok");
+        .env("CHROMIUM", &chromium);
+    client_asks_the_demo(client, "/", &[root.join("target/chat-page.png")]);
 }
 
 /// `eval review` with a local `kollava serve` (the demo model) as the judge: a complete
