@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 and answers questions about images, matching the Python reference.\n\
 kollava는 KoLLaVA / LLaVA 체크포인트를 불러와 이미지에 대한 질문에 답합니다 (Python 구현과 같은 결과).",
     after_help = "Examples / 예시:\n  \
-kollava run --model tests/fixtures/llava-v1.5 --image tests/fixtures/images/wide_rgb.png --query \"이 이미지에 무엇이 있나요?\"\n  \
+kollava run --image examples/shapes.png --query \"이 그림을 설명해 주세요.\"   (the bundled demo model)\n  \
 kollava chat --model ./KoLLaVA-KoVicuna-7b --image photo.jpg\n  \
 kollava verify --model ./llava-v1.5-7b --reference ./dump"
 )]
