@@ -16,6 +16,7 @@ use crate::weights::{find_weights, WeightFormat};
 use crate::{candle_reason, CheckpointError};
 
 /// Where to read one tensor from.
+#[derive(Clone)]
 enum Source {
     Pickle(std::sync::Arc<candle_core::pickle::PthTensors>),
     Safetensors(std::sync::Arc<crate::weights::SafetensorsFiles>),
@@ -177,60 +178,43 @@ pub(crate) fn write_converted(
     // Index every tensor by source shard, keeping the source's shard grouping.
     let mut shards: Vec<Vec<Lazy>> = Vec::new();
     for f in &files.files {
-        let mut lazies = Vec::new();
-        match files.format {
+        let (mut names, source): (Vec<(String, Vec<usize>, DType)>, Source) = match files.format {
             WeightFormat::PytorchPickle => {
                 let p = std::sync::Arc::new(
                     candle_core::pickle::PthTensors::new(f, None).map_err(weight_err(f))?,
                 );
-                let mut names: Vec<(String, Vec<usize>, DType)> = p
+                let names = p
                     .tensor_infos()
                     .iter()
+                    .filter(|(n, _)| !n.ends_with("rotary_emb.inv_freq"))
                     .map(|(n, i)| (n.clone(), i.layout.shape().dims().to_vec(), i.dtype))
                     .collect();
-                names.sort_by(|a, b| a.0.cmp(&b.0));
-                for (name, shape, src) in names {
-                    if name.ends_with("rotary_emb.inv_freq") {
-                        continue;
-                    }
-                    let dtype = if src.is_float() {
-                        dtype.unwrap_or(src)
-                    } else {
-                        src
-                    };
-                    lazies.push(Lazy {
-                        name,
-                        shape,
-                        dtype,
-                        source: Source::Pickle(p.clone()),
-                        transform: transform.cloned(),
-                        error: Default::default(),
-                    });
-                }
+                (names, Source::Pickle(p))
             }
             WeightFormat::Safetensors => {
                 let st = std::sync::Arc::new(crate::weights::SafetensorsFiles::open(
                     std::slice::from_ref(f),
                 )?);
-                let mut names = st.tensor_list();
-                names.sort_by(|a, b| a.0.cmp(&b.0));
-                for (name, shape, src) in names {
-                    let dtype = if src.is_float() {
-                        dtype.unwrap_or(src)
-                    } else {
-                        src
-                    };
-                    lazies.push(Lazy {
-                        name,
-                        shape,
-                        dtype,
-                        source: Source::Safetensors(st.clone()),
-                        transform: transform.cloned(),
-                        error: Default::default(),
-                    });
-                }
+                (st.tensor_list(), Source::Safetensors(st))
             }
-        }
+        };
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut lazies: Vec<Lazy> = names
+            .into_iter()
+            .map(|(name, shape, src)| Lazy {
+                name,
+                shape,
+                // Only floating-point weights change dtype; integer buffers keep theirs.
+                dtype: if src.is_float() {
+                    dtype.unwrap_or(src)
+                } else {
+                    src
+                },
+                source: source.clone(),
+                transform: transform.cloned(),
+                error: Default::default(),
+            })
+            .collect();
         for l in lazies.iter_mut() {
             if let Some(t) = replace.get(&l.name) {
                 if t.dims() != l.shape.as_slice() {

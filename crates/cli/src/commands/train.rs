@@ -188,6 +188,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
 
     let (freeze_llm, freeze_projector) = (args.freeze_backbone, args.freeze_mm_mlp_adapter);
     let tune_vision = args.tune_vision_tower;
+    let boundary_rows = start_end_rows(&ckpt)?;
     let filter: Arc<kollava_checkpoint::trainable::TrainableFilter> = if finetune {
         Arc::new(move |n: &str| {
             if n.starts_with("vision_model.") {
@@ -200,7 +201,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         })
     } else {
         // v0 with <im_start>/<im_end>: their embedding rows learn in stage 1 too.
-        let rows = start_end_rows(&ckpt)?.is_some();
+        let rows = boundary_rows.is_some();
         Arc::new(move |n: &str| {
             n.starts_with("model.mm_projector.") || (rows && n == "model.embed_tokens.weight")
         })
@@ -252,7 +253,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let load = move |name: &str| {
         image::open(&folder.join(format!("{prefix}{name}"))).map_err(|e| e.to_string())
     };
-    let row_masks: Vec<(candle_core::Var, Tensor)> = match start_end_rows(&ckpt)? {
+    let row_masks: Vec<(candle_core::Var, Tensor)> = match boundary_rows {
         Some((s, e)) if !finetune => {
             let vocab = ckpt.config.decoder.vocab_size;
             let mask: Vec<f32> = (0..vocab as u32)
