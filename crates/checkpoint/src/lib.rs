@@ -13,6 +13,7 @@
 pub mod config;
 pub mod convert;
 pub mod delta;
+pub mod gguf;
 pub mod locate;
 pub mod random;
 pub mod trainable;
@@ -93,6 +94,9 @@ pub struct OpenOptions {
     /// `--projector`: projector weights replacing the checkpoint's (a stage-1 result, or
     /// LLaVA's `mm_projector` file; the reference's `--model-base` projector-only case).
     pub projector: Option<PathBuf>,
+    /// `--mmproj`: the image encoder of a GGUF language model (default: the one
+    /// `mmproj*.gguf` beside it).
+    pub mmproj: Option<PathBuf>,
 }
 
 /// A resolved checkpoint, ready to load.
@@ -118,6 +122,8 @@ pub struct Checkpoint {
     projector_file: Option<PathBuf>,
     /// `kollava_template` from config.json, when it names a known template.
     trained_template: Option<&'static str>,
+    /// Set when the checkpoint is a GGUF pair rather than a directory of tensors.
+    gguf: Option<std::sync::Arc<gguf::GgufPair>>,
 }
 
 /// A candle error as one line. With `RUST_BACKTRACE` set candle appends a backtrace to its
@@ -226,6 +232,17 @@ fn find_vision_tower(
 
 /// Opens a checkpoint directory or cached repo id and resolves its configuration.
 pub fn open(model: &str, opts: &OpenOptions) -> Result<Checkpoint, CheckpointError> {
+    match gguf::find_pair(Path::new(model), opts.mmproj.as_deref())? {
+        Some((model, mmproj)) => return gguf::open_pair(model, mmproj),
+        None => {
+            if let Some(m) = &opts.mmproj {
+                return Err(CheckpointError::Invalid {
+                    file: m.display().to_string(),
+                    what: format!("--mmproj: it goes with a GGUF --model, and {model} is not one"),
+                });
+            }
+        }
+    }
     let loc = locate::locate(model)?;
     let config_file = loc.dir.join("config.json");
     if !config_file.is_file() {
@@ -332,12 +349,16 @@ pub fn open(model: &str, opts: &OpenOptions) -> Result<Checkpoint, CheckpointErr
                 .find(|n| *n == t)
         }),
         use_im_start_end: raw.mm_use_im_start_end.unwrap_or(false),
+        gguf: None,
     })
 }
 
 impl Checkpoint {
     /// The checkpoint's tokenizer.
     pub fn tokenizer(&self) -> Result<Tokenizer, CheckpointError> {
+        if let Some(pair) = &self.gguf {
+            return pair.tokenizer();
+        }
         Ok(Tokenizer::from_dir(&self.dir)?)
     }
 
@@ -406,8 +427,46 @@ impl Checkpoint {
     /// Loads the weights: the language model and projector in `dtype` (f32 for parity with
     /// the reference, f16 to halve memory and decode traffic), the vision tower always in
     /// f32 (it is small and compute-bound, and f32 runs faster than f16 there on CPU).
+    /// A GGUF pair loads as stored (quantized matrices stay quantized) whatever `dtype`.
     pub fn load_model(&self, dtype: DType, device: &Device) -> Result<Llava, CheckpointError> {
+        if let Some(pair) = &self.gguf {
+            return pair.load(self, device);
+        }
         self.load_with(dtype, device, &|vb, _| vb)
+    }
+
+    /// `VarBuilder`s over the weights with canonical names: the language model (and
+    /// projector) at the root, the tower at `vision_model`'s parent (the tower in f32).
+    pub(crate) fn var_builders(
+        &self,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(VarBuilder<'static>, VarBuilder<'static>), CheckpointError> {
+        if self.gguf.is_some() {
+            return Err(CheckpointError::Unsupported {
+                file: self.dir.display().to_string(),
+                what: "operation on a GGUF model (convert, train and merge read safetensors or .bin checkpoints)".into(),
+            });
+        }
+        let files = weights::find_weights(&self.dir)?;
+        let layout = weights::KeyLayout::detect(&files.names);
+        // LLaVA's trainer saves a copy of the tower under `model.vision_tower.`; upstream
+        // ignores it and so do we (the tower comes from `mm_vision_tower`).
+        let skip_tower_copy = layout == weights::KeyLayout::Llava;
+        let vb = weights::var_builder_filtered(&files, dtype, device, &|name: &str| {
+            !(skip_tower_copy && name.starts_with("model.vision_tower."))
+        })?;
+        let llm = vb.clone().rename_f(move |name| layout.llm_key(name));
+        let vision = match &self.vision_dir {
+            Some(dir) => {
+                let vfiles = weights::find_weights(dir)?;
+                weights::var_builder(&vfiles, DType::F32, device, "vision_model.")?
+            }
+            None => vb
+                .rename_f(move |name| layout.vision_key(name))
+                .set_dtype(DType::F32),
+        };
+        Ok((llm, vision))
     }
 
     /// [`Checkpoint::load_model`] with every `VarBuilder` passed through `wrap` first
@@ -420,24 +479,8 @@ impl Checkpoint {
         device: &Device,
         wrap: &dyn Fn(VarBuilder<'static>, DType) -> VarBuilder<'static>,
     ) -> Result<Llava, CheckpointError> {
-        let files = weights::find_weights(&self.dir)?;
-        let layout = weights::KeyLayout::detect(&files.names);
-        // LLaVA's trainer saves a copy of the tower under `model.vision_tower.`; upstream
-        // ignores it and so do we (the tower comes from `mm_vision_tower`).
-        let skip_tower_copy = layout == weights::KeyLayout::Llava;
-        let vb = weights::var_builder_filtered(&files, dtype, device, &|name: &str| {
-            !(skip_tower_copy && name.starts_with("model.vision_tower."))
-        })?;
-        let llm = wrap(vb.clone().rename_f(move |name| layout.llm_key(name)), dtype);
-        let vision = match &self.vision_dir {
-            Some(dir) => {
-                let vfiles = weights::find_weights(dir)?;
-                weights::var_builder(&vfiles, DType::F32, device, "vision_model.")?
-            }
-            None => vb
-                .rename_f(move |name| layout.vision_key(name))
-                .set_dtype(DType::F32),
-        };
+        let (llm, vision) = self.var_builders(dtype, device)?;
+        let llm = wrap(llm, dtype);
         let vision = wrap(vision, DType::F32).pp("vision_model");
         let load_err = |part: &'static str, dir: &Path| {
             let dir = dir.display().to_string();

@@ -88,6 +88,17 @@ kollava convert --input ./KoLLaVA-KoVicuna-7b --output ./KoLLaVA-KoVicuna-7b-st\
 kollava convert --input ./KoLLaVA-KoVicuna-7b --output ./KoLLaVA-KoVicuna-7b-f16 --dtype f16"
     )]
     Convert(ConvertArgs),
+    /// Write a checkpoint as GGUF for llama.cpp and kollava: the language model quantized,
+    /// the image encoder (mmproj) in f16 — GGUF 양자화
+    #[command(
+        after_help = "Writes OUT/<name>-<TYPE>.gguf (llama.cpp's `llama` names and metadata) and \
+OUT/mmproj-<name>-F16.gguf (llama.cpp's LLaVA image encoder). `kollava run/chat/serve/bench \
+--model OUT` loads the pair, as does `llama-mtmd-cli -m … --mmproj …`. Streams tensor by tensor.\n\n\
+Examples / 예시:\n  \
+kollava quantize --type q4_k ./llava-v1.5-7b ./llava-v1.5-7b-q4k\n  \
+kollava quantize --type q8_0 --report models/kollava-demo /tmp/demo-q8"
+    )]
+    Quantize(QuantizeArgs),
     /// Draw a run's loss and learning-rate curves to a PNG — 학습 곡선 그리기
     #[command(
         after_help = "Example / 예시:\n  kollava plot out/stage2/metrics.jsonl -o curves.png"
@@ -471,6 +482,27 @@ pub struct MergeLoraArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// Weight type of the language model's matrices (q4_k: Q4_K, with Q6_K for the output
+    /// layer) — 가중치 형식
+    #[arg(long = "type", short = 't', value_parser = ["q8_0", "q4_k", "q4_0", "f16", "bf16", "f32"])]
+    pub qtype: String,
+    /// Checkpoint directory (safetensors or .bin) — 입력 체크포인트
+    #[arg(value_name = "IN")]
+    pub input: String,
+    /// New directory for the two .gguf files (must not exist or be empty) — 출력 디렉터리
+    #[arg(value_name = "OUT")]
+    pub output: PathBuf,
+    /// Afterwards, compare the quantized model with the f32 one on a test image: top-1
+    /// agreement of greedy tokens and mean KL divergence — 양자화 오차 보고
+    #[arg(long)]
+    pub report: bool,
+    /// Tokens compared by --report — 비교할 토큰 수
+    #[arg(long, default_value_t = 32)]
+    pub report_tokens: usize,
+}
+
+#[derive(Debug, Args)]
 pub struct ConvertArgs {
     /// Checkpoint directory — 입력 체크포인트
     #[arg(long, value_name = "DIR")]
@@ -576,6 +608,10 @@ pub struct ModelArgs {
     /// reference's --pretrain-mm-mlp-adapter) — 프로젝터 가중치 파일
     #[arg(long, value_name = "FILE", alias = "pretrain-mm-mlp-adapter")]
     pub projector: Option<PathBuf>,
+    /// Image encoder of a GGUF --model (default: the mmproj*.gguf beside it) — GGUF 모델의
+    /// 이미지 인코더
+    #[arg(long, value_name = "FILE")]
+    pub mmproj: Option<PathBuf>,
     /// Conversation template (default: what the reference picks from the model name) — 대화 템플릿
     #[arg(long, value_name = "NAME")]
     pub conv_mode: Option<String>,

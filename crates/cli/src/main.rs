@@ -62,6 +62,7 @@ fn run() -> anyhow::Result<ExitCode> {
             commands::convert::delta(a, false).map(|_| ExitCode::SUCCESS)
         }
         args::Command::Convert(a) => commands::convert::run(a).map(|_| ExitCode::SUCCESS),
+        args::Command::Quantize(a) => commands::convert::quantize(a).map(|_| ExitCode::SUCCESS),
         args::Command::Plot(a) => commands::train::plot(a).map(|_| ExitCode::SUCCESS),
         args::Command::MergeLora(a) => commands::train::merge_lora(a).map(|_| ExitCode::SUCCESS),
         args::Command::Train(a) => commands::train::run(a).map(|_| ExitCode::SUCCESS),

@@ -31,6 +31,7 @@ pub fn load(args: &ModelArgs) -> Result<Session> {
             DType::F32
         },
         projector: args.projector.clone(),
+        mmproj: args.mmproj.clone(),
     };
     Ok(Session::load(&opts)?)
 }

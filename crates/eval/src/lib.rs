@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod judge;
+pub mod quant;
 pub mod review;
 pub mod synth;
 pub mod verify;

@@ -57,6 +57,8 @@ pub struct SessionOptions {
     pub dtype: DType,
     /// Projector weights replacing the checkpoint's.
     pub projector: Option<std::path::PathBuf>,
+    /// The image encoder of a GGUF model (default: the `mmproj*.gguf` beside it).
+    pub mmproj: Option<std::path::PathBuf>,
 }
 
 /// Per-answer settings.
@@ -85,6 +87,16 @@ pub struct Answer {
     pub timings: Timings,
 }
 
+/// A prompt ready for the decoder.
+pub struct EmbeddedPrompt {
+    /// `(1, tokens, hidden)`.
+    pub embeds: Tensor,
+    /// The prompt's ids before the images were spliced in.
+    pub ids: Vec<u32>,
+    /// Positions after splicing.
+    pub tokens: usize,
+}
+
 /// A loaded checkpoint with everything needed to answer.
 pub struct Session {
     pub ckpt: Checkpoint,
@@ -105,6 +117,7 @@ impl Session {
             &OpenOptions {
                 vision_tower: opts.vision_tower.clone(),
                 projector: opts.projector.clone(),
+                mmproj: opts.mmproj.clone(),
             },
         )?;
         let tok = ckpt.tokenizer()?;
@@ -170,20 +183,15 @@ impl Session {
         self.answer_prompt(&conv.prompt(), images, opts, on_text)
     }
 
-    /// [`Session::answer`] for a prompt already rendered (LLaVA's worker protocol sends
-    /// the text with its `<image>` placeholders).
-    pub fn answer_prompt(
+    /// The input embeddings of a rendered prompt, `(1, len, hidden)`, with the images'
+    /// features spliced in, and the prompt's length in tokens. Fills the preprocessing and
+    /// vision timings.
+    pub fn embed_prompt(
         &self,
         prompt_text: &str,
         images: &[RgbImage],
-        opts: &AnswerOptions,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Answer, SessionError> {
-        opts.sampling.validate()?;
-        let mut timings = Timings {
-            load_ms: self.load_ms,
-            ..Default::default()
-        };
+        timings: &mut Timings,
+    ) -> Result<EmbeddedPrompt, SessionError> {
         let p = prompt::build(&self.tok, prompt_text, &self.scheme)?;
         if p.images.len() != images.len() {
             return Err(SessionError::ImageCount {
@@ -225,6 +233,33 @@ impl Session {
             .model
             .embed_with_images(&p.ids, &slots, features.as_ref())?;
         timings.vision_ms = t.elapsed().as_secs_f64() * 1e3;
+        Ok(EmbeddedPrompt {
+            embeds,
+            ids: p.ids,
+            tokens: prompt_tokens,
+        })
+    }
+
+    /// [`Session::answer`] for a prompt already rendered (LLaVA's worker protocol sends
+    /// the text with its `<image>` placeholders).
+    pub fn answer_prompt(
+        &self,
+        prompt_text: &str,
+        images: &[RgbImage],
+        opts: &AnswerOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer, SessionError> {
+        opts.sampling.validate()?;
+        let mut timings = Timings {
+            load_ms: self.load_ms,
+            ..Default::default()
+        };
+        let EmbeddedPrompt {
+            embeds,
+            ids,
+            tokens: prompt_tokens,
+        } = self.embed_prompt(prompt_text, images, &mut timings)?;
+        let context = self.ckpt.context_len;
 
         let mut eos_ids = if self.ckpt.eos_ids.is_empty() {
             vec![self.tok.eos_id]
@@ -255,7 +290,7 @@ impl Session {
             context_len: context,
         };
         let generation =
-            crate::engine::generate(&self.model, &self.tok, &embeds, &p.ids, &gen_opts, on_text)?;
+            crate::engine::generate(&self.model, &self.tok, &embeds, &ids, &gen_opts, on_text)?;
         timings.prefill_ms = generation.prefill_ms;
         timings.decode_ms = generation.decode_ms;
         timings.decode_tokens_per_s = if generation.decode_ms > 0.0 {

@@ -224,6 +224,11 @@ impl Decoder {
         self.lm_head.forward(hidden)
     }
 
+    /// The output projection (the embedding itself when tied).
+    pub fn lm_head_mut(&mut self) -> &mut Linear {
+        &mut self.lm_head
+    }
+
     /// Every linear map of the layers by canonical name (`model.layers.3.mlp.up_proj`), for
     /// LoRA adapters and 4-bit bases. `lm_head` is not among them (KoLLaVA's LoRA recipe
     /// leaves it alone).

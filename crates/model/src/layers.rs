@@ -12,8 +12,9 @@ use crate::config::Activation;
 #[derive(Debug, Clone)]
 pub enum Linear {
     Dense(candle_nn::Linear),
-    /// A frozen 4-bit weight (QLoRA's base). It is dequantized for each product, so that
-    /// gradients still reach the input (and the adapters of earlier layers).
+    /// A weight stored in a ggml type (a GGUF model's matrices; QLoRA's frozen 4-bit base).
+    /// Inference multiplies with candle's quantized kernels; when gradients are tracked it is
+    /// dequantized for each product, so that they still reach the input.
     Quantized {
         weight: std::sync::Arc<candle_core::quantized::QTensor>,
         bias: Option<Tensor>,
@@ -53,8 +54,18 @@ impl Linear {
         match self {
             Linear::Dense(l) => l.forward(xs),
             Linear::Quantized { weight, bias } => {
-                let w = weight.dequantize(xs.device())?.to_dtype(xs.dtype())?;
-                let y = xs.broadcast_matmul(&w.t()?)?;
+                let y = if xs.track_op() {
+                    // Training through a frozen 4-bit base: a differentiable product.
+                    let w = weight.dequantize(xs.device())?.to_dtype(xs.dtype())?;
+                    xs.broadcast_matmul(&w.t()?)?
+                } else {
+                    // candle's quantized kernels: the weight is read once, in its own type,
+                    // by all threads (f32 activations).
+                    let x = xs.to_dtype(DType::F32)?.contiguous()?;
+                    candle_core::quantized::QMatMul::QTensor(weight.clone())
+                        .forward(&x)?
+                        .to_dtype(xs.dtype())?
+                };
                 match bias {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),

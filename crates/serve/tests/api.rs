@@ -19,6 +19,7 @@ fn session() -> Session {
         aspect: None,
         dtype: candle_core::DType::F32,
         projector: None,
+        mmproj: None,
     })
     .unwrap()
 }

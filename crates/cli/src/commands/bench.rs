@@ -18,7 +18,7 @@ use crate::args::BenchArgs;
 use crate::pipeline;
 
 /// A deterministic 336x336 colour pattern, so runs need no image file.
-fn test_pattern() -> RgbImage {
+pub(crate) fn test_pattern() -> RgbImage {
     let (w, h) = (336u32, 336u32);
     let mut data = Vec::with_capacity((w * h * 3) as usize);
     for y in 0..h {

@@ -74,3 +74,65 @@ pub fn extract_projector(args: &ExtractProjectorArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// `kollava quantize`.
+pub fn quantize(args: &crate::args::QuantizeArgs) -> Result<()> {
+    use kollava_checkpoint::gguf::{self, QuantType};
+    let q = QuantType::parse(&args.qtype)
+        .ok_or_else(|| anyhow::anyhow!("unknown --type {}", args.qtype))?;
+    let ckpt = kollava_checkpoint::open(&args.input, &Default::default())?;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} tensors {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let written = gguf::quantize(&ckpt, &args.output, q, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "wrote {} tensors ({:.1} MiB) to {} and {}",
+        written.tensors,
+        written.bytes as f64 / (1 << 20) as f64,
+        written.model.display(),
+        written.mmproj.display()
+    );
+    if args.report {
+        let load = |model: String| {
+            kollava_generate::Session::load(&kollava_generate::SessionOptions {
+                model,
+                vision_tower: None,
+                conv_mode: None,
+                aspect: None,
+                dtype: DType::F32,
+                projector: None,
+                mmproj: None,
+            })
+        };
+        let source = load(args.input.clone())?;
+        let quantized = load(args.output.display().to_string())?;
+        let image = super::bench::test_pattern();
+        use kollava_inputs::template::{Conversation, Role};
+        let mut conv = Conversation::new(source.template.clone());
+        conv.push(
+            Role::User,
+            Some(source.user_text("Describe the image in detail.", 1)),
+        );
+        conv.push(Role::Assistant, None);
+        let r = kollava_eval::quant::compare(
+            &source,
+            &quantized,
+            &conv.prompt(),
+            &[image],
+            args.report_tokens,
+        )?;
+        println!(
+            "{}: top-1 agreement {:.3} over {} greedy tokens, mean KL {:.5} nats",
+            q.name(),
+            r.top1_agreement,
+            r.tokens,
+            r.mean_kl
+        );
+    }
+    Ok(())
+}

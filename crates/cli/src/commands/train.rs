@@ -152,6 +152,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let mut open = OpenOptions {
         vision_tower: args.model.vision_tower.clone(),
         projector: args.model.projector.clone(),
+        mmproj: None,
     };
     let mut model_path = crate::pipeline::model_path(args.model.model.as_deref());
     let mut start = 0;
@@ -528,6 +529,7 @@ pub fn merge_lora(args: &crate::args::MergeLoraArgs) -> Result<()> {
         &OpenOptions {
             vision_tower: None,
             projector: non_lora.is_file().then_some(non_lora.clone()),
+            mmproj: None,
         },
     )?;
     let tm = ckpt.load_trainable(DType::F32, &Device::Cpu, Arc::new(|_: &str| false))?;

@@ -15,6 +15,7 @@ pub fn run(args: &VerifyArgs) -> Result<ExitCode> {
         &OpenOptions {
             vision_tower: args.vision_tower.clone(),
             projector: None,
+            mmproj: None,
         },
     )?;
     let reference = ReferenceDump::load(&args.reference)?;

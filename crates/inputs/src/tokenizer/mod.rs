@@ -21,6 +21,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+pub use self::sentencepiece::SpmVocab;
 use self::sentencepiece::{SentencePiece, SPACE_MARK};
 
 /// Errors from loading or running a tokenizer. Each names the file or value at fault.
@@ -135,8 +136,23 @@ impl Tokenizer {
     }
 
     fn from_tokenizer_json(path: &Path, config: &Value) -> Result<Self, TokenizerError> {
-        let tok = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Parse {
-            file: path.display().to_string(),
+        let what = path.display().to_string();
+        let json = std::fs::read(path).map_err(|e| TokenizerError::Parse {
+            file: what.clone(),
+            reason: e.to_string(),
+        })?;
+        Self::from_tokenizer_json_bytes(&json, config, &what)
+    }
+
+    /// A `tokenizer.json` held in memory (GGUF's `tokenizer.huggingface.json`) with its
+    /// `tokenizer_config.json`. `what` names the source in errors.
+    pub fn from_tokenizer_json_bytes(
+        json: &[u8],
+        config: &Value,
+        what: &str,
+    ) -> Result<Self, TokenizerError> {
+        let tok = tokenizers::Tokenizer::from_bytes(json).map_err(|e| TokenizerError::Parse {
+            file: what.to_string(),
             reason: e.to_string(),
         })?;
         let id = |key: &str, default: &str| -> u32 {
@@ -172,6 +188,59 @@ impl Tokenizer {
             special_ids,
             vocab_size,
         })
+    }
+
+    /// A sentencepiece vocabulary given piece by piece (GGUF's `tokenizer.ggml.*`), with the
+    /// JSON files a checkpoint directory would hold next to `tokenizer.model`.
+    pub fn from_spm_vocab(
+        vocab: SpmVocab,
+        config: &Value,
+        special_map: &Value,
+        added_json: Option<&Value>,
+        what: &str,
+    ) -> Result<Self, TokenizerError> {
+        let sp = SentencePiece::from_vocab(vocab, what)?;
+        Self::from_sentencepiece(sp, config, special_map, added_json)
+    }
+
+    /// Every id as a sentencepiece piece with a score and a type, `rows` long (padding ids
+    /// become unused `[PAD{id}]` pieces): what GGUF's `tokenizer.ggml.*` keys store, and
+    /// what llama.cpp's LLaMA tokenizer runs on. A `tokenizer.json` BPE is spelled as
+    /// sentencepiece would: a piece made by merge `r` scores `-r`, so that the highest score
+    /// first is the lowest rank first.
+    pub fn export_vocab(&self, rows: usize) -> Result<SpmVocab, TokenizerError> {
+        let mut v = match &self.backend {
+            Backend::Slow(s) => {
+                let mut v = s.sp.vocab();
+                for a in &s.added {
+                    let i = a.id as usize;
+                    if i >= v.pieces.len() {
+                        v.pieces.resize(i + 1, String::new());
+                        v.scores.resize(i + 1, 0.0);
+                        v.kinds.resize(i + 1, 5);
+                    }
+                    if s.sp.piece(a.id).is_none() {
+                        v.pieces[i] = a.content.clone();
+                        v.kinds[i] = if a.special { 3 } else { 4 };
+                    }
+                }
+                v
+            }
+            Backend::Fast(t) => bpe_json_vocab(t, self.unk_id)?,
+        };
+        let n = v.pieces.len().max(rows);
+        for i in 0..n {
+            if i >= v.pieces.len() {
+                v.pieces.push(String::new());
+                v.scores.push(0.0);
+                v.kinds.push(5);
+            }
+            if v.pieces[i].is_empty() {
+                v.pieces[i] = format!("[PAD{i}]");
+                v.kinds[i] = 5;
+            }
+        }
+        Ok(v)
     }
 
     fn from_sentencepiece(
@@ -381,6 +450,83 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {
         String::from_utf8_lossy(&self.decode_bytes(ids, skip_special)).into_owned()
     }
+}
+
+/// A `tokenizer.json` BPE as sentencepiece pieces (see [`Tokenizer::export_vocab`]).
+fn bpe_json_vocab(t: &tokenizers::Tokenizer, unk_id: u32) -> Result<SpmVocab, TokenizerError> {
+    let bad = |reason: String| TokenizerError::Parse {
+        file: "tokenizer.json".into(),
+        reason,
+    };
+    let json: Value = serde_json::from_str(&t.to_string(false).map_err(|e| bad(e.to_string()))?)
+        .map_err(|e| bad(e.to_string()))?;
+    let model = &json["model"];
+    let Some(vocab) = model["vocab"].as_object() else {
+        return Err(bad(
+            "the model has no vocab (only BPE vocabularies convert)".into(),
+        ));
+    };
+    let n = vocab
+        .values()
+        .filter_map(Value::as_u64)
+        .max()
+        .map_or(0, |m| m as usize + 1);
+    let mut pieces = vec![String::new(); n];
+    for (piece, id) in vocab {
+        if let Some(id) = id.as_u64() {
+            pieces[id as usize] = piece.clone();
+        }
+    }
+    let mut scores = vec![0f32; n];
+    let mut scored = vec![false; n];
+    let merges = model["merges"].as_array().cloned().unwrap_or_default();
+    for (rank, m) in merges.iter().enumerate() {
+        let joined = match m {
+            Value::String(s) => s.replacen(' ', "", 1),
+            Value::Array(p) => p.iter().filter_map(Value::as_str).collect(),
+            _ => continue,
+        };
+        if let Some(id) = vocab.get(&joined).and_then(Value::as_u64) {
+            let id = id as usize;
+            if !scored[id] {
+                scores[id] = -(rank as f32);
+                scored[id] = true;
+            }
+        }
+    }
+    let mut kinds: Vec<i32> = pieces
+        .iter()
+        .map(|p| {
+            if sentencepiece::parse_byte_piece(p).is_some() {
+                6
+            } else {
+                1
+            }
+        })
+        .collect();
+    if let Some(k) = kinds.get_mut(unk_id as usize) {
+        *k = 2;
+    }
+    for (&id, tok) in t.get_added_tokens_decoder().iter() {
+        let i = id as usize;
+        if i >= pieces.len() {
+            pieces.resize(i + 1, String::new());
+            scores.resize(i + 1, 0.0);
+            kinds.resize(i + 1, 5);
+        }
+        pieces[i] = tok.content.clone();
+        if i != unk_id as usize {
+            kinds[i] = if tok.special { 3 } else { 4 };
+        }
+    }
+    Ok(SpmVocab {
+        pieces,
+        scores,
+        kinds,
+        add_dummy_prefix: true,
+        remove_extra_whitespaces: false,
+        escape_whitespaces: true,
+    })
 }
 
 impl SlowTokenizer {

@@ -35,6 +35,19 @@ pub struct SentencePiece {
     escape_whitespaces: bool,
 }
 
+/// A sentencepiece vocabulary spelled out: piece `i` has `scores[i]` and type `kinds[i]`
+/// (sentencepiece's numbering, which GGUF's `tokenizer.ggml.token_type` shares: 1 normal,
+/// 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpmVocab {
+    pub pieces: Vec<String>,
+    pub scores: Vec<f32>,
+    pub kinds: Vec<i32>,
+    pub add_dummy_prefix: bool,
+    pub remove_extra_whitespaces: bool,
+    pub escape_whitespaces: bool,
+}
+
 impl SentencePiece {
     /// Parses a serialized `ModelProto`. `what` names the file in errors.
     pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Self, TokenizerError> {
@@ -75,46 +88,102 @@ impl SentencePiece {
                 }
                 None => (true, false, true),
             };
-        let mut pieces = Vec::with_capacity(model.pieces().len());
-        let mut kinds = Vec::with_capacity(model.pieces().len());
+        let vocab = SpmVocab {
+            pieces: model
+                .pieces()
+                .iter()
+                .map(|p| p.piece().to_string())
+                .collect(),
+            scores: model.pieces().iter().map(|p| p.score()).collect(),
+            kinds: model.pieces().iter().map(|p| p.r#type() as i32).collect(),
+            add_dummy_prefix,
+            remove_extra_whitespaces,
+            escape_whitespaces,
+        };
+        Self::from_vocab(vocab, what)
+    }
+
+    /// Builds the model from its pieces (GGUF stores a vocabulary this way).
+    pub fn from_vocab(vocab: SpmVocab, what: &str) -> Result<Self, TokenizerError> {
+        let bad = |reason: String| TokenizerError::Parse {
+            file: what.to_string(),
+            reason,
+        };
+        let n = vocab.pieces.len();
+        if vocab.scores.len() != n || vocab.kinds.len() != n {
+            return Err(bad(format!(
+                "{n} pieces but {} scores and {} types",
+                vocab.scores.len(),
+                vocab.kinds.len()
+            )));
+        }
+        let mut kinds = Vec::with_capacity(n);
         let mut merge_scores = HashMap::new();
         let mut by_text = HashMap::new();
         let mut byte_ids = [None; 256];
         let mut unk_id = None;
-        for (i, p) in model.pieces().iter().enumerate() {
+        for (i, (text, (&score, &kind))) in vocab
+            .pieces
+            .iter()
+            .zip(vocab.scores.iter().zip(&vocab.kinds))
+            .enumerate()
+        {
             let id = i as u32;
-            let text = p.piece().to_string();
-            let kind = p.r#type();
+            let kind = match kind {
+                2 => Type::Unknown,
+                3 => Type::Control,
+                4 => Type::UserDefined,
+                5 => Type::Unused,
+                6 => Type::Byte,
+                _ => Type::Normal,
+            };
             match kind {
                 Type::Normal | Type::UserDefined | Type::Unused => {
-                    merge_scores.insert(text.clone(), (id, p.score()));
+                    merge_scores.insert(text.clone(), (id, score));
                 }
                 Type::Unknown => unk_id = Some(id),
                 Type::Byte => {
-                    if let Some(b) = parse_byte_piece(&text) {
+                    if let Some(b) = parse_byte_piece(text) {
                         byte_ids[b as usize] = Some(id);
                     }
                 }
                 Type::Control => {}
             }
             by_text.entry(text.clone()).or_insert(id);
-            pieces.push(text);
             kinds.push(kind);
         }
         let unk_id = unk_id.ok_or_else(|| bad("the vocabulary has no unknown piece".into()))?;
         let byte_fallback = byte_ids.iter().all(Option::is_some);
         Ok(Self {
             byte_fallback,
-            pieces,
+            pieces: vocab.pieces,
             kinds,
             merge_scores,
             by_text,
             byte_ids,
             unk_id,
-            add_dummy_prefix,
-            remove_extra_whitespaces,
-            escape_whitespaces,
+            add_dummy_prefix: vocab.add_dummy_prefix,
+            remove_extra_whitespaces: vocab.remove_extra_whitespaces,
+            escape_whitespaces: vocab.escape_whitespaces,
         })
+    }
+
+    /// The model as a list of pieces, the inverse of [`SentencePiece::from_vocab`].
+    pub fn vocab(&self) -> SpmVocab {
+        let score = |i: usize| {
+            self.merge_scores
+                .get(&self.pieces[i])
+                .filter(|(id, _)| *id as usize == i)
+                .map_or(0.0, |&(_, s)| s)
+        };
+        SpmVocab {
+            pieces: self.pieces.clone(),
+            scores: (0..self.pieces.len()).map(score).collect(),
+            kinds: self.kinds.iter().map(|&k| k as i32).collect(),
+            add_dummy_prefix: self.add_dummy_prefix,
+            remove_extra_whitespaces: self.remove_extra_whitespaces,
+            escape_whitespaces: self.escape_whitespaces,
+        }
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -1,0 +1,1256 @@
+//! GGUF, llama.cpp's format: `kollava quantize` writes a checkpoint as a pair of files, the
+//! language model (llama.cpp's `llama` architecture) and the image encoder (`mmproj`, the
+//! tower and projector as llama.cpp's LLaVA encoder), and [`open_pair`] reads such a pair,
+//! ours or llama.cpp's, into the same [`Checkpoint`] every other format becomes.
+//!
+//! Quantized matrices stay quantized in memory: the decoder's linear maps become
+//! [`Linear::Quantized`] and multiply through candle's quantized kernels. Norms, biases and
+//! the token embedding are dequantized to f32.
+//!
+//! Our files carry `kollava.*` keys (family, template, image handling, the tokenizer's own
+//! files) so that a quantized checkpoint answers as its source does; a file without them is
+//! read as a LLaVA-1.5 model, as llama.cpp reads it.
+
+pub mod format;
+pub mod names;
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::VarBuilder;
+use kollava_inputs::image::{AspectMode, ClipPreprocess};
+use kollava_inputs::tokenizer::SpmVocab;
+use kollava_inputs::Tokenizer;
+use kollava_model::config::{
+    Activation, ClipVisionConfig, DecoderConfig, FeatureSelect, ProjectorKind,
+};
+use kollava_model::layers::Linear;
+use kollava_model::{Llava, ModelConfig};
+
+use self::format::{GgufWriter, Meta, TensorEntry};
+use self::names::{canonical_names, pair_order_row, to_gguf, Mapped, Part};
+use crate::{candle_reason, Checkpoint, CheckpointError, Family};
+
+/// What `kollava quantize --type` offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantType {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+    Q4_0,
+    /// Q4_K for every matrix, Q6_K for `output` (llama.cpp's `Q4_K_S` recipe).
+    Q4K,
+}
+
+impl QuantType {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "bf16" => Self::Bf16,
+            "q8_0" => Self::Q8_0,
+            "q4_0" => Self::Q4_0,
+            "q4_k" | "q4_k_s" => Self::Q4K,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "F32",
+            Self::F16 => "F16",
+            Self::Bf16 => "BF16",
+            Self::Q8_0 => "Q8_0",
+            Self::Q4_0 => "Q4_0",
+            Self::Q4K => "Q4_K",
+        }
+    }
+
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Self::F32 => GgmlDType::F32,
+            Self::F16 => GgmlDType::F16,
+            Self::Bf16 => GgmlDType::BF16,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4K => GgmlDType::Q4K,
+        }
+    }
+
+    /// llama.cpp's `llama_ftype`.
+    fn file_type(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q8_0 => 7,
+            Self::Q4K => 14,
+            Self::Bf16 => 32,
+        }
+    }
+}
+
+/// The type a tensor is stored in. Vectors stay f32; a matrix whose rows do not split into
+/// whole blocks falls back to f16 (as llama.cpp's quantizer falls back).
+fn storage_type(m: &Mapped, shape: &[usize], q: QuantType) -> GgmlDType {
+    if shape.len() < 2 {
+        return GgmlDType::F32;
+    }
+    let want = match m.part {
+        // llama.cpp's LLaVA encoder is f16, whatever the language model is.
+        Part::Mmproj => GgmlDType::F16,
+        Part::Llm if q == QuantType::Q4K && m.name == "output.weight" => GgmlDType::Q6K,
+        Part::Llm => q.ggml(),
+    };
+    let row = *shape.last().unwrap_or(&0);
+    if row.is_multiple_of(want.block_size()) {
+        want
+    } else {
+        GgmlDType::F16
+    }
+}
+
+/// The shape a canonical tensor must have (row-major), from the configuration alone, so that
+/// the header can be written before any data is read.
+fn canonical_shape(name: &str, cfg: &ModelConfig) -> Vec<usize> {
+    let d = &cfg.decoder;
+    let v = &cfg.vision;
+    let (h, vh) = (d.hidden_size, v.hidden_size);
+    let (q_rows, kv_rows) = (
+        d.num_attention_heads * d.head_dim,
+        d.num_key_value_heads * d.head_dim,
+    );
+    let bias = name.ends_with(".bias");
+    let rows_cols = |r: usize, c: usize| if bias { vec![r] } else { vec![r, c] };
+    let part = name.trim_end_matches(".weight").trim_end_matches(".bias");
+    match part {
+        "model.embed_tokens" | "lm_head" => vec![d.vocab_size, h],
+        "model.norm" => vec![h],
+        "vision_model.embeddings.class_embedding" => vec![vh],
+        "vision_model.embeddings.patch_embedding" => {
+            vec![vh, v.num_channels, v.patch_size, v.patch_size]
+        }
+        "vision_model.embeddings.position_embedding" => vec![v.grid() * v.grid() + 1, vh],
+        "vision_model.pre_layrnorm" => vec![vh],
+        "model.mm_projector" => rows_cols(h, vh),
+        _ => {
+            let leaf = part.rsplit('.').next().unwrap_or("");
+            if let Some(k) = part.strip_prefix("model.mm_projector.") {
+                return rows_cols(h, if k == "0" { vh } else { h });
+            }
+            if part.starts_with("model.layers.") {
+                return match leaf {
+                    "input_layernorm" | "post_attention_layernorm" => vec![h],
+                    "q_proj" => rows_cols(q_rows, h),
+                    "k_proj" | "v_proj" => rows_cols(kv_rows, h),
+                    "o_proj" => rows_cols(h, q_rows),
+                    "gate_proj" | "up_proj" => rows_cols(d.intermediate_size, h),
+                    _ => rows_cols(h, d.intermediate_size),
+                };
+            }
+            match leaf {
+                "layer_norm1" | "layer_norm2" => vec![vh],
+                "fc1" => rows_cols(v.intermediate_size, vh),
+                "fc2" => rows_cols(vh, v.intermediate_size),
+                _ => rows_cols(vh, vh),
+            }
+        }
+    }
+}
+
+/// Reorders whole rows of a stored tensor: row `r` of the result is row `from(r)` of `q`.
+/// Works on the stored bytes, so quantized rows move without loss.
+fn reorder_rows(q: &QTensor, from: impl Fn(usize) -> usize) -> candle_core::Result<QTensor> {
+    let dims = q.shape().dims().to_vec();
+    let rows = dims[0];
+    let data = q.data()?;
+    let row_bytes = data.len() / rows;
+    let mut out = Vec::with_capacity(data.len());
+    for r in 0..rows {
+        let s = from(r) * row_bytes;
+        out.extend_from_slice(&data[s..s + row_bytes]);
+    }
+    let storage = QStorage::from_data(Cow::Owned(out), &q.device(), q.dtype())?;
+    QTensor::new(storage, dims)
+}
+
+/// Output of [`quantize`].
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub model: PathBuf,
+    pub mmproj: PathBuf,
+    pub tensors: usize,
+    pub bytes: u64,
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
+    move |e| CheckpointError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Writes `ckpt` as a GGUF pair in the new directory `out` (atomically): the language model
+/// in `q`, the image encoder in f16. Tensors are read, converted and written one at a time.
+pub fn quantize(
+    ckpt: &Checkpoint,
+    out: &Path,
+    q: QuantType,
+    on_progress: &mut dyn FnMut(usize, usize),
+) -> Result<Written, CheckpointError> {
+    if ckpt.gguf.is_some() {
+        return Err(CheckpointError::Unsupported {
+            file: ckpt.dir.display().to_string(),
+            what: "input: it is already GGUF; quantize a safetensors or .bin checkpoint".into(),
+        });
+    }
+    let cfg = &ckpt.config;
+    if cfg.projector == ProjectorKind::Identity {
+        return Err(CheckpointError::Unsupported {
+            file: ckpt.dir.display().to_string(),
+            what: "projector type identity in GGUF".into(),
+        });
+    }
+    let (llm_vb, vision_vb) = ckpt.var_builders(DType::F32, &Device::Cpu)?;
+    let mut plan: [Vec<(String, Mapped, TensorEntry)>; 2] = [Vec::new(), Vec::new()];
+    for name in canonical_names(cfg) {
+        let Some(m) = to_gguf(&name, cfg) else {
+            continue;
+        };
+        let shape = canonical_shape(&name, cfg);
+        let dtype = storage_type(&m, &shape, q);
+        let entry = TensorEntry {
+            name: m.name.clone(),
+            shape,
+            dtype,
+        };
+        plan[usize::from(m.part == Part::Mmproj)].push((name, m, entry));
+    }
+    let total = plan[0].len() + plan[1].len();
+    let stem = ckpt.name.rsplit('/').next().unwrap_or("model").to_string();
+    let model_file = format!("{stem}-{}.gguf", q.name());
+    let mmproj_file = format!("mmproj-{stem}-F16.gguf");
+    let metas = [llm_metadata(ckpt, q)?, mmproj_metadata(ckpt)];
+    let mut done = 0;
+    let mut bytes = 0;
+    crate::write_dir_atomically(out, |tmp| {
+        for (k, file) in [&model_file, &mmproj_file].into_iter().enumerate() {
+            let path = tmp.join(file);
+            let f = std::fs::File::create(&path).map_err(io_err(&path))?;
+            let entries = plan[k].iter().map(|p| p.2.clone()).collect();
+            let mut w = GgufWriter::new(std::io::BufWriter::new(f), &metas[k], entries)
+                .map_err(io_err(&path))?;
+            for (name, m, entry) in &plan[k] {
+                let vb = if name.starts_with("vision_model.") {
+                    &vision_vb
+                } else {
+                    &llm_vb
+                };
+                let data = (|| -> candle_core::Result<Vec<u8>> {
+                    let t = vb.get(entry.shape.clone(), name)?;
+                    let qt = QTensor::quantize(&t, entry.dtype)?;
+                    let qt = match m.heads {
+                        // Inverse of the reader's: llama.cpp row `pair_order_row(r)` is HF row r.
+                        Some(heads) => {
+                            let rows = entry.shape[0];
+                            let mut inv = vec![0; rows];
+                            for r in 0..rows {
+                                inv[pair_order_row(r, rows, heads)] = r;
+                            }
+                            reorder_rows(&qt, |r| inv[r])?
+                        }
+                        None => qt,
+                    };
+                    Ok(qt.data()?.into_owned())
+                })()
+                .map_err(|e| CheckpointError::Weights {
+                    file: ckpt.dir.display().to_string(),
+                    reason: format!("{name}: {}", candle_reason(&e)),
+                })?;
+                bytes += data.len() as u64;
+                w.tensor(&data).map_err(io_err(&path))?;
+                done += 1;
+                on_progress(done, total);
+            }
+            w.finish().map_err(io_err(&path))?;
+        }
+        Ok(())
+    })?;
+    Ok(Written {
+        model: out.join(model_file),
+        mmproj: out.join(mmproj_file),
+        tensors: total,
+        bytes,
+    })
+}
+
+fn read_text(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+fn llm_metadata(ckpt: &Checkpoint, q: QuantType) -> Result<Vec<(String, Meta)>, CheckpointError> {
+    let d = &ckpt.config.decoder;
+    let tok = ckpt.tokenizer()?;
+    let vocab = tok.export_vocab(d.vocab_size)?;
+    let add_bos = tok.encode("")?.first() == Some(&tok.bos_id);
+    let mut m: Vec<(String, Meta)> = vec![
+        ("general.architecture".into(), Meta::Str("llama".into())),
+        ("general.name".into(), Meta::Str(ckpt.name.clone())),
+        ("general.file_type".into(), Meta::U32(q.file_type())),
+        (
+            "general.alignment".into(),
+            Meta::U32(format::ALIGNMENT as u32),
+        ),
+        ("llama.vocab_size".into(), Meta::U32(d.vocab_size as u32)),
+        (
+            "llama.context_length".into(),
+            Meta::U32(d.max_position_embeddings as u32),
+        ),
+        (
+            "llama.embedding_length".into(),
+            Meta::U32(d.hidden_size as u32),
+        ),
+        (
+            "llama.block_count".into(),
+            Meta::U32(d.num_hidden_layers as u32),
+        ),
+        (
+            "llama.feed_forward_length".into(),
+            Meta::U32(d.intermediate_size as u32),
+        ),
+        (
+            "llama.attention.head_count".into(),
+            Meta::U32(d.num_attention_heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            Meta::U32(d.num_key_value_heads as u32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Meta::F32(d.rms_norm_eps as f32),
+        ),
+        (
+            "llama.rope.dimension_count".into(),
+            Meta::U32(d.head_dim as u32),
+        ),
+        (
+            "llama.rope.freq_base".into(),
+            Meta::F32(d.rope_theta as f32),
+        ),
+        ("tokenizer.ggml.model".into(), Meta::Str("llama".into())),
+        ("tokenizer.ggml.tokens".into(), Meta::ArrStr(vocab.pieces)),
+        ("tokenizer.ggml.scores".into(), Meta::ArrF32(vocab.scores)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Meta::ArrI32(vocab.kinds),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), Meta::U32(tok.bos_id)),
+        ("tokenizer.ggml.eos_token_id".into(), Meta::U32(tok.eos_id)),
+        (
+            "tokenizer.ggml.unknown_token_id".into(),
+            Meta::U32(tok.unk_id),
+        ),
+        ("tokenizer.ggml.add_bos_token".into(), Meta::Bool(add_bos)),
+        ("tokenizer.ggml.add_eos_token".into(), Meta::Bool(false)),
+        (
+            "tokenizer.ggml.add_space_prefix".into(),
+            Meta::Bool(vocab.add_dummy_prefix),
+        ),
+        (
+            "kollava.family".into(),
+            Meta::Str(ckpt.family.name().into()),
+        ),
+        (
+            "kollava.template".into(),
+            Meta::Str(ckpt.default_template().into()),
+        ),
+        (
+            "kollava.context_length".into(),
+            Meta::U32(ckpt.context_len as u32),
+        ),
+        ("kollava.eos_ids".into(), Meta::ArrU32(ckpt.eos_ids.clone())),
+        (
+            "kollava.mm_use_im_start_end".into(),
+            Meta::Bool(ckpt.use_im_start_end),
+        ),
+    ];
+    if let Some(pad) = tok.token_to_id("<pad>") {
+        m.push(("tokenizer.ggml.padding_token_id".into(), Meta::U32(pad)));
+    }
+    if let Some(w) = d.sliding_window {
+        m.push(("kollava.sliding_window".into(), Meta::U32(w as u32)));
+    }
+    if let Some(i) = ckpt.image_token_index {
+        m.push(("kollava.image_token_index".into(), Meta::U32(i)));
+    }
+    // The tokenizer's own files, so that ours reads back exactly as the source tokenizes.
+    for (file, key) in [
+        ("tokenizer.json", "tokenizer.huggingface.json"),
+        ("tokenizer_config.json", "kollava.tokenizer_config"),
+        ("special_tokens_map.json", "kollava.special_tokens_map"),
+        ("added_tokens.json", "kollava.added_tokens"),
+    ] {
+        if let Some(text) = read_text(&ckpt.dir.join(file)) {
+            m.push((key.into(), Meta::Str(text)));
+        }
+    }
+    Ok(m)
+}
+
+fn mmproj_metadata(ckpt: &Checkpoint) -> Vec<(String, Meta)> {
+    let cfg = &ckpt.config;
+    let v = &cfg.vision;
+    let p = &ckpt.preprocess;
+    let aspect = match ckpt.aspect {
+        AspectMode::Pad => "pad",
+        AspectMode::Crop => "square",
+        AspectMode::Resize => "resize",
+    };
+    let projector = match cfg.projector {
+        ProjectorKind::Linear => "linear",
+        _ => "mlp",
+    };
+    vec![
+        ("general.architecture".into(), Meta::Str("clip".into())),
+        (
+            "general.name".into(),
+            Meta::Str(format!("{} image encoder", ckpt.name)),
+        ),
+        (
+            "general.description".into(),
+            Meta::Str("image encoder for LLaVA".into()),
+        ),
+        ("general.file_type".into(), Meta::U32(1)),
+        (
+            "general.alignment".into(),
+            Meta::U32(format::ALIGNMENT as u32),
+        ),
+        ("clip.has_text_encoder".into(), Meta::Bool(false)),
+        ("clip.has_vision_encoder".into(), Meta::Bool(true)),
+        ("clip.has_llava_projector".into(), Meta::Bool(true)),
+        ("clip.projector_type".into(), Meta::Str(projector.into())),
+        (
+            "clip.use_gelu".into(),
+            Meta::Bool(v.hidden_act == Activation::Gelu),
+        ),
+        (
+            "clip.vision.image_size".into(),
+            Meta::U32(v.image_size as u32),
+        ),
+        (
+            "clip.vision.patch_size".into(),
+            Meta::U32(v.patch_size as u32),
+        ),
+        (
+            "clip.vision.embedding_length".into(),
+            Meta::U32(v.hidden_size as u32),
+        ),
+        (
+            "clip.vision.feed_forward_length".into(),
+            Meta::U32(v.intermediate_size as u32),
+        ),
+        (
+            "clip.vision.projection_dim".into(),
+            Meta::U32(cfg.decoder.hidden_size as u32),
+        ),
+        (
+            "clip.vision.attention.head_count".into(),
+            Meta::U32(v.num_attention_heads as u32),
+        ),
+        (
+            "clip.vision.attention.layer_norm_epsilon".into(),
+            Meta::F32(v.layer_norm_eps as f32),
+        ),
+        (
+            "clip.vision.block_count".into(),
+            Meta::U32(cfg.vision_layers_used as u32),
+        ),
+        (
+            "kollava.vision.layers_total".into(),
+            Meta::U32(v.num_hidden_layers as u32),
+        ),
+        (
+            "clip.vision.image_mean".into(),
+            Meta::ArrF32(p.mean.to_vec()),
+        ),
+        ("clip.vision.image_std".into(), Meta::ArrF32(p.std.to_vec())),
+        (
+            "kollava.image_aspect_ratio".into(),
+            Meta::Str(aspect.into()),
+        ),
+        (
+            "kollava.feature_select".into(),
+            Meta::Str(
+                match cfg.feature_select {
+                    FeatureSelect::Patch => "patch",
+                    FeatureSelect::ClsPatch => "cls_patch",
+                }
+                .into(),
+            ),
+        ),
+        (
+            "kollava.preprocess.shortest_edge".into(),
+            Meta::U32(p.shortest_edge),
+        ),
+        (
+            "kollava.preprocess.crop".into(),
+            Meta::ArrU32(vec![p.crop.0, p.crop.1]),
+        ),
+    ]
+}
+
+/// A GGUF language model and its image encoder, headers parsed.
+#[derive(Debug)]
+pub struct GgufPair {
+    pub model: PathBuf,
+    pub mmproj: PathBuf,
+    llm: Content,
+    mm: Content,
+}
+
+fn read_content(path: &Path) -> Result<Content, CheckpointError> {
+    let mut f = std::fs::File::open(path).map_err(io_err(path))?;
+    Content::read(&mut f).map_err(|e| CheckpointError::Weights {
+        file: path.display().to_string(),
+        reason: format!("not a readable GGUF file: {}", candle_reason(&e)),
+    })
+}
+
+fn is_gguf(p: &Path) -> bool {
+    p.extension().and_then(|e| e.to_str()) == Some("gguf")
+}
+
+fn is_mmproj(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.to_ascii_lowercase().contains("mmproj"))
+}
+
+/// The GGUF pair `--model` (and `--mmproj`) name, or `None` when `model` is not GGUF: a
+/// `.gguf` file, or a directory without `config.json` holding one language-model `.gguf`
+/// and one `mmproj*.gguf`.
+pub fn find_pair(
+    model: &Path,
+    mmproj: Option<&Path>,
+) -> Result<Option<(PathBuf, PathBuf)>, CheckpointError> {
+    let (dir, file) = if model.is_file() && is_gguf(model) {
+        (
+            model.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            Some(model.to_path_buf()),
+        )
+    } else if model.is_dir() && !model.join("config.json").exists() {
+        (model.to_path_buf(), None)
+    } else {
+        return Ok(None);
+    };
+    let mut ggufs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(io_err(&dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_gguf(p))
+        .collect();
+    ggufs.sort();
+    let (encoders, models): (Vec<_>, Vec<_>) = ggufs.into_iter().partition(|p| is_mmproj(p));
+    let model =
+        match file {
+            Some(f) => f,
+            None => match models.as_slice() {
+                [] => return Ok(None),
+                [one] => one.clone(),
+                many => {
+                    return Err(CheckpointError::Invalid {
+                        file: dir.display().to_string(),
+                        what: format!(
+                        "GGUF directory: {} language-model files ({}); pass one of them as --model",
+                        many.len(),
+                        many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                    ),
+                    })
+                }
+            },
+        };
+    let mmproj = match mmproj {
+        Some(p) => p.to_path_buf(),
+        None => match encoders.as_slice() {
+            [one] => one.clone(),
+            [] => {
+                return Err(CheckpointError::Invalid {
+                    file: model.display().to_string(),
+                    what: "GGUF model: no mmproj*.gguf image encoder beside it; pass --mmproj FILE"
+                        .into(),
+                })
+            }
+            _ => {
+                return Err(CheckpointError::Invalid {
+                    file: dir.display().to_string(),
+                    what: "GGUF directory: several mmproj*.gguf files; pass --mmproj FILE".into(),
+                })
+            }
+        },
+    };
+    Ok(Some((model, mmproj)))
+}
+
+/// Metadata lookups with errors that name the file and key.
+struct Keys<'a> {
+    c: &'a Content,
+    file: &'a Path,
+}
+
+impl Keys<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.c.metadata.get(key)
+    }
+
+    fn missing(&self, key: &str) -> CheckpointError {
+        CheckpointError::MissingKey {
+            file: self.file.display().to_string(),
+            key: key.into(),
+        }
+    }
+
+    fn uint(&self, key: &str) -> Option<usize> {
+        match self.get(key)? {
+            Value::U8(v) => Some(*v as usize),
+            Value::U16(v) => Some(*v as usize),
+            Value::U32(v) => Some(*v as usize),
+            Value::U64(v) => Some(*v as usize),
+            Value::I32(v) if *v >= 0 => Some(*v as usize),
+            Value::I64(v) if *v >= 0 => Some(*v as usize),
+            _ => None,
+        }
+    }
+
+    fn need_uint(&self, key: &str) -> Result<usize, CheckpointError> {
+        self.uint(key).ok_or_else(|| self.missing(key))
+    }
+
+    fn float(&self, key: &str) -> Option<f64> {
+        match self.get(key)? {
+            // Through the shortest decimal that reads back as this f32, so that the 1e-5 of
+            // a config.json comes back as the f64 1e-5.
+            Value::F32(v) => v.to_string().parse().ok(),
+            Value::F64(v) => Some(*v),
+            _ => None,
+        }
+    }
+
+    fn string(&self, key: &str) -> Option<&str> {
+        match self.get(key)? {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn boolean(&self, key: &str) -> Option<bool> {
+        match self.get(key)? {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    fn array(&self, key: &str) -> Option<&Vec<Value>> {
+        match self.get(key)? {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    fn floats(&self, key: &str) -> Option<Vec<f32>> {
+        self.array(key)?
+            .iter()
+            .map(|v| match v {
+                Value::F32(x) => Some(*x),
+                Value::F64(x) => Some(*x as f32),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn uints(&self, key: &str) -> Option<Vec<u32>> {
+        self.array(key)?.iter().map(|v| v.to_u32().ok()).collect()
+    }
+}
+
+/// Resolves a GGUF pair into a [`Checkpoint`].
+pub fn open_pair(model: PathBuf, mmproj: PathBuf) -> Result<Checkpoint, CheckpointError> {
+    let llm = read_content(&model)?;
+    let mm = read_content(&mmproj)?;
+    let k = Keys {
+        c: &llm,
+        file: &model,
+    };
+    let arch = k.string("general.architecture").unwrap_or("");
+    if arch != "llama" {
+        return Err(CheckpointError::Unsupported {
+            file: model.display().to_string(),
+            what: format!("GGUF architecture {arch:?} (LLaVA language models are \"llama\")"),
+        });
+    }
+    let v = Keys {
+        c: &mm,
+        file: &mmproj,
+    };
+    if v.boolean("clip.has_vision_encoder") == Some(false)
+        || !mm.tensor_infos.contains_key("v.patch_embd.weight")
+    {
+        return Err(CheckpointError::Invalid {
+            file: mmproj.display().to_string(),
+            what: "image encoder: it has no CLIP vision tower (v.patch_embd.weight)".into(),
+        });
+    }
+    let rows = |c: &Content, name: &str| c.tensor_infos.get(name).map(|t| t.shape.dims()[0]);
+    let hidden = k.need_uint("llama.embedding_length")?;
+    let heads = k.need_uint("llama.attention.head_count")?;
+    let decoder = DecoderConfig {
+        vocab_size: rows(&llm, "token_embd.weight")
+            .ok_or_else(|| k.missing("token_embd.weight"))?,
+        hidden_size: hidden,
+        intermediate_size: k.need_uint("llama.feed_forward_length")?,
+        num_hidden_layers: k.need_uint("llama.block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: k.uint("llama.attention.head_count_kv").unwrap_or(heads),
+        head_dim: k
+            .uint("llama.rope.dimension_count")
+            .unwrap_or(hidden / heads),
+        rms_norm_eps: k
+            .float("llama.attention.layer_norm_rms_epsilon")
+            .unwrap_or(1e-5),
+        rope_theta: k.float("llama.rope.freq_base").unwrap_or(10000.0),
+        max_position_embeddings: k.uint("llama.context_length").unwrap_or(4096),
+        sliding_window: k.uint("kollava.sliding_window"),
+        attention_bias: llm.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        mlp_bias: llm.tensor_infos.contains_key("blk.0.ffn_up.bias"),
+        hidden_act: Activation::Silu,
+        tie_word_embeddings: !llm.tensor_infos.contains_key("output.weight"),
+    };
+    let vision_layers = v.need_uint("clip.vision.block_count")?;
+    let image_size = v.need_uint("clip.vision.image_size")?;
+    let vision = ClipVisionConfig {
+        hidden_size: v.need_uint("clip.vision.embedding_length")?,
+        intermediate_size: v.need_uint("clip.vision.feed_forward_length")?,
+        num_attention_heads: v.need_uint("clip.vision.attention.head_count")?,
+        num_hidden_layers: v
+            .uint("kollava.vision.layers_total")
+            .unwrap_or(vision_layers),
+        image_size,
+        patch_size: v.need_uint("clip.vision.patch_size")?,
+        num_channels: 3,
+        layer_norm_eps: v
+            .float("clip.vision.attention.layer_norm_epsilon")
+            .unwrap_or(1e-5),
+        hidden_act: if v.boolean("clip.use_gelu") == Some(true) {
+            Activation::Gelu
+        } else {
+            Activation::QuickGelu
+        },
+    };
+    let mm_depth = (0..8)
+        .step_by(2)
+        .take_while(|i| mm.tensor_infos.contains_key(&format!("mm.{i}.weight")))
+        .count();
+    let projector = match (v.string("clip.projector_type").unwrap_or("mlp"), mm_depth) {
+        ("linear", 1) => ProjectorKind::Linear,
+        ("mlp", d) if d >= 1 => ProjectorKind::Mlp {
+            depth: d,
+            activation: Activation::Gelu,
+        },
+        (other, _) => {
+            return Err(CheckpointError::Unsupported {
+                file: mmproj.display().to_string(),
+                what: format!("projector type {other:?} (LLaVA's are mlp and linear)"),
+            })
+        }
+    };
+    let config = ModelConfig {
+        vision,
+        vision_layers_used: vision_layers,
+        feature_select: if v.string("kollava.feature_select") == Some("cls_patch") {
+            FeatureSelect::ClsPatch
+        } else {
+            FeatureSelect::Patch
+        },
+        projector,
+        decoder,
+    };
+    let family = match k.string("kollava.family") {
+        Some("llava-v0") => Family::LlavaV0,
+        Some("llava-mistral") => Family::LlavaMistral,
+        Some("llava-hf") => Family::LlavaHf,
+        _ => Family::Llava15,
+    };
+    let mut preprocess = ClipPreprocess::square(image_size as u32);
+    if let Some(m) = v.floats("clip.vision.image_mean").filter(|m| m.len() == 3) {
+        preprocess.mean = [m[0], m[1], m[2]];
+    }
+    if let Some(s) = v.floats("clip.vision.image_std").filter(|s| s.len() == 3) {
+        preprocess.std = [s[0], s[1], s[2]];
+    }
+    if let Some(e) = v.uint("kollava.preprocess.shortest_edge") {
+        preprocess.shortest_edge = e as u32;
+    }
+    if let Some(c) = v.uints("kollava.preprocess.crop").filter(|c| c.len() == 2) {
+        preprocess.crop = (c[0], c[1]);
+    }
+    let aspect = match v.string("kollava.image_aspect_ratio") {
+        Some("square") => AspectMode::Crop,
+        Some("resize") => AspectMode::Resize,
+        // llama.cpp pads LLaVA-1.5 images to a square, as the reference does.
+        _ => AspectMode::Pad,
+    };
+    let mut eos_ids = k.uints("kollava.eos_ids").unwrap_or_default();
+    if let Some(e) = k.uint("tokenizer.ggml.eos_token_id") {
+        if !eos_ids.contains(&(e as u32)) {
+            eos_ids.push(e as u32);
+        }
+    }
+    let name = model
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("model")
+        .to_string();
+    let trained_template = k.string("kollava.template").and_then(|t| {
+        kollava_inputs::template::Template::names()
+            .iter()
+            .copied()
+            .find(|n| *n == t)
+    });
+    Ok(Checkpoint {
+        dir: model.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        name,
+        family,
+        context_len: k
+            .uint("kollava.context_length")
+            .unwrap_or(config.decoder.max_position_embeddings),
+        config,
+        vision_dir: None,
+        preprocess,
+        aspect,
+        eos_ids,
+        image_token_index: k.uint("kollava.image_token_index").map(|i| i as u32),
+        use_im_start_end: k.boolean("kollava.mm_use_im_start_end").unwrap_or(false),
+        projector_file: None,
+        trained_template,
+        gguf: Some(Arc::new(GgufPair {
+            model,
+            mmproj,
+            llm,
+            mm,
+        })),
+    })
+}
+
+impl GgufPair {
+    /// The tokenizer: the source's own `tokenizer.json` when the file carries it, otherwise
+    /// the sentencepiece vocabulary of `tokenizer.ggml.*`.
+    pub fn tokenizer(&self) -> Result<Tokenizer, CheckpointError> {
+        let k = Keys {
+            c: &self.llm,
+            file: &self.model,
+        };
+        let what = self.model.display().to_string();
+        let json = |key: &str| -> Result<serde_json::Value, CheckpointError> {
+            match k.string(key) {
+                Some(text) => serde_json::from_str(text).map_err(|e| CheckpointError::Json {
+                    file: format!("{what} ({key})"),
+                    reason: e.to_string(),
+                }),
+                None => Ok(serde_json::Value::Null),
+            }
+        };
+        let mut config = json("kollava.tokenizer_config")?;
+        if let Some(hf) = k.string("tokenizer.huggingface.json") {
+            return Ok(Tokenizer::from_tokenizer_json_bytes(
+                hf.as_bytes(),
+                &config,
+                &what,
+            )?);
+        }
+        let strings = |key: &str| -> Result<Vec<String>, CheckpointError> {
+            k.array(key)
+                .ok_or_else(|| k.missing(key))?
+                .iter()
+                .map(|v| v.to_string().cloned().map_err(|_| k.missing(key)))
+                .collect()
+        };
+        let pieces = strings("tokenizer.ggml.tokens")?;
+        let n = pieces.len();
+        let scores = k
+            .floats("tokenizer.ggml.scores")
+            .unwrap_or_else(|| vec![0.0; n]);
+        let kinds: Vec<i32> = match k.array("tokenizer.ggml.token_type") {
+            Some(a) => a.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
+            None => vec![1; n],
+        };
+        let piece = |key: &str| k.uint(key).and_then(|i| pieces.get(i).cloned());
+        if config.is_null() {
+            // llama.cpp's file: the flags its keys give, LLaMA's defaults for the rest.
+            let mut c = serde_json::Map::new();
+            c.insert("legacy".into(), true.into());
+            c.insert(
+                "add_bos_token".into(),
+                k.boolean("tokenizer.ggml.add_bos_token")
+                    .unwrap_or(true)
+                    .into(),
+            );
+            c.insert(
+                "add_eos_token".into(),
+                k.boolean("tokenizer.ggml.add_eos_token")
+                    .unwrap_or(false)
+                    .into(),
+            );
+            for (name, key) in [
+                ("bos_token", "tokenizer.ggml.bos_token_id"),
+                ("eos_token", "tokenizer.ggml.eos_token_id"),
+                ("unk_token", "tokenizer.ggml.unknown_token_id"),
+            ] {
+                if let Some(p) = piece(key) {
+                    c.insert(name.into(), p.into());
+                }
+            }
+            config = serde_json::Value::Object(c);
+        }
+        let special_map = json("kollava.special_tokens_map")?;
+        // Added tokens: ours name them; in llama.cpp's, they are the user-defined pieces.
+        let added = match k.string("kollava.added_tokens") {
+            Some(_) => json("kollava.added_tokens")?,
+            None => serde_json::Value::Object(
+                kinds
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &t)| t == 4)
+                    .map(|(i, _)| (pieces[i].clone(), serde_json::Value::from(i)))
+                    .collect(),
+            ),
+        };
+        let vocab = SpmVocab {
+            pieces,
+            scores,
+            kinds,
+            add_dummy_prefix: k.boolean("tokenizer.ggml.add_space_prefix").unwrap_or(true),
+            remove_extra_whitespaces: false,
+            escape_whitespaces: true,
+        };
+        Ok(Tokenizer::from_spm_vocab(
+            vocab,
+            &config,
+            &special_map,
+            Some(&added).filter(|a| a.as_object().is_some_and(|o| !o.is_empty())),
+            &what,
+        )?)
+    }
+
+    /// Where a canonical tensor is, with CLIP's `fc1`/`fc2` told apart by shape.
+    fn locate(&self, canonical: &str, cfg: &ModelConfig) -> Option<(&Content, &Path, Mapped)> {
+        let mut m = to_gguf(canonical, cfg)?;
+        let (c, path) = match m.part {
+            Part::Llm => (&self.llm, self.model.as_path()),
+            Part::Mmproj => (&self.mm, self.mmproj.as_path()),
+        };
+        let is_fc1 = canonical.contains(".mlp.fc1.");
+        if m.part == Part::Mmproj && (is_fc1 || canonical.contains(".mlp.fc2.")) {
+            let rows_of = |n: &str| c.tensor_infos.get(n).map(|t| t.shape.dims()[0]);
+            let fc1_rows = cfg.vision.intermediate_size;
+            let (down, up) = (
+                m.name.replace("ffn_up", "ffn_down"),
+                m.name.replace("ffn_down", "ffn_up"),
+            );
+            let down_w = format!("{}.weight", down.rsplit_once('.')?.0);
+            // Converters disagree on which of the two they call fc1; its output is wider.
+            let down_is_fc1 = rows_of(&down_w) == Some(fc1_rows);
+            m.name = if is_fc1 == down_is_fc1 { down } else { up };
+        }
+        c.tensor_infos.contains_key(&m.name).then_some((c, path, m))
+    }
+
+    /// A stored tensor, with its rows in HF order.
+    fn qtensor(
+        &self,
+        canonical: &str,
+        cfg: &ModelConfig,
+        device: &Device,
+    ) -> candle_core::Result<QTensor> {
+        let Some((c, path, m)) = self.locate(canonical, cfg) else {
+            candle_core::bail!("no tensor for {canonical} in the GGUF pair");
+        };
+        let mut f = std::fs::File::open(path)?;
+        let q = c.tensor(&mut f, &m.name, &Device::Cpu)?;
+        let q = match m.heads {
+            Some(heads) => {
+                let rows = q.shape().dims()[0];
+                reorder_rows(&q, |r| pair_order_row(r, rows, heads))?
+            }
+            None => q,
+        };
+        if device.is_cpu() {
+            return Ok(q);
+        }
+        let storage = QStorage::from_data(q.data()?, device, q.dtype())?;
+        QTensor::new(storage, q.shape().clone())
+    }
+
+    /// Loads the model: quantized decoder matrices stay quantized; everything else is f32.
+    pub fn load(&self, ckpt: &Checkpoint, device: &Device) -> Result<Llava, CheckpointError> {
+        let cfg = &ckpt.config;
+        let mut quantized = HashMap::new();
+        for name in canonical_names(cfg) {
+            let linear = name.starts_with("model.layers.") || name == "lm_head.weight";
+            if !linear || !name.ends_with("_proj.weight") && name != "lm_head.weight" {
+                continue;
+            }
+            if let Some((c, _, m)) = self.locate(&name, cfg) {
+                let info = &c.tensor_infos[&m.name];
+                if info.ggml_dtype != GgmlDType::F32 {
+                    quantized.insert(name, info.shape.clone());
+                }
+            }
+        }
+        let placeholders: HashSet<String> = quantized.keys().cloned().collect();
+        let backend = Backend {
+            pair: self,
+            cfg: cfg.clone(),
+            placeholders: quantized,
+        };
+        let err = |part: &'static str| {
+            let dir = self.model.display().to_string();
+            move |e: candle_core::Error| CheckpointError::Load {
+                part,
+                dir: dir.clone(),
+                reason: candle_reason(&e),
+            }
+        };
+        let mut model = {
+            let boxed: Box<dyn candle_nn::var_builder::SimpleBackend + '_> = Box::new(backend);
+            let vb = VarBuilder::from_backend(boxed, DType::F32, device.clone());
+            Llava::load(vb.clone(), vb.pp("vision_model"), cfg).map_err(err("GGUF"))?
+        };
+        let mut replaced = 0;
+        let mut place = |name: &str, lin: &mut Linear| -> Result<(), CheckpointError> {
+            let w = format!("{name}.weight");
+            if placeholders.contains(&w) {
+                let q = self
+                    .qtensor(&w, cfg, device)
+                    .map_err(err("language model"))?;
+                let bias = lin.parameters().and_then(|(_, b)| b.cloned());
+                *lin = Linear::Quantized {
+                    weight: Arc::new(q),
+                    bias,
+                };
+                replaced += 1;
+            }
+            Ok(())
+        };
+        for (name, lin) in model.decoder.linears_mut() {
+            place(&name, lin)?;
+        }
+        place("lm_head", model.decoder.lm_head_mut())?;
+        if replaced != placeholders.len() {
+            return Err(CheckpointError::Invalid {
+                file: self.model.display().to_string(),
+                what: format!(
+                    "model: {replaced} of {} quantized matrices placed",
+                    placeholders.len()
+                ),
+            });
+        }
+        Ok(model)
+    }
+}
+
+/// Canonical names → GGUF tensors for the model's loaders. A quantized matrix of the decoder
+/// is handed out as a zero-stride placeholder (no memory) and swapped for the quantized
+/// weight once the model is built.
+struct Backend<'a> {
+    pair: &'a GgufPair,
+    cfg: ModelConfig,
+    placeholders: HashMap<String, Shape>,
+}
+
+impl candle_nn::var_builder::SimpleBackend for Backend<'_> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "{name} has shape {:?} in the GGUF file, the config implies {s:?}",
+                t.shape()
+            );
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Some(shape) = self.placeholders.get(name) {
+            return Tensor::zeros((), dtype, dev)?.broadcast_as(shape);
+        }
+        let q = self.pair.qtensor(name, &self.cfg, &Device::Cpu)?;
+        q.dequantize(&Device::Cpu)?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.pair.locate(name, &self.cfg).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Checkpoint {
+        let dir = kollava_testkit::checkpoint_dir(name);
+        crate::open(dir.to_str().unwrap(), &Default::default()).unwrap()
+    }
+
+    /// Every tensor read back from our file equals the source stored in that type: in f32
+    /// exactly the source, rows of q/k back in HF order, CLIP's fc1/fc2 where they were.
+    #[test]
+    fn written_tensors_read_back_identical() {
+        for (family, q) in [
+            ("llava-v1.5", QuantType::F32),
+            ("llava-hf", QuantType::Q8_0),
+            ("llava-mistral", QuantType::F32),
+            ("llava-v0", QuantType::Q4_0),
+        ] {
+            let src = fixture(family);
+            let tmp = tempfile::tempdir().unwrap();
+            let out = tmp.path().join("q");
+            let w = quantize(&src, &out, q, &mut |_, _| {}).unwrap();
+            let back = crate::open(out.to_str().unwrap(), &Default::default()).unwrap();
+            assert_eq!(back.config, src.config, "{family}");
+            assert_eq!(back.family, src.family);
+            assert_eq!(back.default_template(), src.default_template());
+            let pair = back.gguf.as_ref().unwrap();
+            assert_eq!(pair.model, w.model);
+            let (llm, vision) = src.var_builders(DType::F32, &Device::Cpu).unwrap();
+            for name in canonical_names(&src.config) {
+                let vb = if name.starts_with("vision_model.") {
+                    &vision
+                } else {
+                    &llm
+                };
+                let shape = canonical_shape(&name, &src.config);
+                let source = vb.get(shape.clone(), &name).unwrap();
+                let m = to_gguf(&name, &src.config).unwrap();
+                let stored = QTensor::quantize(&source, storage_type(&m, &shape, q))
+                    .unwrap()
+                    .dequantize(&Device::Cpu)
+                    .unwrap();
+                let read = pair
+                    .qtensor(&name, &src.config, &Device::Cpu)
+                    .unwrap()
+                    .dequantize(&Device::Cpu)
+                    .unwrap();
+                let diff = (stored - read)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert_eq!(diff, 0.0, "{family} {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_tokenizer_survives_the_round_trip() {
+        let text = "USER: <image>\n이 그림을 설명해 주세요. Describe it!\nASSISTANT:";
+        for family in ["llava-v1.5", "llava-hf", "llava-v0", "llava-mistral"] {
+            let src = fixture(family);
+            let tmp = tempfile::tempdir().unwrap();
+            quantize(&src, &tmp.path().join("q"), QuantType::Q8_0, &mut |_, _| {}).unwrap();
+            let back =
+                crate::open(tmp.path().join("q").to_str().unwrap(), &Default::default()).unwrap();
+            let (a, b) = (src.tokenizer().unwrap(), back.tokenizer().unwrap());
+            assert_eq!(a.encode(text).unwrap(), b.encode(text).unwrap(), "{family}");
+            assert_eq!(a.eos_id, b.eos_id);
+            // Without our extra keys (as llama.cpp writes it), the pieces alone still
+            // tokenize a sentencepiece vocabulary the same way.
+            if family == "llava-v1.5" {
+                let mut pair_llm = read_content(&back.gguf.as_ref().unwrap().model).unwrap();
+                pair_llm.metadata.retain(|k, _| !k.starts_with("kollava."));
+                let bare = GgufPair {
+                    model: back.gguf.as_ref().unwrap().model.clone(),
+                    mmproj: back.gguf.as_ref().unwrap().mmproj.clone(),
+                    llm: pair_llm,
+                    mm: read_content(&back.gguf.as_ref().unwrap().mmproj).unwrap(),
+                };
+                let c = bare.tokenizer().unwrap();
+                assert_eq!(
+                    a.encode("Describe it in detail.").unwrap(),
+                    c.encode("Describe it in detail.").unwrap()
+                );
+                assert_eq!(a.encode("이 그림").unwrap(), c.encode("이 그림").unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn bad_pairs_get_clear_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("q");
+        quantize(
+            &fixture("llava-v1.5"),
+            &out,
+            QuantType::Q8_0,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        // Quantizing a GGUF model again is refused.
+        let back = crate::open(out.to_str().unwrap(), &Default::default()).unwrap();
+        let e = quantize(
+            &back,
+            &tmp.path().join("again"),
+            QuantType::Q4_0,
+            &mut |_, _| {},
+        );
+        assert!(e.unwrap_err().to_string().contains("already GGUF"));
+        // The output directory must be new.
+        let e = quantize(
+            &fixture("llava-v1.5"),
+            &out,
+            QuantType::Q8_0,
+            &mut |_, _| {},
+        );
+        assert!(e.unwrap_err().to_string().contains("not empty"));
+        // A model file without its image encoder.
+        let lonely = tmp.path().join("lonely");
+        std::fs::create_dir(&lonely).unwrap();
+        std::fs::copy(out.join("llava-v1.5-Q8_0.gguf"), lonely.join("m.gguf")).unwrap();
+        let e = crate::open(lonely.to_str().unwrap(), &Default::default()).unwrap_err();
+        assert!(e.to_string().contains("--mmproj"), "{e}");
+        // A truncated file.
+        let bytes = std::fs::read(out.join("llava-v1.5-Q8_0.gguf")).unwrap();
+        std::fs::write(lonely.join("m.gguf"), &bytes[..100]).unwrap();
+        std::fs::copy(
+            out.join("mmproj-llava-v1.5-F16.gguf"),
+            lonely.join("mmproj.gguf"),
+        )
+        .unwrap();
+        let e = crate::open(lonely.to_str().unwrap(), &Default::default()).unwrap_err();
+        assert!(e.to_string().contains("m.gguf"), "{e}");
+        // --mmproj with a non-GGUF model.
+        let opts = crate::OpenOptions {
+            mmproj: Some(out.join("mmproj-llava-v1.5-F16.gguf")),
+            ..Default::default()
+        };
+        let dir = kollava_testkit::checkpoint_dir("llava-v1.5");
+        let e = crate::open(dir.to_str().unwrap(), &opts).unwrap_err();
+        assert!(e.to_string().contains("--mmproj"), "{e}");
+    }
+}
