@@ -147,7 +147,8 @@ impl Session {
         let device = Device::cuda_if_available(0)?;
         #[cfg(not(feature = "cuda"))]
         let device = Device::Cpu;
-        let model = ckpt.load_model(opts.dtype, &device)?;
+        let mut model = ckpt.load_model(opts.dtype, &device)?;
+        model.pack_for_inference()?;
         Ok(Session {
             aspect: opts.aspect.unwrap_or(ckpt.aspect),
             ckpt,

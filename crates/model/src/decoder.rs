@@ -58,21 +58,36 @@ impl SelfAttention {
         let q = crate::layers::rope(&q, cos, sin)?;
         let k = crate::layers::rope(&k, cos, sin)?;
         let (k, v) = cache.append(layer, &k, &v)?;
-        let rep = self.heads / self.kv_heads;
-        let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
-        let a = attention(&q, &k, &v, Some(mask), (d as f64).powf(-0.5))?;
+        let a = grouped_attention(&q, &k, &v, mask, self.kv_heads)?;
         let a = a.transpose(1, 2)?.reshape((b, s, self.heads * d))?;
         self.o_proj.forward(&a)
     }
 }
 
-/// Grouped-query attention: each of the `kv_heads` serves `rep` query heads.
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+/// Grouped-query attention without copying keys and values per query head: the `rep`
+/// query heads that share a key/value head are stacked along the sequence axis, so one
+/// product per key/value head serves them all.
+/// `q: (b, heads, s, d)`, `k, v: (b, kv_heads, t, d)`, `mask: (b, 1, s, t)` → `(b, heads, s, d)`.
+fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    let (b, heads, s, d) = q.dims4()?;
+    let rep = heads / kv_heads;
     if rep == 1 {
-        return Ok(x.clone());
+        return attention(q, k, v, Some(mask), (d as f64).powf(-0.5));
     }
-    let (b, n, t, d) = x.dims4()?;
-    Tensor::cat(&vec![x; rep], 2)?.reshape((b, n * rep, t, d))
+    let t = k.dim(2)?;
+    let q = q.reshape((b, kv_heads, rep * s, d))?;
+    let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?
+        .reshape((b, kv_heads, rep, s, t))?
+        .broadcast_add(&mask.unsqueeze(1)?)?
+        .reshape((b, kv_heads, rep * s, t))?;
+    let probs = crate::layers::softmax_last_dim(&scores)?;
+    probs.matmul(v)?.reshape((b, heads, s, d))
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +132,8 @@ pub struct Decoder {
     lm_head: Linear,
     /// `1 / theta^(2i/d)`, `(d/2,)` f32.
     inv_freq: Tensor,
+    /// The activations' dtype: the weights' as loaded, f32 once packed for inference.
+    compute_dtype: DType,
     cfg: DecoderConfig,
 }
 
@@ -159,6 +176,7 @@ impl Decoder {
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, d / 2, vb.device())?;
         Ok(Self {
+            compute_dtype: embed_tokens.embeddings().dtype(),
             embed_tokens,
             layers,
             norm,
@@ -172,9 +190,65 @@ impl Decoder {
         &self.cfg
     }
 
-    /// The weights' dtype.
+    /// The activations' dtype (the weights' until [`Decoder::pack_for_inference`]).
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.embeddings().dtype()
+        self.compute_dtype
+    }
+
+    /// Readies the weights for generation: every matrix moves into a ggml container of its
+    /// own dtype (decoding then reads it once, in that width, on all threads), the norms
+    /// widen to f32, and activations run in f32. Training keeps the unpacked form.
+    pub fn pack_for_inference(&mut self) -> Result<()> {
+        for (_, l) in self.linears_mut() {
+            *l = l.packed()?;
+        }
+        self.lm_head = self.lm_head.packed()?;
+        for l in &mut self.layers {
+            l.input_layernorm = l.input_layernorm.to_f32()?;
+            l.post_attention_layernorm = l.post_attention_layernorm.to_f32()?;
+        }
+        self.norm = self.norm.to_f32()?;
+        self.compute_dtype = DType::F32;
+        Ok(())
+    }
+
+    /// How the matrices are stored (`F16`, `Q4K`, …), as layer 0's query projection is.
+    pub fn weight_format(&self) -> String {
+        match self.layers.first().map(|l| &l.self_attn.q_proj) {
+            Some(Linear::Quantized { weight, .. }) => format!("{:?}", weight.dtype()),
+            Some(Linear::Dense(l)) => format!("{:?}", l.weight().dtype()).to_uppercase(),
+            _ => "?".into(),
+        }
+    }
+
+    /// Bytes of weights one decode step reads: every layer's matrices and norms, the final
+    /// norm, `lm_head`, and one embedding row.
+    pub fn bytes_per_token(&self) -> usize {
+        let h = self.cfg.hidden_size;
+        let norm = h * 4;
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                let m = &l.mlp;
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+                .iter()
+                .map(|x| x.stored_bytes())
+                .sum::<usize>()
+                    + 2 * norm
+            })
+            .sum();
+        let row = h * self.embed_tokens.embeddings().dtype().size_in_bytes();
+        layers + norm + self.lm_head.stored_bytes() + row
     }
 
     pub(crate) fn embed_tokens_device(&self) -> &candle_core::Device {
@@ -183,7 +257,7 @@ impl Decoder {
 
     /// Token embeddings. `ids: (b, s)` u32 → `(b, s, hidden)`.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        self.embed_tokens.forward(ids)
+        self.embed_tokens.forward(ids)?.to_dtype(self.compute_dtype)
     }
 
     /// The whole stack on a step of embeddings, appending to `cache`.

@@ -10,10 +10,10 @@
 
 use candle_core::{Device, Result, Tensor};
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCache {
     /// Per decoder layer: keys and values, each `(batch, kv_heads, slots, head_dim)`.
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerBuffer>>,
     /// Per row: the position held by each slot (`None` = padding).
     slots: Vec<Vec<Option<usize>>>,
 }
@@ -21,7 +21,7 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(num_layers: usize, batch: usize) -> Self {
         Self {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
             slots: vec![Vec::new(); batch],
         }
     }
@@ -100,18 +100,49 @@ impl KvCache {
     }
 
     /// Appends this step's keys/values `(batch, kv_heads, seq, d)` to `layer` and returns
-    /// the full cached tensors.
+    /// the full cached tensors (views of the layer's buffer: nothing already cached is
+    /// copied, except when the buffer doubles).
     pub(crate) fn append(
         &mut self,
         layer: usize,
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match &self.layers[layer] {
-            None => (k.contiguous()?, v.contiguous()?),
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+        let new = k.dim(2)?;
+        let Some(buf) = &mut self.layers[layer] else {
+            // The first step keeps its tensors as they are (a training forward, which must
+            // stay differentiable, never gets further).
+            let (k, v) = (k.contiguous()?, v.contiguous()?);
+            self.layers[layer] = Some(LayerBuffer {
+                k: k.clone(),
+                v: v.clone(),
+                len: new,
+            });
+            return Ok((k, v));
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        if buf.len + new > buf.k.dim(2)? {
+            let cap = (2 * buf.k.dim(2)?).max(buf.len + new).max(64);
+            let grow = |old: &Tensor| -> Result<Tensor> {
+                let (b, h, _, d) = old.dims4()?;
+                let t = Tensor::zeros((b, h, cap, d), old.dtype(), old.device())?;
+                t.slice_set(&old.narrow(2, 0, buf.len)?.contiguous()?, 2, 0)?;
+                Ok(t)
+            };
+            buf.k = grow(&buf.k)?;
+            buf.v = grow(&buf.v)?;
+        }
+        buf.k.slice_set(&k.contiguous()?, 2, buf.len)?;
+        buf.v.slice_set(&v.contiguous()?, 2, buf.len)?;
+        buf.len += new;
+        Ok((buf.k.narrow(2, 0, buf.len)?, buf.v.narrow(2, 0, buf.len)?))
     }
+}
+
+/// One layer's keys and values: `(batch, kv_heads, capacity, d)` buffers of which the first
+/// `len` slots are filled. Written in place, so never shared between caches.
+#[derive(Debug)]
+struct LayerBuffer {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
 }

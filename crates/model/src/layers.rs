@@ -3,10 +3,15 @@
 //! [`Linear`] is an enum so that quantized and LoRA weights can join the dense one without
 //! another model copy (style guide §2).
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Module, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
 use crate::config::Activation;
+
+/// From this many input rows on (prefill), a float weight is widened for a GEMM rather than
+/// streamed through the matrix-vector kernels that suit decoding.
+const GEMM_ROWS: usize = 16;
 
 /// `y = x Wᵀ + b`. `x: (…, in) → (…, out)`.
 #[derive(Debug, Clone)]
@@ -54,8 +59,14 @@ impl Linear {
         match self {
             Linear::Dense(l) => l.forward(xs),
             Linear::Quantized { weight, bias } => {
-                let y = if xs.track_op() {
-                    // Training through a frozen 4-bit base: a differentiable product.
+                let rows = xs.elem_count() / xs.dim(D::Minus1)?.max(1);
+                let float = matches!(
+                    weight.dtype(),
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                );
+                let y = if xs.track_op() || (float && rows >= GEMM_ROWS) {
+                    // Training through a frozen 4-bit base: a differentiable product. Prefill
+                    // with a float weight: widened once, then a (compute-bound) f32 GEMM.
                     let w = weight.dequantize(xs.device())?.to_dtype(xs.dtype())?;
                     xs.broadcast_matmul(&w.t()?)?
                 } else {
@@ -98,6 +109,47 @@ impl Linear {
             Linear::Quantized { weight, .. } => weight.shape().dims2(),
             Linear::Lora(l) => l.base.dims(),
         }
+    }
+
+    /// The layer as inference runs it: the weight in a ggml container of its own dtype (f32,
+    /// f16 or bf16), so that decoding multiplies through candle's multithreaded
+    /// matrix-vector kernels, reading the weight once in its stored width; f32 bias.
+    pub fn packed(&self) -> Result<Linear> {
+        let Some((w, b)) = self.parameters() else {
+            return Ok(self.clone());
+        };
+        let t = match w.dtype() {
+            DType::F16 => GgmlDType::F16,
+            DType::BF16 => GgmlDType::BF16,
+            _ => GgmlDType::F32,
+        };
+        Ok(Linear::Quantized {
+            weight: std::sync::Arc::new(QTensor::quantize(&w.detach(), t)?),
+            bias: b.map(|b| b.to_dtype(DType::F32)).transpose()?,
+        })
+    }
+
+    /// Bytes of the weight (and bias) as stored.
+    pub fn stored_bytes(&self) -> usize {
+        let tensor = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        match self {
+            Linear::Dense(l) => tensor(l.weight()) + l.bias().map_or(0, tensor),
+            Linear::Quantized { weight, bias } => {
+                weight.storage_size_in_bytes() + bias.as_ref().map_or(0, tensor)
+            }
+            Linear::Lora(l) => l.base.stored_bytes() + tensor(&l.a) + tensor(&l.b),
+        }
+    }
+
+    /// A dense copy in f32.
+    pub fn to_f32(&self) -> Result<Linear> {
+        Ok(match self {
+            Linear::Dense(l) => Linear::Dense(candle_nn::Linear::new(
+                l.weight().to_dtype(DType::F32)?,
+                l.bias().map(|b| b.to_dtype(DType::F32)).transpose()?,
+            )),
+            other => other.clone(),
+        })
     }
 
     /// A copy whose weight and bias are trainable `Var`s.
@@ -162,6 +214,13 @@ impl RmsNorm {
         Ok(Self {
             weight: vb.get(size, "weight")?,
             eps,
+        })
+    }
+
+    pub fn to_f32(&self) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.to_dtype(DType::F32)?,
+            eps: self.eps,
         })
     }
 

@@ -64,7 +64,15 @@ impl Llava {
         self.projector.forward(&features.to_dtype(self.dtype())?)
     }
 
-    /// The language model's weight dtype.
+    /// Readies a loaded model for generation (see [`Decoder::pack_for_inference`]); the
+    /// projector computes in f32 with it.
+    pub fn pack_for_inference(&mut self) -> Result<()> {
+        self.decoder.pack_for_inference()?;
+        self.projector = self.projector.to_f32()?;
+        Ok(())
+    }
+
+    /// The language model's activation dtype.
     pub fn dtype(&self) -> candle_core::DType {
         self.decoder.dtype()
     }

@@ -76,6 +76,19 @@ impl Projector {
         ))
     }
 
+    /// A copy computing in f32 (it is small, and runs on hundreds of rows at once).
+    pub fn to_f32(&self) -> Result<Projector> {
+        Ok(Projector {
+            linears: self
+                .linears
+                .iter()
+                .map(Linear::to_f32)
+                .collect::<Result<_>>()?,
+            activation: self.activation,
+            is_linear: self.is_linear,
+        })
+    }
+
     /// `xs: (…, vision_dim) → (…, hidden)`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let mut xs = xs.clone();

@@ -6,9 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::Tensor;
-use kollava_eval::bench::{
-    decoder_bytes_per_token, median, memory_bandwidth, parameter_count, peak_rss_bytes,
-};
+use kollava_eval::bench::{median, memory_bandwidth, parameter_count, peak_rss_bytes};
 use kollava_generate::{GenerateOptions, SamplingParams};
 use kollava_inputs::image::{self, RgbImage};
 use kollava_inputs::prompt;
@@ -133,15 +131,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let prefill_tps = prompt_len as f64 / (prefill_ms / 1e3);
     // Read before the bandwidth probe, whose buffers would count.
     let rss = peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64);
-    let dtype_bytes = loaded.model.dtype().size_in_bytes() as f64;
-    let bytes_per_token = decoder_bytes_per_token(&loaded.model.config().decoder, dtype_bytes);
+    let bytes_per_token = loaded.model.decoder.bytes_per_token() as f64;
     let bandwidth = memory_bandwidth(threads, 3);
     let roofline_tps = bandwidth / bytes_per_token;
     let json = serde_json::json!({
         "model": loaded.ckpt.dir.display().to_string(),
         "family": loaded.ckpt.family.name(),
         "parameters": parameter_count(loaded.model.config()),
-        "weights_dtype": format!("{:?}", loaded.model.dtype()).to_lowercase(),
+        "weights_dtype": loaded.model.decoder.weight_format().to_lowercase(),
         "threads": threads,
         "repeat": args.repeat,
         "prompt_tokens": prompt_len,
@@ -167,11 +164,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "model        {} ({}, {:.2} B params, {:?} language model, {threads} threads)",
+        "model        {} ({}, {:.2} B params, {} language model, {threads} threads)",
         loaded.ckpt.dir.display(),
         loaded.ckpt.family.name(),
         parameter_count(loaded.model.config()) / 1e9,
-        loaded.model.dtype()
+        loaded.model.decoder.weight_format()
     )?;
     writeln!(
         out,
