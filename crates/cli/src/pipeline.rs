@@ -25,10 +25,10 @@ pub fn load(args: &ModelArgs) -> Result<Session> {
         vision_tower: args.vision_tower.clone(),
         conv_mode: args.conv_mode.clone(),
         aspect,
-        dtype: if args.dtype == "f16" {
-            DType::F16
-        } else {
-            DType::F32
+        dtype: match args.dtype.as_str() {
+            "f16" => DType::F16,
+            "bf16" => DType::BF16,
+            _ => DType::F32,
         },
         projector: args.projector.clone(),
         mmproj: args.mmproj.clone(),

@@ -148,7 +148,7 @@ impl Session {
         #[cfg(not(feature = "cuda"))]
         let device = Device::Cpu;
         let mut model = ckpt.load_model(opts.dtype, &device)?;
-        model.pack_for_inference()?;
+        model.pack_for_inference(opts.dtype == DType::BF16)?;
         Ok(Session {
             aspect: opts.aspect.unwrap_or(ckpt.aspect),
             ckpt,

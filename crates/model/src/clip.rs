@@ -115,6 +115,23 @@ impl ClipVision {
         })
     }
 
+    /// Replaces every linear map of the encoder layers by `f` of it.
+    pub fn map_linears(&mut self, f: impl Fn(&Linear) -> Result<Linear>) -> Result<()> {
+        for l in &mut self.layers {
+            for lin in [
+                &mut l.q_proj,
+                &mut l.k_proj,
+                &mut l.v_proj,
+                &mut l.out_proj,
+                &mut l.fc1,
+                &mut l.fc2,
+            ] {
+                *lin = f(lin)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The selected hidden state. `pixels: (b, 3, S, S) → (b, N, vision_hidden)`, with
     /// `N = (S/patch)²` (+1 with `ClsPatch`).
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {

@@ -198,11 +198,13 @@ impl Decoder {
     /// Readies the weights for generation: every matrix moves into a ggml container of its
     /// own dtype (decoding then reads it once, in that width, on all threads), the norms
     /// widen to f32, and activations run in f32. Training keeps the unpacked form.
-    pub fn pack_for_inference(&mut self) -> Result<()> {
+    /// With `bf16`, matrices are packed for our AVX512-BF16 kernels instead.
+    pub fn pack_for_inference(&mut self, bf16: bool) -> Result<()> {
+        let pack = |l: &Linear| if bf16 { l.packed_bf16() } else { l.packed() };
         for (_, l) in self.linears_mut() {
-            *l = l.packed()?;
+            *l = pack(l)?;
         }
-        self.lm_head = self.lm_head.packed()?;
+        self.lm_head = pack(&self.lm_head)?;
         for l in &mut self.layers {
             l.input_layernorm = l.input_layernorm.to_f32()?;
             l.post_attention_layernorm = l.post_attention_layernorm.to_f32()?;
@@ -217,6 +219,7 @@ impl Decoder {
         match self.layers.first().map(|l| &l.self_attn.q_proj) {
             Some(Linear::Quantized { weight, .. }) => format!("{:?}", weight.dtype()),
             Some(Linear::Dense(l)) => format!("{:?}", l.weight().dtype()).to_uppercase(),
+            Some(Linear::Bf16 { .. }) => "BF16 (AVX512-BF16 kernels)".into(),
             _ => "?".into(),
         }
     }

@@ -26,6 +26,11 @@ pub enum Linear {
     },
     /// A LoRA adapter over a frozen base: `base(x) + dropout(x) Aᵀ Bᵀ · alpha / r`.
     Lora(Box<Lora>),
+    /// A weight packed for our AVX512-BF16 kernels (`--dtype bf16`; inference only).
+    Bf16 {
+        weight: std::sync::Arc<crate::bf16::PackedBf16>,
+        bias: Option<Tensor>,
+    },
 }
 
 /// LoRA weights: `a: (r, in)`, `b: (out, r)`.
@@ -82,6 +87,16 @@ impl Linear {
                     None => Ok(y),
                 }
             }
+            Linear::Bf16 { weight, bias } => {
+                if xs.track_op() {
+                    candle_core::bail!("a layer packed for bf16 inference cannot be trained");
+                }
+                let y = weight.matmul(xs)?.to_dtype(xs.dtype())?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
             Linear::Lora(l) => {
                 let x = if l.dropout > 0.0 {
                     candle_nn::ops::dropout(xs, l.dropout)?
@@ -108,6 +123,7 @@ impl Linear {
             Linear::Dense(l) => l.weight().dims2(),
             Linear::Quantized { weight, .. } => weight.shape().dims2(),
             Linear::Lora(l) => l.base.dims(),
+            Linear::Bf16 { weight, .. } => Ok(weight.dims()),
         }
     }
 
@@ -129,6 +145,17 @@ impl Linear {
         })
     }
 
+    /// The layer packed for our AVX512-BF16 kernels (a dense one; others stay as they are).
+    pub fn packed_bf16(&self) -> Result<Linear> {
+        let Some((w, b)) = self.parameters() else {
+            return Ok(self.clone());
+        };
+        Ok(Linear::Bf16 {
+            weight: std::sync::Arc::new(crate::bf16::PackedBf16::pack(w)?),
+            bias: b.map(|b| b.to_dtype(DType::F32)).transpose()?,
+        })
+    }
+
     /// Bytes of the weight (and bias) as stored.
     pub fn stored_bytes(&self) -> usize {
         let tensor = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
@@ -138,6 +165,9 @@ impl Linear {
                 weight.storage_size_in_bytes() + bias.as_ref().map_or(0, tensor)
             }
             Linear::Lora(l) => l.base.stored_bytes() + tensor(&l.a) + tensor(&l.b),
+            Linear::Bf16 { weight, bias } => {
+                weight.stored_bytes() + bias.as_ref().map_or(0, tensor)
+            }
         }
     }
 
@@ -193,7 +223,9 @@ impl Linear {
         let base = match &l.base {
             Linear::Dense(d) => d.weight().to_dtype(DType::F32)?,
             Linear::Quantized { weight, .. } => weight.dequantize(l.a.device())?,
-            Linear::Lora(_) => candle_core::bail!("nested adapters"),
+            Linear::Lora(_) | Linear::Bf16 { .. } => {
+                candle_core::bail!("adapters over this layer cannot be merged")
+            }
         };
         let delta =
             l.b.to_dtype(DType::F32)?

@@ -7,6 +7,7 @@
 //! embeddings and returns every position's hidden state, so inference and training share
 //! one forward path.
 
+pub mod bf16;
 pub mod clip;
 pub mod config;
 pub mod decoder;

@@ -13,6 +13,7 @@ use candle_nn::VarBuilder;
 use crate::clip::ClipVision;
 use crate::config::ModelConfig;
 use crate::decoder::Decoder;
+use crate::layers::Linear;
 use crate::projector::Projector;
 
 /// Weights of a whole LLaVA model. Immutable: per-sequence state lives in a `KvCache`.
@@ -66,9 +67,20 @@ impl Llava {
 
     /// Readies a loaded model for generation (see [`Decoder::pack_for_inference`]); the
     /// projector computes in f32 with it.
-    pub fn pack_for_inference(&mut self) -> Result<()> {
-        self.decoder.pack_for_inference()?;
+    /// With `bf16` (and a CPU with AVX512-BF16) every matrix, the tower's included, runs
+    /// through our bf16 kernels.
+    pub fn pack_for_inference(&mut self, bf16: bool) -> Result<()> {
+        if !self.decoder.embed_tokens_device().is_cpu() {
+            // These layouts are for CPU kernels; a GPU multiplies dense weights.
+            return Ok(());
+        }
+        let bf16 = bf16 && crate::bf16::available();
+        self.decoder.pack_for_inference(bf16)?;
         self.projector = self.projector.to_f32()?;
+        if bf16 {
+            self.projector.map_linears(Linear::packed_bf16)?;
+            self.vision.map_linears(Linear::packed_bf16)?;
+        }
         Ok(())
     }
 

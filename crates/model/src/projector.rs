@@ -89,6 +89,14 @@ impl Projector {
         })
     }
 
+    /// Replaces every linear map by `f` of it.
+    pub fn map_linears(&mut self, f: impl Fn(&Linear) -> Result<Linear>) -> Result<()> {
+        for l in &mut self.linears {
+            *l = f(l)?;
+        }
+        Ok(())
+    }
+
     /// `xs: (…, vision_dim) → (…, hidden)`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let mut xs = xs.clone();

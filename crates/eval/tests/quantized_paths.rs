@@ -1,0 +1,48 @@
+//! The reduced-precision paths stay close to f32 on every fixture family: `--dtype bf16`
+//! (our AVX512-BF16 kernels where the CPU has them) and `--dtype f16`, compared with
+//! `kollava_eval::quant::compare` (greedy top-1 agreement, mean KL).
+
+use kollava_generate::{Session, SessionOptions};
+use kollava_inputs::template::{Conversation, Role};
+
+fn session(family: &str, dtype: candle_core::DType) -> Session {
+    let dir = kollava_testkit::checkpoint_dir(family);
+    Session::load(&SessionOptions {
+        model: dir.to_str().unwrap().to_string(),
+        vision_tower: None,
+        conv_mode: None,
+        aspect: None,
+        dtype,
+        projector: None,
+        mmproj: None,
+    })
+    .unwrap()
+}
+
+#[test]
+fn bf16_and_f16_sessions_agree_with_f32() {
+    let image =
+        kollava_inputs::image::open(&kollava_testkit::fixtures_dir().join("images/wide_rgb.png"))
+            .unwrap();
+    for family in ["llava-v1.5", "llava-hf", "llava-v0", "llava-mistral"] {
+        let f32s = session(family, candle_core::DType::F32);
+        let mut conv = Conversation::new(f32s.template.clone());
+        conv.push(
+            Role::User,
+            Some(f32s.user_text("이 그림을 자세히 설명해 주세요.", 1)),
+        );
+        conv.push(Role::Assistant, None);
+        for dtype in [candle_core::DType::BF16, candle_core::DType::F16] {
+            let other = session(family, dtype);
+            let r =
+                kollava_eval::quant::compare(&f32s, &other, &conv.prompt(), &[image.clone()], 24)
+                    .unwrap();
+            assert!(
+                r.top1_agreement >= 0.9 && r.mean_kl < 0.01,
+                "{family} {dtype:?}: agreement {} KL {}",
+                r.top1_agreement,
+                r.mean_kl
+            );
+        }
+    }
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# kollava against llama.cpp, side by side on this machine (see BENCHMARKS.md).
+#   scripts/bench-peers.sh [WORK]      (WORK default: target/peers; ~15 min the first time)
+# 1. builds llama.cpp (the llama-cpp-python 0.3.36 sdist from PyPI, as ../shared/peers does),
+# 2. writes the bench-1b model with `kollava init-random`, then the GGUF pairs with
+#    `kollava quantize` (F16) and llama.cpp's own `llama-quantize` (Q4_K_M from that F16),
+# 3. runs both runtimes on the same files, interleaved, 2 threads (scripts/bench_peers.py).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WORK="$(mkdir -p "${1:-$ROOT/target/peers}" && cd "${1:-$ROOT/target/peers}" && pwd)"
+KOLLAVA="$ROOT/target/release/kollava"
+(cd "$ROOT" && cargo build --release)
+cd "$WORK"
+if [ ! -x llama-build/bin/llama-mtmd-cli ]; then
+  [ -x tools/bin/cmake ] || { python3 -m venv tools && tools/bin/pip install -q cmake ninja; }
+  export PATH="$WORK/tools/bin:$PATH"
+  SDIST=llama_cpp_python-0.3.36.tar.gz
+  [ -f "$SDIST" ] || curl -sSfL -o "$SDIST" "$(curl -s https://pypi.org/simple/llama-cpp-python/ \
+      | grep -o 'https://[^"#]*llama_cpp_python-0.3.36.tar.gz' | head -1)"
+  [ -d llama_cpp_python-0.3.36 ] || tar -xzf "$SDIST"
+  cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B llama-build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON -DGGML_OPENMP=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF
+  ninja -C llama-build -j2 llama-mtmd-cli llama-bench llama-quantize
+fi
+[ -f bench-1b/model.safetensors ] || "$KOLLAVA" init-random --arch bench-1b --out bench-1b
+[ -d gguf-f16 ] || "$KOLLAVA" quantize --type f16 bench-1b gguf-f16
+if [ ! -d gguf-q4km ]; then
+  mkdir -p gguf-q4km.tmp && cp gguf-f16/mmproj-bench-1b-F16.gguf gguf-q4km.tmp/
+  llama-build/bin/llama-quantize gguf-f16/bench-1b-F16.gguf gguf-q4km.tmp/bench-1b-Q4_K_M.gguf Q4_K_M 2
+  mv gguf-q4km.tmp gguf-q4km
+fi
+python3 "$ROOT/scripts/bench_peers.py" --kollava "$KOLLAVA" --llama-bin llama-build/bin --work "$WORK" \
+  --image "${IMAGE:-$ROOT/examples/shapes.png}" --threads 2 --repeat "${REPEAT:-3}" --rounds "${ROUNDS:-2}" \
+  --out "$WORK/bench-peers.json"

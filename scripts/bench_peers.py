@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""kollava against llama.cpp on the same GGUF files, interleaved (A B A B), 2 threads.
+
+Run by scripts/bench-peers.sh after it has built llama.cpp and written the models; see
+BENCHMARKS.md. Standard library only. Prints a Markdown table and writes --out JSON.
+
+Per configuration and round: `kollava bench --json` (its own warm-up and --repeat runs,
+medians) and --repeat runs of `llama-mtmd-cli` (medians), on the same image and prompt.
+llama.cpp figures are parsed from its log: "mtmd batch encoding done in X ms" (vision),
+"image decoded (batch 1/1) in X ms" (prefill of the image rows), llama_perf's "eval time"
+(decode: 63 steps for 64 tokens, as kollava counts them).
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+PROMPT = "Describe the image in detail."
+
+
+def kollava(args, model, extra):
+    cmd = [args.kollava, "bench", "--model", model, "--image", args.image, "--threads",
+           str(args.threads), "--repeat", str(args.repeat), "--gen-tokens", "64", "--json", *extra]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    return {
+        "vision_ms": r["vision_ms"] + r["preprocess_ms"],
+        "prefill_ms": r["prefill_ms"],
+        "prefill_tok_s": r["prefill_tokens_per_s"],
+        "ttft_ms": r["time_to_first_token_ms"],
+        "decode_tok_s": r["decode_tokens_per_s"],
+        "peak_rss_mib": r["peak_rss_mib"],
+        "prompt_tokens": r["prompt_tokens"],
+    }
+
+
+def llama(args, model, mmproj):
+    runs = []
+    for _ in range(args.repeat):
+        cmd = ["/usr/bin/time", "-v", os.path.join(args.llama_bin, "llama-mtmd-cli"), "-m", model,
+               "--mmproj", mmproj, "--image", args.image, "-p", PROMPT, "--chat-template", "vicuna",
+               "-n", "64", "--ignore-eos", "--temp", "0", "-t", str(args.threads), "-c", "2048",
+               "--perf", "-lv", "4"]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        log = p.stdout + p.stderr
+        if p.returncode != 0:
+            sys.exit(f"failed: {' '.join(cmd)}\n{log[-2000:]}")
+
+        def num(pattern):
+            m = re.search(pattern, log)
+            if not m:
+                sys.exit(f"no match for {pattern!r} in llama.cpp's log")
+            return float(m.group(1))
+
+        enc = num(r"mtmd batch encoding done in ([\d.]+) ms")
+        pre = num(r"image decoded \(batch 1/1\) in ([\d.]+) ms")
+        eval_ms = num(r"eval time =\s+([\d.]+) ms /\s+\d+ runs")
+        steps = num(r"eval time =\s+[\d.]+ ms /\s+(\d+) runs")
+        prompt = num(r"prompt eval time =\s+[\d.]+ ms /\s+(\d+) tokens")
+        rss = num(r"Maximum resident set size \(kbytes\): (\d+)") / 1024
+        runs.append({"vision_ms": enc, "prefill_ms": pre, "prefill_tok_s": 576 / (pre / 1e3),
+                     "ttft_ms": enc + pre, "decode_tok_s": steps / (eval_ms / 1e3),
+                     "peak_rss_mib": rss, "prompt_tokens": prompt})
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kollava", default="target/release/kollava")
+    ap.add_argument("--llama-bin", required=True, help="llama.cpp build/bin")
+    ap.add_argument("--work", required=True, help="directory with the models bench-peers.sh wrote")
+    ap.add_argument("--image", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default="bench-peers.json")
+    args = ap.parse_args()
+    w = args.work
+    # (label, kollava model + flags, llama.cpp model + mmproj or None)
+    configs = [
+        ("F16", (os.path.join(w, "gguf-f16"), []),
+         (os.path.join(w, "gguf-f16/bench-1b-F16.gguf"), os.path.join(w, "gguf-f16/mmproj-bench-1b-F16.gguf"))),
+        ("Q4_K_M (llama-quantize)", (os.path.join(w, "gguf-q4km"), []),
+         (os.path.join(w, "gguf-q4km/bench-1b-Q4_K_M.gguf"), os.path.join(w, "gguf-q4km/mmproj-bench-1b-F16.gguf"))),
+        ("safetensors f16", (os.path.join(w, "bench-1b"), ["--dtype", "f16"]), None),
+    ]
+    results = {c[0]: {"kollava": [], "llama.cpp": []} for c in configs}
+    for rnd in range(args.rounds):
+        for label, ours, theirs in configs:
+            print(f"[round {rnd + 1}] kollava {label}", file=sys.stderr, flush=True)
+            results[label]["kollava"].append(kollava(args, *ours))
+            if theirs:
+                print(f"[round {rnd + 1}] llama.cpp {label}", file=sys.stderr, flush=True)
+                results[label]["llama.cpp"].append(llama(args, *theirs))
+    summary = {}
+    for label, r in results.items():
+        summary[label] = {who: {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+                          for who, runs in r.items() if runs}
+    with open(args.out, "w") as f:
+        json.dump({"raw": results, "median": summary, "threads": args.threads,
+                   "repeat": args.repeat, "rounds": args.rounds}, f, indent=1)
+    print("| weights | runtime | vision ms | prefill ms (tok/s) | first token ms | decode tok/s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for label, s in summary.items():
+        for who, m in s.items():
+            print(f"| {label} | {who} | {m['vision_ms']:.0f} | {m['prefill_ms']:.0f} ({m['prefill_tok_s']:.0f}) | "
+                  f"{m['ttft_ms']:.0f} | {m['decode_tok_s']:.2f} | {m['peak_rss_mib']:.0f} |")
+        if "llama.cpp" in s:
+            k, l = s["kollava"], s["llama.cpp"]
+            print(f"| {label} | **ratio kollava/llama.cpp** | {k['vision_ms'] / l['vision_ms']:.2f}x time | "
+                  f"{k['prefill_ms'] / l['prefill_ms']:.2f}x time | {k['ttft_ms'] / l['ttft_ms']:.2f}x time | "
+                  f"**{k['decode_tok_s'] / l['decode_tok_s']:.2f}x speed** | {k['peak_rss_mib'] / l['peak_rss_mib']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
