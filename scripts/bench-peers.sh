@@ -3,7 +3,7 @@
 #   scripts/bench-peers.sh [WORK]      (WORK default: target/peers; ~15 min the first time)
 # 1. builds llama.cpp (the llama-cpp-python 0.3.36 sdist from PyPI, as ../shared/peers does),
 # 2. writes the bench-1b model with `kollava init-random`, then the GGUF pairs with
-#    `kollava quantize` (F16) and llama.cpp's own `llama-quantize` (Q4_K_M from that F16),
+#    `kollava quantize` (F16, BF16) and llama.cpp's own `llama-quantize` (Q4_K_M from the F16),
 # 3. runs both runtimes on the same files, interleaved, 2 threads (scripts/bench_peers.py).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +25,7 @@ if [ ! -x llama-build/bin/llama-mtmd-cli ]; then
 fi
 [ -f bench-1b/model.safetensors ] || "$KOLLAVA" init-random --arch bench-1b --out bench-1b
 [ -d gguf-f16 ] || "$KOLLAVA" quantize --type f16 bench-1b gguf-f16
+[ -d gguf-bf16 ] || "$KOLLAVA" quantize --type bf16 bench-1b gguf-bf16
 if [ ! -d gguf-q4km ]; then
   mkdir -p gguf-q4km.tmp && cp gguf-f16/mmproj-bench-1b-F16.gguf gguf-q4km.tmp/
   llama-build/bin/llama-quantize gguf-f16/bench-1b-F16.gguf gguf-q4km.tmp/bench-1b-Q4_K_M.gguf Q4_K_M 2

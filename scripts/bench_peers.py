@@ -83,11 +83,12 @@ def main():
     w = args.work
     # (label, kollava model + flags, llama.cpp model + mmproj or None)
     configs = [
+        ("BF16", (os.path.join(w, "bench-1b"), ["--dtype", "bf16"]),
+         (os.path.join(w, "gguf-bf16/bench-1b-BF16.gguf"), os.path.join(w, "gguf-bf16/mmproj-bench-1b-F16.gguf"))),
         ("F16", (os.path.join(w, "gguf-f16"), []),
          (os.path.join(w, "gguf-f16/bench-1b-F16.gguf"), os.path.join(w, "gguf-f16/mmproj-bench-1b-F16.gguf"))),
-        ("Q4_K_M (llama-quantize)", (os.path.join(w, "gguf-q4km"), []),
+        ("Q4_K_M", (os.path.join(w, "gguf-q4km"), []),
          (os.path.join(w, "gguf-q4km/bench-1b-Q4_K_M.gguf"), os.path.join(w, "gguf-q4km/mmproj-bench-1b-F16.gguf"))),
-        ("safetensors f16", (os.path.join(w, "bench-1b"), ["--dtype", "f16"]), None),
     ]
     results = {c[0]: {"kollava": [], "llama.cpp": []} for c in configs}
     for rnd in range(args.rounds):

@@ -175,6 +175,72 @@ kollava eval review ... --judge-url http://127.0.0.1:8000/v1 --judge-model kolla
 Example / 예시:\n  kollava eval synth --data data/synth-heldout"
     )]
     Synth(EvalSynthArgs),
+    /// ScienceQA: convert problems to LLaVA's format, or score an answer file — ScienceQA 변환과 채점
+    #[command(subcommand)]
+    ScienceQa(ScienceQaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScienceQaCommand {
+    /// problems.json + pid_splits.json → LLaVA training/eval records, like convert_sqa_to_llava.py — 변환
+    #[command(
+        after_help = "Writes BASE/llava_<split>_<format>.json (or --jsonl: BASE/scienceqa_<split>_<format>.jsonl\n\
+with {id, image?, instruction, output}) unless --output is given.\n\
+Formats: CQM, QCM, QCML, QCME, QCMLE, QCLM, QCEM, QCLEM - A, AL, AE, ALE, AEL, LA, EA, LEA, ELA, LEPA.\n\n\
+Example / 예시:\n  kollava eval science-qa convert --base-dir ScienceQA/data/scienceqa --split train --prompt-format QCM-LEPA"
+    )]
+    Convert(SqaConvertArgs),
+    /// Score model_vqa_science answers like eval_science_qa.py, with the paper's buckets — 채점
+    #[command(
+        after_help = "Reads answers as JSON Lines {question_id, prompt, text}. A missing answer or one without a\n\
+readable letter is wrong (deterministic); --random-fallback SEED guesses among the choices instead,\n\
+as the original script did. Prints the reference's Total/Accuracy/IMG-Accuracy line, then accuracy\n\
+by subject (NAT, SOC, LAN), context (TXT, IMG, NO) and grade (G1-6, G7-12).\n\n\
+Example / 예시:\n  kollava eval science-qa score --base-dir ScienceQA/data/scienceqa --result-file answers.jsonl \\\n    \
+--output-file sqa_analysis.json --output-result sqa_result.json"
+    )]
+    Score(SqaScoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SqaConvertArgs {
+    /// Directory with problems.json and pid_splits.json — ScienceQA 데이터 디렉터리
+    #[arg(long, value_name = "DIR")]
+    pub base_dir: PathBuf,
+    /// Split name in pid_splits.json — 분할 이름
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// INPUT-OUTPUT format — 프롬프트 형식
+    #[arg(long, default_value = "QCM-LEPA")]
+    pub prompt_format: String,
+    /// Write convert_to_jsonl's records instead — JSONL로 쓰기
+    #[arg(long)]
+    pub jsonl: bool,
+    /// Output file (default: in BASE, named as the reference names it) — 출력 파일
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SqaScoreArgs {
+    /// Directory with problems.json and pid_splits.json — ScienceQA 데이터 디렉터리
+    #[arg(long, value_name = "DIR")]
+    pub base_dir: PathBuf,
+    /// Answers (JSON Lines with question_id, prompt, text) — 답변 파일
+    #[arg(long, value_name = "FILE")]
+    pub result_file: PathBuf,
+    /// Split name in pid_splits.json — 분할 이름
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Write {correct: [...], incorrect: [...]} here — 분석 파일
+    #[arg(long, value_name = "FILE")]
+    pub output_file: Option<PathBuf>,
+    /// Write {acc, correct, count, results, outputs} here — 결과 파일
+    #[arg(long, value_name = "FILE")]
+    pub output_result: Option<PathBuf>,
+    /// Guess (seeded) among the choices when no letter can be read — 읽지 못한 답은 무작위 추측
+    #[arg(long, value_name = "SEED")]
+    pub random_fallback: Option<u64>,
 }
 
 #[derive(Debug, Args)]

@@ -49,6 +49,9 @@ fn run() -> anyhow::Result<ExitCode> {
         args::Command::Eval(args::EvalCommand::Review(a)) => {
             commands::eval::review(a).map(|_| ExitCode::SUCCESS)
         }
+        args::Command::Eval(args::EvalCommand::ScienceQa(c)) => {
+            commands::eval::science_qa(c).map(|_| ExitCode::SUCCESS)
+        }
         args::Command::Eval(args::EvalCommand::Synth(a)) => {
             commands::eval::synth(a).map(|_| ExitCode::SUCCESS)
         }

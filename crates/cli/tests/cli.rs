@@ -2252,3 +2252,181 @@ fn quantize_and_gguf_models_refuse_bad_input_in_one_line() {
     ]);
     assert_one_line_error(&o, &["image encoder"]);
 }
+
+// ---------------------------------------------------------------------------------------
+// eval science-qa
+
+fn sqa_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let problems = serde_json::json!({
+        "1": {"question": "Which is a mammal?", "choices": ["frog", "whale"], "answer": 1,
+              "hint": "", "image": null, "lecture": "Mammals have fur.", "solution": "A whale is a mammal.",
+              "subject": "natural science", "grade": "grade3"},
+        "2": {"question": "Which word is a noun?", "choices": ["run", "dog", "fast"], "answer": 1,
+              "hint": "Read the words.", "image": null, "lecture": "", "solution": "",
+              "subject": "language science", "grade": "grade8"},
+        "3": {"question": "Which country is highlighted?", "choices": ["Korea", "Japan"], "answer": 0,
+              "hint": "", "image": "image.png", "lecture": "", "solution": "Look at the map.",
+              "subject": "social science", "grade": "grade5"},
+        "4": {"question": "What is the force?", "choices": ["push", "pull", "both"], "answer": 2,
+              "hint": "A box moves.", "image": "image.png", "lecture": "Forces.", "solution": "",
+              "subject": "natural science", "grade": "grade11"}
+    });
+    std::fs::write(dir.path().join("problems.json"), problems.to_string()).unwrap();
+    let splits = serde_json::json!({"train": ["1", "2"], "test": ["1", "2", "3", "4"]});
+    std::fs::write(dir.path().join("pid_splits.json"), splits.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn science_qa_convert_writes_the_reference_records() {
+    let dir = sqa_dir();
+    let o = kollava(&[
+        &"eval",
+        &"science-qa",
+        &"convert",
+        &"--base-dir",
+        &dir.path(),
+        &"--split",
+        &"test",
+    ]);
+    assert_success(&o);
+    let text = std::fs::read_to_string(dir.path().join("llava_test_QCM-LEPA.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 4);
+    assert_eq!(
+        v[0],
+        serde_json::json!({"id": "1", "conversations": [
+            {"from": "human", "value": "Which is a mammal?\nContext: N/A\nOptions: (A) frog (B) whale"},
+            {"from": "gpt", "value": "LECTURE: Mammals have fur.\nSOLUTION: A whale is a mammal.\n###\nANSWER: B."}]})
+    );
+    assert_eq!(
+        v[2],
+        serde_json::json!({"id": "3", "image": "3/image.png", "conversations": [
+            {"from": "human", "value": "Which country is highlighted?\nContext: N/A\nOptions: (A) Korea (B) Japan\n<image>"},
+            {"from": "gpt", "value": "SOLUTION: Look at the map.\n###\nANSWER: A."}]})
+    );
+    // The reference's json.dump(indent=2) layout.
+    assert!(text.starts_with("[\n  {\n    \"id\": \"1\","), "{text}");
+    let out = dir.path().join("train.jsonl");
+    let o = kollava(&[
+        &"eval",
+        &"science-qa",
+        &"convert",
+        &"--base-dir",
+        &dir.path(),
+        &"--prompt-format",
+        &"CQM-A",
+        &"--jsonl",
+        &"-o",
+        &out,
+    ]);
+    assert_success(&o);
+    let lines: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines[1],
+        serde_json::json!({"id": "2", "instruction": "Context: Read the words.\nQuestion: Which word is a noun?\nOptions: (A) run (B) dog (C) fast", "output": "The answer is B."})
+    );
+    let o = kollava(&[
+        &"eval",
+        &"science-qa",
+        &"convert",
+        &"--base-dir",
+        &dir.path(),
+        &"--split",
+        &"val",
+    ]);
+    assert_one_line_error(&o, &["val", "test, train"]);
+}
+
+#[test]
+fn science_qa_score_matches_hand_counted_accuracies() {
+    let dir = sqa_dir();
+    let answers = dir.path().join("answers.jsonl");
+    // 1: right (bare letter); 2: wrong ("The answer is A."); 3: missing; 4: right ("C. both").
+    std::fs::write(
+        &answers,
+        "{\"question_id\": \"1\", \"prompt\": \"Which is a mammal?\", \"text\": \"B\"}\n\
+         {\"question_id\": \"2\", \"prompt\": \"Which word\", \"text\": \"LECTURE: …\\n###\\nANSWER: A.\\n The answer is A.\"}\n\
+         {\"question_id\": \"4\", \"prompt\": \"force\\n<image>\", \"text\": \"C. both\"}\n",
+    )
+    .unwrap();
+    let result = dir.path().join("result.json");
+    let o = kollava(&[
+        &"eval",
+        &"science-qa",
+        &"score",
+        &"--base-dir",
+        &dir.path(),
+        &"--result-file",
+        &answers,
+        &"--output-result",
+        &result,
+    ]);
+    assert_success(&o);
+    let out = stdout(&o);
+    assert_eq!(
+        out.lines().last().unwrap(),
+        "Total: 4, Correct: 2, Accuracy: 50.00%, IMG-Accuracy: 100.00%"
+    );
+    // NAT: 1 and 4 right; LAN: 2 wrong; SOC: 3 wrong; TXT: 2 wrong, 4 right; IMG: 3 wrong, 4 right;
+    // NO: 1 right; G1-6: 1 right, 3 wrong; G7-12: 2 wrong, 4 right.
+    for line in [
+        "NAT    100.00%  (2/2)",
+        "SOC      0.00%  (0/1)",
+        "LAN      0.00%  (0/1)",
+        "TXT     50.00%  (1/2)",
+        "IMG     50.00%  (1/2)",
+        "NO     100.00%  (1/1)",
+        "G1-6    50.00%  (1/2)",
+        "G7-12   50.00%  (1/2)",
+    ] {
+        assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
+    }
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+    assert_eq!(r["correct"], 2);
+    assert_eq!(r["results"]["3"], -1);
+    assert_eq!(r["outputs"]["3"], "FAILED");
+    // A seeded guess for the failed ones: deterministic, and always a valid choice.
+    let run = || {
+        let o = kollava(&[
+            &"eval",
+            &"science-qa",
+            &"score",
+            &"--base-dir",
+            &dir.path(),
+            &"--result-file",
+            &answers,
+            &"--random-fallback",
+            &"7",
+            &"--output-result",
+            &result,
+        ]);
+        assert_success(&o);
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+        r["results"]["3"].as_i64().unwrap()
+    };
+    let guess = run();
+    assert!((0..2).contains(&guess));
+    assert_eq!(guess, run());
+    // A malformed line is reported with its number.
+    std::fs::write(
+        &answers,
+        "{\"question_id\": \"1\", \"text\": \"B\"}\n{oops\n",
+    )
+    .unwrap();
+    let o = kollava(&[
+        &"eval",
+        &"science-qa",
+        &"score",
+        &"--base-dir",
+        &dir.path(),
+        &"--result-file",
+        &answers,
+    ]);
+    assert_one_line_error(&o, &["line 2"]);
+}

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod judge;
 pub mod quant;
 pub mod review;
+pub mod science_qa;
 pub mod synth;
 pub mod verify;
 pub mod vqa;

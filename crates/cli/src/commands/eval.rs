@@ -153,3 +153,79 @@ pub fn summarize(args: &SummarizeArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// `kollava eval science-qa convert|score`.
+pub fn science_qa(cmd: &crate::args::ScienceQaCommand) -> Result<()> {
+    use kollava_eval::science_qa::{self, Dataset};
+    match cmd {
+        crate::args::ScienceQaCommand::Convert(a) => {
+            let ds = Dataset::open(&a.base_dir)?;
+            let records = science_qa::convert(&ds, &a.split, &a.prompt_format, a.jsonl)?;
+            let out = a.output.clone().unwrap_or_else(|| {
+                a.base_dir.join(if a.jsonl {
+                    format!("scienceqa_{}_{}.jsonl", a.split, a.prompt_format)
+                } else {
+                    format!("llava_{}_{}.json", a.split, a.prompt_format)
+                })
+            });
+            let text = if a.jsonl {
+                records.iter().map(|r| format!("{r}\n")).collect::<String>()
+            } else {
+                serde_json::to_string_pretty(&records)?
+            };
+            super::write_atomic(&out, text.as_bytes())?;
+            eprintln!("Number of samples: {}", records.len());
+            eprintln!("wrote {}", out.display());
+        }
+        crate::args::ScienceQaCommand::Score(a) => {
+            let ds = Dataset::open(&a.base_dir)?;
+            let text = std::fs::read_to_string(&a.result_file)
+                .with_context(|| format!("cannot read {}", a.result_file.display()))?;
+            let mut answers = std::collections::HashMap::new();
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let v: serde_json::Value = serde_json::from_str(line).with_context(|| {
+                    format!("{} line {}: not valid JSON", a.result_file.display(), i + 1)
+                })?;
+                let id = match &v["question_id"] {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Number(n) => n.to_string(),
+                    _ => {
+                        anyhow::bail!("{} line {}: no question_id", a.result_file.display(), i + 1)
+                    }
+                };
+                let field = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+                answers.insert(id, (field("text"), field("prompt")));
+            }
+            let s = science_qa::score(&ds, &a.split, &answers, a.random_fallback)?;
+            let pct = |c: usize, n: usize| {
+                if n == 0 {
+                    0.0
+                } else {
+                    100.0 * c as f64 / n as f64
+                }
+            };
+            for (name, c, n) in &s.buckets {
+                if *n > 0 {
+                    println!("{name:<6} {:>6.2}%  ({c}/{n})", pct(*c, *n));
+                }
+            }
+            if let Some(f) = &a.output_file {
+                super::write_atomic(f, serde_json::to_string_pretty(&s.analysis)?.as_bytes())?;
+            }
+            if let Some(f) = &a.output_result {
+                super::write_atomic(f, serde_json::to_string_pretty(&s.result)?.as_bytes())?;
+            }
+            println!(
+                "Total: {}, Correct: {}, Accuracy: {:.2}%, IMG-Accuracy: {:.2}%",
+                s.total,
+                s.correct,
+                pct(s.correct, s.total),
+                pct(s.multimodal.0, s.multimodal.1)
+            );
+        }
+    }
+    Ok(())
+}

@@ -11,3 +11,12 @@ pub mod serve;
 pub mod tokenizer;
 pub mod train;
 pub mod verify;
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so an interrupted run
+/// never leaves a half-written file.
+pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}

@@ -21,18 +21,12 @@ use kollava_train::lora;
 use kollava_train::optim::AdamW;
 use kollava_train::trainer::{train, TrainInputs, TrainOptions};
 
+use super::write_atomic;
 use crate::args::TrainArgs;
 
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const PROJECTOR_FILE: &str = "mm_projector.safetensors";
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-}
 
 fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let tmp = path.with_extension("tmp");
