@@ -150,6 +150,18 @@ impl PackedBf16 {
         let c_addr = c.as_mut_ptr() as usize;
         let work = |first: usize| {
             let last = (first + per).min(self.panels);
+            if R == 1 && tiles == 1 {
+                // Decoding: each panel streams once, start to end, with independent sums.
+                for p in first..last {
+                    let w = &self.data[p * self.pairs * NR..(p + 1) * self.pairs * NR];
+                    // SAFETY: as below; `w` holds the panel's `pairs` pairs.
+                    unsafe {
+                        let cp = (c_addr as *mut f32).add(p * NR);
+                        gemv_panel(xp.as_ptr(), w.as_ptr(), self.pairs, cp);
+                    }
+                }
+                return;
+            }
             for q0 in (0..self.pairs).step_by(KC) {
                 let kc = KC.min(self.pairs - q0);
                 for p in first..last {
@@ -213,6 +225,46 @@ unsafe fn tile<const R: usize>(
         _mm512_storeu_ps(c.add(j * ldc), a[0]);
         _mm512_storeu_ps(c.add(j * ldc + 16), a[1]);
     }
+}
+
+/// One panel times one row of activations (`pairs` pairs) into 32 outputs: four pairs per
+/// step into four independent sums per half, so loads and products overlap.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn gemv_panel(x: *const u32, w: *const u32, pairs: usize, c: *mut f32) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+    let load = |q: usize, half: usize| -> __m512bh {
+        std::mem::transmute(_mm512_loadu_epi32(w.add(q * NR + 16 * half) as *const i32))
+    };
+    let bcast = |q: usize| -> __m512bh { std::mem::transmute(_mm512_set1_epi32(*x.add(q) as i32)) };
+    let mut q = 0;
+    while q + 4 <= pairs {
+        for (u, a) in acc.iter_mut().enumerate() {
+            let b = bcast(q + u);
+            a[0] = _mm512_dpbf16_ps(a[0], load(q + u, 0), b);
+            a[1] = _mm512_dpbf16_ps(a[1], load(q + u, 1), b);
+        }
+        q += 4;
+    }
+    while q < pairs {
+        let b = bcast(q);
+        acc[0][0] = _mm512_dpbf16_ps(acc[0][0], load(q, 0), b);
+        acc[0][1] = _mm512_dpbf16_ps(acc[0][1], load(q, 1), b);
+        q += 1;
+    }
+    for half in 0..2 {
+        let s = _mm512_add_ps(
+            _mm512_add_ps(acc[0][half], acc[1][half]),
+            _mm512_add_ps(acc[2][half], acc[3][half]),
+        );
+        _mm512_storeu_ps(c.add(16 * half), s);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn gemv_panel(_: *const u32, _: *const u32, _: usize, _: *mut f32) {
+    unreachable!("the bf16 kernels are only chosen where available() holds")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
