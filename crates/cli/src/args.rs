@@ -144,7 +144,8 @@ kollava bench --model tests/fixtures/llava-v1.5 --gen-tokens 16 --json")]
 pub enum EvalCommand {
     /// Answer a question file like LLaVA's model_vqa (resumable) — model_vqa 형식 질의응답
     #[command(
-        after_help = "Questions: JSON Lines of {\"question_id\", \"image\", \"text\", \"category\"}\n\
+        after_help = "Questions: JSON Lines of {\"question_id\", \"image\", \"text\", \"category\"}, or a JSON array of\n\
+LLaVA-format records (e.g. `kollava eval science-qa convert` output), run as model_vqa_science.\n\
 Answers: JSON Lines of {\"question_id\", \"prompt\", \"text\", \"answer_id\", \"model_id\", \"metadata\"},\n\
 appended one by one; run the same command again to resume after an interruption.\n\n\
 Examples / 예시:\n  \
@@ -406,6 +407,14 @@ pub struct VqaArgs {
     /// Answers (JSON Lines, appended) — 답변 파일
     #[arg(long, value_name = "FILE")]
     pub answers_file: PathBuf,
+    /// ScienceQA records: ask for the option's letter only (model_vqa_science's
+    /// --single-pred-prompt) — 보기 문자만 답하게 하기
+    #[arg(long)]
+    pub single_pred_prompt: bool,
+    /// ScienceQA records: a second pass after " ###\nANSWER:" appended as "The answer is …"
+    /// (model_vqa_science's --answer-prompter) — 두 번째 ANSWER 단계
+    #[arg(long)]
+    pub answer_prompter: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }

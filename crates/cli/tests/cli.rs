@@ -2430,3 +2430,85 @@ fn science_qa_score_matches_hand_counted_accuracies() {
     ]);
     assert_one_line_error(&o, &["line 2"]);
 }
+
+/// convert → eval vqa (model_vqa_science, both switches) → score, end to end.
+#[test]
+fn science_qa_records_run_through_eval_vqa_and_score() {
+    let dir = sqa_dir();
+    for id in ["3", "4"] {
+        std::fs::create_dir_all(dir.path().join(id)).unwrap();
+        std::fs::copy(image("wide_rgb.png"), dir.path().join(id).join("image.png")).unwrap();
+    }
+    let records = dir.path().join("test.json");
+    assert_success(&kollava(&[
+        &"eval",
+        &"science-qa",
+        &"convert",
+        &"--base-dir",
+        &dir.path(),
+        &"--split",
+        &"test",
+        &"-o",
+        &records,
+    ]));
+    let answers = dir.path().join("answers.jsonl");
+    let o = kollava(&[
+        &"eval",
+        &"vqa",
+        &"--model",
+        &checkpoint("llava-v1.5"),
+        &"--question-file",
+        &records,
+        &"--image-folder",
+        &dir.path(),
+        &"--answers-file",
+        &answers,
+        &"--single-pred-prompt",
+        &"--answer-prompter",
+        &"--temperature",
+        &"0",
+        &"--max-new-tokens",
+        &"3",
+    ]);
+    assert_success(&o);
+    let lines: Vec<Value> = std::fs::read_to_string(&answers)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[0]["question_id"], "1");
+    assert_eq!(
+        lines[0]["prompt"],
+        "Which is a mammal?\nContext: N/A\nOptions: (A) frog (B) whale\nAnswer with the option's letter from the given choices directly."
+    );
+    assert_eq!(
+        lines[2]["prompt"],
+        "Which country is highlighted?\nContext: N/A\nOptions: (A) Korea (B) Japan\n<image>\nAnswer with the option's letter from the given choices directly."
+    );
+    for l in &lines {
+        assert!(
+            l["text"].as_str().unwrap().contains("\n The answer is "),
+            "{l}"
+        );
+    }
+    let o = kollava(&[
+        &"eval",
+        &"science-qa",
+        &"score",
+        &"--base-dir",
+        &dir.path(),
+        &"--result-file",
+        &answers,
+    ]);
+    assert_success(&o);
+    assert!(
+        stdout(&o)
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("Total: 4, Correct: "),
+        "{}",
+        stdout(&o)
+    );
+}

@@ -1,5 +1,9 @@
 //! `kollava eval vqa`: LLaVA's `model_vqa` (llava-spec §8). Questions are JSON Lines of
-//! `{"question_id", "image", "text", "category"}`; answers are JSON Lines of
+//! `{"question_id", "image", "text", "category"}`, or a JSON array of LLaVA-format records
+//! (`eval science-qa convert` output), which runs as `model_vqa_science`: the question is
+//! the first human turn without `<image>`, the image goes after it, and
+//! [`ScienceOptions`] add the letter-only instruction or the second "ANSWER:" pass.
+//! Answers are JSON Lines of
 //! `{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}`, appended and
 //! flushed one by one, so an interrupted run resumes where it stopped and never loses
 //! what it wrote.
@@ -40,6 +44,54 @@ pub struct Question {
     pub question_id: Value,
     pub image: Option<String>,
     pub text: String,
+    /// From a LLaVA-format record (`model_vqa_science`): the image follows the question.
+    pub science: bool,
+}
+
+/// `model_vqa_science`'s switches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ScienceOptions {
+    /// `--single-pred-prompt`: ask for the option's letter only.
+    pub single_pred_prompt: bool,
+    /// `--answer-prompter`: a second pass after `" ###\nANSWER:"` (64 tokens), answered as
+    /// `reasoning + "\n The answer is " + answer`.
+    pub answer_prompter: bool,
+}
+
+const SINGLE_PRED: &str = "Answer with the option's letter from the given choices directly.";
+
+/// LLaVA-format records (a JSON array) as questions.
+fn science_questions(file: &str, text: &str) -> Result<Vec<Question>, VqaError> {
+    let records: Vec<Value> = serde_json::from_str(text).map_err(|e| VqaError::Line {
+        file: file.to_string(),
+        line: e.line(),
+        reason: format!("invalid JSON: {e}"),
+    })?;
+    records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let bad = |reason: &str| VqaError::Line {
+                file: file.to_string(),
+                line: 0,
+                reason: format!("record {i}: {reason}"),
+            };
+            let question_id = r
+                .get("id")
+                .cloned()
+                .filter(|v| !v.is_null())
+                .ok_or_else(|| bad("no id"))?;
+            let first = r["conversations"][0]["value"]
+                .as_str()
+                .ok_or_else(|| bad("no conversations[0].value"))?;
+            Ok(Question {
+                question_id,
+                image: r["image"].as_str().map(str::to_string),
+                text: first.replace("<image>", "").trim().to_string(),
+                science: true,
+            })
+        })
+        .collect()
 }
 
 impl Question {
@@ -55,6 +107,9 @@ pub fn read_questions(path: &Path) -> Result<Vec<Question>, VqaError> {
         file: file.clone(),
         reason: e.to_string(),
     })?;
+    if text.trim_start().starts_with('[') {
+        return science_questions(&file, &text);
+    }
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -80,6 +135,7 @@ pub fn read_questions(path: &Path) -> Result<Vec<Question>, VqaError> {
             question_id,
             image,
             text,
+            science: false,
         });
     }
     Ok(out)
@@ -135,6 +191,7 @@ pub fn run(
     questions: &[Question],
     image_folder: &Path,
     opts: &AnswerOptions,
+    science: ScienceOptions,
     answers_path: &Path,
     on_done: &mut dyn FnMut(usize, usize),
 ) -> Result<usize, VqaError> {
@@ -188,19 +245,48 @@ pub fn run(
             }
             None => Vec::new(),
         };
+        let (user, shown) = if q.science {
+            // model_vqa_science: the image after the question, recorded as such.
+            let mut user = q.text.clone();
+            let mut shown = q.text.clone();
+            if !images.is_empty() {
+                user.push_str("\n<image>");
+                shown.push_str("\n<image>");
+            }
+            if science.single_pred_prompt {
+                user = format!("{user}\n{SINGLE_PRED}");
+                shown = format!("{shown}\n{SINGLE_PRED}");
+            }
+            (user, shown)
+        } else {
+            (session.user_text(&q.text, images.len()), q.text.clone())
+        };
         let mut conv = Conversation::new(session.template.clone());
-        conv.push(Role::User, Some(session.user_text(&q.text, images.len())));
+        conv.push(Role::User, Some(user));
         conv.push(Role::Assistant, None);
+        let err = |source| VqaError::Answer {
+            id: id.clone(),
+            source,
+        };
         let answer = session
             .answer(&conv, &images, opts, &mut |_| true)
-            .map_err(|source| VqaError::Answer {
-                id: id.clone(),
-                source,
-            })?;
+            .map_err(err)?;
+        let mut text = answer.generation.text;
+        if q.science && science.answer_prompter {
+            let prompt = format!("{}{text} ###\nANSWER:", conv.prompt());
+            let second = AnswerOptions {
+                max_new_tokens: 64,
+                ..opts.clone()
+            };
+            let a = session
+                .answer_prompt(&prompt, &images, &second, &mut |_| true)
+                .map_err(err)?;
+            text = format!("{text}\n The answer is {}", a.generation.text);
+        }
         let line = json!({
             "question_id": q.question_id,
-            "prompt": q.text,
-            "text": answer.generation.text,
+            "prompt": shown,
+            "text": text,
             "answer_id": answer_id(),
             "model_id": session.ckpt.name,
             "metadata": {},

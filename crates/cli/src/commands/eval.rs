@@ -103,6 +103,10 @@ pub fn vqa(args: &VqaArgs) -> Result<()> {
         &questions,
         &args.image_folder,
         &opts,
+        kollava_eval::vqa::ScienceOptions {
+            single_pred_prompt: args.single_pred_prompt,
+            answer_prompter: args.answer_prompter,
+        },
         &args.answers_file,
         &mut |done, total| {
             bar.set_length(total as u64);
