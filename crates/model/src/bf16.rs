@@ -253,12 +253,13 @@ unsafe fn gemv_panel(x: *const u32, w: *const u32, pairs: usize, c: *mut f32) {
         acc[0][1] = _mm512_dpbf16_ps(acc[0][1], load(q, 1), b);
         q += 1;
     }
-    for half in 0..2 {
+    let [a, b, c2, d] = acc;
+    for (half, out) in [(0, c), (1, c.add(16))] {
         let s = _mm512_add_ps(
-            _mm512_add_ps(acc[0][half], acc[1][half]),
-            _mm512_add_ps(acc[2][half], acc[3][half]),
+            _mm512_add_ps(a[half], b[half]),
+            _mm512_add_ps(c2[half], d[half]),
         );
-        _mm512_storeu_ps(c.add(16 * half), s);
+        _mm512_storeu_ps(out, s);
     }
 }
 
