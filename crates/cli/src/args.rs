@@ -379,6 +379,7 @@ pub struct DataCheckArgs {
     /// Folder the records' images are in — 이미지 폴더
     #[arg(long, value_name = "DIR")]
     pub image_folder: PathBuf,
+    /// Prefix added to every image file name (KoLLaVA's `COCO_train2014_`) — 파일 이름 접두사
     #[arg(long, default_value = "")]
     pub image_prefix: String,
     /// Checkpoint whose tokenizer measures lengths (optional) — 길이 측정용 체크포인트
@@ -387,11 +388,15 @@ pub struct DataCheckArgs {
     /// Conversation format for the lengths — 대화 형식
     #[arg(long, default_value = "plain")]
     pub version: String,
+    /// Samples longer than this (in tokens) are reported — 최대 토큰 길이
     #[arg(long, default_value_t = 2048)]
     pub model_max_length: usize,
     /// How many problems to list — 출력할 문제 수
     #[arg(long, default_value_t = 20)]
     pub show: usize,
+    /// Also draw the token-length histogram to this PNG (needs --model) — 길이 분포 PNG
+    #[arg(long, value_name = "FILE")]
+    pub histogram: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

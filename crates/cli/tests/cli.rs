@@ -991,9 +991,13 @@ fn data_check_reports_each_planted_problem_by_id() {
         &checkpoint("llava-v1.5"),
         &"--model-max-length",
         &"40",
+        &"--histogram",
+        &tmp.path().join("lengths.png"),
     ]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let out = stdout(&o);
+    let png = image::open(tmp.path().join("lengths.png")).expect("the histogram is a PNG");
+    assert!(png.width() > 100 && png.height() > 100);
     for needle in [
         "dup: duplicate id",
         "missing: cannot read image",

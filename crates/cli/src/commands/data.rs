@@ -83,6 +83,23 @@ pub fn check(args: &DataCheckArgs) -> Result<ExitCode> {
                 "#".repeat(n * 40 / peak)
             )?;
         }
+        if let Some(png) = &args.histogram {
+            let bars = histogram(&report.lengths, 10)
+                .into_iter()
+                .map(|(lo, hi, n)| (format!("{lo}-{hi}"), n as f64))
+                .collect();
+            let title = format!(
+                "token lengths: {} samples, {} over {}",
+                report.lengths.len(),
+                report.too_long,
+                args.model_max_length
+            );
+            kollava_train::plot::bar_chart(&[(title, bars)], 0.0, png)
+                .map_err(|e| anyhow::anyhow!("cannot draw the histogram: {e}"))?;
+            writeln!(out, "histogram written to {}", png.display())?;
+        }
+    } else if args.histogram.is_some() {
+        anyhow::bail!("--histogram needs --model (its tokenizer measures the lengths)");
     }
     for p in report.problems.iter().take(args.show) {
         writeln!(out, "  {}: {}", p.id, p.what)?;
