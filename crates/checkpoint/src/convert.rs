@@ -30,7 +30,10 @@ pub(crate) type Transform =
 
 struct Lazy {
     transform: Option<Transform>,
+    /// The stored name (read from the source).
     name: String,
+    /// The name written (the stored one unless the layout changes).
+    out_name: String,
     shape: Vec<usize>,
     /// Output dtype.
     dtype: DType,
@@ -150,23 +153,12 @@ pub fn convert(
     })
 }
 
-/// [`convert`] into an existing directory `tmp`, with `replace` (stored name → tensor)
-/// taking the place of the stored tensors of those names.
-pub(crate) fn write_converted(
+/// Every tensor of the weights in `input`, by source shard, read lazily.
+fn index(
     input: &Path,
-    tmp: &Path,
     dtype: Option<DType>,
-    replace: &HashMap<String, Tensor>,
     transform: Option<&Transform>,
-    on_progress: &mut dyn FnMut(usize, usize),
-) -> Result<usize, CheckpointError> {
-    let io = |p: &Path| {
-        let p = p.display().to_string();
-        move |e: std::io::Error| CheckpointError::Io {
-            path: p.clone(),
-            reason: e.to_string(),
-        }
-    };
+) -> Result<(crate::weights::WeightFiles, Vec<Vec<Lazy>>), CheckpointError> {
     let files = find_weights(input)?;
     let weight_err = |f: &Path| {
         let f = f.display().to_string();
@@ -199,9 +191,10 @@ pub(crate) fn write_converted(
             }
         };
         names.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut lazies: Vec<Lazy> = names
+        let lazies: Vec<Lazy> = names
             .into_iter()
             .map(|(name, shape, src)| Lazy {
+                out_name: name.clone(),
                 name,
                 shape,
                 // Only floating-point weights change dtype; integer buffers keep theirs.
@@ -215,6 +208,87 @@ pub(crate) fn write_converted(
                 error: Default::default(),
             })
             .collect();
+        shards.push(lazies);
+    }
+    Ok((files, shards))
+}
+
+/// Writes `shards` as `model[-i-of-n].safetensors` (+ index) in `tmp`, reading each tensor
+/// when the writer reaches it. `input` names the source in errors.
+fn write_shards(
+    input: &Path,
+    tmp: &Path,
+    shards: &[Vec<Lazy>],
+    on_progress: &mut dyn FnMut(usize, usize),
+) -> Result<usize, CheckpointError> {
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |e: std::io::Error| CheckpointError::Io {
+            path: p.clone(),
+            reason: e.to_string(),
+        }
+    };
+    let n = shards.len();
+    let total: usize = shards.iter().map(Vec::len).sum();
+    let mut done = 0;
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+        };
+        let path = tmp.join(&file);
+        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize_to_file(
+            shard.iter().map(|t| (t.out_name.clone(), t)),
+            Some(meta),
+            &path,
+        )
+        .map_err(|e| CheckpointError::Weights {
+            file: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        for t in shard {
+            if let Some(reason) = t.error.lock().ok().and_then(|mut e| e.take()) {
+                return Err(CheckpointError::Weights {
+                    file: format!("{} (tensor {})", input.display(), t.name),
+                    reason,
+                });
+            }
+            weight_map.insert(t.out_name.clone(), json!(file));
+        }
+        done += shard.len();
+        on_progress(done, total);
+    }
+    if n > 1 {
+        let index = json!({"metadata": {}, "weight_map": weight_map});
+        let p = tmp.join("model.safetensors.index.json");
+        std::fs::write(&p, serde_json::to_string_pretty(&index).unwrap_or_default())
+            .map_err(io(&p))?;
+    }
+    Ok(total)
+}
+
+/// [`convert`] into an existing directory `tmp`, with `replace` (stored name → tensor)
+/// taking the place of the stored tensors of those names.
+pub(crate) fn write_converted(
+    input: &Path,
+    tmp: &Path,
+    dtype: Option<DType>,
+    replace: &HashMap<String, Tensor>,
+    transform: Option<&Transform>,
+    on_progress: &mut dyn FnMut(usize, usize),
+) -> Result<usize, CheckpointError> {
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |e: std::io::Error| CheckpointError::Io {
+            path: p.clone(),
+            reason: e.to_string(),
+        }
+    };
+    let (files, mut shards) = index(input, dtype, transform)?;
+    for (f, lazies) in files.files.iter().zip(shards.iter_mut()) {
         for l in lazies.iter_mut() {
             if let Some(t) = replace.get(&l.name) {
                 if t.dims() != l.shape.as_slice() {
@@ -231,7 +305,6 @@ pub(crate) fn write_converted(
                 l.source = Source::Memory(t.clone());
             }
         }
-        shards.push(lazies);
     }
     let stored: std::collections::HashSet<&str> =
         shards.iter().flatten().map(|l| l.name.as_str()).collect();
@@ -256,45 +329,7 @@ pub(crate) fn write_converted(
                 std::fs::copy(entry.path(), tmp.join(&name)).map_err(io(&entry.path()))?;
             }
         }
-        let n = shards.len();
-        let total: usize = shards.iter().map(Vec::len).sum();
-        let mut done = 0;
-        let mut weight_map = BTreeMap::new();
-        for (i, shard) in shards.iter().enumerate() {
-            let file = if n == 1 {
-                "model.safetensors".to_string()
-            } else {
-                format!("model-{:05}-of-{n:05}.safetensors", i + 1)
-            };
-            let path = tmp.join(&file);
-            let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-            safetensors::serialize_to_file(
-                shard.iter().map(|t| (t.name.clone(), t)),
-                Some(meta),
-                &path,
-            )
-            .map_err(|e| CheckpointError::Weights {
-                file: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
-            for t in shard {
-                if let Some(reason) = t.error.lock().ok().and_then(|mut e| e.take()) {
-                    return Err(CheckpointError::Weights {
-                        file: format!("{} (tensor {})", input.display(), t.name),
-                        reason,
-                    });
-                }
-                weight_map.insert(t.name.clone(), json!(file));
-            }
-            done += shard.len();
-            on_progress(done, total);
-        }
-        if n > 1 {
-            let index = json!({"metadata": {}, "weight_map": weight_map});
-            let p = tmp.join("model.safetensors.index.json");
-            std::fs::write(&p, serde_json::to_string_pretty(&index).unwrap_or_default())
-                .map_err(io(&p))?;
-        }
+        let total = write_shards(input, tmp, &shards, on_progress)?;
         if let Some(d) = dtype {
             // Keep config.json's torch_dtype truthful.
             let cfg_path = tmp.join("config.json");
@@ -376,4 +411,182 @@ pub fn extract_projector(
     let mut keys: Vec<String> = tensors.into_keys().collect();
     keys.sort();
     Ok(keys)
+}
+
+/// A LLaVA-1.5 checkpoint in its original layout (language model + projector, the CLIP tower
+/// in its own directory) rewritten in transformers' llava-hf layout
+/// (`LlavaForConditionalGeneration`), as transformers' `convert_llava_weights_to_hf` does:
+/// the tower moves inside under `vision_tower.`, the projector becomes
+/// `multi_modal_projector.linear_{1,2}`, the tokenizer gains `<image>` and `<pad>`, and the
+/// embedding and output rows grow to a multiple of 64, the new rows set to the mean of the
+/// old ones (the reference adds a little random noise; the mean keeps this deterministic).
+/// config.json keeps the source's conversation template, so kollava answers as before.
+pub fn to_llava_hf(
+    ckpt: &crate::Checkpoint,
+    output: &Path,
+    on_progress: &mut dyn FnMut(usize, usize),
+) -> Result<usize, CheckpointError> {
+    use crate::Family;
+    use kollava_model::config::{FeatureSelect, ProjectorKind};
+    let unsupported = |what: String| CheckpointError::Unsupported {
+        file: ckpt.dir.display().to_string(),
+        what,
+    };
+    if !matches!(ckpt.family, Family::Llava15 | Family::LlavaMistral) {
+        return Err(unsupported(format!(
+            "conversion of a {} checkpoint to llava-hf (LLaVA-1.5-style original checkpoints convert)",
+            ckpt.family.name()
+        )));
+    }
+    if !matches!(ckpt.config.projector, ProjectorKind::Mlp { depth: 2, .. }) {
+        return Err(unsupported(
+            "projector for llava-hf, which has only the two-layer MLP (mlp2x_gelu)".into(),
+        ));
+    }
+    let Some(tower_dir) = &ckpt.vision_dir else {
+        return Err(unsupported("checkpoint without a separate tower".into()));
+    };
+    let tok = ckpt.tokenizer()?;
+    if !ckpt.dir.join("tokenizer.model").is_file() {
+        return Err(unsupported("checkpoint without tokenizer.model".into()));
+    }
+    if tok.token_to_id("<image>").is_some() {
+        return Err(unsupported(
+            "tokenizer: it already has an <image> token".into(),
+        ));
+    }
+    let d = &ckpt.config.decoder;
+    let image_id = tok.vocab_size().max(d.vocab_size) as u32;
+    let new_vocab = (image_id as usize + 2).next_multiple_of(64);
+    let grow: Transform = std::sync::Arc::new(move |name: &str, t: Tensor| {
+        if name != "model.embed_tokens.weight" && name != "lm_head.weight" {
+            return Ok(t);
+        }
+        let (rows, h) = t.dims2()?;
+        let mean = t.mean_keepdim(0)?;
+        Tensor::cat(
+            &[t, mean.broadcast_as((new_vocab - rows, h))?.contiguous()?],
+            0,
+        )
+    });
+    let read_json = |p: &Path| -> Result<serde_json::Value, CheckpointError> {
+        let text = std::fs::read_to_string(p).map_err(|e| CheckpointError::Io {
+            path: p.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        serde_json::from_str(&text).map_err(|e| CheckpointError::Json {
+            file: p.display().to_string(),
+            reason: e.to_string(),
+        })
+    };
+    let tower_cfg = read_json(&tower_dir.join("config.json"))?;
+    let vision_config = tower_cfg.get("vision_config").cloned().unwrap_or(tower_cfg);
+    let write_json = |p: &Path, v: &serde_json::Value| {
+        std::fs::write(p, serde_json::to_string_pretty(v).unwrap_or_default()).map_err(|e| {
+            CheckpointError::Io {
+                path: p.display().to_string(),
+                reason: e.to_string(),
+            }
+        })
+    };
+    crate::write_dir_atomically(output, |tmp| {
+        let (_, llm) = index(&ckpt.dir, None, Some(&grow))?;
+        let (_, tower) = index(tower_dir, None, None)?;
+        let mut shards = Vec::new();
+        for shard in llm {
+            let mut kept = Vec::new();
+            for mut l in shard {
+                if l.name.starts_with("model.vision_tower.") {
+                    continue;
+                }
+                if l.name == "model.embed_tokens.weight" || l.name == "lm_head.weight" {
+                    l.shape[0] = new_vocab;
+                }
+                l.out_name = crate::weights::KeyLayout::HfLegacy.llm_key(&l.name);
+                kept.push(l);
+            }
+            shards.push(kept);
+        }
+        for shard in tower {
+            let kept: Vec<Lazy> = shard
+                .into_iter()
+                .filter(|l| l.name.starts_with("vision_model."))
+                .map(|mut l| {
+                    l.out_name = format!("vision_tower.{}", l.name);
+                    l
+                })
+                .collect();
+            shards.push(kept);
+        }
+        let n = write_shards(&ckpt.dir, tmp, &shards, on_progress)?;
+
+        let src = read_json(&ckpt.dir.join("config.json"))?;
+        let mut text = json!({
+            "model_type": if ckpt.family == Family::LlavaMistral { "mistral" } else { "llama" },
+            "hidden_size": d.hidden_size, "intermediate_size": d.intermediate_size,
+            "num_hidden_layers": d.num_hidden_layers, "num_attention_heads": d.num_attention_heads,
+            "num_key_value_heads": d.num_key_value_heads, "vocab_size": new_vocab,
+            "max_position_embeddings": d.max_position_embeddings, "rms_norm_eps": d.rms_norm_eps,
+            "rope_theta": d.rope_theta, "hidden_act": "silu", "tie_word_embeddings": d.tie_word_embeddings,
+        });
+        if let Some(w) = d.sliding_window {
+            text["sliding_window"] = json!(w);
+        }
+        let layers = ckpt.config.vision.num_hidden_layers as i64;
+        let cfg = json!({
+            "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+            "ignore_index": -100, "image_token_index": image_id, "pad_token_id": image_id + 1,
+            "projector_hidden_act": "gelu",
+            "vision_feature_layer": ckpt.config.vision_layers_used as i64 - layers - 1,
+            "vision_feature_select_strategy": match ckpt.config.feature_select {
+                FeatureSelect::Patch => "default",
+                FeatureSelect::ClsPatch => "full",
+            },
+            "text_config": text, "vision_config": vision_config, "vocab_size": new_vocab,
+            "torch_dtype": src.get("torch_dtype").cloned().unwrap_or(json!("float16")),
+            "kollava_template": ckpt.default_template(),
+        });
+        write_json(&tmp.join("config.json"), &cfg)?;
+        // The tokenizer: the source's files, with <image> and <pad> added.
+        // The slow tokenizer (tokenizer.model) with the added tokens in tokenizer_config.json.
+        for f in ["tokenizer.model", "generation_config.json"] {
+            let p = ckpt.dir.join(f);
+            if p.is_file() {
+                std::fs::copy(&p, tmp.join(f)).map_err(|e| CheckpointError::Io {
+                    path: p.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        let pre = tower_dir.join("preprocessor_config.json");
+        if pre.is_file() {
+            write_json(&tmp.join("preprocessor_config.json"), &read_json(&pre)?)?;
+        }
+        let tc_path = ckpt.dir.join("tokenizer_config.json");
+        let mut tc = if tc_path.is_file() {
+            read_json(&tc_path)?
+        } else {
+            json!({})
+        };
+        let entry = |content: &str| {
+            json!({"content": content, "lstrip": false, "normalized": false, "rstrip": false,
+                   "single_word": false, "special": true})
+        };
+        if !tc["added_tokens_decoder"].is_object() {
+            tc["added_tokens_decoder"] = json!({});
+        }
+        tc["added_tokens_decoder"][image_id.to_string()] = entry("<image>");
+        tc["added_tokens_decoder"][(image_id + 1).to_string()] = entry("<pad>");
+        tc["pad_token"] = json!("<pad>");
+        write_json(&tmp.join("tokenizer_config.json"), &tc)?;
+        let sm_path = ckpt.dir.join("special_tokens_map.json");
+        let mut sm = if sm_path.is_file() {
+            read_json(&sm_path)?
+        } else {
+            json!({})
+        };
+        sm["pad_token"] = json!("<pad>");
+        write_json(&tmp.join("special_tokens_map.json"), &sm)?;
+        Ok(n)
+    })
 }

@@ -39,15 +39,17 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         ProgressStyle::with_template("{bar:30} {pos}/{len} tensors")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let n = kollava_checkpoint::convert::convert(
-        &args.input,
-        &args.output,
-        dtype,
-        &mut |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        },
-    )?;
+    let mut progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let n = if args.layout.is_some() {
+        let ckpt =
+            kollava_checkpoint::open(&args.input.display().to_string(), &Default::default())?;
+        kollava_checkpoint::convert::to_llava_hf(&ckpt, &args.output, &mut progress)?
+    } else {
+        kollava_checkpoint::convert::convert(&args.input, &args.output, dtype, &mut progress)?
+    };
     bar.finish_and_clear();
     eprintln!("wrote {n} tensors to {}", args.output.display());
     Ok(())
