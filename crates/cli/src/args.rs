@@ -421,6 +421,10 @@ pub struct VqaArgs {
     /// (model_vqa_science's --answer-prompter) — 두 번째 ANSWER 단계
     #[arg(long)]
     pub answer_prompter: bool,
+    /// Questions generated together: decoding reads the weights once per step for all of
+    /// them — 한 번에 생성할 질문 수
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub batch_size: u16,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }

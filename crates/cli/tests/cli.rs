@@ -2516,3 +2516,54 @@ fn science_qa_records_run_through_eval_vqa_and_score() {
         stdout(&o)
     );
 }
+
+/// `--batch-size`: questions of different lengths, with and without an image, answered
+/// together give the answers they get one at a time, on every family.
+#[test]
+fn eval_vqa_batches_answer_as_one_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let questions = write_file(
+        &tmp,
+        "q.jsonl",
+        format!(
+            "{{\"question_id\": 1, \"image\": \"wide_rgb.png\", \"text\": \"{QUERY}\"}}\n\
+             {{\"question_id\": 2, \"text\": \"Hi\"}}\n\
+             {{\"question_id\": 3, \"image\": \"tall_rgb.png\", \"text\": \"What is it? Describe every detail of it, please.\"}}\n\
+             {{\"question_id\": 4, \"text\": \"한국어로 길게 대답해 주세요. 무엇을 좋아하나요?\"}}\n\
+             {{\"question_id\": 5, \"image\": \"wide_rgb.png\", \"text\": \"Colour?\"}}\n"
+        )
+        .as_bytes(),
+    );
+    let images = crate_fixture_images();
+    for family in ["llava-v1.5", "llava-hf", "llava-v0", "llava-mistral"] {
+        let answers = |batch: &str| -> Vec<Value> {
+            let out = tmp.path().join(format!("{family}-{batch}.jsonl"));
+            assert_success(&kollava(&[
+                &"eval",
+                &"vqa",
+                &"--model",
+                &checkpoint(family),
+                &"--question-file",
+                &questions,
+                &"--image-folder",
+                &images,
+                &"--answers-file",
+                &out,
+                &"--temperature",
+                &"0",
+                &"--max-new-tokens",
+                &"12",
+                &"--batch-size",
+                &batch,
+            ]));
+            std::fs::read_to_string(&out)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap()["text"].clone())
+                .collect()
+        };
+        let one = answers("1");
+        assert_eq!(one.len(), 5);
+        assert_eq!(answers("3"), one, "{family}");
+    }
+}

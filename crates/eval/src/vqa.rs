@@ -58,6 +58,15 @@ pub struct ScienceOptions {
     pub answer_prompter: bool,
 }
 
+/// How [`run`] answers.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub answer: AnswerOptions,
+    pub science: ScienceOptions,
+    /// Questions generated together.
+    pub batch_size: usize,
+}
+
 const SINGLE_PRED: &str = "Answer with the option's letter from the given choices directly.";
 
 /// LLaVA-format records (a JSON array) as questions.
@@ -184,17 +193,23 @@ fn answer_id() -> String {
         .collect()
 }
 
-/// Answers every question not yet in `answers_path`, appending one line per answer.
+/// Answers every question not yet in `answers_path`, appending one line per answer;
+/// `batch_size` questions are generated together.
 /// Returns how many were answered now. `on_done(done, total)` after each.
 pub fn run(
     session: &Session,
     questions: &[Question],
     image_folder: &Path,
-    opts: &AnswerOptions,
-    science: ScienceOptions,
+    run_opts: &RunOptions,
     answers_path: &Path,
     on_done: &mut dyn FnMut(usize, usize),
 ) -> Result<usize, VqaError> {
+    let RunOptions {
+        answer: opts,
+        science,
+        batch_size,
+    } = run_opts;
+    let (science, batch_size) = (*science, *batch_size);
     let done = answered(answers_path)?;
     let todo: Vec<&Question> = questions
         .iter()
@@ -232,13 +247,13 @@ pub fn run(
     if needs_newline {
         out.write_all(b"\n").map_err(werr)?;
     }
-    for (n, q) in todo.iter().enumerate() {
-        let id = q.key();
+    // Each question's rendered prompt, the prompt recorded with the answer, and its images.
+    let prepare = |q: &Question| -> Result<(String, String, Vec<image::RgbImage>), VqaError> {
         let images = match &q.image {
             Some(name) => {
                 vec![
                     image::open(&image_folder.join(name)).map_err(|e| VqaError::Image {
-                        id: id.clone(),
+                        id: q.key(),
                         reason: e.to_string(),
                     })?,
                 ]
@@ -264,37 +279,75 @@ pub fn run(
         let mut conv = Conversation::new(session.template.clone());
         conv.push(Role::User, Some(user));
         conv.push(Role::Assistant, None);
-        let err = |source| VqaError::Answer {
-            id: id.clone(),
-            source,
+        Ok((conv.prompt(), shown, images))
+    };
+    let mut n = 0;
+    for chunk in todo.chunks(batch_size.max(1)) {
+        let prepared = chunk
+            .iter()
+            .map(|q| prepare(q))
+            .collect::<Result<Vec<_>, _>>()?;
+        let first_id = chunk[0].key();
+        let texts: Vec<String> = if chunk.len() == 1 {
+            let (prompt, _, images) = &prepared[0];
+            vec![
+                session
+                    .answer_prompt(prompt, images, opts, &mut |_| true)
+                    .map_err(|source| VqaError::Answer {
+                        id: first_id.clone(),
+                        source,
+                    })?
+                    .generation
+                    .text,
+            ]
+        } else {
+            let batch: Vec<(String, Vec<image::RgbImage>)> = prepared
+                .iter()
+                .map(|(p, _, i)| (p.clone(), i.clone()))
+                .collect();
+            session
+                .answer_batch(&batch, opts)
+                .map_err(|source| VqaError::Answer {
+                    id: format!("{first_id} (or another of its batch)"),
+                    source,
+                })?
+                .into_iter()
+                .map(|g| g.text)
+                .collect()
         };
-        let answer = session
-            .answer(&conv, &images, opts, &mut |_| true)
-            .map_err(err)?;
-        let mut text = answer.generation.text;
-        if q.science && science.answer_prompter {
-            let prompt = format!("{}{text} ###\nANSWER:", conv.prompt());
-            let second = AnswerOptions {
-                max_new_tokens: 64,
-                ..opts.clone()
-            };
-            let a = session
-                .answer_prompt(&prompt, &images, &second, &mut |_| true)
-                .map_err(err)?;
-            text = format!("{text}\n The answer is {}", a.generation.text);
+        for ((q, (prompt, shown, images)), mut text) in chunk.iter().zip(prepared).zip(texts) {
+            if q.science && science.answer_prompter {
+                let second = AnswerOptions {
+                    max_new_tokens: 64,
+                    ..opts.clone()
+                };
+                let a = session
+                    .answer_prompt(
+                        &format!("{prompt}{text} ###\nANSWER:"),
+                        &images,
+                        &second,
+                        &mut |_| true,
+                    )
+                    .map_err(|source| VqaError::Answer {
+                        id: q.key(),
+                        source,
+                    })?;
+                text = format!("{text}\n The answer is {}", a.generation.text);
+            }
+            let line = json!({
+                "question_id": q.question_id,
+                "prompt": shown,
+                "text": text,
+                "answer_id": answer_id(),
+                "model_id": session.ckpt.name,
+                "metadata": {},
+            });
+            writeln!(out, "{line}")
+                .and_then(|_| out.flush())
+                .map_err(werr)?;
+            n += 1;
+            on_done(n, todo.len());
         }
-        let line = json!({
-            "question_id": q.question_id,
-            "prompt": shown,
-            "text": text,
-            "answer_id": answer_id(),
-            "model_id": session.ckpt.name,
-            "metadata": {},
-        });
-        writeln!(out, "{line}")
-            .and_then(|_| out.flush())
-            .map_err(werr)?;
-        on_done(n + 1, todo.len());
     }
     Ok(todo.len())
 }

@@ -106,6 +106,109 @@ fn last_logits(model: &Llava, hidden: &Tensor) -> Result<Vec<f32>> {
         .to_vec1()
 }
 
+/// One answer being generated: sampling, stopping and streaming for one sequence.
+struct Row {
+    sampler: Sampler,
+    prompt_len: usize,
+    context: Vec<u32>,
+    ids: Vec<u32>,
+    decoder: StreamDecoder,
+    matcher: StopMatcher,
+    stop: Option<StopReason>,
+}
+
+impl Row {
+    fn new(opts: &GenerateOptions, prompt_len: usize, context_ids: &[u32]) -> Self {
+        Self {
+            sampler: Sampler::new(opts.sampling.clone()),
+            prompt_len,
+            context: context_ids.to_vec(),
+            ids: Vec::new(),
+            decoder: StreamDecoder::new(),
+            matcher: StopMatcher {
+                stops: opts.stop_strings.clone(),
+                ..Default::default()
+            },
+            stop: None,
+        }
+    }
+
+    /// Takes the next token from `logits` (or stops). Returns the token when the sequence
+    /// goes on and needs the decoder to run on it.
+    fn step(
+        &mut self,
+        logits: &[f32],
+        tokenizer: &Tokenizer,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Option<u32> {
+        let room =
+            |ids: usize| ids < opts.max_new_tokens && self.prompt_len + ids < opts.context_len;
+        if self.ids.len() >= opts.max_new_tokens {
+            self.stop = Some(StopReason::MaxTokens);
+            return None;
+        }
+        if self.prompt_len + self.ids.len() >= opts.context_len {
+            self.stop = Some(StopReason::Context);
+            return None;
+        }
+        let id = self.sampler.sample(logits, &self.context);
+        if opts.eos_ids.contains(&id) {
+            self.stop = Some(StopReason::Eos);
+            return None;
+        }
+        self.ids.push(id);
+        self.context.push(id);
+        if let Some(piece) = self.decoder.push(tokenizer, id) {
+            let (shown, stopped) = self.matcher.push(&piece);
+            if !shown.is_empty() && !on_text(&shown) {
+                self.stop = Some(StopReason::Cancelled);
+                return None;
+            }
+            if stopped {
+                self.stop = Some(StopReason::StopString);
+                return None;
+            }
+        }
+        if room(self.ids.len()) {
+            Some(id)
+        } else {
+            // The next call records why it ends; no decoder step is needed for it.
+            None
+        }
+    }
+
+    /// Flushes held-back text and returns the result.
+    fn finish(
+        mut self,
+        tokenizer: &Tokenizer,
+        on_text: &mut dyn FnMut(&str) -> bool,
+        prefill_ms: f64,
+        decode_ms: f64,
+    ) -> Generation {
+        let stop = self.stop.unwrap_or(StopReason::MaxTokens);
+        if !matches!(stop, StopReason::StopString | StopReason::Cancelled) {
+            if let Some(rest) = self.decoder.finish(tokenizer) {
+                let (shown, _) = self.matcher.push(&rest);
+                if !shown.is_empty() {
+                    on_text(&shown);
+                }
+            }
+            let rest = self.matcher.finish();
+            if !rest.is_empty() {
+                on_text(&rest);
+            }
+        }
+        Generation {
+            ids: self.ids,
+            text: self.matcher.text.trim().to_string(),
+            stop,
+            prefill_ms,
+            decode_ms,
+        }
+    }
+}
+
 /// Generates an answer for one sequence. `embeds: (1, L, hidden)` is the prompt with image
 /// features spliced in; `context_ids` feed the repetition penalty; `on_text` receives
 /// each completed piece of text and returns `false` to stop early.
@@ -118,71 +221,93 @@ pub fn generate(
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
     let mut cache = KvCache::new(model.config().decoder.num_hidden_layers, 1);
-    let mut sampler = Sampler::new(opts.sampling.clone());
     let prompt_len = embeds.dim(1)?;
+    let mut row = Row::new(opts, prompt_len, context_ids);
     let t0 = Instant::now();
     let hidden = model.decoder.forward(embeds, &[prompt_len], &mut cache)?;
     let mut logits = last_logits(model, &hidden)?;
     let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-
     let t1 = Instant::now();
-    let mut context: Vec<u32> = context_ids.to_vec();
-    let mut ids = Vec::new();
-    let mut decoder = StreamDecoder::new();
-    let mut matcher = StopMatcher {
-        stops: opts.stop_strings.clone(),
-        ..Default::default()
-    };
-    let stop = loop {
-        if ids.len() >= opts.max_new_tokens {
-            break StopReason::MaxTokens;
+    while row.stop.is_none() {
+        if let Some(id) = row.step(&logits, tokenizer, opts, on_text) {
+            let x = model
+                .decoder
+                .embed(&Tensor::new(&[id], embeds.device())?.unsqueeze(0)?)?;
+            let hidden = model.decoder.forward(&x, &[1], &mut cache)?;
+            logits = last_logits(model, &hidden)?;
         }
-        if prompt_len + ids.len() >= opts.context_len {
-            break StopReason::Context;
-        }
-        let id = sampler.sample(&logits, &context);
-        if opts.eos_ids.contains(&id) {
-            break StopReason::Eos;
-        }
-        ids.push(id);
-        context.push(id);
-        if let Some(piece) = decoder.push(tokenizer, id) {
-            let (shown, stopped) = matcher.push(&piece);
-            if !shown.is_empty() && !on_text(&shown) {
-                break StopReason::Cancelled;
+    }
+    let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+    Ok(row.finish(tokenizer, on_text, prefill_ms, decode_ms))
+}
+
+/// [`generate`] for several sequences at once, without streaming: the prompts
+/// (`(embeds (1, L_i, hidden), context ids)`) are right-padded into one prefill, then every
+/// step decodes one token for each unfinished sequence (finished ones are padding).
+pub fn generate_batch(
+    model: &Llava,
+    tokenizer: &Tokenizer,
+    prompts: &[(&Tensor, &[u32])],
+    opts: &GenerateOptions,
+) -> Result<Vec<Generation>> {
+    let b = prompts.len();
+    if b == 0 {
+        return Ok(Vec::new());
+    }
+    let lens: Vec<usize> = prompts
+        .iter()
+        .map(|(e, _)| e.dim(1))
+        .collect::<Result<_>>()?;
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    let padded = prompts
+        .iter()
+        .zip(&lens)
+        .map(|((e, _), &n)| e.pad_with_zeros(1, 0, longest - n))
+        .collect::<Result<Vec<_>>>()?;
+    let device = padded[0].device().clone();
+    let xs = Tensor::cat(&padded, 0)?;
+    let mut cache = KvCache::new(model.config().decoder.num_hidden_layers, b);
+    let mut rows: Vec<Row> = prompts
+        .iter()
+        .zip(&lens)
+        .map(|((_, ids), &n)| Row::new(opts, n, ids))
+        .collect();
+    let t0 = Instant::now();
+    let hidden = model.decoder.forward(&xs, &lens, &mut cache)?;
+    let mut logits: Vec<Vec<f32>> = (0..b)
+        .map(|r| last_logits(model, &hidden.narrow(0, r, 1)?.narrow(1, 0, lens[r])?))
+        .collect::<Result<_>>()?;
+    let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t1 = Instant::now();
+    while rows.iter().any(|r| r.stop.is_none()) {
+        let mut next = vec![0u32; b];
+        let mut valid = vec![0usize; b];
+        for (r, row) in rows.iter_mut().enumerate() {
+            if row.stop.is_none() {
+                if let Some(id) = row.step(&logits[r], tokenizer, opts, &mut |_| true) {
+                    next[r] = id;
+                    valid[r] = 1;
+                }
             }
-            if stopped {
-                break StopReason::StopString;
-            }
         }
-        if ids.len() >= opts.max_new_tokens || prompt_len + ids.len() >= opts.context_len {
+        if valid.iter().all(|&v| v == 0) {
             continue;
         }
         let x = model
             .decoder
-            .embed(&Tensor::new(&[id], embeds.device())?.unsqueeze(0)?)?;
-        let hidden = model.decoder.forward(&x, &[1], &mut cache)?;
-        logits = last_logits(model, &hidden)?;
-    };
-    if !matches!(stop, StopReason::StopString | StopReason::Cancelled) {
-        if let Some(rest) = decoder.finish(tokenizer) {
-            let (shown, _) = matcher.push(&rest);
-            if !shown.is_empty() {
-                on_text(&shown);
+            .embed(&Tensor::new(next.as_slice(), &device)?.unsqueeze(1)?)?;
+        let hidden = model.decoder.forward(&x, &valid, &mut cache)?;
+        for (r, v) in valid.iter().enumerate() {
+            if *v == 1 {
+                logits[r] = last_logits(model, &hidden.narrow(0, r, 1)?)?;
             }
         }
-        let rest = matcher.finish();
-        if !rest.is_empty() {
-            on_text(&rest);
-        }
     }
-    Ok(Generation {
-        ids,
-        text: matcher.text.trim().to_string(),
-        stop,
-        prefill_ms,
-        decode_ms: t1.elapsed().as_secs_f64() * 1e3,
-    })
+    let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+    Ok(rows
+        .into_iter()
+        .map(|row| row.finish(tokenizer, &mut |_| true, prefill_ms, decode_ms))
+        .collect())
 }
 
 #[cfg(test)]

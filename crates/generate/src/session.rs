@@ -241,27 +241,10 @@ impl Session {
         })
     }
 
-    /// [`Session::answer`] for a prompt already rendered (LLaVA's worker protocol sends
-    /// the text with its `<image>` placeholders).
-    pub fn answer_prompt(
-        &self,
-        prompt_text: &str,
-        images: &[RgbImage],
-        opts: &AnswerOptions,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Answer, SessionError> {
-        opts.sampling.validate()?;
-        let mut timings = Timings {
-            load_ms: self.load_ms,
-            ..Default::default()
-        };
-        let EmbeddedPrompt {
-            embeds,
-            ids,
-            tokens: prompt_tokens,
-        } = self.embed_prompt(prompt_text, images, &mut timings)?;
+    /// How an answer ends with `opts`: the checkpoint's EOS ids and the template's stop
+    /// strings (a stop string that is one special token becomes an id), the context limit.
+    pub fn generate_options(&self, opts: &AnswerOptions) -> GenerateOptions {
         let context = self.ckpt.context_len;
-
         let mut eos_ids = if self.ckpt.eos_ids.is_empty() {
             vec![self.tok.eos_id]
         } else {
@@ -283,13 +266,62 @@ impl Session {
                 _ => stop_strings.push(s),
             }
         }
-        let gen_opts = GenerateOptions {
+        GenerateOptions {
             sampling: opts.sampling.clone(),
             max_new_tokens: opts.max_new_tokens,
             eos_ids,
             stop_strings,
             context_len: context,
+        }
+    }
+
+    /// Answers several rendered prompts together (one image list each): one prefill of the
+    /// right-padded batch, then one decode step per token for every unfinished answer.
+    /// Decoding reads the weights once per step for the whole batch.
+    pub fn answer_batch(
+        &self,
+        prompts: &[(String, Vec<RgbImage>)],
+        opts: &AnswerOptions,
+    ) -> Result<Vec<crate::Generation>, SessionError> {
+        opts.sampling.validate()?;
+        let mut timings = Timings::default();
+        let embedded = prompts
+            .iter()
+            .map(|(text, images)| self.embed_prompt(text, images, &mut timings))
+            .collect::<Result<Vec<_>, _>>()?;
+        let gen_opts = self.generate_options(opts);
+        let inputs: Vec<(&Tensor, &[u32])> = embedded
+            .iter()
+            .map(|e| (&e.embeds, e.ids.as_slice()))
+            .collect();
+        Ok(crate::engine::generate_batch(
+            &self.model,
+            &self.tok,
+            &inputs,
+            &gen_opts,
+        )?)
+    }
+
+    /// [`Session::answer`] for a prompt already rendered (LLaVA's worker protocol sends
+    /// the text with its `<image>` placeholders).
+    pub fn answer_prompt(
+        &self,
+        prompt_text: &str,
+        images: &[RgbImage],
+        opts: &AnswerOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer, SessionError> {
+        opts.sampling.validate()?;
+        let mut timings = Timings {
+            load_ms: self.load_ms,
+            ..Default::default()
         };
+        let EmbeddedPrompt {
+            embeds,
+            ids,
+            tokens: prompt_tokens,
+        } = self.embed_prompt(prompt_text, images, &mut timings)?;
+        let gen_opts = self.generate_options(opts);
         let generation =
             crate::engine::generate(&self.model, &self.tok, &embeds, &ids, &gen_opts, on_text)?;
         timings.prefill_ms = generation.prefill_ms;

@@ -102,10 +102,13 @@ pub fn vqa(args: &VqaArgs) -> Result<()> {
         &session,
         &questions,
         &args.image_folder,
-        &opts,
-        kollava_eval::vqa::ScienceOptions {
-            single_pred_prompt: args.single_pred_prompt,
-            answer_prompter: args.answer_prompter,
+        &kollava_eval::vqa::RunOptions {
+            answer: opts,
+            science: kollava_eval::vqa::ScienceOptions {
+                single_pred_prompt: args.single_pred_prompt,
+                answer_prompter: args.answer_prompter,
+            },
+            batch_size: usize::from(args.batch_size),
         },
         &args.answers_file,
         &mut |done, total| {
