@@ -105,17 +105,23 @@ impl PackedBf16 {
             );
         }
         let m: usize = dims.iter().product();
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("bf16 matmul: the kernels run on CPU tensors");
+        };
+        let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + m * k];
         let ldc = self.panels * NR;
         // Decoding (a row or a few): one row per tile, so no work is spent on padding.
         let r = if m < 4 { 1 } else { MR };
         let tiles = m.div_ceil(r);
         let mut c = vec![0f32; tiles * r * ldc];
         if r == 1 {
-            self.run::<1>(&self.pack_rows::<1>(&xs, m, k), tiles, &mut c, ldc);
+            self.run::<1>(&self.pack_rows::<1>(xs, m, k), tiles, &mut c, ldc);
         } else {
-            self.run::<MR>(&self.pack_rows::<MR>(&xs, m, k), tiles, &mut c, ldc);
+            self.run::<MR>(&self.pack_rows::<MR>(xs, m, k), tiles, &mut c, ldc);
         }
+        drop(storage);
         let mut out = if ldc == self.n {
             c.truncate(m * ldc);
             c
@@ -131,15 +137,21 @@ impl PackedBf16 {
 
     /// Activations `(m, k)` as bf16 pairs, tile-interleaved: `[tile][pair][row in tile]`.
     fn pack_rows<const R: usize>(&self, xs: &[f32], m: usize, k: usize) -> Vec<u32> {
-        let mut xp = vec![0u32; m.div_ceil(R) * self.pairs * R];
-        for row in 0..m {
-            let (t, j) = (row / R, row % R);
-            let v = &xs[row * k..(row + 1) * k];
-            for q in 0..self.pairs {
-                let hi = if 2 * q + 1 < k { v[2 * q + 1] } else { 0.0 };
-                xp[(t * self.pairs + q) * R + j] = pair(v[2 * q], hi);
-            }
-        }
+        use rayon::prelude::*;
+        let pairs = self.pairs;
+        let mut xp = vec![0u32; m.div_ceil(R) * pairs * R];
+        // Tile by tile, in parallel: prefill rounds millions of activations per product.
+        xp.par_chunks_mut(pairs * R)
+            .enumerate()
+            .for_each(|(t, tile)| {
+                for j in 0..R.min(m - t * R) {
+                    let v = &xs[(t * R + j) * k..(t * R + j + 1) * k];
+                    for q in 0..pairs {
+                        let hi = if 2 * q + 1 < k { v[2 * q + 1] } else { 0.0 };
+                        tile[q * R + j] = pair(v[2 * q], hi);
+                    }
+                }
+            });
         xp
     }
 
