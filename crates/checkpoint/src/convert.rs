@@ -153,6 +153,14 @@ pub fn convert(
     })
 }
 
+fn io(p: &Path) -> impl Fn(std::io::Error) -> CheckpointError {
+    let p = p.display().to_string();
+    move |e| CheckpointError::Io {
+        path: p.clone(),
+        reason: e.to_string(),
+    }
+}
+
 /// Every tensor of the weights in `input`, by source shard, read lazily.
 fn index(
     input: &Path,
@@ -221,13 +229,6 @@ fn write_shards(
     shards: &[Vec<Lazy>],
     on_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<usize, CheckpointError> {
-    let io = |p: &Path| {
-        let p = p.display().to_string();
-        move |e: std::io::Error| CheckpointError::Io {
-            path: p.clone(),
-            reason: e.to_string(),
-        }
-    };
     let n = shards.len();
     let total: usize = shards.iter().map(Vec::len).sum();
     let mut done = 0;
@@ -280,13 +281,6 @@ pub(crate) fn write_converted(
     transform: Option<&Transform>,
     on_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<usize, CheckpointError> {
-    let io = |p: &Path| {
-        let p = p.display().to_string();
-        move |e: std::io::Error| CheckpointError::Io {
-            path: p.clone(),
-            reason: e.to_string(),
-        }
-    };
     let (files, mut shards) = index(input, dtype, transform)?;
     for (f, lazies) in files.files.iter().zip(shards.iter_mut()) {
         for l in lazies.iter_mut() {

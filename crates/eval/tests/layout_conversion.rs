@@ -8,16 +8,7 @@ use kollava_checkpoint::{open, Family};
 use kollava_model::KvCache;
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    kollava_testkit::max_abs_diff_tensors(a, b)
 }
 
 #[test]

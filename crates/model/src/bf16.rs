@@ -317,25 +317,8 @@ mod tests {
                     .unwrap()
             };
             let want = round(&x).matmul(&round(&w).t().unwrap()).unwrap();
-            let err = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let scale = want
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = kollava_testkit::max_abs_diff_tensors(&got, &want);
+            let scale = kollava_testkit::max_abs_diff_tensors(&want, &want.zeros_like().unwrap());
             assert!(
                 err <= 1e-4 * scale.max(1.0),
                 "{m}x{k}x{n}: {err} (scale {scale})"

@@ -82,6 +82,18 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// [`max_abs_diff`] of two tensors of the same shape (any float dtype).
+pub fn max_abs_diff_tensors(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let flat = |t: &Tensor| -> Vec<f32> {
+        t.to_dtype(candle_core::DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("a float tensor")
+    };
+    max_abs_diff(&flat(a), &flat(b))
+}
+
 /// Asserts `max |a - b| <= tol`, naming the key.
 #[track_caller]
 pub fn assert_close(key: &str, got: &[f32], want: &[f32], tol: f32) {

@@ -1152,16 +1152,7 @@ mod tests {
                     .unwrap()
                     .dequantize(&Device::Cpu)
                     .unwrap();
-                let diff = (stored - read)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = kollava_testkit::max_abs_diff_tensors(&stored, &read);
                 assert_eq!(diff, 0.0, "{family} {name}");
             }
         }
