@@ -584,3 +584,151 @@ pub fn to_llava_hf(
         Ok(n)
     })
 }
+
+/// The canonical name of a tensor stored in either llava-hf layout, and whether it belongs
+/// to the tower (`vision_model.*`).
+fn hf_canonical(stored: &str) -> Option<(bool, String)> {
+    let s = stored.strip_prefix("model.").filter(|r| {
+        r.starts_with("language_model.")
+            || r.starts_with("multi_modal_projector.")
+            || r.starts_with("vision_tower.")
+    });
+    let s = s.unwrap_or(stored);
+    if let Some(rest) = s.strip_prefix("vision_tower.") {
+        return Some((true, rest.to_string()));
+    }
+    if let Some(rest) = s.strip_prefix("multi_modal_projector.linear_") {
+        let (k, tail) = rest.split_once('.')?;
+        let k: usize = k.parse().ok()?;
+        return Some((false, format!("model.mm_projector.{}.{tail}", 2 * (k - 1))));
+    }
+    if let Some(rest) = s.strip_prefix("language_model.") {
+        // Legacy: `language_model.model.*`; modern: `model.language_model.*` (the prefix
+        // stripped above leaves the layer names bare).
+        return Some((
+            false,
+            if rest.starts_with("model.") || rest.starts_with("lm_head.") {
+                rest.to_string()
+            } else {
+                format!("model.{rest}")
+            },
+        ));
+    }
+    (stored == "lm_head.weight").then(|| (false, stored.to_string()))
+}
+
+/// The inverse of [`to_llava_hf`]: a llava-hf checkpoint rewritten in LLaVA's original
+/// layout (`LlavaLlamaForCausalLM`/`LlavaMistralForCausalLM` with `mm_*` keys), the tower
+/// in its own `vision_tower/` directory. The vocabulary keeps its rows (`<image>` and
+/// `<pad>` stay in the tokenizer; the original code splices features at the placeholder
+/// whatever its id), llava-hf's centre crop is kept (`image_aspect_ratio: square`), and so
+/// is the conversation template.
+pub fn to_llava_original(
+    ckpt: &crate::Checkpoint,
+    output: &Path,
+    on_progress: &mut dyn FnMut(usize, usize),
+) -> Result<usize, CheckpointError> {
+    use kollava_model::config::FeatureSelect;
+    if ckpt.family != crate::Family::LlavaHf {
+        return Err(CheckpointError::Unsupported {
+            file: ckpt.dir.display().to_string(),
+            what: format!(
+                "conversion of a {} checkpoint to the original layout (llava-hf checkpoints convert)",
+                ckpt.family.name()
+            ),
+        });
+    }
+    let cfg_path = ckpt.dir.join("config.json");
+    let raw: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?,
+    )
+    .map_err(|e| CheckpointError::Json {
+        file: cfg_path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let write_json = |p: &Path, v: &serde_json::Value| {
+        std::fs::write(p, serde_json::to_string_pretty(v).unwrap_or_default()).map_err(io(p))
+    };
+    crate::write_dir_atomically(output, |tmp| {
+        let (_, shards) = index(&ckpt.dir, None, None)?;
+        let (mut llm, mut tower) = (Vec::new(), Vec::new());
+        for shard in shards {
+            let (mut l, mut t) = (Vec::new(), Vec::new());
+            for mut lazy in shard {
+                match hf_canonical(&lazy.name) {
+                    Some((true, name)) => {
+                        lazy.out_name = name;
+                        t.push(lazy);
+                    }
+                    Some((false, name)) => {
+                        lazy.out_name = name;
+                        l.push(lazy);
+                    }
+                    None => {}
+                }
+            }
+            llm.push(l);
+            tower.push(t);
+        }
+        let tower_dir = tmp.join("vision_tower");
+        std::fs::create_dir_all(&tower_dir).map_err(io(&tower_dir))?;
+        let tower: Vec<Vec<Lazy>> = vec![tower.into_iter().flatten().collect()];
+        let n = write_shards(&ckpt.dir, tmp, &llm, on_progress)?
+            + write_shards(&ckpt.dir, &tower_dir, &tower, &mut |_, _| {})?;
+
+        let vision = raw["vision_config"].clone();
+        write_json(
+            &tower_dir.join("config.json"),
+            &json!({"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", "vision_config": vision}),
+        )?;
+        let mut cfg = raw["text_config"].clone();
+        if !cfg.is_object() {
+            cfg = json!({});
+        }
+        let mistral = cfg["model_type"] == "mistral";
+        let v = &ckpt.config.vision;
+        let extra = json!({
+            "architectures": [if mistral { "LlavaMistralForCausalLM" } else { "LlavaLlamaForCausalLM" }],
+            "model_type": if mistral { "llava_mistral" } else { "llava" },
+            "vocab_size": ckpt.config.decoder.vocab_size,
+            "mm_vision_tower": "vision_tower",
+            "mm_hidden_size": v.hidden_size,
+            "mm_projector_type": format!("mlp{}x_gelu", match ckpt.config.projector {
+                kollava_model::config::ProjectorKind::Mlp { depth, .. } => depth,
+                _ => 1,
+            }),
+            "mm_vision_select_layer": ckpt.config.vision_layers_used as i64 - v.num_hidden_layers as i64 - 1,
+            "mm_vision_select_feature": match ckpt.config.feature_select {
+                FeatureSelect::Patch => "patch",
+                FeatureSelect::ClsPatch => "cls_patch",
+            },
+            "image_aspect_ratio": "square",
+            "mm_use_im_start_end": false,
+            "mm_use_im_patch_token": false,
+            "torch_dtype": raw.get("torch_dtype").cloned().unwrap_or(json!("float16")),
+            "kollava_template": ckpt.default_template(),
+        });
+        for (k, val) in extra.as_object().into_iter().flatten() {
+            cfg[k] = val.clone();
+        }
+        write_json(&tmp.join("config.json"), &cfg)?;
+        for f in [
+            "tokenizer.json",
+            "tokenizer.model",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "added_tokens.json",
+            "generation_config.json",
+        ] {
+            let p = ckpt.dir.join(f);
+            if p.is_file() {
+                std::fs::copy(&p, tmp.join(f)).map_err(io(&p))?;
+            }
+        }
+        let pre = ckpt.dir.join("preprocessor_config.json");
+        if pre.is_file() {
+            std::fs::copy(&pre, tower_dir.join("preprocessor_config.json")).map_err(io(&pre))?;
+        }
+        Ok(n)
+    })
+}

@@ -86,7 +86,8 @@ kollava train --stage finetune --model ./KoVicuna-llava --projector out/stage1/m
 Examples / 예시:\n  \
 kollava convert --input ./KoLLaVA-KoVicuna-7b --output ./KoLLaVA-KoVicuna-7b-st\n  \
 kollava convert --input ./KoLLaVA-KoVicuna-7b --output ./KoLLaVA-KoVicuna-7b-f16 --dtype f16\n  \
-kollava convert --input ./llava-v1.5-7b --output ./llava-1.5-7b-hf --layout hf"
+kollava convert --input ./llava-v1.5-7b --output ./llava-1.5-7b-hf --layout hf\n  \
+kollava convert --input ./llava-1.5-7b-hf --output ./llava-1.5-7b-original --layout original"
     )]
     Convert(ConvertArgs),
     /// Write a checkpoint as GGUF for llama.cpp and kollava: the language model quantized,
@@ -598,10 +599,11 @@ pub struct ConvertArgs {
     /// Floating-point dtype of the output (default: keep each tensor's) — 출력 자료형
     #[arg(long, value_parser = ["f32", "f16", "bf16"])]
     pub dtype: Option<String>,
-    /// Rewrite an original LLaVA-1.5 checkpoint in transformers' llava-hf layout
-    /// (LlavaForConditionalGeneration: tower inside, <image>/<pad> added, vocabulary padded
-    /// to a multiple of 64) — llava-hf 배치로 변환
-    #[arg(long, value_parser = ["hf"], conflicts_with = "dtype")]
+    /// Rewrite the checkpoint in the other layout: `hf` turns an original LLaVA-1.5
+    /// checkpoint into transformers' llava-hf (tower inside, <image>/<pad> added, vocabulary
+    /// padded to a multiple of 64); `original` turns llava-hf into LLaVA's own layout (tower
+    /// in vision_tower/) — 체크포인트 배치 변환
+    #[arg(long, value_parser = ["hf", "original"], conflicts_with = "dtype")]
     pub layout: Option<String>,
 }
 

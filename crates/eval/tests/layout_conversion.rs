@@ -94,6 +94,12 @@ fn only_llava_1_5_style_checkpoints_convert() {
     let e = kollava_checkpoint::convert::to_llava_hf(&v0, &tmp.path().join("x"), &mut |_, _| {});
     assert!(e.unwrap_err().to_string().contains("llava-v0"));
     assert!(!tmp.path().join("x").exists(), "nothing is left behind");
+    let e =
+        kollava_checkpoint::convert::to_llava_original(&v0, &tmp.path().join("z"), &mut |_, _| {});
+    assert!(e
+        .unwrap_err()
+        .to_string()
+        .contains("llava-hf checkpoints convert"));
     let hf = open(
         kollava_testkit::checkpoint_dir("llava-hf")
             .to_str()
@@ -105,4 +111,53 @@ fn only_llava_1_5_style_checkpoints_convert() {
         kollava_checkpoint::convert::to_llava_hf(&hf, &tmp.path().join("y"), &mut |_, _| {})
             .is_err()
     );
+}
+
+/// `convert --layout original`: the llava-hf fixture in LLaVA's own layout computes the same
+/// features and logits, and tokenizes the same.
+#[test]
+fn the_original_layout_copy_of_llava_hf_gives_the_same_features_and_logits() {
+    let src = open(
+        kollava_testkit::checkpoint_dir("llava-hf")
+            .to_str()
+            .unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("original");
+    kollava_checkpoint::convert::to_llava_original(&src, &out, &mut |_, _| {}).unwrap();
+    assert!(out.join("vision_tower/config.json").is_file());
+    let orig = open(out.to_str().unwrap(), &Default::default()).unwrap();
+    assert_eq!(orig.family, Family::Llava15);
+    assert_eq!(orig.config, src.config);
+    assert_eq!(orig.default_template(), src.default_template());
+    let text = "USER: 이 그림을 설명해 주세요. ASSISTANT:";
+    assert_eq!(
+        orig.tokenizer().unwrap().encode(text).unwrap(),
+        src.tokenizer().unwrap().encode(text).unwrap()
+    );
+    let (a, b) = (
+        src.load_model(DType::F32, &Device::Cpu).unwrap(),
+        orig.load_model(DType::F32, &Device::Cpu).unwrap(),
+    );
+    let s = src.config.vision.image_size;
+    let pixels = Tensor::randn(0f32, 1.0, (1, 3, s, s), &Device::Cpu).unwrap();
+    let (fa, fb) = (
+        a.encode_images(&pixels).unwrap(),
+        b.encode_images(&pixels).unwrap(),
+    );
+    assert_eq!(max_diff(&fa, &fb), 0.0);
+    let ids = src.tokenizer().unwrap().encode(text).unwrap();
+    let embeds = a.embed_with_images(&ids, &[3..3], Some(&fa)).unwrap();
+    let layers = src.config.decoder.num_hidden_layers;
+    let logits = |m: &kollava_model::Llava| {
+        let n = embeds.dim(1).unwrap();
+        let h = m
+            .decoder
+            .forward(&embeds, &[n], &mut KvCache::new(layers, 1))
+            .unwrap();
+        m.decoder.logits(&h).unwrap()
+    };
+    assert_eq!(max_diff(&logits(&a), &logits(&b)), 0.0);
 }

@@ -43,10 +43,14 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     };
-    let n = if args.layout.is_some() {
+    let n = if let Some(layout) = &args.layout {
         let ckpt =
             kollava_checkpoint::open(&args.input.display().to_string(), &Default::default())?;
-        kollava_checkpoint::convert::to_llava_hf(&ckpt, &args.output, &mut progress)?
+        if layout == "hf" {
+            kollava_checkpoint::convert::to_llava_hf(&ckpt, &args.output, &mut progress)?
+        } else {
+            kollava_checkpoint::convert::to_llava_original(&ckpt, &args.output, &mut progress)?
+        }
     } else {
         kollava_checkpoint::convert::convert(&args.input, &args.output, dtype, &mut progress)?
     };
