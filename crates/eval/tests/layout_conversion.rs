@@ -45,7 +45,9 @@ fn the_llava_hf_copy_gives_the_same_features_and_logits() {
     assert_eq!(max_diff(&fa, &fb), 0.0);
 
     let ids: Vec<u32> = src.tokenizer().unwrap().encode(text).unwrap();
-    let embeds = a.embed_with_images(&ids, &[3..3], Some(&fa)).unwrap();
+    let embeds = a
+        .embed_with_images(&ids, std::slice::from_ref(&(3..3)), Some(&fa))
+        .unwrap();
     let layers = src.config.decoder.num_hidden_layers;
     let logits = |m: &kollava_model::Llava| {
         let n = embeds.dim(1).unwrap();
@@ -149,7 +151,9 @@ fn the_original_layout_copy_of_llava_hf_gives_the_same_features_and_logits() {
     );
     assert_eq!(max_diff(&fa, &fb), 0.0);
     let ids = src.tokenizer().unwrap().encode(text).unwrap();
-    let embeds = a.embed_with_images(&ids, &[3..3], Some(&fa)).unwrap();
+    let embeds = a
+        .embed_with_images(&ids, std::slice::from_ref(&(3..3)), Some(&fa))
+        .unwrap();
     let layers = src.config.decoder.num_hidden_layers;
     let logits = |m: &kollava_model::Llava| {
         let n = embeds.dim(1).unwrap();

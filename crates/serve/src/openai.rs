@@ -276,28 +276,36 @@ async fn chat_completions_inner(
         }
     }
     let metrics = state.metrics.clone();
-    let chunk = move |delta: Value, finish: Option<&str>| -> SseEvent {
-        let body = json!({
+    let chunk = move |delta: Value, finish: Option<&str>, usage: Option<Value>| -> SseEvent {
+        let mut body = json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
         });
+        if let Some(u) = usage {
+            body["usage"] = u;
+        }
         SseEvent::default().data(body.to_string())
     };
-    let head = tokio_stream::once(chunk(json!({"role": "assistant"}), None));
+    let head = tokio_stream::once(chunk(json!({"role": "assistant"}), None, None));
     let rest = tokio_stream::once(first).chain(ReceiverStream::new(rx));
     // The engine drops its sender after the last event, which ends `rest`.
     let body = rest.map(move |event| match event {
-        Event::Text(t) => chunk(json!({"content": t}), None),
+        Event::Text(t) => chunk(json!({"content": t}), None, None),
         Event::Done {
             finish_reason,
             completion_tokens,
+            prompt_tokens,
             ..
         } => {
             metrics.generated_tokens.fetch_add(
                 completion_tokens as u64,
                 std::sync::atomic::Ordering::Relaxed,
             );
-            chunk(json!({}), Some(finish_reason))
+            // The last chunk also carries the counts (what `stream_options.include_usage`
+            // asks of OpenAI; clients ignore a field they do not expect).
+            let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                               "total_tokens": prompt_tokens + completion_tokens});
+            chunk(json!({}), Some(finish_reason), Some(usage))
         }
         Event::Failed(e) => SseEvent::default()
             .data(json!({"error": {"message": e.message, "type": "server_error"}}).to_string()),
