@@ -662,7 +662,10 @@ pub struct InitRandomArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
     #[command(flatten)]
     pub model: ModelArgs,
     /// Image (default: a built-in 336x336 test pattern) — 이미지
@@ -680,6 +683,48 @@ pub struct BenchArgs {
     /// Timed runs after one warm-up; medians are reported — 반복 횟수
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub repeat: u32,
+    /// Print one JSON object — JSON 출력
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Load a running server with concurrent streams: aggregate tokens/s and time to first
+    /// token per concurrency level — 서버 부하 측정
+    #[command(
+        after_help = "Each level runs --requests streamed chat completions (greedy, EOS honoured)\n\
+over that many connections at once and reports the tokens generated per second of wall time\n\
+and the time-to-first-token percentiles.\n\n\
+Examples / 예시:\n  kollava serve --port 8000 &\n  \
+kollava bench serve --url http://127.0.0.1:8000 --concurrency 1,4,16 --image examples/shapes.png"
+    )]
+    Serve(BenchServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchServeArgs {
+    /// Server base URL — 서버 주소
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub url: String,
+    /// Concurrency levels (comma-separated) — 동시 요청 수 목록
+    #[arg(long, default_value = "1,4,16", value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
+    /// Requests per level (default: twice the level's concurrency) — 단계별 요청 수
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// Image sent with every request as a data URL (default: none) — 함께 보낼 이미지
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<PathBuf>,
+    /// The question — 질문
+    #[arg(long, default_value = "이 그림을 설명해 주세요.")]
+    pub prompt: String,
+    /// max_tokens of every request — 최대 생성 토큰 수
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// API key, when the server wants one (default: $KOLLAVA_API_KEY) — API 키
+    #[arg(long)]
+    pub api_key: Option<String>,
     /// Print one JSON object — JSON 출력
     #[arg(long)]
     pub json: bool,

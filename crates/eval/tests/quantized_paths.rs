@@ -34,9 +34,14 @@ fn bf16_and_f16_sessions_agree_with_f32() {
         conv.push(Role::Assistant, None);
         for dtype in [candle_core::DType::BF16, candle_core::DType::F16] {
             let other = session(family, dtype);
-            let r =
-                kollava_eval::quant::compare(&f32s, &other, &conv.prompt(), &[image.clone()], 24)
-                    .unwrap();
+            let r = kollava_eval::quant::compare(
+                &f32s,
+                &other,
+                &conv.prompt(),
+                std::slice::from_ref(&image),
+                24,
+            )
+            .unwrap();
             assert!(
                 r.top1_agreement >= 0.9 && r.mean_kl < 0.01,
                 "{family} {dtype:?}: agreement {} KL {}",

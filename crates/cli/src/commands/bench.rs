@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::Tensor;
 use kollava_eval::bench::{median, memory_bandwidth, parameter_count, peak_rss_bytes};
 use kollava_generate::{GenerateOptions, SamplingParams};
@@ -36,6 +36,9 @@ pub(crate) fn test_pattern() -> RgbImage {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if let Some(crate::args::BenchCommand::Serve(a)) = &args.command {
+        return serve(a);
+    }
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -186,6 +189,160 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     writeln!(out, "decode       {decode_tps:>10.2} tok/s  ({:.0}% of the {roofline_tps:.1} tok/s roofline at {:.1} GB/s)", 100.0 * decode_tps / roofline_tps, bandwidth / 1e9)?;
     if let Some(rss) = rss {
         writeln!(out, "peak RSS     {rss:>10.0} MiB")?;
+    }
+    Ok(())
+}
+
+/// One streamed request: time to the first text, completion tokens.
+struct Stream {
+    ttft_ms: f64,
+    tokens: usize,
+}
+
+fn stream_once(url: &str, body: &str, api_key: Option<&str>) -> Result<Stream> {
+    use std::io::BufRead;
+    let t = Instant::now();
+    let mut req = ureq::post(format!("{url}/v1/chat/completions"))
+        .header("Content-Type", "application/json")
+        .config()
+        .http_status_as_error(false)
+        .build();
+    if let Some(k) = api_key {
+        req = req.header("Authorization", &format!("Bearer {k}"));
+    }
+    let mut resp = req
+        .send(body)
+        .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        anyhow::bail!("{url} answered {status}: {}", text.trim());
+    }
+    let reader = std::io::BufReader::new(resp.body_mut().as_reader());
+    let (mut ttft, mut tokens, mut deltas) = (None, None, 0usize);
+    for line in reader.lines() {
+        let line = line?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(data)?;
+        if let Some(e) = v.get("error") {
+            anyhow::bail!("the server failed mid-stream: {e}");
+        }
+        if v["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+        {
+            deltas += 1;
+            ttft.get_or_insert(t.elapsed().as_secs_f64() * 1e3);
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            tokens = Some(n as usize);
+        }
+    }
+    Ok(Stream {
+        ttft_ms: ttft.unwrap_or(t.elapsed().as_secs_f64() * 1e3),
+        tokens: tokens.unwrap_or(deltas),
+    })
+}
+
+fn percentile(xs: &[f64], p: f64) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[((p / 100.0) * (v.len() - 1) as f64).round() as usize]
+}
+
+/// `kollava bench serve`.
+fn serve(args: &crate::args::BenchServeArgs) -> Result<()> {
+    use base64::Engine as _;
+    let url = args.url.trim_end_matches('/').to_string();
+    let key = args
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("KOLLAVA_API_KEY").ok());
+    let mut content = vec![serde_json::json!({"type": "text", "text": args.prompt})];
+    if let Some(p) = &args.image {
+        let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+        content.push(serde_json::json!({"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{b64}")}}));
+    }
+    let body = serde_json::json!({
+        "model": "kollava", "stream": true, "temperature": 0, "max_tokens": args.max_tokens,
+        "messages": [{"role": "user", "content": content}],
+    })
+    .to_string();
+    // One request first: fails fast (server down, wrong key) and warms the server up.
+    stream_once(&url, &body, key.as_deref())?;
+    let mut levels = Vec::new();
+    for &c in &args.concurrency {
+        let c = c.max(1);
+        let total = args.requests.unwrap_or(2 * c).max(1);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let t = Instant::now();
+        let results: Vec<Result<Stream>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..c)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut out = Vec::new();
+                        while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                            out.push(stream_once(&url, &body, key.as_deref()));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        let wall = t.elapsed().as_secs_f64();
+        let (ok, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
+        let ok: Vec<Stream> = ok.into_iter().flatten().collect();
+        let tokens: usize = ok.iter().map(|s| s.tokens).sum();
+        let ttft: Vec<f64> = ok.iter().map(|s| s.ttft_ms).collect();
+        levels.push(serde_json::json!({
+            "concurrency": c, "requests": total, "failed": failed.len(),
+            "first_error": failed.first().and_then(|r| r.as_ref().err()).map(|e| e.to_string()),
+            "wall_s": wall, "completion_tokens": tokens,
+            "tokens_per_s": tokens as f64 / wall,
+            "ttft_ms": {"p50": percentile(&ttft, 50.0), "p90": percentile(&ttft, 90.0), "p99": percentile(&ttft, 99.0)},
+        }));
+    }
+    let json = serde_json::json!({"url": url, "max_tokens": args.max_tokens, "image": args.image.is_some(), "levels": levels});
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{json}")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{url}  max_tokens {}  image {}",
+        args.max_tokens,
+        args.image.is_some()
+    )?;
+    writeln!(
+        out,
+        "streams  requests  failed    tokens/s   TTFT p50 / p90 / p99 ms"
+    )?;
+    for l in &levels {
+        writeln!(
+            out,
+            "{:>7}  {:>8}  {:>6}  {:>10.1}   {:.0} / {:.0} / {:.0}",
+            l["concurrency"].as_u64().unwrap_or(0),
+            l["requests"].as_u64().unwrap_or(0),
+            l["failed"].as_u64().unwrap_or(0),
+            l["tokens_per_s"].as_f64().unwrap_or(0.0),
+            l["ttft_ms"]["p50"].as_f64().unwrap_or(f64::NAN),
+            l["ttft_ms"]["p90"].as_f64().unwrap_or(f64::NAN),
+            l["ttft_ms"]["p99"].as_f64().unwrap_or(f64::NAN),
+        )?;
     }
     Ok(())
 }
