@@ -428,6 +428,61 @@ mod tests {
         assert!(example("QCM", &q).is_err());
     }
 
+    /// Every one of the reference's 8 × 10 formats: the input holds the question, context
+    /// and options in its order (with the BECAUSE part where it puts it), the output the
+    /// answer in its wording; nothing is left with a dangling `BECAUSE:` or a double space.
+    #[test]
+    fn every_prompt_format_builds() {
+        let p = problem("A hint.", None, "Lecture text.", "Solution text.");
+        let inputs = [
+            "CQM", "QCM", "QCML", "QCME", "QCMLE", "QCLM", "QCEM", "QCLEM",
+        ];
+        let outputs = [
+            "A", "AL", "AE", "ALE", "AEL", "LA", "EA", "LEA", "ELA", "LEPA",
+        ];
+        for i in inputs {
+            for o in outputs {
+                let (input, output) = example(&format!("{i}-{o}"), &p).unwrap();
+                let at = |s: &str| {
+                    input
+                        .find(s)
+                        .unwrap_or_else(|| panic!("{i}-{o}: no {s:?} in {input:?}"))
+                };
+                let (q, c, m) = (
+                    at("Which is a mammal?"),
+                    at("Context: A hint."),
+                    at("Options: (A) frog (B) whale"),
+                );
+                assert_eq!(q < c, i != "CQM", "{i}-{o}");
+                assert!(c < m || i.starts_with("CQ"), "{i}-{o}");
+                if i.len() > 3 {
+                    let b = at("BECAUSE: ");
+                    assert_eq!(b > m, i.starts_with("QCM"), "{i}-{o}: {input:?}");
+                }
+                assert!(!input.contains("  ") && !output.contains("  "));
+                assert!(!input.starts_with("Question: ") && !output.starts_with("Answer: "));
+                match o {
+                    "LEPA" => assert_eq!(
+                        output,
+                        "LECTURE: Lecture text.\nSOLUTION: Solution text.\n###\nANSWER: B."
+                    ),
+                    _ => assert!(output.contains("The answer is B."), "{i}-{o}: {output:?}"),
+                }
+            }
+        }
+        assert_eq!(
+            example("QCM-ALE", &p).unwrap().1,
+            "The answer is B. BECAUSE: Lecture text. Solution text."
+        );
+        assert_eq!(
+            example("QCLEM-ELA", &p).unwrap(),
+            (
+                "Which is a mammal?\nContext: A hint.\nBECAUSE: Lecture text. Solution text.\nOptions: (A) frog (B) whale".into(),
+                "Solution text. Lecture text. The answer is B.".into()
+            )
+        );
+    }
+
     #[test]
     fn letters_are_read_as_the_reference_reads_them() {
         assert_eq!(parse_letter("B"), Some("B"));
