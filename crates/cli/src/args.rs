@@ -135,6 +135,16 @@ curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \\\n
 -d '{\"messages\":[{\"role\":\"user\",\"content\":\"안녕하세요\"}]}'"
     )]
     Serve(ServeArgs),
+    /// LLaVA's controller: workers (`kollava serve --controller`) register and heartbeat;
+    /// clients find them or send requests through it — LLaVA 컨트롤러
+    #[command(
+        after_help = "Endpoints as the reference's: /register_worker, /receive_heart_beat, /list_models,\n\
+/get_worker_address, /refresh_all_workers, /worker_generate_stream, /worker_get_status.\n\
+Workers heartbeat every 15 s and are dropped after 30 s of silence.\n\n\
+Example / 예시:\n  kollava controller --port 21001\n  \
+kollava serve --port 40000 --controller http://127.0.0.1:21001 --worker-address http://127.0.0.1:40000"
+    )]
+    Controller(ControllerArgs),
     /// Measure speed: preprocessing, vision, prefill, decode, memory — 속도 측정
     #[command(after_help = "Examples / 예시:\n  \
 kollava bench --model models/bench-1b --threads 2 --repeat 5\n  \
@@ -636,6 +646,25 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on the API (default: $KOLLAVA_API_KEY, else none) — API 키
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,
+    /// Register with this LLaVA controller and send it heartbeats — 등록할 컨트롤러 주소
+    #[arg(long, value_name = "URL", requires = "worker_address")]
+    pub controller: Option<String>,
+    /// The address the controller reaches this worker at — 컨트롤러가 접속할 이 워커의 주소
+    #[arg(long, value_name = "URL", requires = "controller")]
+    pub worker_address: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// Address to listen on — 수신 주소
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0: any free one, printed) — 포트
+    #[arg(long, default_value_t = 21001)]
+    pub port: u16,
+    /// How requests for a model pick among its workers — 워커 선택 방식
+    #[arg(long, default_value = "shortest_queue", value_parser = ["lottery", "shortest_queue"])]
+    pub dispatch_method: String,
 }
 
 #[derive(Debug, Args)]

@@ -70,6 +70,7 @@ fn run() -> anyhow::Result<ExitCode> {
         args::Command::MergeLora(a) => commands::train::merge_lora(a).map(|_| ExitCode::SUCCESS),
         args::Command::Train(a) => commands::train::run(a).map(|_| ExitCode::SUCCESS),
         args::Command::Serve(a) => commands::serve::run(a).map(|_| ExitCode::SUCCESS),
+        args::Command::Controller(a) => commands::serve::controller(a).map(|_| ExitCode::SUCCESS),
         args::Command::Bench(a) => commands::bench::run(a).map(|_| ExitCode::SUCCESS),
     }
 }

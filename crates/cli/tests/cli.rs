@@ -2612,3 +2612,142 @@ fn bench_serve_reports_each_concurrency_level() {
     ]);
     assert_one_line_error(&o, &["cannot reach http://127.0.0.1:9"]);
 }
+
+// ---------------------------------------------------------------------------------------
+// controller + workers
+
+fn post_json(url: &str, body: Value) -> (u16, Vec<u8>) {
+    let mut r = ureq::post(url)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .unwrap();
+    (r.status().as_u16(), r.body_mut().read_to_vec().unwrap())
+}
+
+/// `kollava serve --controller` registers with `kollava controller`, which lists its model,
+/// hands out its address and forwards generation requests to it (the reference's protocol).
+#[test]
+fn a_worker_registers_with_the_controller_and_serves_through_it() {
+    use std::io::BufRead;
+    let mut ctrl = command(&[&"controller", &"--port", &"0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(ctrl.stderr.take().unwrap()).lines();
+    let ctrl_url = loop {
+        let line = lines
+            .next()
+            .expect("the controller printed its address")
+            .unwrap();
+        if let Some(rest) = line.split("http://").nth(1) {
+            break format!("http://{}", rest.split_whitespace().next().unwrap());
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let worker = format!("http://127.0.0.1:{port}");
+    let mut serve = command(&[
+        &"serve",
+        &"--port",
+        &port.to_string(),
+        &"--controller",
+        &ctrl_url,
+        &"--worker-address",
+        &worker,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let result = std::panic::catch_unwind(|| {
+        let mut models = Value::Null;
+        for _ in 0..100 {
+            let (_, body) = post_json(&format!("{ctrl_url}/list_models"), json!({}));
+            models = serde_json::from_slice(&body).unwrap();
+            if models["models"].as_array().is_some_and(|m| !m.is_empty()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let model = models["models"][0]
+            .as_str()
+            .expect("the worker's model is listed")
+            .to_string();
+        let (_, body) = post_json(
+            &format!("{ctrl_url}/get_worker_address"),
+            json!({"model": model}),
+        );
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap()["address"],
+            worker
+        );
+        let (_, body) = post_json(
+            &format!("{ctrl_url}/get_worker_address"),
+            json!({"model": "nope"}),
+        );
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap()["address"],
+            ""
+        );
+        let (_, body) = post_json(
+            &format!("{ctrl_url}/receive_heart_beat"),
+            json!({"worker_name": worker, "queue_length": 0}),
+        );
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap()["exist"],
+            true
+        );
+        let (_, body) = post_json(
+            &format!("{ctrl_url}/receive_heart_beat"),
+            json!({"worker_name": "http://gone", "queue_length": 0}),
+        );
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap()["exist"],
+            false
+        );
+        // A generation request through the controller: NUL-delimited chunks from the worker.
+        let prompt = "USER: 안녕하세요 ASSISTANT:";
+        let (status, body) = post_json(
+            &format!("{ctrl_url}/worker_generate_stream"),
+            json!({"model": model, "prompt": prompt, "temperature": 0, "max_new_tokens": 8, "stop": "</s>"}),
+        );
+        assert_eq!(status, 200);
+        let chunks: Vec<Value> = body
+            .split(|&b| b == 0)
+            .filter(|c| !c.is_empty())
+            .map(|c| serde_json::from_slice(c).unwrap())
+            .collect();
+        let last = chunks.last().expect("at least one chunk");
+        assert_eq!(last["error_code"], 0, "{last}");
+        assert!(last["text"].as_str().unwrap().starts_with(prompt));
+        // No worker for the model: the reference's error chunk.
+        let (_, body) = post_json(
+            &format!("{ctrl_url}/worker_generate_stream"),
+            json!({"model": "nope", "prompt": "x"}),
+        );
+        let v: Value = serde_json::from_slice(body.split(|&b| b == 0).next().unwrap()).unwrap();
+        assert_eq!(v["error_code"], 2);
+        let (_, body) = post_json(&format!("{ctrl_url}/worker_get_status"), json!({}));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap()["model_names"],
+            json!([model])
+        );
+    });
+    for child in [&mut serve, &mut ctrl] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}

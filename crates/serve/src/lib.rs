@@ -6,6 +6,7 @@
 //! Still to come (issue 4): the page's image modes and votes/logs, the controller and
 //! worker registration, batching across requests.
 
+pub mod controller;
 pub mod engine;
 pub mod error;
 pub mod openai;
@@ -119,17 +120,34 @@ pub fn app(state: AppState) -> Router {
 /// Serves until Ctrl-C / SIGTERM; in-flight requests finish first.
 pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
     axum::serve(listener, app(state))
-        .with_graceful_shutdown(async {
-            let ctrl_c = tokio::signal::ctrl_c();
-            #[cfg(unix)]
-            {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("installing the SIGTERM handler");
-                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-            }
-            #[cfg(not(unix))]
-            let _ = ctrl_c.await;
-        })
+        .with_graceful_shutdown(shutdown_signal())
         .await
+}
+
+/// [`serve`] for `kollava controller`.
+pub async fn serve_controller(
+    listener: tokio::net::TcpListener,
+    dispatch: controller::Dispatch,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        controller::router(controller::Controller::new(dispatch)),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} },
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }

@@ -29,7 +29,44 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             "kollava serving {} on http://{bound} (OpenAI API at /v1/chat/completions)",
             engine.model_name
         );
+        if let (Some(url), Some(address)) = (&args.controller, &args.worker_address) {
+            let queue = engine.clone();
+            kollava_serve::controller::keep_registered(
+                url.clone(),
+                address.clone(),
+                engine.model_name.clone(),
+                std::sync::Arc::new(move || queue.queue_length()),
+            );
+        }
         kollava_serve::serve(listener, AppState::new(engine, api_key))
+            .await
+            .context("serving")
+    })
+}
+
+/// `kollava controller`.
+pub fn controller(args: &crate::args::ControllerArgs) -> Result<()> {
+    use kollava_serve::controller::Dispatch;
+    let dispatch = if args.dispatch_method == "lottery" {
+        Dispatch::Lottery
+    } else {
+        Dispatch::ShortestQueue
+    };
+    let addr = format!("{}:{}", args.host, args.port);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
+        eprintln!(
+            "kollava controller on http://{bound} ({})",
+            args.dispatch_method
+        );
+        kollava_serve::serve_controller(listener, dispatch)
             .await
             .context("serving")
     })
