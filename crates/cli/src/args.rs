@@ -80,7 +80,7 @@ kollava train --stage finetune --model ./KoVicuna-llava --projector out/stage1/m
 --version v1 --output-dir out/stage2"
     )]
     Train(Box<TrainArgs>),
-    /// Rewrite a checkpoint's weights as safetensors (e.g. from .bin), optionally in another dtype — 가중치 변환
+    /// Rewrite a checkpoint's weights as safetensors (e.g. from .bin), optionally in another dtype or layout (LLaVA ↔ llava-hf) — 가중치 변환
     #[command(
         after_help = "Streams tensor by tensor (memory: about one tensor); other files are copied.\n\n\
 Examples / 예시:\n  \
