@@ -3,8 +3,8 @@
 // usage: node chat_page.mjs URL IMAGE QUESTION EXPECTED SCREENSHOT
 //
 // Attaches IMAGE through the file picker, sets temperature 0, asks QUESTION and waits for
-// the streamed answer to equal EXPECTED; then Regenerate must give it again and Clear must
-// empty the conversation. Saves a screenshot of the answered page. Prints `ok` last.
+// the streamed answer to equal EXPECTED; upvotes it; then Regenerate must give it again and
+// Clear must empty the conversation. Saves a screenshot of the answered page. Prints `ok` last.
 // playwright-core lives in target/client-node (installed by scripts/test.sh); its path
 // comes in PLAYWRIGHT_CORE because ES modules resolve packages from the script's folder.
 const { chromium } = await import(process.env.PLAYWRIGHT_CORE || "playwright-core");
@@ -34,6 +34,9 @@ try {
   await answered(expected);
   if ((await page.locator(".msg.user img").count()) !== 1) throw new Error("the image is not shown in the user's message");
   await page.screenshot({ path: shot, fullPage: true });
+  // Votes: enabled once there is an answer, sent once (the server logs them).
+  await page.click("#upvote");
+  await page.waitForFunction(() => document.getElementById("upvote").disabled && document.getElementById("flag").disabled);
   await page.click("#regenerate");
   await answered(expected);
   if ((await page.locator(".msg.assistant").count()) !== 1) throw new Error("regenerate should replace the answer");

@@ -646,6 +646,10 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on the API (default: $KOLLAVA_API_KEY, else none) — API 키
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,
+    /// Keep the chat page's conversation and vote logs here (JSONL per day, images by
+    /// content hash) — 대화·투표 기록 디렉터리
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
     /// Register with this LLaVA controller and send it heartbeats — 등록할 컨트롤러 주소
     #[arg(long, value_name = "URL", requires = "worker_address")]
     pub controller: Option<String>,

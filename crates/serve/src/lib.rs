@@ -9,6 +9,7 @@
 pub mod controller;
 pub mod engine;
 pub mod error;
+pub mod logs;
 pub mod openai;
 pub mod worker;
 
@@ -48,6 +49,8 @@ pub struct AppState {
     /// `--api-key`: required as `Authorization: Bearer …` on the API routes when set.
     pub api_key: Option<String>,
     pub metrics: Arc<Metrics>,
+    /// `--log-dir`: where the chat page's conversation and vote logs go (none: not kept).
+    pub log_dir: Option<std::path::PathBuf>,
 }
 
 impl AppState {
@@ -56,7 +59,13 @@ impl AppState {
             engine,
             api_key,
             metrics: Arc::default(),
+            log_dir: None,
         }
+    }
+
+    pub fn with_log_dir(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.log_dir = dir;
+        self
     }
 }
 
@@ -112,6 +121,7 @@ pub fn app(state: AppState) -> Router {
         .route("/", get(chat_page))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
+        .route("/api/log", post(logs::log_event))
         .merge(api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)

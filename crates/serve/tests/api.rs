@@ -346,3 +346,71 @@ async fn api_key_guards_the_api_and_metrics_count_requests() {
     );
     assert!(metrics.contains("kollava_queue_length 0"), "{metrics}");
 }
+
+/// `/api/log` (the chat page's conversation and vote log): one line per event in the day's
+/// file, the image saved once by content hash; unknown types are 400; without --log-dir
+/// nothing is kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn page_events_are_logged_with_images_by_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let logging = state().with_log_dir(Some(dir.path().to_path_buf()));
+    let log = |kind: &str| {
+        Request::post("/api/log")
+            .header("content-type", "application/json")
+            .body(Body::from(
+                json!({"type": kind, "model": "llava-v1.5", "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": data_url()}}]},
+                    {"role": "assistant", "content": "원입니다."}]})
+                .to_string(),
+            ))
+            .unwrap()
+    };
+    for kind in ["chat", "upvote", "flag"] {
+        let (status, body) = send(&logging, log(kind)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).unwrap()["logged"],
+            true
+        );
+    }
+    let (status, _) = send(&logging, log("like")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with("-conv.json"))
+        .collect();
+    assert_eq!(files.len(), 1);
+    let lines: Vec<Value> = std::fs::read_to_string(&files[0])
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, vec!["chat", "upvote", "flag"]);
+    let image = lines[0]["messages"][0]["content"][1]["image_url"]["url"]
+        .as_str()
+        .unwrap();
+    assert!(
+        image.starts_with("images/") && image.ends_with(".png"),
+        "{image}"
+    );
+    let saved = std::fs::read(dir.path().join(image)).unwrap();
+    let original =
+        std::fs::read(kollava_testkit::fixtures_dir().join("images/wide_rgb.png")).unwrap();
+    assert_eq!(saved, original);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("images"))
+            .unwrap()
+            .count(),
+        1,
+        "stored once"
+    );
+    // Without a log directory nothing is kept.
+    let (status, body) = send(&state(), log("upvote")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["logged"],
+        false
+    );
+}

@@ -38,9 +38,12 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                 std::sync::Arc::new(move || queue.queue_length()),
             );
         }
-        kollava_serve::serve(listener, AppState::new(engine, api_key))
-            .await
-            .context("serving")
+        kollava_serve::serve(
+            listener,
+            AppState::new(engine, api_key).with_log_dir(args.log_dir.clone()),
+        )
+        .await
+        .context("serving")
     })
 }
 
