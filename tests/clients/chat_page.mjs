@@ -24,6 +24,7 @@ try {
   await page.setInputFiles("#file", image);
   await page.locator("#preview").waitFor({ state: "visible" });
   await page.$eval("#temperature", (el) => { el.value = "0"; el.dispatchEvent(new Event("input")); });
+  await page.selectOption("#aspect", "pad");   // the demo model's own mode: the same answer
   await page.fill("#input", question);
   await page.click("#send");
   const answered = (exp) => page.waitForFunction((exp) => {

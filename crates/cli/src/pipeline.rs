@@ -103,5 +103,6 @@ pub fn answer_options(s: &SamplingArgs) -> Result<AnswerOptions> {
         sampling,
         max_new_tokens: s.max_new_tokens as usize,
         stop: Vec::new(),
+        aspect: None,
     })
 }

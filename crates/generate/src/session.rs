@@ -68,6 +68,8 @@ pub struct AnswerOptions {
     pub max_new_tokens: usize,
     /// Stop strings on top of the template's (an API client's `stop`).
     pub stop: Vec<String>,
+    /// How images are fitted to the tower for this answer (`None`: the session's).
+    pub aspect: Option<AspectMode>,
 }
 
 /// Timings of one answer, in milliseconds.
@@ -193,6 +195,17 @@ impl Session {
         images: &[RgbImage],
         timings: &mut Timings,
     ) -> Result<EmbeddedPrompt, SessionError> {
+        self.embed_prompt_as(prompt_text, images, self.aspect, timings)
+    }
+
+    /// [`Session::embed_prompt`] with the images fitted to the tower by `aspect`.
+    pub fn embed_prompt_as(
+        &self,
+        prompt_text: &str,
+        images: &[RgbImage],
+        aspect: AspectMode,
+        timings: &mut Timings,
+    ) -> Result<EmbeddedPrompt, SessionError> {
         let p = prompt::build(&self.tok, prompt_text, &self.scheme)?;
         if p.images.len() != images.len() {
             return Err(SessionError::ImageCount {
@@ -214,7 +227,7 @@ impl Session {
         let (cw, ch) = self.ckpt.preprocess.crop;
         let mut pixels = Vec::with_capacity(images.len() * 3 * (cw * ch) as usize);
         for img in images {
-            pixels.extend(image::preprocess(img, self.aspect, &self.ckpt.preprocess));
+            pixels.extend(image::preprocess(img, aspect, &self.ckpt.preprocess));
         }
         timings.preprocess_ms = t.elapsed().as_secs_f64() * 1e3;
 
@@ -287,7 +300,14 @@ impl Session {
         let mut timings = Timings::default();
         let embedded = prompts
             .iter()
-            .map(|(text, images)| self.embed_prompt(text, images, &mut timings))
+            .map(|(text, images)| {
+                self.embed_prompt_as(
+                    text,
+                    images,
+                    opts.aspect.unwrap_or(self.aspect),
+                    &mut timings,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let gen_opts = self.generate_options(opts);
         let inputs: Vec<(&Tensor, &[u32])> = embedded
@@ -320,7 +340,12 @@ impl Session {
             embeds,
             ids,
             tokens: prompt_tokens,
-        } = self.embed_prompt(prompt_text, images, &mut timings)?;
+        } = self.embed_prompt_as(
+            prompt_text,
+            images,
+            opts.aspect.unwrap_or(self.aspect),
+            &mut timings,
+        )?;
         let gen_opts = self.generate_options(opts);
         let generation =
             crate::engine::generate(&self.model, &self.tok, &embeds, &ids, &gen_opts, on_text)?;

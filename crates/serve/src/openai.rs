@@ -37,6 +37,10 @@ pub struct ChatRequest {
     pub max_completion_tokens: Option<usize>,
     pub seed: Option<u64>,
     pub stop: Option<Stop>,
+    /// kollava's extension, the chat page's image mode: `crop`, `resize` or `pad` (LLaVA's
+    /// "Crop"/"Resize"/"Pad"); default: the checkpoint's.
+    #[serde(default)]
+    pub image_aspect: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,12 +177,29 @@ fn to_job(req: ChatRequest, events: mpsc::Sender<Event>) -> Result<Job, ApiError
         Some(Stop::One(s)) => vec![s],
         Some(Stop::Many(v)) => v,
     };
+    let aspect = match req
+        .image_aspect
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None => None,
+        Some("crop") => Some(kollava_inputs::image::AspectMode::Crop),
+        Some("resize") => Some(kollava_inputs::image::AspectMode::Resize),
+        Some("pad") => Some(kollava_inputs::image::AspectMode::Pad),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "image_aspect {other:?}: use crop, resize or pad"
+            )))
+        }
+    };
     Ok(Job {
         input: Input::Turns { system, turns },
         options: AnswerOptions {
             sampling,
             max_new_tokens,
             stop,
+            aspect,
         },
         events,
     })

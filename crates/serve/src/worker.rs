@@ -85,6 +85,7 @@ pub async fn generate_stream(
         sampling,
         max_new_tokens: req.max_new_tokens.unwrap_or(256).clamp(1, 1024),
         stop: req.stop.into_iter().filter(|s| !s.is_empty()).collect(),
+        aspect: None,
     };
     let (tx, rx) = mpsc::channel(64);
     let prompt = req.prompt;

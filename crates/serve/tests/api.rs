@@ -93,6 +93,7 @@ async fn chat_completion_equals_the_cli_path_and_streaming_adds_up() {
         },
         max_new_tokens: 8,
         stop: Vec::new(),
+        aspect: None,
     };
     let direct = s.answer(&conv, &[img], &opts, &mut |_| true).unwrap();
     assert_eq!(content, direct.generation.text);
@@ -413,4 +414,60 @@ async fn page_events_are_logged_with_images_by_hash() {
         serde_json::from_str::<Value>(&body).unwrap()["logged"],
         false
     );
+}
+
+/// `image_aspect` (the chat page's Crop/Resize/Pad): each request is answered with its own
+/// image mode, as the library answers with that mode; an unknown mode is a 400.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_request_fits_its_image_by_its_own_mode() {
+    use kollava_inputs::image::AspectMode;
+    let state = state();
+    let s = session();
+    let img =
+        kollava_inputs::image::open(&kollava_testkit::fixtures_dir().join("images/wide_rgb.png"))
+            .unwrap();
+    let mut conv = Conversation::new(s.template.clone());
+    conv.push(Role::User, Some(s.user_text(QUESTION, 1)));
+    conv.push(Role::Assistant, None);
+    // The modes really differ on this wide image: the image features are not the same.
+    let mut t = Default::default();
+    let mut embeds = |a| {
+        s.embed_prompt_as(&conv.prompt(), std::slice::from_ref(&img), a, &mut t)
+            .unwrap()
+            .embeds
+    };
+    let (pad, crop) = (embeds(AspectMode::Pad), embeds(AspectMode::Crop));
+    assert!(kollava_testkit::max_abs_diff_tensors(&pad, &crop) > 1e-3);
+    for (name, mode) in [
+        ("pad", AspectMode::Pad),
+        ("Crop", AspectMode::Crop),
+        ("resize", AspectMode::Resize),
+    ] {
+        let mut body = with_image(false);
+        body["image_aspect"] = json!(name);
+        let (status, body) = send(&state, request(body)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let opts = AnswerOptions {
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            max_new_tokens: 8,
+            stop: Vec::new(),
+            aspect: Some(mode),
+        };
+        let direct = s
+            .answer(&conv, std::slice::from_ref(&img), &opts, &mut |_| true)
+            .unwrap();
+        assert_eq!(
+            v["choices"][0]["message"]["content"], direct.generation.text,
+            "{name}"
+        );
+    }
+    let mut body = with_image(false);
+    body["image_aspect"] = json!("squash");
+    let (status, body) = send(&state, request(body)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.contains("squash"), "{body}");
 }
