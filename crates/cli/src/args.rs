@@ -643,6 +643,15 @@ pub struct ServeArgs {
     /// Requests that may wait for the model; more get 503 — 대기열 크기
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_queue: u32,
+    /// Requests decoded together in one batch; others wait in the queue — 동시 생성 요청 수
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrency: u32,
+    /// Fetch http(s) `image_url`s (off: only base64 data URLs; local paths never) — 원격 이미지 허용
+    #[arg(long)]
+    pub allow_remote_images: bool,
+    /// Allow browser requests from this origin (CORS; `*` for any; default: none) — 허용할 CORS 출처
+    #[arg(long, value_name = "ORIGIN")]
+    pub cors_origin: Option<String>,
     /// Require `Authorization: Bearer KEY` on the API (default: $KOLLAVA_API_KEY, else none) — API 키
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,

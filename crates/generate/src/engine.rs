@@ -212,6 +212,9 @@ impl Row {
 /// Generates an answer for one sequence. `embeds: (1, L, hidden)` is the prompt with image
 /// features spliced in; `context_ids` feed the repetition penalty; `on_text` receives
 /// each completed piece of text and returns `false` to stop early.
+///
+/// This is a [`Batch`] of one, so an answer is computed the same way alone as in a server's
+/// batch.
 pub fn generate(
     model: &Llava,
     tokenizer: &Tokenizer,
@@ -220,25 +223,172 @@ pub fn generate(
     opts: &GenerateOptions,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
-    let mut cache = KvCache::new(model.config().decoder.num_hidden_layers, 1);
-    let prompt_len = embeds.dim(1)?;
-    let mut row = Row::new(opts, prompt_len, context_ids);
-    let t0 = Instant::now();
-    let hidden = model.decoder.forward(embeds, &[prompt_len], &mut cache)?;
-    let mut logits = last_logits(model, &hidden)?;
-    let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let t1 = Instant::now();
-    while row.stop.is_none() {
-        if let Some(id) = row.step(&logits, tokenizer, opts, on_text) {
-            let x = model
-                .decoder
-                .embed(&Tensor::new(&[id], embeds.device())?.unsqueeze(0)?)?;
-            let hidden = model.decoder.forward(&x, &[1], &mut cache)?;
-            logits = last_logits(model, &hidden)?;
+    let mut batch = Batch::new(model);
+    let mut finished = batch.join(model, tokenizer, embeds, context_ids, opts, on_text, ())?;
+    while finished.is_none() {
+        finished = batch.step(model, tokenizer)?.pop();
+    }
+    Ok(finished.expect("loop ends with a result").generation)
+}
+
+/// A sequence that left a [`Batch`], with the tag its caller gave it.
+pub struct Finished<T> {
+    pub tag: T,
+    pub generation: Generation,
+}
+
+struct Sequence<'a, T> {
+    tag: T,
+    row: Row,
+    opts: GenerateOptions,
+    on_text: Box<dyn FnMut(&str) -> bool + 'a>,
+    /// The token the next step feeds to the decoder.
+    next: u32,
+    prefill_ms: f64,
+    decode_start: Instant,
+}
+
+impl<T> Sequence<'_, T> {
+    /// Samples from `logits`; `false` when the sequence has ended.
+    fn advance(&mut self, logits: &[f32], tokenizer: &Tokenizer) -> bool {
+        while self.row.stop.is_none() {
+            // `None` without a stop reason means there is no room for another token: the
+            // next call records which limit was hit.
+            if let Some(id) = self
+                .row
+                .step(logits, tokenizer, &self.opts, &mut *self.on_text)
+            {
+                self.next = id;
+                return true;
+            }
+        }
+        false
+    }
+
+    fn finish(mut self, tokenizer: &Tokenizer) -> Finished<T> {
+        let decode_ms = self.decode_start.elapsed().as_secs_f64() * 1e3;
+        let generation = self
+            .row
+            .finish(tokenizer, &mut *self.on_text, self.prefill_ms, decode_ms);
+        Finished {
+            tag: self.tag,
+            generation,
         }
     }
-    let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
-    Ok(row.finish(tokenizer, on_text, prefill_ms, decode_ms))
+}
+
+/// Sequences decoded together, one token each per step (continuous batching): a sequence
+/// joins after its own prefill, whenever the caller likes, and leaves as soon as it ends, so
+/// every step reads the weights once for all of them. Each sequence keeps its own sampling
+/// options, stop rules and streaming callback; `T` tags it for the caller.
+pub struct Batch<'a, T> {
+    cache: KvCache,
+    seqs: Vec<Sequence<'a, T>>,
+}
+
+impl<'a, T> Batch<'a, T> {
+    pub fn new(model: &Llava) -> Self {
+        Self {
+            cache: KvCache::new(model.config().decoder.num_hidden_layers, 0),
+            seqs: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// Prefills one prompt (`embeds: (1, L, hidden)`) and samples its first token; the
+    /// sequence then joins the batch, or comes straight back if it already ended.
+    #[allow(clippy::too_many_arguments)]
+    pub fn join(
+        &mut self,
+        model: &Llava,
+        tokenizer: &Tokenizer,
+        embeds: &Tensor,
+        context_ids: &[u32],
+        opts: &GenerateOptions,
+        on_text: impl FnMut(&str) -> bool + 'a,
+        tag: T,
+    ) -> Result<Option<Finished<T>>> {
+        let mut cache = KvCache::new(model.config().decoder.num_hidden_layers, 1);
+        let prompt_len = embeds.dim(1)?;
+        let t0 = Instant::now();
+        let hidden = model.decoder.forward(embeds, &[prompt_len], &mut cache)?;
+        let logits = last_logits(model, &hidden)?;
+        let mut seq = Sequence {
+            tag,
+            row: Row::new(opts, prompt_len, context_ids),
+            opts: opts.clone(),
+            on_text: Box::new(on_text),
+            next: 0,
+            prefill_ms: t0.elapsed().as_secs_f64() * 1e3,
+            decode_start: Instant::now(),
+        };
+        if !seq.advance(&logits, tokenizer) {
+            return Ok(Some(seq.finish(tokenizer)));
+        }
+        self.cache.extend(cache)?;
+        self.seqs.push(seq);
+        Ok(None)
+    }
+
+    /// Decodes one token for every sequence; returns those that ended.
+    pub fn step(&mut self, model: &Llava, tokenizer: &Tokenizer) -> Result<Vec<Finished<T>>> {
+        if self.seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let b = self.seqs.len();
+        let next: Vec<u32> = self.seqs.iter().map(|s| s.next).collect();
+        let device = model.decoder.device().clone();
+        let x = model
+            .decoder
+            .embed(&Tensor::new(next.as_slice(), &device)?.unsqueeze(1)?)?;
+        let hidden = model.decoder.forward(&x, &vec![1; b], &mut self.cache)?;
+        let mut keep = Vec::with_capacity(b);
+        for (r, seq) in self.seqs.iter_mut().enumerate() {
+            let logits = last_logits(model, &hidden.narrow(0, r, 1)?)?;
+            keep.push(seq.advance(&logits, tokenizer));
+        }
+        self.remove(&keep, tokenizer)
+    }
+
+    /// Takes out the sequences `drop` picks (their clients went away, say), as cancelled.
+    pub fn cancel(
+        &mut self,
+        tokenizer: &Tokenizer,
+        drop: impl Fn(&T) -> bool,
+    ) -> Result<Vec<Finished<T>>> {
+        let keep: Vec<bool> = self.seqs.iter().map(|s| !drop(&s.tag)).collect();
+        for (seq, &k) in self.seqs.iter_mut().zip(&keep) {
+            if !k {
+                seq.row.stop = Some(StopReason::Cancelled);
+            }
+        }
+        self.remove(&keep, tokenizer)
+    }
+
+    fn remove(&mut self, keep: &[bool], tokenizer: &Tokenizer) -> Result<Vec<Finished<T>>> {
+        if keep.iter().all(|&k| k) {
+            return Ok(Vec::new());
+        }
+        self.cache.retain_rows(keep)?;
+        let mut finished = Vec::new();
+        let mut kept = Vec::with_capacity(self.seqs.len());
+        for (seq, &k) in std::mem::take(&mut self.seqs).into_iter().zip(keep) {
+            if k {
+                kept.push(seq);
+            } else {
+                finished.push(seq.finish(tokenizer));
+            }
+        }
+        self.seqs = kept;
+        Ok(finished)
+    }
 }
 
 /// [`generate`] for several sequences at once, without streaming: the prompts

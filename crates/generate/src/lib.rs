@@ -7,6 +7,8 @@ pub mod engine;
 pub mod sampler;
 pub mod session;
 
-pub use engine::{generate, generate_batch, GenerateOptions, Generation, StopReason};
+pub use engine::{
+    generate, generate_batch, Batch, Finished, GenerateOptions, Generation, StopReason,
+};
 pub use sampler::{Sampler, SamplingParams};
 pub use session::{Answer, AnswerOptions, Session, SessionError, SessionOptions};

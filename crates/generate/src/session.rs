@@ -322,6 +322,26 @@ impl Session {
         )?)
     }
 
+    /// Everything a rendered prompt needs before decoding: the options checked, the
+    /// embeddings with the images fitted by the answer's mode, and how the answer ends.
+    /// A server hands the result to its [`Batch`](crate::Batch).
+    pub fn prepare(
+        &self,
+        prompt_text: &str,
+        images: &[RgbImage],
+        opts: &AnswerOptions,
+        timings: &mut Timings,
+    ) -> Result<(EmbeddedPrompt, GenerateOptions), SessionError> {
+        opts.sampling.validate()?;
+        let embedded = self.embed_prompt_as(
+            prompt_text,
+            images,
+            opts.aspect.unwrap_or(self.aspect),
+            timings,
+        )?;
+        Ok((embedded, self.generate_options(opts)))
+    }
+
     /// [`Session::answer`] for a prompt already rendered (LLaVA's worker protocol sends
     /// the text with its `<image>` placeholders).
     pub fn answer_prompt(
@@ -331,22 +351,18 @@ impl Session {
         opts: &AnswerOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Answer, SessionError> {
-        opts.sampling.validate()?;
         let mut timings = Timings {
             load_ms: self.load_ms,
             ..Default::default()
         };
-        let EmbeddedPrompt {
-            embeds,
-            ids,
-            tokens: prompt_tokens,
-        } = self.embed_prompt_as(
-            prompt_text,
-            images,
-            opts.aspect.unwrap_or(self.aspect),
-            &mut timings,
-        )?;
-        let gen_opts = self.generate_options(opts);
+        let (
+            EmbeddedPrompt {
+                embeds,
+                ids,
+                tokens: prompt_tokens,
+            },
+            gen_opts,
+        ) = self.prepare(prompt_text, images, opts, &mut timings)?;
         let generation =
             crate::engine::generate(&self.model, &self.tok, &embeds, &ids, &gen_opts, on_text)?;
         timings.prefill_ms = generation.prefill_ms;

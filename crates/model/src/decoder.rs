@@ -254,7 +254,7 @@ impl Decoder {
         layers + norm + self.lm_head.stored_bytes() + row
     }
 
-    pub(crate) fn embed_tokens_device(&self) -> &candle_core::Device {
+    pub fn device(&self) -> &candle_core::Device {
         self.embed_tokens.embeddings().device()
     }
 

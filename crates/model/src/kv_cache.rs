@@ -99,6 +99,118 @@ impl KvCache {
         Ok((positions, mask))
     }
 
+    /// Adds the rows of `other` (a cache of the same model) after this cache's rows. The
+    /// newest slots of both line up; the side with fewer slots gets padding slots in front,
+    /// which attention never reads. This is how a sequence prefilled on its own joins a
+    /// batch that is already decoding.
+    pub fn extend(&mut self, other: KvCache) -> Result<()> {
+        if other.layers.len() != self.layers.len() {
+            candle_core::bail!(
+                "joining a cache of {} layers to one of {}",
+                other.layers.len(),
+                self.layers.len()
+            );
+        }
+        if self.slots.is_empty() {
+            *self = other;
+            return Ok(());
+        }
+        if other.slots.is_empty() {
+            return Ok(());
+        }
+        let (mine, theirs) = (self.slot_count(), other.slot_count());
+        let total = mine.max(theirs);
+        for (layer, their) in self.layers.iter_mut().zip(other.layers) {
+            let (Some(buf), Some(their)) = (layer.as_mut(), their) else {
+                candle_core::bail!("joining caches before their first step");
+            };
+            let front = |b: &LayerBuffer, t: &Tensor, pad: usize| -> Result<Tensor> {
+                t.narrow(2, 0, b.len)?.pad_with_zeros(2, pad, 0)
+            };
+            let k = Tensor::cat(
+                &[
+                    front(buf, &buf.k, total - mine)?,
+                    front(&their, &their.k, total - theirs)?,
+                ],
+                0,
+            )?;
+            let v = Tensor::cat(
+                &[
+                    front(buf, &buf.v, total - mine)?,
+                    front(&their, &their.v, total - theirs)?,
+                ],
+                0,
+            )?;
+            *buf = LayerBuffer { k, v, len: total };
+        }
+        let pad = |row: Vec<Option<usize>>, n: usize| {
+            let mut padded = vec![None; n];
+            padded.extend(row);
+            padded
+        };
+        let rows = std::mem::take(&mut self.slots);
+        self.slots = rows
+            .into_iter()
+            .map(|r| pad(r, total - mine))
+            .chain(other.slots.into_iter().map(|r| pad(r, total - theirs)))
+            .collect();
+        Ok(())
+    }
+
+    /// Keeps the rows for which `keep[r]` holds (a batch whose finished sequences leave),
+    /// and drops the slots that are padding in every row left, so that the cache never
+    /// grows past its longest sequence.
+    pub fn retain_rows(&mut self, keep: &[bool]) -> Result<()> {
+        if keep.len() != self.slots.len() {
+            candle_core::bail!(
+                "{} flags for a cache of {} rows",
+                keep.len(),
+                self.slots.len()
+            );
+        }
+        if keep.iter().all(|&k| k) {
+            return Ok(());
+        }
+        let rows: Vec<u32> = (0..keep.len() as u32)
+            .filter(|&r| keep[r as usize])
+            .collect();
+        if rows.is_empty() {
+            *self = KvCache::new(self.layers.len(), 0);
+            return Ok(());
+        }
+        let slots: Vec<Vec<Option<usize>>> = rows
+            .iter()
+            .map(|&r| std::mem::take(&mut self.slots[r as usize]))
+            .collect();
+        let cols: Vec<u32> = (0..slots[0].len())
+            .filter(|&j| slots.iter().any(|row| row[j].is_some()))
+            .map(|j| j as u32)
+            .collect();
+        for buf in self.layers.iter_mut().flatten() {
+            let device = buf.k.device().clone();
+            let rows = Tensor::new(rows.as_slice(), &device)?;
+            let cols = Tensor::new(cols.as_slice(), &device)?;
+            let pick = |t: &Tensor| -> Result<Tensor> {
+                t.narrow(2, 0, buf.len)?
+                    .contiguous()?
+                    .index_select(&rows, 0)?
+                    .index_select(&cols, 2)?
+                    .contiguous()
+            };
+            let (k, v) = (pick(&buf.k)?, pick(&buf.v)?);
+            *buf = LayerBuffer {
+                k,
+                v,
+                len: cols.dim(0)?,
+            };
+        }
+        self.slots = slots
+            .into_iter()
+            .map(|row| cols.iter().map(|&j| row[j as usize]).collect())
+            .collect();
+        Ok(())
+    }
+
     /// Appends this step's keys/values `(batch, kv_heads, seq, d)` to `layer` and returns
     /// the full cached tensors (views of the layer's buffer: nothing already cached is
     /// copied, except when the buffer doubles).

@@ -70,7 +70,7 @@ impl Llava {
     /// With `bf16` (and a CPU with AVX512-BF16) every matrix, the tower's included, runs
     /// through our bf16 kernels.
     pub fn pack_for_inference(&mut self, bf16: bool) -> Result<()> {
-        if !self.decoder.embed_tokens_device().is_cpu() {
+        if !self.decoder.device().is_cpu() {
             // These layouts are for CPU kernels; a GPU multiplies dense weights.
             return Ok(());
         }
@@ -102,7 +102,7 @@ impl Llava {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             candle_core::bail!("token id {bad} is outside the model's vocabulary of {vocab}: the tokenizer and the checkpoint disagree");
         }
-        let device = self.decoder.embed_tokens_device();
+        let device = self.decoder.device();
         let ids_t = Tensor::new(ids, device)?.unsqueeze(0)?;
         let text = self.decoder.embed(&ids_t)?; // (1, L, h)
         if slots.is_empty() {

@@ -2,7 +2,8 @@
 //! which worker serves a model, or send generation requests that the controller forwards.
 //! Endpoints and bodies are the reference's, so its workers, gradio page and `test_message`
 //! client work with `kollava controller`, and `kollava serve --controller` with its
-//! controller.
+//! controller. The controller also serves the chat page and fronts the OpenAI API: the
+//! page lists every registered model and its requests go to a worker of the chosen one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -182,6 +183,13 @@ impl Controller {
         }
     }
 
+    /// Drops a worker that could not be reached (it died between heartbeats).
+    fn forget(&self, name: &str) {
+        if self.workers().remove(name).is_some() {
+            tracing::warn!("worker {name} is unreachable; removed");
+        }
+    }
+
     /// Drops the workers whose heartbeats stopped.
     pub fn expire(&self, now: Instant) {
         self.workers().retain(|name, w| {
@@ -270,42 +278,65 @@ async fn worker_get_status(State(c): State<Arc<Controller>>) -> Json<Value> {
     Json(json!({"model_names": c.models(), "speed": speed, "queue_length": queue}))
 }
 
-/// Forwards a generation request to a worker of `params["model"]`, streaming its chunks
-/// back; without one, the reference's error chunk (`error_code` 2).
-async fn worker_generate_stream(State(c): State<Arc<Controller>>, body: Bytes) -> Response {
-    let error = |code: u8| {
-        let mut b = json!({"text": SERVER_ERROR_MSG, "error_code": code})
-            .to_string()
-            .into_bytes();
-        b.push(0);
-        Response::new(Body::from(b))
-    };
-    let model = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .and_then(|v| v["model"].as_str().map(str::to_string))
-        .unwrap_or_default();
-    let Some(address) = c.pick(&model) else {
-        return error(2);
-    };
+/// What [`forward`] got from a worker before its body: status and content type, or why
+/// no worker answered.
+enum Head {
+    Answer(u16, String),
+    NoWorker,
+    Unreachable(String),
+}
+
+/// Sends `body` to `path` of a worker of `model`, streaming the answer back. A worker that
+/// cannot be reached is forgotten at once and the next one is tried, so requests keep
+/// succeeding while a dead worker's heartbeats run out.
+async fn forward(
+    c: Arc<Controller>,
+    model: String,
+    path: &'static str,
+    auth: Option<String>,
+    body: Bytes,
+) -> (Head, Body) {
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
-    let url = format!("{}/worker_generate_stream", address.trim_end_matches('/'));
     std::thread::spawn(move || {
         use std::io::Read;
-        let resp = ureq::post(&url)
-            .header("Content-Type", "application/json")
-            .send(&body[..]);
-        let mut resp = match resp {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!("worker {url}: {e}");
-                let mut b = json!({"text": SERVER_ERROR_MSG, "error_code": 3})
-                    .to_string()
-                    .into_bytes();
-                b.push(0);
-                let _ = tx.blocking_send(Ok(Bytes::from(b)));
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        let mut last_error = String::new();
+        let mut resp = loop {
+            let Some(address) = c.pick(&model) else {
+                let _ = head_tx.send(if last_error.is_empty() {
+                    Head::NoWorker
+                } else {
+                    Head::Unreachable(last_error)
+                });
                 return;
+            };
+            let url = format!("{}{path}", address.trim_end_matches('/'));
+            let mut req = agent.post(&url).header("Content-Type", "application/json");
+            if let Some(auth) = &auth {
+                req = req.header("Authorization", auth);
+            }
+            match req.send(&body[..]) {
+                Ok(r) => break r,
+                Err(e) => {
+                    last_error = format!("{url}: {e}");
+                    c.forget(&address);
+                }
             }
         };
+        let content_type = resp
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+            .to_string();
+        let head = Head::Answer(resp.status().as_u16(), content_type);
+        if head_tx.send(head).is_err() {
+            return;
+        }
         let mut reader = resp.body_mut().as_reader();
         let mut buf = [0u8; 8192];
         loop {
@@ -326,9 +357,97 @@ async fn worker_generate_stream(State(c): State<Arc<Controller>>, body: Bytes) -
             }
         }
     });
-    Response::new(Body::from_stream(
-        tokio_stream::wrappers::ReceiverStream::new(rx),
-    ))
+    let head = head_rx
+        .await
+        .unwrap_or_else(|_| Head::Unreachable("the relay stopped".into()));
+    (
+        head,
+        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+}
+
+fn model_of(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["model"].as_str().map(str::to_string))
+        .filter(|m| !m.is_empty())
+}
+
+/// Forwards a generation request to a worker of `params["model"]`, streaming its chunks
+/// back; without one, the reference's error chunk (`error_code` 2; 3 when none answered).
+async fn worker_generate_stream(State(c): State<Arc<Controller>>, body: Bytes) -> Response {
+    let error = |code: u8| {
+        let mut b = json!({"text": SERVER_ERROR_MSG, "error_code": code})
+            .to_string()
+            .into_bytes();
+        b.push(0);
+        Response::new(Body::from(b))
+    };
+    let model = model_of(&body).unwrap_or_default();
+    match forward(c, model, "/worker_generate_stream", None, body).await {
+        (Head::Answer(..), body) => Response::new(body),
+        (Head::NoWorker, _) => error(2),
+        (Head::Unreachable(e), _) => {
+            tracing::warn!("{e}");
+            error(3)
+        }
+    }
+}
+
+/// `GET /v1/models` in front of the workers: every registered model, in OpenAI's shape
+/// (the chat page offers them in its model list).
+async fn openai_models(State(c): State<Arc<Controller>>) -> Json<Value> {
+    let data: Vec<Value> = c
+        .models()
+        .into_iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "kollava"}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// The chat page's requests (`/v1/chat/completions`, `/api/log`) go to a worker of the
+/// body's `model` (the first registered model when it names none); the worker's status,
+/// content type and body come back as they stream.
+async fn relay_to_worker(
+    State(c): State<Arc<Controller>>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    use axum::http::{header, StatusCode};
+    let openai_error = |status: StatusCode, message: String| {
+        let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": null}});
+        (status, Json(body)).into_response()
+    };
+    let path = match uri.path() {
+        "/api/log" => "/api/log",
+        _ => "/v1/chat/completions",
+    };
+    let Some(model) = model_of(&body).or_else(|| c.models().into_iter().next()) else {
+        return openai_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no worker is registered with this controller".into(),
+        );
+    };
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    match forward(c, model.clone(), path, auth, body).await {
+        (Head::Answer(status, content_type), body) => Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, content_type)
+            .body(body)
+            .unwrap_or_else(|e| openai_error(StatusCode::BAD_GATEWAY, e.to_string())),
+        (Head::NoWorker, _) => openai_error(
+            StatusCode::NOT_FOUND,
+            format!("no worker serves the model {model:?}"),
+        ),
+        (Head::Unreachable(e), _) => openai_error(
+            StatusCode::BAD_GATEWAY,
+            format!("no worker for {model:?} answered ({e})"),
+        ),
+    }
 }
 
 /// The controller's routes, and a task that expires silent workers.
@@ -348,6 +467,11 @@ pub fn router(c: Arc<Controller>) -> Router {
         .route("/receive_heart_beat", post(receive_heart_beat))
         .route("/worker_generate_stream", post(worker_generate_stream))
         .route("/worker_get_status", post(worker_get_status))
+        .route("/", axum::routing::get(crate::chat_page))
+        .route("/v1/models", axum::routing::get(openai_models))
+        .route("/v1/chat/completions", post(relay_to_worker))
+        .route("/api/log", post(relay_to_worker))
+        .layer(axum::extract::DefaultBodyLimit::max(crate::MAX_BODY_BYTES))
         .with_state(c)
 }
 

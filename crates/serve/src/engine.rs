@@ -1,13 +1,16 @@
 //! The handle between HTTP handlers and the model: one worker thread owns the
-//! [`Session`] and answers jobs from a bounded queue in order, streaming text back over
-//! a channel. A job whose receiver is gone (client disconnected) is cancelled at the next
-//! token. Batching several requests per step comes later (issue 4); the handle's shape
-//! does not change for it.
+//! [`Session`] and decodes every running request together (continuous batching): between
+//! two decode steps it prefills the requests that arrived and lets them join, and a request
+//! leaves the batch the step it ends. Text streams back over a channel per request; a
+//! request whose receiver is gone (the client disconnected) is dropped before the next
+//! step.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::Instant;
 
-use kollava_generate::{AnswerOptions, Session, SessionError, StopReason};
+use kollava_generate::session::Timings;
+use kollava_generate::{AnswerOptions, Batch, Finished, Session, SessionError, StopReason};
 use kollava_inputs::image::RgbImage;
 use kollava_inputs::template::{Conversation, Role};
 use tokio::sync::mpsc as tmpsc;
@@ -54,42 +57,61 @@ pub enum Event {
     Failed(ApiError),
 }
 
+/// Live figures for `/metrics`, written by the engine thread.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Sequences in the running batch, and the most there have been at once.
+    pub running: AtomicUsize,
+    pub peak_running: AtomicUsize,
+    /// Sum (µs) and count of the times from submission to the first token.
+    pub first_token_us: AtomicU64,
+    pub first_tokens: AtomicU64,
+    /// Tokens per second over the last decode step, all sequences together (f64 bits).
+    pub step_tokens_per_s: AtomicU64,
+}
+
+impl EngineStats {
+    pub fn tokens_per_s(&self) -> f64 {
+        f64::from_bits(self.step_tokens_per_s.load(Ordering::Relaxed))
+    }
+}
+
 #[derive(Clone)]
 pub struct EngineHandle {
-    jobs: mpsc::SyncSender<Job>,
+    jobs: mpsc::SyncSender<(Instant, Job)>,
     pub model_name: String,
     /// Jobs queued or running (LLaVA's `queue_length`).
     pending: Arc<AtomicUsize>,
+    pub stats: Arc<EngineStats>,
     /// The checkpoint follows the June-2023 worker, whose sampler has no top-k.
     pub june_sampler: bool,
 }
 
 impl EngineHandle {
-    /// Starts the worker thread. At most `max_queue` jobs wait; more are refused.
-    pub fn spawn(session: Session, max_queue: usize) -> EngineHandle {
-        let (tx, rx) = mpsc::sync_channel::<Job>(max_queue);
+    /// Starts the worker thread. At most `max_queue` jobs wait (more are refused) and at
+    /// most `max_concurrency` are decoded together.
+    pub fn spawn(session: Session, max_queue: usize, max_concurrency: usize) -> EngineHandle {
+        let (tx, rx) = mpsc::sync_channel::<(Instant, Job)>(max_queue);
         let model_name = session.ckpt.name.clone();
         let june_sampler = session.ckpt.family == kollava_checkpoint::Family::LlavaV0;
         let pending = Arc::new(AtomicUsize::new(0));
-        let done = pending.clone();
+        let stats = Arc::new(EngineStats::default());
+        let worker = Worker {
+            session,
+            rx,
+            pending: pending.clone(),
+            stats: stats.clone(),
+            max_concurrency: max_concurrency.max(1),
+        };
         std::thread::Builder::new()
             .name("kollava-engine".into())
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    let events = job.events.clone();
-                    let last = run_job(&session, job);
-                    // Count the job as finished before the client can see its end.
-                    done.fetch_sub(1, Ordering::SeqCst);
-                    if let Some(last) = last {
-                        let _ = events.blocking_send(last);
-                    }
-                }
-            })
+            .spawn(move || worker.run())
             .expect("spawning the engine thread");
         EngineHandle {
             jobs: tx,
             model_name,
             pending,
+            stats,
             june_sampler,
         }
     }
@@ -102,7 +124,7 @@ impl EngineHandle {
     /// Queues a job; 503 when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), ApiError> {
         self.pending.fetch_add(1, Ordering::SeqCst);
-        self.jobs.try_send(job).map_err(|e| {
+        self.jobs.try_send((Instant::now(), job)).map_err(|e| {
             self.pending.fetch_sub(1, Ordering::SeqCst);
             match e {
                 mpsc::TrySendError::Full(_) => ApiError::unavailable(
@@ -113,6 +135,175 @@ impl EngineHandle {
                 }
             }
         })
+    }
+}
+
+/// What the batch remembers of a request.
+struct Tag {
+    events: tmpsc::Sender<Event>,
+    prompt_tokens: usize,
+}
+
+/// The engine thread's state.
+struct Worker {
+    session: Session,
+    rx: mpsc::Receiver<(Instant, Job)>,
+    pending: Arc<AtomicUsize>,
+    stats: Arc<EngineStats>,
+    max_concurrency: usize,
+}
+
+impl Worker {
+    fn run(self) {
+        let mut batch: Batch<'static, Tag> = Batch::new(&self.session.model);
+        loop {
+            // Admit what has arrived; wait only when there is nothing to decode.
+            while batch.len() < self.max_concurrency {
+                let next = if batch.is_empty() {
+                    match self.rx.recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    }
+                } else {
+                    match self.rx.try_recv() {
+                        Ok(job) => job,
+                        Err(_) => break,
+                    }
+                };
+                if let Some(done) = self.admit(&mut batch, next) {
+                    self.finish(done);
+                }
+            }
+            self.stats.running.store(batch.len(), Ordering::Relaxed);
+            self.stats
+                .peak_running
+                .fetch_max(batch.len(), Ordering::Relaxed);
+            let tok = &self.session.tok;
+            match batch.cancel(tok, |t| t.events.is_closed()) {
+                Ok(gone) => self.pending.fetch_sub(gone.len(), Ordering::SeqCst),
+                Err(e) => return self.fail_all(&mut batch, e),
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            let t = Instant::now();
+            let n = batch.len();
+            match batch.step(&self.session.model, tok) {
+                Ok(ended) => {
+                    let rate = n as f64 / t.elapsed().as_secs_f64().max(1e-9);
+                    self.stats
+                        .step_tokens_per_s
+                        .store(rate.to_bits(), Ordering::Relaxed);
+                    for done in ended {
+                        self.finish(Ok(done));
+                    }
+                }
+                Err(e) => self.fail_all(&mut batch, e),
+            }
+        }
+    }
+
+    /// Prefills a job and adds it to the batch; returns it when it has already ended (or
+    /// failed).
+    fn admit(
+        &self,
+        batch: &mut Batch<'static, Tag>,
+        (submitted, job): (Instant, Job),
+    ) -> Option<Result<Finished<Tag>, (Tag, ApiError)>> {
+        let session = &self.session;
+        let (prompt, images) = render(session, job.input);
+        let mut timings = Timings::default();
+        let prepared = session.prepare(&prompt, &images, &job.options, &mut timings);
+        let mut tag = Tag {
+            events: job.events,
+            prompt_tokens: 0,
+        };
+        let (embedded, opts) = match prepared {
+            Ok(p) => p,
+            Err(e) => return Some(Err((tag, session_error(e)))),
+        };
+        tag.prompt_tokens = embedded.tokens;
+        let events = tag.events.clone();
+        let stats = self.stats.clone();
+        let mut first = true;
+        let on_text = move |piece: &str| {
+            if first {
+                first = false;
+                let us = submitted.elapsed().as_micros() as u64;
+                stats.first_token_us.fetch_add(us, Ordering::Relaxed);
+                stats.first_tokens.fetch_add(1, Ordering::Relaxed);
+            }
+            match events.try_send(Event::Text(piece.to_string())) {
+                Ok(()) => true,
+                Err(tmpsc::error::TrySendError::Full(e)) => events.blocking_send(e).is_ok(),
+                Err(tmpsc::error::TrySendError::Closed(_)) => false,
+            }
+        };
+        let failed = tag.events.clone();
+        let joined = batch.join(
+            &session.model,
+            &session.tok,
+            &embedded.embeds,
+            &embedded.ids,
+            &opts,
+            on_text,
+            tag,
+        );
+        match joined {
+            Ok(None) => None,
+            Ok(Some(done)) => Some(Ok(done)),
+            Err(e) => Some(Err((
+                Tag {
+                    events: failed,
+                    prompt_tokens: 0,
+                },
+                ApiError::internal(format!("prefill: {e}")),
+            ))),
+        }
+    }
+
+    /// Sends a request's last event and counts it as no longer pending.
+    fn finish(&self, done: Result<Finished<Tag>, (Tag, ApiError)>) {
+        // Count the job as finished before the client can see its end.
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+        let (events, last) = match done {
+            Ok(Finished { tag, generation: g }) => {
+                if g.stop == StopReason::Cancelled {
+                    return;
+                }
+                let last = Event::Done {
+                    text: g.text,
+                    prompt_tokens: tag.prompt_tokens,
+                    completion_tokens: g.ids.len(),
+                    finish_reason: if matches!(g.stop, StopReason::MaxTokens | StopReason::Context)
+                    {
+                        "length"
+                    } else {
+                        "stop"
+                    },
+                };
+                (tag.events, last)
+            }
+            Err((tag, e)) => (tag.events, Event::Failed(e)),
+        };
+        let _ = events.blocking_send(last);
+    }
+
+    /// A decode step failed: every running request gets the error.
+    fn fail_all(&self, batch: &mut Batch<'static, Tag>, e: impl std::fmt::Display) {
+        let message = format!("decode step: {e}");
+        match batch.cancel(&self.session.tok, |_| true) {
+            Ok(gone) => {
+                for f in gone {
+                    self.finish(Err((f.tag, ApiError::internal(&message))));
+                }
+            }
+            Err(e2) => {
+                tracing::error!("{message}; clearing the batch failed too: {e2}");
+                self.pending.fetch_sub(batch.len(), Ordering::SeqCst);
+                *batch = Batch::new(&self.session.model);
+            }
+        }
     }
 }
 
@@ -149,33 +340,4 @@ fn render(session: &Session, input: Input) -> (String, Vec<RgbImage>) {
             (conv.prompt(), images)
         }
     }
-}
-
-/// Runs a job, streaming its text; returns its final event (`None` when cancelled).
-fn run_job(session: &Session, job: Job) -> Option<Event> {
-    let (prompt, images) = render(session, job.input);
-    let events = job.events;
-    let result = session.answer_prompt(&prompt, &images, &job.options, &mut |piece| {
-        events.blocking_send(Event::Text(piece.to_string())).is_ok()
-    });
-    let last = match result {
-        Ok(answer) => {
-            let g = answer.generation;
-            if g.stop == StopReason::Cancelled {
-                return None;
-            }
-            Event::Done {
-                text: g.text,
-                prompt_tokens: answer.prompt_tokens,
-                completion_tokens: g.ids.len(),
-                finish_reason: if matches!(g.stop, StopReason::MaxTokens | StopReason::Context) {
-                    "length"
-                } else {
-                    "stop"
-                },
-            }
-        }
-        Err(e) => Event::Failed(session_error(e)),
-    };
-    Some(last)
 }

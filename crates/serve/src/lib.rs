@@ -28,7 +28,7 @@ pub use engine::EngineHandle;
 /// The chat page, embedded in the binary (it must work offline: no CDN).
 const CHAT_PAGE: &str = include_str!("../assets/index.html");
 
-async fn chat_page() -> axum::response::Html<&'static str> {
+pub(crate) async fn chat_page() -> axum::response::Html<&'static str> {
     axum::response::Html(CHAT_PAGE)
 }
 
@@ -51,6 +51,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// `--log-dir`: where the chat page's conversation and vote logs go (none: not kept).
     pub log_dir: Option<std::path::PathBuf>,
+    /// `--allow-remote-images`: fetch http(s) `image_url`s.
+    pub allow_remote_images: bool,
+    /// `--cors-origin`: the one origin (or `*`) browsers may call the API from.
+    pub cors_origin: Option<String>,
 }
 
 impl AppState {
@@ -60,6 +64,8 @@ impl AppState {
             api_key,
             metrics: Arc::default(),
             log_dir: None,
+            allow_remote_images: false,
+            cors_origin: None,
         }
     }
 
@@ -67,19 +73,38 @@ impl AppState {
         self.log_dir = dir;
         self
     }
+
+    /// `--allow-remote-images` and `--cors-origin`.
+    pub fn with_access(mut self, allow_remote_images: bool, cors_origin: Option<String>) -> Self {
+        self.allow_remote_images = allow_remote_images;
+        self.cors_origin = cors_origin;
+        self
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let m = &state.metrics;
+    let e = &state.engine.stats;
     let body = format!(
         "# TYPE kollava_requests_total counter\nkollava_requests_total {}\n\
          # TYPE kollava_request_failures_total counter\nkollava_request_failures_total {}\n\
          # TYPE kollava_generated_tokens_total counter\nkollava_generated_tokens_total {}\n\
-         # TYPE kollava_queue_length gauge\nkollava_queue_length {}\n",
+         # TYPE kollava_queue_length gauge\nkollava_queue_length {}\n\
+         # TYPE kollava_running_sequences gauge\nkollava_running_sequences {}\n\
+         # TYPE kollava_peak_running_sequences gauge\nkollava_peak_running_sequences {}\n\
+         # TYPE kollava_decode_tokens_per_second gauge\nkollava_decode_tokens_per_second {:.3}\n\
+         # TYPE kollava_time_to_first_token_seconds summary\n\
+         kollava_time_to_first_token_seconds_sum {:.6}\n\
+         kollava_time_to_first_token_seconds_count {}\n",
         m.requests.load(Ordering::Relaxed),
         m.failed.load(Ordering::Relaxed),
         m.generated_tokens.load(Ordering::Relaxed),
         state.engine.queue_length(),
+        e.running.load(Ordering::Relaxed),
+        e.peak_running.load(Ordering::Relaxed),
+        e.tokens_per_s(),
+        e.first_token_us.load(Ordering::Relaxed) as f64 / 1e6,
+        e.first_tokens.load(Ordering::Relaxed),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
@@ -117,14 +142,39 @@ pub fn app(state: AppState) -> Router {
         .route("/worker_get_status", post(worker::get_status))
         .route("/worker_generate_stream", post(worker::generate_stream))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
-    Router::new()
+    let cors = state.cors_origin.as_deref().map(cors_layer);
+    let router = Router::new()
         .route("/", get(chat_page))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/api/log", post(logs::log_event))
         .merge(api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+        .with_state(state);
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// `--cors-origin`: browsers on `origin` (or any, for `*`) may call the API, sending the
+/// API key and JSON bodies. Without it no CORS headers are sent, so other sites cannot.
+fn cors_layer(origin: &str) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    let layer = CorsLayer::new()
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]);
+    if origin == "*" {
+        layer.allow_origin(Any)
+    } else {
+        match axum::http::HeaderValue::from_str(origin) {
+            Ok(v) => layer.allow_origin(AllowOrigin::exact(v)),
+            Err(_) => {
+                tracing::warn!("--cors-origin {origin:?} is not a valid origin; CORS stays off");
+                layer.allow_origin(AllowOrigin::list([]))
+            }
+        }
+    }
 }
 
 /// Serves until Ctrl-C / SIGTERM; in-flight requests finish first.

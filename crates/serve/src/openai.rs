@@ -90,7 +90,7 @@ pub(crate) fn decode_base64_image(data: &str, what: &str) -> Result<image::RgbIm
     image::decode(&bytes, what).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
-fn decode_image_url(url: &str, index: usize) -> Result<image::RgbImage, ApiError> {
+fn decode_image_url(url: &str, index: usize, remote: bool) -> Result<image::RgbImage, ApiError> {
     let what = format!("messages image {index}");
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest
@@ -103,14 +103,42 @@ fn decode_image_url(url: &str, index: usize) -> Result<image::RgbImage, ApiError
         }
         return decode_base64_image(data, &what);
     }
-    let scheme = url.split(':').next().unwrap_or("");
+    let scheme = url.split(':').next().unwrap_or("").to_ascii_lowercase();
+    if remote && (scheme == "http" || scheme == "https") {
+        return fetch_image(url, &what);
+    }
+    let allowed = if remote {
+        "send a base64 data URL or an http(s) URL; local paths are never read"
+    } else {
+        "send the image as a base64 data URL (remote and local URLs are disabled on this server; see --allow-remote-images)"
+    };
     Err(ApiError::bad_request(format!(
-        "{what}: {scheme:?} URLs are not accepted; send the image as a base64 data URL (remote and local URLs are disabled on this server)"
+        "{what}: {scheme:?} URLs are not accepted; {allowed}"
     )))
 }
 
+/// Downloads an image for `--allow-remote-images`: 10 s, at most a request body's size.
+fn fetch_image(url: &str, what: &str) -> Result<image::RgbImage, ApiError> {
+    let agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(10)))
+        .max_redirects(3)
+        .build()
+        .new_agent();
+    let bytes = agent
+        .get(url)
+        .call()
+        .and_then(|mut r| {
+            r.body_mut()
+                .with_config()
+                .limit(crate::MAX_BODY_BYTES as u64)
+                .read_to_vec()
+        })
+        .map_err(|e| ApiError::bad_request(format!("{what}: cannot fetch {url}: {e}")))?;
+    image::decode(&bytes, what).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
 /// Turns the request into a job for the engine.
-fn to_job(req: ChatRequest, events: mpsc::Sender<Event>) -> Result<Job, ApiError> {
+fn to_job(req: ChatRequest, events: mpsc::Sender<Event>, remote: bool) -> Result<Job, ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty"));
     }
@@ -132,7 +160,7 @@ fn to_job(req: ChatRequest, events: mpsc::Sender<Event>) -> Result<Job, ApiError
                             text.push_str(&t);
                         }
                         Part::ImageUrl { image_url } => {
-                            images.push(decode_image_url(&image_url.url, image_index)?);
+                            images.push(decode_image_url(&image_url.url, image_index, remote)?);
                             image_index += 1;
                         }
                     }
@@ -247,7 +275,11 @@ async fn chat_completions_inner(
     })?;
     let stream = req.stream;
     let (tx, mut rx) = mpsc::channel(64);
-    let job = to_job(req, tx)?;
+    // Decoding (and fetching) images is blocking work: keep it off the async threads.
+    let remote = state.allow_remote_images;
+    let job = tokio::task::spawn_blocking(move || to_job(req, tx, remote))
+        .await
+        .map_err(ApiError::internal)??;
     state.engine.submit(job)?;
     static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let id = format!(

@@ -25,7 +25,7 @@ fn session() -> Session {
 }
 
 fn state() -> AppState {
-    AppState::new(EngineHandle::spawn(session(), 32), None)
+    AppState::new(EngineHandle::spawn(session(), 32, 16), None)
 }
 
 fn data_url() -> String {
@@ -286,7 +286,12 @@ async fn the_chat_page_is_served_offline_and_uses_the_api() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sixteen_simultaneous_greedy_requests_each_equal_the_request_alone() {
     let state = state();
-    let ask = |i: usize| json!({"temperature": 0, "max_tokens": 4, "messages": [{"role": "user", "content": format!("질문 {}", i % 4)}]});
+    // Prompts of different lengths and budgets, so that requests join and leave the batch
+    // at different steps.
+    let ask = |i: usize| {
+        json!({"temperature": 0, "max_tokens": 16 + 4 * (i % 4),
+        "messages": [{"role": "user", "content": format!("질문 {}{}", i % 4, " 그리고".repeat(i % 4))}]})
+    };
     let mut alone = Vec::new();
     for i in 0..4 {
         let (status, body) = send(&state, request(ask(i))).await;
@@ -315,11 +320,22 @@ async fn sixteen_simultaneous_greedy_requests_each_equal_the_request_alone() {
             "request {i}"
         );
     }
+    let (_, metrics) = send(
+        &state,
+        Request::get("/metrics").body(Body::empty()).unwrap(),
+    )
+    .await;
+    let peak: usize = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kollava_peak_running_sequences "))
+        .and_then(|v| v.parse().ok())
+        .expect("metrics has the peak batch size");
+    assert!(peak > 1, "the requests were decoded together:\n{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn api_key_guards_the_api_and_metrics_count_requests() {
-    let state = AppState::new(EngineHandle::spawn(session(), 4), Some("s3cret".into()));
+    let state = AppState::new(EngineHandle::spawn(session(), 4, 16), Some("s3cret".into()));
     let ok = || json!({"temperature": 0, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
     assert_openai_error(&state, request(ok()), StatusCode::UNAUTHORIZED, "API key").await;
     let mut wrong = request(ok());
@@ -470,4 +486,139 @@ async fn each_request_fits_its_image_by_its_own_mode() {
     let (status, body) = send(&state, request(body)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body.contains("squash"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_answers_503_with_retry_after_and_the_rest_still_complete() {
+    // One request decodes at a time and one may wait: of four sent together while the
+    // first decodes a long answer, at least one finds the queue full.
+    let state = AppState::new(EngineHandle::spawn(session(), 1, 1), None);
+    let long = json!({"temperature": 0, "max_tokens": 200, "messages": [{"role": "user", "content": "길게"}]});
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (state, body) = (state.clone(), long.clone());
+            tokio::spawn(async move { app(state).oneshot(request(body)).await.unwrap() })
+        })
+        .collect();
+    let (mut ok, mut busy) = (0, 0);
+    for h in handles {
+        let resp = h.await.unwrap();
+        match resp.status() {
+            StatusCode::OK => ok += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                busy += 1;
+                assert_eq!(resp.headers()["retry-after"], "1");
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                let v: Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(v["error"]["type"], "server_overloaded");
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(ok >= 1 && busy >= 1, "{ok} answered, {busy} refused");
+    assert_eq!(state.engine.queue_length(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cors_headers_only_for_the_configured_origin() {
+    let preflight = |origin: &str| {
+        Request::options("/v1/chat/completions")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .body(Body::empty())
+            .unwrap()
+    };
+    let closed = state();
+    let resp = app(closed)
+        .oneshot(preflight("https://example.org"))
+        .await
+        .unwrap();
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+
+    let open = state().with_access(false, Some("https://example.org".into()));
+    let resp = app(open.clone())
+        .oneshot(preflight("https://example.org"))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "https://example.org"
+    );
+    // Another site is not named back, so its browser refuses the response.
+    let resp = app(open)
+        .oneshot(preflight("https://evil.example"))
+        .await
+        .unwrap();
+    assert_ne!(
+        resp.headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some("https://evil.example")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_images_only_with_allow_remote_images_and_never_local_paths() {
+    // A local web server with the fixture image.
+    let png = std::fs::read(kollava_testkit::fixtures_dir().join("images/wide_rgb.png")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/wide.png", listener.local_addr().unwrap());
+    let files = axum::Router::new().route(
+        "/wide.png",
+        axum::routing::get(move || async move { png.clone() }),
+    );
+    tokio::spawn(async move { axum::serve(listener, files).await.unwrap() });
+
+    let ask = |url: &str| {
+        json!({"temperature": 0, "max_tokens": 8, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": QUESTION},
+            {"type": "image_url", "image_url": {"url": url}},
+        ]}]})
+    };
+    let closed = state();
+    assert_openai_error(
+        &closed,
+        request(ask(&url)),
+        StatusCode::BAD_REQUEST,
+        "--allow-remote-images",
+    )
+    .await;
+
+    let open = state().with_access(true, None);
+    let (status, body) = send(&open, request(ask(&url))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let remote: Value = serde_json::from_str(&body).unwrap();
+    let (_, body) = send(&open, request(with_image(false))).await;
+    let inline: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        remote["choices"][0]["message"]["content"], inline["choices"][0]["message"]["content"],
+        "the fetched image is the data URL's image"
+    );
+    let missing = url.replace("wide.png", "missing.png");
+    assert_openai_error(
+        &open,
+        request(ask(&missing)),
+        StatusCode::BAD_REQUEST,
+        "cannot fetch",
+    )
+    .await;
+    let path = kollava_testkit::fixtures_dir().join("images/wide_rgb.png");
+    let file_url = format!("file://{}", path.display());
+    assert_openai_error(
+        &open,
+        request(ask(&file_url)),
+        StatusCode::BAD_REQUEST,
+        "local paths are never read",
+    )
+    .await;
+    // The engine measured the time to first token of the answered requests.
+    let (_, metrics) = send(&open, Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    assert!(
+        metrics.contains("kollava_time_to_first_token_seconds_count 2"),
+        "{metrics}"
+    );
 }

@@ -8,7 +8,11 @@ use crate::pipeline;
 
 pub fn run(args: &ServeArgs) -> Result<()> {
     let session = pipeline::load(&args.model)?;
-    let engine = EngineHandle::spawn(session, args.max_queue as usize);
+    let engine = EngineHandle::spawn(
+        session,
+        args.max_queue as usize,
+        args.max_concurrency as usize,
+    );
     let api_key = args
         .api_key
         .clone()
@@ -40,7 +44,9 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         }
         kollava_serve::serve(
             listener,
-            AppState::new(engine, api_key).with_log_dir(args.log_dir.clone()),
+            AppState::new(engine, api_key)
+                .with_log_dir(args.log_dir.clone())
+                .with_access(args.allow_remote_images, args.cors_origin.clone()),
         )
         .await
         .context("serving")
