@@ -1742,6 +1742,55 @@ fn v0_pretraining_trains_only_the_image_boundary_rows() {
             assert_eq!(ra, rb, "row {i} must not change");
         }
     }
+
+    // Stage 2 from that file takes its two rows into the embeddings (at lr 0 nothing else
+    // moves, so the saved checkpoint shows exactly what was loaded).
+    let stage2 = tmp.path().join("stage2");
+    let o = kollava(&[
+        &"train",
+        &"--stage",
+        &"finetune",
+        &"--model",
+        &model,
+        &"--projector",
+        &out.join("mm_projector.safetensors"),
+        &"--data",
+        &data,
+        &"--image-folder",
+        &crate_fixture_images(),
+        &"--output-dir",
+        &stage2,
+        &"--max-steps",
+        &"1",
+        &"--lr",
+        &"0",
+    ]);
+    assert_success(&o);
+    assert!(stderr(&o).contains("took the <im_start>/<im_end> embeddings"));
+    let finetuned = kollava_checkpoint::open(stage2.to_str().unwrap(), &Default::default())
+        .unwrap()
+        .load_trainable(
+            DType::F32,
+            &Device::Cpu,
+            std::sync::Arc::new(|_: &str| false),
+        )
+        .unwrap();
+    let loaded = finetuned
+        .tensors
+        .iter()
+        .find(|(n, _)| n == "model.embed_tokens.weight")
+        .unwrap()
+        .1
+        .to_vec2::<f32>()
+        .unwrap();
+    for (i, (ra, rl)) in a.iter().zip(&loaded).enumerate() {
+        let want = if rows.contains(&(i as u32)) {
+            &b[i]
+        } else {
+            ra
+        };
+        assert_eq!(rl, want, "row {i} after loading the stage-1 file");
+    }
 }
 
 /// Two data-parallel processes, one sample each per step, train like one process that

@@ -179,71 +179,83 @@ fn sequences_joining_and_leaving_a_running_batch_decode_as_alone() {
         let ckpt =
             kollava_checkpoint::open(dir.to_str().unwrap(), &OpenOptions::default()).unwrap();
         let tok = ckpt.tokenizer().unwrap();
-        let model = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
-        let opts = |max_new_tokens| GenerateOptions {
-            sampling: SamplingParams {
-                temperature: 0.0,
-                ..Default::default()
-            },
-            max_new_tokens,
-            eos_ids: Vec::new(),
-            stop_strings: Vec::new(),
-            context_len: 4096,
-        };
-        // (prompt, budget, decode steps of the batch before it joins)
-        let plan: [(&[u32], usize, usize); 4] = [
-            (&IDS, 30, 0),
-            (&IDS[..5], 6, 2),
-            (&IDS[..8], 12, 0),
-            (&IDS[3..], 9, 5),
-        ];
-        let alone: Vec<Vec<u32>> = plan
-            .iter()
-            .map(|&(ids, n, _)| {
-                generate(
-                    &model,
-                    &tok,
-                    &embed(&model, ids),
-                    ids,
-                    &opts(n),
-                    &mut |_| true,
-                )
-                .unwrap()
-                .ids
-            })
-            .collect();
+        // As loaded (training's layout) and packed for serving: f32, and bf16 on CPUs with
+        // AVX512-BF16, whose kernels must not let a row's sums depend on its batch.
+        let mut packings = vec![None, Some(false)];
+        if kollava_model::bf16::available() {
+            packings.push(Some(true));
+        }
+        for packing in packings {
+            let mut model = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
+            if let Some(bf16) = packing {
+                model.pack_for_inference(bf16).unwrap();
+            }
+            let name = format!("{name} packed {packing:?}");
+            let opts = |max_new_tokens| GenerateOptions {
+                sampling: SamplingParams {
+                    temperature: 0.0,
+                    ..Default::default()
+                },
+                max_new_tokens,
+                eos_ids: Vec::new(),
+                stop_strings: Vec::new(),
+                context_len: 4096,
+            };
+            // (prompt, budget, decode steps of the batch before it joins)
+            let plan: [(&[u32], usize, usize); 4] = [
+                (&IDS, 30, 0),
+                (&IDS[..5], 6, 2),
+                (&IDS[..8], 12, 0),
+                (&IDS[3..], 9, 5),
+            ];
+            let alone: Vec<Vec<u32>> = plan
+                .iter()
+                .map(|&(ids, n, _)| {
+                    generate(
+                        &model,
+                        &tok,
+                        &embed(&model, ids),
+                        ids,
+                        &opts(n),
+                        &mut |_| true,
+                    )
+                    .unwrap()
+                    .ids
+                })
+                .collect();
 
-        let mut batch = Batch::new(&model);
-        let mut got: Vec<Option<Vec<u32>>> = vec![None; plan.len()];
-        let mut peak = 0;
-        for (i, &(ids, n, wait)) in plan.iter().enumerate() {
-            for _ in 0..wait {
+            let mut batch = Batch::new(&model);
+            let mut got: Vec<Option<Vec<u32>>> = vec![None; plan.len()];
+            let mut peak = 0;
+            for (i, &(ids, n, wait)) in plan.iter().enumerate() {
+                for _ in 0..wait {
+                    for f in batch.step(&model, &tok).unwrap() {
+                        got[f.tag] = Some(f.generation.ids);
+                    }
+                }
+                let o = opts(n);
+                if let Some(f) = batch
+                    .join(&model, &tok, &embed(&model, ids), ids, &o, |_| true, i)
+                    .unwrap()
+                {
+                    got[f.tag] = Some(f.generation.ids);
+                }
+                peak = peak.max(batch.len());
+            }
+            while !batch.is_empty() {
                 for f in batch.step(&model, &tok).unwrap() {
                     got[f.tag] = Some(f.generation.ids);
                 }
             }
-            let o = opts(n);
-            if let Some(f) = batch
-                .join(&model, &tok, &embed(&model, ids), ids, &o, |_| true, i)
-                .unwrap()
-            {
-                got[f.tag] = Some(f.generation.ids);
+            assert!(peak >= 3, "{name}: the plan must overlap sequences");
+            for (i, want) in alone.iter().enumerate() {
+                assert_eq!(
+                    want.len(),
+                    plan[i].1,
+                    "{name}: sequence {i} runs to its budget"
+                );
+                assert_eq!(got[i].as_ref(), Some(want), "{name}: sequence {i}");
             }
-            peak = peak.max(batch.len());
-        }
-        while !batch.is_empty() {
-            for f in batch.step(&model, &tok).unwrap() {
-                got[f.tag] = Some(f.generation.ids);
-            }
-        }
-        assert!(peak >= 3, "{name}: the plan must overlap sequences");
-        for (i, want) in alone.iter().enumerate() {
-            assert_eq!(
-                want.len(),
-                plan[i].1,
-                "{name}: sequence {i} runs to its budget"
-            );
-            assert_eq!(got[i].as_ref(), Some(want), "{name}: sequence {i}");
         }
     }
 }

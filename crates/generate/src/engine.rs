@@ -349,10 +349,16 @@ impl<'a, T> Batch<'a, T> {
             .decoder
             .embed(&Tensor::new(next.as_slice(), &device)?.unsqueeze(1)?)?;
         let hidden = model.decoder.forward(&x, &vec![1; b], &mut self.cache)?;
+        // One product for every row's logits: lm_head is read once per step.
+        let logits: Vec<Vec<f32>> = model
+            .decoder
+            .logits(&hidden)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)?
+            .to_vec2()?;
         let mut keep = Vec::with_capacity(b);
-        for (r, seq) in self.seqs.iter_mut().enumerate() {
-            let logits = last_logits(model, &hidden.narrow(0, r, 1)?)?;
-            keep.push(seq.advance(&logits, tokenizer));
+        for (seq, logits) in self.seqs.iter_mut().zip(&logits) {
+            keep.push(seq.advance(logits, tokenizer));
         }
         self.remove(&keep, tokenizer)
     }

@@ -19,6 +19,12 @@ const NR: usize = 32;
 const MR: usize = 12;
 /// Input pairs per block.
 const KC: usize = 256;
+/// Up to this many rows (a batch of decoding sequences) each row is a matrix-vector product
+/// summed in exactly the order of a single row's, so that an answer does not depend on what
+/// it was batched with; the panel still streams from memory once for all rows.
+const GEMV_ROWS: usize = 64;
+/// Input pairs per block of the batched matrix-vector product (16 KiB of panel, in L1).
+const GEMV_QB: usize = 128;
 
 /// Whether this CPU runs the kernels.
 pub fn available() -> bool {
@@ -112,8 +118,8 @@ impl PackedBf16 {
         };
         let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + m * k];
         let ldc = self.panels * NR;
-        // Decoding (a row or a few): one row per tile, so no work is spent on padding.
-        let r = if m < 4 { 1 } else { MR };
+        // Decoding (a row or a batch of sequences): row by row, see `GEMV_ROWS`.
+        let r = if m <= GEMV_ROWS { 1 } else { MR };
         let tiles = m.div_ceil(r);
         let mut c = vec![0f32; tiles * r * ldc];
         if r == 1 {
@@ -162,14 +168,19 @@ impl PackedBf16 {
         let c_addr = c.as_mut_ptr() as usize;
         let work = |first: usize| {
             let last = (first + per).min(self.panels);
-            if R == 1 && tiles == 1 {
+            if R == 1 {
                 // Decoding: each panel streams once, start to end, with independent sums.
                 for p in first..last {
                     let w = &self.data[p * self.pairs * NR..(p + 1) * self.pairs * NR];
-                    // SAFETY: as below; `w` holds the panel's `pairs` pairs.
+                    // SAFETY: as below; `w` holds the panel's `pairs` pairs, `xp` the
+                    // `tiles` rows of `pairs` pairs each.
                     unsafe {
                         let cp = (c_addr as *mut f32).add(p * NR);
-                        gemv_panel(xp.as_ptr(), w.as_ptr(), self.pairs, cp);
+                        if tiles == 1 {
+                            gemv_panel(xp.as_ptr(), w.as_ptr(), self.pairs, cp);
+                        } else {
+                            gemv_rows_panel(xp.as_ptr(), tiles, w.as_ptr(), self.pairs, cp, ldc);
+                        }
                     }
                 }
                 return;
@@ -275,6 +286,69 @@ unsafe fn gemv_panel(x: *const u32, w: *const u32, pairs: usize, c: *mut f32) {
     }
 }
 
+/// [`gemv_panel`] for `rows` rows (row `j`'s pairs at `x + j·pairs`, its 32 outputs at
+/// `c + j·ldc`), bit for bit the same sums: each row keeps its four pairs of accumulators
+/// across blocks of [`GEMV_QB`] pairs, so the panel block is read from memory once and
+/// from L1 for the other rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn gemv_rows_panel(
+    x: *const u32,
+    rows: usize,
+    w: *const u32,
+    pairs: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(rows <= GEMV_ROWS);
+    let mut state = [[[_mm512_setzero_ps(); 2]; 4]; GEMV_ROWS];
+    let load = |q: usize, half: usize| -> __m512bh {
+        std::mem::transmute(_mm512_loadu_epi32(w.add(q * NR + 16 * half) as *const i32))
+    };
+    for q0 in (0..pairs).step_by(GEMV_QB) {
+        let end = (q0 + GEMV_QB).min(pairs);
+        for (j, acc) in state.iter_mut().enumerate().take(rows) {
+            let xj = x.add(j * pairs);
+            let bcast = |q: usize| -> __m512bh {
+                std::mem::transmute(_mm512_set1_epi32(*xj.add(q) as i32))
+            };
+            let mut a = *acc;
+            let mut q = q0;
+            while q + 4 <= end {
+                for (u, au) in a.iter_mut().enumerate() {
+                    let b = bcast(q + u);
+                    au[0] = _mm512_dpbf16_ps(au[0], load(q + u, 0), b);
+                    au[1] = _mm512_dpbf16_ps(au[1], load(q + u, 1), b);
+                }
+                q += 4;
+            }
+            // Only the last block has a tail (blocks are multiples of four pairs).
+            while q < end {
+                let b = bcast(q);
+                a[0][0] = _mm512_dpbf16_ps(a[0][0], load(q, 0), b);
+                a[0][1] = _mm512_dpbf16_ps(a[0][1], load(q, 1), b);
+                q += 1;
+            }
+            *acc = a;
+        }
+    }
+    for (j, [a, b, c2, d]) in state.iter().enumerate().take(rows) {
+        for half in 0..2 {
+            let s = _mm512_add_ps(
+                _mm512_add_ps(a[half], b[half]),
+                _mm512_add_ps(c2[half], d[half]),
+            );
+            _mm512_storeu_ps(c.add(j * ldc + 16 * half), s);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn gemv_rows_panel(_: *const u32, _: usize, _: *const u32, _: usize, _: *mut f32, _: usize) {
+    unreachable!("the bf16 kernels are only chosen where available() holds")
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn gemv_panel(_: *const u32, _: *const u32, _: usize, _: *mut f32) {
     unreachable!("the bf16 kernels are only chosen where available() holds")
@@ -306,7 +380,13 @@ mod tests {
             return;
         }
         let d = Device::Cpu;
-        for (m, k, n) in [(1, 64, 32), (13, 1031, 45), (30, 600, 96), (1, 5, 3)] {
+        for (m, k, n) in [
+            (1, 64, 32),
+            (13, 1031, 45),
+            (30, 600, 96),
+            (1, 5, 3),
+            (70, 600, 40),
+        ] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &d).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &d).unwrap();
             let got = PackedBf16::pack(&w).unwrap().matmul(&x).unwrap();
@@ -323,6 +403,35 @@ mod tests {
                 err <= 1e-4 * scale.max(1.0),
                 "{m}x{k}x{n}: {err} (scale {scale})"
             );
+        }
+    }
+
+    /// A batch of decoding rows gets, bit for bit, what each row gets alone (a server's
+    /// greedy answer must not depend on its batch), and the prefill tiles stay close.
+    #[test]
+    fn batched_rows_equal_rows_alone_bit_for_bit() {
+        if !available() {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            return;
+        }
+        let d = Device::Cpu;
+        for (m, k, n) in [
+            (2, 64, 32),
+            (5, 1031, 45),
+            (16, 600, 96),
+            (GEMV_ROWS, 300, 64),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &d).unwrap();
+            let w = PackedBf16::pack(&Tensor::randn(0f32, 1.0, (n, k), &d).unwrap()).unwrap();
+            let batched: Vec<Vec<f32>> = w.matmul(&x).unwrap().to_vec2().unwrap();
+            for (r, row) in batched.iter().enumerate() {
+                let alone: Vec<Vec<f32>> = w
+                    .matmul(&x.narrow(0, r, 1).unwrap())
+                    .unwrap()
+                    .to_vec2()
+                    .unwrap();
+                assert_eq!(row, &alone[0], "{m}x{k}x{n}: row {r}");
+            }
         }
     }
 

@@ -58,7 +58,27 @@ impl SelfAttention {
         let q = crate::layers::rope(&q, cos, sin)?;
         let k = crate::layers::rope(&k, cos, sin)?;
         let (k, v) = cache.append(layer, &k, &v)?;
-        let a = grouped_attention(&q, &k, &v, mask, self.kv_heads)?;
+        let a = match cache.decode_spans() {
+            // Decoding: each row over its own slots, unmasked (see `decode_spans`).
+            Some(spans) => {
+                let rows = spans
+                    .iter()
+                    .enumerate()
+                    .map(|(r, &(start, len))| {
+                        let row = |t: &Tensor| t.narrow(0, r, 1)?.narrow(2, start, len);
+                        grouped_attention(
+                            &q.narrow(0, r, 1)?,
+                            &row(&k)?,
+                            &row(&v)?,
+                            None,
+                            self.kv_heads,
+                        )
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)?
+            }
+            None => grouped_attention(&q, &k, &v, Some(mask), self.kv_heads)?,
+        };
         let a = a.transpose(1, 2)?.reshape((b, s, self.heads * d))?;
         self.o_proj.forward(&a)
     }
@@ -67,25 +87,30 @@ impl SelfAttention {
 /// Grouped-query attention without copying keys and values per query head: the `rep`
 /// query heads that share a key/value head are stacked along the sequence axis, so one
 /// product per key/value head serves them all.
-/// `q: (b, heads, s, d)`, `k, v: (b, kv_heads, t, d)`, `mask: (b, 1, s, t)` → `(b, heads, s, d)`.
+/// `q: (b, heads, s, d)`, `k, v: (b, kv_heads, t, d)`, `mask: (b, 1, s, t)` (none: every
+/// key is visible) → `(b, heads, s, d)`.
 fn grouped_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: &Tensor,
+    mask: Option<&Tensor>,
     kv_heads: usize,
 ) -> Result<Tensor> {
     let (b, heads, s, d) = q.dims4()?;
     let rep = heads / kv_heads;
     if rep == 1 {
-        return attention(q, k, v, Some(mask), (d as f64).powf(-0.5));
+        return attention(q, k, v, mask, (d as f64).powf(-0.5));
     }
     let t = k.dim(2)?;
     let q = q.reshape((b, kv_heads, rep * s, d))?;
-    let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?
-        .reshape((b, kv_heads, rep, s, t))?
-        .broadcast_add(&mask.unsqueeze(1)?)?
-        .reshape((b, kv_heads, rep * s, t))?;
+    let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?;
+    let scores = match mask {
+        Some(mask) => scores
+            .reshape((b, kv_heads, rep, s, t))?
+            .broadcast_add(&mask.unsqueeze(1)?)?
+            .reshape((b, kv_heads, rep * s, t))?,
+        None => scores,
+    };
     let probs = crate::layers::softmax_last_dim(&scores)?;
     probs.matmul(v)?.reshape((b, heads, s, d))
 }

@@ -16,6 +16,9 @@ pub struct KvCache {
     layers: Vec<Option<LayerBuffer>>,
     /// Per row: the position held by each slot (`None` = padding).
     slots: Vec<Vec<Option<usize>>>,
+    /// For a step of one token per row whose rows each hold their tokens as the last slots:
+    /// per row, the slots its query attends (`start`, `len`). See [`KvCache::decode_spans`].
+    spans: Option<Vec<(usize, usize)>>,
 }
 
 impl KvCache {
@@ -23,6 +26,7 @@ impl KvCache {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
             slots: vec![Vec::new(); batch],
+            spans: None,
         }
     }
 
@@ -96,6 +100,21 @@ impl KvCache {
             }
         }
         let mask = Tensor::from_vec(mask, (valid.len(), 1, seq, total), device)?;
+        self.spans = if seq == 1 && valid.iter().all(|&n| n == 1) {
+            self.slots
+                .iter()
+                .map(|row| {
+                    let real = row.iter().rev().take_while(|s| s.is_some()).count();
+                    if row[..row.len() - real].iter().any(Option::is_some) {
+                        return None; // padding between real slots: use the mask
+                    }
+                    let len = window.map_or(real, |w| real.min(w));
+                    Some((row.len() - len, len))
+                })
+                .collect()
+        } else {
+            None
+        };
         Ok((positions, mask))
     }
 
@@ -209,6 +228,14 @@ impl KvCache {
             .map(|row| cols.iter().map(|&j| row[j as usize]).collect())
             .collect();
         Ok(())
+    }
+
+    /// In a decoding step where every row's tokens are its last slots (always, in a
+    /// [continuous batch](KvCache::extend)), the slots each row's query attends, so that
+    /// attention runs per row over exactly what the row would have alone: the same sums,
+    /// whatever the batch. `None` otherwise (prefill, right-padded batches): use the mask.
+    pub(crate) fn decode_spans(&self) -> Option<&[(usize, usize)]> {
+        self.spans.as_deref()
     }
 
     /// Appends this step's keys/values `(batch, kv_heads, seq, d)` to `layer` and returns

@@ -202,6 +202,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         })
     };
     let mut tm = ckpt.load_trainable(DType::F32, &Device::Cpu, filter)?;
+    if let (Some(rows), Some(file), None) = (boundary_rows, &args.model.projector, &resume) {
+        take_boundary_rows(&tm.tensors, file, rows)?;
+    }
     let lora_opts = lora.then(|| lora::LoraOptions {
         r: args.lora_r,
         alpha: args.lora_alpha,
@@ -560,6 +563,69 @@ fn projector_tensors(tensors: &[(String, Tensor)]) -> HashMap<String, Tensor> {
         })
         .map(|(n, t)| (n.clone(), t.clone()))
         .collect()
+}
+
+/// A stage-1 file given to a checkpoint with `<im_start>`/`<im_end>` (v0) also carries those
+/// rows of `embed_tokens` (stage 1 trained them): they replace the checkpoint's, as the
+/// reference's `initialize_vision_tokenizer` does with `pretrain_mm_mlp_adapter`, taking
+/// the file's last two rows when it holds the whole matrix, or its two rows.
+fn take_boundary_rows(tensors: &[(String, Tensor)], file: &Path, rows: (u32, u32)) -> Result<()> {
+    const NAME: &str = "model.embed_tokens.weight";
+    let files = kollava_checkpoint::weights::WeightFiles::single(file)?;
+    if !files.names.contains(NAME) {
+        tracing::warn!(
+            "{} has no {NAME}: <im_start>/<im_end> keep the checkpoint's embeddings",
+            file.display()
+        );
+        return Ok(());
+    }
+    let vb = kollava_checkpoint::weights::var_builder_filtered(
+        &files,
+        DType::F32,
+        &Device::Cpu,
+        &|n: &str| n == NAME,
+    )?;
+    let saved = vb.get_unchecked(NAME)?;
+    let embed = tensors
+        .iter()
+        .find(|(n, _)| n == NAME)
+        .map(|(_, t)| t)
+        .context("the model has no embed_tokens")?;
+    let (vocab, hidden) = embed.dims2()?;
+    let (n, width) = saved.dims2()?;
+    if width != hidden {
+        bail!(
+            "{}: {NAME} is {n}x{width} but the model's embeddings are {hidden} wide",
+            file.display()
+        );
+    }
+    let new_rows = if n == vocab {
+        saved.narrow(0, vocab - 2, 2)?
+    } else if n == 2 {
+        saved
+    } else {
+        bail!(
+            "{}: {NAME} has {n} rows; expected the model's {vocab} or the 2 new ones",
+            file.display()
+        );
+    };
+    if (rows.0.min(rows.1) as usize, rows.0.max(rows.1) as usize) != (vocab - 2, vocab - 1) {
+        tracing::warn!(
+            "<im_start>/<im_end> are ids {}/{}, not the last two rows the reference replaces",
+            rows.0,
+            rows.1
+        );
+    }
+    embed.slice_set(
+        &new_rows.to_dtype(embed.dtype())?.contiguous()?,
+        0,
+        vocab - 2,
+    )?;
+    eprintln!(
+        "took the <im_start>/<im_end> embeddings from {}",
+        file.display()
+    );
+    Ok(())
 }
 
 /// The ids of `<im_start>` and `<im_end>` when the checkpoint wraps images in them (v0).
