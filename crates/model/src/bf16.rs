@@ -289,7 +289,7 @@ unsafe fn gemv_panel(x: *const u32, w: *const u32, pairs: usize, c: *mut f32) {
 /// [`gemv_panel`] for `rows` rows (row `j`'s pairs at `x + j·pairs`, its 32 outputs at
 /// `c + j·ldc`), bit for bit the same sums: each row keeps its four pairs of accumulators
 /// across blocks of [`GEMV_QB`] pairs, so the panel block is read from memory once and
-/// from L1 for the other rows.
+/// from L1 for the other rows; rows go three at a time, sharing each loaded weight vector.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn gemv_rows_panel(
@@ -303,34 +303,16 @@ unsafe fn gemv_rows_panel(
     use std::arch::x86_64::*;
     debug_assert!(rows <= GEMV_ROWS);
     let mut state = [[[_mm512_setzero_ps(); 2]; 4]; GEMV_ROWS];
-    let load = |q: usize, half: usize| -> __m512bh {
-        std::mem::transmute(_mm512_loadu_epi32(w.add(q * NR + 16 * half) as *const i32))
-    };
     for q0 in (0..pairs).step_by(GEMV_QB) {
         let end = (q0 + GEMV_QB).min(pairs);
-        for (j, acc) in state.iter_mut().enumerate().take(rows) {
-            let xj = x.add(j * pairs);
-            let bcast = |q: usize| -> __m512bh {
-                std::mem::transmute(_mm512_set1_epi32(*xj.add(q) as i32))
-            };
-            let mut a = *acc;
-            let mut q = q0;
-            while q + 4 <= end {
-                for (u, au) in a.iter_mut().enumerate() {
-                    let b = bcast(q + u);
-                    au[0] = _mm512_dpbf16_ps(au[0], load(q + u, 0), b);
-                    au[1] = _mm512_dpbf16_ps(au[1], load(q + u, 1), b);
-                }
-                q += 4;
-            }
-            // Only the last block has a tail (blocks are multiples of four pairs).
-            while q < end {
-                let b = bcast(q);
-                a[0][0] = _mm512_dpbf16_ps(a[0][0], load(q, 0), b);
-                a[0][1] = _mm512_dpbf16_ps(a[0][1], load(q, 1), b);
-                q += 1;
-            }
-            *acc = a;
+        let mut j = 0;
+        while j + 3 <= rows {
+            gemv_rows_block::<3>(x, j, w, pairs, q0, end, &mut state);
+            j += 3;
+        }
+        while j < rows {
+            gemv_rows_block::<1>(x, j, w, pairs, q0, end, &mut state);
+            j += 1;
         }
     }
     for (j, [a, b, c2, d]) in state.iter().enumerate().take(rows) {
@@ -341,6 +323,58 @@ unsafe fn gemv_rows_panel(
             );
             _mm512_storeu_ps(c.add(j * ldc + 16 * half), s);
         }
+    }
+}
+
+/// Pairs `q0..end` of the panel into the accumulators of rows `j0..j0 + G`, each row in
+/// [`gemv_panel`]'s order (groups of four pairs into four sums, the tail into the first).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn gemv_rows_block<const G: usize>(
+    x: *const u32,
+    j0: usize,
+    w: *const u32,
+    pairs: usize,
+    q0: usize,
+    end: usize,
+    state: &mut [[[std::arch::x86_64::__m512; 2]; 4]; GEMV_ROWS],
+) {
+    use std::arch::x86_64::*;
+    let load = |q: usize, half: usize| -> __m512bh {
+        std::mem::transmute(_mm512_loadu_epi32(w.add(q * NR + 16 * half) as *const i32))
+    };
+    let bcast = |g: usize, q: usize| -> __m512bh {
+        std::mem::transmute(_mm512_set1_epi32(*x.add((j0 + g) * pairs + q) as i32))
+    };
+    let mut acc = [[[_mm512_setzero_ps(); 2]; 4]; G];
+    for (g, a) in acc.iter_mut().enumerate() {
+        *a = state[j0 + g];
+    }
+    let mut q = q0;
+    while q + 4 <= end {
+        for u in 0..4 {
+            let (w0, w1) = (load(q + u, 0), load(q + u, 1));
+            for (g, a) in acc.iter_mut().enumerate() {
+                let b = bcast(g, q + u);
+                a[u][0] = _mm512_dpbf16_ps(a[u][0], w0, b);
+                a[u][1] = _mm512_dpbf16_ps(a[u][1], w1, b);
+            }
+        }
+        q += 4;
+    }
+    // Only the last block has a tail (blocks are multiples of four pairs).
+    while q < end {
+        let (w0, w1) = (load(q, 0), load(q, 1));
+        for (g, a) in acc.iter_mut().enumerate() {
+            let b = bcast(g, q);
+            a[0][0] = _mm512_dpbf16_ps(a[0][0], w0, b);
+            a[0][1] = _mm512_dpbf16_ps(a[0][1], w1, b);
+        }
+        q += 1;
+    }
+    for (g, a) in acc.iter().enumerate() {
+        state[j0 + g] = *a;
     }
 }
 
