@@ -2972,3 +2972,79 @@ fn the_controller_fronts_the_page_and_routes_around_a_killed_worker() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// SIGTERM: streams in flight end properly (`[DONE]`), then the server exits with success
+/// and nothing in its log panicked.
+#[test]
+fn serve_shuts_down_gracefully_on_sigterm() {
+    use std::io::{BufRead, Read};
+    let mut child = command(&[&"serve", &"--port", &"0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    let url = loop {
+        first.clear();
+        assert!(
+            err.read_line(&mut first).unwrap() > 0,
+            "serve printed its address"
+        );
+        if let Some(rest) = first.split("http://").nth(1) {
+            break format!("http://{}", rest.split_whitespace().next().unwrap());
+        }
+    };
+    let log = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = err.read_to_string(&mut rest);
+        rest
+    });
+    // Each stream signals once its answer has started; SIGTERM comes after all four.
+    let (started, wait) = std::sync::mpsc::channel();
+    let streams: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, started) = (url.clone(), started.clone());
+            std::thread::spawn(move || {
+                let mut r = ureq::post(format!("{url}/v1/chat/completions"))
+                    .header("Content-Type", "application/json")
+                    .send(
+                        json!({"stream": true, "temperature": 0, "max_tokens": 256,
+                            "messages": [{"role": "user", "content": "이 그림을 설명해 주세요."}]})
+                        .to_string(),
+                    )
+                    .unwrap();
+                started.send(()).unwrap();
+                r.body_mut().read_to_string().unwrap()
+            })
+        })
+        .collect();
+    for _ in 0..4 {
+        wait.recv().unwrap();
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    for s in streams {
+        let body = s.join().unwrap();
+        assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    }
+    let mut status = None;
+    for _ in 0..200 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("serve did not exit within 10 s of SIGTERM");
+    };
+    let log = log.join().unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(!log.contains("panicked"), "{log}");
+}

@@ -68,6 +68,8 @@ pub struct EngineStats {
     pub first_tokens: AtomicU64,
     /// Tokens per second over the last decode step, all sequences together (f64 bits).
     pub step_tokens_per_s: AtomicU64,
+    /// Requests dropped because their client went away.
+    pub cancelled: AtomicU64,
 }
 
 impl EngineStats {
@@ -180,7 +182,7 @@ impl Worker {
                 .fetch_max(batch.len(), Ordering::Relaxed);
             let tok = &self.session.tok;
             match batch.cancel(tok, |t| t.events.is_closed()) {
-                Ok(gone) => self.pending.fetch_sub(gone.len(), Ordering::SeqCst),
+                Ok(gone) => gone.into_iter().for_each(|f| self.finish(Ok(f))),
                 Err(e) => return self.fail_all(&mut batch, e),
             };
             if batch.is_empty() {
@@ -269,6 +271,7 @@ impl Worker {
         let (events, last) = match done {
             Ok(Finished { tag, generation: g }) => {
                 if g.stop == StopReason::Cancelled {
+                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 let last = Event::Done {

@@ -622,3 +622,45 @@ async fn remote_images_only_with_allow_remote_images_and_never_local_paths() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_disconnects_mid_stream_is_dropped_and_the_server_keeps_serving() {
+    let state = state();
+    let long = json!({"stream": true, "temperature": 0, "max_tokens": 4000,
+        "messages": [{"role": "user", "content": "아주 길게 답하세요"}]});
+    let resp = app(state.clone()).oneshot(request(long)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    // The first event, then the client goes away.
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    drop(body);
+    let mut cancelled = 0;
+    for _ in 0..300 {
+        cancelled = state
+            .engine
+            .stats
+            .cancelled
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if cancelled > 0 && state.engine.queue_length() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        cancelled, 1,
+        "the abandoned request was cancelled, not run to its end"
+    );
+    assert_eq!(state.engine.queue_length(), 0);
+    let (status, body) = send(&state, request(with_image(false))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, metrics) = send(
+        &state,
+        Request::get("/metrics").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert!(
+        metrics.contains("kollava_cancelled_requests_total 1"),
+        "{metrics}"
+    );
+}
