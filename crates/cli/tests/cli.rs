@@ -1842,25 +1842,42 @@ fn two_ranks_train_like_one_process_with_gradient_accumulation() {
 // ---------------------------------------------------------------------------------------
 // Real clients against `kollava serve`
 
-/// `kollava serve --port 0` on the demo model; returns the child and its base URL.
-fn serve_demo() -> (std::process::Child, String) {
+/// Starts `kollava ARGS`, which prints its `http://…` address on stderr; returns the
+/// child, that base URL, and the rest of its stderr (drained, so the child never blocks on
+/// a full pipe) once it exits.
+fn spawn_listening(
+    args: &[&dyn AsRef<OsStr>],
+) -> (std::process::Child, String, std::thread::JoinHandle<String>) {
     use std::io::BufRead;
-    let mut child = command(&[&"serve", &"--port", &"0"])
+    let mut child = command(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = std::io::BufReader::new(stderr).lines();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
     let url = loop {
-        let line = lines.next().expect("serve printed its address").unwrap();
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "the process printed its address"
+        );
         if let Some(rest) = line.split("http://").nth(1) {
             break format!("http://{}", rest.split_whitespace().next().unwrap());
         }
     };
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    let rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+        rest
+    });
+    (child, url, rest)
+}
+
+/// `kollava serve --port 0` on the demo model; returns the child and its base URL.
+fn serve_demo() -> (std::process::Child, String) {
+    let (child, url, _) = spawn_listening(&[&"serve", &"--port", &"0"]);
     (child, url)
 }
 
@@ -2701,44 +2718,8 @@ fn post_json(url: &str, body: Value) -> (u16, Vec<u8>) {
 /// hands out its address and forwards generation requests to it (the reference's protocol).
 #[test]
 fn a_worker_registers_with_the_controller_and_serves_through_it() {
-    use std::io::BufRead;
-    let mut ctrl = command(&[&"controller", &"--port", &"0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(ctrl.stderr.take().unwrap()).lines();
-    let ctrl_url = loop {
-        let line = lines
-            .next()
-            .expect("the controller printed its address")
-            .unwrap();
-        if let Some(rest) = line.split("http://").nth(1) {
-            break format!("http://{}", rest.split_whitespace().next().unwrap());
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let worker = format!("http://127.0.0.1:{port}");
-    let mut serve = command(&[
-        &"serve",
-        &"--port",
-        &port.to_string(),
-        &"--controller",
-        &ctrl_url,
-        &"--worker-address",
-        &worker,
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
+    let (mut ctrl, ctrl_url) = start_controller();
+    let (mut serve, worker) = start_worker(&ctrl_url);
     let result = std::panic::catch_unwind(|| {
         let mut models = Value::Null;
         for _ in 0..100 {
@@ -2824,25 +2805,8 @@ fn a_worker_registers_with_the_controller_and_serves_through_it() {
 
 /// Starts `kollava controller --port 0`; returns it and its URL.
 fn start_controller() -> (std::process::Child, String) {
-    use std::io::BufRead;
-    let mut ctrl = command(&[&"controller", &"--port", &"0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(ctrl.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("the controller printed its address")
-            .unwrap();
-        if let Some(rest) = line.split("http://").nth(1) {
-            break format!("http://{}", rest.split_whitespace().next().unwrap());
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (ctrl, url)
+    let (child, url, _) = spawn_listening(&[&"controller", &"--port", &"0"]);
+    (child, url)
 }
 
 /// `kollava serve` of the demo model as a worker of `ctrl_url`; returns it and its address.
@@ -2977,30 +2941,7 @@ fn the_controller_fronts_the_page_and_routes_around_a_killed_worker() {
 /// and nothing in its log panicked.
 #[test]
 fn serve_shuts_down_gracefully_on_sigterm() {
-    use std::io::{BufRead, Read};
-    let mut child = command(&[&"serve", &"--port", &"0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut first = String::new();
-    let url = loop {
-        first.clear();
-        assert!(
-            err.read_line(&mut first).unwrap() > 0,
-            "serve printed its address"
-        );
-        if let Some(rest) = first.split("http://").nth(1) {
-            break format!("http://{}", rest.split_whitespace().next().unwrap());
-        }
-    };
-    let log = std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = err.read_to_string(&mut rest);
-        rest
-    });
+    let (mut child, url, log) = spawn_listening(&[&"serve", &"--port", &"0"]);
     // Each stream signals once its answer has started; SIGTERM comes after all four.
     let (started, wait) = std::sync::mpsc::channel();
     let streams: Vec<_> = (0..4)

@@ -18,17 +18,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .clone()
         .or_else(|| std::env::var("KOLLAVA_API_KEY").ok())
         .filter(|k| !k.is_empty());
-    let addr = format!("{}:{}", args.host, args.port);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        // The bound address, so that `--port 0` says which port it got.
-        let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
+    runtime()?.block_on(async {
+        let (listener, bound) = bind(&args.host, args.port).await?;
         eprintln!(
             "kollava serving {} on http://{bound} (OpenAI API at /v1/chat/completions)",
             engine.model_name
@@ -61,16 +52,8 @@ pub fn controller(args: &crate::args::ControllerArgs) -> Result<()> {
     } else {
         Dispatch::ShortestQueue
     };
-    let addr = format!("{}:{}", args.host, args.port);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
+    runtime()?.block_on(async {
+        let (listener, bound) = bind(&args.host, args.port).await?;
         eprintln!(
             "kollava controller on http://{bound} ({})",
             args.dispatch_method
@@ -79,4 +62,22 @@ pub fn controller(args: &crate::args::ControllerArgs) -> Result<()> {
             .await
             .context("serving")
     })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Listens on `host:port`; returns the listener and the address it got (so that `--port 0`
+/// can say which port that is).
+async fn bind(host: &str, port: u16) -> Result<(tokio::net::TcpListener, String)> {
+    let addr = format!("{host}:{port}");
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
+    Ok((listener, bound))
 }
