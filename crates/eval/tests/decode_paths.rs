@@ -259,3 +259,135 @@ fn sequences_joining_and_leaving_a_running_batch_decode_as_alone() {
         }
     }
 }
+
+/// A decoder whose matrices are `Q4_K` (and `lm_head` `Q6_K`), as in a Q4_K_M GGUF, with
+/// widths that are multiples of 256 so that decoding runs through our k-quant kernels:
+/// logits decoded step by step (our kernels) agree with one full forward of the whole
+/// sequence (more rows than the kernels take, so candle's tiled kernels). Both quantize the
+/// activations to 8 bits, so only sums in another order and the rounding of slightly
+/// different activations separate them.
+#[test]
+fn k_quant_decoding_agrees_with_the_tiled_full_forward() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use kollava_model::config::{Activation, DecoderConfig};
+    use kollava_model::decoder::Decoder;
+    use kollava_model::layers::Linear;
+    use std::sync::Arc;
+
+    let dev = Device::Cpu;
+    let cfg = DecoderConfig {
+        vocab_size: 320,
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 1e4,
+        max_position_embeddings: 256,
+        sliding_window: None,
+        attention_bias: false,
+        mlp_bias: false,
+        hidden_act: Activation::Silu,
+        tie_word_embeddings: false,
+    };
+    let (h, f, kv) = (256, 512, 2 * 64);
+    let mut weights = std::collections::HashMap::new();
+    // Seeded, so that the test sees the same weights every run: random weights make an
+    // activation that rounds differently on the two paths now and then, which moves a logit
+    // by up to ~2 % of the largest.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut put = |name: String, shape: (usize, usize)| {
+        let w: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| rng.random_range(-0.09f32..0.09))
+            .collect();
+        weights.insert(name, Tensor::from_vec(w, shape, &dev).unwrap());
+    };
+    put("model.embed_tokens.weight".into(), (320, h));
+    put("lm_head.weight".into(), (320, h));
+    for i in 0..2 {
+        let l = format!("model.layers.{i}");
+        for (name, shape) in [
+            ("self_attn.q_proj", (h, h)),
+            ("self_attn.k_proj", (kv, h)),
+            ("self_attn.v_proj", (kv, h)),
+            ("self_attn.o_proj", (h, h)),
+            ("mlp.gate_proj", (f, h)),
+            ("mlp.up_proj", (f, h)),
+            ("mlp.down_proj", (h, f)),
+        ] {
+            put(format!("{l}.{name}.weight"), shape);
+        }
+    }
+    let ones = Tensor::ones(h, DType::F32, &dev).unwrap();
+    for name in ["model.norm".to_string()]
+        .into_iter()
+        .chain((0..2).flat_map(|i| {
+            ["input_layernorm", "post_attention_layernorm"].map(|n| format!("model.layers.{i}.{n}"))
+        }))
+    {
+        weights.insert(format!("{name}.weight"), ones.clone());
+    }
+    let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &dev);
+    let mut decoder = Decoder::load(vb, &cfg).unwrap();
+    let quantize = |l: &Linear, t: GgmlDType| {
+        let (w, _) = l.parameters().unwrap();
+        Linear::Quantized {
+            weight: Arc::new(QTensor::quantize(w, t).unwrap()),
+            bias: None,
+        }
+    };
+    for (_, l) in decoder.linears_mut() {
+        *l = quantize(l, GgmlDType::Q4K);
+    }
+    let head = quantize(decoder.lm_head_mut(), GgmlDType::Q6K);
+    *decoder.lm_head_mut() = head;
+
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % 320).collect();
+    let embed = |ids: &[u32]| {
+        decoder
+            .embed(&Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap())
+            .unwrap()
+    };
+    let rows = |h: &Tensor| -> Vec<Vec<f32>> {
+        decoder
+            .logits(h)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    };
+    let mut cache = KvCache::new(2, 1);
+    let full = rows(
+        &decoder
+            .forward(&embed(&ids), &[ids.len()], &mut cache)
+            .unwrap(),
+    );
+    let mut cache = KvCache::new(2, 1);
+    let mut stepwise = rows(
+        &decoder
+            .forward(&embed(&ids[..4]), &[4], &mut cache)
+            .unwrap(),
+    );
+    for &id in &ids[4..] {
+        stepwise.extend(rows(
+            &decoder.forward(&embed(&[id]), &[1], &mut cache).unwrap(),
+        ));
+    }
+    let mut errors: Vec<f32> = full
+        .iter()
+        .zip(&stepwise)
+        .map(|(a, b)| {
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 0.1, "logits all but zero");
+            max_abs_diff(a, b) / scale
+        })
+        .collect();
+    // Rare rounding flips may move a position by ~2 %; a kernel bug moves every position.
+    assert!(errors.iter().all(|&e| e < 2e-2), "{errors:?}");
+    errors.sort_by(f32::total_cmp);
+    assert!(errors[errors.len() / 2] < 1e-4, "{errors:?}");
+}

@@ -61,7 +61,7 @@ impl SelfAttention {
         let a = match cache.decode_spans() {
             // Decoding: each row over its own slots, unmasked (see `decode_spans`).
             Some(spans) if q.dtype() == DType::F32 && q.device().is_cpu() => {
-                decode_attention(&q, &k, &v, spans, self.kv_heads)?
+                crate::decode_attention::decode_attention(&q, &k, &v, spans, self.kv_heads)?
             }
             Some(spans) => {
                 let rows = spans
@@ -85,63 +85,6 @@ impl SelfAttention {
         let a = a.transpose(1, 2)?.reshape((b, s, self.heads * d))?;
         self.o_proj.forward(&a)
     }
-}
-
-/// Decoding attention on CPU: each row's single query over its own slots `spans[r]`
-/// (`start`, `len`), one (row, head) per task, in a fixed order of sums, so that a row's
-/// result never depends on the rest of the batch. One pass instead of a dozen tensor ops
-/// per row. `q: (b, heads, 1, d)`, `k, v: (b, kv_heads, t, d)` f32 views → `(b, heads, 1, d)`.
-fn decode_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    spans: &[(usize, usize)],
-    kv_heads: usize,
-) -> Result<Tensor> {
-    use rayon::prelude::*;
-    let (b, heads, _, d) = q.dims4()?;
-    let rep = heads / kv_heads;
-    let q = q.contiguous()?;
-    let q = q.flatten_all()?.to_vec1::<f32>()?;
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (candle_core::Storage::Cpu(ks), candle_core::Storage::Cpu(vs)) = (&*ks, &*vs) else {
-        candle_core::bail!("decode attention runs on CPU tensors");
-    };
-    let (ks, vs) = (ks.as_slice::<f32>()?, vs.as_slice::<f32>()?);
-    let (kst, vst) = (kl.stride(), vl.stride());
-    if kst[3] != 1 || vst[3] != 1 {
-        candle_core::bail!("decode attention needs rows of keys and values in memory order");
-    }
-    let (k0, v0) = (kl.start_offset(), vl.start_offset());
-    let scale = (d as f32).powf(-0.5);
-    let mut out = vec![0f32; b * heads * d];
-    out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
-        let (r, h) = (i / heads, i % heads);
-        let g = h / rep;
-        let (start, len) = spans[r];
-        let qv = &q[i * d..(i + 1) * d];
-        let key = |j: usize| {
-            let at = k0 + r * kst[0] + g * kst[1] + (start + j) * kst[2];
-            &ks[at..at + d]
-        };
-        let mut scores: Vec<f32> = (0..len)
-            .map(|j| qv.iter().zip(key(j)).map(|(a, b)| a * b).sum::<f32>() * scale)
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        for (j, p) in scores.iter().enumerate() {
-            let at = v0 + r * vst[0] + g * vst[1] + (start + j) * vst[2];
-            for (o, x) in o.iter_mut().zip(&vs[at..at + d]) {
-                *o += p / sum * x;
-            }
-        }
-    });
-    Tensor::from_vec(out, (b, heads, 1, d), k.device())
 }
 
 /// Grouped-query attention without copying keys and values per query head: the `rep`

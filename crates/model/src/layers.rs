@@ -18,8 +18,9 @@ const GEMM_ROWS: usize = 16;
 pub enum Linear {
     Dense(candle_nn::Linear),
     /// A weight stored in a ggml type (a GGUF model's matrices; QLoRA's frozen 4-bit base).
-    /// Inference multiplies with candle's quantized kernels; when gradients are tracked it is
-    /// dequantized for each product, so that they still reach the input.
+    /// Decoding multiplies `Q4_K`/`Q6_K` with our kernels ([`crate::kquant`]), the rest with
+    /// candle's quantized kernels; when gradients are tracked it is dequantized for each
+    /// product, so that they still reach the input.
     Quantized {
         weight: std::sync::Arc<candle_core::quantized::QTensor>,
         bias: Option<Tensor>,
@@ -69,7 +70,15 @@ impl Linear {
                     weight.dtype(),
                     GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
                 );
-                let y = if xs.track_op() || (float && rows >= GEMM_ROWS) {
+                let ours = if xs.track_op() {
+                    None
+                } else {
+                    crate::kquant::try_matmul(weight, xs)?
+                };
+                let y = if let Some(y) = ours {
+                    // Decoding a Q4_K/Q6_K weight: our kernels (crate::kquant).
+                    y.to_dtype(xs.dtype())?
+                } else if xs.track_op() || (float && rows >= GEMM_ROWS) {
                     // Training through a frozen 4-bit base: a differentiable product. Prefill
                     // with a float weight: widened once, then a (compute-bound) f32 GEMM.
                     let w = weight.dequantize(xs.device())?.to_dtype(xs.dtype())?;

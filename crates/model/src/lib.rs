@@ -10,7 +10,9 @@
 pub mod bf16;
 pub mod clip;
 pub mod config;
+mod decode_attention;
 pub mod decoder;
+pub mod kquant;
 pub mod kv_cache;
 pub mod layers;
 pub mod llava;

@@ -1,0 +1,472 @@
+//! Attention of one decoding step on CPU: each sequence's single new query over its own
+//! cached keys and values, in one pass per layer instead of a dozen tensor ops.
+//!
+//! One task per (sequence, key/value head): the `rep` query heads that share a key/value
+//! head (grouped-query attention) read each cached key and value once, so the cache streams
+//! from memory once per layer. Sums are in a fixed order that depends only on the sequence
+//! itself, so that a sequence's result never depends on the rest of its batch. Inner loops
+//! work on 16 floats at a time, which the compiler keeps in vector registers.
+
+use candle_core::{Result, Tensor};
+
+/// Lanes of the inner loops.
+const L: usize = 16;
+
+/// `q: (b, heads, 1, d)`, `k, v: (b, kv_heads, t, d)` f32 views, row `r` attending to slots
+/// `spans[r] = (start, len)` → `(b, heads, 1, d)`.
+pub(crate) fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spans: &[(usize, usize)],
+    kv_heads: usize,
+) -> Result<Tensor> {
+    let (b, heads, _, d) = q.dims4()?;
+    let rep = heads / kv_heads;
+    let q = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (candle_core::Storage::Cpu(ks), candle_core::Storage::Cpu(vs)) = (&*ks, &*vs) else {
+        candle_core::bail!("decode attention runs on CPU tensors");
+    };
+    let (ks, vs) = (ks.as_slice::<f32>()?, vs.as_slice::<f32>()?);
+    let (kst, vst) = (kl.stride(), vl.stride());
+    if kst[3] != 1 || vst[3] != 1 {
+        candle_core::bail!("decode attention needs rows of keys and values in memory order");
+    }
+    let (k0, v0) = (kl.start_offset(), vl.start_offset());
+    let scale = (d as f32).powf(-0.5);
+    // A few tasks per thread (the query heads of a group split into `parts`), so that
+    // threads finish together even when the batch has a single row.
+    let mut parts = 1;
+    while parts < rep && rep.is_multiple_of(2 * parts) && b * kv_heads * parts < 16 {
+        parts *= 2;
+    }
+    let per = rep / parts;
+    // Query heads `first..first + per` of row `r` (all of key/value head `g`) into `out`.
+    let attend = |r: usize, first: usize, out: &mut [f32]| {
+        let (start, len) = spans[r];
+        let g = first / rep;
+        let qs = &q[(r * heads + first) * d..(r * heads + first + per) * d];
+        let at = |base: usize, st: &[usize], j: usize| {
+            base + r * st[0] + g * st[1] + (start + j) * st[2]
+        };
+        if len == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let (key0, value0) = (at(k0, kst, 0), at(v0, vst, 0));
+        let keys = Rows {
+            data: &ks[key0..at(k0, kst, len - 1) + d],
+            stride: kst[2],
+            d,
+        };
+        let values = Rows {
+            data: &vs[value0..at(v0, vst, len - 1) + d],
+            stride: vst[2],
+            d,
+        };
+        // scores[h · len + j] = softmax_j(q_h · k_j · scale)
+        let mut scores = vec![0f32; per * len];
+        for (qh, sh) in qs.chunks_exact(d).zip(scores.chunks_exact_mut(len)) {
+            keys.dots(qh, scale, sh);
+            softmax_in_place(sh);
+        }
+        for (sh, o) in scores.chunks_exact(len).zip(out.chunks_exact_mut(d)) {
+            values.weighted_sum(sh, o);
+        }
+    };
+    let mut out = vec![0f32; b * heads * d];
+    let out_addr = out.as_mut_ptr() as usize;
+    // candle's persistent workers spin between tasks rather than sleep: no wake-up per layer.
+    candle_core::utils::barrier_pool().execute_chunked(b * heads / per, |items| {
+        for i in items {
+            let (r, first) = (i * per / heads, i * per % heads);
+            // SAFETY: item `i` alone writes its heads' outputs `out[i·per·d..(i+1)·per·d]`.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut((out_addr as *mut f32).add(i * per * d), per * d)
+            };
+            attend(r, first, o);
+        }
+    });
+    Tensor::from_vec(out, (b, heads, 1, d), k.device())
+}
+
+/// `Σ a·b`: eight-float vectors into two sums (AVX2/FMA, which every build targets on
+/// x86-64), the tail past a multiple of 8 added last.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        use std::arch::x86_64::*;
+        let n = a.len().min(b.len());
+        let body = n - n % 8;
+        // SAFETY: every load reads 8 floats below `body ≤ len` of both slices; the features
+        // are enabled for the whole build (cfg above).
+        let mut s = unsafe {
+            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i + 16 <= body {
+                s0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    s0,
+                );
+                s1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i + 8)),
+                    _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                    s1,
+                );
+                i += 16;
+            }
+            if i < body {
+                s0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    s0,
+                );
+            }
+            let v = _mm256_add_ps(s0, s1);
+            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
+        };
+        for i in body..n {
+            s += a[i] * b[i];
+        }
+        s
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    {
+        let mut acc = [0f32; L];
+        let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+        let tail: f32 = ac
+            .remainder()
+            .iter()
+            .zip(bc.remainder())
+            .map(|(x, y)| x * y)
+            .sum();
+        for (x, y) in ac.zip(bc) {
+            for i in 0..L {
+                acc[i] += x[i] * y[i];
+            }
+        }
+        fold(acc) + tail
+    }
+}
+
+/// Sum of 16 lanes as a tree (vector shuffles, not a chain of 15 dependent additions).
+#[inline]
+fn fold(acc: [f32; L]) -> f32 {
+    let mut h = [0f32; 8];
+    for i in 0..8 {
+        h[i] = acc[i] + acc[i + 8];
+    }
+    let q = [h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]];
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// `len` rows of `d` floats, `stride` apart (a sequence's cached keys or values of one head).
+struct Rows<'a> {
+    data: &'a [f32],
+    stride: usize,
+    d: usize,
+}
+
+impl Rows<'_> {
+    fn row(&self, j: usize) -> &[f32] {
+        &self.data[j * self.stride..j * self.stride + self.d]
+    }
+
+    fn len(&self) -> usize {
+        (self.data.len() - self.d) / self.stride + 1
+    }
+
+    /// `out[j] = q · row_j · scale`.
+    fn dots(&self, q: &[f32], scale: f32, out: &mut [f32]) {
+        let mut j = 0;
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
+        if self.d.is_multiple_of(8) {
+            while j + 8 <= self.len() {
+                // SAFETY: rows j..j+8 lie in `data` (checked by `row`), `d` floats each, and
+                // `q` holds `d`; the features are enabled for the whole build.
+                unsafe {
+                    let _ = self.row(j + 7);
+                    dots8(
+                        q.as_ptr(),
+                        self.data.as_ptr().add(j * self.stride),
+                        self.stride,
+                        self.d,
+                        scale,
+                        out[j..j + 8].as_mut_ptr(),
+                    );
+                }
+                j += 8;
+            }
+        }
+        for (j, o) in out.iter_mut().enumerate().skip(j) {
+            *o = dot(q, self.row(j)) * scale;
+        }
+    }
+
+    /// `out = Σ_j p[j] · row_j`.
+    fn weighted_sum(&self, p: &[f32], out: &mut [f32]) {
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
+        if self.d.is_multiple_of(8) {
+            let _ = self.row(p.len() - 1);
+            for c in (0..self.d).step_by(64) {
+                let width = 64.min(self.d - c);
+                // SAFETY: rows 0..p.len() lie in `data` (checked above), `out` holds `d`.
+                unsafe {
+                    weighted_sum_64(
+                        p,
+                        self.data.as_ptr().add(c),
+                        self.stride,
+                        width,
+                        out[c..].as_mut_ptr(),
+                    );
+                }
+            }
+            return;
+        }
+        out.fill(0.0);
+        for (j, &pj) in p.iter().enumerate() {
+            for (o, x) in out.iter_mut().zip(self.row(j)) {
+                *o += pj * x;
+            }
+        }
+    }
+}
+
+/// Eight rows' dot products with `q` (`d` a multiple of 8), each in its own register, then
+/// reduced together into one vector of eight scores.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[inline]
+unsafe fn dots8(
+    q: *const f32,
+    rows: *const f32,
+    stride: usize,
+    d: usize,
+    scale: f32,
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); 8];
+    for c in (0..d).step_by(8) {
+        let qv = _mm256_loadu_ps(q.add(c));
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows.add(j * stride + c)), *a);
+        }
+    }
+    let t0 = _mm256_hadd_ps(acc[0], acc[1]);
+    let t1 = _mm256_hadd_ps(acc[2], acc[3]);
+    let t2 = _mm256_hadd_ps(acc[4], acc[5]);
+    let t3 = _mm256_hadd_ps(acc[6], acc[7]);
+    let u0 = _mm256_hadd_ps(t0, t1);
+    let u1 = _mm256_hadd_ps(t2, t3);
+    // u0 = rows 0-3 summed over each 128-bit half, u1 the same for rows 4-7.
+    let s = _mm256_add_ps(
+        _mm256_permute2f128_ps(u0, u1, 0x20),
+        _mm256_permute2f128_ps(u0, u1, 0x31),
+    );
+    _mm256_storeu_ps(out, _mm256_mul_ps(s, _mm256_set1_ps(scale)));
+}
+
+/// `out[..8·V] = Σ_j p[j] · row_j[..8·V]`, the `V ≤ 8` vectors of sums held in registers
+/// for the whole pass over the rows.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[inline]
+unsafe fn weighted_sum_vecs<const V: usize>(
+    p: &[f32],
+    rows: *const f32,
+    stride: usize,
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); V];
+    for (j, &pj) in p.iter().enumerate() {
+        let pv = _mm256_set1_ps(pj);
+        let row = rows.add(j * stride);
+        for (v, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * v)), *a);
+        }
+    }
+    for (v, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.add(8 * v), *a);
+    }
+}
+
+/// [`weighted_sum_vecs`] for `width` (a multiple of 8, at most 64) floats.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+unsafe fn weighted_sum_64(p: &[f32], rows: *const f32, stride: usize, width: usize, out: *mut f32) {
+    match width / 8 {
+        8 => weighted_sum_vecs::<8>(p, rows, stride, out),
+        7 => weighted_sum_vecs::<7>(p, rows, stride, out),
+        6 => weighted_sum_vecs::<6>(p, rows, stride, out),
+        5 => weighted_sum_vecs::<5>(p, rows, stride, out),
+        4 => weighted_sum_vecs::<4>(p, rows, stride, out),
+        3 => weighted_sum_vecs::<3>(p, rows, stride, out),
+        2 => weighted_sum_vecs::<2>(p, rows, stride, out),
+        _ => weighted_sum_vecs::<1>(p, rows, stride, out),
+    }
+}
+
+/// `s ← softmax(s)`.
+fn softmax_in_place(s: &mut [f32]) {
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let chunks = s.chunks_exact(L);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for i in 0..L {
+            lanes[i] = lanes[i].max(c[i]);
+        }
+    }
+    let max = lanes.into_iter().fold(tail, f32::max);
+    for x in s.iter_mut() {
+        *x = exp_nonpositive(*x - max);
+    }
+    let mut acc = [0f32; L];
+    let chunks = s.chunks_exact(L);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..L {
+            acc[i] += c[i];
+        }
+    }
+    let inv = 1.0 / (fold(acc) + tail);
+    for x in s.iter_mut() {
+        *x *= inv;
+    }
+}
+
+/// `eˣ` for `x ≤ 0` without a library call or a float-to-int conversion, so that a loop
+/// over it vectorizes: `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2` (`n` rounded by adding
+/// 1.5·2²³, which leaves it in the low bits of the mantissa), `eʳ` by its degree-6 Taylor
+/// polynomial (relative error < 2e-7 there), `2ⁿ` by building the float's exponent. Below
+/// −87 the result is 0.
+#[inline]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.max(-87.0);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
+    let y = p * f32::from_bits(n_bits.wrapping_add(127) << 23);
+    if x <= -87.0 {
+        0.0
+    } else {
+        y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, D};
+
+    #[test]
+    fn exp_is_accurate_where_softmax_uses_it() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -(i as f32) * 80.0 / 200_000.0;
+            let (got, want) = (exp_nonpositive(x) as f64, (x as f64).exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-200.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+    }
+
+    /// Against softmax(q kᵀ/√d) v by tensor ops, with grouped heads, two rows with different
+    /// spans of a shared cache, and a head size that is not a multiple of the lanes.
+    #[test]
+    fn matches_attention_by_tensor_ops() {
+        let dev = Device::Cpu;
+        for (heads, kv_heads, d) in [(8, 2, 64), (4, 4, 40)] {
+            let (b, t) = (2, 37);
+            let q = Tensor::randn(0f32, 1.0, (b, heads, 1, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (b, kv_heads, t, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, kv_heads, t, d), &dev).unwrap();
+            let spans = [(0, t), (5, 20)];
+            let got = decode_attention(&q, &k, &v, &spans, kv_heads).unwrap();
+            let rep = heads / kv_heads;
+            for (r, &(start, len)) in spans.iter().enumerate() {
+                let pick = |x: &Tensor| {
+                    x.narrow(0, r, 1)
+                        .unwrap()
+                        .narrow(2, start, len)
+                        .unwrap()
+                        .repeat_interleave_heads(rep)
+                };
+                let (kr, vr) = (pick(&k), pick(&v));
+                let qr = q.narrow(0, r, 1).unwrap();
+                let scores = (qr.matmul(&kr.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+                let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+                let want = probs.matmul(&vr).unwrap();
+                let err =
+                    kollava_testkit::max_abs_diff_tensors(&got.narrow(0, r, 1).unwrap(), &want);
+                assert!(
+                    err < 1e-5,
+                    "{heads}/{kv_heads} heads, d {d}, row {r}: {err}"
+                );
+            }
+            assert_eq!(got.dtype(), DType::F32);
+        }
+    }
+
+    trait RepeatHeads {
+        fn repeat_interleave_heads(&self, rep: usize) -> Tensor;
+    }
+    impl RepeatHeads for Tensor {
+        /// `(1, kv, t, d) → (1, kv·rep, t, d)`, each key/value head repeated `rep` times.
+        fn repeat_interleave_heads(&self, rep: usize) -> Tensor {
+            let (b, kv, t, d) = self.dims4().unwrap();
+            self.unsqueeze(2)
+                .unwrap()
+                .broadcast_as((b, kv, rep, t, d))
+                .unwrap()
+                .reshape((b, kv * rep, t, d))
+                .unwrap()
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! Our matrix-vector products for ggml's k-quant weights (`Q4_K`, `Q6_K`: what a Q4_K_M
+//! GGUF stores), for decoding on x86-64 CPUs with AVX512-VNNI.
+//!
+//! Decoding is bound by memory bandwidth: each token streams every weight once. So the
+//! kernels read the file's blocks as they are (144 bytes per 256 weights for `Q4_K`, 210 for
+//! `Q6_K`), with no expanded copy, and keep the work per block small enough that two cores
+//! keep up with memory. The activations are quantized once per product to ggml's `Q8_K`
+//! (8-bit values with one f32 scale per 256 and sums per 16), as llama.cpp does, so that a
+//! block's dot product is integer arithmetic: `vpdpbusd` multiplies 64 unsigned 4- or 6-bit
+//! weights by 64 signed activations per instruction, a sub-block's scale is applied to its
+//! integer sums, and the weights' offsets (`Q4_K`'s mins, `Q6_K`'s −32) are corrected once
+//! per sub-block with the activations' precomputed sums.
+//!
+//! Rows of the weight are split between threads; up to [`MAX_ROWS`] activation rows (a batch
+//! of decoding sequences) share each weight row while it is in L1, each row's sums in the
+//! order it would have alone.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Result, Tensor};
+
+/// Values per super-block.
+const QK: usize = 256;
+/// Bytes per `Q4_K` block: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 of nibbles.
+const Q4K_BYTES: usize = 144;
+/// Bytes per `Q6_K` block: 128 low nibbles, 64 of high bit pairs, 16 i8 scales, f16 d.
+const Q6K_BYTES: usize = 210;
+/// Activation rows up to which the kernels run (decoding); more rows (prefill) are
+/// compute-bound and go to candle's tiled kernels.
+pub const MAX_ROWS: usize = 16;
+
+/// Whether this CPU runs the kernels.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static AVAILABLE: OnceLock<bool> = OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `x Wᵀ` for `x: (…, k)` with at most [`MAX_ROWS`] rows, when this module has a kernel for
+/// the weight (a `Q4_K` or `Q6_K` matrix whose width is a multiple of 256 on a CPU that runs
+/// the kernels); `None` otherwise, for the caller's general path.
+pub fn try_matmul(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
+    let kind = match w.dtype() {
+        GgmlDType::Q4K => Kind::Q4K,
+        GgmlDType::Q6K => Kind::Q6K,
+        _ => return Ok(None),
+    };
+    let (n, k) = w.shape().dims2()?;
+    let mut dims = x.dims().to_vec();
+    let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+    if !available()
+        || !x.device().is_cpu()
+        || dims.last() != Some(&k)
+        || k % QK != 0
+        || m == 0
+        || m > MAX_ROWS
+    {
+        return Ok(None);
+    }
+    let x = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let data = w.data()?;
+    if data.len() != n * (k / QK) * kind.block_bytes() {
+        candle_core::bail!(
+            "{:?} weight of {n}x{k} holds {} bytes",
+            w.dtype(),
+            data.len()
+        );
+    }
+    let acts = Activations::quantize(&x, m, k, kind);
+    let mut out = vec![0f32; m * n];
+    matmul(kind, &data, n, k, &acts, &mut out);
+    dims.pop();
+    dims.push(n);
+    Ok(Some(Tensor::from_vec(
+        out,
+        dims,
+        &candle_core::Device::Cpu,
+    )?))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Q4K,
+    Q6K,
+}
+
+impl Kind {
+    fn block_bytes(self) -> usize {
+        match self {
+            Kind::Q4K => Q4K_BYTES,
+            Kind::Q6K => Q6K_BYTES,
+        }
+    }
+}
+
+/// Activation rows in ggml's `Q8_K`: per block of 256, a scale `d` (value = `d · q`), the
+/// 8-bit values and their sums per 16. For `Q4_K` the 32-value sub-blocks of each block are
+/// stored in the order its nibbles come out of two 64-byte loads: 0, 2, 1, 3, 4, 6, 5, 7.
+struct Activations {
+    blocks: usize,
+    d: Vec<f32>,
+    qs: Vec<i8>,
+    sums: Vec<i16>,
+}
+
+impl Activations {
+    fn quantize(x: &[f32], m: usize, k: usize, kind: Kind) -> Self {
+        let blocks = k / QK;
+        let mut a = Activations {
+            blocks,
+            d: vec![0.0; m * blocks],
+            qs: vec![0; m * k],
+            sums: vec![0; m * blocks * 16],
+        };
+        let mut q = [0i8; QK];
+        for (b, xs) in x.chunks_exact(QK).enumerate() {
+            // ggml's quantize_row_q8_K, as candle writes it: the value of largest magnitude
+            // maps to -127.
+            let max = signed_max(xs);
+            if max != 0.0 {
+                let iscale = -127.0 / max;
+                for (q, &v) in q.iter_mut().zip(xs) {
+                    let r = round_half_away(iscale * v).clamp(-128.0, 127.0);
+                    let r = if r.is_nan() { 0.0 } else { r };
+                    // SAFETY: `r` is a whole number in -128..=127 (a plain `as` would compile
+                    // to a scalar saturating conversion and stop the loop vectorizing).
+                    *q = unsafe { r.to_int_unchecked::<i32>() } as i8;
+                }
+                a.d[b] = 1.0 / iscale;
+            } else {
+                q.fill(0);
+            }
+            for (s, chunk) in a.sums[b * 16..(b + 1) * 16]
+                .iter_mut()
+                .zip(q.chunks_exact(16))
+            {
+                *s = chunk.iter().map(|&v| v as i16).sum();
+            }
+            let dst = &mut a.qs[b * QK..(b + 1) * QK];
+            match kind {
+                Kind::Q6K => dst.copy_from_slice(&q),
+                Kind::Q4K => {
+                    for (slot, sub) in [0, 2, 1, 3, 4, 6, 5, 7].into_iter().enumerate() {
+                        dst[slot * 32..(slot + 1) * 32]
+                            .copy_from_slice(&q[sub * 32..(sub + 1) * 32]);
+                    }
+                }
+            }
+        }
+        a
+    }
+}
+
+/// The value of largest magnitude (the first of equals), in lanes that vectorize.
+fn signed_max(xs: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(0f32, |m, v| m.max(v.abs()));
+    for c in chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v.abs());
+        }
+    }
+    let amax = lanes.iter().copied().fold(tail, f32::max);
+    xs.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0)
+}
+
+/// `f32::round` (halves away from zero) without its library call, so the loop vectorizes.
+#[inline]
+fn round_half_away(v: f32) -> f32 {
+    let t = v.trunc();
+    if (v - t).abs() >= 0.5 {
+        t + 1f32.copysign(v)
+    } else {
+        t
+    }
+}
+
+/// `out[r·n + i] = Σ x_r · w_i` for every activation row `r` and weight row `i`, chunks of
+/// weight rows handed to candle's persistent worker threads. They spin between products
+/// rather than sleep, which matters when a token is ~150 products of a millisecond or less.
+fn matmul(kind: Kind, w: &[u8], n: usize, k: usize, acts: &Activations, out: &mut [f32]) {
+    const CHUNK: usize = 16;
+    let row_bytes = (k / QK) * kind.block_bytes();
+    let m = out.len() / n;
+    let out_addr = out.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |chunks| {
+        for i in chunks.start * CHUNK..(chunks.end * CHUNK).min(n) {
+            let row = &w[i * row_bytes..(i + 1) * row_bytes];
+            for r in 0..m {
+                // SAFETY: `available()` was checked by the caller; `row` holds `k / 256`
+                // blocks, the activations `m` rows of `k / 256` blocks; each output is written
+                // by the one thread that owns its weight row.
+                unsafe {
+                    let v = dot(kind, row, acts, r);
+                    *(out_addr as *mut f32).add(r * n + i) = v;
+                }
+            }
+        }
+    });
+}
+
+/// One weight row (its blocks) against activation row `r`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn dot(kind: Kind, row: &[u8], acts: &Activations, r: usize) -> f32 {
+    let b0 = r * acts.blocks;
+    let d = acts.d[b0..].as_ptr();
+    let qs = acts.qs[b0 * QK..].as_ptr();
+    let sums = acts.sums[b0 * 16..].as_ptr();
+    match kind {
+        Kind::Q4K => dot_q4k(row.as_ptr(), acts.blocks, d, qs, sums),
+        Kind::Q6K => dot_q6k(row.as_ptr(), acts.blocks, d, qs, sums),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot(_: Kind, _: &[u8], _: &Activations, _: usize) -> f32 {
+    unreachable!("the k-quant kernels are only chosen where available() holds")
+}
+
+fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: callers point at the two bytes of a block's f16 field.
+    half::f16::from_bits(unsafe { (p as *const u16).read_unaligned() }).to_f32()
+}
+
+/// A `Q4_K` block's eight 6-bit scales and eight 6-bit mins (ggml's `get_scale_min_k4`, all
+/// at once): bytes 0..8 scales, 8..16 mins.
+fn q4k_scales_mins(packed: &[u8; 12]) -> [u8; 16] {
+    let word = |i: usize| u32::from_le_bytes(packed[4 * i..4 * i + 4].try_into().unwrap());
+    let (a, b, c) = (word(0), word(1), word(2));
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let scales_lo = a & LOW6;
+    let scales_hi = (c & LOW4) | (((a >> 6) & LOW2) << 4);
+    let mins_lo = b & LOW6;
+    let mins_hi = ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4);
+    let mut out = [0u8; 16];
+    for (i, w) in [scales_lo, scales_hi, mins_lo, mins_hi]
+        .into_iter()
+        .enumerate()
+    {
+        out[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+    }
+    out
+}
+
+/// `Σ w · x` over `blocks` `Q4_K` blocks at `w` and `Q8_K` activations (sub-blocks in the
+/// order [`Activations`] stores for `Q4_K`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+unsafe fn dot_q4k(
+    w: *const u8,
+    blocks: usize,
+    d: *const f32,
+    qs: *const i8,
+    sums: *const i16,
+) -> f32 {
+    use std::arch::x86_64::*;
+    let nibble = _mm512_set1_epi8(0x0f);
+    // Lanes 0..8 of a product hold one sub-block, 8..16 the other: which scales they take.
+    let pick = |a: i32, b: i32| _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b);
+    let (p02, p13, p46, p57) = (pick(0, 2), pick(1, 3), pick(4, 6), pick(5, 7));
+    let mut acc = _mm512_setzero_ps();
+    let mut acc_min = _mm256_setzero_ps();
+    for b in 0..blocks {
+        let blk = w.add(b * Q4K_BYTES);
+        let dy = *d.add(b);
+        let sm = q4k_scales_mins(&*(blk.add(4) as *const [u8; 12]));
+        let sc = _mm512_castsi256_si512(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+            sm.as_ptr() as *const __m128i
+        )));
+        let mins = _mm256_cvtepu8_epi32(_mm_loadl_epi64(sm.as_ptr().add(8) as *const __m128i));
+        let q0 = _mm512_loadu_si512(blk.add(16) as *const _);
+        let q1 = _mm512_loadu_si512(blk.add(80) as *const _);
+        let y = qs.add(b * QK);
+        let ld = |i: usize| _mm512_loadu_si512(y.add(64 * i) as *const _);
+        let prod = |q: __m512i, i: usize| _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, ld(i));
+        let lo0 = _mm512_and_si512(q0, nibble);
+        let hi0 = _mm512_and_si512(_mm512_srli_epi16(q0, 4), nibble);
+        let lo1 = _mm512_and_si512(q1, nibble);
+        let hi1 = _mm512_and_si512(_mm512_srli_epi16(q1, 4), nibble);
+        let mut sumi = _mm512_mullo_epi32(prod(lo0, 0), _mm512_permutexvar_epi32(p02, sc));
+        sumi = _mm512_add_epi32(
+            sumi,
+            _mm512_mullo_epi32(prod(hi0, 1), _mm512_permutexvar_epi32(p13, sc)),
+        );
+        sumi = _mm512_add_epi32(
+            sumi,
+            _mm512_mullo_epi32(prod(lo1, 2), _mm512_permutexvar_epi32(p46, sc)),
+        );
+        sumi = _mm512_add_epi32(
+            sumi,
+            _mm512_mullo_epi32(prod(hi1, 3), _mm512_permutexvar_epi32(p57, sc)),
+        );
+        let dd = f16_at(blk) * dy;
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(dd), acc);
+        // Sums of 32 activations per sub-block (pairs of the sums per 16) times the mins.
+        let s16 = _mm256_loadu_si256(sums.add(b * 16) as *const __m256i);
+        let s32 = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+        let m = _mm256_cvtepi32_ps(_mm256_mullo_epi32(s32, mins));
+        acc_min = _mm256_fmadd_ps(m, _mm256_set1_ps(f16_at(blk.add(2)) * dy), acc_min);
+    }
+    _mm512_reduce_add_ps(acc) - hsum256(acc_min)
+}
+
+/// `Σ w · x` over `blocks` `Q6_K` blocks at `w` and `Q8_K` activations in natural order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+unsafe fn dot_q6k(
+    w: *const u8,
+    blocks: usize,
+    d: *const f32,
+    qs: *const i8,
+    sums: *const i16,
+) -> f32 {
+    use std::arch::x86_64::*;
+    let nibble = _mm512_set1_epi8(0x0f);
+    let pair = _mm512_set1_epi8(0x03);
+    // The high bit pairs of values 0..32 of a half are bits 0-1 of `qh[l]`, of 32..64 bits
+    // 2-3, of 64..96 bits 4-5, of 96..128 bits 6-7.
+    let shift_lo = _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2);
+    let shift_hi = _mm512_setr_epi64(4, 4, 4, 4, 6, 6, 6, 6);
+    // Each 16-value sub-block is four lanes of a product: its scale repeated four times.
+    let repeat = |s: i8| {
+        _mm_setr_epi8(
+            s,
+            s,
+            s,
+            s,
+            s + 1,
+            s + 1,
+            s + 1,
+            s + 1,
+            s + 2,
+            s + 2,
+            s + 2,
+            s + 2,
+            s + 3,
+            s + 3,
+            s + 3,
+            s + 3,
+        )
+    };
+    let picks = [repeat(0), repeat(4), repeat(8), repeat(12)];
+    let mut acc = _mm512_setzero_ps();
+    let mut acc_off = _mm256_setzero_ps();
+    for b in 0..blocks {
+        let blk = w.add(b * Q6K_BYTES);
+        let dy = *d.add(b);
+        let scales = _mm_loadu_si128(blk.add(192) as *const __m128i);
+        let y = qs.add(b * QK);
+        let mut sumi = _mm512_setzero_si512();
+        for half in 0..2 {
+            let ql = _mm512_loadu_si512(blk.add(64 * half) as *const _);
+            let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                blk.add(128 + 32 * half) as *const __m256i
+            ));
+            let h_lo =
+                _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(qh, shift_lo), pair), 4);
+            let h_hi =
+                _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(qh, shift_hi), pair), 4);
+            let v_lo = _mm512_or_si512(_mm512_and_si512(ql, nibble), h_lo);
+            let v_hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), nibble), h_hi);
+            for (j, v) in [v_lo, v_hi].into_iter().enumerate() {
+                let yv = _mm512_loadu_si512(y.add(128 * half + 64 * j) as *const _);
+                let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, yv);
+                let s = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(scales, picks[2 * half + j]));
+                sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(p, s));
+            }
+        }
+        let dd = f16_at(blk.add(208)) * dy;
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(dd), acc);
+        // The stored values are offset by +32: subtract 32 · Σ scale · (sum of 16 activations).
+        let s16 = _mm256_loadu_si256(sums.add(b * 16) as *const __m256i);
+        let off = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scales), s16);
+        acc_off = _mm256_fmadd_ps(_mm256_cvtepi32_ps(off), _mm256_set1_ps(32.0 * dd), acc_off);
+    }
+    _mm512_reduce_add_ps(acc) - hsum256(acc_off)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Against `W · x` in f64 on the dequantized weight and the `Q8_K`-rounded activations
+    /// (candle's own quantizer): only the kernels' f32 sums differ. Widths of one and of
+    /// several blocks, row counts not a multiple of the threads, several activation rows.
+    #[test]
+    fn kernels_match_dequantized_products() {
+        if !available() {
+            eprintln!("skipped: no AVX512-VNNI on this CPU");
+            return;
+        }
+        let dev = Device::Cpu;
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            for (m, k, n) in [
+                (1, 256, 1),
+                (1, 2048, 37),
+                (3, 512, 64),
+                (MAX_ROWS, 1280, 20),
+            ] {
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+                // Activations with an outlier column, as real hidden states have.
+                let x = (Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap() * 0.5).unwrap();
+                let x = x
+                    .slice_assign(&[0..m, 5..6], &Tensor::full(9f32, (m, 1), &dev).unwrap())
+                    .unwrap();
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let got: Vec<Vec<f32>> = try_matmul(&q, &x).unwrap().unwrap().to_vec2().unwrap();
+                let wd: Vec<Vec<f32>> = q.dequantize(&dev).unwrap().to_vec2().unwrap();
+                let xq = QTensor::quantize(&x, GgmlDType::Q8K)
+                    .unwrap()
+                    .dequantize(&dev)
+                    .unwrap();
+                let xq: Vec<Vec<f32>> = xq.to_vec2().unwrap();
+                for r in 0..m {
+                    for i in 0..n {
+                        let want: f64 = wd[i]
+                            .iter()
+                            .zip(&xq[r])
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum();
+                        let scale: f64 = wd[i]
+                            .iter()
+                            .zip(&xq[r])
+                            .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                            .sum();
+                        let err = (got[r][i] as f64 - want).abs();
+                        assert!(
+                            err <= 1e-5 * scale,
+                            "{dtype:?} {m}x{k}x{n} [{r},{i}]: {} vs {want}",
+                            got[r][i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// A decoding row's result does not depend on the rows decoded with it.
+    #[test]
+    fn batched_rows_equal_rows_alone_bit_for_bit() {
+        if !available() {
+            eprintln!("skipped: no AVX512-VNNI on this CPU");
+            return;
+        }
+        let dev = Device::Cpu;
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let q = QTensor::quantize(&Tensor::randn(0f32, 1.0, (40, 768), &dev).unwrap(), dtype)
+                .unwrap();
+            let x = Tensor::randn(0f32, 1.0, (5, 768), &dev).unwrap();
+            let all: Vec<Vec<f32>> = try_matmul(&q, &x).unwrap().unwrap().to_vec2().unwrap();
+            for (r, row) in all.iter().enumerate() {
+                let alone: Vec<Vec<f32>> = try_matmul(&q, &x.narrow(0, r, 1).unwrap())
+                    .unwrap()
+                    .unwrap()
+                    .to_vec2()
+                    .unwrap();
+                assert_eq!(row, &alone[0], "{dtype:?} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_matches_the_library() {
+        for v in [
+            0.5f32,
+            -0.5,
+            1.5,
+            2.5,
+            -2.5,
+            0.499_999_97,
+            -0.499_999_97,
+            126.5,
+            3.2,
+            -7.7,
+            0.0,
+        ] {
+            assert_eq!(round_half_away(v), v.round(), "{v}");
+        }
+        assert_eq!(signed_max(&[1.0, -3.0, 3.0, 2.0]), -3.0);
+    }
+
+    #[test]
+    fn other_types_and_shapes_are_left_to_the_caller() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (8, 256), &dev).unwrap();
+        let q8 = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        assert!(
+            try_matmul(&q8, &Tensor::ones((1, 256), DType::F32, &dev).unwrap())
+                .unwrap()
+                .is_none()
+        );
+        let q4 = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+        let prefill = Tensor::ones((MAX_ROWS + 1, 256), DType::F32, &dev).unwrap();
+        assert!(try_matmul(&q4, &prefill).unwrap().is_none());
+    }
+}
