@@ -161,16 +161,15 @@ impl PackedBf16 {
         xp
     }
 
-    /// All tiles against all panels, the panels split between threads.
+    /// All tiles against all panels, ranges of panels handed to candle's persistent worker
+    /// threads (which spin between products instead of sleeping: a decoded token is ~150
+    /// products of a millisecond or less).
     fn run<const R: usize>(&self, xp: &[u32], tiles: usize, c: &mut [f32], ldc: usize) {
-        let threads = rayon::current_num_threads().max(1);
-        let per = self.panels.div_ceil(threads);
         let c_addr = c.as_mut_ptr() as usize;
-        let work = |first: usize| {
-            let last = (first + per).min(self.panels);
+        let work = |panels: std::ops::Range<usize>| {
             if R == 1 {
                 // Decoding: each panel streams once, start to end, with independent sums.
-                for p in first..last {
+                for p in panels {
                     let w = &self.data[p * self.pairs * NR..(p + 1) * self.pairs * NR];
                     // SAFETY: as below; `w` holds the panel's `pairs` pairs, `xp` the
                     // `tiles` rows of `pairs` pairs each.
@@ -187,13 +186,13 @@ impl PackedBf16 {
             }
             for q0 in (0..self.pairs).step_by(KC) {
                 let kc = KC.min(self.pairs - q0);
-                for p in first..last {
+                for p in panels.clone() {
                     let w = &self.data[(p * self.pairs + q0) * NR..];
                     for t in 0..tiles {
                         let x = &xp[(t * self.pairs + q0) * R..];
                         // SAFETY: `available()` was checked when the layer chose this kernel;
                         // the slices hold `kc` pairs from here; each (tile, panel) block of
-                        // `c` is written by this thread only.
+                        // `c` is written by the one thread that took the panel.
                         unsafe {
                             let cp = (c_addr as *mut f32).add(t * R * ldc + p * NR);
                             tile::<R>(x.as_ptr(), w.as_ptr(), kc, cp, ldc, q0 > 0);
@@ -202,15 +201,7 @@ impl PackedBf16 {
                 }
             }
         };
-        if threads == 1 || self.panels < 2 {
-            work(0);
-        } else {
-            rayon::scope(|s| {
-                for first in (0..self.panels).step_by(per) {
-                    s.spawn(move |_| work(first));
-                }
-            });
-        }
+        candle_core::utils::barrier_pool().execute_chunked(self.panels, work);
     }
 }
 
