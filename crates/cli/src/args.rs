@@ -484,6 +484,10 @@ pub struct TrainArgs {
     /// Longest sequence (image features included); longer ones are cut — 최대 길이
     #[arg(long, default_value_t = 2048)]
     pub model_max_length: usize,
+    /// Keep only each decoder layer's input and recompute the layer in the backward pass:
+    /// long sequences fit in memory for ~30 % more time — 그래디언트 체크포인팅
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Stage 2: train the vision tower too — 비전 타워도 학습
     #[arg(long)]
     pub tune_vision_tower: bool,

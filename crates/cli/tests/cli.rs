@@ -1347,45 +1347,67 @@ fn finetune_lowers_the_loss_and_writes_a_checkpoint_that_runs() {
 }
 
 /// Killed after a checkpoint and run again, training resumes there and every later loss is
-/// what the uninterrupted run got.
+/// what the uninterrupted run got: full finetuning, and LoRA with dropout (masks drawn from
+/// the step, not from the process) and gradient checkpointing.
 #[test]
 fn an_interrupted_finetune_resumes_with_identical_losses() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = finetune_data(&tmp);
-    let images = crate_fixture_images();
-    let steps = "40";
-    let whole = tmp.path().join("whole");
-    assert_success(&kollava(&as_args(&finetune_args(
-        &data, &images, &whole, steps,
-    ))));
-    let reference = losses(&whole.join("metrics.jsonl"));
+    let lora = [
+        "--lora-r",
+        "8",
+        "--lora-alpha",
+        "16",
+        "--lora-dropout",
+        "0.1",
+        "--gradient-checkpointing",
+    ];
+    for extra in [&[][..], &lora[..]] {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = finetune_data(&tmp);
+        let images = crate_fixture_images();
+        let args = |out: &Path| {
+            let mut a = finetune_args(&data, &images, out, "40");
+            if !extra.is_empty() {
+                a.retain(|a| a != "--tune-vision-tower");
+            }
+            a.extend(extra.iter().map(std::ffi::OsString::from));
+            a
+        };
+        let whole = tmp.path().join("whole");
+        assert_success(&kollava(&as_args(&args(&whole))));
+        let reference = losses(&whole.join("metrics.jsonl"));
 
-    let cut = tmp.path().join("cut");
-    let mut child = command(&as_args(&finetune_args(&data, &images, &cut, steps)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !cut.join("checkpoint-3/trainer_state.json").is_file() {
+        let cut = tmp.path().join("cut");
+        let mut child = command(&as_args(&args(&cut)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !cut.join("checkpoint-3/trainer_state.json").is_file() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint appeared"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let finished = if extra.is_empty() {
+            "config.json"
+        } else {
+            "adapter_config.json"
+        };
         assert!(
-            std::time::Instant::now() < deadline,
-            "no checkpoint appeared"
+            !cut.join(finished).is_file(),
+            "the run finished before it was killed"
         );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        let o = kollava(&as_args(&args(&cut)));
+        assert_success(&o);
+        assert!(stderr(&o).contains("resuming from"), "{}", stderr(&o));
+        // The metrics after the checkpoint are redone, and bit for bit the same.
+        assert_eq!(losses(&cut.join("metrics.jsonl")), reference, "{extra:?}");
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(
-        !cut.join("config.json").is_file(),
-        "the run finished before it was killed"
-    );
-    let o = kollava(&as_args(&finetune_args(&data, &images, &cut, steps)));
-    assert_success(&o);
-    assert!(stderr(&o).contains("resuming from"), "{}", stderr(&o));
-    // The metrics after the checkpoint are redone, and bit for bit the same.
-    assert_eq!(losses(&cut.join("metrics.jsonl")), reference);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 //!
 //! Reference: huggingface/transformers `models/llama/modeling_llama.py` (v4.37).
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Module, Result, Tensor, Var};
 use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::DecoderConfig;
@@ -149,6 +150,100 @@ struct Layer {
     self_attn: SelfAttention,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
+}
+
+impl Layer {
+    /// `xs + attn(norm(xs))`, then `+ mlp(norm(·))`; appends this layer's keys and values
+    /// (layer `i`) to `cache`.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        step: &StepInputs,
+        cache: &mut KvCache,
+        i: usize,
+    ) -> Result<Tensor> {
+        let x = self.input_layernorm.forward(xs)?;
+        let x = self
+            .self_attn
+            .forward(&x, &step.cos, &step.sin, &step.mask, cache, i)?;
+        let xs = (xs + x)?;
+        let x = self.post_attention_layernorm.forward(&xs)?;
+        &xs + self.mlp.forward(&x)?
+    }
+}
+
+/// What every layer of one step shares: the rotary tables `(b, s, d/2)` of the step's
+/// positions and the additive attention mask `(b, 1, s, slots)`.
+#[derive(Debug, Clone)]
+struct StepInputs {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+}
+
+/// A training forward that kept only each decoder layer's input (gradient checkpointing):
+/// activations inside a layer are recomputed, one layer at a time, during
+/// [`Checkpointed::backward`]. Memory for activations goes from all layers' to one layer's
+/// plus one `(b, s, hidden)` tensor per layer, for one more forward of the layers.
+pub struct Checkpointed {
+    /// Detached input of each layer.
+    inputs: Vec<Tensor>,
+    /// The last layer's output, a leaf of the graph that [`Checkpointed::hidden`] starts.
+    last: Var,
+    step: StepInputs,
+    batch: usize,
+}
+
+impl Checkpointed {
+    /// The final-normed hidden states `(b, s, hidden)`, as [`Decoder::forward`] returns
+    /// them; a loss computed from them differentiates back to the final norm and to
+    /// [`Checkpointed::backward`]'s starting point.
+    pub fn hidden(&self, decoder: &Decoder) -> Result<Tensor> {
+        decoder.norm.forward(self.last.as_tensor())
+    }
+
+    /// Back through the layers, last to first, each recomputed from its saved input: takes
+    /// `grads` of a loss computed from [`Checkpointed::hidden`], adds to it the gradients
+    /// of those `params` that live in the layers, and returns the loss's gradient with
+    /// respect to the decoder's input (to carry on into the embeddings and projector).
+    pub fn backward(
+        &self,
+        decoder: &Decoder,
+        grads: &mut GradStore,
+        params: &[Var],
+    ) -> Result<Tensor> {
+        let Some(mut g) = grads.get(self.last.as_tensor()).cloned() else {
+            candle_core::bail!("the loss does not depend on the decoder's output");
+        };
+        for (i, layer) in decoder.layers.iter().enumerate().rev() {
+            let x = Var::from_tensor(&self.inputs[i])?;
+            let mut scratch = KvCache::new(decoder.layers.len(), self.batch);
+            let out = layer.forward(x.as_tensor(), &self.step, &mut scratch, i)?;
+            // d/dθ Σ out·g = gᵀ ∂out/∂θ: the chain rule through this layer alone.
+            let layer_grads = (out * g.detach())?.sum_all()?.backward()?;
+            accumulate(grads, &layer_grads, params)?;
+            g = match layer_grads.get(x.as_tensor()) {
+                Some(gx) => gx.detach(),
+                None => candle_core::bail!("layer {i}'s output does not depend on its input"),
+            };
+        }
+        Ok(g)
+    }
+}
+
+/// `into[p] += from[p]` for each parameter `p` that `from` has a gradient for.
+pub fn accumulate(into: &mut GradStore, from: &GradStore, params: &[Var]) -> Result<()> {
+    for p in params {
+        let Some(new) = from.get(p.as_tensor()) else {
+            continue;
+        };
+        let sum = match into.get(p.as_tensor()) {
+            Some(old) => (old + new)?,
+            None => new.clone(),
+        };
+        into.insert(p.as_tensor(), sum);
+    }
+    Ok(())
 }
 
 /// LLaMA weights. Immutable; share it behind an `Arc` and give each request a [`KvCache`].
@@ -295,6 +390,38 @@ impl Decoder {
     /// `xs: (b, s, hidden)`; `valid[r]` real (not padding) leading positions of row `r`
     /// → final-normed hidden states `(b, s, hidden)`.
     pub fn forward(&self, xs: &Tensor, valid: &[usize], cache: &mut KvCache) -> Result<Tensor> {
+        let step = self.begin_step(xs, valid, cache)?;
+        let mut xs = xs.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            xs = layer.forward(&xs, &step, cache, i)?;
+        }
+        self.norm.forward(&xs)
+    }
+
+    /// [`Decoder::forward`] for training with gradient checkpointing, from a fresh cache:
+    /// each layer runs on the detached output of the one before, and only those inputs are
+    /// kept. `xs` is detached here; carry [`Checkpointed::backward`]'s result into whatever
+    /// produced it.
+    pub fn forward_checkpointed(&self, xs: &Tensor, valid: &[usize]) -> Result<Checkpointed> {
+        let batch = xs.dim(0)?;
+        let step = self.begin_step(xs, valid, &mut KvCache::new(self.layers.len(), batch))?;
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut x = xs.detach();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut scratch = KvCache::new(self.layers.len(), batch);
+            let out = layer.forward(&x, &step, &mut scratch, i)?.detach();
+            inputs.push(std::mem::replace(&mut x, out));
+        }
+        Ok(Checkpointed {
+            inputs,
+            last: Var::from_tensor(&x)?,
+            step,
+            batch,
+        })
+    }
+
+    /// Registers a step of `xs: (b, s, hidden)` in `cache` and builds what its layers share.
+    fn begin_step(&self, xs: &Tensor, valid: &[usize], cache: &mut KvCache) -> Result<StepInputs> {
         let (b, s, _) = xs.dims3()?;
         let (positions, mask) = cache.begin_step(
             valid,
@@ -308,20 +435,11 @@ impl Decoder {
             .unsqueeze(2)?
             .broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
         let dtype = xs.dtype();
-        let (cos, sin) = (
-            freqs.cos()?.to_dtype(dtype)?.contiguous()?,
-            freqs.sin()?.to_dtype(dtype)?.contiguous()?,
-        );
-        let mask = mask.to_dtype(dtype)?;
-        let mut xs = xs.clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let x = layer.input_layernorm.forward(&xs)?;
-            let x = layer.self_attn.forward(&x, &cos, &sin, &mask, cache, i)?;
-            xs = (xs + x)?;
-            let x = layer.post_attention_layernorm.forward(&xs)?;
-            xs = (&xs + layer.mlp.forward(&x)?)?;
-        }
-        self.norm.forward(&xs)
+        Ok(StepInputs {
+            cos: freqs.cos()?.to_dtype(dtype)?.contiguous()?,
+            sin: freqs.sin()?.to_dtype(dtype)?.contiguous()?,
+            mask: mask.to_dtype(dtype)?,
+        })
     }
 
     /// `hidden: (…, hidden) → (…, vocab)`.

@@ -43,6 +43,51 @@ pub struct Lora {
     pub scale: f64,
     /// Dropout on the adapter's input (training only: adapters exist only while training).
     pub dropout: f32,
+    /// Tells this adapter's dropout masks from the other adapters' (see [`with_dropout_seed`]).
+    pub dropout_key: u64,
+}
+
+thread_local! {
+    static DROPOUT_SEED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f` with LoRA dropout masks drawn from `seed` (and each adapter's key): the trainer
+/// gives every micro-batch its own seed from the run's, so that a resumed run and a layer
+/// recomputed for gradient checkpointing draw exactly the masks of the first pass.
+pub fn with_dropout_seed<R>(seed: u64, f: impl FnOnce() -> R) -> R {
+    let old = DROPOUT_SEED.with(|s| s.replace(seed));
+    let out = f();
+    DROPOUT_SEED.with(|s| s.set(old));
+    out
+}
+
+/// SplitMix64: a well-mixed 64-bit hash, so that element `i`'s draw is `mix(base + i)`.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Inverted dropout with masks from the current seed and `key`: each element is zeroed
+/// with probability `p`, the rest scaled by `1 / (1 − p)`.
+fn seeded_dropout(xs: &Tensor, p: f32, key: u64) -> Result<Tensor> {
+    let seed = DROPOUT_SEED.with(|s| s.get());
+    let base = splitmix64(seed ^ splitmix64(key));
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..xs.elem_count() as u64)
+        .map(|i| {
+            // The top 24 bits as a uniform draw in [0, 1).
+            let u = (splitmix64(base.wrapping_add(i)) >> 40) as f32 / (1u64 << 24) as f32;
+            if u < p {
+                0.0
+            } else {
+                keep
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+    xs * mask
 }
 
 impl Linear {
@@ -108,7 +153,7 @@ impl Linear {
             }
             Linear::Lora(l) => {
                 let x = if l.dropout > 0.0 {
-                    candle_nn::ops::dropout(xs, l.dropout)?
+                    seeded_dropout(xs, l.dropout, l.dropout_key)?
                 } else {
                     xs.clone()
                 };
@@ -360,4 +405,32 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let out1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
     let out2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
     Tensor::cat(&[out1, out2], D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Dropout drops about `p` of the elements and scales the rest by `1 / (1 − p)`; the
+    /// masks depend on the seed and the adapter's key and on nothing else.
+    #[test]
+    fn seeded_dropout_is_inverted_dropout_determined_by_seed_and_key() {
+        let x = Tensor::ones((64, 500), DType::F32, &Device::Cpu).unwrap();
+        let draw = |seed: u64, key: u64| -> Vec<f32> {
+            with_dropout_seed(seed, || seeded_dropout(&x, 0.25, key))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let a = draw(7, 1);
+        let dropped = a.iter().filter(|&&v| v == 0.0).count() as f64 / a.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.01, "dropped {dropped}");
+        assert!(a.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
+        assert_eq!(a, draw(7, 1));
+        assert_ne!(a, draw(8, 1));
+        assert_ne!(a, draw(7, 2));
+    }
 }

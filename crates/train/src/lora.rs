@@ -116,6 +116,7 @@ pub fn add_adapters(
             b: b.as_tensor().clone(),
             scale: opts.scale(),
             dropout: opts.dropout,
+            dropout_key: params.len() as u64,
         }));
         params.push((a_name, a));
         params.push((b_name, b));

@@ -295,6 +295,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         train_vision: finetune && tune_vision,
         world,
         rank,
+        gradient_checkpointing: args.gradient_checkpointing,
         ..TrainOptions::default()
     };
     let mut opt = AdamW::new(params.clone(), opts.lr, opts.weight_decay);
