@@ -11,9 +11,10 @@
 //! integer sums, and the weights' offsets (`Q4_K`'s mins, `Q6_K`'s −32) are corrected once
 //! per sub-block with the activations' precomputed sums.
 //!
-//! Rows of the weight are split between threads; up to [`MAX_ROWS`] activation rows (a batch
-//! of decoding sequences) share each weight row while it is in L1, each row's sums in the
-//! order it would have alone.
+//! Chunks of weight rows are split between threads. Tiles of up to eight activation rows
+//! (a batch of decoding sequences) share each decoded weight block, and each row is summed
+//! in exactly the order it would be alone, so that a sequence's numbers never depend on
+//! what it was batched with.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Result, Tensor};
@@ -24,8 +25,9 @@ const QK: usize = 256;
 const Q4K_BYTES: usize = 144;
 /// Bytes per `Q6_K` block: 128 low nibbles, 64 of high bit pairs, 16 i8 scales, f16 d.
 const Q6K_BYTES: usize = 210;
-/// Activation rows up to which the kernels run (decoding); more rows (prefill) are
-/// compute-bound and go to candle's tiled kernels.
+/// Activation rows up to which the kernels run (decoding, batched decoding). A prefill's
+/// hundreds of rows go to candle's tiled kernels: they reuse each loaded activation across
+/// 16 weight rows, which these row-by-row kernels do not (about 1.5x the time).
 pub const MAX_ROWS: usize = 16;
 
 /// Whether this CPU runs the kernels.
@@ -104,13 +106,16 @@ impl Kind {
 }
 
 /// Activation rows in ggml's `Q8_K`: per block of 256, a scale `d` (value = `d · q`), the
-/// 8-bit values and their sums per 16. For `Q4_K` the 32-value sub-blocks of each block are
+/// 8-bit values and their sums per sub-block, already scaled by `d` (and by the −32 offset
+/// for `Q6_K`), in f32. For `Q4_K` the 32-value sub-blocks of each block are
 /// stored in the order its nibbles come out of two 64-byte loads: 0, 2, 1, 3, 4, 6, 5, 7.
 struct Activations {
     blocks: usize,
     d: Vec<f32>,
     qs: Vec<i8>,
-    sums: Vec<i16>,
+    /// Per block, 16 floats: `Q4_K`, `d · Σ` over each 32-value sub-block (8 used);
+    /// `Q6_K`, `32 · d · Σ` over each 16-value sub-block.
+    sums: Vec<f32>,
 }
 
 impl Activations {
@@ -120,44 +125,69 @@ impl Activations {
             blocks,
             d: vec![0.0; m * blocks],
             qs: vec![0; m * k],
-            sums: vec![0; m * blocks * 16],
+            sums: vec![0.0; m * blocks * 16],
         };
-        let mut q = [0i8; QK];
-        for (b, xs) in x.chunks_exact(QK).enumerate() {
-            // ggml's quantize_row_q8_K, as candle writes it: the value of largest magnitude
-            // maps to -127.
-            let max = signed_max(xs);
-            if max != 0.0 {
-                let iscale = -127.0 / max;
-                for (q, &v) in q.iter_mut().zip(xs) {
-                    let r = round_half_away(iscale * v).clamp(-128.0, 127.0);
-                    let r = if r.is_nan() { 0.0 } else { r };
-                    // SAFETY: `r` is a whole number in -128..=127 (a plain `as` would compile
-                    // to a scalar saturating conversion and stop the loop vectorizing).
-                    *q = unsafe { r.to_int_unchecked::<i32>() } as i8;
+        let (d, qs, sums) = (
+            a.d.as_mut_ptr() as usize,
+            a.qs.as_mut_ptr() as usize,
+            a.sums.as_mut_ptr() as usize,
+        );
+        // Blocks in parallel: a prefill quantizes millions of activations per product.
+        candle_core::utils::barrier_pool().execute_chunked(m * blocks, |range| {
+            for b in range {
+                // SAFETY: block `b` alone writes its scale, its 256 values and its 16 sums.
+                unsafe {
+                    quantize_block(
+                        &x[b * QK..(b + 1) * QK],
+                        kind,
+                        &mut *(d as *mut f32).add(b),
+                        &mut *((qs as *mut [i8; QK]).add(b)),
+                        &mut *((sums as *mut [f32; 16]).add(b)),
+                    );
                 }
-                a.d[b] = 1.0 / iscale;
-            } else {
-                q.fill(0);
             }
-            for (s, chunk) in a.sums[b * 16..(b + 1) * 16]
-                .iter_mut()
-                .zip(q.chunks_exact(16))
-            {
-                *s = chunk.iter().map(|&v| v as i16).sum();
-            }
-            let dst = &mut a.qs[b * QK..(b + 1) * QK];
-            match kind {
-                Kind::Q6K => dst.copy_from_slice(&q),
-                Kind::Q4K => {
-                    for (slot, sub) in [0, 2, 1, 3, 4, 6, 5, 7].into_iter().enumerate() {
-                        dst[slot * 32..(slot + 1) * 32]
-                            .copy_from_slice(&q[sub * 32..(sub + 1) * 32]);
-                    }
-                }
+        });
+        a
+    }
+}
+
+/// ggml's `quantize_row_q8_K` for one block, as candle writes it (the value of largest
+/// magnitude maps to -127), the sub-blocks in `kind`'s order.
+fn quantize_block(xs: &[f32], kind: Kind, d: &mut f32, dst: &mut [i8; QK], sums: &mut [f32; 16]) {
+    let mut q = [0i8; QK];
+    let max = signed_max(xs);
+    *d = 0.0;
+    if max != 0.0 {
+        let iscale = -127.0 / max;
+        for (q, &v) in q.iter_mut().zip(xs) {
+            let r = round_half_away(iscale * v).clamp(-128.0, 127.0);
+            let r = if r.is_nan() { 0.0 } else { r };
+            // SAFETY: `r` is a whole number in -128..=127 (a plain `as` would compile to a
+            // scalar saturating conversion and stop the loop vectorizing).
+            *q = unsafe { r.to_int_unchecked::<i32>() } as i8;
+        }
+        *d = 1.0 / iscale;
+    }
+    let sum = |c: &[i8]| c.iter().map(|&v| v as i32).sum::<i32>() as f32;
+    match kind {
+        Kind::Q4K => {
+            for (s, c) in sums.iter_mut().zip(q.chunks_exact(32)) {
+                *s = *d * sum(c);
             }
         }
-        a
+        Kind::Q6K => {
+            for (s, c) in sums.iter_mut().zip(q.chunks_exact(16)) {
+                *s = 32.0 * *d * sum(c);
+            }
+        }
+    }
+    match kind {
+        Kind::Q6K => dst.copy_from_slice(&q),
+        Kind::Q4K => {
+            for (slot, sub) in [0, 2, 1, 3, 4, 6, 5, 7].into_iter().enumerate() {
+                dst[slot * 32..(slot + 1) * 32].copy_from_slice(&q[sub * 32..(sub + 1) * 32]);
+            }
+        }
     }
 }
 
@@ -186,45 +216,72 @@ fn round_half_away(v: f32) -> f32 {
     }
 }
 
-/// `out[r·n + i] = Σ x_r · w_i` for every activation row `r` and weight row `i`, chunks of
-/// weight rows handed to candle's persistent worker threads. They spin between products
-/// rather than sleep, which matters when a token is ~150 products of a millisecond or less.
+/// `out[r·n + i] = Σ x_r · w_i` for every activation row `r` and weight row `i`. Chunks of
+/// weight rows go to candle's persistent worker threads (they spin between products rather
+/// than sleep, which matters when a token is ~150 products of a millisecond or less);
+/// within a chunk, tiles of [`TILE`] activation rows share each decoded weight block.
 fn matmul(kind: Kind, w: &[u8], n: usize, k: usize, acts: &Activations, out: &mut [f32]) {
     const CHUNK: usize = 16;
     let row_bytes = (k / QK) * kind.block_bytes();
     let m = out.len() / n;
     let out_addr = out.as_mut_ptr() as usize;
     candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |chunks| {
-        for i in chunks.start * CHUNK..(chunks.end * CHUNK).min(n) {
-            let row = &w[i * row_bytes..(i + 1) * row_bytes];
-            for r in 0..m {
-                // SAFETY: `available()` was checked by the caller; `row` holds `k / 256`
-                // blocks, the activations `m` rows of `k / 256` blocks; each output is written
-                // by the one thread that owns its weight row.
-                unsafe {
-                    let v = dot(kind, row, acts, r);
-                    *(out_addr as *mut f32).add(r * n + i) = v;
+        // Chunk by chunk, so that a chunk's weight rows stay in L1 for every tile.
+        for chunk in chunks {
+            for r0 in (0..m).step_by(TILE) {
+                for i in chunk * CHUNK..((chunk + 1) * CHUNK).min(n) {
+                    let row = &w[i * row_bytes..(i + 1) * row_bytes];
+                    let mut sums = [0f32; TILE];
+                    let rows = TILE.min(m - r0);
+                    // SAFETY: `available()` was checked by the caller; `row` holds `k / 256`
+                    // blocks and the activations `m` rows of `k / 256` blocks; each output is
+                    // written by the one thread that owns its weight row.
+                    unsafe {
+                        dot_rows(kind, row.as_ptr(), acts, r0, rows, &mut sums);
+                        for (r, v) in sums.iter().take(rows).enumerate() {
+                            *(out_addr as *mut f32).add((r0 + r) * n + i) = *v;
+                        }
+                    }
                 }
             }
         }
     });
 }
 
-/// One weight row (its blocks) against activation row `r`.
+/// Activation rows per tile of the product.
+const TILE: usize = 8;
+
+/// One weight row against activation rows `r0..r0 + rows` (`rows ≤ TILE`) into `out`.
 #[cfg(target_arch = "x86_64")]
-unsafe fn dot(kind: Kind, row: &[u8], acts: &Activations, r: usize) -> f32 {
-    let b0 = r * acts.blocks;
-    let d = acts.d[b0..].as_ptr();
-    let qs = acts.qs[b0 * QK..].as_ptr();
-    let sums = acts.sums[b0 * 16..].as_ptr();
-    match kind {
-        Kind::Q4K => dot_q4k(row.as_ptr(), acts.blocks, d, qs, sums),
-        Kind::Q6K => dot_q6k(row.as_ptr(), acts.blocks, d, qs, sums),
+unsafe fn dot_rows(
+    kind: Kind,
+    w: *const u8,
+    acts: &Activations,
+    r0: usize,
+    rows: usize,
+    out: &mut [f32; TILE],
+) {
+    macro_rules! go {
+        ($($r:literal)*) => {
+            match (kind, rows) {
+                $((Kind::Q4K, $r) => dot_q4k::<$r>(w, acts, r0, out),
+                  (Kind::Q6K, $r) => dot_q6k::<$r>(w, acts, r0, out),)*
+                _ => unreachable!("at most TILE rows"),
+            }
+        };
     }
+    go!(1 2 3 4 5 6 7 8)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot(_: Kind, _: &[u8], _: &Activations, _: usize) -> f32 {
+unsafe fn dot_rows(
+    _: Kind,
+    _: *const u8,
+    _: &Activations,
+    _: usize,
+    _: usize,
+    _: &mut [f32; TILE],
+) {
     unreachable!("the k-quant kernels are only chosen where available() holds")
 }
 
@@ -255,76 +312,85 @@ fn q4k_scales_mins(packed: &[u8; 12]) -> [u8; 16] {
     out
 }
 
-/// `Σ w · x` over `blocks` `Q4_K` blocks at `w` and `Q8_K` activations (sub-blocks in the
-/// order [`Activations`] stores for `Q4_K`).
+/// `Σ w · x` of one weight row of `Q4_K` blocks at `w` with each of the `R` activation rows
+/// from `r0` (sub-blocks in the order [`Activations`] stores for `Q4_K`): each block is
+/// decoded once for all rows, and each row's sums run in the same order whatever `R` is.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-unsafe fn dot_q4k(
+unsafe fn dot_q4k<const R: usize>(
     w: *const u8,
-    blocks: usize,
-    d: *const f32,
-    qs: *const i8,
-    sums: *const i16,
-) -> f32 {
+    acts: &Activations,
+    r0: usize,
+    out: &mut [f32; TILE],
+) {
     use std::arch::x86_64::*;
+    let blocks = acts.blocks;
     let nibble = _mm512_set1_epi8(0x0f);
     // Lanes 0..8 of a product hold one sub-block, 8..16 the other: which scales they take.
     let pick = |a: i32, b: i32| _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b);
     let (p02, p13, p46, p57) = (pick(0, 2), pick(1, 3), pick(4, 6), pick(5, 7));
-    let mut acc = _mm512_setzero_ps();
-    let mut acc_min = _mm256_setzero_ps();
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc_min = [_mm256_setzero_ps(); R];
     for b in 0..blocks {
         let blk = w.add(b * Q4K_BYTES);
-        let dy = *d.add(b);
         let sm = q4k_scales_mins(&*(blk.add(4) as *const [u8; 12]));
         let sc = _mm512_castsi256_si512(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
             sm.as_ptr() as *const __m128i
         )));
-        let mins = _mm256_cvtepu8_epi32(_mm_loadl_epi64(sm.as_ptr().add(8) as *const __m128i));
+        let scales = [
+            _mm512_permutexvar_epi32(p02, sc),
+            _mm512_permutexvar_epi32(p13, sc),
+            _mm512_permutexvar_epi32(p46, sc),
+            _mm512_permutexvar_epi32(p57, sc),
+        ];
+        let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+            sm.as_ptr().add(8) as *const __m128i
+        )));
         let q0 = _mm512_loadu_si512(blk.add(16) as *const _);
         let q1 = _mm512_loadu_si512(blk.add(80) as *const _);
-        let y = qs.add(b * QK);
-        let ld = |i: usize| _mm512_loadu_si512(y.add(64 * i) as *const _);
-        let prod = |q: __m512i, i: usize| _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, ld(i));
-        let lo0 = _mm512_and_si512(q0, nibble);
-        let hi0 = _mm512_and_si512(_mm512_srli_epi16(q0, 4), nibble);
-        let lo1 = _mm512_and_si512(q1, nibble);
-        let hi1 = _mm512_and_si512(_mm512_srli_epi16(q1, 4), nibble);
-        let mut sumi = _mm512_mullo_epi32(prod(lo0, 0), _mm512_permutexvar_epi32(p02, sc));
-        sumi = _mm512_add_epi32(
-            sumi,
-            _mm512_mullo_epi32(prod(hi0, 1), _mm512_permutexvar_epi32(p13, sc)),
-        );
-        sumi = _mm512_add_epi32(
-            sumi,
-            _mm512_mullo_epi32(prod(lo1, 2), _mm512_permutexvar_epi32(p46, sc)),
-        );
-        sumi = _mm512_add_epi32(
-            sumi,
-            _mm512_mullo_epi32(prod(hi1, 3), _mm512_permutexvar_epi32(p57, sc)),
-        );
-        let dd = f16_at(blk) * dy;
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(dd), acc);
-        // Sums of 32 activations per sub-block (pairs of the sums per 16) times the mins.
-        let s16 = _mm256_loadu_si256(sums.add(b * 16) as *const __m256i);
-        let s32 = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
-        let m = _mm256_cvtepi32_ps(_mm256_mullo_epi32(s32, mins));
-        acc_min = _mm256_fmadd_ps(m, _mm256_set1_ps(f16_at(blk.add(2)) * dy), acc_min);
+        let quants = [
+            _mm512_and_si512(q0, nibble),
+            _mm512_and_si512(_mm512_srli_epi16(q0, 4), nibble),
+            _mm512_and_si512(q1, nibble),
+            _mm512_and_si512(_mm512_srli_epi16(q1, 4), nibble),
+        ];
+        let d = f16_at(blk);
+        let mins = _mm256_mul_ps(mins, _mm256_set1_ps(f16_at(blk.add(2))));
+        for r in 0..R {
+            let at = (r0 + r) * blocks + b;
+            let dy = *acts.d.get_unchecked(at);
+            let y = acts.qs.as_ptr().add(at * QK);
+            let mut sumi = _mm512_setzero_si512();
+            for (j, (q, s)) in quants.iter().zip(&scales).enumerate() {
+                let p = _mm512_dpbusd_epi32(
+                    _mm512_setzero_si512(),
+                    *q,
+                    _mm512_loadu_si512(y.add(64 * j) as *const _),
+                );
+                sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(p, *s));
+            }
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(d * dy), acc[r]);
+            // The mins times the activations' sums per sub-block.
+            let sums = _mm256_loadu_ps(acts.sums.as_ptr().add(at * 16));
+            acc_min[r] = _mm256_fmadd_ps(mins, sums, acc_min[r]);
+        }
     }
-    _mm512_reduce_add_ps(acc) - hsum256(acc_min)
+    for r in 0..R {
+        out[r] = _mm512_reduce_add_ps(acc[r]) - hsum256(acc_min[r]);
+    }
 }
 
-/// `Σ w · x` over `blocks` `Q6_K` blocks at `w` and `Q8_K` activations in natural order.
+/// [`dot_q4k`] for `Q6_K` blocks (activations in natural order).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-unsafe fn dot_q6k(
+unsafe fn dot_q6k<const R: usize>(
     w: *const u8,
-    blocks: usize,
-    d: *const f32,
-    qs: *const i8,
-    sums: *const i16,
-) -> f32 {
+    acts: &Activations,
+    r0: usize,
+    out: &mut [f32; TILE],
+) {
     use std::arch::x86_64::*;
+    let blocks = acts.blocks;
     let nibble = _mm512_set1_epi8(0x0f);
     let pair = _mm512_set1_epi8(0x03);
     // The high bit pairs of values 0..32 of a half are bits 0-1 of `qh[l]`, of 32..64 bits
@@ -333,34 +399,16 @@ unsafe fn dot_q6k(
     let shift_hi = _mm512_setr_epi64(4, 4, 4, 4, 6, 6, 6, 6);
     // Each 16-value sub-block is four lanes of a product: its scale repeated four times.
     let repeat = |s: i8| {
-        _mm_setr_epi8(
-            s,
-            s,
-            s,
-            s,
-            s + 1,
-            s + 1,
-            s + 1,
-            s + 1,
-            s + 2,
-            s + 2,
-            s + 2,
-            s + 2,
-            s + 3,
-            s + 3,
-            s + 3,
-            s + 3,
-        )
+        let (a, b, c, d) = (s, s + 1, s + 2, s + 3);
+        _mm_setr_epi8(a, a, a, a, b, b, b, b, c, c, c, c, d, d, d, d)
     };
     let picks = [repeat(0), repeat(4), repeat(8), repeat(12)];
-    let mut acc = _mm512_setzero_ps();
-    let mut acc_off = _mm256_setzero_ps();
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc_off = [_mm512_setzero_ps(); R];
     for b in 0..blocks {
         let blk = w.add(b * Q6K_BYTES);
-        let dy = *d.add(b);
-        let scales = _mm_loadu_si128(blk.add(192) as *const __m128i);
-        let y = qs.add(b * QK);
-        let mut sumi = _mm512_setzero_si512();
+        let sc8 = _mm_loadu_si128(blk.add(192) as *const __m128i);
+        let mut quants = [_mm512_setzero_si512(); 4];
         for half in 0..2 {
             let ql = _mm512_loadu_si512(blk.add(64 * half) as *const _);
             let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(
@@ -370,23 +418,38 @@ unsafe fn dot_q6k(
                 _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(qh, shift_lo), pair), 4);
             let h_hi =
                 _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(qh, shift_hi), pair), 4);
-            let v_lo = _mm512_or_si512(_mm512_and_si512(ql, nibble), h_lo);
-            let v_hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), nibble), h_hi);
-            for (j, v) in [v_lo, v_hi].into_iter().enumerate() {
-                let yv = _mm512_loadu_si512(y.add(128 * half + 64 * j) as *const _);
-                let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, yv);
-                let s = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(scales, picks[2 * half + j]));
-                sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(p, s));
-            }
+            quants[2 * half] = _mm512_or_si512(_mm512_and_si512(ql, nibble), h_lo);
+            quants[2 * half + 1] =
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), nibble), h_hi);
         }
-        let dd = f16_at(blk.add(208)) * dy;
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(dd), acc);
-        // The stored values are offset by +32: subtract 32 · Σ scale · (sum of 16 activations).
-        let s16 = _mm256_loadu_si256(sums.add(b * 16) as *const __m256i);
-        let off = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scales), s16);
-        acc_off = _mm256_fmadd_ps(_mm256_cvtepi32_ps(off), _mm256_set1_ps(32.0 * dd), acc_off);
+        let scales = picks.map(|p| _mm512_cvtepi8_epi32(_mm_shuffle_epi8(sc8, p)));
+        let d = f16_at(blk.add(208));
+        let offsets = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc8)),
+            _mm512_set1_ps(d),
+        );
+        for r in 0..R {
+            let at = (r0 + r) * blocks + b;
+            let dd = d * *acts.d.get_unchecked(at);
+            let y = acts.qs.as_ptr().add(at * QK);
+            let mut sumi = _mm512_setzero_si512();
+            for (j, (q, s)) in quants.iter().zip(&scales).enumerate() {
+                let p = _mm512_dpbusd_epi32(
+                    _mm512_setzero_si512(),
+                    *q,
+                    _mm512_loadu_si512(y.add(64 * j) as *const _),
+                );
+                sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(p, *s));
+            }
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(dd), acc[r]);
+            // The stored values are offset by +32: subtract Σ d · scale · 32 · (sum of 16).
+            let sums = _mm512_loadu_ps(acts.sums.as_ptr().add(at * 16));
+            acc_off[r] = _mm512_fmadd_ps(offsets, sums, acc_off[r]);
+        }
     }
-    _mm512_reduce_add_ps(acc) - hsum256(acc_off)
+    for r in 0..R {
+        out[r] = _mm512_reduce_add_ps(acc[r]) - _mm512_reduce_add_ps(acc_off[r]);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -420,6 +483,7 @@ mod tests {
                 (1, 2048, 37),
                 (3, 512, 64),
                 (MAX_ROWS, 1280, 20),
+                (11, 512, 33),
             ] {
                 let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
                 // Activations with an outlier column, as real hidden states have.
@@ -470,7 +534,8 @@ mod tests {
         for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
             let q = QTensor::quantize(&Tensor::randn(0f32, 1.0, (40, 768), &dev).unwrap(), dtype)
                 .unwrap();
-            let x = Tensor::randn(0f32, 1.0, (5, 768), &dev).unwrap();
+            // 11 rows: a full tile of eight and a partial one.
+            let x = Tensor::randn(0f32, 1.0, (11, 768), &dev).unwrap();
             let all: Vec<Vec<f32>> = try_matmul(&q, &x).unwrap().unwrap().to_vec2().unwrap();
             for (r, row) in all.iter().enumerate() {
                 let alone: Vec<Vec<f32>> = try_matmul(&q, &x.narrow(0, r, 1).unwrap())
@@ -514,6 +579,8 @@ mod tests {
                 .is_none()
         );
         let q4 = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+        let narrow = Tensor::ones((3, 128), DType::F32, &dev).unwrap();
+        assert!(try_matmul(&q4, &narrow).unwrap().is_none());
         let prefill = Tensor::ones((MAX_ROWS + 1, 256), DType::F32, &dev).unwrap();
         assert!(try_matmul(&q4, &prefill).unwrap().is_none());
     }
