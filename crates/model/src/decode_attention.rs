@@ -9,8 +9,7 @@
 
 use candle_core::{Result, Tensor};
 
-/// Lanes of the inner loops.
-const L: usize = 16;
+use crate::layers::softmax_in_place;
 
 /// `q: (b, heads, 1, d)`, `k, v: (b, kv_heads, t, d)` f32 views, row `r` attending to slots
 /// `spans[r] = (start, len)` → `(b, heads, 1, d)`.
@@ -159,19 +158,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
                 acc[i] += x[i] * y[i];
             }
         }
-        fold(acc) + tail
+        crate::layers::fold(acc) + tail
     }
-}
-
-/// Sum of 16 lanes as a tree (vector shuffles, not a chain of 15 dependent additions).
-#[inline]
-fn fold(acc: [f32; L]) -> f32 {
-    let mut h = [0f32; 8];
-    for i in 0..8 {
-        h[i] = acc[i] + acc[i + 8];
-    }
-    let q = [h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]];
-    (q[0] + q[2]) + (q[1] + q[3])
 }
 
 /// `len` rows of `d` floats, `stride` apart (a sequence's cached keys or values of one head).
@@ -339,83 +327,10 @@ unsafe fn weighted_sum_64(p: &[f32], rows: *const f32, stride: usize, width: usi
     }
 }
 
-/// `s ← softmax(s)`.
-fn softmax_in_place(s: &mut [f32]) {
-    let mut lanes = [f32::NEG_INFINITY; L];
-    let chunks = s.chunks_exact(L);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
-    for c in chunks {
-        for i in 0..L {
-            lanes[i] = lanes[i].max(c[i]);
-        }
-    }
-    let max = lanes.into_iter().fold(tail, f32::max);
-    for x in s.iter_mut() {
-        *x = exp_nonpositive(*x - max);
-    }
-    let mut acc = [0f32; L];
-    let chunks = s.chunks_exact(L);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for i in 0..L {
-            acc[i] += c[i];
-        }
-    }
-    let inv = 1.0 / (fold(acc) + tail);
-    for x in s.iter_mut() {
-        *x *= inv;
-    }
-}
-
-/// `eˣ` for `x ≤ 0` without a library call or a float-to-int conversion, so that a loop
-/// over it vectorizes: `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2` (`n` rounded by adding
-/// 1.5·2²³, which leaves it in the low bits of the mantissa), `eʳ` by its degree-6 Taylor
-/// polynomial (relative error < 2e-7 there), `2ⁿ` by building the float's exponent. Below
-/// −87 the result is 0.
-#[inline]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.0);
-    let t = x * std::f32::consts::LOG2_E + ROUND;
-    let n = t - ROUND;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
-    let y = p * f32::from_bits(n_bits.wrapping_add(127) << 23);
-    if x <= -87.0 {
-        0.0
-    } else {
-        y
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{DType, Device, D};
-
-    #[test]
-    fn exp_is_accurate_where_softmax_uses_it() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -(i as f32) * 80.0 / 200_000.0;
-            let (got, want) = (exp_nonpositive(x) as f64, (x as f64).exp());
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 5e-7, "relative error {worst}");
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert_eq!(exp_nonpositive(-200.0), 0.0);
-        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
-    }
 
     /// Against softmax(q kᵀ/√d) v by tensor ops, with grouped heads, two rows with different
     /// spans of a shared cache, and a head size that is not a multiple of the lanes.

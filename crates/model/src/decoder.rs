@@ -105,17 +105,9 @@ fn grouped_attention(
     if rep == 1 {
         return attention(q, k, v, mask, (d as f64).powf(-0.5));
     }
-    let t = k.dim(2)?;
     let q = q.reshape((b, kv_heads, rep * s, d))?;
-    let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?;
-    let scores = match mask {
-        Some(mask) => scores
-            .reshape((b, kv_heads, rep, s, t))?
-            .broadcast_add(&mask.unsqueeze(1)?)?
-            .reshape((b, kv_heads, rep * s, t))?,
-        None => scores,
-    };
-    let probs = crate::layers::softmax_last_dim(&scores)?;
+    let scores = q.matmul(&k.t()?)?;
+    let probs = crate::layers::scaled_masked_softmax(&scores, (d as f64).powf(-0.5), mask)?;
     probs.matmul(v)?.reshape((b, heads, s, d))
 }
 

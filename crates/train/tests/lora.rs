@@ -49,8 +49,10 @@ fn merged_weights_give_the_logits_of_base_plus_adapters() {
     };
     let params = add_adapters(&mut tm.model, &opts, None).unwrap();
     assert_eq!(params.len(), 2 * 7 * ckpt.config.decoder.num_hidden_layers);
-    // B starts at zero: the adapted model is the base model.
-    assert!(max_abs_diff(&base, &logits(&tm.model, &ids)) < 1e-6);
+    // B starts at zero: the adapted model is the base model (up to float rounding: with
+    // trainable adapters the softmax runs as differentiable tensor ops, not the fused pass).
+    let d = max_abs_diff(&base, &logits(&tm.model, &ids));
+    assert!(d < 1e-5, "{d}");
     // Give B values, as training would.
     for (name, var) in &params {
         if name.ends_with("lora_B.weight") {
