@@ -360,15 +360,7 @@ unsafe fn dot_q4k<const R: usize>(
             let at = (r0 + r) * blocks + b;
             let dy = *acts.d.get_unchecked(at);
             let y = acts.qs.as_ptr().add(at * QK);
-            let mut sumi = _mm512_setzero_si512();
-            for (j, (q, s)) in quants.iter().zip(&scales).enumerate() {
-                let p = _mm512_dpbusd_epi32(
-                    _mm512_setzero_si512(),
-                    *q,
-                    _mm512_loadu_si512(y.add(64 * j) as *const _),
-                );
-                sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(p, *s));
-            }
+            let sumi = scaled_dots(&quants, &scales, y);
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(d * dy), acc[r]);
             // The mins times the activations' sums per sub-block.
             let sums = _mm256_loadu_ps(acts.sums.as_ptr().add(at * 16));
@@ -432,15 +424,7 @@ unsafe fn dot_q6k<const R: usize>(
             let at = (r0 + r) * blocks + b;
             let dd = d * *acts.d.get_unchecked(at);
             let y = acts.qs.as_ptr().add(at * QK);
-            let mut sumi = _mm512_setzero_si512();
-            for (j, (q, s)) in quants.iter().zip(&scales).enumerate() {
-                let p = _mm512_dpbusd_epi32(
-                    _mm512_setzero_si512(),
-                    *q,
-                    _mm512_loadu_si512(y.add(64 * j) as *const _),
-                );
-                sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(p, *s));
-            }
+            let sumi = scaled_dots(&quants, &scales, y);
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(dd), acc[r]);
             // The stored values are offset by +32: subtract Σ d · scale · 32 · (sum of 16).
             let sums = _mm512_loadu_ps(acts.sums.as_ptr().add(at * 16));
@@ -450,6 +434,26 @@ unsafe fn dot_q6k<const R: usize>(
     for r in 0..R {
         out[r] = _mm512_reduce_add_ps(acc[r]) - _mm512_reduce_add_ps(acc_off[r]);
     }
+}
+
+/// `Σ_j scale_j · (quants_j · y_j)` over a block's four groups of 64 weights (unsigned)
+/// and activations (signed, at `y`), in 16 lanes of 32-bit sums.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn scaled_dots(
+    quants: &[std::arch::x86_64::__m512i; 4],
+    scales: &[std::arch::x86_64::__m512i; 4],
+    y: *const i8,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let mut sumi = _mm512_setzero_si512();
+    for (j, (q, s)) in quants.iter().zip(scales).enumerate() {
+        let y = _mm512_loadu_si512(y.add(64 * j) as *const _);
+        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), *q, y);
+        sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(p, *s));
+    }
+    sumi
 }
 
 #[cfg(target_arch = "x86_64")]
