@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # kollava against llama.cpp, side by side on this machine (see BENCHMARKS.md).
-#   scripts/bench-peers.sh [WORK]      (WORK default: target/peers; ~15 min the first time)
+#   scripts/bench-peers.sh [WORK]      (WORK default: target/peers; ~25 min the first time)
 # 1. builds llama.cpp (the llama-cpp-python 0.3.36 sdist from PyPI, as ../shared/peers does),
 # 2. writes the bench-1b model with `kollava init-random`, then the GGUF pairs with
 #    `kollava quantize` (F16, BF16) and llama.cpp's own `llama-quantize` (Q4_K_M from the F16),
@@ -32,5 +32,5 @@ if [ ! -d gguf-q4km ]; then
   mv gguf-q4km.tmp gguf-q4km
 fi
 python3 "$ROOT/scripts/bench_peers.py" --kollava "$KOLLAVA" --llama-bin llama-build/bin --work "$WORK" \
-  --image "${IMAGE:-$ROOT/examples/shapes.png}" --threads 2 --repeat "${REPEAT:-3}" --rounds "${ROUNDS:-2}" \
+  --image "${IMAGE:-$ROOT/examples/shapes.png}" --threads 2 --repeat "${REPEAT:-3}" --rounds "${ROUNDS:-4}" \
   --out "$WORK/bench-peers.json"

@@ -77,7 +77,7 @@ def main():
     ap.add_argument("--image", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default="bench-peers.json")
     args = ap.parse_args()
     w = args.work
