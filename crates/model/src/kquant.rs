@@ -132,21 +132,26 @@ impl Activations {
             a.qs.as_mut_ptr() as usize,
             a.sums.as_mut_ptr() as usize,
         );
-        // Blocks in parallel: a prefill quantizes millions of activations per product.
-        candle_core::utils::barrier_pool().execute_chunked(m * blocks, |range| {
-            for b in range {
-                // SAFETY: block `b` alone writes its scale, its 256 values and its 16 sums.
-                unsafe {
-                    quantize_block(
-                        &x[b * QK..(b + 1) * QK],
-                        kind,
-                        &mut *(d as *mut f32).add(b),
-                        &mut *((qs as *mut [i8; QK]).add(b)),
-                        &mut *((sums as *mut [f32; 16]).add(b)),
-                    );
-                }
+        let block = |b: usize| {
+            // SAFETY: block `b` alone writes its scale, its 256 values and its 16 sums.
+            unsafe {
+                quantize_block(
+                    &x[b * QK..(b + 1) * QK],
+                    kind,
+                    &mut *(d as *mut f32).add(b),
+                    &mut *((qs as *mut [i8; QK]).add(b)),
+                    &mut *((sums as *mut [f32; 16]).add(b)),
+                );
             }
-        });
+        };
+        // One row (a decoding step) is a few microseconds of work: no thread hand-off. A
+        // batch of rows is split between the workers.
+        if m == 1 {
+            (0..blocks).for_each(block);
+        } else {
+            candle_core::utils::barrier_pool()
+                .execute_chunked(m * blocks, |range| range.for_each(block));
+        }
         a
     }
 }

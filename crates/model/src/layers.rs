@@ -392,8 +392,7 @@ pub fn scaled_masked_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>)
     let fused = !scores.track_op()
         && scores.device().is_cpu()
         && scores.dtype() == DType::F32
-        && (mask.is_none()
-            || mask_rows.is_some_and(|_| mask.is_some_and(|m| m.dtype() == DType::F32)));
+        && mask.is_none_or(|m| mask_rows.is_some() && m.dtype() == DType::F32);
     if !fused {
         let s = (scores * scale)?;
         let s = match mask {
