@@ -26,9 +26,10 @@ pub fn load(args: &ModelArgs) -> Result<Session> {
         conv_mode: args.conv_mode.clone(),
         aspect,
         dtype: match args.dtype.as_str() {
-            "f16" => DType::F16,
-            "bf16" => DType::BF16,
-            _ => DType::F32,
+            "f16" => Some(DType::F16),
+            "bf16" => Some(DType::BF16),
+            "f32" => Some(DType::F32),
+            _ => None,
         },
         projector: args.projector.clone(),
         mmproj: args.mmproj.clone(),

@@ -262,12 +262,11 @@ fn sequences_joining_and_leaving_a_running_batch_decode_as_alone() {
 
 /// A decoder whose matrices are `Q4_K` (and `lm_head` `Q6_K`), as in a Q4_K_M GGUF, with
 /// widths that are multiples of 256 so that decoding runs through our k-quant kernels:
-/// logits decoded step by step (our kernels) agree with one full forward of the whole
-/// sequence (more rows than the kernels take, so candle's tiled kernels). Both quantize the
-/// activations to 8 bits, so only sums in another order and the rounding of slightly
-/// different activations separate them.
+/// logits decoded step by step (our integer kernels) and those of one full forward of the
+/// whole sequence (more rows than those kernels take: the tiled bf16 GEMM) both agree with
+/// candle's f32 forward of the dequantized weights.
 #[test]
-fn k_quant_decoding_agrees_with_the_tiled_full_forward() {
+fn k_quant_prefill_and_decoding_agree_with_the_dequantized_f32_forward() {
     use candle_core::quantized::{GgmlDType, QTensor};
     use kollava_model::config::{Activation, DecoderConfig};
     use kollava_model::decoder::Decoder;
@@ -344,6 +343,17 @@ fn k_quant_decoding_agrees_with_the_tiled_full_forward() {
     }
     let head = quantize(decoder.lm_head_mut(), GgmlDType::Q6K);
     *decoder.lm_head_mut() = head;
+    // The reference: the same (dequantized) weights, multiplied in f32 by candle.
+    let mut exact = decoder.clone();
+    let dense = |l: &Linear| match l {
+        Linear::Quantized { weight, .. } => Linear::from_weight(weight.dequantize(&dev).unwrap()),
+        _ => unreachable!(),
+    };
+    for (_, l) in exact.linears_mut() {
+        *l = dense(l);
+    }
+    let head = dense(exact.lm_head_mut());
+    *exact.lm_head_mut() = head;
 
     let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % 320).collect();
     let embed = |ids: &[u32]| {
@@ -351,43 +361,51 @@ fn k_quant_decoding_agrees_with_the_tiled_full_forward() {
             .embed(&Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap())
             .unwrap()
     };
-    let rows = |h: &Tensor| -> Vec<Vec<f32>> {
-        decoder
-            .logits(h)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2()
-            .unwrap()
+    let rows = |d: &Decoder, h: &Tensor| -> Vec<Vec<f32>> {
+        d.logits(h).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
     };
-    let mut cache = KvCache::new(2, 1);
-    let full = rows(
-        &decoder
-            .forward(&embed(&ids), &[ids.len()], &mut cache)
-            .unwrap(),
-    );
+    let full_forward = |d: &Decoder| {
+        let mut cache = KvCache::new(2, 1);
+        rows(
+            d,
+            &d.forward(&embed(&ids), &[ids.len()], &mut cache).unwrap(),
+        )
+    };
+    let want = full_forward(&exact);
+    // Prefill: 24 rows, the tiled bf16 GEMM over blocks dequantized on the fly.
+    let full = full_forward(&decoder);
+    // Decoding: row by row, the integer kernels over Q8_K activations.
     let mut cache = KvCache::new(2, 1);
     let mut stepwise = rows(
+        &decoder,
         &decoder
             .forward(&embed(&ids[..4]), &[4], &mut cache)
             .unwrap(),
     );
     for &id in &ids[4..] {
         stepwise.extend(rows(
+            &decoder,
             &decoder.forward(&embed(&[id]), &[1], &mut cache).unwrap(),
         ));
     }
-    let mut errors: Vec<f32> = full
-        .iter()
-        .zip(&stepwise)
-        .map(|(a, b)| {
-            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-            assert!(scale > 0.1, "logits all but zero");
-            max_abs_diff(a, b) / scale
-        })
-        .collect();
-    // Rare rounding flips may move a position by ~2 %; a kernel bug moves every position.
-    assert!(errors.iter().all(|&e| e < 2e-2), "{errors:?}");
-    errors.sort_by(f32::total_cmp);
-    assert!(errors[errors.len() / 2] < 1e-4, "{errors:?}");
+    // Rounding the activations (to bf16; to 8 bits per block of 256 for decoding) moves the
+    // logits of these random weights by ~1 and ~2 % of the largest; a kernel bug (a wrong
+    // scale, a dropped sub-block, swapped values) moves them by tens of per cent.
+    for (path, got, max, median) in [
+        ("prefill", &full, 2.5e-2, 1.5e-2),
+        ("decoding", &stepwise, 5e-2, 3.5e-2),
+    ] {
+        let mut errors: Vec<f32> = want
+            .iter()
+            .zip(got)
+            .map(|(a, b)| {
+                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(scale > 0.1, "logits all but zero");
+                max_abs_diff(a, b) / scale
+            })
+            .collect();
+        errors.sort_by(f32::total_cmp);
+        assert!(errors[errors.len() - 1] < max, "{path}: {errors:?}");
+        assert!(errors[errors.len() / 2] < median, "{path}: {errors:?}");
+    }
 }

@@ -12,7 +12,7 @@ fn session(family: &str, dtype: candle_core::DType) -> Session {
         vision_tower: None,
         conv_mode: None,
         aspect: None,
-        dtype,
+        dtype: Some(dtype),
         projector: None,
         mmproj: None,
     })

@@ -53,8 +53,11 @@ pub struct SessionOptions {
     pub conv_mode: Option<String>,
     /// Image fitting; `None` = the checkpoint's.
     pub aspect: Option<AspectMode>,
-    /// Language-model weight dtype (the tower is always f32).
-    pub dtype: DType,
+    /// Language-model weight dtype (the tower is always f32); `None`: f32, except that a
+    /// quantized GGUF model computes its float matrices (the tower's) in bf16 where the CPU
+    /// has AVX512-BF16, since its quantization error already dwarfs bf16 rounding. A GGUF
+    /// model's matrices stay as stored; with `bf16` its float ones run in bf16 too.
+    pub dtype: Option<DType>,
     /// Projector weights replacing the checkpoint's.
     pub projector: Option<std::path::PathBuf>,
     /// The image encoder of a GGUF model (default: the `mmproj*.gguf` beside it).
@@ -149,8 +152,12 @@ impl Session {
         let device = Device::cuda_if_available(0)?;
         #[cfg(not(feature = "cuda"))]
         let device = Device::Cpu;
-        let mut model = ckpt.load_model(opts.dtype, &device)?;
-        model.pack_for_inference(opts.dtype == DType::BF16)?;
+        let mut model = ckpt.load_model(opts.dtype.unwrap_or(DType::F32), &device)?;
+        let bf16 = match opts.dtype {
+            Some(dtype) => dtype == DType::BF16,
+            None => model.decoder.is_quantized(),
+        };
+        model.pack_for_inference(bf16)?;
         Ok(Session {
             aspect: opts.aspect.unwrap_or(ckpt.aspect),
             ckpt,

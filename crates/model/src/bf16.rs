@@ -11,6 +11,7 @@
 //! `KC` input pairs streams by, the panel's block (32 KiB) staying in L1 for every tile and
 //! the activations' block in L2 for every panel. Panels are split between threads.
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Result, Tensor};
 
 /// Output rows per panel (two vectors of 16 f32).
@@ -119,89 +120,360 @@ impl PackedBf16 {
         let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + m * k];
         let ldc = self.panels * NR;
         // Decoding (a row or a batch of sequences): row by row, see `GEMV_ROWS`.
-        let r = if m <= GEMV_ROWS { 1 } else { MR };
-        let tiles = m.div_ceil(r);
-        let mut c = vec![0f32; tiles * r * ldc];
-        if r == 1 {
-            self.run::<1>(&self.pack_rows::<1>(xs, m, k), tiles, &mut c, ldc);
-        } else {
-            self.run::<MR>(&self.pack_rows::<MR>(xs, m, k), tiles, &mut c, ldc);
-        }
-        drop(storage);
-        let mut out = if ldc == self.n {
-            c.truncate(m * ldc);
+        let c = if m <= GEMV_ROWS {
+            let mut c = vec![0f32; m * ldc];
+            self.gemv(&pack_rows::<1>(xs, m, k, self.pairs), m, &mut c, ldc);
             c
         } else {
-            (0..m)
-                .flat_map(|r| c[r * ldc..r * ldc + self.n].iter().copied())
-                .collect()
+            gemm(self, xs, m, k)
         };
-        out.truncate(m * self.n);
-        dims.push(self.n);
-        Tensor::from_vec(out, dims, x.device())
+        drop(storage);
+        output(c, m, self.n, ldc, dims, x.device())
     }
 
-    /// Activations `(m, k)` as bf16 pairs, tile-interleaved: `[tile][pair][row in tile]`.
-    fn pack_rows<const R: usize>(&self, xs: &[f32], m: usize, k: usize) -> Vec<u32> {
-        use rayon::prelude::*;
-        let pairs = self.pairs;
-        let mut xp = vec![0u32; m.div_ceil(R) * pairs * R];
-        // Tile by tile, in parallel: prefill rounds millions of activations per product.
-        xp.par_chunks_mut(pairs * R)
-            .enumerate()
-            .for_each(|(t, tile)| {
-                for j in 0..R.min(m - t * R) {
-                    let v = &xs[(t * R + j) * k..(t * R + j + 1) * k];
-                    for q in 0..pairs {
-                        let hi = if 2 * q + 1 < k { v[2 * q + 1] } else { 0.0 };
-                        tile[q * R + j] = pair(v[2 * q], hi);
-                    }
-                }
-            });
-        xp
-    }
-
-    /// All tiles against all panels, ranges of panels handed to candle's persistent worker
-    /// threads (which spin between products instead of sleeping: a decoded token is ~150
-    /// products of a millisecond or less).
-    fn run<const R: usize>(&self, xp: &[u32], tiles: usize, c: &mut [f32], ldc: usize) {
+    /// Rows of activations (at most `GEMV_ROWS`) against all panels, ranges of panels handed
+    /// to candle's persistent worker threads (which spin between products instead of
+    /// sleeping: a decoded token is ~150 products of a millisecond or less). Each panel
+    /// streams once, start to end, with independent sums.
+    fn gemv(&self, xp: &[u32], rows: usize, c: &mut [f32], ldc: usize) {
         let c_addr = c.as_mut_ptr() as usize;
-        let work = |panels: std::ops::Range<usize>| {
-            if R == 1 {
-                // Decoding: each panel streams once, start to end, with independent sums.
-                for p in panels {
-                    let w = &self.data[p * self.pairs * NR..(p + 1) * self.pairs * NR];
-                    // SAFETY: as below; `w` holds the panel's `pairs` pairs, `xp` the
-                    // `tiles` rows of `pairs` pairs each.
+        candle_core::utils::barrier_pool().execute_chunked(self.panels, |panels| {
+            for p in panels {
+                let w = &self.data[p * self.pairs * NR..(p + 1) * self.pairs * NR];
+                // SAFETY: `available()` was checked when the layer chose this kernel; `w`
+                // holds the panel's `pairs` pairs, `xp` the `rows` rows of `pairs` pairs
+                // each; each panel's columns of `c` are written by the one thread that
+                // took the panel.
+                unsafe {
+                    let cp = (c_addr as *mut f32).add(p * NR);
+                    if rows == 1 {
+                        gemv_panel(xp.as_ptr(), w.as_ptr(), self.pairs, cp);
+                    } else {
+                        gemv_rows_panel(xp.as_ptr(), rows, w.as_ptr(), self.pairs, cp, ldc);
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl Panels for PackedBf16 {
+    fn dims(&self) -> (usize, usize) {
+        (self.panels, self.pairs)
+    }
+
+    fn block<'a>(&'a self, p: usize, q0: usize, _kc: usize, _buf: &'a mut Vec<u32>) -> &'a [u32] {
+        &self.data[(p * self.pairs + q0) * NR..]
+    }
+}
+
+/// Where the tiled product gets a weight's panels: a [`PackedBf16`] hands out its own
+/// memory; a ggml weight ([`matmul_ggml`]) is unpacked block by block into the worker's
+/// buffer just before use, so that no widened copy of it is ever kept.
+trait Panels: Sync {
+    /// `(panels, pairs)`.
+    fn dims(&self) -> (usize, usize);
+    /// Pairs `q0..q0 + kc` of panel `p`: `kc × NR` bf16 pairs (the slice may run on).
+    fn block<'a>(&'a self, p: usize, q0: usize, kc: usize, buf: &'a mut Vec<u32>) -> &'a [u32];
+}
+
+/// `xs: (m, k)` times the panels, in tiles of `MR` rows: `MR × 32` outputs stay in
+/// registers while a block of `KC` pairs streams by, the panel's block (32 KiB) staying in
+/// L1 for every tile and the activations' block in L2 for every panel. Ranges of panels go
+/// to candle's worker threads. Returns `c` with rows of `panels · NR` (at least `m` rows).
+fn gemm(w: &impl Panels, xs: &[f32], m: usize, k: usize) -> Vec<f32> {
+    let (panels, pairs) = w.dims();
+    let ldc = panels * NR;
+    let tiles = m.div_ceil(MR);
+    let xp = pack_rows::<MR>(xs, m, k, pairs);
+    let mut c = vec![0f32; tiles * MR * ldc];
+    let c_addr = c.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(panels, |range| {
+        let mut buf = Vec::new();
+        for q0 in (0..pairs).step_by(KC) {
+            let kc = KC.min(pairs - q0);
+            for p in range.clone() {
+                let wb = w.block(p, q0, kc, &mut buf);
+                assert!(wb.len() >= kc * NR);
+                for t in 0..tiles {
+                    let x = &xp[(t * pairs + q0) * MR..];
+                    // SAFETY: `available()` was checked by the caller; the slices hold `kc`
+                    // pairs from here; each (tile, panel) block of `c` is written by the one
+                    // thread that took the panel.
                     unsafe {
-                        let cp = (c_addr as *mut f32).add(p * NR);
-                        if tiles == 1 {
-                            gemv_panel(xp.as_ptr(), w.as_ptr(), self.pairs, cp);
-                        } else {
-                            gemv_rows_panel(xp.as_ptr(), tiles, w.as_ptr(), self.pairs, cp, ldc);
-                        }
-                    }
-                }
-                return;
-            }
-            for q0 in (0..self.pairs).step_by(KC) {
-                let kc = KC.min(self.pairs - q0);
-                for p in panels.clone() {
-                    let w = &self.data[(p * self.pairs + q0) * NR..];
-                    for t in 0..tiles {
-                        let x = &xp[(t * self.pairs + q0) * R..];
-                        // SAFETY: `available()` was checked when the layer chose this kernel;
-                        // the slices hold `kc` pairs from here; each (tile, panel) block of
-                        // `c` is written by the one thread that took the panel.
-                        unsafe {
-                            let cp = (c_addr as *mut f32).add(t * R * ldc + p * NR);
-                            tile::<R>(x.as_ptr(), w.as_ptr(), kc, cp, ldc, q0 > 0);
-                        }
+                        let cp = (c_addr as *mut f32).add(t * MR * ldc + p * NR);
+                        tile::<MR>(x.as_ptr(), wb.as_ptr(), kc, cp, ldc, q0 > 0);
                     }
                 }
             }
-        };
-        candle_core::utils::barrier_pool().execute_chunked(self.panels, work);
+        }
+    });
+    c
+}
+
+/// The first `m` rows of `c` (row stride `ldc`), `n` wide, as a tensor of `dims` + `n`.
+fn output(
+    mut c: Vec<f32>,
+    m: usize,
+    n: usize,
+    ldc: usize,
+    mut dims: Vec<usize>,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let out = if ldc == n {
+        c.truncate(m * n);
+        c
+    } else {
+        (0..m)
+            .flat_map(|r| c[r * ldc..r * ldc + n].iter().copied())
+            .collect()
+    };
+    dims.push(n);
+    Tensor::from_vec(out, dims, device)
+}
+
+/// Activations `(m, k)` as bf16 pairs, tile-interleaved: `[tile][pair][row in tile]`.
+fn pack_rows<const R: usize>(xs: &[f32], m: usize, k: usize, pairs: usize) -> Vec<u32> {
+    use rayon::prelude::*;
+    let mut xp = vec![0u32; m.div_ceil(R) * pairs * R];
+    // Tile by tile, in parallel: prefill rounds millions of activations per product.
+    xp.par_chunks_mut(pairs * R)
+        .enumerate()
+        .for_each(|(t, tile)| {
+            for j in 0..R.min(m - t * R) {
+                let v = &xs[(t * R + j) * k..(t * R + j + 1) * k];
+                for q in 0..pairs {
+                    let hi = if 2 * q + 1 < k { v[2 * q + 1] } else { 0.0 };
+                    tile[q * R + j] = pair(v[2 * q], hi);
+                }
+            }
+        });
+    xp
+}
+
+/// `x: (…, k)` times a ggml weight `w: (n, k)` (any of the quantized types; not the float
+/// ones, whose exact product is the f32 GEMM's), through the tiled kernel: each panel block
+/// is dequantized and rounded to bf16 just before use. This is how prefill multiplies a
+/// quantized model: the dequantization is amortized over every row of the prompt, and the
+/// weight stays in its file's blocks (no repacked copy). `None`: not for these kernels.
+pub fn matmul_ggml(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
+    let Some(to_f32) = block_decoder(w.dtype()) else {
+        return Ok(None);
+    };
+    let (n, k) = w.shape().dims2()?;
+    let mut dims = x.dims().to_vec();
+    let block = w.dtype().block_size();
+    if !available() || !x.device().is_cpu() || dims.pop() != Some(k) || k % block != 0 {
+        return Ok(None);
+    }
+    let m: usize = dims.iter().product();
+    let data = w.data()?;
+    let row_bytes = k / block * w.dtype().type_size();
+    if data.len() != n * row_bytes {
+        candle_core::bail!(
+            "{:?} weight of {n}x{k} holds {} bytes",
+            w.dtype(),
+            data.len()
+        );
+    }
+    if !(data.as_ptr() as usize).is_multiple_of(4) {
+        // The blocks are read in place (their f16 fields need 2-byte alignment).
+        return Ok(None);
+    }
+    let x = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let src = GgmlPanels {
+        data: &data,
+        n,
+        k,
+        pairs: k.div_ceil(2),
+        row_bytes,
+        block,
+        block_bytes: w.dtype().type_size(),
+        to_f32,
+    };
+    let c = gemm(&src, &x, m, k);
+    Ok(Some(output(
+        c,
+        m,
+        n,
+        n.div_ceil(NR) * NR,
+        dims,
+        &candle_core::Device::Cpu,
+    )?))
+}
+
+/// Decodes whole ggml blocks (bytes) into f32.
+type BlockDecoder = fn(&[u8], &mut [f32]);
+
+fn block_decoder(dtype: GgmlDType) -> Option<BlockDecoder> {
+    use candle_core::quantized::k_quants::*;
+    /// Blocks of `T` read in place; the caller checked the alignment.
+    fn decode<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
+        let count = bytes.len() / std::mem::size_of::<T>();
+        assert!((bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()));
+        // SAFETY: ggml blocks are plain bytes and f16s, valid for any bit pattern; the
+        // pointer is aligned (asserted) and `count` blocks lie within `bytes`.
+        let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), count) };
+        T::to_float(blocks, &mut out[..count * T::BLCK_SIZE]);
+    }
+    Some(match dtype {
+        GgmlDType::Q4_0 => decode::<BlockQ4_0>,
+        GgmlDType::Q4_1 => decode::<BlockQ4_1>,
+        GgmlDType::Q5_0 => decode::<BlockQ5_0>,
+        GgmlDType::Q5_1 => decode::<BlockQ5_1>,
+        GgmlDType::Q8_0 => decode::<BlockQ8_0>,
+        GgmlDType::Q2K => decode::<BlockQ2K>,
+        GgmlDType::Q3K => decode::<BlockQ3K>,
+        GgmlDType::Q4K => decode::<BlockQ4K>,
+        GgmlDType::Q5K => decode::<BlockQ5K>,
+        GgmlDType::Q6K => decode::<BlockQ6K>,
+        _ => return None,
+    })
+}
+
+/// A ggml weight's rows, unpacked into panels on demand.
+struct GgmlPanels<'a> {
+    data: &'a [u8],
+    n: usize,
+    k: usize,
+    pairs: usize,
+    row_bytes: usize,
+    /// Values and bytes per ggml block.
+    block: usize,
+    block_bytes: usize,
+    to_f32: BlockDecoder,
+}
+
+impl Panels for GgmlPanels<'_> {
+    fn dims(&self) -> (usize, usize) {
+        (self.n.div_ceil(NR), self.pairs)
+    }
+
+    fn block<'a>(&'a self, p: usize, q0: usize, kc: usize, buf: &'a mut Vec<u32>) -> &'a [u32] {
+        // A block of `KC` pairs is 512 values: whole ggml blocks (32 or 256 values).
+        let (e0, e1) = (2 * q0, (2 * (q0 + kc)).min(self.k));
+        let bytes = e0 / self.block * self.block_bytes..e1 / self.block * self.block_bytes;
+        // Row by row into `rows` (bf16 pairs, row-major), then transposed into the panel.
+        buf.resize(2 * kc * NR, 0);
+        let (panel, rows) = buf.split_at_mut(kc * NR);
+        let mut values = [0f32; 2 * KC];
+        let live = NR.min(self.n - p * NR);
+        for lane in 0..live {
+            let start = (p * NR + lane) * self.row_bytes;
+            (self.to_f32)(
+                &self.data[start + bytes.start..start + bytes.end],
+                &mut values[..e1 - e0],
+            );
+            round_pairs(&values[..2 * kc], &mut rows[lane * kc..(lane + 1) * kc]);
+        }
+        rows[live * kc..].fill(0);
+        if kc.is_multiple_of(16) {
+            for lane in (0..NR).step_by(16) {
+                for q in (0..kc).step_by(16) {
+                    // SAFETY: `available()` holds for every caller of the tiled product; the
+                    // 16 × 16 blocks lie within `rows` and `panel`.
+                    unsafe {
+                        transpose16(
+                            rows.as_ptr().add(lane * kc + q),
+                            kc,
+                            panel.as_mut_ptr().add(q * NR + lane),
+                            NR,
+                        )
+                    };
+                }
+            }
+        } else {
+            for (q, out) in panel.chunks_exact_mut(NR).enumerate() {
+                for (lane, o) in out.iter_mut().enumerate() {
+                    *o = rows[lane * kc + q];
+                }
+            }
+        }
+        panel
+    }
+}
+
+/// `dst[j·dst_stride + i] = src[i·src_stride + j]` for `i, j < 16`: interleaves of 32- and
+/// 64-bit elements, then two rounds of 128-bit lane shuffles.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(src: *const u32, src_stride: usize, dst: *mut u32, dst_stride: usize) {
+    use std::arch::x86_64::*;
+    let r: [__m512i; 16] =
+        std::array::from_fn(|i| _mm512_loadu_si512(src.add(i * src_stride) as *const _));
+    // Per 128-bit lane: rows (2k, 2k+1) interleaved by 32 bits.
+    let t: [__m512i; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_epi32(a, b)
+        } else {
+            _mm512_unpackhi_epi32(a, b)
+        }
+    });
+    // u[4g + c], lane L: rows 4g..4g+4 of column 4L + c.
+    let u: [__m512i; 16] = std::array::from_fn(|i| {
+        let (g, c) = (i / 4, i % 4);
+        let (a, b) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
+        if c % 2 == 0 {
+            _mm512_unpacklo_epi64(a, b)
+        } else {
+            _mm512_unpackhi_epi64(a, b)
+        }
+    });
+    for c in 0..4 {
+        let v0 = _mm512_shuffle_i32x4::<0x44>(u[c], u[4 + c]);
+        let v1 = _mm512_shuffle_i32x4::<0xEE>(u[c], u[4 + c]);
+        let w0 = _mm512_shuffle_i32x4::<0x44>(u[8 + c], u[12 + c]);
+        let w1 = _mm512_shuffle_i32x4::<0xEE>(u[8 + c], u[12 + c]);
+        let cols = [
+            _mm512_shuffle_i32x4::<0x88>(v0, w0),
+            _mm512_shuffle_i32x4::<0xDD>(v0, w0),
+            _mm512_shuffle_i32x4::<0x88>(v1, w1),
+            _mm512_shuffle_i32x4::<0xDD>(v1, w1),
+        ];
+        for (l, col) in cols.into_iter().enumerate() {
+            _mm512_storeu_si512(dst.add((4 * l + c) * dst_stride) as *mut _, col);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn transpose16(_: *const u32, _: usize, _: *mut u32, _: usize) {
+    unreachable!("the bf16 kernels are only chosen where available() holds")
+}
+
+/// `values` (an even count) → bf16 pairs, as [`pair`] rounds them.
+fn round_pairs(values: &[f32], out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has the instructions (checked just now).
+        unsafe { round_pairs_avx512(values, out) };
+        return;
+    }
+    for (o, v) in out.iter_mut().zip(values.chunks_exact(2)) {
+        *o = pair(v[0], v[1]);
+    }
+}
+
+/// [`round_pairs`] sixteen values at a time: `vcvtneps2bf16` rounds to nearest even, as
+/// [`bf16_bits`] does, and the two halves of a pair are adjacent in memory.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+unsafe fn round_pairs_avx512(values: &[f32], out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let pairs = out.len().min(values.len() / 2);
+    let mut q = 0;
+    while q + 8 <= pairs {
+        let v = _mm512_loadu_ps(values.as_ptr().add(2 * q));
+        let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+        _mm256_storeu_si256(out.as_mut_ptr().add(q) as *mut __m256i, b);
+        q += 8;
+    }
+    for (o, v) in out[q..pairs]
+        .iter_mut()
+        .zip(values[2 * q..].chunks_exact(2))
+    {
+        *o = pair(v[0], v[1]);
     }
 }
 
@@ -458,6 +730,55 @@ mod tests {
                 assert_eq!(row, &alone[0], "{m}x{k}x{n}: row {r}");
             }
         }
+    }
+
+    /// A quantized weight through the tiled kernel equals the f32 product of the bf16-rounded
+    /// operands (the weight dequantized first), for every ggml type prefill may meet, on
+    /// shapes with a partial panel, several `KC` blocks and a partial tile.
+    #[test]
+    fn ggml_weights_match_f32_on_rounded_operands() {
+        if !available() {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            return;
+        }
+        let d = Device::Cpu;
+        let round = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::Q5K,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+        ] {
+            for (m, k, n) in [(17, 256, 32), (40, 1536, 45), (13, 768, 70)] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &d).unwrap();
+                let w = Tensor::randn(0f32, 1.0, (n, k), &d).unwrap();
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let got = matmul_ggml(&q, &x).unwrap().expect("a quantized weight");
+                let wd = q.dequantize(&d).unwrap();
+                let want = round(&x).matmul(&round(&wd).t().unwrap()).unwrap();
+                let err = kollava_testkit::max_abs_diff_tensors(&got, &want);
+                let scale =
+                    kollava_testkit::max_abs_diff_tensors(&want, &want.zeros_like().unwrap());
+                assert!(
+                    err <= 1e-4 * scale.max(1.0),
+                    "{dtype:?} {m}x{k}x{n}: {err} (scale {scale})"
+                );
+            }
+        }
+        // Float weights keep their exact product elsewhere.
+        let f = QTensor::quantize(
+            &Tensor::ones((32, 64), DType::F32, &d).unwrap(),
+            GgmlDType::F16,
+        )
+        .unwrap();
+        let x = Tensor::ones((20, 64), DType::F32, &d).unwrap();
+        assert!(matmul_ggml(&f, &x).unwrap().is_none());
     }
 
     #[test]

@@ -329,6 +329,14 @@ impl Decoder {
         Ok(())
     }
 
+    /// Whether the matrices are quantized (a GGUF model's `Q4_K`, …), as layer 0's query
+    /// projection is.
+    pub fn is_quantized(&self) -> bool {
+        self.layers
+            .first()
+            .is_some_and(|l| l.self_attn.q_proj.is_quantized())
+    }
+
     /// How the matrices are stored (`F16`, `Q4K`, …), as layer 0's query projection is.
     pub fn weight_format(&self) -> String {
         match self.layers.first().map(|l| &l.self_attn.q_proj) {

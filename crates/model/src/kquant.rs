@@ -26,8 +26,8 @@ const Q4K_BYTES: usize = 144;
 /// Bytes per `Q6_K` block: 128 low nibbles, 64 of high bit pairs, 16 i8 scales, f16 d.
 const Q6K_BYTES: usize = 210;
 /// Activation rows up to which the kernels run (decoding, batched decoding). A prefill's
-/// hundreds of rows go to candle's tiled kernels: they reuse each loaded activation across
-/// 16 weight rows, which these row-by-row kernels do not (about 1.5x the time).
+/// hundreds of rows go to the tiled bf16 GEMM ([`crate::bf16::matmul_ggml`]), which reuses
+/// each loaded activation across 32 weight rows; these row-by-row kernels do not.
 pub const MAX_ROWS: usize = 16;
 
 /// Whether this CPU runs the kernels.

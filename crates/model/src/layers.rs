@@ -117,11 +117,15 @@ impl Linear {
                 );
                 let ours = if xs.track_op() {
                     None
-                } else {
+                } else if rows <= crate::kquant::MAX_ROWS || !crate::bf16::available() {
                     crate::kquant::try_matmul(weight, xs)?
+                } else {
+                    crate::bf16::matmul_ggml(weight, xs)?
                 };
                 let y = if let Some(y) = ours {
-                    // Decoding a Q4_K/Q6_K weight: our kernels (crate::kquant).
+                    // Decoding a Q4_K/Q6_K weight: our integer kernels (crate::kquant).
+                    // Prefill with a quantized weight: our bf16 GEMM, the weight unpacked
+                    // block by block (crate::bf16::matmul_ggml).
                     y.to_dtype(xs.dtype())?
                 } else if xs.track_op() || (float && rows >= GEMM_ROWS) {
                     // Training through a frozen 4-bit base: a differentiable product. Prefill
@@ -199,15 +203,37 @@ impl Linear {
         })
     }
 
-    /// The layer packed for our AVX512-BF16 kernels (a dense one; others stay as they are).
+    /// The layer packed for our AVX512-BF16 kernels: a dense one, or one held in a ggml float
+    /// type (a GGUF file's F16 matrices); quantized and adapted ones stay as they are.
     pub fn packed_bf16(&self) -> Result<Linear> {
-        let Some((w, b)) = self.parameters() else {
-            return Ok(self.clone());
+        let (w, b) = match self {
+            Linear::Dense(l) => (l.weight().clone(), l.bias().cloned()),
+            Linear::Quantized { weight, bias }
+                if matches!(
+                    weight.dtype(),
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                ) =>
+            {
+                (weight.dequantize(&candle_core::Device::Cpu)?, bias.clone())
+            }
+            _ => return Ok(self.clone()),
         };
         Ok(Linear::Bf16 {
-            weight: std::sync::Arc::new(crate::bf16::PackedBf16::pack(w)?),
+            weight: std::sync::Arc::new(crate::bf16::PackedBf16::pack(&w)?),
             bias: b.map(|b| b.to_dtype(DType::F32)).transpose()?,
         })
+    }
+
+    /// Whether the weight is stored in a quantized ggml type (not a float one).
+    pub fn is_quantized(&self) -> bool {
+        match self {
+            Linear::Quantized { weight, .. } => !matches!(
+                weight.dtype(),
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+            ),
+            Linear::Lora(l) => l.base.is_quantized(),
+            _ => false,
+        }
     }
 
     /// Bytes of the weight (and bias) as stored.

@@ -17,7 +17,7 @@ fn session() -> Session {
         vision_tower: None,
         conv_mode: None,
         aspect: None,
-        dtype: candle_core::DType::F32,
+        dtype: Some(candle_core::DType::F32),
         projector: None,
         mmproj: None,
     })

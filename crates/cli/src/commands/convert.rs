@@ -110,7 +110,7 @@ pub fn quantize(args: &crate::args::QuantizeArgs) -> Result<()> {
                 vision_tower: None,
                 conv_mode: None,
                 aspect: None,
-                dtype: DType::F32,
+                dtype: Some(DType::F32),
                 projector: None,
                 mmproj: None,
             })
