@@ -3,9 +3,12 @@
 //! take the same optimizer step. Ranks find each other through `MASTER_ADDR` and
 //! `MASTER_PORT`; `RANK` and `WORLD_SIZE` say who is who.
 //!
-//! The averaging here goes over TCP (rank 0 sums and sends back), which serves CPU runs and
-//! several machines alike; it is the one place a GPU build would swap in NCCL.
+//! The averaging goes over TCP (rank 0 sums and sends back), which serves CPU runs and
+//! several machines alike. A build with the `nccl` feature training on GPUs switches to
+//! NCCL after the ranks have met over TCP ([`Dist::use_nccl`]): rank 0's NCCL id travels
+//! over that connection, and each average is then one all-reduce between the GPUs.
 
+use candle_core::Tensor;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -16,6 +19,8 @@ pub struct Dist {
     pub world: usize,
     /// Rank 0: one stream per other rank, in rank order. Others: the stream to rank 0.
     peers: Vec<TcpStream>,
+    #[cfg(feature = "nccl")]
+    nccl: Option<std::sync::Arc<nccl::Comm>>,
 }
 
 fn env_usize(name: &str) -> Result<Option<usize>, String> {
@@ -94,6 +99,8 @@ impl Dist {
                 rank,
                 world,
                 peers: peers.into_iter().flatten().collect(),
+                #[cfg(feature = "nccl")]
+                nccl: None,
             })
         } else {
             loop {
@@ -105,6 +112,8 @@ impl Dist {
                             rank,
                             world,
                             peers: vec![s],
+                            #[cfg(feature = "nccl")]
+                            nccl: None,
                         });
                     }
                     Err(e) if Instant::now() > deadline => return Err(e),
@@ -112,6 +121,52 @@ impl Dist {
                 }
             }
         }
+    }
+
+    /// `t` (f32, the same shape on every rank) averaged over the ranks: by NCCL on the GPU
+    /// once [`Dist::use_nccl`] has run, otherwise over TCP through host memory.
+    pub fn all_reduce_mean_tensor(&mut self, t: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "nccl")]
+        if let (Some(comm), true) = (&self.nccl, t.device().is_cuda()) {
+            return t
+                .contiguous()?
+                .apply_op1_no_bwd(&nccl::AllReduceMean(comm.clone()));
+        }
+        let mut flat = t.flatten_all()?.to_vec1::<f32>()?;
+        self.all_reduce_mean(&mut flat)
+            .map_err(|e| candle_core::Error::Msg(format!("averaging with the other ranks: {e}")))?;
+        Tensor::from_vec(flat, t.shape(), t.device())
+    }
+
+    /// Averages through NCCL from now on, between the GPUs of the ranks (`device` is this
+    /// rank's): rank 0 makes the NCCL id and sends it to the others over TCP.
+    #[cfg(feature = "nccl")]
+    pub fn use_nccl(&mut self, device: &candle_core::Device) -> Result<(), String> {
+        use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id};
+        let candle_core::Device::Cuda(dev) = device else {
+            return Err("NCCL averages between GPUs; this rank trains on the CPU".into());
+        };
+        let io = |e: std::io::Error| format!("sending the NCCL id: {e}");
+        let id = if self.rank == 0 {
+            let id = Id::new().map_err(|e| format!("ncclGetUniqueId: {e:?}"))?;
+            let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
+            for s in &mut self.peers {
+                s.write_all(&bytes).map_err(io)?;
+            }
+            id
+        } else {
+            let mut b = [0u8; 128];
+            self.peers[0].read_exact(&mut b).map_err(io)?;
+            Id::uninit(b.map(|c| c as std::ffi::c_char))
+        };
+        let comm = Comm::from_rank(dev.cuda_stream(), self.rank, self.world, id).map_err(|e| {
+            format!(
+                "ncclCommInitRank (rank {} of {}): {e:?}",
+                self.rank, self.world
+            )
+        })?;
+        self.nccl = Some(std::sync::Arc::new(nccl::Comm(comm)));
+        Ok(())
     }
 
     /// Replaces `data` on every rank by its mean over the ranks (same length everywhere).
@@ -142,6 +197,54 @@ impl Dist {
             }
         }
         Ok(())
+    }
+}
+
+/// The NCCL side (feature `nccl`).
+#[cfg(feature = "nccl")]
+mod nccl {
+    use candle_core::cuda_backend::cudarc::nccl::safe::ReduceOp;
+    use candle_core::{CpuStorage, CudaStorage, Layout, Shape};
+
+    /// A communicator shared by this rank's training thread and its `Dist`.
+    pub struct Comm(pub candle_core::cuda_backend::cudarc::nccl::safe::Comm);
+
+    // SAFETY: NCCL allows a communicator to be used from any thread as long as the calls do
+    // not overlap; `Dist` sits behind a mutex and the trainer averages from one thread.
+    unsafe impl Send for Comm {}
+    unsafe impl Sync for Comm {}
+
+    /// `x` ↦ its mean over the ranks, one `ncclAllReduce(avg)` on this rank's stream.
+    pub struct AllReduceMean(pub std::sync::Arc<Comm>);
+
+    impl candle_core::CustomOp1 for AllReduceMean {
+        fn name(&self) -> &'static str {
+            "nccl-all-reduce-mean"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("NCCL averages CUDA tensors; a CPU tensor goes over TCP")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let Some((start, end)) = l.contiguous_offsets() else {
+                candle_core::bail!("NCCL all-reduce: the tensor is not contiguous")
+            };
+            let src = s.as_cuda_slice::<f32>()?.slice(start..end);
+            let mut dst = s.device.alloc_zeros::<f32>(end - start)?;
+            self.0
+                 .0
+                .all_reduce(&src, &mut dst, &ReduceOp::Avg)
+                .map_err(|e| candle_core::Error::Msg(format!("ncclAllReduce: {e:?}")))?;
+            Ok((
+                CudaStorage::wrap_cuda_slice(dst, s.device.clone()),
+                l.shape().clone(),
+            ))
+        }
     }
 }
 

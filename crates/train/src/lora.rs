@@ -72,7 +72,7 @@ pub fn add_adapters(
         candle_core::bail!("--lora-r must be at least 1");
     }
     let dtype = model.dtype();
-    let device = candle_core::Device::Cpu;
+    let device = model.decoder.device().clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
     let mut params = Vec::new();
     let mut adapted = 0;

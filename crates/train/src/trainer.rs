@@ -13,7 +13,7 @@ use std::ops::Range;
 use std::sync::mpsc;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use kollava_inputs::image::{AspectMode, ClipPreprocess, RgbImage};
 use kollava_inputs::prompt::ImageTokens;
 use kollava_inputs::template::Template;
@@ -212,7 +212,7 @@ fn micro_batch_grads(
     params: &[candle_core::Var],
 ) -> Result<Option<(f64, GradStore)>> {
     let model = inp.model;
-    let device = Device::Cpu;
+    let device = model.decoder.device().clone();
     let (cw, ch) = inp.preprocess.crop;
     let pixels: Vec<f32> = batch
         .iter()
@@ -322,20 +322,20 @@ fn average_over_ranks(
     if vars.is_empty() {
         return Ok(loss);
     }
-    let mut flat = Vec::new();
+    let device = vars[0].device();
+    let mut parts = Vec::with_capacity(vars.len() + 1);
     for v in vars {
-        match grads.as_ref().and_then(|g| g.get(v.as_tensor())) {
-            Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-            None => flat.extend(std::iter::repeat_n(0f32, v.elem_count())),
-        }
+        parts.push(match grads.as_ref().and_then(|g| g.get(v.as_tensor())) {
+            Some(g) => g.to_dtype(DType::F32)?.flatten_all()?,
+            None => Tensor::zeros(v.elem_count(), DType::F32, device)?,
+        });
     }
-    flat.push(loss as f32);
-    dist.lock()
+    parts.push(Tensor::new(&[loss as f32], device)?);
+    let flat = Tensor::cat(&parts, 0)?;
+    let flat = dist
+        .lock()
         .map_err(|_| candle_core::Error::Msg("the rank connection is poisoned".into()))?
-        .all_reduce_mean(&mut flat)
-        .map_err(|e| {
-            candle_core::Error::Msg(format!("averaging gradients with the other ranks: {e}"))
-        })?;
+        .all_reduce_mean_tensor(&flat)?;
     let store = match grads {
         Some(g) => g,
         None => {
@@ -347,11 +347,14 @@ fn average_over_ranks(
     let mut at = 0;
     for v in vars {
         let n = v.elem_count();
-        let g = Tensor::from_slice(&flat[at..at + n], v.dims(), v.device())?.to_dtype(v.dtype())?;
+        let g = flat
+            .narrow(0, at, n)?
+            .reshape(v.dims())?
+            .to_dtype(v.dtype())?;
         store.insert(v.as_tensor(), g);
         at += n;
     }
-    Ok(flat[at] as f64)
+    Ok(flat.narrow(0, at, 1)?.to_vec1::<f32>()?[0] as f64)
 }
 
 fn add_grads(acc: &mut Option<GradStore>, new: GradStore, vars: &[candle_core::Var]) -> Result<()> {

@@ -109,6 +109,24 @@ fn launch(n: u32) -> Result<()> {
     }
 }
 
+/// Where a rank trains: in a CUDA build its GPU (`LOCAL_RANK`, else the rank, says which;
+/// the CPU when there is none), otherwise the CPU.
+fn train_device(rank: usize) -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        let local = std::env::var("LOCAL_RANK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(rank);
+        Ok(Device::cuda_if_available(local)?)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = rank;
+        Ok(Device::Cpu)
+    }
+}
+
 pub fn run(args: &TrainArgs) -> Result<()> {
     if args.nproc > 1 && std::env::var_os("RANK").is_none() {
         return launch(args.nproc);
@@ -116,6 +134,15 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let dist = kollava_train::dist::Dist::from_env().map_err(anyhow::Error::msg)?;
     let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank, d.world));
     let main_rank = rank == 0;
+    let device = train_device(rank)?;
+    #[cfg(feature = "nccl")]
+    let dist = match dist {
+        Some(mut d) if device.is_cuda() => {
+            d.use_nccl(&device).map_err(anyhow::Error::msg)?;
+            Some(d)
+        }
+        d => d,
+    };
     let dist = dist.map(std::sync::Mutex::new);
     let finetune = args.stage == "finetune";
     let lora = args.lora_r > 0;
@@ -201,7 +228,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             n.starts_with("model.mm_projector.") || (rows && n == "model.embed_tokens.weight")
         })
     };
-    let mut tm = ckpt.load_trainable(DType::F32, &Device::Cpu, filter)?;
+    let mut tm = ckpt.load_trainable(DType::F32, &device, filter)?;
     if let (Some(rows), Some(file), None) = (boundary_rows, &args.model.projector, &resume) {
         take_boundary_rows(&tm.tensors, file, rows)?;
     }
@@ -257,7 +284,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             let mask: Vec<f32> = (0..vocab as u32)
                 .map(|i| if i == s || i == e { 1.0 } else { 0.0 })
                 .collect();
-            let mask = Tensor::from_vec(mask, (vocab, 1), &Device::Cpu)?;
+            let mask = Tensor::from_vec(mask, (vocab, 1), &device)?;
             tm.params
                 .iter()
                 .filter(|(n, _)| n == "model.embed_tokens.weight")
@@ -300,7 +327,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     };
     let mut opt = AdamW::new(params.clone(), opts.lr, opts.weight_decay);
     if let Some((step, dir)) = &resume {
-        let state = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &Device::Cpu)
+        let state = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &device)
             .with_context(|| format!("cannot read {}", dir.join(OPTIMIZER_FILE).display()))?;
         opt.restore(&state, *step)?;
     }
