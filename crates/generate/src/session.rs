@@ -158,6 +158,7 @@ impl Session {
             None => model.decoder.is_quantized(),
         };
         model.pack_for_inference(bf16)?;
+        release_free_memory();
         Ok(Session {
             aspect: opts.aspect.unwrap_or(ckpt.aspect),
             ckpt,
@@ -384,5 +385,16 @@ impl Session {
             prompt_tokens,
             timings,
         })
+    }
+}
+
+/// Hands the memory freed while loading (f32 copies replaced by packed weights) back to the
+/// system: glibc keeps freed heap blocks resident, and on a 7B model that is a gigabyte of
+/// peak RSS during the first answer.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only returns free pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
