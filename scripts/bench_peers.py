@@ -85,8 +85,11 @@ def main():
     configs = [
         ("BF16", (os.path.join(w, "bench-1b"), ["--dtype", "bf16"]),
          (os.path.join(w, "gguf-bf16/bench-1b-BF16.gguf"), os.path.join(w, "gguf-bf16/mmproj-bench-1b-F16.gguf"))),
-        ("F16", (os.path.join(w, "gguf-f16"), []),
+        # The F16 file computed in bf16 (weights rounded at load), against llama.cpp's F16;
+        # then, for reference, the exact f16 weights with f32 compute (kollava alone).
+        ("F16", (os.path.join(w, "gguf-f16"), ["--dtype", "bf16"]),
          (os.path.join(w, "gguf-f16/bench-1b-F16.gguf"), os.path.join(w, "gguf-f16/mmproj-bench-1b-F16.gguf"))),
+        ("F16 --dtype f32", (os.path.join(w, "gguf-f16"), ["--dtype", "f32"]), None),
         ("Q4_K_M", (os.path.join(w, "gguf-q4km"), []),
          (os.path.join(w, "gguf-q4km/bench-1b-Q4_K_M.gguf"), os.path.join(w, "gguf-q4km/mmproj-bench-1b-F16.gguf"))),
     ]
