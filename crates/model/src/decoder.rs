@@ -53,9 +53,11 @@ impl SelfAttention {
         let (b, s, _) = xs.dims3()?;
         let d = self.head_dim;
         let split = |t: Tensor, n: usize| t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous();
-        let q = split(self.q_proj.forward(xs)?, self.heads)?;
-        let k = split(self.k_proj.forward(xs)?, self.kv_heads)?;
-        let v = split(self.v_proj.forward(xs)?, self.kv_heads)?;
+        let [q, k, v] =
+            crate::layers::forward_shared([&self.q_proj, &self.k_proj, &self.v_proj], xs)?;
+        let q = split(q, self.heads)?;
+        let k = split(k, self.kv_heads)?;
+        let v = split(v, self.kv_heads)?;
         let q = crate::layers::rope(&q, cos, sin)?;
         let k = crate::layers::rope(&k, cos, sin)?;
         let (k, v) = cache.append(layer, &k, &v)?;
@@ -131,8 +133,8 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = activate(self.act, &self.gate_proj.forward(xs)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+        let [gate, up] = crate::layers::forward_shared([&self.gate_proj, &self.up_proj], xs)?;
+        self.down_proj.forward(&(activate(self.act, &gate)? * up)?)
     }
 }
 

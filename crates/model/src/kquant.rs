@@ -52,42 +52,76 @@ pub fn available() -> bool {
 /// the weight (a `Q4_K` or `Q6_K` matrix whose width is a multiple of 256 on a CPU that runs
 /// the kernels); `None` otherwise, for the caller's general path.
 pub fn try_matmul(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
-    let kind = match w.dtype() {
-        GgmlDType::Q4K => Kind::Q4K,
-        GgmlDType::Q6K => Kind::Q6K,
-        _ => return Ok(None),
-    };
-    let (n, k) = w.shape().dims2()?;
+    Ok(try_matmul_many(&[w], x)?.and_then(|mut ys| ys.pop()))
+}
+
+/// [`try_matmul`] for several weights that multiply the same input (a layer's q/k/v, its
+/// gate/up): the input is quantized once per weight type, and all the products go to the
+/// worker threads in one dispatch. `None` unless every weight is for these kernels.
+pub fn try_matmul_many(ws: &[&QTensor], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
     let mut dims = x.dims().to_vec();
-    let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-    if !available()
-        || !x.device().is_cpu()
-        || dims.last() != Some(&k)
-        || k % QK != 0
-        || m == 0
-        || m > MAX_ROWS
-    {
+    let k = dims.pop().unwrap_or(0);
+    let m: usize = dims.iter().product();
+    if !available() || !x.device().is_cpu() || !k.is_multiple_of(QK) || m == 0 || m > MAX_ROWS {
         return Ok(None);
     }
-    let x = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let data = w.data()?;
-    if data.len() != n * (k / QK) * kind.block_bytes() {
-        candle_core::bail!(
-            "{:?} weight of {n}x{k} holds {} bytes",
-            w.dtype(),
-            data.len()
-        );
+    let mut kinds = Vec::with_capacity(ws.len());
+    for w in ws {
+        let kind = match w.dtype() {
+            GgmlDType::Q4K => Kind::Q4K,
+            GgmlDType::Q6K => Kind::Q6K,
+            _ => return Ok(None),
+        };
+        if w.shape().dims2()?.1 != k {
+            return Ok(None);
+        }
+        kinds.push(kind);
     }
-    let acts = Activations::quantize(&x, m, k, kind);
-    let mut out = vec![0f32; m * n];
-    matmul(kind, &data, n, k, &acts, &mut out);
-    dims.pop();
-    dims.push(n);
-    Ok(Some(Tensor::from_vec(
-        out,
-        dims,
-        &candle_core::Device::Cpu,
-    )?))
+    let x = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let quantized = |kind| {
+        kinds
+            .contains(&kind)
+            .then(|| Activations::quantize(&x, m, k, kind))
+    };
+    let (q4k, q6k) = (quantized(Kind::Q4K), quantized(Kind::Q6K));
+    let data = ws.iter().map(|w| w.data()).collect::<Result<Vec<_>>>()?;
+    let mut outs = Vec::with_capacity(ws.len());
+    for ((w, kind), data) in ws.iter().zip(&kinds).zip(&data) {
+        let n = w.shape().dims2()?.0;
+        if data.len() != n * (k / QK) * kind.block_bytes() {
+            candle_core::bail!(
+                "{:?} weight of {n}x{k} holds {} bytes",
+                w.dtype(),
+                data.len()
+            );
+        }
+        outs.push(vec![0f32; m * n]);
+    }
+    let products: Vec<Product> = kinds
+        .iter()
+        .zip(&data)
+        .zip(&mut outs)
+        .map(|((&kind, data), out)| Product {
+            kind,
+            acts: match kind {
+                Kind::Q4K => q4k.as_ref(),
+                Kind::Q6K => q6k.as_ref(),
+            }
+            .expect("quantized for every kind present"),
+            w: data,
+            n: out.len() / m,
+            out: out.as_mut_ptr() as usize,
+        })
+        .collect();
+    matmul(&products, k, m);
+    outs.into_iter()
+        .map(|out| {
+            let mut dims = dims.clone();
+            dims.push(out.len() / m);
+            Tensor::from_vec(out, dims, &candle_core::Device::Cpu)
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -221,30 +255,47 @@ fn round_half_away(v: f32) -> f32 {
     }
 }
 
-/// `out[r·n + i] = Σ x_r · w_i` for every activation row `r` and weight row `i`. Chunks of
-/// weight rows go to candle's persistent worker threads (they spin between products rather
-/// than sleep, which matters when a token is ~150 products of a millisecond or less);
-/// within a chunk, tiles of [`TILE`] activation rows share each decoded weight block.
-fn matmul(kind: Kind, w: &[u8], n: usize, k: usize, acts: &Activations, out: &mut [f32]) {
+/// One weight's share of [`matmul`]: its blocks, its `n` rows, and where its `m × n`
+/// outputs go.
+struct Product<'a> {
+    kind: Kind,
+    acts: &'a Activations,
+    w: &'a [u8],
+    n: usize,
+    out: usize,
+}
+
+/// `out[r·n + i] = Σ x_r · w_i` for every activation row `r` and weight row `i` of every
+/// product. Chunks of weight rows, all products' in a row, go to candle's persistent worker
+/// threads (they spin between dispatches rather than sleep, which matters when a token is
+/// ~100 dispatches of a millisecond or less); within a chunk, tiles of [`TILE`] activation
+/// rows share each decoded weight block.
+fn matmul(products: &[Product], k: usize, m: usize) {
     const CHUNK: usize = 16;
-    let row_bytes = (k / QK) * kind.block_bytes();
-    let m = out.len() / n;
-    let out_addr = out.as_mut_ptr() as usize;
-    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |chunks| {
+    // Chunk `c` belongs to the product `p` with `first[p] <= c < first[p + 1]`.
+    let mut first = vec![0];
+    for p in products {
+        first.push(first[first.len() - 1] + p.n.div_ceil(CHUNK));
+    }
+    let total = first[products.len()];
+    candle_core::utils::barrier_pool().execute_chunked(total, |chunks| {
         // Chunk by chunk, so that a chunk's weight rows stay in L1 for every tile.
         for chunk in chunks {
+            let at = first.partition_point(|&f| f <= chunk) - 1;
+            let (p, chunk) = (&products[at], chunk - first[at]);
+            let row_bytes = (k / QK) * p.kind.block_bytes();
             for r0 in (0..m).step_by(TILE) {
-                for i in chunk * CHUNK..((chunk + 1) * CHUNK).min(n) {
-                    let row = &w[i * row_bytes..(i + 1) * row_bytes];
+                for i in chunk * CHUNK..((chunk + 1) * CHUNK).min(p.n) {
+                    let row = &p.w[i * row_bytes..(i + 1) * row_bytes];
                     let mut sums = [0f32; TILE];
                     let rows = TILE.min(m - r0);
                     // SAFETY: `available()` was checked by the caller; `row` holds `k / 256`
                     // blocks and the activations `m` rows of `k / 256` blocks; each output is
                     // written by the one thread that owns its weight row.
                     unsafe {
-                        dot_rows(kind, row.as_ptr(), acts, r0, rows, &mut sums);
+                        dot_rows(p.kind, row.as_ptr(), p.acts, r0, rows, &mut sums);
                         for (r, v) in sums.iter().take(rows).enumerate() {
-                            *(out_addr as *mut f32).add((r0 + r) * n + i) = *v;
+                            *(p.out as *mut f32).add((r0 + r) * p.n + i) = *v;
                         }
                     }
                 }
@@ -565,6 +616,38 @@ mod tests {
                     .to_vec2()
                     .unwrap();
                 assert_eq!(row, &alone[0], "{dtype:?} row {r}");
+            }
+        }
+    }
+
+    /// Products dispatched together (mixed types, as a Q4_K_M layer's q/k/v) give, bit for
+    /// bit, what each gives alone.
+    #[test]
+    fn shared_input_products_equal_products_alone() {
+        if !available() {
+            eprintln!("skipped: no AVX512-VNNI on this CPU");
+            return;
+        }
+        let dev = Device::Cpu;
+        let ws: Vec<QTensor> = [
+            (GgmlDType::Q4K, 96),
+            (GgmlDType::Q6K, 40),
+            (GgmlDType::Q4K, 17),
+        ]
+        .into_iter()
+        .map(|(t, n)| {
+            QTensor::quantize(&Tensor::randn(0f32, 1.0, (n, 512), &dev).unwrap(), t).unwrap()
+        })
+        .collect();
+        for m in [1, 3] {
+            let x = Tensor::randn(0f32, 1.0, (m, 512), &dev).unwrap();
+            let refs: Vec<&QTensor> = ws.iter().collect();
+            let together = try_matmul_many(&refs, &x).unwrap().unwrap();
+            for (w, y) in ws.iter().zip(&together) {
+                let alone = try_matmul(w, &x).unwrap().unwrap();
+                let (a, b): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
+                    (y.to_vec2().unwrap(), alone.to_vec2().unwrap());
+                assert_eq!(a, b, "{:?}, {m} rows", w.dtype());
             }
         }
     }

@@ -34,6 +34,48 @@ pub enum Linear {
     },
 }
 
+/// `xs` through several layers that read it (a layer's q/k/v, its gate/up): when decoding
+/// k-quant weights, the input is quantized once and all products go to the worker threads
+/// in one dispatch ([`crate::kquant::try_matmul_many`]); otherwise layer by layer. The
+/// numbers are the same either way.
+pub fn forward_shared<const N: usize>(linears: [&Linear; N], xs: &Tensor) -> Result<[Tensor; N]> {
+    let quantized: Option<Vec<_>> = linears
+        .iter()
+        .map(|l| match l {
+            Linear::Quantized { weight, bias } => Some((weight.as_ref(), bias.as_ref())),
+            _ => None,
+        })
+        .collect();
+    let rows = xs.elem_count() / xs.dim(D::Minus1)?.max(1);
+    let ys = match quantized {
+        Some(q) if !xs.track_op() && rows <= crate::kquant::MAX_ROWS => {
+            let weights: Vec<_> = q.iter().map(|(w, _)| *w).collect();
+            match crate::kquant::try_matmul_many(&weights, xs)? {
+                Some(ys) => ys
+                    .into_iter()
+                    .zip(&q)
+                    .map(|(y, (_, bias))| {
+                        let y = y.to_dtype(xs.dtype())?;
+                        match bias {
+                            Some(b) => y.broadcast_add(b),
+                            None => Ok(y),
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+                None => linears
+                    .iter()
+                    .map(|l| l.forward(xs))
+                    .collect::<Result<_>>()?,
+            }
+        }
+        _ => linears
+            .iter()
+            .map(|l| l.forward(xs))
+            .collect::<Result<_>>()?,
+    };
+    Ok(ys.try_into().expect("one output per layer"))
+}
+
 /// LoRA weights: `a: (r, in)`, `b: (out, r)`.
 #[derive(Debug, Clone)]
 pub struct Lora {
