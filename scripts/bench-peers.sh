@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # kollava against llama.cpp, side by side on this machine (see BENCHMARKS.md).
 #   scripts/bench-peers.sh [WORK]      (WORK default: target/peers; ~25 min the first time)
+#   ROUNDS=N (default 4), ONLY=Q4_K_M,BF16 (some configurations only)
 # 1. builds llama.cpp (the llama-cpp-python 0.3.36 sdist from PyPI, as ../shared/peers does),
 # 2. writes the bench-1b model with `kollava init-random`, then the GGUF pairs with
 #    `kollava quantize` (F16, BF16) and llama.cpp's own `llama-quantize` (Q4_K_M from the F16),
@@ -33,4 +34,4 @@ if [ ! -d gguf-q4km ]; then
 fi
 python3 "$ROOT/scripts/bench_peers.py" --kollava "$KOLLAVA" --llama-bin llama-build/bin --work "$WORK" \
   --image "${IMAGE:-$ROOT/examples/shapes.png}" --threads 2 --repeat "${REPEAT:-3}" --rounds "${ROUNDS:-4}" \
-  --out "$WORK/bench-peers.json"
+  --out "$WORK/bench-peers.json" ${ONLY:+--only "$ONLY"}

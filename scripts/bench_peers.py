@@ -79,6 +79,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default="bench-peers.json")
+    ap.add_argument("--only", help="run just these configurations (comma-separated labels)")
     args = ap.parse_args()
     w = args.work
     # (label, kollava model + flags, llama.cpp model + mmproj or None)
@@ -93,6 +94,8 @@ def main():
         ("Q4_K_M", (os.path.join(w, "gguf-q4km"), []),
          (os.path.join(w, "gguf-q4km/bench-1b-Q4_K_M.gguf"), os.path.join(w, "gguf-q4km/mmproj-bench-1b-F16.gguf"))),
     ]
+    if args.only:
+        configs = [c for c in configs if c[0] in args.only.split(",")]
     results = {c[0]: {"kollava": [], "llama.cpp": []} for c in configs}
     for rnd in range(args.rounds):
         for label, ours, theirs in configs:
