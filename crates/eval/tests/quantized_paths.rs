@@ -51,3 +51,54 @@ fn bf16_and_f16_sessions_agree_with_f32() {
         }
     }
 }
+
+/// `--dtype auto` on a quantized GGUF model runs its F16 tower through the bf16 kernels
+/// (features rounded, so not equal to f32's, yet close); `--dtype f32` keeps it exact.
+#[test]
+fn auto_dtype_runs_a_quantized_models_tower_in_bf16() {
+    if !kollava_model::bf16::available() {
+        eprintln!("skipped: no AVX512-BF16 on this CPU");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q8");
+    let src = kollava_checkpoint::open(
+        kollava_testkit::checkpoint_dir("llava-v1.5")
+            .to_str()
+            .unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
+    kollava_checkpoint::gguf::quantize(
+        &src,
+        &out,
+        kollava_checkpoint::gguf::QuantType::Q8_0,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let load = |dtype| {
+        Session::load(&SessionOptions {
+            model: out.to_str().unwrap().to_string(),
+            vision_tower: None,
+            conv_mode: None,
+            aspect: None,
+            dtype,
+            projector: None,
+            mmproj: None,
+        })
+        .unwrap()
+    };
+    let (auto, exact) = (load(None), load(Some(candle_core::DType::F32)));
+    let s = src.config.vision.image_size;
+    let px =
+        candle_core::Tensor::randn(0f32, 1.0, (1, 3, s, s), &candle_core::Device::Cpu).unwrap();
+    let a = auto.model.vision_features(&px).unwrap();
+    let e = exact.model.vision_features(&px).unwrap();
+    let diff = kollava_testkit::max_abs_diff_tensors(&a, &e);
+    let scale = kollava_testkit::max_abs_diff_tensors(&e, &e.zeros_like().unwrap());
+    assert!(diff > 0.0, "auto computed the tower in f32");
+    assert!(
+        diff <= 2e-2 * scale,
+        "bf16 tower off by {diff} (scale {scale})"
+    );
+}

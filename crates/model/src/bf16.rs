@@ -285,7 +285,6 @@ pub fn matmul_ggml(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
         data: &data,
         n,
         k,
-        pairs: k.div_ceil(2),
         row_bytes,
         block,
         block_bytes: w.dtype().type_size(),
@@ -336,7 +335,6 @@ struct GgmlPanels<'a> {
     data: &'a [u8],
     n: usize,
     k: usize,
-    pairs: usize,
     row_bytes: usize,
     /// Values and bytes per ggml block.
     block: usize,
@@ -346,7 +344,7 @@ struct GgmlPanels<'a> {
 
 impl Panels for GgmlPanels<'_> {
     fn dims(&self) -> (usize, usize) {
-        (self.n.div_ceil(NR), self.pairs)
+        (self.n.div_ceil(NR), self.k.div_ceil(2))
     }
 
     fn block<'a>(&'a self, p: usize, q0: usize, kc: usize, buf: &'a mut Vec<u32>) -> &'a [u32] {
@@ -364,29 +362,24 @@ impl Panels for GgmlPanels<'_> {
                 &self.data[start + bytes.start..start + bytes.end],
                 &mut values[..e1 - e0],
             );
-            round_pairs(&values[..2 * kc], &mut rows[lane * kc..(lane + 1) * kc]);
+            // SAFETY: `available()` holds for every caller of the tiled product.
+            unsafe { round_pairs(&values[..2 * kc], &mut rows[lane * kc..(lane + 1) * kc]) };
         }
         rows[live * kc..].fill(0);
-        if kc.is_multiple_of(16) {
-            for lane in (0..NR).step_by(16) {
-                for q in (0..kc).step_by(16) {
-                    // SAFETY: `available()` holds for every caller of the tiled product; the
-                    // 16 × 16 blocks lie within `rows` and `panel`.
-                    unsafe {
-                        transpose16(
-                            rows.as_ptr().add(lane * kc + q),
-                            kc,
-                            panel.as_mut_ptr().add(q * NR + lane),
-                            NR,
-                        )
-                    };
-                }
-            }
-        } else {
-            for (q, out) in panel.chunks_exact_mut(NR).enumerate() {
-                for (lane, o) in out.iter_mut().enumerate() {
-                    *o = rows[lane * kc + q];
-                }
+        // Quantized rows hold whole blocks of 32 or more values: `kc` is a multiple of 16.
+        debug_assert!(kc.is_multiple_of(16));
+        for lane in (0..NR).step_by(16) {
+            for q in (0..kc).step_by(16) {
+                // SAFETY: `available()` holds for every caller of the tiled product; the
+                // 16 × 16 blocks lie within `rows` and `panel`.
+                unsafe {
+                    transpose16(
+                        rows.as_ptr().add(lane * kc + q),
+                        kc,
+                        panel.as_mut_ptr().add(q * NR + lane),
+                        NR,
+                    )
+                };
             }
         }
         panel
@@ -442,24 +435,17 @@ unsafe fn transpose16(_: *const u32, _: usize, _: *mut u32, _: usize) {
     unreachable!("the bf16 kernels are only chosen where available() holds")
 }
 
-/// `values` (an even count) → bf16 pairs, as [`pair`] rounds them.
-fn round_pairs(values: &[f32], out: &mut [u32]) {
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: the CPU has the instructions (checked just now).
-        unsafe { round_pairs_avx512(values, out) };
-        return;
-    }
-    for (o, v) in out.iter_mut().zip(values.chunks_exact(2)) {
-        *o = pair(v[0], v[1]);
-    }
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn round_pairs(_: &[f32], _: &mut [u32]) {
+    unreachable!("the bf16 kernels are only chosen where available() holds")
 }
 
-/// [`round_pairs`] sixteen values at a time: `vcvtneps2bf16` rounds to nearest even, as
-/// [`bf16_bits`] does, and the two halves of a pair are adjacent in memory.
+/// `values` (an even count) → bf16 pairs, as [`pair`] rounds them, sixteen values at a
+/// time: `vcvtneps2bf16` rounds to nearest even, as [`bf16_bits`] does, and the two halves
+/// of a pair are adjacent in memory.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
-unsafe fn round_pairs_avx512(values: &[f32], out: &mut [u32]) {
+unsafe fn round_pairs(values: &[f32], out: &mut [u32]) {
     use std::arch::x86_64::*;
     let pairs = out.len().min(values.len() / 2);
     let mut q = 0;

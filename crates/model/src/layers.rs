@@ -53,8 +53,7 @@ pub fn forward_shared<const N: usize>(linears: [&Linear; N], xs: &Tensor) -> Res
 /// [`forward_shared`]'s single dispatch, when every layer is a k-quant weight our decoding
 /// kernels take; `None` otherwise.
 fn shared_products(linears: &[&Linear], xs: &Tensor) -> Result<Option<Vec<Tensor>>> {
-    let rows = xs.elem_count() / xs.dim(D::Minus1)?.max(1);
-    if xs.track_op() || rows > crate::kquant::MAX_ROWS {
+    if xs.track_op() {
         return Ok(None);
     }
     let (mut weights, mut biases) = (Vec::new(), Vec::new());
@@ -70,15 +69,23 @@ fn shared_products(linears: &[&Linear], xs: &Tensor) -> Result<Option<Vec<Tensor
     };
     ys.into_iter()
         .zip(biases)
-        .map(|(y, bias)| {
-            let y = y.to_dtype(xs.dtype())?;
-            match bias {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
-            }
-        })
+        .map(|(y, bias)| with_bias(y.to_dtype(xs.dtype())?, bias))
         .collect::<Result<Vec<_>>>()
         .map(Some)
+}
+
+/// `y + bias` (broadcast over rows), or `y`.
+fn with_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// Whether a ggml type holds plain floats (a GGUF file's F32/F16/BF16 matrices, or ours
+/// from [`Linear::packed`]) rather than quantized blocks.
+fn is_float(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
 }
 
 /// LoRA weights: `a: (r, in)`, `b: (out, r)`.
@@ -158,10 +165,7 @@ impl Linear {
             Linear::Dense(l) => l.forward(xs),
             Linear::Quantized { weight, bias } => {
                 let rows = xs.elem_count() / xs.dim(D::Minus1)?.max(1);
-                let float = matches!(
-                    weight.dtype(),
-                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-                );
+                let float = is_float(weight.dtype());
                 let ours = if xs.track_op() {
                     None
                 } else if rows <= crate::kquant::MAX_ROWS || !crate::bf16::available() {
@@ -187,20 +191,13 @@ impl Linear {
                         .forward(&x)?
                         .to_dtype(xs.dtype())?
                 };
-                match bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
+                with_bias(y, bias.as_ref())
             }
             Linear::Bf16 { weight, bias } => {
                 if xs.track_op() {
                     candle_core::bail!("a layer packed for bf16 inference cannot be trained");
                 }
-                let y = weight.matmul(xs)?.to_dtype(xs.dtype())?;
-                match bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
+                with_bias(weight.matmul(xs)?.to_dtype(xs.dtype())?, bias.as_ref())
             }
             Linear::Lora(l) => {
                 let x = if l.dropout > 0.0 {
@@ -255,12 +252,7 @@ impl Linear {
     pub fn packed_bf16(&self) -> Result<Linear> {
         let (w, b) = match self {
             Linear::Dense(l) => (l.weight().clone(), l.bias().cloned()),
-            Linear::Quantized { weight, bias }
-                if matches!(
-                    weight.dtype(),
-                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-                ) =>
-            {
+            Linear::Quantized { weight, bias } if is_float(weight.dtype()) => {
                 (weight.dequantize(&candle_core::Device::Cpu)?, bias.clone())
             }
             _ => return Ok(self.clone()),
@@ -274,10 +266,7 @@ impl Linear {
     /// Whether the weight is stored in a quantized ggml type (not a float one).
     pub fn is_quantized(&self) -> bool {
         match self {
-            Linear::Quantized { weight, .. } => !matches!(
-                weight.dtype(),
-                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-            ),
+            Linear::Quantized { weight, .. } => !is_float(weight.dtype()),
             Linear::Lora(l) => l.base.is_quantized(),
             _ => false,
         }
