@@ -39,8 +39,10 @@ pub fn compare(
     let mut t = Timings::default();
     let a = source.embed_prompt(prompt, images, &mut t)?;
     let b = quantized.embed_prompt(prompt, images, &mut t)?;
-    let layers = source.model.config().decoder.num_hidden_layers;
-    let (mut ca, mut cb) = (KvCache::new(layers, 1), KvCache::new(layers, 1));
+    let (mut ca, mut cb) = (
+        source.model.decoder.new_cache(1),
+        quantized.model.decoder.new_cache(1),
+    );
     let (mut xa, mut xb) = (a.embeds, b.embeds);
     let (mut agree, mut kl_sum) = (0usize, 0f64);
     let mut n = 0;

@@ -289,7 +289,7 @@ pub struct Batch<'a, T> {
 impl<'a, T> Batch<'a, T> {
     pub fn new(model: &Llava) -> Self {
         Self {
-            cache: KvCache::new(model.config().decoder.num_hidden_layers, 0),
+            cache: model.decoder.new_cache(0),
             seqs: Vec::new(),
         }
     }
@@ -315,7 +315,7 @@ impl<'a, T> Batch<'a, T> {
         on_text: impl FnMut(&str) -> bool + 'a,
         tag: T,
     ) -> Result<Option<Finished<T>>> {
-        let mut cache = KvCache::new(model.config().decoder.num_hidden_layers, 1);
+        let mut cache = model.decoder.new_cache(1);
         let prompt_len = embeds.dim(1)?;
         let t0 = Instant::now();
         let hidden = model.decoder.forward(embeds, &[prompt_len], &mut cache)?;
@@ -422,7 +422,7 @@ pub fn generate_batch(
         .collect::<Result<Vec<_>>>()?;
     let device = padded[0].device().clone();
     let xs = Tensor::cat(&padded, 0)?;
-    let mut cache = KvCache::new(model.config().decoder.num_hidden_layers, b);
+    let mut cache = model.decoder.new_cache(b);
     let mut rows: Vec<Row> = prompts
         .iter()
         .zip(&lens)

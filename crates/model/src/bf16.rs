@@ -301,6 +301,52 @@ pub fn matmul_ggml(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
     )?))
 }
 
+/// Rows `ids` of a ggml matrix `(n, k)` as f32, `(ids.len(), k)` row-major: a lookup in a
+/// quantized embedding table that unpacks only the rows it needs.
+pub fn ggml_rows(w: &QTensor, ids: &[u32]) -> Result<Vec<f32>> {
+    let (n, k) = w.shape().dims2()?;
+    let (block, block_bytes) = (w.dtype().block_size(), w.dtype().type_size());
+    let data = w.data()?;
+    let row_bytes = k / block * block_bytes;
+    if !k.is_multiple_of(block) || data.len() != n * row_bytes {
+        candle_core::bail!(
+            "{:?} table of {n}x{k} holds {} bytes",
+            w.dtype(),
+            data.len()
+        );
+    }
+    let decode: BlockDecoder = match w.dtype() {
+        GgmlDType::F32 => |b, out| {
+            for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        },
+        GgmlDType::F16 => |b, out| {
+            for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        },
+        GgmlDType::BF16 => |b, out| {
+            for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        },
+        t => match block_decoder(t) {
+            Some(d) if (data.as_ptr() as usize).is_multiple_of(4) => d,
+            _ => candle_core::bail!("cannot read rows of a {t:?} table"),
+        },
+    };
+    let mut out = vec![0f32; ids.len() * k];
+    for (&id, o) in ids.iter().zip(out.chunks_exact_mut(k)) {
+        let r = id as usize;
+        if r >= n {
+            candle_core::bail!("token id {id} is beyond the table's {n} rows");
+        }
+        decode(&data[r * row_bytes..(r + 1) * row_bytes], o);
+    }
+    Ok(out)
+}
+
 /// Decodes whole ggml blocks (bytes) into f32.
 type BlockDecoder = fn(&[u8], &mut [f32]);
 

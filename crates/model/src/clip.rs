@@ -117,19 +117,26 @@ impl ClipVision {
 
     /// Replaces every linear map of the encoder layers by `f` of it.
     pub fn map_linears(&mut self, f: impl Fn(&Linear) -> Result<Linear>) -> Result<()> {
-        for l in &mut self.layers {
-            for lin in [
-                &mut l.q_proj,
-                &mut l.k_proj,
-                &mut l.v_proj,
-                &mut l.out_proj,
-                &mut l.fc1,
-                &mut l.fc2,
-            ] {
-                *lin = f(lin)?;
-            }
+        for (_, lin) in self.linears_mut() {
+            *lin = f(lin)?;
         }
         Ok(())
+    }
+
+    /// Every linear map of the encoder layers, named as under `vision_model`
+    /// (`encoder.layers.0.self_attn.q_proj`, …).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::with_capacity(6 * self.layers.len());
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let at = |p: &str| format!("encoder.layers.{i}.{p}");
+            out.push((at("self_attn.q_proj"), &mut l.q_proj));
+            out.push((at("self_attn.k_proj"), &mut l.k_proj));
+            out.push((at("self_attn.v_proj"), &mut l.v_proj));
+            out.push((at("self_attn.out_proj"), &mut l.out_proj));
+            out.push((at("mlp.fc1"), &mut l.fc1));
+            out.push((at("mlp.fc2"), &mut l.fc2));
+        }
+        out
     }
 
     /// The selected hidden state. `pixels: (b, 3, S, S) → (b, N, vision_hidden)`, with

@@ -5,14 +5,16 @@
 //! head (grouped-query attention) read each cached key and value once, so the cache streams
 //! from memory once per layer. Sums are in a fixed order that depends only on the sequence
 //! itself, so that a sequence's result never depends on the rest of its batch. Inner loops
-//! work on 16 floats at a time, which the compiler keeps in vector registers.
+//! work on 16 floats at a time, which the compiler keeps in vector registers. The cache may
+//! hold f16: each value is widened as it is loaded, so the cache streams at half the bytes.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
+use half::f16;
 
 use crate::layers::softmax_in_place;
 
-/// `q: (b, heads, 1, d)`, `k, v: (b, kv_heads, t, d)` f32 views, row `r` attending to slots
-/// `spans[r] = (start, len)` → `(b, heads, 1, d)`.
+/// `q: (b, heads, 1, d)` f32, `k, v: (b, kv_heads, t, d)` f32 or f16 views, row `r`
+/// attending to slots `spans[r] = (start, len)` → `(b, heads, 1, d)` f32.
 pub(crate) fn decode_attention(
     q: &Tensor,
     k: &Tensor,
@@ -20,15 +22,36 @@ pub(crate) fn decode_attention(
     spans: &[(usize, usize)],
     kv_heads: usize,
 ) -> Result<Tensor> {
-    let (b, heads, _, d) = q.dims4()?;
-    let rep = heads / kv_heads;
-    let q = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
+    let (ks, _) = k.storage_and_layout();
+    let (vs, _) = v.storage_and_layout();
     let (candle_core::Storage::Cpu(ks), candle_core::Storage::Cpu(vs)) = (&*ks, &*vs) else {
         candle_core::bail!("decode attention runs on CPU tensors");
     };
-    let (ks, vs) = (ks.as_slice::<f32>()?, vs.as_slice::<f32>()?);
+    match (k.dtype(), v.dtype()) {
+        (DType::F32, DType::F32) => {
+            let (kd, vd) = (ks.as_slice::<f32>()?, vs.as_slice::<f32>()?);
+            attend_all(q, (k, kd), (v, vd), spans, kv_heads)
+        }
+        (DType::F16, DType::F16) => {
+            let (kd, vd) = (ks.as_slice::<f16>()?, vs.as_slice::<f16>()?);
+            attend_all(q, (k, kd), (v, vd), spans, kv_heads)
+        }
+        (a, b) => candle_core::bail!("decode attention over a {a:?}/{b:?} cache"),
+    }
+}
+
+/// [`decode_attention`] over caches whose storage is `ks`/`vs`.
+fn attend_all<T: Elem>(
+    q: &Tensor,
+    (k, ks): (&Tensor, &[T]),
+    (v, vs): (&Tensor, &[T]),
+    spans: &[(usize, usize)],
+    kv_heads: usize,
+) -> Result<Tensor> {
+    let (b, heads, _, d) = q.dims4()?;
+    let rep = heads / kv_heads;
+    let q = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let (kl, vl) = (k.layout(), v.layout());
     let (kst, vst) = (kl.stride(), vl.stride());
     if kst[3] != 1 || vst[3] != 1 {
         candle_core::bail!("decode attention needs rows of keys and values in memory order");
@@ -91,10 +114,77 @@ pub(crate) fn decode_attention(
     Tensor::from_vec(out, (b, heads, 1, d), k.device())
 }
 
+/// A cached value: f32, or f16 widened to f32 as it is read (F16C, which every build
+/// targets on x86-64 with AVX2).
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    fn get(self) -> f32;
+
+    /// Eight values from `p` as f32.
+    /// # Safety
+    /// `p` must point at eight readable values.
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        not(target_feature = "f16c")
+    ))]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        let mut x = [0f32; 8];
+        for (i, v) in x.iter_mut().enumerate() {
+            *v = (*p.add(i)).to_f32();
+        }
+        std::arch::x86_64::_mm256_loadu_ps(x.as_ptr())
+    }
+}
+
 /// `Σ a·b`: eight-float vectors into two sums (AVX2/FMA, which every build targets on
 /// x86-64), the tail past a multiple of 8 added last.
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -112,12 +202,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             while i + 16 <= body {
                 s0 = _mm256_fmadd_ps(
                     _mm256_loadu_ps(a.as_ptr().add(i)),
-                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    T::load8(b.as_ptr().add(i)),
                     s0,
                 );
                 s1 = _mm256_fmadd_ps(
                     _mm256_loadu_ps(a.as_ptr().add(i + 8)),
-                    _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                    T::load8(b.as_ptr().add(i + 8)),
                     s1,
                 );
                 i += 16;
@@ -125,7 +215,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             if i < body {
                 s0 = _mm256_fmadd_ps(
                     _mm256_loadu_ps(a.as_ptr().add(i)),
-                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    T::load8(b.as_ptr().add(i)),
                     s0,
                 );
             }
@@ -135,7 +225,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
         };
         for i in body..n {
-            s += a[i] * b[i];
+            s += a[i] * b[i].get();
         }
         s
     }
@@ -151,11 +241,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             .remainder()
             .iter()
             .zip(bc.remainder())
-            .map(|(x, y)| x * y)
+            .map(|(x, y)| x * y.get())
             .sum();
         for (x, y) in ac.zip(bc) {
             for i in 0..L {
-                acc[i] += x[i] * y[i];
+                acc[i] += x[i] * y[i].get();
             }
         }
         crate::layers::fold(acc) + tail
@@ -163,14 +253,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `len` rows of `d` floats, `stride` apart (a sequence's cached keys or values of one head).
-struct Rows<'a> {
-    data: &'a [f32],
+struct Rows<'a, T> {
+    data: &'a [T],
     stride: usize,
     d: usize,
 }
 
-impl Rows<'_> {
-    fn row(&self, j: usize) -> &[f32] {
+impl<T: Elem> Rows<'_, T> {
+    fn row(&self, j: usize) -> &[T] {
         &self.data[j * self.stride..j * self.stride + self.d]
     }
 
@@ -236,7 +326,7 @@ impl Rows<'_> {
         out.fill(0.0);
         for (j, &pj) in p.iter().enumerate() {
             for (o, x) in out.iter_mut().zip(self.row(j)) {
-                *o += pj * x;
+                *o += pj * x.get();
             }
         }
     }
@@ -250,9 +340,9 @@ impl Rows<'_> {
     target_feature = "fma"
 ))]
 #[inline]
-unsafe fn dots8(
+unsafe fn dots8<T: Elem>(
     q: *const f32,
-    rows: *const f32,
+    rows: *const T,
     stride: usize,
     d: usize,
     scale: f32,
@@ -263,7 +353,7 @@ unsafe fn dots8(
     for c in (0..d).step_by(8) {
         let qv = _mm256_loadu_ps(q.add(c));
         for (j, a) in acc.iter_mut().enumerate() {
-            *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows.add(j * stride + c)), *a);
+            *a = _mm256_fmadd_ps(qv, T::load8(rows.add(j * stride + c)), *a);
         }
     }
     let t0 = _mm256_hadd_ps(acc[0], acc[1]);
@@ -288,9 +378,9 @@ unsafe fn dots8(
     target_feature = "fma"
 ))]
 #[inline]
-unsafe fn weighted_sum_vecs<const V: usize>(
+unsafe fn weighted_sum_vecs<T: Elem, const V: usize>(
     p: &[f32],
-    rows: *const f32,
+    rows: *const T,
     stride: usize,
     out: *mut f32,
 ) {
@@ -300,7 +390,7 @@ unsafe fn weighted_sum_vecs<const V: usize>(
         let pv = _mm256_set1_ps(pj);
         let row = rows.add(j * stride);
         for (v, a) in acc.iter_mut().enumerate() {
-            *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * v)), *a);
+            *a = _mm256_fmadd_ps(pv, T::load8(row.add(8 * v)), *a);
         }
     }
     for (v, a) in acc.iter().enumerate() {
@@ -314,16 +404,22 @@ unsafe fn weighted_sum_vecs<const V: usize>(
     target_feature = "avx2",
     target_feature = "fma"
 ))]
-unsafe fn weighted_sum_64(p: &[f32], rows: *const f32, stride: usize, width: usize, out: *mut f32) {
+unsafe fn weighted_sum_64<T: Elem>(
+    p: &[f32],
+    rows: *const T,
+    stride: usize,
+    width: usize,
+    out: *mut f32,
+) {
     match width / 8 {
-        8 => weighted_sum_vecs::<8>(p, rows, stride, out),
-        7 => weighted_sum_vecs::<7>(p, rows, stride, out),
-        6 => weighted_sum_vecs::<6>(p, rows, stride, out),
-        5 => weighted_sum_vecs::<5>(p, rows, stride, out),
-        4 => weighted_sum_vecs::<4>(p, rows, stride, out),
-        3 => weighted_sum_vecs::<3>(p, rows, stride, out),
-        2 => weighted_sum_vecs::<2>(p, rows, stride, out),
-        _ => weighted_sum_vecs::<1>(p, rows, stride, out),
+        8 => weighted_sum_vecs::<T, 8>(p, rows, stride, out),
+        7 => weighted_sum_vecs::<T, 7>(p, rows, stride, out),
+        6 => weighted_sum_vecs::<T, 6>(p, rows, stride, out),
+        5 => weighted_sum_vecs::<T, 5>(p, rows, stride, out),
+        4 => weighted_sum_vecs::<T, 4>(p, rows, stride, out),
+        3 => weighted_sum_vecs::<T, 3>(p, rows, stride, out),
+        2 => weighted_sum_vecs::<T, 2>(p, rows, stride, out),
+        _ => weighted_sum_vecs::<T, 1>(p, rows, stride, out),
     }
 }
 
@@ -333,17 +429,28 @@ mod tests {
     use candle_core::{DType, Device, D};
 
     /// Against softmax(q kᵀ/√d) v by tensor ops, with grouped heads, two rows with different
-    /// spans of a shared cache, and a head size that is not a multiple of the lanes.
+    /// spans of a shared cache, a head size that is not a multiple of the lanes, and a cache
+    /// in f32 or f16 (the reference then uses the same rounded values, widened).
     #[test]
     fn matches_attention_by_tensor_ops() {
         let dev = Device::Cpu;
-        for (heads, kv_heads, d) in [(8, 2, 64), (4, 4, 40)] {
+        for (heads, kv_heads, d, dtype) in [
+            (8, 2, 64, DType::F32),
+            (4, 4, 40, DType::F32),
+            (8, 2, 128, DType::F16),
+            (4, 4, 40, DType::F16),
+        ] {
             let (b, t) = (2, 37);
             let q = Tensor::randn(0f32, 1.0, (b, heads, 1, d), &dev).unwrap();
-            let k = Tensor::randn(0f32, 1.0, (b, kv_heads, t, d), &dev).unwrap();
-            let v = Tensor::randn(0f32, 1.0, (b, kv_heads, t, d), &dev).unwrap();
+            let cached = |t: Tensor| t.to_dtype(dtype).unwrap();
+            let k = cached(Tensor::randn(0f32, 1.0, (b, kv_heads, t, d), &dev).unwrap());
+            let v = cached(Tensor::randn(0f32, 1.0, (b, kv_heads, t, d), &dev).unwrap());
             let spans = [(0, t), (5, 20)];
             let got = decode_attention(&q, &k, &v, &spans, kv_heads).unwrap();
+            let (k, v) = (
+                k.to_dtype(DType::F32).unwrap(),
+                v.to_dtype(DType::F32).unwrap(),
+            );
             let rep = heads / kv_heads;
             for (r, &(start, len)) in spans.iter().enumerate() {
                 let pick = |x: &Tensor| {
@@ -362,7 +469,7 @@ mod tests {
                     kollava_testkit::max_abs_diff_tensors(&got.narrow(0, r, 1).unwrap(), &want);
                 assert!(
                     err < 1e-5,
-                    "{heads}/{kv_heads} heads, d {d}, row {r}: {err}"
+                    "{heads}/{kv_heads} heads, d {d}, {dtype:?}, row {r}: {err}"
                 );
             }
             assert_eq!(got.dtype(), DType::F32);

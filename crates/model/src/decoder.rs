@@ -6,7 +6,10 @@
 //! Reference: huggingface/transformers `models/llama/modeling_llama.py` (v4.37).
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Module, Result, Tensor, Var};
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::DecoderConfig;
@@ -62,10 +65,31 @@ impl SelfAttention {
         let k = crate::layers::rope(&k, cos, sin)?;
         let (k, v) = cache.append(layer, &k, &v)?;
         let a = match cache.decode_spans() {
-            // Decoding: each row over its own slots, unmasked (see `decode_spans`).
+            // Decoding: each row over its own slots, unmasked (see `decode_spans`); the
+            // kernel reads an f16 cache as it is.
             Some(spans) if q.dtype() == DType::F32 && q.device().is_cpu() => {
                 crate::decode_attention::decode_attention(&q, &k, &v, spans, self.kv_heads)?
             }
+            spans => {
+                let (k, v) = (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?);
+                self.attend(&q, &k, &v, mask, spans)?
+            }
+        };
+        let a = a.transpose(1, 2)?.reshape((b, s, self.heads * d))?;
+        self.o_proj.forward(&a)
+    }
+
+    /// Attention by tensor ops: per row over its own slots when decoding (`spans`), else
+    /// over every slot under `mask`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        spans: Option<&[(usize, usize)]>,
+    ) -> Result<Tensor> {
+        match spans {
             Some(spans) => {
                 let rows = spans
                     .iter()
@@ -74,19 +98,17 @@ impl SelfAttention {
                         let row = |t: &Tensor| t.narrow(0, r, 1)?.narrow(2, start, len);
                         grouped_attention(
                             &q.narrow(0, r, 1)?,
-                            &row(&k)?,
-                            &row(&v)?,
+                            &row(k)?,
+                            &row(v)?,
                             None,
                             self.kv_heads,
                         )
                     })
                     .collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&rows, 0)?
+                Tensor::cat(&rows, 0)
             }
-            None => grouped_attention(&q, &k, &v, Some(mask), self.kv_heads)?,
-        };
-        let a = a.transpose(1, 2)?.reshape((b, s, self.heads * d))?;
-        self.o_proj.forward(&a)
+            None => grouped_attention(q, k, v, Some(mask), self.kv_heads),
+        }
     }
 }
 
@@ -240,10 +262,55 @@ pub fn accumulate(into: &mut GradStore, from: &GradStore, params: &[Var]) -> Res
     Ok(())
 }
 
+/// The token embedding table.
+#[derive(Debug, Clone)]
+enum TokenEmbedding {
+    Dense(Embedding),
+    /// A ggml table on the CPU: each lookup unpacks its rows (in f32) and moves them to
+    /// `device`.
+    Blocks {
+        table: Arc<QTensor>,
+        device: Device,
+    },
+}
+
+impl TokenEmbedding {
+    /// `ids: (b, s)` u32 → `(b, s, hidden)`.
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            TokenEmbedding::Dense(e) => e.forward(ids),
+            TokenEmbedding::Blocks { table, device } => {
+                let (b, s) = ids.dims2()?;
+                let h = table.shape().dims2()?.1;
+                let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+                let rows = crate::bf16::ggml_rows(table, &ids)?;
+                Tensor::from_vec(rows, (b, s, h), &Device::Cpu)?.to_device(device)
+            }
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self {
+            TokenEmbedding::Dense(e) => e.embeddings().dtype(),
+            TokenEmbedding::Blocks { .. } => DType::F32,
+        }
+    }
+
+    /// Bytes one lookup reads from the table.
+    fn row_bytes(&self, hidden: usize) -> usize {
+        match self {
+            TokenEmbedding::Dense(e) => hidden * e.embeddings().dtype().size_in_bytes(),
+            TokenEmbedding::Blocks { table, .. } => {
+                hidden / table.dtype().block_size() * table.dtype().type_size()
+            }
+        }
+    }
+}
+
 /// LLaMA weights. Immutable; share it behind an `Arc` and give each request a [`KvCache`].
 #[derive(Debug, Clone)]
 pub struct Decoder {
-    embed_tokens: Embedding,
+    embed_tokens: TokenEmbedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -251,6 +318,8 @@ pub struct Decoder {
     inv_freq: Tensor,
     /// The activations' dtype: the weights' as loaded, f32 once packed for inference.
     compute_dtype: DType,
+    /// The dtype a new [`KvCache`] keeps keys and values in (`None`: the activations').
+    kv_storage: Option<DType>,
     cfg: DecoderConfig,
 }
 
@@ -262,7 +331,8 @@ impl Decoder {
         let embed_weight = m
             .pp("embed_tokens")
             .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
-        let embed_tokens = Embedding::new(embed_weight.clone(), cfg.hidden_size);
+        let embed_tokens =
+            TokenEmbedding::Dense(Embedding::new(embed_weight.clone(), cfg.hidden_size));
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = m.pp("layers").pp(i);
@@ -293,7 +363,8 @@ impl Decoder {
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, d / 2, vb.device())?;
         Ok(Self {
-            compute_dtype: embed_tokens.embeddings().dtype(),
+            compute_dtype: embed_tokens.dtype(),
+            kv_storage: None,
             embed_tokens,
             layers,
             norm,
@@ -307,6 +378,15 @@ impl Decoder {
         &self.cfg
     }
 
+    /// An empty cache for `batch` sequences, in the dtype this model keeps keys and values.
+    pub fn new_cache(&self, batch: usize) -> KvCache {
+        let cache = KvCache::new(self.layers.len(), batch);
+        match self.kv_storage {
+            Some(dtype) => cache.storing(dtype),
+            None => cache,
+        }
+    }
+
     /// The activations' dtype (the weights' until [`Decoder::pack_for_inference`]).
     pub fn dtype(&self) -> DType {
         self.compute_dtype
@@ -315,8 +395,13 @@ impl Decoder {
     /// Readies the weights for generation: every matrix moves into a ggml container of its
     /// own dtype (decoding then reads it once, in that width, on all threads), the norms
     /// widen to f32, and activations run in f32. Training keeps the unpacked form.
-    /// With `bf16`, matrices are packed for our AVX512-BF16 kernels instead.
+    /// With `bf16`, matrices are packed for our AVX512-BF16 kernels instead, and the KV
+    /// cache is kept in f16 (as llama.cpp keeps it): a run that already rounds its weights
+    /// gives up exactness for speed and memory, an f32 one does not.
     pub fn pack_for_inference(&mut self, bf16: bool) -> Result<()> {
+        if bf16 {
+            self.kv_storage = Some(DType::F16);
+        }
         let pack = |l: &Linear| if bf16 { l.packed_bf16() } else { l.packed() };
         for (_, l) in self.linears_mut() {
             *l = pack(l)?;
@@ -375,17 +460,42 @@ impl Decoder {
                     + 2 * norm
             })
             .sum();
-        let row = h * self.embed_tokens.embeddings().dtype().size_in_bytes();
+        let row = self.embed_tokens.row_bytes(h);
         layers + norm + self.lm_head.stored_bytes() + row
     }
 
     pub fn device(&self) -> &candle_core::Device {
-        self.embed_tokens.embeddings().device()
+        self.inv_freq.device()
     }
 
     /// Token embeddings. `ids: (b, s)` u32 → `(b, s, hidden)`.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         self.embed_tokens.forward(ids)?.to_dtype(self.compute_dtype)
+    }
+
+    /// Looks tokens up in `table` (a GGUF file's `token_embd`, kept in its blocks) rather
+    /// than a dense copy: a 7B model's table would take 0.5 GB in f32. With tied
+    /// embeddings it is the output matrix too.
+    pub fn use_embedding_blocks(&mut self, table: Arc<QTensor>) -> Result<()> {
+        let (rows, cols) = table.shape().dims2()?;
+        if (rows, cols) != (self.cfg.vocab_size, self.cfg.hidden_size) {
+            candle_core::bail!(
+                "an embedding table of {rows}x{cols} for a model of {}x{}",
+                self.cfg.vocab_size,
+                self.cfg.hidden_size
+            );
+        }
+        if self.cfg.tie_word_embeddings {
+            self.lm_head = Linear::Quantized {
+                weight: table.clone(),
+                bias: None,
+            };
+        }
+        self.embed_tokens = TokenEmbedding::Blocks {
+            table,
+            device: self.device().clone(),
+        };
+        Ok(())
     }
 
     /// The whole stack on a step of embeddings, appending to `cache`.

@@ -8,7 +8,7 @@
 //! query at position `p` may attend the key at position `q` iff `q <= p` and, with a window
 //! `W`, `p - q < W`.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 #[derive(Debug)]
 pub struct KvCache {
@@ -19,6 +19,8 @@ pub struct KvCache {
     /// For a step of one token per row whose rows each hold their tokens as the last slots:
     /// per row, the slots its query attends (`start`, `len`). See [`KvCache::decode_spans`].
     spans: Option<Vec<(usize, usize)>>,
+    /// The dtype keys and values are kept in (`None`: the one each step computes them in).
+    storage: Option<DType>,
 }
 
 impl KvCache {
@@ -27,7 +29,15 @@ impl KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
             slots: vec![Vec::new(); batch],
             spans: None,
+            storage: None,
         }
+    }
+
+    /// Keys and values are stored in `dtype` (f16 halves a long context's memory and the
+    /// bytes each decoding step reads); a step's own attention still sees its exact values.
+    pub fn storing(mut self, dtype: DType) -> Self {
+        self.storage = Some(dtype);
+        self
     }
 
     pub fn batch_size(&self) -> usize {
@@ -194,7 +204,9 @@ impl KvCache {
             .filter(|&r| keep[r as usize])
             .collect();
         if rows.is_empty() {
-            *self = KvCache::new(self.layers.len(), 0);
+            self.layers.iter_mut().for_each(|l| *l = None);
+            self.slots.clear();
+            self.spans = None;
             return Ok(());
         }
         let slots: Vec<Vec<Option<usize>>> = rows
@@ -239,8 +251,9 @@ impl KvCache {
     }
 
     /// Appends this step's keys/values `(batch, kv_heads, seq, d)` to `layer` and returns
-    /// the full cached tensors (views of the layer's buffer: nothing already cached is
-    /// copied, except when the buffer doubles).
+    /// the keys and values to attend: views of the layer's buffer (nothing already cached is
+    /// copied, except when the buffer grows), or on a cache's first step the step's own
+    /// tensors, exact whatever the storage dtype.
     pub(crate) fn append(
         &mut self,
         layer: usize,
@@ -248,19 +261,35 @@ impl KvCache {
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let new = k.dim(2)?;
+        let storage = self.storage.unwrap_or(k.dtype());
         let Some(buf) = &mut self.layers[layer] else {
-            // The first step keeps its tensors as they are (a training forward, which must
-            // stay differentiable, never gets further).
             let (k, v) = (k.contiguous()?, v.contiguous()?);
-            self.layers[layer] = Some(LayerBuffer {
-                k: k.clone(),
-                v: v.clone(),
-                len: new,
-            });
+            if storage == k.dtype() {
+                // Kept as they are: a training forward, which must stay differentiable,
+                // never gets further than this first step.
+                self.layers[layer] = Some(LayerBuffer {
+                    k: k.clone(),
+                    v: v.clone(),
+                    len: new,
+                });
+            } else {
+                let cap = capacity_for(new);
+                let store = |t: &Tensor| -> Result<Tensor> {
+                    let (b, h, _, d) = t.dims4()?;
+                    let buf = Tensor::zeros((b, h, cap, d), storage, t.device())?;
+                    buf.slice_set(&t.to_dtype(storage)?, 2, 0)?;
+                    Ok(buf)
+                };
+                self.layers[layer] = Some(LayerBuffer {
+                    k: store(&k)?,
+                    v: store(&v)?,
+                    len: new,
+                });
+            }
             return Ok((k, v));
         };
         if buf.len + new > buf.k.dim(2)? {
-            let cap = (2 * buf.k.dim(2)?).max(buf.len + new).max(64);
+            let cap = capacity_for(buf.len + new);
             let grow = |old: &Tensor| -> Result<Tensor> {
                 let (b, h, _, d) = old.dims4()?;
                 let t = Tensor::zeros((b, h, cap, d), old.dtype(), old.device())?;
@@ -270,11 +299,21 @@ impl KvCache {
             buf.k = grow(&buf.k)?;
             buf.v = grow(&buf.v)?;
         }
-        buf.k.slice_set(&k.contiguous()?, 2, buf.len)?;
-        buf.v.slice_set(&v.contiguous()?, 2, buf.len)?;
+        let dt = buf.k.dtype();
+        buf.k
+            .slice_set(&k.to_dtype(dt)?.contiguous()?, 2, buf.len)?;
+        buf.v
+            .slice_set(&v.to_dtype(dt)?.contiguous()?, 2, buf.len)?;
         buf.len += new;
         Ok((buf.k.narrow(2, 0, buf.len)?, buf.v.narrow(2, 0, buf.len)?))
     }
+}
+
+/// Slots to allocate for `needed`: an eighth more, in steps of 64, so that a long answer
+/// copies the cache a handful of times and a 7B model's cache carries little slack (doubling
+/// would hold up to twice what is used).
+fn capacity_for(needed: usize) -> usize {
+    (needed + needed / 8).max(64).next_multiple_of(64)
 }
 
 /// One layer's keys and values: `(batch, kv_heads, capacity, d)` buffers of which the first

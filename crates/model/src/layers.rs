@@ -287,13 +287,19 @@ impl Linear {
         }
     }
 
-    /// A dense copy in f32.
+    /// A dense copy in f32 (of a dense layer or one held in a ggml float type).
     pub fn to_f32(&self) -> Result<Linear> {
         Ok(match self {
             Linear::Dense(l) => Linear::Dense(candle_nn::Linear::new(
                 l.weight().to_dtype(DType::F32)?,
                 l.bias().map(|b| b.to_dtype(DType::F32)).transpose()?,
             )),
+            Linear::Quantized { weight, bias } if is_float(weight.dtype()) => {
+                Linear::Dense(candle_nn::Linear::new(
+                    weight.dequantize(&candle_core::Device::Cpu)?,
+                    bias.as_ref().map(|b| b.to_dtype(DType::F32)).transpose()?,
+                ))
+            }
             other => other.clone(),
         })
     }

@@ -80,6 +80,12 @@ impl Llava {
         if bf16 {
             self.projector.map_linears(Linear::packed_bf16)?;
             self.vision.map_linears(Linear::packed_bf16)?;
+        } else {
+            // A GGUF tower's 16-bit matrices, widened once rather than at every image.
+            self.vision.map_linears(|l| match l {
+                Linear::Quantized { .. } if !l.is_quantized() => l.to_f32(),
+                _ => Ok(l.clone()),
+            })?;
         }
         Ok(())
     }

@@ -995,18 +995,32 @@ impl GgufPair {
         QTensor::new(storage, q.shape().clone())
     }
 
-    /// Loads the model: quantized decoder matrices stay quantized; everything else is f32.
+    /// Loads the model: the decoder's quantized matrices, its token embedding table and
+    /// (on the CPU) the tower's 16-bit matrices stay in their blocks; everything else is f32.
     pub fn load(&self, ckpt: &Checkpoint, device: &Device) -> Result<Llava, CheckpointError> {
         let cfg = &ckpt.config;
         let mut quantized = HashMap::new();
         for name in canonical_names(cfg) {
-            let linear = name.starts_with("model.layers.") || name == "lm_head.weight";
-            if !linear || !name.ends_with("_proj.weight") && name != "lm_head.weight" {
+            let linear = name.starts_with("model.layers.") && name.ends_with("_proj.weight")
+                || name == "lm_head.weight";
+            // The tower's matrices too, when they are 16-bit (as mmproj files store them):
+            // packing then goes straight from the file's halves, one matrix at a time,
+            // instead of through an f32 copy of the whole tower.
+            let tower = device.is_cpu()
+                && name.starts_with("vision_model.encoder.layers.")
+                && (name.contains("_proj.weight") || name.contains(".fc"))
+                && name.ends_with(".weight");
+            if !linear && !tower && name != EMBEDDINGS {
                 continue;
             }
             if let Some((c, _, m)) = self.locate(&name, cfg) {
                 let info = &c.tensor_infos[&m.name];
-                if info.ggml_dtype != GgmlDType::F32 {
+                let keep = match info.ggml_dtype {
+                    GgmlDType::F32 => false,
+                    GgmlDType::F16 | GgmlDType::BF16 => true,
+                    _ => !tower,
+                };
+                if keep {
                     quantized.insert(name, info.shape.clone());
                 }
             }
@@ -1050,6 +1064,20 @@ impl GgufPair {
             place(&name, lin)?;
         }
         place("lm_head", model.decoder.lm_head_mut())?;
+        for (name, lin) in model.vision.linears_mut() {
+            place(&format!("vision_model.{name}"), lin)?;
+        }
+        if placeholders.contains(EMBEDDINGS) {
+            // Looked up a few rows at a time, on the CPU, whatever the device.
+            let table = self
+                .qtensor(EMBEDDINGS, cfg, &Device::Cpu)
+                .map_err(err("language model"))?;
+            model
+                .decoder
+                .use_embedding_blocks(Arc::new(table))
+                .map_err(err("language model"))?;
+            replaced += 1;
+        }
         if replaced != placeholders.len() {
             return Err(CheckpointError::Invalid {
                 file: self.model.display().to_string(),
@@ -1062,6 +1090,9 @@ impl GgufPair {
         Ok(model)
     }
 }
+
+/// The token embedding table's canonical name.
+const EMBEDDINGS: &str = "model.embed_tokens.weight";
 
 /// Canonical names → GGUF tensors for the model's loaders. A quantized matrix of the decoder
 /// is handed out as a zero-stride placeholder (no memory) and swapped for the quantized
@@ -1155,6 +1186,55 @@ mod tests {
                 let diff = kollava_testkit::max_abs_diff_tensors(&stored, &read);
                 assert_eq!(diff, 0.0, "{family} {name}");
             }
+        }
+    }
+
+    /// The loaded model looks tokens up in the file's own table and holds the tower's
+    /// 16-bit matrices as stored, in their blocks: the same numbers as the dequantized file.
+    #[test]
+    fn the_loaded_model_reads_the_files_blocks() {
+        for q in [QuantType::Q8_0, QuantType::F16] {
+            let src = fixture("llava-v1.5");
+            let tmp = tempfile::tempdir().unwrap();
+            let out = tmp.path().join("q");
+            quantize(&src, &out, q, &mut |_, _| {}).unwrap();
+            let back = crate::open(out.to_str().unwrap(), &Default::default()).unwrap();
+            let (pair, cfg, cpu) = (back.gguf.as_ref().unwrap(), &back.config, &Device::Cpu);
+            let mut model = pair.load(&back, cpu).unwrap();
+            let file = |name: &str| pair.qtensor(name, cfg, cpu).unwrap();
+            let ids = [0u32, 1, 7, cfg.decoder.vocab_size as u32 - 1];
+            let ids = Tensor::new(ids.as_slice(), cpu).unwrap();
+            let want = file(EMBEDDINGS)
+                .dequantize(cpu)
+                .unwrap()
+                .index_select(&ids, 0)
+                .unwrap();
+            let got = model.decoder.embed(&ids.unsqueeze(0).unwrap()).unwrap();
+            let got = got.squeeze(0).unwrap();
+            assert_eq!(
+                kollava_testkit::max_abs_diff_tensors(&got, &want),
+                0.0,
+                "{q:?} embeddings"
+            );
+            let mut kept = 0;
+            for (name, lin) in model.vision.linears_mut() {
+                let stored = file(&format!("vision_model.{name}.weight"));
+                let held = match lin {
+                    Linear::Quantized { weight, .. } => {
+                        assert_eq!(weight.dtype(), stored.dtype(), "{q:?} {name}");
+                        kept += 1;
+                        weight.dequantize(cpu).unwrap()
+                    }
+                    Linear::Dense(l) => {
+                        assert_eq!(stored.dtype(), GgmlDType::F32, "{q:?} {name} widened");
+                        l.weight().clone()
+                    }
+                    other => panic!("{q:?} {name}: {other:?}"),
+                };
+                let want = stored.dequantize(cpu).unwrap();
+                assert_eq!(kollava_testkit::max_abs_diff_tensors(&held, &want), 0.0);
+            }
+            assert!(kept > 0, "{q:?}: no tower matrix kept in the file's halves");
         }
     }
 
