@@ -93,22 +93,35 @@ fn an_f16_cache_decodes_close_to_one_full_forward() {
             )
             .unwrap();
         let full = logits_rows(&model, &full);
-        let mut cache = KvCache::new(layers, 1).storing(DType::F16);
         let prefill = 9;
-        let mut stepwise = logits_rows(
-            &model,
-            &model
-                .decoder
-                .forward(&embed(&model, &ids[..prefill]), &[prefill], &mut cache)
-                .unwrap(),
+        // Growing as it goes, and reserved for the whole sequence up front.
+        let run = |reserve: usize| {
+            let mut cache = KvCache::new(layers, 1).storing(DType::F16);
+            cache.reserve(reserve);
+            let mut rows = logits_rows(
+                &model,
+                &model
+                    .decoder
+                    .forward(&embed(&model, &ids[..prefill]), &[prefill], &mut cache)
+                    .unwrap(),
+            );
+            for &id in &ids[prefill..] {
+                let h = model
+                    .decoder
+                    .forward(&embed(&model, &[id]), &[1], &mut cache)
+                    .unwrap();
+                rows.extend(logits_rows(&model, &h));
+            }
+            (rows, cache.capacity())
+        };
+        let (stepwise, grown) = run(0);
+        let (reserved, capacity) = run(ids.len());
+        assert!(grown > ids.len(), "{name}: grew to {grown}");
+        assert_eq!(capacity, ids.len(), "{name}: the reservation was not kept");
+        assert_eq!(
+            stepwise, reserved,
+            "{name}: a reservation changed the numbers"
         );
-        for &id in &ids[prefill..] {
-            let h = model
-                .decoder
-                .forward(&embed(&model, &[id]), &[1], &mut cache)
-                .unwrap();
-            stepwise.extend(logits_rows(&model, &h));
-        }
         let scale = full.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
         for (i, (a, b)) in full.iter().zip(&stepwise).enumerate() {
             let err = max_abs_diff(a, b);

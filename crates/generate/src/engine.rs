@@ -34,6 +34,15 @@ pub struct GenerateOptions {
     pub context_len: usize,
 }
 
+impl GenerateOptions {
+    /// Cache slots a prompt of `prompt_len` may fill: it and the longest answer allowed.
+    fn slots_for(&self, prompt_len: usize) -> usize {
+        prompt_len
+            .saturating_add(self.max_new_tokens)
+            .min(self.context_len.max(prompt_len))
+    }
+}
+
 /// The result of one generation.
 #[derive(Debug, Clone)]
 pub struct Generation {
@@ -315,8 +324,9 @@ impl<'a, T> Batch<'a, T> {
         on_text: impl FnMut(&str) -> bool + 'a,
         tag: T,
     ) -> Result<Option<Finished<T>>> {
-        let mut cache = model.decoder.new_cache(1);
         let prompt_len = embeds.dim(1)?;
+        let mut cache = model.decoder.new_cache(1);
+        cache.reserve(opts.slots_for(prompt_len));
         let t0 = Instant::now();
         let hidden = model.decoder.forward(embeds, &[prompt_len], &mut cache)?;
         let logits = last_logits(model, &hidden)?;
@@ -423,6 +433,7 @@ pub fn generate_batch(
     let device = padded[0].device().clone();
     let xs = Tensor::cat(&padded, 0)?;
     let mut cache = model.decoder.new_cache(b);
+    cache.reserve(opts.slots_for(longest));
     let mut rows: Vec<Row> = prompts
         .iter()
         .zip(&lens)

@@ -280,7 +280,12 @@ pub fn matmul_ggml(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
         // The blocks are read in place (their f16 fields need 2-byte alignment).
         return Ok(None);
     }
-    let x = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + m * k];
     let src = GgmlPanels {
         data: &data,
         n,
@@ -290,7 +295,8 @@ pub fn matmul_ggml(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
         block_bytes: w.dtype().type_size(),
         to_f32,
     };
-    let c = gemm(&src, &x, m, k);
+    let c = gemm(&src, xs, m, k);
+    drop(storage);
     Ok(Some(output(
         c,
         m,

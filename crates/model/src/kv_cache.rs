@@ -21,6 +21,8 @@ pub struct KvCache {
     spans: Option<Vec<(usize, usize)>>,
     /// The dtype keys and values are kept in (`None`: the one each step computes them in).
     storage: Option<DType>,
+    /// Slots to allocate at least, once a buffer is allocated (see [`KvCache::reserve`]).
+    reserved: usize,
 }
 
 impl KvCache {
@@ -30,7 +32,15 @@ impl KvCache {
             slots: vec![Vec::new(); batch],
             spans: None,
             storage: None,
+            reserved: 0,
         }
+    }
+
+    /// Sizes the buffers for `slots` per row when they are first allocated (the prompt and
+    /// the longest answer asked for): a generation then never copies the cache to grow it,
+    /// and its memory is known when it starts. Without it, buffers grow as needed.
+    pub fn reserve(&mut self, slots: usize) {
+        self.reserved = slots;
     }
 
     /// Keys and values are stored in `dtype` (f16 halves a long context's memory and the
@@ -47,6 +57,16 @@ impl KvCache {
     /// Slots per row (including padding).
     pub fn slot_count(&self) -> usize {
         self.slots.first().map_or(0, Vec::len)
+    }
+
+    /// Slots allocated per row (at least [`KvCache::slot_count`] once a step has run).
+    pub fn capacity(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|b| b.k.dim(2).unwrap_or(0))
+            .max()
+            .unwrap_or(0)
     }
 
     /// The position the next token of `row` will take (= real tokens cached so far).
@@ -262,34 +282,41 @@ impl KvCache {
     ) -> Result<(Tensor, Tensor)> {
         let new = k.dim(2)?;
         let storage = self.storage.unwrap_or(k.dtype());
-        let Some(buf) = &mut self.layers[layer] else {
-            let (k, v) = (k.contiguous()?, v.contiguous()?);
+        if self.layers[layer].is_none() {
             if storage == k.dtype() {
                 // Kept as they are: a training forward, which must stay differentiable,
                 // never gets further than this first step.
+                let (k, v) = (k.contiguous()?, v.contiguous()?);
                 self.layers[layer] = Some(LayerBuffer {
                     k: k.clone(),
                     v: v.clone(),
                     len: new,
                 });
-            } else {
-                let cap = capacity_for(new);
-                let store = |t: &Tensor| -> Result<Tensor> {
-                    let (b, h, _, d) = t.dims4()?;
-                    let buf = Tensor::zeros((b, h, cap, d), storage, t.device())?;
-                    buf.slice_set(&t.to_dtype(storage)?, 2, 0)?;
-                    Ok(buf)
-                };
-                self.layers[layer] = Some(LayerBuffer {
-                    k: store(&k)?,
-                    v: store(&v)?,
-                    len: new,
+                return Ok((k, v));
+            }
+            // Every layer's buffers at once, before the step's activations come and go:
+            // allocated layer by layer between them, they leave holes in the heap that cost
+            // a 7B model's prefill over 100 MiB of peak memory.
+            let cap = match self.reserved {
+                0 => capacity_for(new),
+                r => r.max(new),
+            };
+            let (b, h, _, d) = k.dims4()?;
+            for l in self.layers.iter_mut().filter(|l| l.is_none()) {
+                *l = Some(LayerBuffer {
+                    k: Tensor::zeros((b, h, cap, d), storage, k.device())?,
+                    v: Tensor::zeros((b, h, cap, d), storage, k.device())?,
+                    len: 0,
                 });
             }
-            return Ok((k, v));
+        }
+        let Some(buf) = &mut self.layers[layer] else {
+            candle_core::bail!("no cache buffer for layer {layer}");
         };
+        // A first step attends its own keys and values, exact whatever the storage dtype.
+        let first = buf.len == 0;
         if buf.len + new > buf.k.dim(2)? {
-            let cap = capacity_for(buf.len + new);
+            let cap = capacity_for(buf.len + new).max(self.reserved);
             let grow = |old: &Tensor| -> Result<Tensor> {
                 let (b, h, _, d) = old.dims4()?;
                 let t = Tensor::zeros((b, h, cap, d), old.dtype(), old.device())?;
@@ -305,6 +332,9 @@ impl KvCache {
         buf.v
             .slice_set(&v.to_dtype(dt)?.contiguous()?, 2, buf.len)?;
         buf.len += new;
+        if first {
+            return Ok((k.contiguous()?, v.contiguous()?));
+        }
         Ok((buf.k.narrow(2, 0, buf.len)?, buf.v.narrow(2, 0, buf.len)?))
     }
 }

@@ -428,6 +428,53 @@ pub fn activate(act: Activation, xs: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `act(gate) · up`, the gated MLP's middle. Inference on the CPU with SiLU (LLaMA's,
+/// Mistral's) is one pass into one new buffer, with a vectorized `exp`; candle's ops would
+/// make an intermediate as large (28 MB per layer for a 7B model's 600-token prefill) and
+/// call the scalar `exp` per element.
+pub fn gated(act: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let fused = act == Activation::Silu
+        && !gate.track_op()
+        && !up.track_op()
+        && gate.device().is_cpu()
+        && gate.dtype() == DType::F32
+        && up.dtype() == DType::F32
+        && gate.shape() == up.shape()
+        && gate.is_contiguous()
+        && up.is_contiguous();
+    if !fused {
+        return activate(act, gate)? * up;
+    }
+    let n = gate.elem_count();
+    let (gs, gl) = gate.storage_and_layout();
+    let (us, ul) = up.storage_and_layout();
+    let (candle_core::Storage::Cpu(gs), candle_core::Storage::Cpu(us)) = (&*gs, &*us) else {
+        candle_core::bail!("gated MLP on CPU tensors");
+    };
+    let g = &gs.as_slice::<f32>()?[gl.start_offset()..gl.start_offset() + n];
+    let u = &us.as_slice::<f32>()?[ul.start_offset()..ul.start_offset() + n];
+    let mut out = vec![0f32; n];
+    let run = |o: &mut [f32], g: &[f32], u: &[f32]| {
+        for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
+            // silu(x) = x·σ(x), with σ from e^(−|x|) ≤ 1 (no overflow either side).
+            let e = exp_nonpositive(-x.abs());
+            let sigmoid = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
+            *o = x * sigmoid * u;
+        }
+    };
+    const CHUNK: usize = 1 << 14;
+    if n <= CHUNK {
+        // Decoding: one row, not worth waking threads for.
+        run(&mut out, g, u);
+    } else {
+        use rayon::prelude::*;
+        out.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(o, (g, u))| run(o, g, u));
+    }
+    Tensor::from_vec(out, gate.shape(), gate.device())
+}
+
 /// Softmax attention over heads. `q: (b, h, s, d)`, `k, v: (b, h, t, d)`, `mask`
 /// broadcastable to `(b, h, s, t)` with 0 / −∞ → `(b, h, s, d)`.
 pub fn attention(
@@ -623,6 +670,29 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The fused SiLU gate against candle's ops, on values from −100 to 100 (both tails of
+    /// the sigmoid) and on a prefill-sized tensor that takes the parallel path.
+    #[test]
+    fn gated_silu_matches_candle_ops() {
+        let dev = Device::Cpu;
+        for n in [2001, 3 * (1 << 14) + 5] {
+            let gate = (Tensor::rand(-1f32, 1.0, n, &dev).unwrap() * 100.0).unwrap();
+            let up = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+            let got = gated(Activation::Silu, &gate, &up).unwrap();
+            let want = (candle_nn::ops::silu(&gate).unwrap() * &up).unwrap();
+            let (got, want) = (
+                got.to_vec1::<f32>().unwrap(),
+                want.to_vec1::<f32>().unwrap(),
+            );
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
+                    "element {i}: {a} vs {b}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn exp_is_accurate_where_softmax_uses_it() {
