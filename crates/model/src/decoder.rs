@@ -58,11 +58,9 @@ impl SelfAttention {
         let split = |t: Tensor, n: usize| t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous();
         let [q, k, v] =
             crate::layers::forward_shared([&self.q_proj, &self.k_proj, &self.v_proj], xs)?;
-        let q = split(q, self.heads)?;
-        let k = split(k, self.kv_heads)?;
+        let q = crate::layers::rope(&split(q, self.heads)?, cos, sin)?;
+        let k = crate::layers::rope(&split(k, self.kv_heads)?, cos, sin)?;
         let v = split(v, self.kv_heads)?;
-        let q = crate::layers::rope(&q, cos, sin)?;
-        let k = crate::layers::rope(&k, cos, sin)?;
         let (k, v) = cache.append(layer, &k, &v)?;
         let a = match cache.decode_spans() {
             // Decoding: each row over its own slots, unmasked (see `decode_spans`); the
@@ -181,7 +179,7 @@ impl Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = {
             let [gate, up] = crate::layers::forward_shared([&self.gate_proj, &self.up_proj], xs)?;
-            crate::layers::gated(self.act, &gate, &up)?
+            crate::layers::gated(self.act, gate, &up)?
         }; // gate and up are freed before the down projection allocates
         self.down_proj.forward(&h)
     }
@@ -205,13 +203,18 @@ impl Layer {
         cache: &mut KvCache,
         i: usize,
     ) -> Result<Tensor> {
-        let x = self.input_layernorm.forward(xs)?;
-        let x = self
-            .self_attn
-            .forward(&x, &step.cos, &step.sin, &step.mask, cache, i)?;
-        let xs = (xs + x)?;
-        let x = self.post_attention_layernorm.forward(&xs)?;
-        &xs + self.mlp.forward(&x)?
+        // Each intermediate is dropped as soon as it is used: a long prefill's are tens of
+        // megabytes each, and peak memory is the sum of those alive at once.
+        let attended = {
+            let x = self.input_layernorm.forward(xs)?;
+            self.self_attn
+                .forward(&x, &step.cos, &step.sin, &step.mask, cache, i)?
+        };
+        let xs = (xs + attended)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        xs + mlp
     }
 }
 

@@ -429,10 +429,11 @@ pub fn activate(act: Activation, xs: &Tensor) -> Result<Tensor> {
 }
 
 /// `act(gate) · up`, the gated MLP's middle. Inference on the CPU with SiLU (LLaMA's,
-/// Mistral's) is one pass into one new buffer, with a vectorized `exp`; candle's ops would
-/// make an intermediate as large (28 MB per layer for a 7B model's 600-token prefill) and
-/// call the scalar `exp` per element.
-pub fn gated(act: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+/// Mistral's) writes the result over `gate`'s buffer in one pass with a vectorized `exp`:
+/// candle's ops would allocate two more buffers as large (28 MB each per layer of a 7B
+/// model's 600-token prefill) and call the scalar `exp` per element. `gate` must be a
+/// fresh product nobody else holds (it is taken by value for that reason).
+pub fn gated(act: Activation, gate: Tensor, up: &Tensor) -> Result<Tensor> {
     let fused = act == Activation::Silu
         && !gate.track_op()
         && !up.track_op()
@@ -443,36 +444,54 @@ pub fn gated(act: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         && gate.is_contiguous()
         && up.is_contiguous();
     if !fused {
-        return activate(act, gate)? * up;
+        return activate(act, &gate)? * up;
     }
-    let n = gate.elem_count();
-    let (gs, gl) = gate.storage_and_layout();
-    let (us, ul) = up.storage_and_layout();
-    let (candle_core::Storage::Cpu(gs), candle_core::Storage::Cpu(us)) = (&*gs, &*us) else {
-        candle_core::bail!("gated MLP on CPU tensors");
-    };
-    let g = &gs.as_slice::<f32>()?[gl.start_offset()..gl.start_offset() + n];
-    let u = &us.as_slice::<f32>()?[ul.start_offset()..ul.start_offset() + n];
-    let mut out = vec![0f32; n];
-    let run = |o: &mut [f32], g: &[f32], u: &[f32]| {
-        for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
-            // silu(x) = x·σ(x), with σ from e^(−|x|) ≤ 1 (no overflow either side).
-            let e = exp_nonpositive(-x.abs());
-            let sigmoid = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
-            *o = x * sigmoid * u;
+    gate.inplace_op2(up, &SiluTimes)?;
+    Ok(gate)
+}
+
+/// `gate ← silu(gate) · up`, for [`gated`].
+struct SiluTimes;
+
+impl candle_core::InplaceOp2 for SiluTimes {
+    fn name(&self) -> &'static str {
+        "silu-times"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &mut candle_core::CpuStorage,
+        gl: &candle_core::Layout,
+        up: &candle_core::CpuStorage,
+        ul: &candle_core::Layout,
+    ) -> Result<()> {
+        let n = gl.shape().elem_count();
+        let (candle_core::CpuStorage::F32(g), candle_core::CpuStorage::F32(u)) = (gate, up) else {
+            candle_core::bail!("silu-times on f32 tensors");
+        };
+        let g = &mut g[gl.start_offset()..gl.start_offset() + n];
+        let u = &u[ul.start_offset()..ul.start_offset() + n];
+        let run = |g: &mut [f32], u: &[f32]| {
+            for (g, &u) in g.iter_mut().zip(u) {
+                // silu(x) = x·σ(x), with σ from e^(−|x|) ≤ 1 (no overflow either side).
+                let x = *g;
+                let e = exp_nonpositive(-x.abs());
+                let sigmoid = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
+                *g = x * sigmoid * u;
+            }
+        };
+        const CHUNK: usize = 1 << 14;
+        if n <= CHUNK {
+            // Decoding: one row, not worth waking threads for.
+            run(g, u);
+        } else {
+            use rayon::prelude::*;
+            g.par_chunks_mut(CHUNK)
+                .zip(u.par_chunks(CHUNK))
+                .for_each(|(g, u)| run(g, u));
         }
-    };
-    const CHUNK: usize = 1 << 14;
-    if n <= CHUNK {
-        // Decoding: one row, not worth waking threads for.
-        run(&mut out, g, u);
-    } else {
-        use rayon::prelude::*;
-        out.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| run(o, g, u));
+        Ok(())
     }
-    Tensor::from_vec(out, gate.shape(), gate.device())
 }
 
 /// Softmax attention over heads. `q: (b, h, s, d)`, `k, v: (b, h, t, d)`, `mask`
@@ -679,8 +698,8 @@ mod tests {
         for n in [2001, 3 * (1 << 14) + 5] {
             let gate = (Tensor::rand(-1f32, 1.0, n, &dev).unwrap() * 100.0).unwrap();
             let up = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
-            let got = gated(Activation::Silu, &gate, &up).unwrap();
             let want = (candle_nn::ops::silu(&gate).unwrap() * &up).unwrap();
+            let got = gated(Activation::Silu, gate.copy().unwrap(), &up).unwrap();
             let (got, want) = (
                 got.to_vec1::<f32>().unwrap(),
                 want.to_vec1::<f32>().unwrap(),
