@@ -24,7 +24,8 @@ echo "== client test tools"
 if [ ! -x target/client-venv/bin/python ]; then
   python3 -m venv target/client-venv
 fi
-target/client-venv/bin/pip install -q --disable-pip-version-check "openai==3.57.0"
+# numpy: scripts/safetensors_to_pth.py, which writes the pickled checkpoint a test loads.
+target/client-venv/bin/pip install -q --disable-pip-version-check "openai==3.57.0" "numpy==2.4.6"
 # ... and the chat page in headless Chromium through Playwright.
 if [ ! -x /usr/bin/chromium ]; then
   echo "installing Chromium (for the chat page test)" >&2

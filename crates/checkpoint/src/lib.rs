@@ -453,8 +453,15 @@ impl Checkpoint {
         // LLaVA's trainer saves a copy of the tower under `model.vision_tower.`; upstream
         // ignores it and so do we (the tower comes from `mm_vision_tower`).
         let skip_tower_copy = layout == weights::KeyLayout::Llava;
+        let tower = layout.vision_key("vision_model.");
         let vb = weights::var_builder_filtered(&files, dtype, device, &|name: &str| {
-            !(skip_tower_copy && name.starts_with("model.vision_tower."))
+            if skip_tower_copy && name.starts_with("model.vision_tower.") {
+                None
+            } else if name.starts_with(&tower) {
+                Some(DType::F32) // what the tower runs in
+            } else {
+                Some(dtype)
+            }
         })?;
         let llm = vb.clone().rename_f(move |name| layout.llm_key(name));
         let vision = match &self.vision_dir {

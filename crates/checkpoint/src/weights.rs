@@ -362,8 +362,9 @@ impl candle_nn::var_builder::SimpleBackend for SafetensorsFiles {
 }
 
 /// A `VarBuilder` over the files, converting every tensor to `dtype` when it is fetched.
-/// Safetensors are read tensor by tensor (positioned reads, no resident copy); pickles are read into memory once, keeping only names
-/// that start with `keep_prefix` (a CLIP repo's `text_model.*` is never needed) and
+/// Safetensors are read tensor by tensor (positioned reads, no resident copy); pickles are
+/// read tensor by tensor too, each converted as it comes (one copy in memory), keeping only
+/// names that start with `keep_prefix` (a CLIP repo's `text_model.*` is never needed) and
 /// skipping the `rotary_emb.inv_freq` buffers old checkpoints carry.
 pub fn var_builder(
     w: &WeightFiles,
@@ -372,16 +373,18 @@ pub fn var_builder(
     keep_prefix: &str,
 ) -> Result<VarBuilder<'static>, CheckpointError> {
     var_builder_filtered(w, dtype, device, &|name: &str| {
-        name.starts_with(keep_prefix)
+        name.starts_with(keep_prefix).then_some(dtype)
     })
 }
 
-/// [`var_builder`] keeping the pickled tensors whose name passes `keep`.
+/// [`var_builder`] keeping the pickled tensors for which `keep` gives a dtype, stored in it
+/// (a tower inside the checkpoint goes straight to the f32 it runs in, rather than through
+/// a second copy in `dtype`). Safetensors convert on fetch, to the dtype asked then.
 pub fn var_builder_filtered(
     w: &WeightFiles,
     dtype: DType,
     device: &Device,
-    keep: &dyn Fn(&str) -> bool,
+    keep: &dyn Fn(&str) -> Option<DType>,
 ) -> Result<VarBuilder<'static>, CheckpointError> {
     match w.format {
         WeightFormat::Safetensors => {
@@ -395,22 +398,35 @@ pub fn var_builder_filtered(
         WeightFormat::PytorchPickle => {
             let mut map: HashMap<String, Tensor> = HashMap::new();
             for f in &w.files {
-                let tensors = candle_core::pickle::read_all_with_key(f, None).map_err(|e| {
-                    CheckpointError::Weights {
-                        file: f.display().to_string(),
-                        reason: candle_reason(&e),
+                let failed = |name: &str| {
+                    let file = f.display().to_string();
+                    let name = name.to_string();
+                    move |e: candle_core::Error| CheckpointError::Weights {
+                        file,
+                        reason: if name.is_empty() {
+                            candle_reason(&e)
+                        } else {
+                            format!("{name}: {}", candle_reason(&e))
+                        },
                     }
-                })?;
-                for (name, t) in tensors {
-                    if keep(&name) && !name.ends_with("rotary_emb.inv_freq") {
-                        // Convert shard by shard so that peak memory stays near the final
-                        // size (one shard's raw tensors on top), not raw + converted.
-                        let t = t.to_dtype(dtype).map_err(|e| CheckpointError::Weights {
-                            file: f.display().to_string(),
-                            reason: format!("{name}: {}", candle_reason(&e)),
-                        })?;
-                        map.insert(name, t);
-                    }
+                };
+                let pth = candle_core::pickle::PthTensors::new(f, None).map_err(failed(""))?;
+                let mut names: Vec<(&String, DType)> = pth
+                    .tensor_infos()
+                    .keys()
+                    .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+                    .filter_map(|n| Some((n, keep(n)?)))
+                    .collect();
+                names.sort_by_key(|(n, _)| *n);
+                for (name, dtype) in names {
+                    // One tensor at a time, converted before the next is read: peak memory
+                    // stays at the converted model's size plus one raw tensor (a 7B f32
+                    // shard read whole would add 10 GB).
+                    let Some(t) = pth.get(name).map_err(failed(name))? else {
+                        continue;
+                    };
+                    let t = t.to_dtype(dtype).map_err(failed(name))?;
+                    map.insert(name.clone(), t);
                 }
             }
             Ok(VarBuilder::from_tensors(map, dtype, device))

@@ -1018,6 +1018,41 @@ fn data_check_reports_each_planted_problem_by_id() {
 // ---------------------------------------------------------------------------------------
 // convert
 
+/// A llava-hf checkpoint rewritten as sharded f32 PyTorch pickles (the tower inside, as
+/// llava-hf keeps it; read tensor by tensor, the tower's straight into f32) loads and
+/// matches every reference value, as its safetensors original does.
+#[test]
+fn a_pickled_llava_hf_checkpoint_keeps_every_reference_value() {
+    let Some(python) = client_python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("llava-hf");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let o = Command::new(&python)
+        .arg(root.join("scripts/safetensors_to_pth.py"))
+        .arg(checkpoint("llava-hf"))
+        .arg(&out)
+        .args(["--shard-gb", "0.001"])
+        .output()
+        .unwrap();
+    assert_success(&o);
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().filter(|n| n.ends_with(".bin")).count() > 1);
+    assert!(!names
+        .iter()
+        .any(|n| n.starts_with("model") && n.contains("safetensors")));
+    let reference = checkpoint("llava-hf");
+    let o = kollava(&[&"verify", &"--model", &out, &"--reference", &reference]);
+    assert_success(&o);
+    let (passed, failed, _) = verify_summary(&stdout(&o));
+    assert!(passed > 0);
+    assert_eq!(failed, 0, "{}", stdout(&o));
+}
+
 #[test]
 fn converting_the_v0_bin_checkpoint_to_safetensors_keeps_every_reference_value() {
     // A scratch fixtures tree: the converted checkpoint sits where the original did, so its

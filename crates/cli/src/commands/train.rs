@@ -611,7 +611,7 @@ fn take_boundary_rows(tensors: &[(String, Tensor)], file: &Path, rows: (u32, u32
         &files,
         DType::F32,
         &Device::Cpu,
-        &|n: &str| n == NAME,
+        &|n: &str| (n == NAME).then_some(DType::F32),
     )?;
     let saved = vb.get_unchecked(NAME)?;
     let embed = tensors
