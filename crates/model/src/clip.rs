@@ -8,7 +8,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 use crate::config::{ClipVisionConfig, FeatureSelect};
-use crate::layers::{activate, attention, LayerNorm, Linear};
+use crate::layers::{activate_owned, attention, LayerNorm, Linear};
 
 #[derive(Debug, Clone)]
 struct EncoderLayer {
@@ -61,7 +61,7 @@ impl EncoderLayer {
         let x = self.layer_norm2.forward(&xs)?;
         let x = self
             .fc2
-            .forward(&activate(self.act, &self.fc1.forward(&x)?)?)?;
+            .forward(&activate_owned(self.act, self.fc1.forward(&x)?)?)?;
         xs + x
     }
 }

@@ -152,9 +152,7 @@ fn grouped_attention(
         return attention(q, k, v, mask, (d as f64).powf(-0.5));
     }
     let q = q.reshape((b, kv_heads, rep * s, d))?;
-    let scores = q.matmul(&k.t()?)?;
-    let probs = crate::layers::scaled_masked_softmax(&scores, (d as f64).powf(-0.5), mask)?;
-    probs.matmul(v)?.reshape((b, heads, s, d))
+    attention(&q, k, v, mask, (d as f64).powf(-0.5))?.reshape((b, heads, s, d))
 }
 
 #[derive(Debug, Clone)]

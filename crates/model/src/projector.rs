@@ -5,7 +5,7 @@ use candle_core::{Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use crate::config::{Activation, ProjectorKind};
-use crate::layers::{activate, Linear};
+use crate::layers::{activate_owned, Linear};
 
 #[derive(Debug, Clone)]
 pub struct Projector {
@@ -102,7 +102,8 @@ impl Projector {
         let mut xs = xs.clone();
         for (i, l) in self.linears.iter().enumerate() {
             if i > 0 {
-                xs = activate(self.activation, &xs)?;
+                // `xs` is the previous layer's fresh output.
+                xs = activate_owned(self.activation, xs)?;
             }
             xs = l.forward(&xs)?;
         }
