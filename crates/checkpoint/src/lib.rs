@@ -435,6 +435,30 @@ impl Checkpoint {
         self.load_with(dtype, device, &|vb, _| vb)
     }
 
+    /// Loads the model packed for the bf16 kernels (`--dtype bf16` on a CPU that has them):
+    /// the tower's matrices are read in bf16 rather than f32 and packed straight away, so the
+    /// tower never exists in f32 (for CLIP ViT-L, 0.6 GB less peak memory while loading).
+    pub fn load_packed_bf16(&self, device: &Device) -> Result<Llava, CheckpointError> {
+        let mut model = match &self.gguf {
+            Some(pair) => pair.load(self, device)?,
+            None => self.load_with(DType::BF16, device, &|vb, dtype| {
+                if dtype != DType::F32 {
+                    return vb; // the language model: already bf16
+                }
+                let device = vb.device().clone();
+                VarBuilder::from_backend(Box::new(TowerMatrices(vb)), DType::F32, device)
+            })?,
+        };
+        model
+            .pack_for_inference(true)
+            .map_err(|e| CheckpointError::Load {
+                part: "model",
+                dir: self.dir.display().to_string(),
+                reason: candle_reason(&e),
+            })?;
+        Ok(model)
+    }
+
     /// `VarBuilder`s over the weights with canonical names: the language model (and
     /// projector) at the root, the tower at `vision_model`'s parent (the tower in f32).
     pub(crate) fn var_builders(
@@ -544,6 +568,52 @@ impl Checkpoint {
             dir: file.display().to_string(),
             reason: candle_reason(&e),
         })
+    }
+}
+
+/// The tower's tensors with its encoder's matrices in bf16 (everything else as asked), for
+/// [`Checkpoint::load_packed_bf16`], which packs them before anything runs.
+struct TowerMatrices(VarBuilder<'static>);
+
+impl TowerMatrices {
+    fn dtype_for(name: &str, asked: DType) -> DType {
+        let matrix = name.contains("encoder.layers.")
+            && (name.ends_with("_proj.weight")
+                || name.ends_with(".fc1.weight")
+                || name.ends_with(".fc2.weight"));
+        if matrix {
+            DType::BF16
+        } else {
+            asked
+        }
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for TowerMatrices {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        _: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.0
+            .get_with_hints_dtype(s, name, h, Self::dtype_for(name, dtype))
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        _: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.0
+            .get_unchecked_dtype(name, Self::dtype_for(name, dtype))
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
     }
 }
 

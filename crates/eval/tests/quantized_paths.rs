@@ -102,3 +102,46 @@ fn auto_dtype_runs_a_quantized_models_tower_in_bf16() {
         "bf16 tower off by {diff} (scale {scale})"
     );
 }
+
+/// Loading packed for the bf16 kernels (the tower read in bf16, never in f32) gives the same
+/// model as loading in bf16 and packing afterwards: same image features, same logits.
+#[test]
+fn loading_packed_in_bf16_equals_packing_after_loading() {
+    if !kollava_model::bf16::available() {
+        eprintln!("skipped: no AVX512-BF16 on this CPU");
+        return;
+    }
+    let cpu = candle_core::Device::Cpu;
+    for family in ["llava-v1.5", "llava-hf"] {
+        let ckpt = kollava_checkpoint::open(
+            kollava_testkit::checkpoint_dir(family).to_str().unwrap(),
+            &Default::default(),
+        )
+        .unwrap();
+        let direct = ckpt.load_packed_bf16(&cpu).unwrap();
+        let mut after = ckpt.load_model(candle_core::DType::BF16, &cpu).unwrap();
+        after.pack_for_inference(true).unwrap();
+        let s = ckpt.config.vision.image_size;
+        let px = candle_core::Tensor::randn(0f32, 1.0, (1, 3, s, s), &cpu).unwrap();
+        let (a, b) = (
+            direct.encode_images(&px).unwrap(),
+            after.encode_images(&px).unwrap(),
+        );
+        assert_eq!(
+            kollava_testkit::max_abs_diff_tensors(&a, &b),
+            0.0,
+            "{family}"
+        );
+        let ids = candle_core::Tensor::new(&[[1u32, 319, 13563, 1546]], &cpu).unwrap();
+        let logits = |m: &kollava_model::Llava| {
+            let x = m.decoder.embed(&ids).unwrap();
+            let h = m
+                .decoder
+                .forward(&x, &[4], &mut m.decoder.new_cache(1))
+                .unwrap();
+            m.decoder.logits(&h).unwrap()
+        };
+        let diff = kollava_testkit::max_abs_diff_tensors(&logits(&direct), &logits(&after));
+        assert_eq!(diff, 0.0, "{family}");
+    }
+}

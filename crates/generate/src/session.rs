@@ -152,12 +152,20 @@ impl Session {
         let device = Device::cuda_if_available(0)?;
         #[cfg(not(feature = "cuda"))]
         let device = Device::Cpu;
-        let mut model = ckpt.load_model(opts.dtype.unwrap_or(DType::F32), &device)?;
-        let bf16 = match opts.dtype {
-            Some(dtype) => dtype == DType::BF16,
-            None => model.decoder.is_quantized(),
+        let model = if opts.dtype == Some(DType::BF16)
+            && device.is_cpu()
+            && kollava_model::bf16::available()
+        {
+            ckpt.load_packed_bf16(&device)?
+        } else {
+            let mut model = ckpt.load_model(opts.dtype.unwrap_or(DType::F32), &device)?;
+            let bf16 = match opts.dtype {
+                Some(dtype) => dtype == DType::BF16,
+                None => model.decoder.is_quantized(),
+            };
+            model.pack_for_inference(bf16)?;
+            model
         };
-        model.pack_for_inference(bf16)?;
         release_free_memory();
         Ok(Session {
             aspect: opts.aspect.unwrap_or(ckpt.aspect),
