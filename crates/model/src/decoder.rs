@@ -113,12 +113,81 @@ impl SelfAttention {
 /// Attention scores computed at once, at most (f32s; 16 MiB).
 const SCORES_AT_ONCE: usize = 4 << 20;
 
+/// Query rows per block of a masked prompt (see [`grouped_attention`]).
+const QUERY_BLOCK: usize = 64;
+
 /// Grouped-query attention without copying keys and values per query head: the `rep`
 /// query heads that share a key/value head are stacked along the sequence axis, so one
 /// product per key/value head serves them all.
 /// `q: (b, heads, s, d)`, `k, v: (b, kv_heads, t, d)`, `mask: (b, 1, s, t)` (none: every
 /// key is visible) → `(b, heads, s, d)`.
+///
+/// For inference, a long masked prompt goes in blocks of [`QUERY_BLOCK`] query rows, each
+/// over the slots up to the last one any of its rows sees: under a causal mask that skips
+/// the upper triangle, about half of the products and of the softmax. The skipped scores
+/// are masked (−∞, weight 0), so the answer is the same up to summation order.
 fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    let s = q.dim(2)?;
+    let t = k.dim(2)?;
+    let blockable = !q.track_op() && q.device().is_cpu() && s > QUERY_BLOCK;
+    let Some(mask) =
+        mask.filter(|m| blockable && m.dtype() == DType::F32 && m.dim(2).ok() == Some(s))
+    else {
+        return grouped_attention_rows(q, k, v, mask, kv_heads);
+    };
+    let extents = visible_extents(mask)?;
+    let blocks: Vec<(usize, usize, usize)> = (0..s)
+        .step_by(QUERY_BLOCK)
+        .map(|r0| {
+            let n = QUERY_BLOCK.min(s - r0);
+            let e = extents[r0..r0 + n].iter().copied().max().unwrap_or(t);
+            (r0, n, e.max(1))
+        })
+        .collect();
+    if blocks.iter().all(|&(_, _, e)| e == t) {
+        return grouped_attention_rows(q, k, v, Some(mask), kv_heads);
+    }
+    let parts = blocks
+        .into_iter()
+        .map(|(r0, n, e)| {
+            grouped_attention_rows(
+                &q.narrow(2, r0, n)?.contiguous()?,
+                &k.narrow(2, 0, e)?,
+                &v.narrow(2, 0, e)?,
+                Some(&mask.narrow(2, r0, n)?.narrow(3, 0, e)?),
+                kv_heads,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 2)
+}
+
+/// Per query row of `mask: (b, 1, s, t)`, how many leading slots cover every slot that some
+/// batch row lets it see (one past the last finite entry).
+fn visible_extents(mask: &Tensor) -> Result<Vec<usize>> {
+    let (b, _, s, t) = mask.dims4()?;
+    let m = mask.flatten_all()?.to_vec1::<f32>()?;
+    Ok((0..s)
+        .map(|i| {
+            (0..b)
+                .map(|r| {
+                    let row = &m[(r * s + i) * t..(r * s + i + 1) * t];
+                    row.iter().rposition(|x| x.is_finite()).map_or(0, |j| j + 1)
+                })
+                .max()
+                .unwrap_or(t)
+        })
+        .collect())
+}
+
+/// [`grouped_attention`] over every slot of `k` and `v`.
+fn grouped_attention_rows(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -137,7 +206,7 @@ fn grouped_attention(
             .step_by(group)
             .map(|g| {
                 let n = group.min(kv_heads - g);
-                grouped_attention(
+                grouped_attention_rows(
                     &q.narrow(1, g * rep, n * rep)?,
                     &k.narrow(1, g, n)?,
                     &v.narrow(1, g, n)?,
@@ -624,5 +693,55 @@ impl Decoder {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Blocks of query rows over their visible slots give what attention over every slot
+    /// gives, for the masks the cache builds: a prompt after cached tokens, a padded batch
+    /// of two prompts of different lengths, and a sliding window.
+    #[test]
+    fn query_blocks_match_attention_over_every_slot() -> Result<()> {
+        let dev = Device::Cpu;
+        let (heads, kv_heads, d) = (4, 2, 16);
+        for (past, valid, window) in [
+            (0, vec![150], None),
+            (37, vec![130], None),
+            (0, vec![150, 97], None),
+            (0, vec![140], Some(50)),
+        ] {
+            let (b, s) = (valid.len(), valid[0]);
+            let mut cache = KvCache::new(1, b);
+            if past > 0 {
+                cache.begin_step(&vec![past; b], past, window, 4096, &dev)?;
+            }
+            let (_, mask) = cache.begin_step(&valid, s, window, 4096, &dev)?;
+            let t = mask.dim(3)?;
+            let q = Tensor::randn(0f32, 1.0, (b, heads, s, d), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (b, kv_heads, t, d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (b, kv_heads, t, d), &dev)?;
+            let blocked = grouped_attention(&q, &k, &v, Some(&mask), kv_heads)?;
+            let whole = grouped_attention_rows(&q, &k, &v, Some(&mask), kv_heads)?;
+            let diff = kollava_testkit::max_abs_diff_tensors(&blocked, &whole);
+            assert!(
+                diff < 1e-5,
+                "past {past}, rows {valid:?}, window {window:?}: {diff}"
+            );
+        }
+        Ok(())
+    }
+
+    /// The first block of a causal prompt sees only its own rows' slots.
+    #[test]
+    fn a_causal_masks_extents_end_at_each_rows_own_slot() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut cache = KvCache::new(1, 1);
+        cache.begin_step(&[5], 5, None, 4096, &dev)?;
+        let (_, mask) = cache.begin_step(&[3], 3, None, 4096, &dev)?;
+        assert_eq!(visible_extents(&mask)?, vec![6, 7, 8]);
+        Ok(())
     }
 }
