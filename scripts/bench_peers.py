@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""kollava against llama.cpp on the same GGUF files, interleaved (A B A B), 2 threads.
+"""kollava against llama.cpp (and transformers) on the same files, interleaved, 2 threads.
 
 Run by scripts/bench-peers.sh after it has built llama.cpp and written the models; see
 BENCHMARKS.md. Standard library only. Prints a Markdown table and writes --out JSON.
@@ -8,7 +8,9 @@ Per configuration and round: `kollava bench --json` (its own warm-up and --repea
 medians) and --repeat runs of `llama-mtmd-cli` (medians), on the same image and prompt.
 llama.cpp figures are parsed from its log: "mtmd batch encoding done in X ms" (vision),
 "image decoded (batch 1/1) in X ms" (prefill of the image rows), llama_perf's "eval time"
-(decode: 63 steps for 64 tokens, as kollava counts them).
+(decode: 63 steps for 64 tokens, as kollava counts them). With --hf-python (a Python that
+has torch and transformers), transformers in bf16 runs the BF16 configuration too
+(scripts/bench_hf.py, the same phases and medians).
 """
 import argparse
 import json
@@ -69,6 +71,20 @@ def llama(args, model, mmproj):
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
+def transformers(args, model):
+    cmd = [args.hf_python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_hf.py"),
+           "--model", model, "--image", args.image, "--threads", str(args.threads),
+           "--repeat", str(args.repeat), "--dtype", "bf16"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    return {"vision_ms": r["vision_ms"], "prefill_ms": r["prefill_ms"],
+            "prefill_tok_s": r["prompt_tokens"] / (r["prefill_ms"] / 1e3),
+            "ttft_ms": r["vision_ms"] + r["prefill_ms"], "decode_tok_s": r["decode_tokens_per_s"],
+            "peak_rss_mib": r["peak_rss_mib"], "prompt_tokens": r["prompt_tokens"]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kollava", default="target/release/kollava")
@@ -80,6 +96,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default="bench-peers.json")
     ap.add_argument("--only", help="run just these configurations (comma-separated labels)")
+    ap.add_argument("--hf-python", help="a Python with torch + transformers: adds transformers bf16 to BF16")
     args = ap.parse_args()
     w = args.work
     # (label, kollava model + flags, llama.cpp model + mmproj or None)
@@ -96,14 +113,20 @@ def main():
     ]
     if args.only:
         configs = [c for c in configs if c[0] in args.only.split(",")]
-    results = {c[0]: {"kollava": [], "llama.cpp": []} for c in configs}
+    # Per configuration, the peers that run its files: name → () → figures.
+    peers = {}
+    for label, _, theirs in configs:
+        peers[label] = {"llama.cpp": (lambda t=theirs: llama(args, *t))} if theirs else {}
+    if args.hf_python and "BF16" in peers:
+        peers["BF16"]["transformers"] = lambda: transformers(args, os.path.join(w, "bench-1b"))
+    results = {c[0]: {"kollava": [], **{p: [] for p in peers[c[0]]}} for c in configs}
     for rnd in range(args.rounds):
-        for label, ours, theirs in configs:
+        for label, ours, _ in configs:
             print(f"[round {rnd + 1}] kollava {label}", file=sys.stderr, flush=True)
             results[label]["kollava"].append(kollava(args, *ours))
-            if theirs:
-                print(f"[round {rnd + 1}] llama.cpp {label}", file=sys.stderr, flush=True)
-                results[label]["llama.cpp"].append(llama(args, *theirs))
+            for name, run in peers[label].items():
+                print(f"[round {rnd + 1}] {name} {label}", file=sys.stderr, flush=True)
+                results[label][name].append(run())
     summary = {}
     for label, r in results.items():
         summary[label] = {who: {k: statistics.median(x[k] for x in runs) for k in runs[0]}
@@ -117,9 +140,11 @@ def main():
         for who, m in s.items():
             print(f"| {label} | {who} | {m['vision_ms']:.0f} | {m['prefill_ms']:.0f} ({m['prefill_tok_s']:.0f}) | "
                   f"{m['ttft_ms']:.0f} | {m['decode_tok_s']:.2f} | {m['peak_rss_mib']:.0f} |")
-        if "llama.cpp" in s:
-            k, l = s["kollava"], s["llama.cpp"]
-            print(f"| {label} | **ratio kollava/llama.cpp** | {k['vision_ms'] / l['vision_ms']:.2f}x time | "
+        k = s["kollava"]
+        for who, l in s.items():
+            if who == "kollava":
+                continue
+            print(f"| {label} | **ratio kollava/{who}** | {k['vision_ms'] / l['vision_ms']:.2f}x time | "
                   f"{k['prefill_ms'] / l['prefill_ms']:.2f}x time | {k['ttft_ms'] / l['ttft_ms']:.2f}x time | "
                   f"**{k['decode_tok_s'] / l['decode_tok_s']:.2f}x speed** | {k['peak_rss_mib'] / l['peak_rss_mib']:.2f}x |")
 
