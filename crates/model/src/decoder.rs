@@ -43,16 +43,15 @@ impl SelfAttention {
         })
     }
 
-    /// `xs: (b, s, hidden)`, `cos/sin: (b, s, d/2)`, `mask: (b, 1, s, t)` → `(b, s, hidden)`.
+    /// `xs: (b, s, hidden)` → `(b, s, hidden)`, with the step's rotary tables and mask.
     fn forward(
         &self,
         xs: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
+        step: &StepInputs,
         cache: &mut KvCache,
         layer: usize,
     ) -> Result<Tensor> {
+        let (cos, sin) = (&step.cos, &step.sin);
         let (b, s, _) = xs.dims3()?;
         let d = self.head_dim;
         let split = |t: Tensor, n: usize| t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous();
@@ -70,7 +69,7 @@ impl SelfAttention {
             }
             spans => {
                 let (k, v) = (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?);
-                self.attend(&q, &k, &v, mask, spans)?
+                self.attend(&q, &k, &v, step, spans)?
             }
         };
         let a = a.transpose(1, 2)?.reshape((b, s, self.heads * d))?;
@@ -78,13 +77,13 @@ impl SelfAttention {
     }
 
     /// Attention by tensor ops: per row over its own slots when decoding (`spans`), else
-    /// over every slot under `mask`.
+    /// under the step's mask (by query blocks for inference).
     fn attend(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        mask: &Tensor,
+        step: &StepInputs,
         spans: Option<&[(usize, usize)]>,
     ) -> Result<Tensor> {
         match spans {
@@ -105,7 +104,10 @@ impl SelfAttention {
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::cat(&rows, 0)
             }
-            None => grouped_attention(q, k, v, Some(mask), self.kv_heads),
+            None => match step.query_blocks.as_deref().filter(|_| !q.track_op()) {
+                Some(blocks) => blocked_attention(q, k, v, &step.mask, blocks, self.kv_heads),
+                None => grouped_attention(q, k, v, Some(&step.mask), self.kv_heads),
+            },
         }
     }
 }
@@ -113,54 +115,71 @@ impl SelfAttention {
 /// Attention scores computed at once, at most (f32s; 16 MiB).
 const SCORES_AT_ONCE: usize = 4 << 20;
 
-/// Query rows per block of a masked prompt (see [`grouped_attention`]).
+/// Query rows per block of a masked prompt (see [`query_blocks`]).
 const QUERY_BLOCK: usize = 64;
 
-/// Grouped-query attention without copying keys and values per query head: the `rep`
-/// query heads that share a key/value head are stacked along the sequence axis, so one
-/// product per key/value head serves them all.
-/// `q: (b, heads, s, d)`, `k, v: (b, kv_heads, t, d)`, `mask: (b, 1, s, t)` (none: every
-/// key is visible) → `(b, heads, s, d)`.
-///
-/// For inference, a long masked prompt goes in blocks of [`QUERY_BLOCK`] query rows, each
-/// over the slots up to the last one any of its rows sees: under a causal mask that skips
-/// the upper triangle, about half of the products and of the softmax. The skipped scores
-/// are masked (−∞, weight 0), so the answer is the same up to summation order.
-fn grouped_attention(
+/// Query rows `start..start + len` of a step and the leading slots `0..extent` that cover
+/// every slot any of them sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct QueryBlock {
+    start: usize,
+    len: usize,
+    extent: usize,
+}
+
+/// A long masked step in blocks of [`QUERY_BLOCK`] query rows, each to attend over only the
+/// slots up to the last one any of its rows sees (one past the last finite entry of
+/// `mask: (b, 1, s, t)`, over the batch): under a causal mask that skips the upper
+/// triangle, about half of a prompt's products and softmax. The skipped scores are masked
+/// (−∞, weight 0), so the answer is the same up to summation order. Built once per step;
+/// `None` where no block would skip a slot (decoding, short steps) or off the CPU.
+fn query_blocks(mask: &Tensor) -> Result<Option<Vec<QueryBlock>>> {
+    let (b, _, s, t) = mask.dims4()?;
+    if s <= QUERY_BLOCK || !mask.device().is_cpu() {
+        return Ok(None);
+    }
+    let m = mask.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let visible = |i: usize| {
+        (0..b)
+            .map(|r| {
+                let row = &m[(r * s + i) * t..(r * s + i + 1) * t];
+                row.iter().rposition(|x| x.is_finite()).map_or(0, |j| j + 1)
+            })
+            .max()
+            .unwrap_or(t)
+    };
+    let blocks: Vec<QueryBlock> = (0..s)
+        .step_by(QUERY_BLOCK)
+        .map(|start| {
+            let len = QUERY_BLOCK.min(s - start);
+            let extent = (start..start + len).map(visible).max().unwrap_or(t);
+            QueryBlock {
+                start,
+                len,
+                extent: extent.max(1),
+            }
+        })
+        .collect();
+    Ok(blocks.iter().any(|q| q.extent < t).then_some(blocks))
+}
+
+/// [`grouped_attention`] under `mask`, one [`QueryBlock`] at a time.
+fn blocked_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: Option<&Tensor>,
+    mask: &Tensor,
+    blocks: &[QueryBlock],
     kv_heads: usize,
 ) -> Result<Tensor> {
-    let s = q.dim(2)?;
-    let t = k.dim(2)?;
-    let blockable = !q.track_op() && q.device().is_cpu() && s > QUERY_BLOCK;
-    let Some(mask) =
-        mask.filter(|m| blockable && m.dtype() == DType::F32 && m.dim(2).ok() == Some(s))
-    else {
-        return grouped_attention_rows(q, k, v, mask, kv_heads);
-    };
-    let extents = visible_extents(mask)?;
-    let blocks: Vec<(usize, usize, usize)> = (0..s)
-        .step_by(QUERY_BLOCK)
-        .map(|r0| {
-            let n = QUERY_BLOCK.min(s - r0);
-            let e = extents[r0..r0 + n].iter().copied().max().unwrap_or(t);
-            (r0, n, e.max(1))
-        })
-        .collect();
-    if blocks.iter().all(|&(_, _, e)| e == t) {
-        return grouped_attention_rows(q, k, v, Some(mask), kv_heads);
-    }
     let parts = blocks
-        .into_iter()
-        .map(|(r0, n, e)| {
-            grouped_attention_rows(
-                &q.narrow(2, r0, n)?.contiguous()?,
-                &k.narrow(2, 0, e)?,
-                &v.narrow(2, 0, e)?,
-                Some(&mask.narrow(2, r0, n)?.narrow(3, 0, e)?),
+        .iter()
+        .map(|&QueryBlock { start, len, extent }| {
+            grouped_attention(
+                &q.narrow(2, start, len)?.contiguous()?,
+                &k.narrow(2, 0, extent)?,
+                &v.narrow(2, 0, extent)?,
+                Some(&mask.narrow(2, start, len)?.narrow(3, 0, extent)?),
                 kv_heads,
             )
         })
@@ -168,26 +187,12 @@ fn grouped_attention(
     Tensor::cat(&parts, 2)
 }
 
-/// Per query row of `mask: (b, 1, s, t)`, how many leading slots cover every slot that some
-/// batch row lets it see (one past the last finite entry).
-fn visible_extents(mask: &Tensor) -> Result<Vec<usize>> {
-    let (b, _, s, t) = mask.dims4()?;
-    let m = mask.flatten_all()?.to_vec1::<f32>()?;
-    Ok((0..s)
-        .map(|i| {
-            (0..b)
-                .map(|r| {
-                    let row = &m[(r * s + i) * t..(r * s + i + 1) * t];
-                    row.iter().rposition(|x| x.is_finite()).map_or(0, |j| j + 1)
-                })
-                .max()
-                .unwrap_or(t)
-        })
-        .collect())
-}
-
-/// [`grouped_attention`] over every slot of `k` and `v`.
-fn grouped_attention_rows(
+/// Grouped-query attention without copying keys and values per query head: the `rep`
+/// query heads that share a key/value head are stacked along the sequence axis, so one
+/// product per key/value head serves them all.
+/// `q: (b, heads, s, d)`, `k, v: (b, kv_heads, t, d)`, `mask: (b, 1, s, t)` (none: every
+/// key is visible) → `(b, heads, s, d)`.
+fn grouped_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -206,7 +211,7 @@ fn grouped_attention_rows(
             .step_by(group)
             .map(|g| {
                 let n = group.min(kv_heads - g);
-                grouped_attention_rows(
+                grouped_attention(
                     &q.narrow(1, g * rep, n * rep)?,
                     &k.narrow(1, g, n)?,
                     &v.narrow(1, g, n)?,
@@ -274,8 +279,7 @@ impl Layer {
         // megabytes each, and peak memory is the sum of those alive at once.
         let attended = {
             let x = self.input_layernorm.forward(xs)?;
-            self.self_attn
-                .forward(&x, &step.cos, &step.sin, &step.mask, cache, i)?
+            self.self_attn.forward(&x, step, cache, i)?
         };
         let xs = (xs + attended)?;
         let mlp = self
@@ -286,12 +290,13 @@ impl Layer {
 }
 
 /// What every layer of one step shares: the rotary tables `(b, s, d/2)` of the step's
-/// positions and the additive attention mask `(b, 1, s, slots)`.
+/// positions, the additive attention mask `(b, 1, s, slots)` and its query blocks.
 #[derive(Debug, Clone)]
 struct StepInputs {
     cos: Tensor,
     sin: Tensor,
     mask: Tensor,
+    query_blocks: Option<Vec<QueryBlock>>,
 }
 
 /// A training forward that kept only each decoder layer's input (gradient checkpointing):
@@ -647,6 +652,7 @@ impl Decoder {
         Ok(StepInputs {
             cos: freqs.cos()?.to_dtype(dtype)?.contiguous()?,
             sin: freqs.sin()?.to_dtype(dtype)?.contiguous()?,
+            query_blocks: query_blocks(&mask)?,
             mask: mask.to_dtype(dtype)?,
         })
     }
@@ -719,12 +725,13 @@ mod tests {
                 cache.begin_step(&vec![past; b], past, window, 4096, &dev)?;
             }
             let (_, mask) = cache.begin_step(&valid, s, window, 4096, &dev)?;
+            let blocks = query_blocks(&mask)?.expect("a long prompt has blocks that skip slots");
             let t = mask.dim(3)?;
             let q = Tensor::randn(0f32, 1.0, (b, heads, s, d), &dev)?;
             let k = Tensor::randn(0f32, 1.0, (b, kv_heads, t, d), &dev)?;
             let v = Tensor::randn(0f32, 1.0, (b, kv_heads, t, d), &dev)?;
-            let blocked = grouped_attention(&q, &k, &v, Some(&mask), kv_heads)?;
-            let whole = grouped_attention_rows(&q, &k, &v, Some(&mask), kv_heads)?;
+            let blocked = blocked_attention(&q, &k, &v, &mask, &blocks, kv_heads)?;
+            let whole = grouped_attention(&q, &k, &v, Some(&mask), kv_heads)?;
             let diff = kollava_testkit::max_abs_diff_tensors(&blocked, &whole);
             assert!(
                 diff < 1e-5,
@@ -734,14 +741,25 @@ mod tests {
         Ok(())
     }
 
-    /// The first block of a causal prompt sees only its own rows' slots.
+    /// Under a causal mask after 5 cached tokens, row `i` sees slots `0..=5 + i`: each block
+    /// ends at its last row's slot; a step of one block's rows or fewer has none.
     #[test]
-    fn a_causal_masks_extents_end_at_each_rows_own_slot() -> Result<()> {
+    fn a_causal_masks_blocks_end_at_their_last_rows_slot() -> Result<()> {
         let dev = Device::Cpu;
         let mut cache = KvCache::new(1, 1);
         cache.begin_step(&[5], 5, None, 4096, &dev)?;
-        let (_, mask) = cache.begin_step(&[3], 3, None, 4096, &dev)?;
-        assert_eq!(visible_extents(&mask)?, vec![6, 7, 8]);
+        let (_, mask) = cache.begin_step(&[130], 130, None, 4096, &dev)?;
+        let block = |start, len, extent| QueryBlock { start, len, extent };
+        assert_eq!(
+            query_blocks(&mask)?,
+            Some(vec![
+                block(0, 64, 69),
+                block(64, 64, 133),
+                block(128, 2, 135)
+            ])
+        );
+        let (_, mask) = cache.begin_step(&[QUERY_BLOCK], QUERY_BLOCK, None, 4096, &dev)?;
+        assert_eq!(query_blocks(&mask)?, None);
         Ok(())
     }
 }
