@@ -55,7 +55,7 @@ pub struct SessionOptions {
     pub aspect: Option<AspectMode>,
     /// Language-model weight dtype (the tower is always f32); `None`: f32, except that a
     /// quantized GGUF model computes its float matrices (the tower's) in bf16 where the CPU
-    /// has AVX512-BF16, since its quantization error already dwarfs bf16 rounding. A GGUF
+    /// has our bf16 kernels (AVX512-BF16 or AVX2+FMA), since its quantization error already dwarfs bf16 rounding. A GGUF
     /// model's matrices stay as stored; with `bf16` its float ones run in bf16 too.
     pub dtype: Option<DType>,
     /// Projector weights replacing the checkpoint's.

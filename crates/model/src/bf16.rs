@@ -1,15 +1,22 @@
-//! Our bf16 matrix multiply for x86-64 CPUs with AVX512-BF16 (`vdpbf16ps`: 32 bf16 products
-//! into 16 f32 sums per instruction, twice the rate of f32 FMAs), used for `--dtype bf16`.
-//! Prefill and the vision tower are compute-bound; candle's GEMM has no bf16 path on CPU.
+//! Our bf16 matrix multiply for x86-64 CPUs, used for `--dtype bf16`. Prefill and the vision
+//! tower are compute-bound; candle's GEMM has no bf16 path on CPU.
+//!
+//! Two kernel sets, chosen at run time ([`kernels`]): with AVX512-BF16, `vdpbf16ps` (32
+//! bf16 products into 16 f32 sums per instruction, twice the rate of f32 FMAs); on any CPU
+//! with AVX2 and FMA (x86-64 since 2013), the bf16 values widened to f32 (a shift or a
+//! mask) and multiplied by 256-bit FMAs. Both compute the same thing: the f32 sum of exact
+//! products of bf16-rounded operands; only the order of the sums differs.
 //!
 //! The weight `W: (n, k)` is packed once into panels of 32 output rows; within a panel, for
-//! each pair of inputs `(2q, 2q+1)`, two 512-bit vectors hold the 32 rows' bf16 pairs, the
-//! operand layout `vdpbf16ps` multiplies against a broadcast pair of activations. The
-//! activations `x: (m, k)` are rounded to bf16 and interleaved by tiles of `MR` rows.
+//! each pair of inputs `(2q, 2q+1)`, 32 bf16 pairs (two 512-bit vectors), the operand
+//! layout `vdpbf16ps` multiplies against a broadcast pair of activations. The activations
+//! `x: (m, k)` are rounded to bf16 and interleaved by tiles of rows.
 //!
 //! The product runs tile by tile: `MR × 32` outputs stay in 2·MR registers while a block of
-//! `KC` input pairs streams by, the panel's block (32 KiB) staying in L1 for every tile and
-//! the activations' block in L2 for every panel. Panels are split between threads.
+//! `KC` input pairs streams by, the panel's block staying in L1 for every tile and the
+//! activations' block in L2 for every panel. Panels are split between threads. (With AVX2,
+//! the panel's block is first widened to f32, a sixteenth of it at a time, and tiles are
+//! 6 × 16: sixteen 256-bit registers hold 12 sums, two weight vectors and a broadcast.)
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Result, Tensor};
@@ -27,17 +34,57 @@ const GEMV_ROWS: usize = 64;
 /// Input pairs per block of the batched matrix-vector product (16 KiB of panel, in L1).
 const GEMV_QB: usize = 128;
 
-/// Whether this CPU runs the kernels.
-pub fn available() -> bool {
+/// A kernel set (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    /// `vdpbf16ps` on 512-bit vectors.
+    Avx512Bf16,
+    /// bf16 widened to f32, then 256-bit FMAs.
+    Avx2Fma,
+}
+
+impl std::fmt::Display for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kernels::Avx512Bf16 => "AVX512-BF16",
+            Kernels::Avx2Fma => "AVX2+FMA",
+        })
+    }
+}
+
+/// The fastest kernel set this CPU runs; `None` where none does (another architecture, or
+/// an x86-64 without AVX2). `KOLLAVA_KERNELS=avx2` picks AVX2 on an AVX512-BF16 CPU (to
+/// measure or test it there).
+pub fn kernels() -> Option<Kernels> {
+    static KERNELS: std::sync::OnceLock<Option<Kernels>> = std::sync::OnceLock::new();
+    *KERNELS.get_or_init(|| {
+        let all = supported();
+        if std::env::var("KOLLAVA_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("avx2")) {
+            return all.into_iter().find(|&k| k == Kernels::Avx2Fma);
+        }
+        all.first().copied()
+    })
+}
+
+/// Every kernel set this CPU runs, fastest first.
+pub fn supported() -> Vec<Kernels> {
+    let mut all = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bf16") && has!("avx512vl") {
+            all.push(Kernels::Avx512Bf16);
+        }
+        if has!("avx2") && has!("fma") {
+            all.push(Kernels::Avx2Fma);
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    all
+}
+
+/// Whether this CPU runs the kernels.
+pub fn available() -> bool {
+    kernels().is_some()
 }
 
 /// `f32 → bf16`, round to nearest even (as PyTorch and llama.cpp convert).
@@ -120,6 +167,14 @@ impl PackedBf16 {
 
     /// `x: (…, k)` → `x Wᵀ: (…, n)` in f32.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(kernels) = kernels() else {
+            candle_core::bail!("bf16 matmul: this CPU has neither AVX512-BF16 nor AVX2+FMA");
+        };
+        self.matmul_with(kernels, x)
+    }
+
+    /// [`Self::matmul`] through the given kernels (one of [`supported`]).
+    fn matmul_with(&self, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
         let mut dims = x.dims().to_vec();
         let k = dims.pop().unwrap_or(0);
         if k != self.k {
@@ -139,10 +194,15 @@ impl PackedBf16 {
         // Decoding (a row or a batch of sequences): row by row, see `GEMV_ROWS`.
         let c = if m <= GEMV_ROWS {
             let mut c = vec![0f32; m * ldc];
-            self.gemv(&pack_rows::<1>(xs, m, k, self.pairs), m, &mut c, ldc);
+            match kernels {
+                Kernels::Avx512Bf16 => {
+                    self.gemv(&pack_rows::<1>(xs, m, k, self.pairs), m, &mut c, ldc)
+                }
+                Kernels::Avx2Fma => self.gemv_avx2(xs, m, &mut c, ldc),
+            }
             c
         } else {
-            gemm(self, xs, m, k)
+            gemm(kernels, self, xs, m, k)
         };
         drop(storage);
         output(c, m, self.n, ldc, dims, x.device())
@@ -174,12 +234,42 @@ impl PackedBf16 {
     }
 }
 
+impl PackedBf16 {
+    /// [`Self::gemv`] with AVX2: each row alone against each panel (so a batch's rows get
+    /// what they would alone), the panel in L2 for the batch's other rows.
+    fn gemv_avx2(&self, xs: &[f32], rows: usize, c: &mut [f32], ldc: usize) {
+        let xr = avx2::rounded_rows(xs, rows, self.k, 2 * self.pairs);
+        let c_addr = c.as_mut_ptr() as usize;
+        candle_core::utils::barrier_pool().execute_chunked(self.panels, |panels| {
+            for p in panels {
+                let w = &self.data[p * self.pairs * NR..(p + 1) * self.pairs * NR];
+                for (j, x) in xr.chunks_exact(2 * self.pairs).enumerate() {
+                    // SAFETY: the caller chose these kernels from `supported()`; `w` holds
+                    // the panel's pairs, `x` twice as many values; each panel's columns of
+                    // `c` are written by the one thread that took the panel.
+                    unsafe {
+                        let cp = (c_addr as *mut f32).add(j * ldc + p * NR);
+                        avx2::gemv_panel(x.as_ptr(), w.as_ptr(), self.pairs, cp);
+                    }
+                }
+            }
+        });
+    }
+}
+
 impl Panels for PackedBf16 {
     fn dims(&self) -> (usize, usize) {
         (self.panels, self.pairs)
     }
 
-    fn block<'a>(&'a self, p: usize, q0: usize, _kc: usize, _buf: &'a mut Vec<u32>) -> &'a [u32] {
+    fn block<'a>(
+        &'a self,
+        _: Kernels,
+        p: usize,
+        q0: usize,
+        _kc: usize,
+        _buf: &'a mut Vec<u32>,
+    ) -> &'a [u32] {
         &self.data[(p * self.pairs + q0) * NR..]
     }
 }
@@ -190,15 +280,26 @@ impl Panels for PackedBf16 {
 trait Panels: Sync {
     /// `(panels, pairs)`.
     fn dims(&self) -> (usize, usize);
-    /// Pairs `q0..q0 + kc` of panel `p`: `kc × NR` bf16 pairs (the slice may run on).
-    fn block<'a>(&'a self, p: usize, q0: usize, kc: usize, buf: &'a mut Vec<u32>) -> &'a [u32];
+    /// Pairs `q0..q0 + kc` of panel `p`: `kc × NR` bf16 pairs (the slice may run on),
+    /// unpacked (if it must be) with `kernels`.
+    fn block<'a>(
+        &'a self,
+        kernels: Kernels,
+        p: usize,
+        q0: usize,
+        kc: usize,
+        buf: &'a mut Vec<u32>,
+    ) -> &'a [u32];
 }
 
 /// `xs: (m, k)` times the panels, in tiles of `MR` rows: `MR × 32` outputs stay in
 /// registers while a block of `KC` pairs streams by, the panel's block (32 KiB) staying in
 /// L1 for every tile and the activations' block in L2 for every panel. Ranges of panels go
 /// to candle's worker threads. Returns `c` with rows of `panels · NR` (at least `m` rows).
-fn gemm(w: &impl Panels, xs: &[f32], m: usize, k: usize) -> Vec<f32> {
+fn gemm(kernels: Kernels, w: &impl Panels, xs: &[f32], m: usize, k: usize) -> Vec<f32> {
+    if kernels == Kernels::Avx2Fma {
+        return avx2::gemm(w, xs, m, k);
+    }
     let (panels, pairs) = w.dims();
     let ldc = panels * NR;
     let tiles = m.div_ceil(MR);
@@ -210,13 +311,13 @@ fn gemm(w: &impl Panels, xs: &[f32], m: usize, k: usize) -> Vec<f32> {
         for q0 in (0..pairs).step_by(KC) {
             let kc = KC.min(pairs - q0);
             for p in range.clone() {
-                let wb = w.block(p, q0, kc, &mut buf);
+                let wb = w.block(kernels, p, q0, kc, &mut buf);
                 assert!(wb.len() >= kc * NR);
                 for t in 0..tiles {
                     let x = &xp[(t * pairs + q0) * MR..];
-                    // SAFETY: `available()` was checked by the caller; the slices hold `kc`
-                    // pairs from here; each (tile, panel) block of `c` is written by the one
-                    // thread that took the panel.
+                    // SAFETY: the caller chose these kernels from `supported()`; the slices
+                    // hold `kc` pairs from here; each (tile, panel) block of `c` is written
+                    // by the one thread that took the panel.
                     unsafe {
                         let cp = (c_addr as *mut f32).add(t * MR * ldc + p * NR);
                         tile::<MR>(x.as_ptr(), wb.as_ptr(), kc, cp, ldc, q0 > 0);
@@ -274,13 +375,20 @@ fn pack_rows<const R: usize>(xs: &[f32], m: usize, k: usize, pairs: usize) -> Ve
 /// quantized model: the dequantization is amortized over every row of the prompt, and the
 /// weight stays in its file's blocks (no repacked copy). `None`: not for these kernels.
 pub fn matmul_ggml(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
+    match kernels() {
+        Some(kernels) => matmul_ggml_with(kernels, w, x),
+        None => Ok(None),
+    }
+}
+
+fn matmul_ggml_with(kernels: Kernels, w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
     let Some(to_f32) = block_decoder(w.dtype()) else {
         return Ok(None);
     };
     let (n, k) = w.shape().dims2()?;
     let mut dims = x.dims().to_vec();
     let block = w.dtype().block_size();
-    if !available() || !x.device().is_cpu() || dims.pop() != Some(k) || k % block != 0 {
+    if !x.device().is_cpu() || dims.pop() != Some(k) || k % block != 0 {
         return Ok(None);
     }
     let m: usize = dims.iter().product();
@@ -312,7 +420,7 @@ pub fn matmul_ggml(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
         block_bytes: w.dtype().type_size(),
         to_f32,
     };
-    let c = gemm(&src, xs, m, k);
+    let c = gemm(kernels, &src, xs, m, k);
     drop(storage);
     Ok(Some(output(
         c,
@@ -416,7 +524,15 @@ impl Panels for GgmlPanels<'_> {
         (self.n.div_ceil(NR), self.k.div_ceil(2))
     }
 
-    fn block<'a>(&'a self, p: usize, q0: usize, kc: usize, buf: &'a mut Vec<u32>) -> &'a [u32] {
+    fn block<'a>(
+        &'a self,
+        kernels: Kernels,
+        p: usize,
+        q0: usize,
+        kc: usize,
+        buf: &'a mut Vec<u32>,
+    ) -> &'a [u32] {
+        let simd = kernels == Kernels::Avx512Bf16;
         // A block of `KC` pairs is 512 values: whole ggml blocks (32 or 256 values).
         let (e0, e1) = (2 * q0, (2 * (q0 + kc)).min(self.k));
         let bytes = e0 / self.block * self.block_bytes..e1 / self.block * self.block_bytes;
@@ -431,24 +547,33 @@ impl Panels for GgmlPanels<'_> {
                 &self.data[start + bytes.start..start + bytes.end],
                 &mut values[..e1 - e0],
             );
-            // SAFETY: `available()` holds for every caller of the tiled product.
-            unsafe { round_pairs(&values[..2 * kc], &mut rows[lane * kc..(lane + 1) * kc]) };
+            let out = &mut rows[lane * kc..(lane + 1) * kc];
+            if simd {
+                // SAFETY: the caller chose AVX512-BF16 from `supported()`.
+                unsafe { round_pairs(&values[..2 * kc], out) };
+            } else {
+                for (o, v) in out.iter_mut().zip(values.chunks_exact(2)) {
+                    *o = pair(v[0], v[1]);
+                }
+            }
         }
         rows[live * kc..].fill(0);
         // Quantized rows hold whole blocks of 32 or more values: `kc` is a multiple of 16.
         debug_assert!(kc.is_multiple_of(16));
         for lane in (0..NR).step_by(16) {
             for q in (0..kc).step_by(16) {
-                // SAFETY: `available()` holds for every caller of the tiled product; the
-                // 16 × 16 blocks lie within `rows` and `panel`.
-                unsafe {
-                    transpose16(
-                        rows.as_ptr().add(lane * kc + q),
-                        kc,
-                        panel.as_mut_ptr().add(q * NR + lane),
-                        NR,
-                    )
-                };
+                let (src, dst) = (&rows[lane * kc + q..], &mut panel[q * NR + lane..]);
+                if simd {
+                    // SAFETY: the caller chose AVX512-BF16 from `supported()`; the 16 × 16
+                    // blocks lie within `rows` and `panel`.
+                    unsafe { transpose16(src.as_ptr(), kc, dst.as_mut_ptr(), NR) };
+                } else {
+                    for i in 0..16 {
+                        for j in 0..16 {
+                            dst[j * NR + i] = src[i * kc + j];
+                        }
+                    }
+                }
             }
         }
         panel
@@ -718,17 +843,200 @@ unsafe fn tile<const R: usize>(
     unreachable!("the bf16 kernels are only chosen where available() holds")
 }
 
+/// The AVX2+FMA kernels: the same packed weights, widened to f32 in registers (decode) or a
+/// sixteenth of a block at a time into L1 (prefill).
+mod avx2 {
+    use super::{Panels, KC, NR};
+
+    /// Activation rows per prefill tile.
+    const MR: usize = 6;
+    /// Input pairs widened at a time: 64 pairs × 2 inputs × 32 f32 = 16 KiB, in L1.
+    const SUB: usize = 64;
+
+    fn round(x: f32) -> f32 {
+        f32::from_bits(super::bf16_bits(x) << 16)
+    }
+
+    /// Rows of `xs: (m, k)` rounded to bf16 (kept as f32), each padded to `width`.
+    pub(super) fn rounded_rows(xs: &[f32], m: usize, k: usize, width: usize) -> Vec<f32> {
+        let mut out = vec![0f32; m * width];
+        for (o, x) in out.chunks_exact_mut(width).zip(xs.chunks_exact(k)) {
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = round(x);
+            }
+        }
+        out
+    }
+
+    /// Rows of `xs: (m, k)` rounded, tile-interleaved: `[tile][input][row in tile]`, each
+    /// tile `width` inputs long (zeros beyond `k` and beyond `m`).
+    fn pack_tiles(xs: &[f32], m: usize, k: usize, width: usize) -> Vec<f32> {
+        use rayon::prelude::*;
+        let mut xp = vec![0f32; m.div_ceil(MR) * width * MR];
+        xp.par_chunks_mut(width * MR)
+            .enumerate()
+            .for_each(|(t, tile)| {
+                for j in 0..MR.min(m - t * MR) {
+                    let row = &xs[(t * MR + j) * k..(t * MR + j + 1) * k];
+                    for (i, &x) in row.iter().enumerate() {
+                        tile[i * MR + j] = round(x);
+                    }
+                }
+            });
+        xp
+    }
+
+    /// [`super::gemm`] with these kernels.
+    pub(super) fn gemm(w: &impl Panels, xs: &[f32], m: usize, k: usize) -> Vec<f32> {
+        let (panels, pairs) = w.dims();
+        let (ldc, width, tiles) = (panels * NR, 2 * pairs, m.div_ceil(MR));
+        let xp = pack_tiles(xs, m, k, width);
+        let mut c = vec![0f32; tiles * MR * ldc];
+        let c_addr = c.as_mut_ptr() as usize;
+        candle_core::utils::barrier_pool().execute_chunked(panels, |range| {
+            let (mut buf, mut wide) = (Vec::new(), vec![0f32; 2 * SUB * NR]);
+            for q0 in (0..pairs).step_by(KC) {
+                let kc = KC.min(pairs - q0);
+                for p in range.clone() {
+                    let wb = w.block(super::Kernels::Avx2Fma, p, q0, kc, &mut buf);
+                    assert!(wb.len() >= kc * NR);
+                    for s0 in (0..kc).step_by(SUB) {
+                        let sc = SUB.min(kc - s0);
+                        // SAFETY: the caller chose these kernels from `supported()`; `wb`
+                        // holds `kc` pairs, `wide` room for `SUB`; the tiles hold `width`
+                        // inputs; each (tile, panel) block of `c` is written by the one
+                        // thread that took the panel.
+                        unsafe {
+                            widen(wb.as_ptr().add(s0 * NR), sc, wide.as_mut_ptr());
+                            let i0 = 2 * (q0 + s0);
+                            for t in 0..tiles {
+                                let x = xp.as_ptr().add((t * width + i0) * MR);
+                                for half in 0..2 {
+                                    let cp =
+                                        (c_addr as *mut f32).add(t * MR * ldc + p * NR + 16 * half);
+                                    tile(x, wide.as_ptr().add(16 * half), 2 * sc, cp, ldc, i0 > 0);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        c
+    }
+
+    /// `pairs` pairs of a panel (32 bf16 pairs each) → `[input][32]` f32, both inputs of a
+    /// pair in turn.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn widen(src: *const u32, pairs: usize, dst: *mut f32) {
+        use std::arch::x86_64::*;
+        let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+        for q in 0..pairs {
+            for v in 0..NR / 8 {
+                let u = _mm256_loadu_si256(src.add(q * NR + 8 * v) as *const __m256i);
+                _mm256_storeu_si256(
+                    dst.add(2 * q * NR + 8 * v) as *mut __m256i,
+                    _mm256_slli_epi32::<16>(u),
+                );
+                _mm256_storeu_si256(
+                    dst.add((2 * q + 1) * NR + 8 * v) as *mut __m256i,
+                    _mm256_and_si256(u, high),
+                );
+            }
+        }
+    }
+
+    /// One `6 × 16` block of `c` (row stride `ldc`) += (or =) `inputs` inputs of a tile
+    /// (`[input][6]`) times 16 columns of widened weights (`[input][32]`, from `w`).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile(
+        x: *const f32,
+        w: *const f32,
+        inputs: usize,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        if accumulate {
+            for (j, a) in acc.iter_mut().enumerate() {
+                a[0] = _mm256_loadu_ps(c.add(j * ldc));
+                a[1] = _mm256_loadu_ps(c.add(j * ldc + 8));
+            }
+        }
+        for i in 0..inputs {
+            let w0 = _mm256_loadu_ps(w.add(i * NR));
+            let w1 = _mm256_loadu_ps(w.add(i * NR + 8));
+            for (j, a) in acc.iter_mut().enumerate() {
+                let b = _mm256_broadcast_ss(&*x.add(i * MR + j));
+                a[0] = _mm256_fmadd_ps(w0, b, a[0]);
+                a[1] = _mm256_fmadd_ps(w1, b, a[1]);
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(c.add(j * ldc), a[0]);
+            _mm256_storeu_ps(c.add(j * ldc + 8), a[1]);
+        }
+    }
+
+    /// One panel times one row of rounded activations (`2 · pairs` values) into 32 outputs,
+    /// the weights widened in registers; each pair's two inputs into their own sums.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemv_panel(x: *const f32, w: *const u32, pairs: usize, c: *mut f32) {
+        use std::arch::x86_64::*;
+        let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+        let mut lo = [_mm256_setzero_ps(); NR / 8];
+        let mut hi = [_mm256_setzero_ps(); NR / 8];
+        for q in 0..pairs {
+            let x0 = _mm256_broadcast_ss(&*x.add(2 * q));
+            let x1 = _mm256_broadcast_ss(&*x.add(2 * q + 1));
+            for v in 0..NR / 8 {
+                let u = _mm256_loadu_si256(w.add(q * NR + 8 * v) as *const __m256i);
+                let (wl, wh) = (
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(u)),
+                    _mm256_castsi256_ps(_mm256_and_si256(u, high)),
+                );
+                lo[v] = _mm256_fmadd_ps(wl, x0, lo[v]);
+                hi[v] = _mm256_fmadd_ps(wh, x1, hi[v]);
+            }
+        }
+        for v in 0..NR / 8 {
+            _mm256_storeu_ps(c.add(8 * v), _mm256_add_ps(lo[v], hi[v]));
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn widen(_: *const u32, _: usize, _: *mut f32) {
+        unreachable!("the bf16 kernels are only chosen where available() holds")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn tile(_: *const f32, _: *const f32, _: usize, _: *mut f32, _: usize, _: bool) {
+        unreachable!("the bf16 kernels are only chosen where available() holds")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(super) unsafe fn gemv_panel(_: *const f32, _: *const u32, _: usize, _: *mut f32) {
+        unreachable!("the bf16 kernels are only chosen where available() holds")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
 
     /// Against an f32 product of the bf16-rounded operands, on shapes with every edge: rows
-    /// not a multiple of the panel, odd widths, several blocks, a partial tile.
+    /// not a multiple of the panel, odd widths, several blocks, a partial tile; with every
+    /// kernel set this CPU runs.
     #[test]
     fn matches_f32_on_rounded_operands() {
         if !available() {
-            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            eprintln!("skipped: this CPU runs none of the bf16 kernels");
             return;
         }
         let d = Device::Cpu;
@@ -741,7 +1049,6 @@ mod tests {
         ] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &d).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &d).unwrap();
-            let got = PackedBf16::pack(&w).unwrap().matmul(&x).unwrap();
             let round = |t: &Tensor| {
                 t.to_dtype(DType::BF16)
                     .unwrap()
@@ -749,12 +1056,16 @@ mod tests {
                     .unwrap()
             };
             let want = round(&x).matmul(&round(&w).t().unwrap()).unwrap();
-            let err = kollava_testkit::max_abs_diff_tensors(&got, &want);
             let scale = kollava_testkit::max_abs_diff_tensors(&want, &want.zeros_like().unwrap());
-            assert!(
-                err <= 1e-4 * scale.max(1.0),
-                "{m}x{k}x{n}: {err} (scale {scale})"
-            );
+            let packed = PackedBf16::pack(&w).unwrap();
+            for kernels in supported() {
+                let got = packed.matmul_with(kernels, &x).unwrap();
+                let err = kollava_testkit::max_abs_diff_tensors(&got, &want);
+                assert!(
+                    err <= 1e-4 * scale.max(1.0),
+                    "{kernels} {m}x{k}x{n}: {err} (scale {scale})"
+                );
+            }
         }
     }
 
@@ -763,7 +1074,7 @@ mod tests {
     #[test]
     fn batched_rows_equal_rows_alone_bit_for_bit() {
         if !available() {
-            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            eprintln!("skipped: this CPU runs none of the bf16 kernels");
             return;
         }
         let d = Device::Cpu;
@@ -775,14 +1086,16 @@ mod tests {
         ] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &d).unwrap();
             let w = PackedBf16::pack(&Tensor::randn(0f32, 1.0, (n, k), &d).unwrap()).unwrap();
-            let batched: Vec<Vec<f32>> = w.matmul(&x).unwrap().to_vec2().unwrap();
-            for (r, row) in batched.iter().enumerate() {
-                let alone: Vec<Vec<f32>> = w
-                    .matmul(&x.narrow(0, r, 1).unwrap())
-                    .unwrap()
-                    .to_vec2()
-                    .unwrap();
-                assert_eq!(row, &alone[0], "{m}x{k}x{n}: row {r}");
+            for kernels in supported() {
+                let batched: Vec<Vec<f32>> = w.matmul_with(kernels, &x).unwrap().to_vec2().unwrap();
+                for (r, row) in batched.iter().enumerate() {
+                    let alone: Vec<Vec<f32>> = w
+                        .matmul_with(kernels, &x.narrow(0, r, 1).unwrap())
+                        .unwrap()
+                        .to_vec2()
+                        .unwrap();
+                    assert_eq!(row, &alone[0], "{kernels} {m}x{k}x{n}: row {r}");
+                }
             }
         }
     }
@@ -793,7 +1106,7 @@ mod tests {
     #[test]
     fn ggml_weights_match_f32_on_rounded_operands() {
         if !available() {
-            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            eprintln!("skipped: this CPU runs none of the bf16 kernels");
             return;
         }
         let d = Device::Cpu;
@@ -814,16 +1127,20 @@ mod tests {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &d).unwrap();
                 let w = Tensor::randn(0f32, 1.0, (n, k), &d).unwrap();
                 let q = QTensor::quantize(&w, dtype).unwrap();
-                let got = matmul_ggml(&q, &x).unwrap().expect("a quantized weight");
                 let wd = q.dequantize(&d).unwrap();
                 let want = round(&x).matmul(&round(&wd).t().unwrap()).unwrap();
-                let err = kollava_testkit::max_abs_diff_tensors(&got, &want);
                 let scale =
                     kollava_testkit::max_abs_diff_tensors(&want, &want.zeros_like().unwrap());
-                assert!(
-                    err <= 1e-4 * scale.max(1.0),
-                    "{dtype:?} {m}x{k}x{n}: {err} (scale {scale})"
-                );
+                for kernels in supported() {
+                    let got = matmul_ggml_with(kernels, &q, &x)
+                        .unwrap()
+                        .expect("a quantized weight");
+                    let err = kollava_testkit::max_abs_diff_tensors(&got, &want);
+                    assert!(
+                        err <= 1e-4 * scale.max(1.0),
+                        "{kernels} {dtype:?} {m}x{k}x{n}: {err} (scale {scale})"
+                    );
+                }
             }
         }
         // Float weights keep their exact product elsewhere.

@@ -497,7 +497,7 @@ impl Decoder {
     /// Readies the weights for generation: every matrix moves into a ggml container of its
     /// own dtype (decoding then reads it once, in that width, on all threads), the norms
     /// widen to f32, and activations run in f32. Training keeps the unpacked form.
-    /// With `bf16`, matrices are packed for our AVX512-BF16 kernels instead, and the KV
+    /// With `bf16`, matrices are packed for our bf16 kernels instead, and the KV
     /// cache is kept in f16 (as llama.cpp keeps it): a run that already rounds its weights
     /// gives up exactness for speed and memory, an f32 one does not.
     pub fn pack_for_inference(&mut self, bf16: bool) -> Result<()> {
@@ -531,7 +531,10 @@ impl Decoder {
         match self.layers.first().map(|l| &l.self_attn.q_proj) {
             Some(Linear::Quantized { weight, .. }) => format!("{:?}", weight.dtype()),
             Some(Linear::Dense(l)) => format!("{:?}", l.weight().dtype()).to_uppercase(),
-            Some(Linear::Bf16 { .. }) => "BF16 (AVX512-BF16 kernels)".into(),
+            Some(Linear::Bf16 { .. }) => match crate::bf16::kernels() {
+                Some(k) => format!("BF16 ({k} kernels)"),
+                None => "BF16".into(),
+            },
             _ => "?".into(),
         }
     }

@@ -1,5 +1,6 @@
 //! Our matrix-vector products for ggml's k-quant weights (`Q4_K`, `Q6_K`: what a Q4_K_M
-//! GGUF stores), for decoding on x86-64 CPUs with AVX512-VNNI.
+//! GGUF stores), for decoding on x86-64 CPUs: with AVX512-VNNI, or with AVX2 (the same
+//! arithmetic on 256-bit vectors; [`kernels`] picks).
 //!
 //! Decoding is bound by memory bandwidth: each token streams every weight once. So the
 //! kernels read the file's blocks as they are (144 bytes per 256 weights for `Q4_K`, 210 for
@@ -30,22 +31,47 @@ const Q6K_BYTES: usize = 210;
 /// each loaded activation across 32 weight rows; these row-by-row kernels do not.
 pub const MAX_ROWS: usize = 16;
 
-/// Whether this CPU runs the kernels.
-pub fn available() -> bool {
+/// A kernel set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernels {
+    /// 512-bit vectors, `vpdpwssd` for the scaled sums.
+    Avx512Vnni,
+    /// 256-bit vectors.
+    Avx2,
+}
+
+/// Every kernel set this CPU runs, fastest first.
+fn supported() -> Vec<Kernels> {
+    let mut all = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
-        use std::sync::OnceLock;
-        static AVAILABLE: OnceLock<bool> = OnceLock::new();
-        *AVAILABLE.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
-        })
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+            all.push(Kernels::Avx512Vnni);
+        }
+        if has!("avx2") && has!("fma") {
+            all.push(Kernels::Avx2);
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    all
+}
+
+/// The fastest kernel set this CPU runs (`KOLLAVA_KERNELS=avx2`: the AVX2 one where the
+/// CPU also has AVX512, as [`crate::bf16::kernels`]).
+fn kernels() -> Option<Kernels> {
+    static KERNELS: std::sync::OnceLock<Option<Kernels>> = std::sync::OnceLock::new();
+    *KERNELS.get_or_init(|| {
+        let all = supported();
+        if std::env::var("KOLLAVA_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("avx2")) {
+            return all.into_iter().find(|&k| k == Kernels::Avx2);
+        }
+        all.first().copied()
+    })
+}
+
+/// Whether this CPU runs the kernels.
+pub fn available() -> bool {
+    kernels().is_some()
 }
 
 /// `x Wᵀ` for `x: (…, k)` with at most [`MAX_ROWS`] rows, when this module has a kernel for
@@ -59,10 +85,21 @@ pub fn try_matmul(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
 /// gate/up): the input is quantized once per weight type, and all the products go to the
 /// worker threads in one dispatch. `None` unless every weight is for these kernels.
 pub fn try_matmul_many(ws: &[&QTensor], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
+    match kernels() {
+        Some(kernels) => try_matmul_many_with(kernels, ws, x),
+        None => Ok(None),
+    }
+}
+
+fn try_matmul_many_with(
+    kernels: Kernels,
+    ws: &[&QTensor],
+    x: &Tensor,
+) -> Result<Option<Vec<Tensor>>> {
     let mut dims = x.dims().to_vec();
     let k = dims.pop().unwrap_or(0);
     let m: usize = dims.iter().product();
-    if !available() || !x.device().is_cpu() || !k.is_multiple_of(QK) || m == 0 || m > MAX_ROWS {
+    if !x.device().is_cpu() || !k.is_multiple_of(QK) || m == 0 || m > MAX_ROWS {
         return Ok(None);
     }
     let mut kinds = Vec::with_capacity(ws.len());
@@ -113,7 +150,7 @@ pub fn try_matmul_many(ws: &[&QTensor], x: &Tensor) -> Result<Option<Vec<Tensor>
             out: out.as_mut_ptr() as usize,
         })
         .collect();
-    matmul(&products, k, m);
+    matmul(kernels, &products, k, m);
     outs.into_iter()
         .map(|out| {
             let mut dims = dims.clone();
@@ -270,7 +307,7 @@ struct Product<'a> {
 /// threads (they spin between dispatches rather than sleep, which matters when a token is
 /// ~100 dispatches of a millisecond or less); within a chunk, tiles of [`TILE`] activation
 /// rows share each decoded weight block.
-fn matmul(products: &[Product], k: usize, m: usize) {
+fn matmul(kernels: Kernels, products: &[Product], k: usize, m: usize) {
     const CHUNK: usize = 16;
     // Chunk `c` belongs to the product `p` with `first[p] <= c < first[p + 1]`.
     let mut first = vec![0];
@@ -289,11 +326,11 @@ fn matmul(products: &[Product], k: usize, m: usize) {
                     let row = &p.w[i * row_bytes..(i + 1) * row_bytes];
                     let mut sums = [0f32; TILE];
                     let rows = TILE.min(m - r0);
-                    // SAFETY: `available()` was checked by the caller; `row` holds `k / 256`
-                    // blocks and the activations `m` rows of `k / 256` blocks; each output is
-                    // written by the one thread that owns its weight row.
+                    // SAFETY: the caller chose `kernels` from `supported()`; `row` holds
+                    // `k / 256` blocks and the activations `m` rows of `k / 256` blocks; each
+                    // output is written by the one thread that owns its weight row.
                     unsafe {
-                        dot_rows(p.kind, row.as_ptr(), p.acts, r0, rows, &mut sums);
+                        dot_rows(kernels, p.kind, row.as_ptr(), p.acts, r0, rows, &mut sums);
                         for (r, v) in sums.iter().take(rows).enumerate() {
                             *(p.out as *mut f32).add((r0 + r) * p.n + i) = *v;
                         }
@@ -310,6 +347,7 @@ const TILE: usize = 8;
 /// One weight row against activation rows `r0..r0 + rows` (`rows ≤ TILE`) into `out`.
 #[cfg(target_arch = "x86_64")]
 unsafe fn dot_rows(
+    kernels: Kernels,
     kind: Kind,
     w: *const u8,
     acts: &Activations,
@@ -319,9 +357,11 @@ unsafe fn dot_rows(
 ) {
     macro_rules! go {
         ($($r:literal)*) => {
-            match (kind, rows) {
-                $((Kind::Q4K, $r) => dot_q4k::<$r>(w, acts, r0, out),
-                  (Kind::Q6K, $r) => dot_q6k::<$r>(w, acts, r0, out),)*
+            match (kernels, kind, rows) {
+                $((Kernels::Avx512Vnni, Kind::Q4K, $r) => dot_q4k::<$r>(w, acts, r0, out),
+                  (Kernels::Avx512Vnni, Kind::Q6K, $r) => dot_q6k::<$r>(w, acts, r0, out),
+                  (Kernels::Avx2, Kind::Q4K, $r) => avx2::dot_q4k::<$r>(w, acts, r0, out),
+                  (Kernels::Avx2, Kind::Q6K, $r) => avx2::dot_q6k::<$r>(w, acts, r0, out),)*
                 _ => unreachable!("at most TILE rows"),
             }
         };
@@ -331,6 +371,7 @@ unsafe fn dot_rows(
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn dot_rows(
+    _: Kernels,
     _: Kind,
     _: *const u8,
     _: &Activations,
@@ -534,10 +575,169 @@ unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// The kernels on 256-bit vectors: eight groups of 32 values per block, each group's
+/// `vpmaddubsw` words multiplied by their sub-block's scale (`vpmaddwd`) into 32-bit sums.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{f16_at, hsum256, q4k_scales_mins, Activations, Q4K_BYTES, Q6K_BYTES, QK, TILE};
+    use std::arch::x86_64::*;
+
+    /// [`super::dot_q4k`] with AVX2. Group `g` of the activations (32 values) is sub-block
+    /// `[0, 2, 1, 3, 4, 6, 5, 7][g]`, as [`Activations`] stores them: the low nibbles of
+    /// bytes 0..32 and 32..64, then their high nibbles; the same for bytes 64..128.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q4k<const R: usize>(
+        w: *const u8,
+        acts: &Activations,
+        r0: usize,
+        out: &mut [f32; TILE],
+    ) {
+        const SUB: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
+        let blocks = acts.blocks;
+        let nibble = _mm256_set1_epi8(0x0f);
+        // Group g's words all take scale SUB[g]: its two bytes of the widened scales,
+        // repeated (one `vpshufb` per group instead of a scalar broadcast).
+        let picks: [__m256i; 8] = std::array::from_fn(|g| {
+            let s = 2 * SUB[g] as i8;
+            let idx: [i8; 32] = std::array::from_fn(|i| s + (i % 2) as i8);
+            _mm256_loadu_si256(idx.as_ptr() as *const __m256i)
+        });
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc_min = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
+            let blk = w.add(b * Q4K_BYTES);
+            let sm = q4k_scales_mins(&*(blk.add(4) as *const [u8; 12]));
+            let bytes = [0, 1, 2, 3].map(|j| _mm256_loadu_si256(blk.add(16 + 32 * j) as *const _));
+            let quants = [
+                _mm256_and_si256(bytes[0], nibble),
+                _mm256_and_si256(bytes[1], nibble),
+                _mm256_and_si256(_mm256_srli_epi16(bytes[0], 4), nibble),
+                _mm256_and_si256(_mm256_srli_epi16(bytes[1], 4), nibble),
+                _mm256_and_si256(bytes[2], nibble),
+                _mm256_and_si256(bytes[3], nibble),
+                _mm256_and_si256(_mm256_srli_epi16(bytes[2], 4), nibble),
+                _mm256_and_si256(_mm256_srli_epi16(bytes[3], 4), nibble),
+            ];
+            let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(
+                sm.as_ptr() as *const __m128i
+            )));
+            let scales = picks.map(|p| _mm256_shuffle_epi8(sc16, p));
+            let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                sm.as_ptr().add(8) as *const __m128i,
+            )));
+            let d = f16_at(blk);
+            let mins = _mm256_mul_ps(mins, _mm256_set1_ps(f16_at(blk.add(2))));
+            for r in 0..R {
+                let at = (r0 + r) * blocks + b;
+                let dy = *acts.d.get_unchecked(at);
+                let sumi = scaled_dots(&quants, &scales, acts.qs.as_ptr().add(at * QK));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d * dy), acc[r]);
+                let sums = _mm256_loadu_ps(acts.sums.as_ptr().add(at * 16));
+                acc_min[r] = _mm256_fmadd_ps(mins, sums, acc_min[r]);
+            }
+        }
+        for r in 0..R {
+            out[r] = hsum256(acc[r]) - hsum256(acc_min[r]);
+        }
+    }
+
+    /// [`super::dot_q6k`] with AVX2: group `g` is values `32g..32g + 32` (natural order),
+    /// sub-blocks `2g` (its first 16) and `2g + 1`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q6k<const R: usize>(
+        w: *const u8,
+        acts: &Activations,
+        r0: usize,
+        out: &mut [f32; TILE],
+    ) {
+        let blocks = acts.blocks;
+        let nibble = _mm256_set1_epi8(0x0f);
+        let pair = _mm256_set1_epi8(0x03);
+        // Group g's words take scale 2g (low 128 bits) and 2g + 1 (high): bytes picked
+        // from the 16 scales, then widened.
+        let picks: [__m128i; 8] = std::array::from_fn(|g| {
+            let mut idx = [2 * g as i8; 16];
+            idx[8..].fill(2 * g as i8 + 1);
+            _mm_loadu_si128(idx.as_ptr() as *const __m128i)
+        });
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc_off = [[_mm256_setzero_ps(); 2]; R];
+        for b in 0..blocks {
+            let blk = w.add(b * Q6K_BYTES);
+            let mut quants = [_mm256_setzero_si256(); 8];
+            for half in 0..2 {
+                let ql0 = _mm256_loadu_si256(blk.add(64 * half) as *const _);
+                let ql1 = _mm256_loadu_si256(blk.add(64 * half + 32) as *const _);
+                let qh = _mm256_loadu_si256(blk.add(128 + 32 * half) as *const _);
+                let high = |shift: i32| {
+                    let h = match shift {
+                        0 => qh,
+                        2 => _mm256_srli_epi16(qh, 2),
+                        4 => _mm256_srli_epi16(qh, 4),
+                        _ => _mm256_srli_epi16(qh, 6),
+                    };
+                    _mm256_slli_epi16(_mm256_and_si256(h, pair), 4)
+                };
+                let q = &mut quants[4 * half..4 * half + 4];
+                q[0] = _mm256_or_si256(_mm256_and_si256(ql0, nibble), high(0));
+                q[1] = _mm256_or_si256(_mm256_and_si256(ql1, nibble), high(2));
+                q[2] =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), nibble), high(4));
+                q[3] =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), nibble), high(6));
+            }
+            let sc8 = _mm_loadu_si128(blk.add(192) as *const __m128i);
+            let scales = picks.map(|p| _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, p)));
+            let d = f16_at(blk.add(208));
+            let dv = _mm256_set1_ps(d);
+            let offsets = [
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)), dv),
+                _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8))),
+                    dv,
+                ),
+            ];
+            for r in 0..R {
+                let at = (r0 + r) * blocks + b;
+                let dd = d * *acts.d.get_unchecked(at);
+                let sumi = scaled_dots(&quants, &scales, acts.qs.as_ptr().add(at * QK));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(dd), acc[r]);
+                for (h, o) in offsets.iter().enumerate() {
+                    let sums = _mm256_loadu_ps(acts.sums.as_ptr().add(at * 16 + 8 * h));
+                    acc_off[r][h] = _mm256_fmadd_ps(*o, sums, acc_off[r][h]);
+                }
+            }
+        }
+        for r in 0..R {
+            out[r] = hsum256(acc[r]) - hsum256(_mm256_add_ps(acc_off[r][0], acc_off[r][1]));
+        }
+    }
+
+    /// `Σ_g scale_g · (quants_g · y_g)` over a block's eight groups of 32 weights (unsigned)
+    /// and activations (signed, at `y`), in 8 lanes of 32-bit sums.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn scaled_dots(quants: &[__m256i; 8], scales: &[__m256i; 8], y: *const i8) -> __m256i {
+        let mut sumi = _mm256_setzero_si256();
+        for (g, (q, s)) in quants.iter().zip(scales).enumerate() {
+            let y = _mm256_loadu_si256(y.add(32 * g) as *const __m256i);
+            let words = _mm256_maddubs_epi16(*q, y);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(words, *s));
+        }
+        sumi
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// [`try_matmul`] through the given kernels.
+    fn product(kernels: Kernels, w: &QTensor, x: &Tensor) -> Vec<Vec<f32>> {
+        let mut ys = try_matmul_many_with(kernels, &[w], x).unwrap().unwrap();
+        ys.pop().unwrap().to_vec2().unwrap()
+    }
 
     /// Against `W · x` in f64 on the dequantized weight and the `Q8_K`-rounded activations
     /// (candle's own quantizer): only the kernels' f32 sums differ. Widths of one and of
@@ -545,7 +745,7 @@ mod tests {
     #[test]
     fn kernels_match_dequantized_products() {
         if !available() {
-            eprintln!("skipped: no AVX512-VNNI on this CPU");
+            eprintln!("skipped: no AVX2 on this CPU");
             return;
         }
         let dev = Device::Cpu;
@@ -564,31 +764,33 @@ mod tests {
                     .slice_assign(&[0..m, 5..6], &Tensor::full(9f32, (m, 1), &dev).unwrap())
                     .unwrap();
                 let q = QTensor::quantize(&w, dtype).unwrap();
-                let got: Vec<Vec<f32>> = try_matmul(&q, &x).unwrap().unwrap().to_vec2().unwrap();
                 let wd: Vec<Vec<f32>> = q.dequantize(&dev).unwrap().to_vec2().unwrap();
                 let xq = QTensor::quantize(&x, GgmlDType::Q8K)
                     .unwrap()
                     .dequantize(&dev)
                     .unwrap();
                 let xq: Vec<Vec<f32>> = xq.to_vec2().unwrap();
-                for r in 0..m {
-                    for i in 0..n {
-                        let want: f64 = wd[i]
-                            .iter()
-                            .zip(&xq[r])
-                            .map(|(&a, &b)| a as f64 * b as f64)
-                            .sum();
-                        let scale: f64 = wd[i]
-                            .iter()
-                            .zip(&xq[r])
-                            .map(|(&a, &b)| (a as f64 * b as f64).abs())
-                            .sum();
-                        let err = (got[r][i] as f64 - want).abs();
-                        assert!(
-                            err <= 1e-5 * scale,
-                            "{dtype:?} {m}x{k}x{n} [{r},{i}]: {} vs {want}",
-                            got[r][i]
-                        );
+                for kernels in supported() {
+                    let got = product(kernels, &q, &x);
+                    for r in 0..m {
+                        for i in 0..n {
+                            let want: f64 = wd[i]
+                                .iter()
+                                .zip(&xq[r])
+                                .map(|(&a, &b)| a as f64 * b as f64)
+                                .sum();
+                            let scale: f64 = wd[i]
+                                .iter()
+                                .zip(&xq[r])
+                                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                                .sum();
+                            let err = (got[r][i] as f64 - want).abs();
+                            assert!(
+                                err <= 1e-5 * scale,
+                                "{kernels:?} {dtype:?} {m}x{k}x{n} [{r},{i}]: {} vs {want}",
+                                got[r][i]
+                            );
+                        }
                     }
                 }
             }
@@ -599,7 +801,7 @@ mod tests {
     #[test]
     fn batched_rows_equal_rows_alone_bit_for_bit() {
         if !available() {
-            eprintln!("skipped: no AVX512-VNNI on this CPU");
+            eprintln!("skipped: no AVX2 on this CPU");
             return;
         }
         let dev = Device::Cpu;
@@ -608,14 +810,12 @@ mod tests {
                 .unwrap();
             // 11 rows: a full tile of eight and a partial one.
             let x = Tensor::randn(0f32, 1.0, (11, 768), &dev).unwrap();
-            let all: Vec<Vec<f32>> = try_matmul(&q, &x).unwrap().unwrap().to_vec2().unwrap();
-            for (r, row) in all.iter().enumerate() {
-                let alone: Vec<Vec<f32>> = try_matmul(&q, &x.narrow(0, r, 1).unwrap())
-                    .unwrap()
-                    .unwrap()
-                    .to_vec2()
-                    .unwrap();
-                assert_eq!(row, &alone[0], "{dtype:?} row {r}");
+            for kernels in supported() {
+                let all = product(kernels, &q, &x);
+                for (r, row) in all.iter().enumerate() {
+                    let alone = product(kernels, &q, &x.narrow(0, r, 1).unwrap());
+                    assert_eq!(row, &alone[0], "{kernels:?} {dtype:?} row {r}");
+                }
             }
         }
     }
@@ -625,7 +825,7 @@ mod tests {
     #[test]
     fn shared_input_products_equal_products_alone() {
         if !available() {
-            eprintln!("skipped: no AVX512-VNNI on this CPU");
+            eprintln!("skipped: no AVX2 on this CPU");
             return;
         }
         let dev = Device::Cpu;
@@ -642,12 +842,13 @@ mod tests {
         for m in [1, 3] {
             let x = Tensor::randn(0f32, 1.0, (m, 512), &dev).unwrap();
             let refs: Vec<&QTensor> = ws.iter().collect();
-            let together = try_matmul_many(&refs, &x).unwrap().unwrap();
-            for (w, y) in ws.iter().zip(&together) {
-                let alone = try_matmul(w, &x).unwrap().unwrap();
-                let (a, b): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
-                    (y.to_vec2().unwrap(), alone.to_vec2().unwrap());
-                assert_eq!(a, b, "{:?}, {m} rows", w.dtype());
+            for kernels in supported() {
+                let together = try_matmul_many_with(kernels, &refs, &x).unwrap().unwrap();
+                for (w, y) in ws.iter().zip(&together) {
+                    let a: Vec<Vec<f32>> = y.to_vec2().unwrap();
+                    let b = product(kernels, w, &x);
+                    assert_eq!(a, b, "{kernels:?} {:?}, {m} rows", w.dtype());
+                }
             }
         }
     }

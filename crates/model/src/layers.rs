@@ -27,7 +27,8 @@ pub enum Linear {
     },
     /// A LoRA adapter over a frozen base: `base(x) + dropout(x) Aᵀ Bᵀ · alpha / r`.
     Lora(Box<Lora>),
-    /// A weight packed for our AVX512-BF16 kernels (`--dtype bf16`; inference only).
+    /// A weight packed for our bf16 kernels (`--dtype bf16`; inference only; AVX512-BF16 or
+    /// AVX2+FMA, see [`crate::bf16`]).
     Bf16 {
         weight: std::sync::Arc<crate::bf16::PackedBf16>,
         bias: Option<Tensor>,
@@ -247,7 +248,7 @@ impl Linear {
         })
     }
 
-    /// The layer packed for our AVX512-BF16 kernels: a dense one, or one held in a ggml float
+    /// The layer packed for our bf16 kernels: a dense one, or one held in a ggml float
     /// type (a GGUF file's F16 matrices); quantized and adapted ones stay as they are.
     pub fn packed_bf16(&self) -> Result<Linear> {
         let (w, b) = match self {

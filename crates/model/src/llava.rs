@@ -67,7 +67,7 @@ impl Llava {
 
     /// Readies a loaded model for generation (see [`Decoder::pack_for_inference`]); the
     /// projector computes in f32 with it.
-    /// With `bf16` (and a CPU with AVX512-BF16) every matrix, the tower's included, runs
+    /// With `bf16` (and a CPU with AVX512-BF16 or AVX2+FMA) every matrix, the tower's included, runs
     /// through our bf16 kernels.
     pub fn pack_for_inference(&mut self, bf16: bool) -> Result<()> {
         if !self.decoder.device().is_cpu() {
