@@ -26,9 +26,10 @@ const QK: usize = 256;
 const Q4K_BYTES: usize = 144;
 /// Bytes per `Q6_K` block: 128 low nibbles, 64 of high bit pairs, 16 i8 scales, f16 d.
 const Q6K_BYTES: usize = 210;
-/// Activation rows up to which the kernels run (decoding, batched decoding). A prefill's
-/// hundreds of rows go to the tiled bf16 GEMM ([`crate::bf16::matmul_ggml`]), which reuses
-/// each loaded activation across 32 weight rows; these row-by-row kernels do not.
+/// Activation rows up to which the AVX512 kernels run (decoding, batched decoding). There, a
+/// prefill's hundreds of rows go to the tiled bf16 GEMM ([`crate::bf16::matmul_ggml`]):
+/// `vdpbf16ps` outruns these row-by-row kernels. With AVX2 the integer kernels run prefill
+/// too (see [`max_rows`]).
 pub const MAX_ROWS: usize = 16;
 
 /// A kernel set.
@@ -74,6 +75,21 @@ pub fn available() -> bool {
     kernels().is_some()
 }
 
+/// Activation rows up to which [`try_matmul`] multiplies on this CPU: [`MAX_ROWS`] with
+/// AVX512; any number with AVX2, where `vpmaddubsw`'s 32 products per instruction beat the
+/// f32 FMAs of a GEMM over dequantized panels (8 per instruction), as llama.cpp's
+/// quantized prefill does; 0 without kernels.
+pub fn max_rows() -> usize {
+    kernels().map_or(0, rows_limit)
+}
+
+fn rows_limit(kernels: Kernels) -> usize {
+    match kernels {
+        Kernels::Avx512Vnni => MAX_ROWS,
+        Kernels::Avx2 => usize::MAX,
+    }
+}
+
 /// `x Wᵀ` for `x: (…, k)` with at most [`MAX_ROWS`] rows, when this module has a kernel for
 /// the weight (a `Q4_K` or `Q6_K` matrix whose width is a multiple of 256 on a CPU that runs
 /// the kernels); `None` otherwise, for the caller's general path.
@@ -99,7 +115,7 @@ fn try_matmul_many_with(
     let mut dims = x.dims().to_vec();
     let k = dims.pop().unwrap_or(0);
     let m: usize = dims.iter().product();
-    if !x.device().is_cpu() || !k.is_multiple_of(QK) || m == 0 || m > MAX_ROWS {
+    if !x.device().is_cpu() || !k.is_multiple_of(QK) || m == 0 || m > rows_limit(kernels) {
         return Ok(None);
     }
     let mut kinds = Vec::with_capacity(ws.len());
@@ -756,6 +772,7 @@ mod tests {
                 (3, 512, 64),
                 (MAX_ROWS, 1280, 20),
                 (11, 512, 33),
+                (45, 512, 24), // a prefill, where the kernels take one (AVX2)
             ] {
                 let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
                 // Activations with an outlier column, as real hidden states have.
@@ -770,7 +787,7 @@ mod tests {
                     .dequantize(&dev)
                     .unwrap();
                 let xq: Vec<Vec<f32>> = xq.to_vec2().unwrap();
-                for kernels in supported() {
+                for kernels in supported().into_iter().filter(|&k| m <= rows_limit(k)) {
                     let got = product(kernels, &q, &x);
                     for r in 0..m {
                         for i in 0..n {
@@ -886,7 +903,11 @@ mod tests {
         let q4 = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
         let narrow = Tensor::ones((3, 128), DType::F32, &dev).unwrap();
         assert!(try_matmul(&q4, &narrow).unwrap().is_none());
+        // A prefill goes to the bf16 GEMM where the AVX512 kernels are chosen (the check
+        // comes before any kernel runs, on any CPU).
         let prefill = Tensor::ones((MAX_ROWS + 1, 256), DType::F32, &dev).unwrap();
-        assert!(try_matmul(&q4, &prefill).unwrap().is_none());
+        assert!(try_matmul_many_with(Kernels::Avx512Vnni, &[&q4], &prefill)
+            .unwrap()
+            .is_none());
     }
 }

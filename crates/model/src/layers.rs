@@ -169,7 +169,7 @@ impl Linear {
                 let float = is_float(weight.dtype());
                 let ours = if xs.track_op() {
                     None
-                } else if rows <= crate::kquant::MAX_ROWS || !crate::bf16::available() {
+                } else if rows <= crate::kquant::max_rows() || !crate::bf16::available() {
                     crate::kquant::try_matmul(weight, xs)?
                 } else {
                     crate::bf16::matmul_ggml(weight, xs)?
