@@ -894,7 +894,12 @@ mod avx2 {
         let mut c = vec![0f32; tiles * MR * ldc];
         let c_addr = c.as_mut_ptr() as usize;
         candle_core::utils::barrier_pool().execute_chunked(panels, |range| {
-            let (mut buf, mut wide) = (Vec::new(), vec![0f32; 2 * SUB * NR]);
+            // Cache-line aligned, so that no weight vector load straddles two lines.
+            #[derive(Clone, Copy)]
+            #[repr(align(64))]
+            struct Line(#[allow(dead_code)] [f32; 16]); // written and read through `wide`
+            let (mut buf, mut lines) = (Vec::new(), vec![Line([0.0; 16]); 2 * SUB * NR / 16]);
+            let wide = lines.as_mut_ptr() as *mut f32;
             for q0 in (0..pairs).step_by(KC) {
                 let kc = KC.min(pairs - q0);
                 for p in range.clone() {
@@ -907,14 +912,14 @@ mod avx2 {
                         // inputs; each (tile, panel) block of `c` is written by the one
                         // thread that took the panel.
                         unsafe {
-                            widen(wb.as_ptr().add(s0 * NR), sc, wide.as_mut_ptr());
+                            widen(wb.as_ptr().add(s0 * NR), sc, wide);
                             let i0 = 2 * (q0 + s0);
                             for t in 0..tiles {
                                 let x = xp.as_ptr().add((t * width + i0) * MR);
                                 for half in 0..2 {
                                     let cp =
                                         (c_addr as *mut f32).add(t * MR * ldc + p * NR + 16 * half);
-                                    tile(x, wide.as_ptr().add(16 * half), 2 * sc, cp, ldc, i0 > 0);
+                                    tile(x, wide.add(16 * half), 2 * sc, cp, ldc, i0 > 0);
                                 }
                             }
                         }
