@@ -59,11 +59,17 @@ pub fn kernels() -> Option<Kernels> {
     static KERNELS: std::sync::OnceLock<Option<Kernels>> = std::sync::OnceLock::new();
     *KERNELS.get_or_init(|| {
         let all = supported();
-        if std::env::var("KOLLAVA_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("avx2")) {
+        if avx2_forced() {
             return all.into_iter().find(|&k| k == Kernels::Avx2Fma);
         }
         all.first().copied()
     })
+}
+
+/// `KOLLAVA_KERNELS=avx2`: the AVX2 kernels (ours and [`crate::kquant`]'s) even where the
+/// CPU has AVX512 ones.
+pub(crate) fn avx2_forced() -> bool {
+    std::env::var("KOLLAVA_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("avx2"))
 }
 
 /// Every kernel set this CPU runs, fastest first.
@@ -232,9 +238,7 @@ impl PackedBf16 {
             }
         });
     }
-}
 
-impl PackedBf16 {
     /// [`Self::gemv`] with AVX2: each row alone against each panel (so a batch's rows get
     /// what they would alone), the panel in L2 for the batch's other rows.
     fn gemv_avx2(&self, xs: &[f32], rows: usize, c: &mut [f32], ldc: usize) {

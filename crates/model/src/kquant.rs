@@ -63,7 +63,7 @@ fn kernels() -> Option<Kernels> {
     static KERNELS: std::sync::OnceLock<Option<Kernels>> = std::sync::OnceLock::new();
     *KERNELS.get_or_init(|| {
         let all = supported();
-        if std::env::var("KOLLAVA_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("avx2")) {
+        if crate::bf16::avx2_forced() {
             return all.into_iter().find(|&k| k == Kernels::Avx2);
         }
         all.first().copied()

@@ -175,9 +175,10 @@ impl Linear {
                     crate::bf16::matmul_ggml(weight, xs)?
                 };
                 let y = if let Some(y) = ours {
-                    // Decoding a Q4_K/Q6_K weight: our integer kernels (crate::kquant).
-                    // Prefill with a quantized weight: our bf16 GEMM, the weight unpacked
-                    // block by block (crate::bf16::matmul_ggml).
+                    // Decoding a Q4_K/Q6_K weight (and, with the AVX2 kernels, prefill):
+                    // our integer kernels (crate::kquant). Other prefill with a quantized
+                    // weight: our bf16 GEMM, the weight unpacked block by block
+                    // (crate::bf16::matmul_ggml).
                     y.to_dtype(xs.dtype())?
                 } else if xs.track_op() || (float && rows >= GEMM_ROWS) {
                     // Training through a frozen 4-bit base: a differentiable product. Prefill
