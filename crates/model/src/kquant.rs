@@ -203,21 +203,34 @@ struct Activations {
     /// Per block, 16 floats: `Q4_K`, `d · Σ` over each 32-value sub-block (8 used);
     /// `Q6_K`, `32 · d · Σ` over each 16-value sub-block.
     sums: Vec<f32>,
+    /// The same sums as integers, unscaled: the AVX2 kernels correct the weights' offsets
+    /// in integers, before scaling.
+    isums: Vec<i16>,
+    /// `d` by block, then by row, the rows padded to whole tiles: a tile's scales for one
+    /// block in one load (the AVX2 kernels hold one row per lane).
+    d_by_block: Vec<f32>,
+    /// Rows rounded up to a whole [`TILE`].
+    padded_rows: usize,
 }
 
 impl Activations {
     fn quantize(x: &[f32], m: usize, k: usize, kind: Kind) -> Self {
         let blocks = k / QK;
+        let padded_rows = m.next_multiple_of(TILE);
         let mut a = Activations {
             blocks,
             d: vec![0.0; m * blocks],
             qs: vec![0; m * k],
             sums: vec![0.0; m * blocks * 16],
+            isums: vec![0; m * blocks * 16],
+            d_by_block: vec![0.0; blocks * padded_rows],
+            padded_rows,
         };
-        let (d, qs, sums) = (
+        let (d, qs, sums, isums) = (
             a.d.as_mut_ptr() as usize,
             a.qs.as_mut_ptr() as usize,
             a.sums.as_mut_ptr() as usize,
+            a.isums.as_mut_ptr() as usize,
         );
         let block = |b: usize| {
             // SAFETY: block `b` alone writes its scale, its 256 values and its 16 sums.
@@ -228,6 +241,7 @@ impl Activations {
                     &mut *(d as *mut f32).add(b),
                     &mut *((qs as *mut [i8; QK]).add(b)),
                     &mut *((sums as *mut [f32; 16]).add(b)),
+                    &mut *((isums as *mut [i16; 16]).add(b)),
                 );
             }
         };
@@ -239,13 +253,24 @@ impl Activations {
             candle_core::utils::barrier_pool()
                 .execute_chunked(m * blocks, |range| range.for_each(block));
         }
+        for (i, &d) in a.d.iter().enumerate() {
+            let (row, b) = (i / blocks, i % blocks);
+            a.d_by_block[b * padded_rows + row] = d;
+        }
         a
     }
 }
 
 /// ggml's `quantize_row_q8_K` for one block, as candle writes it (the value of largest
 /// magnitude maps to -127), the sub-blocks in `kind`'s order.
-fn quantize_block(xs: &[f32], kind: Kind, d: &mut f32, dst: &mut [i8; QK], sums: &mut [f32; 16]) {
+fn quantize_block(
+    xs: &[f32],
+    kind: Kind,
+    d: &mut f32,
+    dst: &mut [i8; QK],
+    sums: &mut [f32; 16],
+    isums: &mut [i16; 16],
+) {
     let mut q = [0i8; QK];
     let max = signed_max(xs);
     *d = 0.0;
@@ -260,16 +285,27 @@ fn quantize_block(xs: &[f32], kind: Kind, d: &mut f32, dst: &mut [i8; QK], sums:
         }
         *d = 1.0 / iscale;
     }
-    let sum = |c: &[i8]| c.iter().map(|&v| v as i32).sum::<i32>() as f32;
+    // At most 32 · 128 in magnitude: an i16.
+    let sum = |c: &[i8]| c.iter().map(|&v| v as i16).sum::<i16>();
     match kind {
         Kind::Q4K => {
-            for (s, c) in sums.iter_mut().zip(q.chunks_exact(32)) {
-                *s = *d * sum(c);
+            for ((s, i), c) in sums
+                .iter_mut()
+                .zip(isums.iter_mut())
+                .zip(q.chunks_exact(32))
+            {
+                *i = sum(c);
+                *s = *d * *i as f32;
             }
         }
         Kind::Q6K => {
-            for (s, c) in sums.iter_mut().zip(q.chunks_exact(16)) {
-                *s = 32.0 * *d * sum(c);
+            for ((s, i), c) in sums
+                .iter_mut()
+                .zip(isums.iter_mut())
+                .zip(q.chunks_exact(16))
+            {
+                *i = sum(c);
+                *s = 32.0 * *d * *i as f32;
             }
         }
     }
@@ -595,12 +631,17 @@ unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
 /// `vpmaddubsw` words multiplied by their sub-block's scale (`vpmaddwd`) into 32-bit sums.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{f16_at, hsum256, q4k_scales_mins, Activations, Q4K_BYTES, Q6K_BYTES, QK, TILE};
+    use super::{f16_at, q4k_scales_mins, Activations, Q4K_BYTES, Q6K_BYTES, QK, TILE};
     use std::arch::x86_64::*;
 
     /// [`super::dot_q4k`] with AVX2. Group `g` of the activations (32 values) is sub-block
     /// `[0, 2, 1, 3, 4, 6, 5, 7][g]`, as [`Activations`] stores them: the low nibbles of
     /// bytes 0..32 and 32..64, then their high nibbles; the same for bytes 64..128.
+    ///
+    /// Groups are the outer loop and rows the inner one, so that a group's weights and scale
+    /// and every row's 32-bit sums fit the sixteen registers. A block's integer sums, mins
+    /// included, are exact; they are reduced to one lane per row and scaled once, so each
+    /// row's float arithmetic is the same whatever `R` is.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_q4k<const R: usize>(
         w: *const u8,
@@ -618,47 +659,51 @@ mod avx2 {
             let idx: [i8; 32] = std::array::from_fn(|i| s + (i % 2) as i8);
             _mm256_loadu_si256(idx.as_ptr() as *const __m256i)
         });
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut acc_min = [_mm256_setzero_ps(); R];
+        let mut acc = _mm256_setzero_ps();
         for b in 0..blocks {
             let blk = w.add(b * Q4K_BYTES);
             let sm = q4k_scales_mins(&*(blk.add(4) as *const [u8; 12]));
-            let bytes = [0, 1, 2, 3].map(|j| _mm256_loadu_si256(blk.add(16 + 32 * j) as *const _));
-            let quants = [
-                _mm256_and_si256(bytes[0], nibble),
-                _mm256_and_si256(bytes[1], nibble),
-                _mm256_and_si256(_mm256_srli_epi16(bytes[0], 4), nibble),
-                _mm256_and_si256(_mm256_srli_epi16(bytes[1], 4), nibble),
-                _mm256_and_si256(bytes[2], nibble),
-                _mm256_and_si256(bytes[3], nibble),
-                _mm256_and_si256(_mm256_srli_epi16(bytes[2], 4), nibble),
-                _mm256_and_si256(_mm256_srli_epi16(bytes[3], 4), nibble),
-            ];
             let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(
                 sm.as_ptr() as *const __m128i
             )));
-            let scales = picks.map(|p| _mm256_shuffle_epi8(sc16, p));
-            let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                sm.as_ptr().add(8) as *const __m128i,
-            )));
-            let d = f16_at(blk);
-            let mins = _mm256_mul_ps(mins, _mm256_set1_ps(f16_at(blk.add(2))));
-            for r in 0..R {
-                let at = (r0 + r) * blocks + b;
-                let dy = *acts.d.get_unchecked(at);
-                let sumi = scaled_dots(&quants, &scales, acts.qs.as_ptr().add(at * QK));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d * dy), acc[r]);
-                let sums = _mm256_loadu_ps(acts.sums.as_ptr().add(at * 16));
-                acc_min[r] = _mm256_fmadd_ps(mins, sums, acc_min[r]);
+            let at: [usize; R] = std::array::from_fn(|r| (r0 + r) * blocks + b);
+            let mut sumi = [_mm256_setzero_si256(); R];
+            macro_rules! group {
+                ($($g:literal)*) => {$({
+                    // Groups 0, 1 are the low nibbles of bytes 0..32, 32..64; 2, 3 their
+                    // high nibbles; 4..8 the same for bytes 64..128.
+                    let bytes = _mm256_loadu_si256(
+                        blk.add(16 + 32 * ($g % 2 + 2 * ($g / 4))) as *const __m256i,
+                    );
+                    let bytes = if $g % 4 < 2 { bytes } else { _mm256_srli_epi16(bytes, 4) };
+                    let q = _mm256_and_si256(bytes, nibble);
+                    let s = _mm256_shuffle_epi8(sc16, picks[$g]);
+                    for r in 0..R {
+                        let y = acts.qs.as_ptr().add(at[r] * QK + 32 * $g);
+                        let words = _mm256_maddubs_epi16(q, _mm256_loadu_si256(y as *const _));
+                        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(words, s));
+                    }
+                    in_registers(&mut sumi);
+                })*};
             }
+            group!(0 1 2 3 4 5 6 7);
+            // Σ min · (activations' sum) per sub-block, in 4 lanes per row.
+            let m16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(sm.as_ptr().add(8) as *const __m128i));
+            let mins: [__m128i; R] = std::array::from_fn(|r| {
+                let sums = _mm_loadu_si128(acts.isums.as_ptr().add(at[r] * 16) as *const _);
+                _mm_madd_epi16(m16, sums)
+            });
+            let dy = _mm256_loadu_ps(acts.d_by_block.as_ptr().add(b * acts.padded_rows + r0));
+            let d = _mm256_mul_ps(dy, _mm256_set1_ps(f16_at(blk)));
+            let dmin = _mm256_mul_ps(dy, _mm256_set1_ps(f16_at(blk.add(2))));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_per_row(&sumi)), d, acc);
+            acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(lane_per_row_128(&mins)), dmin, acc);
         }
-        for r in 0..R {
-            out[r] = hsum256(acc[r]) - hsum256(acc_min[r]);
-        }
+        store_rows::<R>(acc, out);
     }
 
     /// [`super::dot_q6k`] with AVX2: group `g` is values `32g..32g + 32` (natural order),
-    /// sub-blocks `2g` (its first 16) and `2g + 1`.
+    /// sub-blocks `2g` (its first 16) and `2g + 1`; loops and sums as [`dot_q4k`].
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_q6k<const R: usize>(
         w: *const u8,
@@ -676,71 +721,138 @@ mod avx2 {
             idx[8..].fill(2 * g as i8 + 1);
             _mm_loadu_si128(idx.as_ptr() as *const __m128i)
         });
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut acc_off = [[_mm256_setzero_ps(); 2]; R];
+        let mut acc = _mm256_setzero_ps();
         for b in 0..blocks {
             let blk = w.add(b * Q6K_BYTES);
-            let mut quants = [_mm256_setzero_si256(); 8];
-            for half in 0..2 {
-                let ql0 = _mm256_loadu_si256(blk.add(64 * half) as *const _);
-                let ql1 = _mm256_loadu_si256(blk.add(64 * half + 32) as *const _);
-                let qh = _mm256_loadu_si256(blk.add(128 + 32 * half) as *const _);
-                let high = |shift: i32| {
-                    let h = match shift {
+            let sc8 = _mm_loadu_si128(blk.add(192) as *const __m128i);
+            let at: [usize; R] = std::array::from_fn(|r| (r0 + r) * blocks + b);
+            // The stored values are offset by +32: start from −32 · Σ scale · (sum of 16).
+            let sc16 = _mm256_cvtepi8_epi16(sc8);
+            let mut sumi: [__m256i; R] = std::array::from_fn(|r| {
+                let sums = _mm256_loadu_si256(acts.isums.as_ptr().add(at[r] * 16) as *const _);
+                _mm256_sub_epi32(
+                    _mm256_setzero_si256(),
+                    _mm256_slli_epi32(_mm256_madd_epi16(sc16, sums), 5),
+                )
+            });
+            macro_rules! group {
+                ($($g:literal)*) => {$({
+                    // Half g / 4 of the block; within it, groups 0, 1 are the low nibbles of
+                    // bytes 0..32, 32..64 and 2, 3 their high nibbles, with bit pairs
+                    // 2·(g mod 4) of the 32 high bytes on top.
+                    let (half, j) = ($g / 4, $g % 4);
+                    let ql = _mm256_loadu_si256(blk.add(64 * half + 32 * (j % 2)) as *const _);
+                    let ql = if j < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+                    let qh = _mm256_loadu_si256(blk.add(128 + 32 * half) as *const _);
+                    let qh = match j {
                         0 => qh,
-                        2 => _mm256_srli_epi16(qh, 2),
-                        4 => _mm256_srli_epi16(qh, 4),
+                        1 => _mm256_srli_epi16(qh, 2),
+                        2 => _mm256_srli_epi16(qh, 4),
                         _ => _mm256_srli_epi16(qh, 6),
                     };
-                    _mm256_slli_epi16(_mm256_and_si256(h, pair), 4)
-                };
-                let q = &mut quants[4 * half..4 * half + 4];
-                q[0] = _mm256_or_si256(_mm256_and_si256(ql0, nibble), high(0));
-                q[1] = _mm256_or_si256(_mm256_and_si256(ql1, nibble), high(2));
-                q[2] =
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), nibble), high(4));
-                q[3] =
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), nibble), high(6));
+                    let q = _mm256_or_si256(
+                        _mm256_and_si256(ql, nibble),
+                        _mm256_slli_epi16(_mm256_and_si256(qh, pair), 4),
+                    );
+                    let s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, picks[$g]));
+                    for r in 0..R {
+                        let y = acts.qs.as_ptr().add(at[r] * QK + 32 * $g);
+                        let words = _mm256_maddubs_epi16(q, _mm256_loadu_si256(y as *const _));
+                        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(words, s));
+                    }
+                    in_registers(&mut sumi);
+                })*};
             }
-            let sc8 = _mm_loadu_si128(blk.add(192) as *const __m128i);
-            let scales = picks.map(|p| _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, p)));
-            let d = f16_at(blk.add(208));
-            let dv = _mm256_set1_ps(d);
-            let offsets = [
-                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)), dv),
-                _mm256_mul_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8))),
-                    dv,
-                ),
-            ];
-            for r in 0..R {
-                let at = (r0 + r) * blocks + b;
-                let dd = d * *acts.d.get_unchecked(at);
-                let sumi = scaled_dots(&quants, &scales, acts.qs.as_ptr().add(at * QK));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(dd), acc[r]);
-                for (h, o) in offsets.iter().enumerate() {
-                    let sums = _mm256_loadu_ps(acts.sums.as_ptr().add(at * 16 + 8 * h));
-                    acc_off[r][h] = _mm256_fmadd_ps(*o, sums, acc_off[r][h]);
-                }
-            }
+            group!(0 1 2 3 4 5 6 7);
+            let dy = _mm256_loadu_ps(acts.d_by_block.as_ptr().add(b * acts.padded_rows + r0));
+            let d = _mm256_mul_ps(dy, _mm256_set1_ps(f16_at(blk.add(208))));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_per_row(&sumi)), d, acc);
         }
-        for r in 0..R {
-            out[r] = hsum256(acc[r]) - hsum256(_mm256_add_ps(acc_off[r][0], acc_off[r][1]));
-        }
+        store_rows::<R>(acc, out);
     }
 
-    /// `Σ_g scale_g · (quants_g · y_g)` over a block's eight groups of 32 weights (unsigned)
-    /// and activations (signed, at `y`), in 8 lanes of 32-bit sums.
+    /// Lane `r` of the result: the sum of `v[r]`'s eight lanes (0 for `r ≥ R`).
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn scaled_dots(quants: &[__m256i; 8], scales: &[__m256i; 8], y: *const i8) -> __m256i {
-        let mut sumi = _mm256_setzero_si256();
-        for (g, (q, s)) in quants.iter().zip(scales).enumerate() {
-            let y = _mm256_loadu_si256(y.add(32 * g) as *const __m256i);
-            let words = _mm256_maddubs_epi16(*q, y);
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(words, *s));
+    unsafe fn lane_per_row<const R: usize>(v: &[__m256i; R]) -> __m256i {
+        if R == 1 {
+            // Lane 0 is all that is read: no tree.
+            return _mm256_castsi128_si256(hsum_lane0(_mm_add_epi32(
+                _mm256_castsi256_si128(v[0]),
+                _mm256_extracti128_si256(v[0], 1),
+            )));
         }
-        sumi
+        let at = |r: usize| if r < R { v[r] } else { _mm256_setzero_si256() };
+        // Within each 128-bit half: the four rows' sums of that half.
+        let lo = _mm256_hadd_epi32(
+            _mm256_hadd_epi32(at(0), at(1)),
+            _mm256_hadd_epi32(at(2), at(3)),
+        );
+        if R <= 4 {
+            return _mm256_castsi128_si256(_mm_add_epi32(
+                _mm256_castsi256_si128(lo),
+                _mm256_extracti128_si256(lo, 1),
+            ));
+        }
+        let hi = _mm256_hadd_epi32(
+            _mm256_hadd_epi32(at(4), at(5)),
+            _mm256_hadd_epi32(at(6), at(7)),
+        );
+        _mm256_add_epi32(
+            _mm256_permute2x128_si256(lo, hi, 0x20),
+            _mm256_permute2x128_si256(lo, hi, 0x31),
+        )
+    }
+
+    /// [`lane_per_row`] for 128-bit rows.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn lane_per_row_128<const R: usize>(v: &[__m128i; R]) -> __m256i {
+        if R == 1 {
+            return _mm256_castsi128_si256(hsum_lane0(v[0]));
+        }
+        let at = |r: usize| if r < R { v[r] } else { _mm_setzero_si128() };
+        let lo = _mm_hadd_epi32(_mm_hadd_epi32(at(0), at(1)), _mm_hadd_epi32(at(2), at(3)));
+        if R <= 4 {
+            return _mm256_castsi128_si256(lo);
+        }
+        let hi = _mm_hadd_epi32(_mm_hadd_epi32(at(4), at(5)), _mm_hadd_epi32(at(6), at(7)));
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// Lane 0: the sum of `v`'s four lanes (the others are partial sums).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn hsum_lane0(v: __m128i) -> __m128i {
+        let v = _mm_add_epi32(v, _mm_unpackhi_epi64(v, v));
+        _mm_add_epi32(v, _mm_shuffle_epi32(v, 1))
+    }
+
+    /// Lanes `0..R` of `acc` into `out`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn store_rows<const R: usize>(acc: __m256, out: &mut [f32; TILE]) {
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        out[..R].copy_from_slice(&lanes[..R]);
+    }
+
+    /// An empty `asm!` that takes and returns each row's sums in a register. It keeps the
+    /// compiler from reassociating the integer sums across groups, which would let it
+    /// evaluate a row's eight groups together, hoist every group's weights and scales out of
+    /// the row loop and spill them (sixteen registers do not hold them).
+    #[inline(always)]
+    fn in_registers<const R: usize>(sumi: &mut [__m256i; R]) {
+        for s in sumi {
+            // SAFETY: the template is empty; it reads and writes `s` in place.
+            unsafe {
+                std::arch::asm!(
+                    "/* {s} */",
+                    s = inout(ymm_reg) * s,
+                    options(nomem, nostack, preserves_flags)
+                )
+            };
+        }
     }
 }
 
