@@ -134,7 +134,7 @@ fn try_matmul_many_with(
     let quantized = |kind| {
         kinds
             .contains(&kind)
-            .then(|| Activations::quantize(&x, m, k, kind))
+            .then(|| Activations::quantize(&x, m, k, kind, tiled(kernels, m)))
     };
     let (q4k, q6k) = (quantized(Kind::Q4K), quantized(Kind::Q6K));
     let data = ws.iter().map(|w| w.data()).collect::<Result<Vec<_>>>()?;
@@ -211,10 +211,28 @@ struct Activations {
     d_by_block: Vec<f32>,
     /// Rows rounded up to a whole [`TILE`].
     padded_rows: usize,
+    /// For a prefill on AVX2 (see [`tiled`]), the values again, interleaved by tile: per
+    /// tile of eight rows, per block, per run of four values, the eight rows' four bytes
+    /// side by side (32 bytes, one row per 32-bit lane). Empty otherwise.
+    qs_tiled: Vec<i8>,
+    /// `isums` interleaved the same way: per tile and block, per pair of sub-blocks, the
+    /// eight rows' two sums side by side.
+    isums_tiled: Vec<i16>,
+}
+
+/// Whether a product of `m` rows runs the tiled kernels: AVX2 and at least a whole tile
+/// (they compute the same numbers as the row kernels, a row per lane, with one scale
+/// multiply per sub-block and tile instead of one per sub-block and row).
+fn tiled(kernels: Kernels, m: usize) -> bool {
+    kernels == Kernels::Avx2 && m >= TILE
 }
 
 impl Activations {
-    fn quantize(x: &[f32], m: usize, k: usize, kind: Kind) -> Self {
+    fn is_tiled(&self) -> bool {
+        !self.qs_tiled.is_empty()
+    }
+
+    fn quantize(x: &[f32], m: usize, k: usize, kind: Kind, tiled: bool) -> Self {
         let blocks = k / QK;
         let padded_rows = m.next_multiple_of(TILE);
         let mut a = Activations {
@@ -225,6 +243,8 @@ impl Activations {
             isums: vec![0; m * blocks * 16],
             d_by_block: vec![0.0; blocks * padded_rows],
             padded_rows,
+            qs_tiled: Vec::new(),
+            isums_tiled: Vec::new(),
         };
         let (d, qs, sums, isums) = (
             a.d.as_mut_ptr() as usize,
@@ -257,7 +277,33 @@ impl Activations {
             let (row, b) = (i / blocks, i % blocks);
             a.d_by_block[b * padded_rows + row] = d;
         }
+        if tiled {
+            a.tile(m);
+        }
         a
+    }
+
+    /// Fills `qs_tiled` and `isums_tiled` (rows past `m` stay zero).
+    fn tile(&mut self, m: usize) {
+        let (blocks, k) = (self.blocks, self.blocks * QK);
+        self.qs_tiled = vec![0; self.padded_rows * k];
+        self.isums_tiled = vec![0; self.padded_rows * blocks * 16];
+        for row in 0..m {
+            let (t, r) = (row / TILE, row % TILE);
+            for b in 0..blocks {
+                let tile_block = t * blocks + b;
+                for c in 0..QK / 4 {
+                    let to = ((tile_block * (QK / 4) + c) * TILE + r) * 4;
+                    let from = row * k + b * QK + 4 * c;
+                    self.qs_tiled[to..to + 4].copy_from_slice(&self.qs[from..from + 4]);
+                }
+                for p in 0..8 {
+                    let to = ((tile_block * 8 + p) * TILE + r) * 2;
+                    let from = (row * blocks + b) * 16 + 2 * p;
+                    self.isums_tiled[to..to + 2].copy_from_slice(&self.isums[from..from + 2]);
+                }
+            }
+        }
     }
 }
 
@@ -373,6 +419,12 @@ fn matmul(kernels: Kernels, products: &[Product], k: usize, m: usize) {
             let at = first.partition_point(|&f| f <= chunk) - 1;
             let (p, chunk) = (&products[at], chunk - first[at]);
             let row_bytes = (k / QK) * p.kind.block_bytes();
+            let weight_rows = chunk * CHUNK..((chunk + 1) * CHUNK).min(p.n);
+            if p.acts.is_tiled() {
+                // SAFETY: as below; tiled activations exist only where AVX2 was chosen.
+                unsafe { tiled_rows(p, weight_rows, row_bytes, m) };
+                continue;
+            }
             for r0 in (0..m).step_by(TILE) {
                 for i in chunk * CHUNK..((chunk + 1) * CHUNK).min(p.n) {
                     let row = &p.w[i * row_bytes..(i + 1) * row_bytes];
@@ -395,6 +447,57 @@ fn matmul(kernels: Kernels, products: &[Product], k: usize, m: usize) {
 
 /// Activation rows per tile of the product.
 const TILE: usize = 8;
+
+/// Tiles per call of the tiled kernels: each decoded weight run serves both.
+const TILES: usize = 2;
+/// Blocks per call of the tiled kernels: two tiles' 1024 values (16 KiB) and sixteen weight
+/// rows' blocks stay in L1 while every row of the chunk goes over them.
+const TILED_BLOCKS: usize = 4;
+
+/// [`matmul`]'s work on one chunk of weight rows with tiled activations: per pair of tiles,
+/// per run of [`TILED_BLOCKS`] blocks, every weight row, each carrying its rows' sums in
+/// lanes from run to run (so each row's arithmetic is the row kernels', in their order).
+///
+/// # Safety
+/// AVX2 and FMA are available, `p.acts` is tiled, and the caller owns these outputs.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tiled_rows(p: &Product, weight_rows: std::ops::Range<usize>, row_bytes: usize, m: usize) {
+    let (acts, blocks) = (p.acts, p.acts.blocks);
+    let tiles = m.div_ceil(TILE);
+    let mut sums = [[[0f32; TILE]; TILES]; 16];
+    for t0 in (0..tiles).step_by(TILES) {
+        let count = TILES.min(tiles - t0);
+        let sums = &mut sums[..weight_rows.len()];
+        sums.iter_mut().for_each(|s| *s = [[0.0; TILE]; TILES]);
+        for b0 in (0..blocks).step_by(TILED_BLOCKS) {
+            let run = b0..(b0 + TILED_BLOCKS).min(blocks);
+            for (i, s) in weight_rows.clone().zip(sums.iter_mut()) {
+                let w = p.w.as_ptr().add(i * row_bytes);
+                match (p.kind, count) {
+                    (Kind::Q4K, 1) => avx2::tiled_q4k::<1>(w, acts, t0, run.clone(), s),
+                    (Kind::Q4K, _) => avx2::tiled_q4k::<2>(w, acts, t0, run.clone(), s),
+                    (Kind::Q6K, 1) => avx2::tiled_q6k::<1>(w, acts, t0, run.clone(), s),
+                    (Kind::Q6K, _) => avx2::tiled_q6k::<2>(w, acts, t0, run.clone(), s),
+                }
+            }
+        }
+        for (i, s) in weight_rows.clone().zip(sums.iter()) {
+            for (t, lanes) in s.iter().enumerate().take(count) {
+                for (r, v) in lanes.iter().enumerate() {
+                    let row = (t0 + t) * TILE + r;
+                    if row < m {
+                        *(p.out as *mut f32).add(row * p.n + i) = *v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tiled_rows(_: &Product, _: std::ops::Range<usize>, _: usize, _: usize) {
+    unreachable!("tiled activations are only built for the AVX2 kernels")
+}
 
 /// One weight row against activation rows `r0..r0 + rows` (`rows ≤ TILE`) into `out`.
 #[cfg(target_arch = "x86_64")]
@@ -771,6 +874,197 @@ mod avx2 {
         store_rows::<R>(acc, out);
     }
 
+    /// [`dot_q4k`] over tiled activations, for tiles `t0..t0 + T` and blocks `run`,
+    /// adding to `sums` (lane `r` of tile `t`: its row `r`). Each 32-value group's weights
+    /// are broadcast four at a time against the tile's eight rows, so that the products
+    /// land a row per lane: the eight runs of a group share one scale and are summed in
+    /// 16 bits (at most 8 · 2 · 15 · 127) before one `vpmaddwd` per group and tile.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tiled_q4k<const T: usize>(
+        w: *const u8,
+        acts: &Activations,
+        t0: usize,
+        run: std::ops::Range<usize>,
+        sums: &mut [[f32; TILE]; super::TILES],
+    ) {
+        const SUB: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
+        let blocks = acts.blocks;
+        let nibble = _mm256_set1_epi8(0x0f);
+        let picks: [__m256i; 8] = std::array::from_fn(|g| {
+            let s = 2 * SUB[g] as i8;
+            let idx: [i8; 32] = std::array::from_fn(|i| s + (i % 2) as i8);
+            _mm256_loadu_si256(idx.as_ptr() as *const __m256i)
+        });
+        let mut acc: [__m256; T] = std::array::from_fn(|t| _mm256_loadu_ps(sums[t].as_ptr()));
+        for b in run {
+            let blk = w.add(b * Q4K_BYTES);
+            let sm = q4k_scales_mins(&*(blk.add(4) as *const [u8; 12]));
+            let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(
+                sm.as_ptr() as *const __m128i
+            )));
+            let tb: [usize; T] = std::array::from_fn(|t| (t0 + t) * blocks + b);
+            let ys: [*const i8; T] =
+                std::array::from_fn(|t| acts.qs_tiled.as_ptr().add(tb[t] * QK * TILE));
+            let mut sumi = [_mm256_setzero_si256(); T];
+            macro_rules! group {
+                ($($g:literal)*) => {$({
+                    let bytes = _mm256_loadu_si256(
+                        blk.add(16 + 32 * ($g % 2 + 2 * ($g / 4))) as *const __m256i,
+                    );
+                    let bytes = if $g % 4 < 2 { bytes } else { _mm256_srli_epi16(bytes, 4) };
+                    let q = _mm256_and_si256(bytes, nibble);
+                    let mut halves = [
+                        _mm256_permute2x128_si256(q, q, 0x00),
+                        _mm256_permute2x128_si256(q, q, 0x11),
+                    ];
+                    // Opaque, so that each run is one in-lane `vpshufd` of a half.
+                    in_registers(&mut halves);
+                    let mut words = [_mm256_setzero_si256(); T];
+                    runs!($g, halves, words; 0 1 2 3 4 5 6 7);
+                    let s = _mm256_shuffle_epi8(sc16, picks[$g]);
+                    for t in 0..T {
+                        sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(words[t], s));
+                    }
+                })*};
+            }
+            macro_rules! runs {
+                ($g:literal, $halves:ident, $words:ident; $($c:literal)*) => {$({
+                    let wq = _mm256_shuffle_epi32::<{ ($c % 4) * 0x55 }>($halves[$c / 4]);
+                    for t in 0..T {
+                        let y = _mm256_loadu_si256(ys[t].add((8 * $g + $c) * 32) as *const __m256i);
+                        $words[t] = _mm256_add_epi16($words[t], _mm256_maddubs_epi16(wq, y));
+                    }
+                    in_registers(&mut $words);
+                })*};
+            }
+            group!(0 1 2 3 4 5 6 7);
+            let m16 = _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(
+                sm.as_ptr().add(8) as *const __m128i,
+            )));
+            let d = _mm256_set1_ps(f16_at(blk));
+            let dmin = _mm256_set1_ps(f16_at(blk.add(2)));
+            for t in 0..T {
+                let isums = acts.isums_tiled.as_ptr().add(tb[t] * 8 * 2 * TILE);
+                let mut mins = _mm256_setzero_si256();
+                for p in 0..4 {
+                    let pair = _mm256_permutevar8x32_epi32(m16, _mm256_set1_epi32(p as i32));
+                    let s = _mm256_loadu_si256(isums.add(p * 2 * TILE) as *const __m256i);
+                    mins = _mm256_add_epi32(mins, _mm256_madd_epi16(pair, s));
+                }
+                let dy = _mm256_loadu_ps(
+                    acts.d_by_block
+                        .as_ptr()
+                        .add(b * acts.padded_rows + (t0 + t) * TILE),
+                );
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_mul_ps(dy, d), acc[t]);
+                acc[t] =
+                    _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_mul_ps(dy, dmin), acc[t]);
+            }
+        }
+        for t in 0..T {
+            _mm256_storeu_ps(sums[t].as_mut_ptr(), acc[t]);
+        }
+    }
+
+    /// [`tiled_q4k`] for `Q6_K` (values up to 63: two runs summed in 16 bits per scale).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tiled_q6k<const T: usize>(
+        w: *const u8,
+        acts: &Activations,
+        t0: usize,
+        run: std::ops::Range<usize>,
+        sums: &mut [[f32; TILE]; super::TILES],
+    ) {
+        let blocks = acts.blocks;
+        let nibble = _mm256_set1_epi8(0x0f);
+        let pair = _mm256_set1_epi8(0x03);
+        // Word j of either half, repeated: sub-block j's (or j + 8's) scale.
+        let picks: [__m256i; 8] = std::array::from_fn(|j| {
+            let idx: [i8; 32] = std::array::from_fn(|i| 2 * j as i8 + (i % 2) as i8);
+            _mm256_loadu_si256(idx.as_ptr() as *const __m256i)
+        });
+        let mut acc: [__m256; T] = std::array::from_fn(|t| _mm256_loadu_ps(sums[t].as_ptr()));
+        for b in run {
+            let blk = w.add(b * Q6K_BYTES);
+            let sc8 = _mm_loadu_si128(blk.add(192) as *const __m128i);
+            let sc16 = _mm256_cvtepi8_epi16(sc8);
+            let scales = [
+                _mm256_permute2x128_si256(sc16, sc16, 0x00),
+                _mm256_permute2x128_si256(sc16, sc16, 0x11),
+            ];
+            let tb: [usize; T] = std::array::from_fn(|t| (t0 + t) * blocks + b);
+            let ys: [*const i8; T] =
+                std::array::from_fn(|t| acts.qs_tiled.as_ptr().add(tb[t] * QK * TILE));
+            // The stored values are offset by +32: start from −32 · Σ scale · (sum of 16).
+            let mut sumi: [__m256i; T] = std::array::from_fn(|t| {
+                let isums = acts.isums_tiled.as_ptr().add(tb[t] * 8 * 2 * TILE);
+                let mut off = _mm256_setzero_si256();
+                for p in 0..8 {
+                    let pair = _mm256_permutevar8x32_epi32(sc16, _mm256_set1_epi32(p as i32));
+                    let s = _mm256_loadu_si256(isums.add(p * 2 * TILE) as *const __m256i);
+                    off = _mm256_add_epi32(off, _mm256_madd_epi16(pair, s));
+                }
+                _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(off, 5))
+            });
+            macro_rules! group {
+                ($($g:literal)*) => {$({
+                    let (half, j) = ($g / 4, $g % 4);
+                    let ql = _mm256_loadu_si256(blk.add(64 * half + 32 * (j % 2)) as *const _);
+                    let ql = if j < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+                    let qh = _mm256_loadu_si256(blk.add(128 + 32 * half) as *const _);
+                    let qh = match j {
+                        0 => qh,
+                        1 => _mm256_srli_epi16(qh, 2),
+                        2 => _mm256_srli_epi16(qh, 4),
+                        _ => _mm256_srli_epi16(qh, 6),
+                    };
+                    let q = _mm256_or_si256(
+                        _mm256_and_si256(ql, nibble),
+                        _mm256_slli_epi16(_mm256_and_si256(qh, pair), 4),
+                    );
+                    let mut halves = [
+                        _mm256_permute2x128_si256(q, q, 0x00),
+                        _mm256_permute2x128_si256(q, q, 0x11),
+                    ];
+                    // Opaque, so that each run is one in-lane `vpshufd` of a half.
+                    in_registers(&mut halves);
+                    // Runs 0..4 are sub-block 2g, 4..8 sub-block 2g + 1.
+                    pairs!($g, halves; 0 2 4 6);
+                })*};
+            }
+            macro_rules! pairs {
+                ($g:literal, $halves:ident; $($c:literal)*) => {$({
+                    let sub = 2 * $g + $c / 4;
+                    let s = _mm256_shuffle_epi8(scales[sub / 8], picks[sub % 8]);
+                    let w0 = _mm256_shuffle_epi32::<{ ($c % 4) * 0x55 }>($halves[$c / 4]);
+                    let w1 = _mm256_shuffle_epi32::<{ ($c % 4 + 1) * 0x55 }>($halves[$c / 4]);
+                    for t in 0..T {
+                        let y = ys[t].add((8 * $g + $c) * 32);
+                        let words = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(w0, _mm256_loadu_si256(y as *const __m256i)),
+                            _mm256_maddubs_epi16(w1, _mm256_loadu_si256(y.add(32) as *const __m256i)),
+                        );
+                        sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(words, s));
+                    }
+                    in_registers(&mut sumi);
+                })*};
+            }
+            group!(0 1 2 3 4 5 6 7);
+            let d = _mm256_set1_ps(f16_at(blk.add(208)));
+            for t in 0..T {
+                let dy = _mm256_loadu_ps(
+                    acts.d_by_block
+                        .as_ptr()
+                        .add(b * acts.padded_rows + (t0 + t) * TILE),
+                );
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_mul_ps(dy, d), acc[t]);
+            }
+        }
+        for t in 0..T {
+            _mm256_storeu_ps(sums[t].as_mut_ptr(), acc[t]);
+        }
+    }
+
     /// Lane `r` of the result: the sum of `v[r]`'s eight lanes (0 for `r ≥ R`).
     #[target_feature(enable = "avx2")]
     #[inline]
@@ -935,10 +1229,12 @@ mod tests {
         }
         let dev = Device::Cpu;
         for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
-            let q = QTensor::quantize(&Tensor::randn(0f32, 1.0, (40, 768), &dev).unwrap(), dtype)
+            // Five blocks: the tiled kernels' runs of four and a shorter one.
+            let q = QTensor::quantize(&Tensor::randn(0f32, 1.0, (40, 1280), &dev).unwrap(), dtype)
                 .unwrap();
-            // 11 rows: a full tile of eight and a partial one.
-            let x = Tensor::randn(0f32, 1.0, (11, 768), &dev).unwrap();
+            // 19 rows: two full tiles of eight and a partial one (with AVX2, a pair of tiles
+            // and a tile alone through the tiled kernels; each row alone, the row kernel).
+            let x = Tensor::randn(0f32, 1.0, (19, 1280), &dev).unwrap();
             for kernels in supported() {
                 let all = product(kernels, &q, &x);
                 for (r, row) in all.iter().enumerate() {
