@@ -2,9 +2,10 @@
 //! ViT-L/14-336 tower (577 rows, 1024 ↔ 4096) and a TinyLlama-sized prefill (593 rows,
 //! 2048 ↔ 5632). A tuning aid, not a test:
 //!
-//! `cargo run --release -p kollava-model --example bf16_gemm [REPEATS]`
+//! `cargo run --release -p kollava-model --example bf16_gemm [REPEATS [SHAPE]]`
 //!
-//! Prints the median GFLOP/s of each shape and of their flop-weighted sum.
+//! Prints the median GFLOP/s of each shape (or only of shape number `SHAPE`, counted from
+//! 0, which is what to profile) and of their flop-weighted sum.
 
 use candle_core::{Device, Tensor};
 use kollava_model::bf16::{self, PackedBf16};
@@ -30,6 +31,12 @@ fn main() -> candle_core::Result<()> {
     ];
     let dev = Device::Cpu;
     let (mut flops, mut secs) = (0f64, [0f64; 2]);
+    let only: Option<usize> = std::env::args().nth(2).and_then(|a| a.parse().ok());
+    let shapes = shapes
+        .into_iter()
+        .enumerate()
+        .filter(|&(i, _)| only.is_none_or(|o| o == i))
+        .map(|(_, s)| s);
     for (m, k, n) in shapes {
         let wf = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
         let w = PackedBf16::pack(&wf)?;

@@ -55,7 +55,10 @@ impl EncoderLayer {
         let q = split(self.q_proj.forward(&x)?)?;
         let k = split(self.k_proj.forward(&x)?)?;
         let v = split(self.v_proj.forward(&x)?)?;
-        let a = attention(&q, &k, &v, None, (d as f64).powf(-0.5))?;
+        let a = match crate::block_attention::attention(&q, &k, &v, None)? {
+            Some(a) => a,
+            None => attention(&q, &k, &v, None, (d as f64).powf(-0.5))?,
+        };
         let a = a.transpose(1, 2)?.reshape((b, n, h))?;
         let xs = (xs + self.out_proj.forward(&a)?)?;
         let x = self.layer_norm2.forward(&xs)?;

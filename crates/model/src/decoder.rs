@@ -104,10 +104,15 @@ impl SelfAttention {
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::cat(&rows, 0)
             }
-            None => match step.query_blocks.as_deref().filter(|_| !q.track_op()) {
-                Some(blocks) => blocked_attention(q, k, v, &step.mask, blocks, self.kv_heads),
-                None => grouped_attention(q, k, v, Some(&step.mask), self.kv_heads),
-            },
+            None => {
+                if let Some(a) = crate::block_attention::attention(q, k, v, Some(&step.mask))? {
+                    return Ok(a);
+                }
+                match step.query_blocks.as_deref().filter(|_| !q.track_op()) {
+                    Some(blocks) => blocked_attention(q, k, v, &step.mask, blocks, self.kv_heads),
+                    None => grouped_attention(q, k, v, Some(&step.mask), self.kv_heads),
+                }
+            }
         }
     }
 }

@@ -8,6 +8,7 @@
 //! one forward path.
 
 pub mod bf16;
+mod block_attention;
 pub mod clip;
 pub mod config;
 mod decode_attention;
