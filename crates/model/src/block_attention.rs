@@ -141,6 +141,23 @@ fn attend(sh: Shape, q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>) -> V
     let mut out = vec![0f32; b * s * heads * d];
     let out_addr = out.as_mut_ptr() as usize;
     let scale = (d as f32).powf(-0.5);
+    // Per (sequence, block), the slots any of its rows sees: up to its last finite mask
+    // entry. The same for every head, so found once.
+    let extents: Vec<usize> = (0..b * blocks)
+        .into_par_iter()
+        .map(|sb| {
+            let r0 = sb % blocks * ROWS;
+            let rows = (r0..s.min(r0 + ROWS)).map(|i| (sb / blocks * s + i) * t);
+            let seen = |at: usize| match mask {
+                Some(m) => m[at..at + t]
+                    .iter()
+                    .rposition(|x| x.is_finite())
+                    .map_or(0, |j| j + 1),
+                None => t,
+            };
+            rows.map(seen).max().unwrap_or(t).max(1)
+        })
+        .collect();
     (0..b * heads * blocks).into_par_iter().for_each_init(
         || vec![0f32; ROWS * tp],
         |scores, task| {
@@ -152,15 +169,7 @@ fn attend(sh: Shape, q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>) -> V
             let (r0, g) = (blk * ROWS, bi * kv_heads + h / rep);
             let rows = ROWS.min(s - r0);
             let mask_row = |i: usize| mask.map(|m| &m[(bi * s + r0 + i) * t..][..t]);
-            // The slots any row of the block sees: up to its last finite mask entry.
-            let extent = (0..rows)
-                .map(|i| match mask_row(i) {
-                    Some(m) => m.iter().rposition(|x| x.is_finite()).map_or(0, |j| j + 1),
-                    None => t,
-                })
-                .max()
-                .unwrap_or(t)
-                .max(1);
+            let extent = extents[bi * blocks + blk];
             let q = &q[((bi * heads + h) * s + r0) * d..];
             let (kt, v) = (&kt[g * d * tp..], &v[g * t * d..]);
             // SAFETY: AVX2+FMA is available (checked by `attention`); every operand holds
