@@ -3,15 +3,16 @@
 //! tower and projector as llama.cpp's LLaVA encoder), and [`open_pair`] reads such a pair,
 //! ours or llama.cpp's, into the same [`Checkpoint`] every other format becomes.
 //!
-//! Quantized matrices stay quantized in memory: the decoder's linear maps become
-//! [`Linear::Quantized`] and multiply through candle's quantized kernels. Norms, biases and
-//! the token embedding are dequantized to f32.
+//! Quantized matrices stay quantized: the decoder's linear maps (as [`Linear::Quantized`])
+//! and its token embedding table are views of the memory-mapped file (see [`mapped`]),
+//! multiplied through our kernels or candle's. Norms and biases are dequantized to f32.
 //!
 //! Our files carry `kollava.*` keys (family, template, image handling, the tokenizer's own
 //! files) so that a quantized checkpoint answers as its source does; a file without them is
 //! read as a LLaVA-1.5 model, as llama.cpp reads it.
 
 pub mod format;
+mod mapped;
 pub mod names;
 
 use std::borrow::Cow;
@@ -506,13 +507,42 @@ fn mmproj_metadata(ckpt: &Checkpoint) -> Vec<(String, Meta)> {
     ]
 }
 
-/// A GGUF language model and its image encoder, headers parsed.
-#[derive(Debug)]
+/// A GGUF language model and its image encoder, headers parsed, files memory-mapped (the
+/// quantized matrices are read in place: see [`mapped`]).
 pub struct GgufPair {
     pub model: PathBuf,
     pub mmproj: PathBuf,
     llm: Content,
     mm: Content,
+    /// The language model file, mapped: its quantized matrices are read in place.
+    llm_map: Arc<memmap2::Mmap>,
+    /// The image encoder file's length (its tensors are read into memory).
+    mm_len: usize,
+}
+
+impl std::fmt::Debug for GgufPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufPair")
+            .field("model", &self.model)
+            .field("mmproj", &self.mmproj)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `path` mapped read-only. Pages are not read ahead: the kernel maps a file's pages 64 KiB
+/// at a time on first touch, and pages never touched (the q/k matrices, which are read
+/// and reordered) never count against the process.
+fn map_file(path: &Path) -> Result<Arc<memmap2::Mmap>, CheckpointError> {
+    let f = std::fs::File::open(path).map_err(io_err(path))?;
+    // SAFETY: the map is read-only; as with every memory-mapped checkpoint (safetensors
+    // too), a file changed on disk while the model runs is the user's to avoid.
+    let map = unsafe { memmap2::Mmap::map(&f) };
+    Ok(Arc::new(map.map_err(io_err(path))?))
+}
+
+fn file_len(path: &Path) -> Result<usize, CheckpointError> {
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    Ok(usize::try_from(meta.len()).unwrap_or(usize::MAX))
 }
 
 fn read_content(path: &Path) -> Result<Content, CheckpointError> {
@@ -838,6 +868,8 @@ pub fn open_pair(model: PathBuf, mmproj: PathBuf) -> Result<Checkpoint, Checkpoi
         projector_file: None,
         trained_template,
         gguf: Some(Arc::new(GgufPair {
+            llm_map: map_file(&model)?,
+            mm_len: file_len(&mmproj)?,
             model,
             mmproj,
             llm,
@@ -969,18 +1001,41 @@ impl GgufPair {
         c.tensor_infos.contains_key(&m.name).then_some((c, path, m))
     }
 
-    /// A stored tensor, with its rows in HF order.
+    /// A stored tensor, with its rows in HF order. On the CPU the language model's matrices
+    /// are views of the mapped file (they are multiplied as stored); everything else is
+    /// read into memory: the tower's matrices, which are re-laid out for the kernels
+    /// anyway (a view would leave the file's pages resident beside the packed copy), q/k
+    /// rows, which are reordered, and anything bound for a GPU.
     fn qtensor(
         &self,
         canonical: &str,
         cfg: &ModelConfig,
         device: &Device,
     ) -> candle_core::Result<QTensor> {
-        let Some((c, path, m)) = self.locate(canonical, cfg) else {
+        let Some((c, _, m)) = self.locate(canonical, cfg) else {
             candle_core::bail!("no tensor for {canonical} in the GGUF pair");
         };
-        let mut f = std::fs::File::open(path)?;
-        let q = c.tensor(&mut f, &m.name, &Device::Cpu)?;
+        let info = &c.tensor_infos[&m.name];
+        let (path, file_len) = match m.part {
+            Part::Llm => (&self.model, self.llm_map.len()),
+            Part::Mmproj => (&self.mmproj, self.mm_len),
+        };
+        let offset = usize::try_from(c.tensor_data_offset + info.offset).unwrap_or(usize::MAX);
+        let bytes = format::byte_size(info.ggml_dtype, info.shape.elem_count()) as usize;
+        if offset.checked_add(bytes).is_none_or(|end| end > file_len) {
+            candle_core::bail!(
+                "{}: its {bytes} bytes at offset {offset} run past the end of {} ({file_len} \
+                 bytes): the file is truncated",
+                m.name,
+                path.display()
+            );
+        }
+        let q = if m.part == Part::Llm && m.heads.is_none() && device.is_cpu() {
+            mapped::tensor(&self.llm_map, offset, info.ggml_dtype, info.shape.clone())?
+        } else {
+            let mut f = std::fs::File::open(path)?;
+            c.tensor(&mut f, &m.name, &Device::Cpu)?
+        };
         let q = match m.heads {
             Some(heads) => {
                 let rows = q.shape().dims()[0];
@@ -1235,6 +1290,26 @@ mod tests {
                 assert_eq!(kollava_testkit::max_abs_diff_tensors(&held, &want), 0.0);
             }
             assert!(kept > 0, "{q:?}: no tower matrix kept in the file's halves");
+            // The decoder's matrices are read in place from the mapped file, not copied.
+            let inside = |data: &[u8], map: &memmap2::Mmap| {
+                let (p, m) = (data.as_ptr() as usize, map.as_ptr() as usize);
+                p >= m && p + data.len() <= m + map.len()
+            };
+            let mut mapped = 0;
+            for (name, lin) in model.decoder.linears_mut() {
+                let Linear::Quantized { weight, .. } = lin else {
+                    continue;
+                };
+                // q/k rows are put back in HF order, which takes a copy; the rest is mapped.
+                if !(name.ends_with("q_proj") || name.ends_with("k_proj")) {
+                    assert!(
+                        inside(&weight.data().unwrap(), &pair.llm_map),
+                        "{q:?} {name}"
+                    );
+                    mapped += 1;
+                }
+            }
+            assert!(mapped > 0, "{q:?}: no decoder matrix read in place");
         }
     }
 
@@ -1255,11 +1330,14 @@ mod tests {
             if family == "llava-v1.5" {
                 let mut pair_llm = read_content(&back.gguf.as_ref().unwrap().model).unwrap();
                 pair_llm.metadata.retain(|k, _| !k.starts_with("kollava."));
+                let pair = back.gguf.as_ref().unwrap();
                 let bare = GgufPair {
-                    model: back.gguf.as_ref().unwrap().model.clone(),
-                    mmproj: back.gguf.as_ref().unwrap().mmproj.clone(),
+                    model: pair.model.clone(),
+                    mmproj: pair.mmproj.clone(),
                     llm: pair_llm,
-                    mm: read_content(&back.gguf.as_ref().unwrap().mmproj).unwrap(),
+                    mm: read_content(&pair.mmproj).unwrap(),
+                    llm_map: pair.llm_map.clone(),
+                    mm_len: pair.mm_len,
                 };
                 let c = bare.tokenizer().unwrap();
                 assert_eq!(
@@ -1315,6 +1393,12 @@ mod tests {
         .unwrap();
         let e = crate::open(lonely.to_str().unwrap(), &Default::default()).unwrap_err();
         assert!(e.to_string().contains("m.gguf"), "{e}");
+        // A file cut inside its tensor data: the header reads, loading says what is wrong.
+        std::fs::write(lonely.join("m.gguf"), &bytes[..bytes.len() - 4096]).unwrap();
+        let ckpt = crate::open(lonely.to_str().unwrap(), &Default::default()).unwrap();
+        let pair = ckpt.gguf.as_ref().unwrap();
+        let e = pair.load(&ckpt, &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
         // --mmproj with a non-GGUF model.
         let opts = crate::OpenOptions {
             mmproj: Some(out.join("mmproj-llava-v1.5-F16.gguf")),
