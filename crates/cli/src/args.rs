@@ -883,6 +883,29 @@ pub struct VerifyArgs {
     /// Override a tolerance: PREFIX=MAXDIFF, e.g. image.=2 — 허용 오차 변경
     #[arg(long = "tol", value_name = "PREFIX=VALUE", value_parser = parse_tol)]
     pub tolerances: Vec<(String, f64)>,
+    /// Where the model runs: cpu, or cuda / cuda:N to check the GPU path against the same
+    /// reference (a build with --features cuda) — 실행 장치
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]", value_parser = parse_device)]
+    pub device: DeviceSpec,
+}
+
+/// A device named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    match s {
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" => Ok(DeviceSpec::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceSpec::Cuda)
+            .ok_or_else(|| format!("{s:?} is not cpu, cuda or cuda:N")),
+    }
 }
 
 fn non_negative(s: &str) -> Result<f32, String> {

@@ -355,6 +355,45 @@ fn verify_passes_on_every_fixture() {
 }
 
 #[test]
+fn verify_runs_where_device_says_or_says_why_not() {
+    let dir = checkpoint("llava-v1.5");
+    let verify_on = |device: &str| {
+        kollava(&[
+            &"verify",
+            &"--model",
+            &dir,
+            &"--reference",
+            &dir,
+            &"--device",
+            &device,
+        ])
+    };
+    let o = verify_on("cpu");
+    assert_success(&o);
+    let (passed, failed, _) = verify_summary(&stdout(&o));
+    assert!(passed > 0 && failed == 0, "{}", stdout(&o));
+    let o = verify_on("gpu");
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("is not cpu, cuda or cuda:N"),
+        "{}",
+        stderr(&o)
+    );
+    // Without the cuda feature a GPU is refused up front, in one line.
+    #[cfg(not(feature = "cuda"))]
+    {
+        let o = verify_on("cuda:0");
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains("built without CUDA") && !err.contains("panicked"),
+            "{err}"
+        );
+        assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+    }
+}
+
+#[test]
 fn chat_answers_each_message_and_quits_on_slash_exit() {
     let dir = checkpoint("llava-v1.5");
     let input = format!(

@@ -255,6 +255,7 @@ fn verify_training(
     scheme: &kollava_inputs::ImageTokens,
     decoded: &HashMap<String, kollava_inputs::image::RgbImage>,
     tols: &Tolerances,
+    device: &Device,
 ) -> Result<Vec<KeyResult>, VerifyError> {
     let mut out = Vec::new();
     let mut examples = HashMap::new();
@@ -311,8 +312,7 @@ fn verify_training(
     let wants_loss = reference.tensors.contains_key("train.loss")
         || reference.tensors.contains_key("train.projector_grad_norm");
     if let (Some(ex), true) = (examples.get(sample), wants_loss) {
-        let device = Device::Cpu;
-        let model = ckpt.load_model(DType::F32, &device)?;
+        let model = ckpt.load_model(DType::F32, device)?;
         let forward_image = reference.get("forward_image").as_str().unwrap_or_default();
         let (stem, mode) = forward_image
             .split_once('/')
@@ -327,7 +327,7 @@ fn verify_training(
             &ckpt.preprocess,
         );
         let (cw, ch) = ckpt.preprocess.crop;
-        let pixels = Tensor::from_vec(pixels, (1, 3, ch as usize, cw as usize), &device)
+        let pixels = Tensor::from_vec(pixels, (1, 3, ch as usize, cw as usize), device)
             .map_err(compute("pixels"))?;
         let slots: Vec<std::ops::Range<usize>> = ex
             .prompt
@@ -361,11 +361,13 @@ fn verify_training(
     Ok(out)
 }
 
-/// Recomputes every key of `reference` for `ckpt`, in a stable order.
+/// Recomputes every key of `reference` for `ckpt`, in a stable order, the model running on
+/// `device` (the CPU, or a GPU to check the CUDA path against the same reference).
 pub fn verify(
     ckpt: &Checkpoint,
     reference: &ReferenceDump,
     tols: &Tolerances,
+    device: &Device,
 ) -> Result<Vec<KeyResult>, VerifyError> {
     let mut out = Vec::new();
     let mut keys: Vec<&String> = reference.tensors.keys().collect();
@@ -478,8 +480,7 @@ pub fn verify(
         k.starts_with("vision.") || k.starts_with("logits.") || k.starts_with("generate.")
     });
     if let (Some(text), true) = (forward_text, needs_model) {
-        let device = Device::Cpu;
-        let model = ckpt.load_model(DType::F32, &device)?;
+        let model = ckpt.load_model(DType::F32, device)?;
         let (stem, mode) = forward_image
             .split_once('/')
             .unwrap_or((forward_image.as_str(), "crop"));
@@ -490,7 +491,7 @@ pub fn verify(
         let mode = parse_mode(mode).unwrap_or(ckpt.aspect);
         let pixels = image::preprocess(img, mode, &ckpt.preprocess);
         let (cw, ch) = ckpt.preprocess.crop;
-        let pixels = Tensor::from_vec(pixels, (1, 3, ch as usize, cw as usize), &device)
+        let pixels = Tensor::from_vec(pixels, (1, 3, ch as usize, cw as usize), device)
             .map_err(compute("pixels"))?;
         let feats = model
             .vision_features(&pixels)
@@ -570,7 +571,7 @@ pub fn verify(
     }
     if reference.get("train_labels").is_object() {
         out.extend(verify_training(
-            ckpt, reference, &tok, &scheme, &decoded, tols,
+            ckpt, reference, &tok, &scheme, &decoded, tols, device,
         )?);
     }
     Ok(out)

@@ -1,6 +1,7 @@
 //! `verify` on every fixture checkpoint: every key, training ones included, within
 //! tolerance. (The CLI tests check that a perturbed reference value is caught and named.)
 
+use candle_core::Device;
 use kollava_checkpoint::OpenOptions;
 use kollava_eval::verify::{verify, Outcome, ReferenceDump, Tolerances};
 use kollava_testkit::{checkpoint_dir, CHECKPOINTS};
@@ -12,7 +13,7 @@ fn every_fixture_checkpoint_matches_its_reference() {
         let ckpt =
             kollava_checkpoint::open(dir.to_str().unwrap(), &OpenOptions::default()).unwrap();
         let reference = ReferenceDump::load(&dir).unwrap();
-        let results = verify(&ckpt, &reference, &Tolerances::default()).unwrap();
+        let results = verify(&ckpt, &reference, &Tolerances::default(), &Device::Cpu).unwrap();
         let failed: Vec<_> = results
             .iter()
             .filter(|r| !r.passed())

@@ -10,6 +10,7 @@ use kollava_eval::verify::{verify, Outcome, ReferenceDump, Tolerances};
 use crate::args::VerifyArgs;
 
 pub fn run(args: &VerifyArgs) -> Result<ExitCode> {
+    let device = super::device(args.device)?;
     let ckpt = kollava_checkpoint::open(
         &args.model,
         &OpenOptions {
@@ -23,7 +24,7 @@ pub fn run(args: &VerifyArgs) -> Result<ExitCode> {
     for (prefix, value) in &args.tolerances {
         tols.set(prefix, *value);
     }
-    let results = verify(&ckpt, &reference, &tols)?;
+    let results = verify(&ckpt, &reference, &tols, &device)?;
     let mut out = std::io::stdout().lock();
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     for r in &results {
