@@ -847,6 +847,7 @@ fn bench_json_reports_every_figure() {
     }
     assert_eq!(v["gen_tokens"], 3);
     assert_eq!(v["threads"], 1);
+    assert_eq!(v["device"], "cpu");
 }
 
 #[test]

@@ -101,6 +101,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let embeds = loaded
             .model
             .embed_with_images(&p.ids, &slots, Some(&feats))?;
+        // A GPU runs kernels asynchronously: wait for the tower before reading the clock.
+        loaded.device.synchronize()?;
         let vision_ms = t.elapsed().as_secs_f64() * 1e3;
         let g = kollava_generate::generate(
             &loaded.model,
@@ -135,7 +137,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // Read before the bandwidth probe, whose buffers would count.
     let rss = peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64);
     let bytes_per_token = loaded.model.decoder.bytes_per_token() as f64;
-    let bandwidth = memory_bandwidth(threads, 3);
+    let bandwidth = if loaded.device.is_cpu() {
+        memory_bandwidth(threads, 3)
+    } else {
+        device_bandwidth(&loaded.device)?
+    };
+    let device = match loaded.device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    };
     let roofline_tps = bandwidth / bytes_per_token;
     let json = serde_json::json!({
         "model": loaded.ckpt.dir.display().to_string(),
@@ -143,6 +154,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "parameters": parameter_count(loaded.model.config()),
         "weights_dtype": loaded.model.decoder.weight_format().to_lowercase(),
         "threads": threads,
+        "device": device,
         "repeat": args.repeat,
         "prompt_tokens": prompt_len,
         "gen_tokens": gen,
@@ -167,7 +179,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "model        {} ({}, {:.2} B params, {} language model, {threads} threads)",
+        "model        {} ({}, {:.2} B params, {} language model, {threads} threads, {device})",
         loaded.ckpt.dir.display(),
         loaded.ckpt.family.name(),
         parameter_count(loaded.model.config()) / 1e9,
@@ -191,6 +203,24 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         writeln!(out, "peak RSS     {rss:>10.0} MiB")?;
     }
     Ok(())
+}
+
+/// A GPU's memory bandwidth in bytes/s: a 1 GiB on-device copy (read and write), the
+/// fastest of 5 after a warm-up. The CPU's copy kernel would say nothing about it.
+fn device_bandwidth(device: &candle_core::Device) -> Result<f64> {
+    let bytes = 1usize << 30;
+    let x = Tensor::zeros(bytes / 4, candle_core::DType::F32, device)?;
+    drop(x.copy()?);
+    device.synchronize()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let y = x.copy()?;
+        device.synchronize()?;
+        best = best.min(t.elapsed().as_secs_f64());
+        drop(y);
+    }
+    Ok(2.0 * bytes as f64 / best)
 }
 
 /// One streamed request: time to the first text, completion tokens.
