@@ -181,6 +181,30 @@ fn reorder_rows(q: &QTensor, from: impl Fn(usize) -> usize) -> candle_core::Resu
     QTensor::new(storage, dims)
 }
 
+/// One tensor of the checkpoint in its GGUF type and row order, as bytes.
+fn convert_tensor(
+    vb: &VarBuilder,
+    name: &str,
+    m: &Mapped,
+    entry: &TensorEntry,
+) -> candle_core::Result<Vec<u8>> {
+    let t = vb.get(entry.shape.clone(), name)?;
+    let qt = QTensor::quantize(&t, entry.dtype)?;
+    let qt = match m.heads {
+        // Inverse of the reader's: llama.cpp row `pair_order_row(r)` is HF row r.
+        Some(heads) => {
+            let rows = entry.shape[0];
+            let mut inv = vec![0; rows];
+            for r in 0..rows {
+                inv[pair_order_row(r, rows, heads)] = r;
+            }
+            reorder_rows(&qt, |r| inv[r])?
+        }
+        None => qt,
+    };
+    Ok(qt.data()?.into_owned())
+}
+
 /// Output of [`quantize`].
 #[derive(Debug, Clone)]
 pub struct Written {
@@ -247,37 +271,32 @@ pub fn quantize(
             let entries = plan[k].iter().map(|p| p.2.clone()).collect();
             let mut w = GgufWriter::new(std::io::BufWriter::new(f), &metas[k], entries)
                 .map_err(io_err(&path))?;
-            for (name, m, entry) in &plan[k] {
-                let vb = if name.starts_with("vision_model.") {
-                    &vision_vb
-                } else {
-                    &llm_vb
-                };
-                let data = (|| -> candle_core::Result<Vec<u8>> {
-                    let t = vb.get(entry.shape.clone(), name)?;
-                    let qt = QTensor::quantize(&t, entry.dtype)?;
-                    let qt = match m.heads {
-                        // Inverse of the reader's: llama.cpp row `pair_order_row(r)` is HF row r.
-                        Some(heads) => {
-                            let rows = entry.shape[0];
-                            let mut inv = vec![0; rows];
-                            for r in 0..rows {
-                                inv[pair_order_row(r, rows, heads)] = r;
-                            }
-                            reorder_rows(&qt, |r| inv[r])?
-                        }
-                        None => qt,
-                    };
-                    Ok(qt.data()?.into_owned())
-                })()
-                .map_err(|e| CheckpointError::Weights {
-                    file: ckpt.dir.display().to_string(),
-                    reason: format!("{name}: {}", candle_reason(&e)),
-                })?;
-                bytes += data.len() as u64;
-                w.tensor(&data).map_err(io_err(&path))?;
-                done += 1;
-                on_progress(done, total);
+            // Tensors are converted a batch at a time, one per core, and written in order:
+            // candle quantizes a tensor on one thread, and a 7B model took minutes on one.
+            let batch = rayon::current_num_threads().max(1);
+            for group in plan[k].chunks(batch) {
+                use rayon::prelude::*;
+                let datas: Vec<Result<Vec<u8>, CheckpointError>> = group
+                    .par_iter()
+                    .map(|(name, m, entry)| {
+                        let vb = if name.starts_with("vision_model.") {
+                            &vision_vb
+                        } else {
+                            &llm_vb
+                        };
+                        convert_tensor(vb, name, m, entry).map_err(|e| CheckpointError::Weights {
+                            file: ckpt.dir.display().to_string(),
+                            reason: format!("{name}: {}", candle_reason(&e)),
+                        })
+                    })
+                    .collect();
+                for data in datas {
+                    let data = data?;
+                    bytes += data.len() as u64;
+                    w.tensor(&data).map_err(io_err(&path))?;
+                    done += 1;
+                    on_progress(done, total);
+                }
             }
             w.finish().map_err(io_err(&path))?;
         }
