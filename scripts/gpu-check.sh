@@ -2,7 +2,7 @@
 # The GPU checks of issue 6 in one run, on a machine with an NVIDIA GPU, CUDA and PyTorch but
 # no Rust toolchain (the device tool's machine). Build the binary first, here:
 #
-#   scripts/build-cuda.sh                       # leaves target/gpu/kollava
+#   scripts/build-cuda.sh                       # leaves target/gpu/kollava.xz
 #   # then, on the GPU machine, carrying target/gpu:
 #   scripts/gpu-check.sh                        # results under $OUT
 #
@@ -17,12 +17,16 @@
 # ARCH, REPEAT, WORK and BIN override the defaults below.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BIN=${BIN:-target/gpu/kollava}
 ARCH=${ARCH:-llava-1.5-7b}
 REPEAT=${REPEAT:-3}
 WORK=${WORK:-/tmp/kollava-gpu}
 OUT=${OUT:-$WORK/out}
 mkdir -p "$WORK" "$OUT"
+if [ -z "${BIN:-}" ]; then
+  BIN=$WORK/kollava
+  python3 -c "import lzma, sys; open(sys.argv[2], 'wb').write(lzma.open(sys.argv[1]).read())" \
+    target/gpu/kollava.xz "$BIN" && chmod +x "$BIN"
+fi
 LOG="$OUT/log.txt"
 step() { echo "== $(date +%T) $*" | tee -a "$LOG"; }
 
