@@ -402,7 +402,8 @@ fn write_shards(
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
         // A shard's tensors are drawn on every core at once (each from its own seeded
         // stream, so the bytes are the same as one by one): drawing, not writing, is what
-        // takes the time (a 7B model: minutes on one core).
+        // takes the time (a 7B model: minutes on one core). The price is one shard (at most
+        // `shard_bytes`) held in memory while it is written.
         let ready: Vec<Ready> = {
             use rayon::prelude::*;
             shard

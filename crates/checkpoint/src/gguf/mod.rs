@@ -1031,13 +1031,13 @@ impl GgufPair {
         cfg: &ModelConfig,
         device: &Device,
     ) -> candle_core::Result<QTensor> {
-        let Some((c, _, m)) = self.locate(canonical, cfg) else {
+        let Some((c, path, m)) = self.locate(canonical, cfg) else {
             candle_core::bail!("no tensor for {canonical} in the GGUF pair");
         };
         let info = &c.tensor_infos[&m.name];
-        let (path, file_len) = match m.part {
-            Part::Llm => (&self.model, self.llm_map.len()),
-            Part::Mmproj => (&self.mmproj, self.mm_len),
+        let file_len = match m.part {
+            Part::Llm => self.llm_map.len(),
+            Part::Mmproj => self.mm_len,
         };
         let offset = usize::try_from(c.tensor_data_offset + info.offset).unwrap_or(usize::MAX);
         let bytes = format::byte_size(info.ggml_dtype, info.shape.elem_count()) as usize;
