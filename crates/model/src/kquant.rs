@@ -1,6 +1,6 @@
 //! Our matrix-vector products for ggml's k-quant weights (`Q4_K`, `Q6_K`: what a Q4_K_M
 //! GGUF stores), for decoding on x86-64 CPUs: with AVX512-VNNI, or with AVX2 (the same
-//! arithmetic on 256-bit vectors; [`kernels`] picks).
+//! arithmetic on 256-bit vectors; `kernels()` picks).
 //!
 //! Decoding is bound by memory bandwidth: each token streams every weight once. So the
 //! kernels read the file's blocks as they are (144 bytes per 256 weights for `Q4_K`, 210 for
