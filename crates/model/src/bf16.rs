@@ -307,10 +307,11 @@ trait Panels: Sync {
 
 /// `xs: (m, k)` times the panels, in tiles of `MR` rows: `MR × 32` outputs stay in
 /// registers while a block of `KC` pairs streams by, the panel's block (32 KiB) staying in
-/// L1 for every tile. The activations' block is in L2 for every panel only while the rows
-/// are few: a 577-row tower input's is about 1 MB and streams from L3. The AVX2 path groups
-/// its tiles to keep it in L2; whether this path would gain too is unmeasured (no AVX-512
-/// CPU at hand since). Ranges of panels go to candle's worker threads. Returns `c` with rows of `panels · NR` (at least `m` rows).
+/// L1 for every tile. The activations' block stays in L2 for every panel only while the
+/// rows are few: a 577-row tower input's is about 1 MB and streams from L3. The AVX2 path
+/// groups its tiles to keep it in L2; whether this path would gain as well is unmeasured
+/// (no AVX-512 CPU has been at hand since). Ranges of panels go to candle's worker threads.
+/// Returns `c` with rows of `panels · NR` (at least `m` rows).
 fn gemm(kernels: Kernels, w: &impl Panels, xs: &[f32], m: usize, k: usize) -> Vec<f32> {
     if kernels == Kernels::Avx2Fma {
         return avx2::gemm(w, xs, m, k);
