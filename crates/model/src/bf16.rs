@@ -1,11 +1,13 @@
 //! Our bf16 matrix multiply for x86-64 CPUs, used for `--dtype bf16`. Prefill and the vision
 //! tower are compute-bound; candle's GEMM has no bf16 path on CPU.
 //!
-//! Two kernel sets, chosen at run time ([`kernels`]): with AVX512-BF16, `vdpbf16ps` (32
-//! bf16 products into 16 f32 sums per instruction, twice the rate of f32 FMAs); on any CPU
-//! with AVX2 and FMA (x86-64 since 2013), the bf16 values widened to f32 (a shift or a
-//! mask) and multiplied by 256-bit FMAs. Both compute the same thing: the f32 sum of exact
-//! products of bf16-rounded operands; only the order of the sums differs.
+//! Three kernel sets, chosen at run time ([`kernels`]): with AMX-BF16, prefill products on
+//! tiles ([`amx`]: 16 × 16 sums of 32 products per instruction) and the 512-bit kernels for
+//! the rest; with AVX512-BF16, `vdpbf16ps` (32 bf16 products into 16 f32 sums per
+//! instruction, twice the rate of f32 FMAs); on any CPU with AVX2 and FMA (x86-64 since
+//! 2013), the bf16 values widened to f32 (a shift or a mask) and multiplied by 256-bit FMAs.
+//! All compute the same thing: the f32 sum of exact products of bf16-rounded operands; only
+//! the order of the sums differs.
 //!
 //! The weight `W: (n, k)` is packed once into panels of 32 output rows; within a panel, for
 //! each pair of inputs `(2q, 2q+1)`, 32 bf16 pairs (two 512-bit vectors), the operand
@@ -20,6 +22,8 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Result, Tensor};
+
+mod amx;
 
 /// Output rows per panel (two vectors of 16 f32).
 const NR: usize = 32;
@@ -37,6 +41,8 @@ const GEMV_QB: usize = 128;
 /// A kernel set (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernels {
+    /// AMX tiles for prefill, `vdpbf16ps` for decoding.
+    Amx,
     /// `vdpbf16ps` on 512-bit vectors.
     Avx512Bf16,
     /// bf16 widened to f32, then 256-bit FMAs.
@@ -46,6 +52,7 @@ pub enum Kernels {
 impl std::fmt::Display for Kernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Kernels::Amx => "AMX-BF16",
             Kernels::Avx512Bf16 => "AVX512-BF16",
             Kernels::Avx2Fma => "AVX2+FMA",
         })
@@ -53,14 +60,17 @@ impl std::fmt::Display for Kernels {
 }
 
 /// The fastest kernel set this CPU runs; `None` where none does (another architecture, or
-/// an x86-64 without AVX2). `KOLLAVA_KERNELS=avx2` picks AVX2 on an AVX512-BF16 CPU (to
-/// measure or test it there).
+/// an x86-64 without AVX2). `KOLLAVA_KERNELS=avx2` (or `avx512`) picks that set on a CPU with
+/// faster ones (to measure or test it there).
 pub fn kernels() -> Option<Kernels> {
     static KERNELS: std::sync::OnceLock<Option<Kernels>> = std::sync::OnceLock::new();
     *KERNELS.get_or_init(|| {
         let all = supported();
         if avx2_forced() {
             return all.into_iter().find(|&k| k == Kernels::Avx2Fma);
+        }
+        if std::env::var("KOLLAVA_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("avx512")) {
+            return all.into_iter().find(|&k| k != Kernels::Amx);
         }
         all.first().copied()
     })
@@ -79,6 +89,9 @@ pub fn supported() -> Vec<Kernels> {
     {
         use std::arch::is_x86_feature_detected as has;
         if has!("avx512f") && has!("avx512bf16") && has!("avx512vl") {
+            if amx::usable() {
+                all.push(Kernels::Amx);
+            }
             all.push(Kernels::Avx512Bf16);
         }
         if has!("avx2") && has!("fma") {
@@ -201,7 +214,7 @@ impl PackedBf16 {
         let c = if m <= GEMV_ROWS {
             let mut c = vec![0f32; m * ldc];
             match kernels {
-                Kernels::Avx512Bf16 => {
+                Kernels::Amx | Kernels::Avx512Bf16 => {
                     self.gemv(&pack_rows::<1>(xs, m, k, self.pairs), m, &mut c, ldc)
                 }
                 Kernels::Avx2Fma => self.gemv_avx2(xs, m, &mut c, ldc),
@@ -313,10 +326,12 @@ trait Panels: Sync {
 /// (no AVX-512 CPU has been at hand since). Ranges of panels go to candle's worker threads.
 /// Returns `c` with rows of `panels · NR` (at least `m` rows).
 fn gemm(kernels: Kernels, w: &impl Panels, xs: &[f32], m: usize, k: usize) -> Vec<f32> {
-    if kernels == Kernels::Avx2Fma {
-        return avx2::gemm(w, xs, m, k);
-    }
     let (panels, pairs) = w.dims();
+    match kernels {
+        Kernels::Avx2Fma => return avx2::gemm(w, xs, m, k),
+        Kernels::Amx if amx::fits(k, pairs) => return amx::gemm(w, xs, m, k),
+        Kernels::Amx | Kernels::Avx512Bf16 => {}
+    }
     let ldc = panels * NR;
     let tiles = m.div_ceil(MR);
     let xp = pack_rows::<MR>(xs, m, k, pairs);
@@ -548,7 +563,7 @@ impl Panels for GgmlPanels<'_> {
         kc: usize,
         buf: &'a mut Vec<u32>,
     ) -> &'a [u32] {
-        let simd = kernels == Kernels::Avx512Bf16;
+        let simd = kernels != Kernels::Avx2Fma;
         // A block of `KC` pairs is 512 values: whole ggml blocks (32 or 256 values).
         let (e0, e1) = (2 * q0, (2 * (q0 + kc)).min(self.k));
         let bytes = e0 / self.block * self.block_bytes..e1 / self.block * self.block_bytes;
@@ -565,7 +580,7 @@ impl Panels for GgmlPanels<'_> {
             );
             let out = &mut rows[lane * kc..(lane + 1) * kc];
             if simd {
-                // SAFETY: the caller chose AVX512-BF16 from `supported()`.
+                // SAFETY: the caller chose AMX or AVX512-BF16 from `supported()`.
                 unsafe { round_pairs(&values[..2 * kc], out) };
             } else {
                 for (o, v) in out.iter_mut().zip(values.chunks_exact(2)) {
@@ -580,7 +595,7 @@ impl Panels for GgmlPanels<'_> {
             for q in (0..kc).step_by(16) {
                 let (src, dst) = (&rows[lane * kc + q..], &mut panel[q * NR + lane..]);
                 if simd {
-                    // SAFETY: the caller chose AVX512-BF16 from `supported()`; the 16 × 16
+                    // SAFETY: the caller chose AMX or AVX512-BF16 from `supported()`; the 16 × 16
                     // blocks lie within `rows` and `panel`.
                     unsafe { transpose16(src.as_ptr(), kc, dst.as_mut_ptr(), NR) };
                 } else {
@@ -1082,6 +1097,8 @@ mod tests {
             (1, 5, 3),
             (70, 600, 40),
             (100, 600, 40), // two groups of tiles, the second partial
+            (70, 640, 40),  // AMX: two blocks of pairs, the second short; a partial row block
+            (97, 1024, 96), // AMX: three panels, four row blocks
         ] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &d).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &d).unwrap();

@@ -1,0 +1,242 @@
+//! The prefill product on AMX tiles (Sapphire Rapids and later): one `tdpbf16ps` multiplies
+//! a 16 × 32 bf16 tile of activations by a 32 × 16 tile of weights into 16 × 16 f32 sums,
+//! sixteen times the work of a 512-bit `vdpbf16ps`.
+//!
+//! The packed panels are already in the layout a weight tile wants: for each input pair,
+//! 32 output lanes of bf16 pairs, so the tile for lanes `0..16` (or `16..32`) and pairs
+//! `q..q + 16` is 16 rows of 64 bytes at a stride of one pair's 128 bytes. The activations
+//! are rounded into plain row-major bf16. Each block of 32 rows × 32 outputs keeps its four
+//! sum tiles in tile registers while a block of [`KC`] pairs streams by (the panel's block in
+//! L1, the activations' in L2, as in the 512-bit kernel).
+//!
+//! Stable Rust has no AMX intrinsics, so the instructions are inline assembly; the tile
+//! registers are ours alone (the compiler never uses them), so their contents last from one
+//! `asm!` to the next on the same thread.
+
+use super::{Kernels, Panels, KC, NR};
+
+/// Activation rows per block: two tiles of 16.
+const MB: usize = 32;
+/// Input pairs per tile step (a tile row holds 16 pairs, 64 bytes).
+const KT: usize = 16;
+/// Row blocks whose activations (one block of [`KC`] pairs: 32 KiB a row block) stay close
+/// while every panel of a thread passes over them. Tile loads slow down well short of L2's
+/// size: groups of 4 and 8 measured alike, 16 about 8 % slower and all of a tower's 19 blocks
+/// 15 % (`examples/bf16_gemm`).
+const BLOCK_GROUP: usize = 4;
+
+/// Whether this CPU has AMX-BF16 and the kernel lets this process use the tile registers
+/// (Linux hands them out on request, once per process).
+pub(super) fn usable() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        // CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE (std's detection of them is
+        // unstable). Linux grants the request below only where the OS supports them too.
+        let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+        if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with these arguments only changes which register state the
+        // kernel saves for this process.
+        unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            ) == 0
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
+}
+
+/// Whether a product of `k` inputs (`pairs` pairs) goes in whole tile steps: every real
+/// checkpoint's widths do (multiples of 32); the 512-bit kernel takes the rest.
+pub(super) fn fits(k: usize, pairs: usize) -> bool {
+    k == 2 * pairs && pairs.is_multiple_of(KT)
+}
+
+/// [`super::gemm`] on tiles; `fits(k, pairs)` must hold. Returns `c` with rows of
+/// `panels · NR` (at least `m` rows).
+pub(super) fn gemm(w: &impl Panels, xs: &[f32], m: usize, k: usize) -> Vec<f32> {
+    let (panels, pairs) = w.dims();
+    assert!(fits(k, pairs), "AMX product of width {k} ({pairs} pairs)");
+    let ldc = panels * NR;
+    let blocks = m.div_ceil(MB);
+    let xt = tiles_bf16(xs, m, k, blocks * MB);
+    let mut c = vec![0f32; blocks * MB * ldc];
+    let c_addr = c.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(panels, |range| {
+        let mut buf = Vec::new();
+        // A ggml weight's blocks are unpacked once per (block of pairs, panel), not per group.
+        let group = if w.blocks_are_views() {
+            BLOCK_GROUP
+        } else {
+            blocks
+        };
+        // SAFETY: `usable()` held when these kernels were chosen; the configuration is this
+        // thread's and released below.
+        unsafe { configure() };
+        for q0 in (0..pairs).step_by(KC) {
+            let kc = KC.min(pairs - q0);
+            for b0 in (0..blocks).step_by(group) {
+                for p in range.clone() {
+                    let wb = w.block(Kernels::Amx, p, q0, kc, &mut buf);
+                    assert!(wb.len() >= kc * NR);
+                    for b in b0..blocks.min(b0 + group) {
+                        // SAFETY: `xt` holds `blocks · MB` rows of `pairs` pairs in tiles, `wb`
+                        // `kc` pairs of the panel, `c` `blocks · MB` rows of `ldc`; each (block,
+                        // panel) part of `c` is written by the one thread that took the panel.
+                        unsafe {
+                            let x = xt.as_ptr().add(b * MB * pairs + q0 * KT);
+                            let cp = (c_addr as *mut f32).add(b * MB * ldc + p * NR);
+                            block(x, pairs, wb.as_ptr(), kc, cp, ldc, q0 > 0);
+                        }
+                    }
+                }
+            }
+        }
+        // SAFETY: as for `configure`.
+        unsafe { release() };
+    });
+    c
+}
+
+/// `xs: (m, k)` rounded to bf16 pairs, padded with zero rows to `rows`, in the order the
+/// tiles are loaded: `[16 rows][KT pairs][row][pair]`, so that each tile is 1 KiB in one
+/// piece (rows a row's length apart would share L1 sets: 2 KiB apart for `k` = 1024).
+fn tiles_bf16(xs: &[f32], m: usize, k: usize, rows: usize) -> Vec<u32> {
+    use rayon::prelude::*;
+    let pairs = k / 2;
+    let mut out = vec![0u32; rows * pairs];
+    out.par_chunks_mut(16 * pairs)
+        .enumerate()
+        .for_each(|(g, group)| {
+            for r in 0..16.min(m.saturating_sub(16 * g)) {
+                let x = &xs[(16 * g + r) * k..][..k];
+                for s in 0..pairs / KT {
+                    let o = &mut group[(s * 16 + r) * KT..][..KT];
+                    // SAFETY: AMX-BF16 CPUs have AVX512-BF16 (checked with it in
+                    // `supported()`).
+                    unsafe { super::round_pairs(&x[2 * KT * s..][..2 * KT], o) };
+                }
+            }
+        });
+    out
+}
+
+/// The tile shapes: tiles 0-3 hold 16 × 16 f32 sums, 4-5 activations (16 rows of 16 pairs),
+/// 6-7 weights (16 pairs of 16 lanes); every row 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    /// Bytes per row of each tile.
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn configure() {
+    let mut cfg = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [0; 16],
+        rows: [0; 16],
+    };
+    for t in 0..8 {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    std::arch::asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn release() {
+    std::arch::asm!("tilerelease", options(nostack, nomem));
+}
+
+/// One `32 × 32` block of `c` (row stride `ldc` floats) += (or =) `kc` pairs of 32 rows of
+/// activations (`x`: two groups of 16 rows, `16 · x_pairs` apart, in [`tiles_bf16`]'s order)
+/// times the panel block `w` (`[pair][32]`).
+#[cfg(target_arch = "x86_64")]
+unsafe fn block(
+    x: *const u32,
+    x_pairs: usize,
+    w: *const u32,
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    use std::arch::asm;
+    let (xs, ws, cs) = (KT * 4, NR * 4, ldc * 4);
+    let (c0, c1) = (c, c.add(16));
+    let (c2, c3) = (c.add(16 * ldc), c.add(16 * ldc + 16));
+    if accumulate {
+        asm!(
+            "tileloadd tmm0, [{c0} + {s}*1]",
+            "tileloadd tmm1, [{c1} + {s}*1]",
+            "tileloadd tmm2, [{c2} + {s}*1]",
+            "tileloadd tmm3, [{c3} + {s}*1]",
+            c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
+            s = in(reg) cs,
+            options(nostack, readonly),
+        );
+    } else {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+    }
+    for q in (0..kc).step_by(KT) {
+        let (x0, x1) = (x.add(16 * q), x.add(16 * x_pairs + 16 * q));
+        let (w0, w1) = (w.add(q * NR), w.add(q * NR + 16));
+        asm!(
+            "tileloadd tmm4, [{x0} + {xs}*1]",
+            "tileloadd tmm6, [{w0} + {ws}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{w1} + {ws}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{x1} + {xs}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            x0 = in(reg) x0, x1 = in(reg) x1, w0 = in(reg) w0, w1 = in(reg) w1,
+            xs = in(reg) xs, ws = in(reg) ws,
+            options(nostack, readonly),
+        );
+    }
+    asm!(
+        "tilestored [{c0} + {s}*1], tmm0",
+        "tilestored [{c1} + {s}*1], tmm1",
+        "tilestored [{c2} + {s}*1], tmm2",
+        "tilestored [{c3} + {s}*1], tmm3",
+        c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
+        s = in(reg) cs,
+        options(nostack),
+    );
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn configure() {
+    unreachable!("AMX kernels are only chosen where usable() holds")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn release() {
+    unreachable!("AMX kernels are only chosen where usable() holds")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block(_: *const u32, _: usize, _: *const u32, _: usize, _: *mut f32, _: usize, _: bool) {
+    unreachable!("AMX kernels are only chosen where usable() holds")
+}
