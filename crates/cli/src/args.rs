@@ -803,7 +803,7 @@ pub struct ModelArgs {
     pub image_aspect: Option<String>,
     /// Weights in memory: f32 matches the Python reference to 1e-4; f16 halves memory and
     /// decode time at some precision cost; bf16 also runs the tower and prefill through our
-    /// bf16 kernels (AVX512-BF16, or AVX2+FMA; fastest first token). A GGUF model keeps its
+    /// bf16 kernels (AMX, AVX512-BF16 or AVX2+FMA; fastest first token). A GGUF model keeps its
     /// stored types; auto = f32, but bf16 for a quantized GGUF model's float matrices (its
     /// tower) — 가중치 자료형
     #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]

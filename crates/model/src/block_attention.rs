@@ -76,7 +76,15 @@ pub(crate) fn attention(
         }
         None => None,
     };
+    // Columns per tile: 32 in two 512-bit vectors where the CPU has AVX-512 (and `d` fills
+    // them), else 16 in two 256-bit ones. The sums are the same either way, lane by lane.
+    let cols = if kernels::wide() && d.is_multiple_of(16) {
+        32
+    } else {
+        16
+    };
     let out = attend(
+        cols,
         Shape {
             b,
             heads,
@@ -109,8 +117,16 @@ fn at<'a>(st: &'a candle_core::CpuStorage, l: &candle_core::Layout, n: usize) ->
     Ok(&st.as_slice::<f32>()?[l.start_offset()..l.start_offset() + n])
 }
 
-/// [`attention`] on the tensors' memory; returns the `(b, s, heads, d)` buffer.
-fn attend(sh: Shape, q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>) -> Vec<f32> {
+/// [`attention`] on the tensors' memory, in tiles `cols` wide (16, or 32 where
+/// [`kernels::wide`]); returns the `(b, s, heads, d)` buffer.
+fn attend(
+    cols: usize,
+    sh: Shape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<&[f32]>,
+) -> Vec<f32> {
     use rayon::prelude::*;
     let Shape {
         b,
@@ -172,16 +188,18 @@ fn attend(sh: Shape, q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>) -> V
             let extent = extents[bi * blocks + blk];
             let q = &q[((bi * heads + h) * s + r0) * d..];
             let (kt, v) = (&kt[g * d * tp..], &v[g * t * d..]);
-            // SAFETY: AVX2+FMA is available (checked by `attention`); every operand holds
+            // SAFETY: AVX2+FMA is available (checked by `attention`; AVX-512 where `cols`
+            // is 32); every operand holds
             // the rows and columns the tiles read (`q`: `rows × d`; `kt`: `d × tp` with
             // `extent` rounded up to 16 ≤ `tp`; `v`: `extent × d`; `scores`: `ROWS × tp`),
             // and each task writes only its own rows of head `h` in `out`.
             unsafe {
                 for i0 in (0..rows).step_by(6) {
                     let r = 6.min(rows - i0);
-                    for j0 in (0..extent).step_by(16) {
+                    for j0 in (0..extent).step_by(cols) {
                         kernels::tile(
-                            (r, 2),
+                            cols,
+                            (r, if tp - j0 >= cols { 2 } else { 1 }),
                             (q.as_ptr().add(i0 * d), d),
                             (kt.as_ptr().add(j0), tp),
                             d,
@@ -203,9 +221,10 @@ fn attend(sh: Shape, q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>) -> V
                 let o = (out_addr as *mut f32).add(((bi * s + r0) * heads + h) * d);
                 for i0 in (0..rows).step_by(6) {
                     let r = 6.min(rows - i0);
-                    for c0 in (0..d).step_by(16) {
+                    for c0 in (0..d).step_by(cols) {
                         kernels::tile(
-                            (r, if d - c0 >= 16 { 2 } else { 1 }),
+                            cols,
+                            (r, if d - c0 >= cols { 2 } else { 1 }),
                             (scores.as_ptr().add(i0 * tp), tp),
                             (v.as_ptr().add(c0), d),
                             extent,
@@ -230,13 +249,27 @@ mod kernels {
         false
     }
 
+    /// Whether the 512-bit tiles run here (and `KOLLAVA_KERNELS=avx2` does not ask for the
+    /// 256-bit ones).
+    pub(super) fn wide() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f") && !crate::bf16::avx2_forced()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
     /// `c[j][·] = Σᵢ x[j][i] · w[i][·]` for `rows ≤ 6` rows and `vectors ∈ {1, 2}` × 8
-    /// columns, `i < depth`; each operand `(pointer, row stride)`. The 12 sums of a full
-    /// tile stay in registers; each `x` value is broadcast against the row of `w`.
+    /// columns (× 16 with `cols` = 32: 512-bit vectors), `i < depth`; each operand
+    /// `(pointer, row stride)`. The 12 sums of a full tile stay in registers; each `x` value
+    /// is broadcast against the row of `w`.
     ///
     /// # Safety
-    /// AVX2+FMA must be available and the operands must hold what is read and written.
+    /// AVX2+FMA must be available (AVX-512 for `cols` = 32: [`wide`]) and the operands must
+    /// hold what is read and written.
     pub(super) unsafe fn tile(
+        cols: usize,
         (rows, vectors): (usize, usize),
         x: (*const f32, usize),
         w: (*const f32, usize),
@@ -245,8 +278,9 @@ mod kernels {
     ) {
         macro_rules! dispatch {
             ($(($r:literal, $v:literal)),*) => {
-                match (rows, vectors) {
-                    $(($r, $v) => tile_n::<$r, $v>(x, w, depth, c),)*
+                match (cols == 32, rows, vectors) {
+                    $((false, $r, $v) => tile_n::<$r, $v>(x, w, depth, c),)*
+                    $((true, $r, $v) => tile_wide::<$r, $v>(x, w, depth, c),)*
                     _ => unreachable!("tiles are 1-6 rows of 1 or 2 vectors"),
                 }
             };
@@ -294,6 +328,46 @@ mod kernels {
                 _mm256_storeu_ps(c.add(j * ldc + 8 * n), *a);
             }
         }
+    }
+
+    /// [`tile_n`] on 512-bit vectors.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_wide<const R: usize, const V: usize>(
+        (x, ldx): (*const f32, usize),
+        (w, ldw): (*const f32, usize),
+        depth: usize,
+        (c, ldc): (*mut f32, usize),
+    ) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        for i in 0..depth {
+            let mut wv = [_mm512_setzero_ps(); V];
+            for (n, wv) in wv.iter_mut().enumerate() {
+                *wv = _mm512_loadu_ps(w.add(i * ldw + 16 * n));
+            }
+            for (j, a) in acc.iter_mut().enumerate() {
+                let xb = _mm512_set1_ps(*x.add(j * ldx + i));
+                for (a, &wv) in a.iter_mut().zip(&wv) {
+                    *a = _mm512_fmadd_ps(wv, xb, *a);
+                }
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            for (n, a) in a.iter().enumerate() {
+                _mm512_storeu_ps(c.add(j * ldc + 16 * n), *a);
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn tile_wide<const R: usize, const V: usize>(
+        _: (*const f32, usize),
+        _: (*const f32, usize),
+        _: usize,
+        _: (*mut f32, usize),
+    ) {
+        unreachable!("the attention kernels are only chosen where available() holds")
     }
 
     #[cfg(not(target_arch = "x86_64"))]
@@ -391,6 +465,48 @@ mod tests {
         let want = reference(&q, &k, &v, Some(&mask))?;
         let diff = max_diff(&ours, &want);
         assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    /// The 512-bit tiles give, bit for bit, what the 256-bit ones give (each output's sum
+    /// runs in the same order), on a shape with partial tiles of both widths.
+    #[test]
+    fn wide_tiles_equal_narrow_ones() -> Result<()> {
+        if !kernels::available() || !kernels::wide() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let (b, heads, kv_heads, s, t, d) = (1, 2, 1, 61, 61 + 19, 48);
+        let sh = Shape {
+            b,
+            heads,
+            kv_heads,
+            s,
+            t,
+            d,
+        };
+        let data =
+            |n: usize| -> Result<Vec<f32>> { Tensor::randn(0f32, 1.0, n, &dev)?.to_vec1::<f32>() };
+        let (q, k, v) = (
+            data(b * heads * s * d)?,
+            data(b * kv_heads * t * d)?,
+            data(b * kv_heads * t * d)?,
+        );
+        let mask: Vec<f32> = (0..b * s * t)
+            .map(|e| {
+                if e % t > 19 + e / t % s {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        for m in [None, Some(&mask[..])] {
+            let narrow = attend(16, sh, &q, &k, &v, m);
+            let wide = attend(32, sh, &q, &k, &v, m);
+            assert!(narrow == wide, "masked: {}", m.is_some());
+        }
         Ok(())
     }
 
