@@ -116,22 +116,29 @@ pub(super) fn gemm(w: &impl Panels, xs: &[f32], m: usize, k: usize) -> Vec<f32> 
 /// tiles are loaded: `[16 rows][KT pairs][row][pair]`, so that each tile is 1 KiB in one
 /// piece (rows a row's length apart would share L1 sets: 2 KiB apart for `k` = 1024).
 fn tiles_bf16(xs: &[f32], m: usize, k: usize, rows: usize) -> Vec<u32> {
-    use rayon::prelude::*;
     let pairs = k / 2;
     let mut out = vec![0u32; rows * pairs];
-    out.par_chunks_mut(16 * pairs)
-        .enumerate()
-        .for_each(|(g, group)| {
-            for r in 0..16.min(m.saturating_sub(16 * g)) {
+    let out_addr = out.as_mut_ptr() as usize;
+    // On candle's workers, which spin between products: rayon's threads would wait for them
+    // to yield the two cores (this took 0.5-2 ms a product that way).
+    candle_core::utils::barrier_pool().execute_chunked(m.div_ceil(16), |range| {
+        for g in range {
+            for r in 0..16.min(m - 16 * g) {
                 let x = &xs[(16 * g + r) * k..][..k];
                 for s in 0..pairs / KT {
-                    let o = &mut group[(s * 16 + r) * KT..][..KT];
+                    // SAFETY: the 16 pairs lie within `out` (`rows` ≥ `m` rows of `pairs`),
+                    // and each group of rows is written by the one thread that took it.
+                    let o = unsafe {
+                        let at = (out_addr as *mut u32).add(16 * g * pairs + (s * 16 + r) * KT);
+                        std::slice::from_raw_parts_mut(at, KT)
+                    };
                     // SAFETY: AMX-BF16 CPUs have AVX512-BF16 (checked with it in
                     // `supported()`).
                     unsafe { super::round_pairs(&x[2 * KT * s..][..2 * KT], o) };
                 }
             }
-        });
+        }
+    });
     out
 }
 
