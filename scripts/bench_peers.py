@@ -41,15 +41,25 @@ def kollava(args, model, extra):
     }
 
 
+# Models llama.cpp crashed on while repacking their weights (seen with Q4_K_M on an AMX CPU:
+# a segfault in the warm-up), run with --no-repack from then on.
+NO_REPACK = set()
+
+
 def llama(args, model, mmproj):
     runs = []
-    for _ in range(args.repeat):
+    while len(runs) < args.repeat:
         cmd = ["/usr/bin/time", "-v", os.path.join(args.llama_bin, "llama-mtmd-cli"), "-m", model,
                "--mmproj", mmproj, "--image", args.image, "-p", PROMPT, "--chat-template", "vicuna",
                "-n", "64", "--ignore-eos", "--temp", "0", "-t", str(args.threads), "-c", "2048",
-               "--perf", "-lv", "4"]
+               "--perf", "-lv", "4"] + (["--no-repack"] if model in NO_REPACK else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         log = p.stdout + p.stderr
+        if p.returncode != 0 and "terminated by signal 11" in log and model not in NO_REPACK:
+            print(f"[note] llama.cpp crashed on {os.path.basename(model)}; again with --no-repack",
+                  file=sys.stderr, flush=True)
+            NO_REPACK.add(model)
+            continue
         if p.returncode != 0:
             sys.exit(f"failed: {' '.join(cmd)}\n{log[-2000:]}")
 
@@ -133,7 +143,8 @@ def main():
                           for who, runs in r.items() if runs}
     with open(args.out, "w") as f:
         json.dump({"raw": results, "median": summary, "threads": args.threads,
-                   "repeat": args.repeat, "rounds": args.rounds}, f, indent=1)
+                   "repeat": args.repeat, "rounds": args.rounds,
+                   "llama_no_repack": sorted(os.path.basename(m) for m in NO_REPACK)}, f, indent=1)
     print("| weights | runtime | vision ms | prefill ms (tok/s) | first token ms | decode tok/s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
     for label, s in summary.items():

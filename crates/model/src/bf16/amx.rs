@@ -5,9 +5,12 @@
 //! The packed panels are already in the layout a weight tile wants: for each input pair,
 //! 32 output lanes of bf16 pairs, so the tile for lanes `0..16` (or `16..32`) and pairs
 //! `q..q + 16` is 16 rows of 64 bytes at a stride of one pair's 128 bytes. The activations
-//! are rounded into plain row-major bf16. Each block of 32 rows × 32 outputs keeps its four
-//! sum tiles in tile registers while a block of [`KC`] pairs streams by (the panel's block in
-//! L1, the activations' in L2, as in the 512-bit kernel).
+//! are rounded into bf16 tiles of 1 KiB each ([`tiles_bf16`]). Each block of 32 rows × 32
+//! outputs keeps its four sum tiles in tile registers over the whole width, the panel from
+//! memory once per group of row blocks and from cache for the group's others, and stores
+//! them once: passing blocks of pairs instead, reloading and storing the sums between them
+//! (the 512-bit kernel's order), ran about 25 % slower, the 13 MB of sums of a 593 × 5632
+//! output going through memory once per block.
 //!
 //! Stable Rust has no AMX intrinsics, so the instructions are inline assembly; the tile
 //! registers are ours alone (the compiler never uses them), so their contents last from one
@@ -19,10 +22,9 @@ use super::{Kernels, Panels, KC, NR};
 const MB: usize = 32;
 /// Input pairs per tile step (a tile row holds 16 pairs, 64 bytes).
 const KT: usize = 16;
-/// Row blocks whose activations (one block of [`KC`] pairs: 32 KiB a row block) stay close
-/// while every panel of a thread passes over them. Tile loads slow down well short of L2's
-/// size: groups of 4 and 8 measured alike, 16 about 8 % slower and all of a tower's 19 blocks
-/// 15 % (`examples/bf16_gemm`).
+/// Row blocks that every panel of a thread passes over in turn, their activations staying
+/// in L2 (64-176 KiB a block at the widths of a 1B decoder and a tower): groups of 2 and 4
+/// measured alike, 8 about 4 % slower (`examples/bf16_gemm`).
 const BLOCK_GROUP: usize = 4;
 
 /// Whether this CPU has AMX-BF16 and the kernel lets this process use the tile registers
@@ -84,8 +86,12 @@ pub(super) fn gemm(w: &impl Panels, xs: &[f32], m: usize, k: usize) -> Vec<f32> 
         // SAFETY: `usable()` held when these kernels were chosen; the configuration is this
         // thread's and released below.
         unsafe { configure() };
-        for q0 in (0..pairs).step_by(KC) {
-            let kc = KC.min(pairs - q0);
+        // A packed weight's panel goes by whole (its sums never leave the tiles until they
+        // are done); a ggml weight's is unpacked a block of `KC` pairs at a time, and the
+        // sums go back to `c` between blocks.
+        let kc_step = if w.blocks_are_views() { pairs } else { KC };
+        for q0 in (0..pairs).step_by(kc_step) {
+            let kc = kc_step.min(pairs - q0);
             for b0 in (0..blocks).step_by(group) {
                 for p in range.clone() {
                     let wb = w.block(Kernels::Amx, p, q0, kc, &mut buf);
