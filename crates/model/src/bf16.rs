@@ -23,7 +23,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Result, Tensor};
 
-mod amx;
+pub(crate) mod amx;
 
 /// Output rows per panel (two vectors of 16 f32).
 const NR: usize = 32;
@@ -115,7 +115,7 @@ fn bf16_bits(x: f32) -> u32 {
     (b + 0x7fff + ((b >> 16) & 1)) >> 16
 }
 
-fn pair(lo: f32, hi: f32) -> u32 {
+pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
     bf16_bits(lo) | (bf16_bits(hi) << 16)
 }
 
@@ -661,7 +661,7 @@ unsafe fn transpose16(_: *const u32, _: usize, _: *mut u32, _: usize) {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn round_pairs(_: &[f32], _: &mut [u32]) {
+pub(crate) unsafe fn round_pairs(_: &[f32], _: &mut [u32]) {
     unreachable!("the bf16 kernels are only chosen where available() holds")
 }
 
@@ -670,7 +670,7 @@ unsafe fn round_pairs(_: &[f32], _: &mut [u32]) {
 /// of a pair are adjacent in memory.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
-unsafe fn round_pairs(values: &[f32], out: &mut [u32]) {
+pub(crate) unsafe fn round_pairs(values: &[f32], out: &mut [u32]) {
     use std::arch::x86_64::*;
     let pairs = out.len().min(values.len() / 2);
     let mut q = 0;

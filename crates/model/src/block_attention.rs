@@ -31,6 +31,29 @@ pub(crate) fn attention(
     v: &Tensor,
     mask: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
+    attention_with(q, k, v, mask, false)
+}
+
+/// [`attention`] for a model whose matrices run in bf16 anyway (`--dtype bf16`, a GGUF
+/// model's tower): where the AMX kernels run ([`crate::bf16::amx`]), the queries, keys,
+/// probabilities and values are rounded to bf16 and both products go on tiles (the sums and
+/// the softmax stay f32), as PyTorch's bf16 attention rounds them.
+pub(crate) fn attention_bf16(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    attention_with(q, k, v, mask, true)
+}
+
+fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    bf16: bool,
+) -> Result<Option<Tensor>> {
     let tensors = [Some(q), Some(k), Some(v), mask];
     let plain = |t: &Tensor| !t.track_op() && t.device().is_cpu() && t.dtype() == DType::F32;
     if !kernels::available() || !tensors.iter().flatten().all(|t| plain(t)) {
@@ -83,21 +106,19 @@ pub(crate) fn attention(
     } else {
         16
     };
-    let out = attend(
-        cols,
-        Shape {
-            b,
-            heads,
-            kv_heads,
-            s,
-            t,
-            d,
-        },
-        qv,
-        kv,
-        vv,
-        mv,
-    );
+    let sh = Shape {
+        b,
+        heads,
+        kv_heads,
+        s,
+        t,
+        d,
+    };
+    let out = if bf16 && d.is_multiple_of(32) && crate::bf16::amx::chosen() {
+        tiles::attend(sh, qv, kv, vv, mv)
+    } else {
+        attend(cols, sh, qv, kv, vv, mv)
+    };
     let out = Tensor::from_vec(out, (b, s, heads, d), q.device())?;
     Ok(Some(out.transpose(1, 2)?))
 }
@@ -115,6 +136,211 @@ struct Shape {
 /// The `n` values of a contiguous f32 tensor's storage.
 fn at<'a>(st: &'a candle_core::CpuStorage, l: &candle_core::Layout, n: usize) -> Result<&'a [f32]> {
     Ok(&st.as_slice::<f32>()?[l.start_offset()..l.start_offset() + n])
+}
+
+/// Per (sequence, block of query rows), the key slots any of its rows sees: up to its last
+/// finite mask entry (all `t` without a mask). The same for every head, so found once.
+fn extents(sh: Shape, blocks: usize, mask: Option<&[f32]>) -> Vec<usize> {
+    use rayon::prelude::*;
+    let Shape { b, s, t, .. } = sh;
+    (0..b * blocks)
+        .into_par_iter()
+        .map(|sb| {
+            let r0 = sb % blocks * ROWS;
+            let rows = (r0..s.min(r0 + ROWS)).map(|i| (sb / blocks * s + i) * t);
+            let seen = |at: usize| match mask {
+                Some(m) => m[at..at + t]
+                    .iter()
+                    .rposition(|x| x.is_finite())
+                    .map_or(0, |j| j + 1),
+                None => t,
+            };
+            rows.map(seen).max().unwrap_or(t).max(1)
+        })
+        .collect()
+}
+
+/// Scales a row of scores, adds its mask row, and takes its softmax, in place.
+fn normalize(row: &mut [f32], mask: Option<&[f32]>, scale: f32) {
+    match mask {
+        Some(m) => row
+            .iter_mut()
+            .zip(m)
+            .for_each(|(x, &m)| *x = *x * scale + m),
+        None => row.iter_mut().for_each(|x| *x *= scale),
+    }
+    softmax_in_place(row);
+}
+
+/// [`attention_bf16`]'s products on AMX tiles: per (sequence, key/value head), the keys and
+/// values are packed once as weight tiles; per task, its queries and then its probabilities
+/// are rounded into activation tiles, and each 16 × 16 tile of scores or of output sums its
+/// products in a tile register.
+mod tiles {
+    use super::{extents, normalize, Shape, ROWS};
+    use crate::bf16::{amx, pair, round_pairs};
+
+    pub(super) fn attend(
+        sh: Shape,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<&[f32]>,
+    ) -> Vec<f32> {
+        use rayon::prelude::*;
+        let Shape {
+            b,
+            heads,
+            kv_heads,
+            s,
+            t,
+            d,
+        } = sh;
+        let (rep, dp) = (heads / kv_heads, d / 2);
+        // Slots in groups of 16 (a score tile's columns) and pairs of 16 (an output
+        // product's step), zeros beyond `t`.
+        let (t16, t32) = (t.next_multiple_of(16), t.next_multiple_of(32));
+        // Keys as weight tiles: `[slot group][pair of d][16 slots]`.
+        let mut kt = vec![0u32; b * kv_heads * t16 * dp];
+        kt.par_chunks_mut(t16 * dp).enumerate().for_each(|(g, kt)| {
+            let k = &k[g * t * d..(g + 1) * t * d];
+            let mut pairs = vec![0u32; dp];
+            for (j, row) in k.chunks_exact(d).enumerate() {
+                // SAFETY: AMX CPUs have AVX512-BF16 (`chosen()` implies it).
+                unsafe { round_pairs(row, &mut pairs) };
+                for (p, &x) in pairs.iter().enumerate() {
+                    kt[(j / 16 * dp + p) * 16 + j % 16] = x;
+                }
+            }
+        });
+        // Values as weight tiles: `[pair of slots][d]`.
+        let mut vt = vec![0u32; b * kv_heads * t32 / 2 * d];
+        vt.par_chunks_mut(t32 / 2 * d)
+            .enumerate()
+            .for_each(|(g, vt)| {
+                let v = &v[g * t * d..(g + 1) * t * d];
+                let zeros = vec![0f32; d];
+                for j in 0..t.div_ceil(2) {
+                    let hi = if 2 * j + 1 < t {
+                        &v[(2 * j + 1) * d..][..d]
+                    } else {
+                        &zeros
+                    };
+                    // SAFETY: as above; the rows hold `d` values, a multiple of 32.
+                    unsafe { interleave(&v[2 * j * d..][..d], hi, &mut vt[j * d..][..d]) };
+                }
+            });
+        let blocks = s.div_ceil(ROWS);
+        let ext = extents(sh, blocks, mask);
+        let mut out = vec![0f32; b * s * heads * d];
+        let out_addr = out.as_mut_ptr() as usize;
+        let scale = (d as f32).powf(-0.5);
+        (0..b * heads * blocks).into_par_iter().for_each_init(
+            || {
+                (
+                    vec![0u32; ROWS * dp],
+                    vec![0f32; ROWS * t32],
+                    vec![0u32; ROWS * t32 / 2],
+                    vec![0f32; 16 * d],
+                )
+            },
+            |(qt, scores, pt, ob), task| {
+                let (bi, h, blk) = (
+                    task / (heads * blocks),
+                    task / blocks % heads,
+                    task % blocks,
+                );
+                let (r0, g) = (blk * ROWS, bi * kv_heads + h / rep);
+                let rows = ROWS.min(s - r0);
+                let extent = ext[bi * blocks + blk];
+                let (e16, e32) = (extent.next_multiple_of(16), extent.next_multiple_of(32));
+                let q = &q[((bi * heads + h) * s + r0) * d..];
+                for i in 0..ROWS {
+                    let row = &mut qt[i * dp..(i + 1) * dp];
+                    if i < rows {
+                        // SAFETY: as above.
+                        unsafe { round_pairs(&q[i * d..(i + 1) * d], row) };
+                    } else {
+                        row.fill(0);
+                    }
+                }
+                let (kt, vt) = (&kt[g * t16 * dp..], &vt[g * t32 / 2 * d..]);
+                let groups = rows.div_ceil(16);
+                // SAFETY: `chosen()` held (checked by the caller), so the tiles are ours to
+                // configure; every tile lies within its buffer: `qt` has `ROWS` rows of `dp`
+                // pairs, `kt` `t16 / 16` groups of `dp × 16` and `e16 ≤ t16`, `scores`
+                // `ROWS` rows of `t32 ≥ e32`, `pt` `ROWS` rows of `t32 / 2` pairs, `vt`
+                // `t32 / 2` rows of `d`, `ob` 16 rows of `d`.
+                unsafe {
+                    amx::configure();
+                    for rg in 0..groups {
+                        for j in 0..e16 / 16 {
+                            amx::dot_tile(
+                                (qt.as_ptr().add(rg * 16 * dp), 16, dp * 4),
+                                (kt.as_ptr().add(j * dp * 16), 256, 64),
+                                dp / 16,
+                                scores.as_mut_ptr().add(rg * 16 * t32 + j * 16),
+                                t32 * 4,
+                            );
+                        }
+                    }
+                    for i in 0..rows {
+                        let m = mask.map(|m| &m[(bi * s + r0 + i) * t..][..t]);
+                        normalize(&mut scores[i * t32..i * t32 + extent], m, scale);
+                        let (row, p) = (&scores[i * t32..], &mut pt[i * t32 / 2..][..e32 / 2]);
+                        let whole = extent / 2;
+                        round_pairs(&row[..2 * whole], &mut p[..whole]);
+                        if extent % 2 == 1 {
+                            p[whole] = pair(row[extent - 1], 0.0);
+                        }
+                        p[extent.div_ceil(2)..].fill(0);
+                    }
+                    for rg in 0..groups {
+                        for c0 in (0..d).step_by(16) {
+                            amx::dot_tile(
+                                (pt.as_ptr().add(rg * 16 * t32 / 2), 16, t32 / 2 * 4),
+                                (vt.as_ptr().add(c0), 16 * d, d * 4),
+                                e32 / 32,
+                                ob.as_mut_ptr().add(c0),
+                                d * 4,
+                            );
+                        }
+                        for i in 0..16.min(rows - rg * 16) {
+                            let r = r0 + rg * 16 + i;
+                            let o = (out_addr as *mut f32).add(((bi * s + r) * heads + h) * d);
+                            std::ptr::copy_nonoverlapping(ob.as_ptr().add(i * d), o, d);
+                        }
+                    }
+                    amx::release();
+                }
+            },
+        );
+        out
+    }
+
+    /// `out[c] = lo[c] | hi[c] << 16` in bf16: two rows of values as pairs, 16 at a time.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+    unsafe fn interleave(lo: &[f32], hi: &[f32], out: &mut [u32]) {
+        use std::arch::x86_64::*;
+        debug_assert!(
+            lo.len() == out.len() && hi.len() == out.len() && out.len().is_multiple_of(16)
+        );
+        for c in (0..out.len()).step_by(16) {
+            let bits = |row: &[f32]| -> __m512i {
+                let b: __m256i =
+                    std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(row.as_ptr().add(c))));
+                _mm512_cvtepu16_epi32(b)
+            };
+            let v = _mm512_or_si512(bits(lo), _mm512_slli_epi32::<16>(bits(hi)));
+            _mm512_storeu_si512(out.as_mut_ptr().add(c) as *mut _, v);
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn interleave(_: &[f32], _: &[f32], _: &mut [u32]) {
+        unreachable!("AMX kernels are only chosen where usable() holds")
+    }
 }
 
 /// [`attention`] on the tensors' memory, in tiles `cols` wide (16, or 32 where
@@ -157,23 +383,7 @@ fn attend(
     let mut out = vec![0f32; b * s * heads * d];
     let out_addr = out.as_mut_ptr() as usize;
     let scale = (d as f32).powf(-0.5);
-    // Per (sequence, block), the slots any of its rows sees: up to its last finite mask
-    // entry. The same for every head, so found once.
-    let extents: Vec<usize> = (0..b * blocks)
-        .into_par_iter()
-        .map(|sb| {
-            let r0 = sb % blocks * ROWS;
-            let rows = (r0..s.min(r0 + ROWS)).map(|i| (sb / blocks * s + i) * t);
-            let seen = |at: usize| match mask {
-                Some(m) => m[at..at + t]
-                    .iter()
-                    .rposition(|x| x.is_finite())
-                    .map_or(0, |j| j + 1),
-                None => t,
-            };
-            rows.map(seen).max().unwrap_or(t).max(1)
-        })
-        .collect();
+    let extents = extents(sh, blocks, mask);
     (0..b * heads * blocks).into_par_iter().for_each_init(
         || vec![0f32; ROWS * tp],
         |scores, task| {
@@ -208,15 +418,7 @@ fn attend(
                     }
                 }
                 for i in 0..rows {
-                    let row = &mut scores[i * tp..i * tp + extent];
-                    match mask_row(i) {
-                        Some(m) => row
-                            .iter_mut()
-                            .zip(m)
-                            .for_each(|(x, &m)| *x = *x * scale + m),
-                        None => row.iter_mut().for_each(|x| *x *= scale),
-                    }
-                    softmax_in_place(row);
+                    normalize(&mut scores[i * tp..i * tp + extent], mask_row(i), scale);
                 }
                 let o = (out_addr as *mut f32).add(((bi * s + r0) * heads + h) * d);
                 for i0 in (0..rows).step_by(6) {
@@ -506,6 +708,51 @@ mod tests {
             let narrow = attend(16, sh, &q, &k, &v, m);
             let wide = attend(32, sh, &q, &k, &v, m);
             assert!(narrow == wide, "masked: {}", m.is_some());
+        }
+        Ok(())
+    }
+
+    /// On AMX tiles: against the tensor ops on bf16-rounded queries, keys and values, within
+    /// what rounding the probabilities to bf16 adds; unmasked and under a causal mask with
+    /// padding, rows and slots not a multiple of a tile, grouped queries.
+    #[test]
+    fn bf16_tiles_match_tensor_ops_on_rounded_operands() -> Result<()> {
+        if !crate::bf16::amx::chosen() {
+            eprintln!("skipped: no AMX on this CPU");
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        for (b, heads, kv_heads, s, t, d, masked) in [
+            (1, 4, 4, 53, 53, 64, false),
+            (2, 4, 2, 70, 100, 32, true),
+            (1, 2, 1, 100, 100, 128, true),
+        ] {
+            let q = Tensor::randn(0f32, 1.0, (b, heads, s, d), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (b, kv_heads, t, d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (b, kv_heads, t, d), &dev)?;
+            let mask = masked.then(|| {
+                let past = t - s;
+                let m: Vec<f32> = (0..b * s * t)
+                    .map(|e| {
+                        let (r, i, j) = (e / (s * t), e / t % s, e % t);
+                        if j > past + i || (r == 1 && j < 5) {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                Tensor::from_vec(m, (b, 1, s, t), &dev)
+            });
+            let mask = mask.transpose()?;
+            let ours = attention_bf16(&q, &k, &v, mask.as_ref())?.expect("the kernels apply");
+            let want = reference(&round(&q)?, &round(&k)?, &round(&v)?, mask.as_ref())?;
+            let diff = max_diff(&ours, &want);
+            assert!(diff < 1e-2, "{b} {heads} {kv_heads} {s} {t} {d}: {diff}");
+            // And not the exact path's result by accident: that one is f32 throughout.
+            let exact = attention(&q, &k, &v, mask.as_ref())?.expect("the kernels apply");
+            assert!(max_diff(&ours, &exact) > 0.0);
         }
         Ok(())
     }

@@ -55,7 +55,12 @@ impl EncoderLayer {
         let q = split(self.q_proj.forward(&x)?)?;
         let k = split(self.k_proj.forward(&x)?)?;
         let v = split(self.v_proj.forward(&x)?)?;
-        let a = match crate::block_attention::attention(&q, &k, &v, None)? {
+        // A tower in bf16 rounds its attention's operands to bf16 too (on AMX tiles).
+        let blocks = match self.q_proj {
+            Linear::Bf16 { .. } => crate::block_attention::attention_bf16(&q, &k, &v, None)?,
+            _ => crate::block_attention::attention(&q, &k, &v, None)?,
+        };
+        let a = match blocks {
             Some(a) => a,
             None => attention(&q, &k, &v, None, (d as f64).powf(-0.5))?,
         };

@@ -105,7 +105,15 @@ impl SelfAttention {
                 Tensor::cat(&rows, 0)
             }
             None => {
-                if let Some(a) = crate::block_attention::attention(q, k, v, Some(&step.mask))? {
+                // A model whose matrices are bf16 or quantized keeps a 16-bit cache already:
+                // its prompt's attention may round to bf16 too (on AMX tiles).
+                let blocks = match self.q_proj {
+                    Linear::Bf16 { .. } | Linear::Quantized { .. } => {
+                        crate::block_attention::attention_bf16(q, k, v, Some(&step.mask))?
+                    }
+                    _ => crate::block_attention::attention(q, k, v, Some(&step.mask))?,
+                };
+                if let Some(a) = blocks {
                     return Ok(a);
                 }
                 match step.query_blocks.as_deref().filter(|_| !q.track_op()) {

@@ -160,8 +160,17 @@ struct TileConfig {
     rows: [u8; 16],
 }
 
+/// Whether the bf16 kernels in use are these (so that attention may run on tiles too).
+pub(crate) fn chosen() -> bool {
+    super::kernels() == Some(Kernels::Amx)
+}
+
+/// Sets this thread's tiles to the shapes every kernel here uses (all 16 rows of 64 bytes).
+///
+/// # Safety
+/// [`chosen`] must hold; pair it with [`release`] on the same thread.
 #[cfg(target_arch = "x86_64")]
-unsafe fn configure() {
+pub(crate) unsafe fn configure() {
     let mut cfg = TileConfig {
         palette: 1,
         start_row: 0,
@@ -176,8 +185,10 @@ unsafe fn configure() {
     std::arch::asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
 }
 
+/// # Safety
+/// After [`configure`], on the same thread.
 #[cfg(target_arch = "x86_64")]
-unsafe fn release() {
+pub(crate) unsafe fn release() {
     std::arch::asm!("tilerelease", options(nostack, nomem));
 }
 
@@ -245,13 +256,58 @@ unsafe fn block(
     );
 }
 
+/// One 16 × 16 f32 tile of `c` (row stride `c_stride` bytes) = Σ over `steps` of an
+/// activation tile (`a + s · a_step`, rows `a_stride` bytes apart) times a weight tile (`b +
+/// s · b_step`, rows `b_stride` apart): the general, unblocked product attention uses.
+///
+/// # Safety
+/// After [`configure`]; every tile read and the tile written lie within their buffers.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn dot_tile(
+    (a, a_step, a_stride): (*const u32, usize, usize),
+    (b, b_step, b_stride): (*const u32, usize, usize),
+    steps: usize,
+    c: *mut f32,
+    c_stride: usize,
+) {
+    use std::arch::asm;
+    asm!("tilezero tmm0", options(nostack, nomem));
+    for s in 0..steps {
+        asm!(
+            "tileloadd tmm4, [{a} + {sa}*1]",
+            "tileloadd tmm6, [{b} + {sb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            a = in(reg) a.add(s * a_step), sa = in(reg) a_stride,
+            b = in(reg) b.add(s * b_step), sb = in(reg) b_stride,
+            options(nostack, readonly),
+        );
+    }
+    asm!(
+        "tilestored [{c} + {s}*1], tmm0",
+        c = in(reg) c, s = in(reg) c_stride,
+        options(nostack),
+    );
+}
+
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn configure() {
+pub(crate) unsafe fn dot_tile(
+    _: (*const u32, usize, usize),
+    _: (*const u32, usize, usize),
+    _: usize,
+    _: *mut f32,
+    _: usize,
+) {
     unreachable!("AMX kernels are only chosen where usable() holds")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn release() {
+pub(crate) unsafe fn configure() {
+    unreachable!("AMX kernels are only chosen where usable() holds")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) unsafe fn release() {
     unreachable!("AMX kernels are only chosen where usable() holds")
 }
 
