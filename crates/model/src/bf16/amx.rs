@@ -77,34 +77,41 @@ pub(super) fn gemm(w: &impl Panels, xs: &[f32], m: usize, k: usize) -> Vec<f32> 
     let c_addr = c.as_mut_ptr() as usize;
     candle_core::utils::barrier_pool().execute_chunked(panels, |range| {
         let mut buf = Vec::new();
-        // A ggml weight's blocks are unpacked once per (block of pairs, panel), not per group.
-        let group = if w.blocks_are_views() {
-            BLOCK_GROUP
-        } else {
-            blocks
-        };
         // SAFETY: `usable()` held when these kernels were chosen; the configuration is this
         // thread's and released below.
         unsafe { configure() };
-        // A packed weight's panel goes by whole (its sums never leave the tiles until they
-        // are done); a ggml weight's is unpacked a block of `KC` pairs at a time, and the
-        // sums go back to `c` between blocks.
-        let kc_step = if w.blocks_are_views() { pairs } else { KC };
-        for q0 in (0..pairs).step_by(kc_step) {
-            let kc = kc_step.min(pairs - q0);
-            for b0 in (0..blocks).step_by(group) {
-                for p in range.clone() {
-                    let wb = w.block(Kernels::Amx, p, q0, kc, &mut buf);
-                    assert!(wb.len() >= kc * NR);
-                    for b in b0..blocks.min(b0 + group) {
-                        // SAFETY: `xt` holds `blocks · MB` rows of `pairs` pairs in tiles, `wb`
-                        // `kc` pairs of the panel, `c` `blocks · MB` rows of `ldc`; each (block,
-                        // panel) part of `c` is written by the one thread that took the panel.
-                        unsafe {
-                            let x = xt.as_ptr().add(b * MB * pairs + q0 * KT);
-                            let cp = (c_addr as *mut f32).add(b * MB * ldc + p * NR);
-                            block(x, pairs, wb.as_ptr(), kc, cp, ldc, q0 > 0);
-                        }
+        // Each block of sums goes over a panel's whole width and never leaves the tiles until
+        // it is done. A packed weight's panel is a view, passed over groups of row blocks; a
+        // ggml weight's is unpacked once, a block of `KC` pairs at a time, into `whole`, and
+        // every row block passes under it.
+        let mut whole = Vec::new();
+        let group = if w.blocks_are_views() {
+            BLOCK_GROUP
+        } else {
+            whole.resize(pairs * NR, 0);
+            blocks
+        };
+        for b0 in (0..blocks).step_by(group) {
+            for p in range.clone() {
+                let wb = if w.blocks_are_views() {
+                    w.block(Kernels::Amx, p, 0, pairs, &mut buf)
+                } else {
+                    for q0 in (0..pairs).step_by(KC) {
+                        let kc = KC.min(pairs - q0);
+                        let part = w.block(Kernels::Amx, p, q0, kc, &mut buf);
+                        whole[q0 * NR..(q0 + kc) * NR].copy_from_slice(&part[..kc * NR]);
+                    }
+                    &whole
+                };
+                assert!(wb.len() >= pairs * NR);
+                for b in b0..blocks.min(b0 + group) {
+                    // SAFETY: `xt` holds `blocks · MB` rows of `pairs` pairs in tiles, `wb`
+                    // the panel's `pairs` pairs, `c` `blocks · MB` rows of `ldc`; each (block,
+                    // panel) part of `c` is written by the one thread that took the panel.
+                    unsafe {
+                        let x = xt.as_ptr().add(b * MB * pairs);
+                        let cp = (c_addr as *mut f32).add(b * MB * ldc + p * NR);
+                        block(x, pairs, wb.as_ptr(), cp, ldc);
                     }
                 }
             }
@@ -112,8 +119,8 @@ pub(super) fn gemm(w: &impl Panels, xs: &[f32], m: usize, k: usize) -> Vec<f32> 
         // SAFETY: as for `configure`.
         unsafe { release() };
     });
-    // SAFETY: the threads took every panel, and the first block of pairs (there is one:
-    // `fits`) stored each (row block, panel) part: all `len` values are written.
+    // SAFETY: the threads took every panel and stored each (row block, panel) part: all
+    // `len` values are written.
     unsafe { c.set_len(len) };
     c
 }
@@ -192,43 +199,23 @@ pub(crate) unsafe fn release() {
     std::arch::asm!("tilerelease", options(nostack, nomem));
 }
 
-/// One `32 × 32` block of `c` (row stride `ldc` floats) += (or =) `kc` pairs of 32 rows of
-/// activations (`x`: two groups of 16 rows, `16 · x_pairs` apart, in [`tiles_bf16`]'s order)
-/// times the panel block `w` (`[pair][32]`).
+/// One `32 × 32` block of `c` (row stride `ldc` floats) = 32 rows of activations (`x`: two
+/// groups of 16 rows, `16 · x_pairs` apart, in [`tiles_bf16`]'s order) times the panel `w`
+/// (`[pair][32]`), over all `x_pairs` pairs.
 #[cfg(target_arch = "x86_64")]
-unsafe fn block(
-    x: *const u32,
-    x_pairs: usize,
-    w: *const u32,
-    kc: usize,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-) {
+unsafe fn block(x: *const u32, x_pairs: usize, w: *const u32, c: *mut f32, ldc: usize) {
     use std::arch::asm;
     let (xs, ws, cs) = (KT * 4, NR * 4, ldc * 4);
     let (c0, c1) = (c, c.add(16));
     let (c2, c3) = (c.add(16 * ldc), c.add(16 * ldc + 16));
-    if accumulate {
-        asm!(
-            "tileloadd tmm0, [{c0} + {s}*1]",
-            "tileloadd tmm1, [{c1} + {s}*1]",
-            "tileloadd tmm2, [{c2} + {s}*1]",
-            "tileloadd tmm3, [{c3} + {s}*1]",
-            c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
-            s = in(reg) cs,
-            options(nostack, readonly),
-        );
-    } else {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
-    }
-    for q in (0..kc).step_by(KT) {
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nostack, nomem)
+    );
+    for q in (0..x_pairs).step_by(KT) {
         let (x0, x1) = (x.add(16 * q), x.add(16 * x_pairs + 16 * q));
         let (w0, w1) = (w.add(q * NR), w.add(q * NR + 16));
         asm!(
@@ -312,6 +299,6 @@ pub(crate) unsafe fn release() {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn block(_: *const u32, _: usize, _: *const u32, _: usize, _: *mut f32, _: usize, _: bool) {
+unsafe fn block(_: *const u32, _: usize, _: *const u32, _: *mut f32, _: usize) {
     unreachable!("AMX kernels are only chosen where usable() holds")
 }
