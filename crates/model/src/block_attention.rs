@@ -503,64 +503,63 @@ mod kernels {
         )
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_n<const R: usize, const V: usize>(
-        (x, ldx): (*const f32, usize),
-        (w, ldw): (*const f32, usize),
-        depth: usize,
-        (c, ldc): (*mut f32, usize),
-    ) {
-        use std::arch::x86_64::*;
-        let mut acc = [[_mm256_setzero_ps(); V]; R];
-        for i in 0..depth {
-            let mut wv = [_mm256_setzero_ps(); V];
-            for (n, wv) in wv.iter_mut().enumerate() {
-                *wv = _mm256_loadu_ps(w.add(i * ldw + 8 * n));
-            }
-            for (j, a) in acc.iter_mut().enumerate() {
-                let xb = _mm256_broadcast_ss(&*x.add(j * ldx + i));
-                for (a, &wv) in a.iter_mut().zip(&wv) {
-                    *a = _mm256_fmadd_ps(wv, xb, *a);
+    /// One tile kernel per vector width: `R` rows of `V` vectors of sums, each `x` value
+    /// broadcast against a row of `w` (`$lanes` floats a vector).
+    macro_rules! tile_kernel {
+        ($name:ident, $features:literal, $lanes:literal, $zero:ident, $load:ident,
+         $splat:ident, $fma:ident, $store:ident) => {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const R: usize, const V: usize>(
+                (x, ldx): (*const f32, usize),
+                (w, ldw): (*const f32, usize),
+                depth: usize,
+                (c, ldc): (*mut f32, usize),
+            ) {
+                use std::arch::x86_64::*;
+                let mut acc = [[$zero(); V]; R];
+                for i in 0..depth {
+                    let mut wv = [$zero(); V];
+                    for (n, wv) in wv.iter_mut().enumerate() {
+                        *wv = $load(w.add(i * ldw + $lanes * n));
+                    }
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let xb = $splat(*x.add(j * ldx + i));
+                        for (a, &wv) in a.iter_mut().zip(&wv) {
+                            *a = $fma(wv, xb, *a);
+                        }
+                    }
+                }
+                for (j, a) in acc.iter().enumerate() {
+                    for (n, a) in a.iter().enumerate() {
+                        $store(c.add(j * ldc + $lanes * n), *a);
+                    }
                 }
             }
-        }
-        for (j, a) in acc.iter().enumerate() {
-            for (n, a) in a.iter().enumerate() {
-                _mm256_storeu_ps(c.add(j * ldc + 8 * n), *a);
-            }
-        }
+        };
     }
 
-    /// [`tile_n`] on 512-bit vectors.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile_wide<const R: usize, const V: usize>(
-        (x, ldx): (*const f32, usize),
-        (w, ldw): (*const f32, usize),
-        depth: usize,
-        (c, ldc): (*mut f32, usize),
-    ) {
-        use std::arch::x86_64::*;
-        let mut acc = [[_mm512_setzero_ps(); V]; R];
-        for i in 0..depth {
-            let mut wv = [_mm512_setzero_ps(); V];
-            for (n, wv) in wv.iter_mut().enumerate() {
-                *wv = _mm512_loadu_ps(w.add(i * ldw + 16 * n));
-            }
-            for (j, a) in acc.iter_mut().enumerate() {
-                let xb = _mm512_set1_ps(*x.add(j * ldx + i));
-                for (a, &wv) in a.iter_mut().zip(&wv) {
-                    *a = _mm512_fmadd_ps(wv, xb, *a);
-                }
-            }
-        }
-        for (j, a) in acc.iter().enumerate() {
-            for (n, a) in a.iter().enumerate() {
-                _mm512_storeu_ps(c.add(j * ldc + 16 * n), *a);
-            }
-        }
-    }
+    tile_kernel!(
+        tile_n,
+        "avx2,fma",
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_storeu_ps
+    );
+    // The same on 512-bit vectors.
+    tile_kernel!(
+        tile_wide,
+        "avx512f",
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_storeu_ps
+    );
 
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn tile_wide<const R: usize, const V: usize>(
