@@ -737,6 +737,11 @@ unsafe fn gemv_panel(x: *const u32, w: *const u32, pairs: usize, c: *mut f32) {
     let bcast = |q: usize| -> __m512bh { std::mem::transmute(_mm512_set1_epi32(*x.add(q) as i32)) };
     let mut q = 0;
     while q + 4 <= pairs {
+        // Four pairs are 512 bytes of the panel: eight lines, asked for 2 KiB ahead.
+        for l in 0..8 {
+            let at = (w as *const u8).wrapping_add(q * NR * 4 + 2048 + 64 * l);
+            _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
+        }
         for (u, a) in acc.iter_mut().enumerate() {
             let b = bcast(q + u);
             a[0] = _mm512_dpbf16_ps(a[0], load(q + u, 0), b);
@@ -1042,6 +1047,11 @@ mod avx2 {
         let mut lo = [_mm256_setzero_ps(); NR / 8];
         let mut hi = [_mm256_setzero_ps(); NR / 8];
         for q in 0..pairs {
+            // A pair is 128 bytes of the panel: two lines, asked for 2 KiB ahead.
+            for l in 0..2 {
+                let at = (w as *const u8).wrapping_add(q * NR * 4 + 2048 + 64 * l);
+                _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
+            }
             let x0 = _mm256_broadcast_ss(&*x.add(2 * q));
             let x1 = _mm256_broadcast_ss(&*x.add(2 * q + 1));
             for v in 0..NR / 8 {
