@@ -323,7 +323,8 @@ trait Panels: Sync {
 /// L1 for every tile. The activations' block stays in L2 for every panel only while the
 /// rows are few: a 577-row tower input's is about 1 MB and streams from L3. The AVX2 path
 /// groups its tiles to keep it in L2; whether this path would gain as well is unmeasured
-/// (no AVX-512 CPU has been at hand since). Ranges of panels go to candle's worker threads.
+/// (the one AVX-512 CPU at hand since had AMX, whose `amx::gemm` takes these products).
+/// Ranges of panels go to candle's worker threads.
 /// Returns `c` with rows of `panels · NR` (at least `m` rows).
 fn gemm(kernels: Kernels, w: &impl Panels, xs: &[f32], m: usize, k: usize) -> Vec<f32> {
     let (panels, pairs) = w.dims();
@@ -737,11 +738,8 @@ unsafe fn gemv_panel(x: *const u32, w: *const u32, pairs: usize, c: *mut f32) {
     let bcast = |q: usize| -> __m512bh { std::mem::transmute(_mm512_set1_epi32(*x.add(q) as i32)) };
     let mut q = 0;
     while q + 4 <= pairs {
-        // Four pairs are 512 bytes of the panel: eight lines, asked for 2 KiB ahead.
-        for l in 0..8 {
-            let at = (w as *const u8).wrapping_add(q * NR * 4 + 2048 + 64 * l);
-            _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
-        }
+        // Four pairs are 512 bytes of the panel: eight lines.
+        crate::prefetch::ahead::<8>(w.wrapping_add(q * NR) as *const u8);
         for (u, a) in acc.iter_mut().enumerate() {
             let b = bcast(q + u);
             a[0] = _mm512_dpbf16_ps(a[0], load(q + u, 0), b);
@@ -1047,11 +1045,8 @@ mod avx2 {
         let mut lo = [_mm256_setzero_ps(); NR / 8];
         let mut hi = [_mm256_setzero_ps(); NR / 8];
         for q in 0..pairs {
-            // A pair is 128 bytes of the panel: two lines, asked for 2 KiB ahead.
-            for l in 0..2 {
-                let at = (w as *const u8).wrapping_add(q * NR * 4 + 2048 + 64 * l);
-                _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
-            }
+            // A pair is 128 bytes of the panel: two lines.
+            crate::prefetch::ahead::<2>(w.wrapping_add(q * NR) as *const u8);
             let x0 = _mm256_broadcast_ss(&*x.add(2 * q));
             let x1 = _mm256_broadcast_ss(&*x.add(2 * q + 1));
             for v in 0..NR / 8 {

@@ -564,26 +564,6 @@ fn q4k_scales_mins(packed: &[u8; 12]) -> [u8; 16] {
     out
 }
 
-/// How far ahead of the block being decoded a row's weights are prefetched. Without it,
-/// decoding on an AMX Xeon read the weights at about 16 GB/s of the 25 a copy reaches:
-/// Q4_K_M decode went 17.5 → 25.4 tok/s on bench-1b with 2 KiB (1 KiB: 23-24, 4 KiB: 24-25,
-/// 8 KiB: 23.5).
-const PREFETCH_AHEAD: usize = 2048;
-
-/// Asks for the `LINES` cache lines [`PREFETCH_AHEAD`] bytes past `blk` (a block's size, in
-/// lines). Past the end of the weight the addresses are never dereferenced: a prefetch
-/// does not fault.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn prefetch_ahead<const LINES: usize>(blk: *const u8) {
-    use std::arch::x86_64::*;
-    for l in 0..LINES {
-        let at = blk.wrapping_add(PREFETCH_AHEAD + 64 * l);
-        // SAFETY: a prefetch reads nothing the program can observe and never faults.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(at as *const i8) };
-    }
-}
-
 /// `Σ w · x` of one weight row of `Q4_K` blocks at `w` with each of the `R` activation rows
 /// from `r0` (sub-blocks in the order [`Activations`] stores for `Q4_K`): each block is
 /// decoded once for all rows, and each row's sums run in the same order whatever `R` is.
@@ -610,7 +590,7 @@ unsafe fn dot_q4k<const R: usize>(
     let mut acc_min = [_mm256_setzero_ps(); R];
     for b in 0..blocks {
         let blk = w.add(b * Q4K_BYTES);
-        prefetch_ahead::<3>(blk);
+        crate::prefetch::ahead::<3>(blk);
         let sm = q4k_scales_mins(&*(blk.add(4) as *const [u8; 12]));
         let sc = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_loadl_epi64(
             sm.as_ptr() as *const __m128i
@@ -681,7 +661,7 @@ unsafe fn dot_q6k<const R: usize>(
     let mut acc_off = [_mm512_setzero_ps(); R];
     for b in 0..blocks {
         let blk = w.add(b * Q6K_BYTES);
-        prefetch_ahead::<4>(blk);
+        crate::prefetch::ahead::<4>(blk);
         let sc8 = _mm_loadu_si128(blk.add(192) as *const __m128i);
         let mut quants = [_mm512_setzero_si512(); 4];
         for half in 0..2 {
@@ -787,7 +767,7 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         for b in 0..blocks {
             let blk = w.add(b * Q4K_BYTES);
-            super::prefetch_ahead::<3>(blk);
+            crate::prefetch::ahead::<3>(blk);
             let sm = q4k_scales_mins(&*(blk.add(4) as *const [u8; 12]));
             let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(
                 sm.as_ptr() as *const __m128i
@@ -850,7 +830,7 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         for b in 0..blocks {
             let blk = w.add(b * Q6K_BYTES);
-            super::prefetch_ahead::<4>(blk);
+            crate::prefetch::ahead::<4>(blk);
             let sc8 = _mm_loadu_si128(blk.add(192) as *const __m128i);
             let at: [usize; R] = std::array::from_fn(|r| (r0 + r) * blocks + b);
             // The stored values are offset by +32: start from −32 · Σ scale · (sum of 16).

@@ -17,6 +17,7 @@ pub mod kquant;
 pub mod kv_cache;
 pub mod layers;
 pub mod llava;
+mod prefetch;
 pub mod projector;
 
 pub use config::ModelConfig;
