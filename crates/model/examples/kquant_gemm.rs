@@ -2,9 +2,14 @@
 //! 2048 ↔ 5632) and on one decoding row, for `Q4_K` and `Q6_K` weights. A tuning aid, not a
 //! test:
 //!
-//! `cargo run --release -p kollava-model --example kquant_gemm [REPEATS]`
+//! `cargo run --release -p kollava-model --example kquant_gemm [REPEATS] [stream]`
 //!
-//! Prints the median milliseconds and integer GMAC/s of each product.
+//! Prints the median milliseconds and integer GMAC/s of each product. With `stream`, it
+//! times decoding-like chains instead (one row through 2048 → 5632 → 2048, again and again):
+//! over 46 distinct weight pairs (600 MB of `Q4_K`, read from memory, as a TinyLlama token
+//! reads its weights) and over one pair 46 times (13 MB, from the L3 cache), in GB/s of
+//! weights. The first says how close decoding's products come to the memory's bandwidth,
+//! the second what the kernels do when memory is not the limit.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -21,6 +26,9 @@ fn main() -> candle_core::Result<()> {
         .and_then(|a| a.parse().ok())
         .unwrap_or(5);
     let dev = Device::Cpu;
+    if std::env::args().nth(2).as_deref() == Some("stream") {
+        return stream(repeats);
+    }
     for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
         for (k, n) in [(2048, 2048), (2048, 5632), (5632, 2048)] {
             let w = QTensor::quantize(&Tensor::randn(0f32, 0.02, (n, k), &dev)?, dtype)?;
@@ -55,4 +63,52 @@ fn median(repeats: usize, f: impl Fn() -> candle_core::Result<Tensor>) -> candle
         .collect::<candle_core::Result<Vec<_>>>()?;
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
+}
+
+/// Decoding-like chains of products (see the module doc).
+fn stream(repeats: usize) -> candle_core::Result<()> {
+    use candle_core::quantized::ggml_file::qtensor_from_ggml;
+    const PAIRS: usize = 46;
+    let dev = Device::Cpu;
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (h, i) = (env("KQ_H", 2048), env("KQ_I", 5632));
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        let up = QTensor::quantize(&Tensor::randn(0f32, 0.02, (i, h), &dev)?, dtype)?;
+        let down = QTensor::quantize(&Tensor::randn(0f32, 0.02, (h, i), &dev)?, dtype)?;
+        let copies = |w: &QTensor| -> candle_core::Result<Vec<QTensor>> {
+            let bytes = w.data()?;
+            (0..PAIRS)
+                .map(|_| qtensor_from_ggml(dtype, &bytes, w.shape().dims().to_vec(), &dev))
+                .collect()
+        };
+        let (ups, downs) = (copies(&up)?, copies(&down)?);
+        let bytes = (up.storage_size_in_bytes() + down.storage_size_in_bytes()) * PAIRS;
+        let x = Tensor::randn(0f32, 1.0, (1, h), &dev)?;
+        let chain = |pairs: &mut dyn Iterator<Item = (&QTensor, &QTensor)>| {
+            let mut x = x.clone();
+            for (u, d) in pairs {
+                let y = kquant::try_matmul(u, &x)?.expect("a kernel");
+                x = (kquant::try_matmul(d, &y)?.expect("a kernel") * 1e-2)?;
+            }
+            Ok(x)
+        };
+        let memory = median(repeats, || chain(&mut ups.iter().zip(&downs)))?;
+        let cache = median(repeats, || {
+            chain(&mut std::iter::repeat_n((&up, &down), PAIRS))
+        })?;
+        for (from, secs) in [("memory", memory), ("L3 cache", cache)] {
+            println!(
+                "{dtype:?} one row, {} MB of weights from {from:8}: {:7.2} ms {:5.1} GB/s",
+                bytes >> 20,
+                secs * 1e3,
+                bytes as f64 / secs / 1e9
+            );
+        }
+    }
+    Ok(())
 }
