@@ -6,10 +6,11 @@
 //!
 //! Prints the median milliseconds and integer GMAC/s of each product. With `stream`, it
 //! times decoding-like chains instead (one row through 2048 → 5632 → 2048, again and again):
-//! over 46 distinct weight pairs (600 MB of `Q4_K`, read from memory, as a TinyLlama token
-//! reads its weights) and over one pair 46 times (13 MB, from the L3 cache), in GB/s of
-//! weights. The first says how close decoding's products come to the memory's bandwidth,
-//! the second what the kernels do when memory is not the limit.
+//! over 46 distinct weight pairs (570 MiB of `Q4_K`, 830 of `Q6_K`, read from memory, as a
+//! TinyLlama token reads its weights) and over one pair 46 times (12 MiB of `Q4_K`, from the
+//! L3 cache), in GB/s of weights. The first says how close decoding's products come to the
+//! memory's bandwidth, the second what the kernels do when memory is not the limit.
+//! `KQ_H` and `KQ_I` change the two widths (2048 and 5632), e.g. to fit the pair in L2.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
