@@ -873,8 +873,6 @@ mod avx2 {
         out: &mut [[f32; TILE]],
     ) {
         let (blocks, total) = (acts.blocks, acts.blocks * out.len());
-        let nibble = _mm256_set1_epi8(0x0f);
-        let pair = _mm256_set1_epi8(0x03);
         // Group g's words take scale 2g (low 128 bits) and 2g + 1 (high): bytes picked
         // from the 16 scales, then widened.
         let picks: [__m128i; 8] = std::array::from_fn(|g| {
@@ -902,23 +900,7 @@ mod avx2 {
             });
             macro_rules! group {
                 ($($g:literal)*) => {$({
-                    // Half g / 4 of the block; within it, groups 0, 1 are the low nibbles of
-                    // bytes 0..32, 32..64 and 2, 3 their high nibbles, with bit pairs
-                    // 2·(g mod 4) of the 32 high bytes on top.
-                    let (half, j) = ($g / 4, $g % 4);
-                    let ql = _mm256_loadu_si256(blk.add(64 * half + 32 * (j % 2)) as *const _);
-                    let ql = if j < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
-                    let qh = _mm256_loadu_si256(blk.add(128 + 32 * half) as *const _);
-                    let qh = match j {
-                        0 => qh,
-                        1 => _mm256_srli_epi16(qh, 2),
-                        2 => _mm256_srli_epi16(qh, 4),
-                        _ => _mm256_srli_epi16(qh, 6),
-                    };
-                    let q = _mm256_or_si256(
-                        _mm256_and_si256(ql, nibble),
-                        _mm256_slli_epi16(_mm256_and_si256(qh, pair), 4),
-                    );
+                    let q = q6k_values::<$g>(blk);
                     let s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, picks[$g]));
                     for r in 0..R {
                         let y = acts.qs.as_ptr().add(at[r] * QK + 32 * $g);
@@ -1050,8 +1032,6 @@ mod avx2 {
         sums: &mut [[f32; TILE]; super::TILES],
     ) {
         let blocks = acts.blocks;
-        let nibble = _mm256_set1_epi8(0x0f);
-        let pair = _mm256_set1_epi8(0x03);
         // Word j of either half, repeated: sub-block j's (or j + 8's) scale.
         let picks: [__m256i; 8] = std::array::from_fn(|j| {
             let idx: [i8; 32] = std::array::from_fn(|i| 2 * j as i8 + (i % 2) as i8);
@@ -1082,20 +1062,7 @@ mod avx2 {
             });
             macro_rules! group {
                 ($($g:literal)*) => {$({
-                    let (half, j) = ($g / 4, $g % 4);
-                    let ql = _mm256_loadu_si256(blk.add(64 * half + 32 * (j % 2)) as *const _);
-                    let ql = if j < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
-                    let qh = _mm256_loadu_si256(blk.add(128 + 32 * half) as *const _);
-                    let qh = match j {
-                        0 => qh,
-                        1 => _mm256_srli_epi16(qh, 2),
-                        2 => _mm256_srli_epi16(qh, 4),
-                        _ => _mm256_srli_epi16(qh, 6),
-                    };
-                    let q = _mm256_or_si256(
-                        _mm256_and_si256(ql, nibble),
-                        _mm256_slli_epi16(_mm256_and_si256(qh, pair), 4),
-                    );
+                    let q = q6k_values::<$g>(blk);
                     let mut halves = [
                         _mm256_permute2x128_si256(q, q, 0x00),
                         _mm256_permute2x128_si256(q, q, 0x11),
@@ -1146,6 +1113,32 @@ mod avx2 {
     #[inline]
     unsafe fn f16_splat(p: *const u8) -> __m256 {
         _mm256_cvtph_ps(_mm_set1_epi16((p as *const i16).read_unaligned()))
+    }
+
+    /// Group `G`'s 32 values (6 bits, offset by +32) of the `Q6_K` block at `blk`: half
+    /// `G / 4` of the block; within it, groups 0, 1 are the low nibbles of bytes 0..32,
+    /// 32..64 and 2, 3 their high nibbles, with bit pair `G mod 4` of the 32 high bytes on
+    /// top. The pair is shifted straight to bits 4 and 5 and masked there (what a 16-bit
+    /// shift carries across from the neighbouring byte lands outside the mask), one shift a
+    /// group fewer than down and back up; that measured no faster on a Zen 3. The row and
+    /// the tiled kernels decode their values here, alike.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn q6k_values<const G: usize>(blk: *const u8) -> __m256i {
+        let (half, j) = (G / 4, G % 4);
+        let ql = _mm256_loadu_si256(blk.add(64 * half + 32 * (j % 2)) as *const _);
+        let ql = if j < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+        let qh = _mm256_loadu_si256(blk.add(128 + 32 * half) as *const _);
+        let qh = match j {
+            0 => _mm256_slli_epi16(qh, 4),
+            1 => _mm256_slli_epi16(qh, 2),
+            2 => qh,
+            _ => _mm256_srli_epi16(qh, 2),
+        };
+        _mm256_or_si256(
+            _mm256_and_si256(ql, _mm256_set1_epi8(0x0f)),
+            _mm256_and_si256(qh, _mm256_set1_epi8(0x30)),
+        )
     }
 
     /// A `Q4_K` block's eight scales, each as an i16 pair filling a 32-bit word, so that a
