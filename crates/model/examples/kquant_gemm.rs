@@ -1,5 +1,5 @@
 //! Throughput of the k-quant products on a TinyLlama-sized prefill (593 activation rows,
-//! 2048 ↔ 5632) and on one decoding row, for `Q4_K` and `Q6_K` weights. A tuning aid, not a
+//! 2048 ↔ 5632), on four decoding rows (a batch of streams) and on one, for `Q4_K` and `Q6_K` weights. A tuning aid, not a
 //! test:
 //!
 //! `cargo run --release -p kollava-model --example kquant_gemm [REPEATS] [stream]`
@@ -33,7 +33,7 @@ fn main() -> candle_core::Result<()> {
     for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
         for (k, n) in [(2048, 2048), (2048, 5632), (5632, 2048)] {
             let w = QTensor::quantize(&Tensor::randn(0f32, 0.02, (n, k), &dev)?, dtype)?;
-            for m in [593, 1] {
+            for m in [593, 4, 1] {
                 if m > kquant::max_rows() {
                     continue;
                 }
@@ -104,7 +104,7 @@ fn stream(repeats: usize) -> candle_core::Result<()> {
         })?;
         for (from, secs) in [("memory", memory), ("L3 cache", cache)] {
             println!(
-                "{dtype:?} one row, {} MB of weights from {from:8}: {:7.2} ms {:5.1} GB/s",
+                "{dtype:?} one row, {} MiB of weights from {from:8}: {:7.2} ms {:5.1} GB/s",
                 bytes >> 20,
                 secs * 1e3,
                 bytes as f64 / secs / 1e9

@@ -796,9 +796,25 @@ mod avx2 {
         let mut next_mins = q4k_scale_pairs(w, &mut pairs[0]);
         let mut acc = _mm256_setzero_ps();
         // The previous block's sums, mins and scales (at first nothing: 0 · 0 is added).
+        // A few rows carry their sums as they are, reduced a block late too; more rows
+        // carry them reduced (a lane a row), since twice their sums would not fit the
+        // registers (seven rows: 8 % slower carried whole).
         let mut prev_sumi = [_mm256_setzero_si256(); R];
         let mut prev_mins = [_mm_setzero_si128(); R];
+        let (mut prev_lanes, mut prev_min_lanes) = (_mm256_setzero_si256(), _mm256_setzero_si256());
         let (mut prev_d, mut prev_dmin) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let whole = R <= 2;
+        // acc += the previous block's sums · d − its mins · dmin.
+        macro_rules! add_previous {
+            () => {
+                if whole {
+                    (prev_lanes, prev_min_lanes) =
+                        (lane_per_row(&prev_sumi), lane_per_row_128(&prev_mins));
+                }
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prev_lanes), prev_d, acc);
+                acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(prev_min_lanes), prev_dmin, acc);
+            };
+        }
         let (mut row, mut b) = (0, 0);
         for t in 0..total {
             let blk = w.add(t * Q4K_BYTES);
@@ -835,12 +851,7 @@ mod avx2 {
                 let sums = _mm_loadu_si128(acts.isums.as_ptr().add(at[r] * 16) as *const _);
                 _mm_madd_epi16(m16, sums)
             });
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_per_row(&prev_sumi)), prev_d, acc);
-            acc = _mm256_fnmadd_ps(
-                _mm256_cvtepi32_ps(lane_per_row_128(&prev_mins)),
-                prev_dmin,
-                acc,
-            );
+            add_previous!();
             if b == 0 && row > 0 {
                 store_rows::<R>(acc, &mut out[row - 1]);
                 acc = _mm256_setzero_ps();
@@ -848,18 +859,17 @@ mod avx2 {
             let dy = _mm256_loadu_ps(acts.d_by_block.as_ptr().add(b * acts.padded_rows + r0));
             prev_d = _mm256_mul_ps(dy, f16_splat(blk));
             prev_dmin = _mm256_mul_ps(dy, f16_splat(blk.add(2)));
-            (prev_sumi, prev_mins) = (sumi, mins);
+            if whole {
+                (prev_sumi, prev_mins) = (sumi, mins);
+            } else {
+                (prev_lanes, prev_min_lanes) = (lane_per_row(&sumi), lane_per_row_128(&mins));
+            }
             b += 1;
             if b == blocks {
                 (row, b) = (row + 1, 0);
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_per_row(&prev_sumi)), prev_d, acc);
-        acc = _mm256_fnmadd_ps(
-            _mm256_cvtepi32_ps(lane_per_row_128(&prev_mins)),
-            prev_dmin,
-            acc,
-        );
+        add_previous!();
         store_rows::<R>(acc, &mut out[row - 1]);
     }
 
@@ -873,6 +883,9 @@ mod avx2 {
         out: &mut [[f32; TILE]],
     ) {
         let (blocks, total) = (acts.blocks, acts.blocks * out.len());
+        if total == 0 {
+            return;
+        }
         // Group g's words take scale 2g (low 128 bits) and 2g + 1 (high): bytes picked
         // from the 16 scales, then widened.
         let picks: [__m128i; 8] = std::array::from_fn(|g| {
@@ -924,10 +937,8 @@ mod avx2 {
                 (row, b) = (row + 1, 0);
             }
         }
-        if total > 0 {
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_per_row(&prev_sumi)), prev_d, acc);
-            store_rows::<R>(acc, &mut out[row - 1]);
-        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_per_row(&prev_sumi)), prev_d, acc);
+        store_rows::<R>(acc, &mut out[row - 1]);
     }
 
     /// [`dot_q4k`] over tiled activations, for tiles `t0..t0 + T` and blocks `run`,
