@@ -458,14 +458,24 @@ fn matmul(kernels: Kernels, products: &[Product], k: usize, m: usize) {
 /// Activation rows per tile of the product.
 const TILE: usize = 8;
 
-/// Tiles per call of the tiled kernels: each decoded weight run serves both.
-const TILES: usize = 2;
-/// Blocks per call of the tiled kernels: two tiles' 1024 values (16 KiB) and sixteen weight
-/// rows' blocks stay in L1 while every row of the chunk goes over them.
-const TILED_BLOCKS: usize = 4;
+/// The most tiles per call of the tiled kernels.
+const TILES: usize = 4;
 
-/// [`matmul`]'s work on one chunk of weight rows with tiled activations: per pair of tiles,
-/// per run of [`TILED_BLOCKS`] blocks, every weight row, each carrying its rows' sums in
+/// Tiles and blocks per call of the tiled kernels for weights of `kind`: each decoded weight
+/// run serves every tile, and the tiles' activations for the blocks (16 KiB) stay in L1,
+/// with sixteen weight rows' blocks, while every row of the chunk goes over them. `Q4_K`
+/// takes two tiles: with four, its 16- and 32-bit sums do not fit the registers, and the
+/// compiler spilled them (no faster on a Zen 3). `Q6_K` sums pairs of runs straight into
+/// 32 bits and holds four: 10-25 % more GMAC/s there than two (`examples/kquant_gemm`).
+fn tiled_call(kind: Kind) -> (usize, usize) {
+    match kind {
+        Kind::Q4K => (2, 4),
+        Kind::Q6K => (4, 2),
+    }
+}
+
+/// [`matmul`]'s work on one chunk of weight rows with tiled activations: per group of tiles,
+/// per run of blocks (see [`tiled_call`]), every weight row, each carrying its rows' sums in
 /// lanes from run to run (so each row's arithmetic is the row kernels', in their order).
 ///
 /// # Safety
@@ -475,19 +485,22 @@ unsafe fn tiled_rows(p: &Product, weight_rows: std::ops::Range<usize>, row_bytes
     let (acts, blocks) = (p.acts, p.acts.blocks);
     let tiles = m.div_ceil(TILE);
     let mut sums = [[[0f32; TILE]; TILES]; 16];
-    for t0 in (0..tiles).step_by(TILES) {
-        let count = TILES.min(tiles - t0);
+    let (per, run_blocks) = tiled_call(p.kind);
+    for t0 in (0..tiles).step_by(per) {
+        let count = per.min(tiles - t0);
         let sums = &mut sums[..weight_rows.len()];
         sums.iter_mut().for_each(|s| *s = [[0.0; TILE]; TILES]);
-        for b0 in (0..blocks).step_by(TILED_BLOCKS) {
-            let run = b0..(b0 + TILED_BLOCKS).min(blocks);
+        for b0 in (0..blocks).step_by(run_blocks) {
+            let run = b0..(b0 + run_blocks).min(blocks);
             for (i, s) in weight_rows.clone().zip(sums.iter_mut()) {
                 let w = p.w.as_ptr().add(i * row_bytes);
                 match (p.kind, count) {
                     (Kind::Q4K, 1) => avx2::tiled_q4k::<1>(w, acts, t0, run.clone(), s),
                     (Kind::Q4K, _) => avx2::tiled_q4k::<2>(w, acts, t0, run.clone(), s),
                     (Kind::Q6K, 1) => avx2::tiled_q6k::<1>(w, acts, t0, run.clone(), s),
-                    (Kind::Q6K, _) => avx2::tiled_q6k::<2>(w, acts, t0, run.clone(), s),
+                    (Kind::Q6K, 2) => avx2::tiled_q6k::<2>(w, acts, t0, run.clone(), s),
+                    (Kind::Q6K, 3) => avx2::tiled_q6k::<3>(w, acts, t0, run.clone(), s),
+                    (Kind::Q6K, _) => avx2::tiled_q6k::<4>(w, acts, t0, run.clone(), s),
                 }
             }
         }
@@ -1336,19 +1349,22 @@ mod tests {
         }
         let dev = Device::Cpu;
         for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
-            // Five blocks: the tiled kernels' runs of four and a shorter one.
+            // Five blocks: the tiled kernels' runs (of four or two) and a shorter one.
             let q = QTensor::quantize(&Tensor::randn(0f32, 1.0, (40, 1280), &dev).unwrap(), dtype)
                 .unwrap();
-            // 19 rows: two full tiles of eight and a partial one (with AVX2, a pair of tiles
-            // and a tile alone through the tiled kernels; each row alone, the row kernel);
-            // the AVX512 kernels take at most `MAX_ROWS`.
-            let x = Tensor::randn(0f32, 1.0, (19, 1280), &dev).unwrap();
+            // With AVX2, 19 rows are three tiles, the last partial: `Q4_K` takes a pair and
+            // one alone, `Q6_K` the three at once; 43 rows are six, `Q4_K` three pairs and
+            // `Q6_K` four and two (see `tiled_call`). Each row alone takes the row kernel.
+            // The AVX512 kernels take at most `MAX_ROWS`.
+            let x = Tensor::randn(0f32, 1.0, (43, 1280), &dev).unwrap();
             for kernels in supported() {
-                let x = x.narrow(0, 0, 19.min(rows_limit(kernels))).unwrap();
-                let all = product(kernels, &q, &x);
-                for (r, row) in all.iter().enumerate() {
-                    let alone = product(kernels, &q, &x.narrow(0, r, 1).unwrap());
-                    assert_eq!(row, &alone[0], "{kernels:?} {dtype:?} row {r}");
+                for m in [19, 43] {
+                    let x = x.narrow(0, 0, m.min(rows_limit(kernels))).unwrap();
+                    let all = product(kernels, &q, &x);
+                    for (r, row) in all.iter().enumerate() {
+                        let alone = product(kernels, &q, &x.narrow(0, r, 1).unwrap());
+                        assert_eq!(row, &alone[0], "{kernels:?} {dtype:?} {m} rows: row {r}");
+                    }
                 }
             }
         }
