@@ -838,8 +838,8 @@ mod avx2 {
                     let c = _mm_add_epi32(_mm_unpacklo_epi32(v, m), _mm_unpackhi_epi32(v, m));
                     let both = _mm_cvtepi32_ps(_mm_add_epi32(c, _mm_shuffle_epi32::<0xee>(c)));
                     (prev_lanes, prev_min_lanes) = (
-                        _mm256_castps_si256(_mm256_castps128_ps256(both)),
-                        _mm256_castps_si256(_mm256_castps128_ps256(_mm_movehdup_ps(both))),
+                        _mm256_castps_si256(_mm256_zextps128_ps256(both)),
+                        _mm256_castps_si256(_mm256_zextps128_ps256(_mm_movehdup_ps(both))),
                     );
                     acc = _mm256_fmadd_ps(_mm256_castsi256_ps(prev_lanes), prev_d, acc);
                     acc = _mm256_fnmadd_ps(_mm256_castsi256_ps(prev_min_lanes), prev_dmin, acc);
@@ -897,9 +897,18 @@ mod avx2 {
                     store_rows::<R>(acc, &mut out[row - 1]);
                     acc = _mm256_setzero_ps();
                 }
-                let dy = _mm256_loadu_ps(acts.d_by_block.as_ptr().add(b * acts.padded_rows + r0));
-                prev_d = _mm256_mul_ps(dy, f16_splat(blk));
-                prev_dmin = _mm256_mul_ps(dy, f16_splat(blk.add(2)));
+                let dy = acts.d_by_block.as_ptr().add(b * acts.padded_rows + r0);
+                if R == 1 {
+                    // Lane 0 is all that is read: d and dmin converted together, scaled by
+                    // the row's d, dmin's product then moved to lane 0.
+                    let both = _mm_mul_ps(_mm_set1_ps(*dy), f16_pair(blk));
+                    prev_d = _mm256_zextps128_ps256(both);
+                    prev_dmin = _mm256_zextps128_ps256(_mm_movehdup_ps(both));
+                } else {
+                    let dy = _mm256_loadu_ps(dy);
+                    prev_d = _mm256_mul_ps(dy, f16_splat(blk));
+                    prev_dmin = _mm256_mul_ps(dy, f16_splat(blk.add(2)));
+                }
                 if whole {
                     (prev_sumi, prev_mins) = (sumi, mins);
                 } else {
@@ -1158,6 +1167,13 @@ mod avx2 {
     #[inline]
     unsafe fn f16_splat(p: *const u8) -> __m256 {
         _mm256_cvtph_ps(_mm_set1_epi16((p as *const i16).read_unaligned()))
+    }
+
+    /// The two f16 at `p` (a block's d and dmin) as `[d, dmin, d, dmin]`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn f16_pair(p: *const u8) -> __m128 {
+        _mm_cvtph_ps(_mm_set1_epi32((p as *const i32).read_unaligned()))
     }
 
     /// Group `G`'s 32 values (6 bits, offset by +32) of the `Q6_K` block at `blk`: half
