@@ -538,13 +538,6 @@ unsafe fn dot_rows(
     out: &mut [[f32; TILE]],
 ) {
     let row = |i: usize| w.add(i * row_bytes);
-    if matches!((kernels, kind, rows), (Kernels::Avx2, Kind::Q4K, 1)) {
-        // Decoding: the weight rows two at a time, an odd last one alone.
-        let even = out.len() & !1;
-        avx2::dot_q4k_pairs(w, row_bytes, acts, r0, &mut out[..even]);
-        avx2::dot_q4k::<1>(row(even), acts, r0, &mut out[even..]);
-        return;
-    }
     macro_rules! go {
         ($($r:literal)*) => {
             match (kernels, kind, rows) {
@@ -929,166 +922,6 @@ mod avx2 {
         store_rows::<R>(acc, out.last_mut().expect("rows"));
     }
 
-    /// [`dot_q4k`] for one activation row (a decoding step) and the `out.len()` (even)
-    /// weight rows two at a time, `row_bytes` apart. The two rows' blocks share the
-    /// activations' loads, and their scales are unpacked, and their sums reduced and scaled,
-    /// in one vector: about a fifth fewer vector operations a row than one row at a time,
-    /// which is what the one-row loop is limited by. Each row's float arithmetic is the
-    /// one-row kernel's (lane 0 there, lane 0 or 1 here), bit for bit.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_q4k_pairs(
-        w: *const u8,
-        row_bytes: usize,
-        acts: &Activations,
-        r0: usize,
-        out: &mut [[f32; TILE]],
-    ) {
-        const SUB: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
-        // Where row a's (and row b's) scale j lies in `PairsX2` (see `scale_pairs_x2`).
-        const fn word(j: usize, b: bool) -> usize {
-            (j / 4) * 8 + (b as usize) * 4 + j % 4
-        }
-        let (blocks, n) = (acts.blocks, out.len() / 2);
-        if blocks == 0 || n == 0 {
-            return;
-        }
-        let nibble = _mm256_set1_epi8(0x0f);
-        let mut pairs = [PairsX2([0; 16]), PairsX2([0; 16])];
-        let mut next_mins = scale_pairs_x2(w, w.add(row_bytes), &mut pairs[0]);
-        let (mut cur, mut next) = (&mut pairs[0] as *mut PairsX2, &mut pairs[1] as *mut PairsX2);
-        // Lane 0 row a's sum, lane 1 row b's; the previous block's integer sums (each row's,
-        // and both rows' mins), and d and dmin times the activations' d, by row.
-        let mut acc = _mm_setzero_ps();
-        let (mut prev_a, mut prev_b) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-        let mut prev_mins = _mm256_setzero_si256();
-        let (mut prev_d, mut prev_dmin) = (_mm_setzero_ps(), _mm_setzero_ps());
-        macro_rules! add_previous {
-            () => {
-                let va = _mm_add_epi32(
-                    _mm256_castsi256_si128(prev_a),
-                    _mm256_extracti128_si256(prev_a, 1),
-                );
-                let vb = _mm_add_epi32(
-                    _mm256_castsi256_si128(prev_b),
-                    _mm256_extracti128_si256(prev_b, 1),
-                );
-                let mins = (
-                    _mm256_castsi256_si128(prev_mins),
-                    _mm256_extracti128_si256(prev_mins, 1),
-                );
-                // [sum a, sum b, mins a, mins b] (integers: exact in any order).
-                let both = _mm_cvtepi32_ps(_mm_unpacklo_epi64(
-                    sums_of_two(va, vb),
-                    sums_of_two(mins.0, mins.1),
-                ));
-                acc = _mm_fmadd_ps(both, prev_d, acc);
-                acc = _mm_fnmadd_ps(_mm_movehl_ps(both, both), prev_dmin, acc);
-            };
-        }
-        macro_rules! store {
-            ($p:expr) => {
-                let mut lanes = [0f32; 4];
-                _mm_storeu_ps(lanes.as_mut_ptr(), acc);
-                out[2 * $p][0] = lanes[0];
-                out[2 * $p + 1][0] = lanes[1];
-            };
-        }
-        for p in 0..n {
-            let wa = w.add(2 * p * row_bytes);
-            for b in 0..blocks {
-                let (ba, bb) = (wa.add(b * Q4K_BYTES), wa.add(row_bytes + b * Q4K_BYTES));
-                crate::prefetch::ahead::<3>(ba);
-                crate::prefetch::ahead::<3>(bb);
-                let m16 = next_mins;
-                let following = if b + 1 < blocks {
-                    ba.add(Q4K_BYTES)
-                } else {
-                    wa.add(2 * row_bytes)
-                };
-                if b + 1 < blocks || p + 1 < n {
-                    next_mins = scale_pairs_x2(following, following.add(row_bytes), &mut *next);
-                }
-                // Read back from memory, not rebuilt from the scales with shuffles.
-                let pairs = &*opaque(cur);
-                let at = r0 * blocks + b;
-                let y0 = acts.qs.as_ptr().add(at * QK);
-                let mut sumi = [_mm256_setzero_si256(); 2];
-                macro_rules! group {
-                    ($($g:literal)*) => {$({
-                        let y = _mm256_loadu_si256(y0.add(32 * $g) as *const __m256i);
-                        for (r, blk) in [ba, bb].into_iter().enumerate() {
-                            let bytes = _mm256_loadu_si256(
-                                blk.add(16 + 32 * ($g % 2 + 2 * ($g / 4))) as *const __m256i,
-                            );
-                            let bytes =
-                                if $g % 4 < 2 { bytes } else { _mm256_srli_epi16(bytes, 4) };
-                            let q = _mm256_and_si256(bytes, nibble);
-                            let s = _mm256_set1_epi32(pairs.0[word(SUB[$g], r == 1)]);
-                            let words = _mm256_maddubs_epi16(q, y);
-                            sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(words, s));
-                        }
-                        in_registers(&mut sumi);
-                    })*};
-                }
-                group!(0 1 2 3 4 5 6 7);
-                // Σ min · (activations' sum) per sub-block: 4 lanes each, row a's then b's.
-                let sums = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-                    acts.isums.as_ptr().add(at * 16) as *const __m128i,
-                ));
-                let mins = _mm256_madd_epi16(m16, sums);
-                add_previous!();
-                if b == 0 && p > 0 {
-                    store!(p - 1);
-                    acc = _mm_setzero_ps();
-                }
-                // [d a, dmin a, d b, dmin b] times the activations' d.
-                let dy = _mm_set1_ps(*acts.d_by_block.as_ptr().add(b * acts.padded_rows + r0));
-                let dd = _mm_cvtph_ps(_mm_unpacklo_epi32(
-                    _mm_cvtsi32_si128((ba as *const i32).read_unaligned()),
-                    _mm_cvtsi32_si128((bb as *const i32).read_unaligned()),
-                ));
-                let scaled = _mm_mul_ps(dy, dd);
-                prev_d = _mm_shuffle_ps::<0b10_00_10_00>(scaled, scaled);
-                prev_dmin = _mm_shuffle_ps::<0b11_01_11_01>(scaled, scaled);
-                (prev_a, prev_b, prev_mins) = (sumi[0], sumi[1], mins);
-                (cur, next) = (next, cur);
-            }
-        }
-        add_previous!();
-        store!(n - 1);
-    }
-
-    /// Lanes 0 and 1: the sums of `x`'s and of `y`'s four lanes.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    unsafe fn sums_of_two(x: __m128i, y: __m128i) -> __m128i {
-        let s = _mm_add_epi32(_mm_unpacklo_epi32(x, y), _mm_unpackhi_epi32(x, y));
-        _mm_add_epi32(s, _mm_shuffle_epi32::<0xee>(s))
-    }
-
-    /// Two blocks' [`Pairs`]: words 0..4 row a's scales 0..4, 4..8 row b's, 8..12 row a's
-    /// 4..8, 12..16 row b's (the order two 128-bit lanes give).
-    #[repr(align(32))]
-    struct PairsX2([i32; 16]);
-
-    /// [`q4k_scale_pairs`] for the `Q4_K` blocks at `a` and `b` in one pass, a block per
-    /// 128-bit lane; returns their mins widened to i16, a's then b's.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn scale_pairs_x2(a: *const u8, b: *const u8, pairs: &mut PairsX2) -> __m256i {
-        let x = _mm256_inserti128_si256::<1>(
-            _mm256_castsi128_si256(_mm_loadu_si128(a.add(4) as *const __m128i)),
-            _mm_loadu_si128(b.add(4) as *const __m128i),
-        );
-        let sm = scales_mins_x2(x);
-        let zero = _mm256_setzero_si256();
-        let sc = _mm256_unpacklo_epi8(sm, zero);
-        let words = pairs.0.as_mut_ptr() as *mut __m256i;
-        _mm256_store_si256(words, _mm256_unpacklo_epi16(sc, sc));
-        _mm256_store_si256(words.add(1), _mm256_unpackhi_epi16(sc, sc));
-        _mm256_unpackhi_epi8(sm, zero)
-    }
-
     /// [`super::dot_q6k`] with AVX2: group `g` is values `32g..32g + 32` (natural order),
     /// sub-blocks `2g` (its first 16) and `2g + 1`; loops and sums as [`dot_q4k`].
     #[target_feature(enable = "avx2,fma")]
@@ -1411,21 +1244,6 @@ mod avx2 {
         let high = _mm_or_si128(nibbles, tops);
         // [scales lo, scales hi, mins lo, mins hi].
         _mm_unpacklo_epi32(low, high)
-    }
-
-    /// [`scales_mins`] of two blocks' packed bytes 4..20, one per 128-bit lane of `x`.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    unsafe fn scales_mins_x2(x: __m256i) -> __m256i {
-        let bytes = |v: u8| _mm256_set1_epi8(v as i8);
-        let low = _mm256_and_si256(x, bytes(0x3f));
-        let c = _mm256_shuffle_epi32::<0xaa>(x);
-        let nibbles = _mm256_unpacklo_epi32(
-            _mm256_and_si256(c, bytes(0x0f)),
-            _mm256_and_si256(_mm256_srli_epi16::<4>(c), bytes(0x0f)),
-        );
-        let tops = _mm256_and_si256(_mm256_srli_epi16::<2>(x), bytes(0x30));
-        _mm256_unpacklo_epi32(low, _mm256_or_si256(nibbles, tops))
     }
 
     /// Lane `r` of the result: the sum of `v[r]`'s eight lanes (0 for `r ≥ R`).
