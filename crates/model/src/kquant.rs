@@ -797,8 +797,11 @@ mod avx2 {
     /// a block at first, six a cycle at best), so it counts them: scales unpacked in vector
     /// registers ([`scales_mins`]), rows and blocks as nested loops rather than one counter
     /// split in two, the scales' buffer made opaque without a trip through the stack, one
-    /// row's sums and mins reduced together. About 115 a block remain; one thread with the
-    /// weights in L2 went from 11.2-11.8 to 12.3-13.0 GB/s (`examples/kquant_gemm`).
+    /// row's sums and mins reduced together, its d and dmin converted together. About
+    /// 100-115 a block remain; one thread with the weights in L2 went from 11.2-11.8 to
+    /// 12.8-13.9 GB/s, decoding end to end about 10 % faster (BENCHMARKS.md, session 15).
+    /// Taking two weight rows at a time cut more, but read memory as two short streams a
+    /// thread, which the prefetching handles worse: slower end to end (reverted).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_q4k<const R: usize>(
         w: *const u8,
