@@ -814,7 +814,6 @@ mod avx2 {
         if total == 0 {
             return;
         }
-        let nibble = _mm256_set1_epi8(0x0f);
         let mut pairs = [Pairs([0; 8]), Pairs([0; 8])];
         let mut next_mins = q4k_scale_pairs(w, &mut pairs[0]);
         let mut acc = _mm256_setzero_ps();
@@ -873,13 +872,7 @@ mod avx2 {
                 let mut sumi = [_mm256_setzero_si256(); R];
                 macro_rules! group {
                     ($($g:literal)*) => {$({
-                        // Groups 0, 1 are the low nibbles of bytes 0..32, 32..64; 2, 3 their
-                        // high nibbles; 4..8 the same for bytes 64..128.
-                        let bytes = _mm256_loadu_si256(
-                            blk.add(16 + 32 * ($g % 2 + 2 * ($g / 4))) as *const __m256i,
-                        );
-                        let bytes = if $g % 4 < 2 { bytes } else { _mm256_srli_epi16(bytes, 4) };
-                        let q = _mm256_and_si256(bytes, nibble);
+                        let q = q4k_values::<$g>(blk);
                         let s = _mm256_set1_epi32(pairs.0[SUB[$g]]);
                         for r in 0..R {
                             let y = acts.qs.as_ptr().add(at[r] * QK + 32 * $g);
@@ -1006,7 +999,6 @@ mod avx2 {
     ) {
         const SUB: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
         let blocks = acts.blocks;
-        let nibble = _mm256_set1_epi8(0x0f);
         let picks: [__m256i; 8] = std::array::from_fn(|g| {
             let s = 2 * SUB[g] as i8;
             let idx: [i8; 32] = std::array::from_fn(|i| s + (i % 2) as i8);
@@ -1023,11 +1015,7 @@ mod avx2 {
             let mut sumi = [_mm256_setzero_si256(); T];
             macro_rules! group {
                 ($($g:literal)*) => {$({
-                    let bytes = _mm256_loadu_si256(
-                        blk.add(16 + 32 * ($g % 2 + 2 * ($g / 4))) as *const __m256i,
-                    );
-                    let bytes = if $g % 4 < 2 { bytes } else { _mm256_srli_epi16(bytes, 4) };
-                    let q = _mm256_and_si256(bytes, nibble);
+                    let q = q4k_values::<$g>(blk);
                     let mut halves = [
                         _mm256_permute2x128_si256(q, q, 0x00),
                         _mm256_permute2x128_si256(q, q, 0x11),
@@ -1177,6 +1165,21 @@ mod avx2 {
     #[inline]
     unsafe fn f16_pair(p: *const u8) -> __m128 {
         _mm_cvtph_ps(_mm_set1_epi32((p as *const i32).read_unaligned()))
+    }
+
+    /// Group `G`'s 32 values (4 bits) of the `Q4_K` block at `blk`: groups 0, 1 are the low
+    /// nibbles of bytes 0..32, 32..64 of the values; 2, 3 their high nibbles; 4..8 the same
+    /// for bytes 64..128 (see [`dot_q4k`] for the sub-blocks they are).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn q4k_values<const G: usize>(blk: *const u8) -> __m256i {
+        let bytes = _mm256_loadu_si256(blk.add(16 + 32 * (G % 2 + 2 * (G / 4))) as *const __m256i);
+        let bytes = if G % 4 < 2 {
+            bytes
+        } else {
+            _mm256_srli_epi16(bytes, 4)
+        };
+        _mm256_and_si256(bytes, _mm256_set1_epi8(0x0f))
     }
 
     /// Group `G`'s 32 values (6 bits, offset by +32) of the `Q6_K` block at `blk`: half
