@@ -872,14 +872,8 @@ mod avx2 {
                 let mut sumi = [_mm256_setzero_si256(); R];
                 macro_rules! group {
                     ($($g:literal)*) => {$({
-                        let q = q4k_values::<$g>(blk);
                         let s = _mm256_set1_epi32(pairs.0[SUB[$g]]);
-                        for r in 0..R {
-                            let y = acts.qs.as_ptr().add(at[r] * QK + 32 * $g);
-                            let words = _mm256_maddubs_epi16(q, _mm256_loadu_si256(y as *const _));
-                            sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(words, s));
-                        }
-                        in_registers(&mut sumi);
+                        add_group(q4k_values::<$g>(blk), s, acts, &at, $g, &mut sumi);
                     })*};
                 }
                 group!(0 1 2 3 4 5 6 7);
@@ -958,14 +952,8 @@ mod avx2 {
                 });
                 macro_rules! group {
                     ($($g:literal)*) => {$({
-                        let q = q6k_values::<$g>(blk);
                         let s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, picks[$g]));
-                        for r in 0..R {
-                            let y = acts.qs.as_ptr().add(at[r] * QK + 32 * $g);
-                            let words = _mm256_maddubs_epi16(q, _mm256_loadu_si256(y as *const _));
-                            sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(words, s));
-                        }
-                        in_registers(&mut sumi);
+                        add_group(q6k_values::<$g>(blk), s, acts, &at, $g, &mut sumi);
                     })*};
                 }
                 group!(0 1 2 3 4 5 6 7);
@@ -1165,6 +1153,27 @@ mod avx2 {
     #[inline]
     unsafe fn f16_pair(p: *const u8) -> __m128 {
         _mm_cvtph_ps(_mm_set1_epi32((p as *const i32).read_unaligned()))
+    }
+
+    /// `sumi[r] += Σ (q · y) · s` over group `g`'s 32 values of activation block `at[r]`, the
+    /// products paired into words and the pairs scaled by the group's `s` (a row kernel's
+    /// step, whatever the weights' type).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn add_group<const R: usize>(
+        q: __m256i,
+        s: __m256i,
+        acts: &Activations,
+        at: &[usize; R],
+        g: usize,
+        sumi: &mut [__m256i; R],
+    ) {
+        for r in 0..R {
+            let y = acts.qs.as_ptr().add(at[r] * QK + 32 * g);
+            let words = _mm256_maddubs_epi16(q, _mm256_loadu_si256(y as *const _));
+            sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(words, s));
+        }
+        in_registers(sumi);
     }
 
     /// Group `G`'s 32 values (4 bits) of the `Q4_K` block at `blk`: groups 0, 1 are the low
