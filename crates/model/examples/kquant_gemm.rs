@@ -1,6 +1,6 @@
 //! Throughput of the k-quant products on a TinyLlama-sized prefill (593 activation rows,
-//! 2048 ↔ 5632), on four decoding rows (a batch of streams) and on one, for `Q4_K` and `Q6_K` weights. A tuning aid, not a
-//! test:
+//! 2048 ↔ 5632), on four decoding rows (a batch of streams) and on one, for `Q4_K` and
+//! `Q6_K` weights. A tuning aid, not a test:
 //!
 //! `cargo run --release -p kollava-model --example kquant_gemm [REPEATS] [stream]`
 //!

@@ -839,12 +839,9 @@ mod avx2 {
                     let m = prev_mins[0];
                     let c = _mm_add_epi32(_mm_unpacklo_epi32(v, m), _mm_unpackhi_epi32(v, m));
                     let both = _mm_cvtepi32_ps(_mm_add_epi32(c, _mm_shuffle_epi32::<0xee>(c)));
-                    (prev_lanes, prev_min_lanes) = (
-                        _mm256_castps_si256(_mm256_zextps128_ps256(both)),
-                        _mm256_castps_si256(_mm256_zextps128_ps256(_mm_movehdup_ps(both))),
-                    );
-                    acc = _mm256_fmadd_ps(_mm256_castsi256_ps(prev_lanes), prev_d, acc);
-                    acc = _mm256_fnmadd_ps(_mm256_castsi256_ps(prev_min_lanes), prev_dmin, acc);
+                    let min = _mm_movehdup_ps(both);
+                    acc = _mm256_fmadd_ps(_mm256_zextps128_ps256(both), prev_d, acc);
+                    acc = _mm256_fnmadd_ps(_mm256_zextps128_ps256(min), prev_dmin, acc);
                 } else {
                     if whole {
                         (prev_lanes, prev_min_lanes) =
