@@ -34,7 +34,7 @@ const KC: usize = 256;
 /// Up to this many rows (a batch of decoding sequences) each row is a matrix-vector product
 /// summed in exactly the order of a single row's, so that an answer does not depend on what
 /// it was batched with; the panel still streams from memory once for all rows.
-const GEMV_ROWS: usize = 64;
+pub(crate) const GEMV_ROWS: usize = 64;
 /// Input pairs per block of the batched matrix-vector product (16 KiB of panel, in L1).
 const GEMV_QB: usize = 128;
 

@@ -531,6 +531,31 @@ impl Decoder {
         Ok(())
     }
 
+    /// The fewest positions a step must have for every position's keys, values and hidden
+    /// states to be the numbers a longer step computes for it (see [`Linear::steady_rows`];
+    /// a one-position step also takes the decoding attention kernel). What reuses a
+    /// prompt's prefix prefills at least this many positions, so that the prompt's rows are
+    /// a cold prefill's.
+    pub fn steady_rows(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    &l.self_attn.q_proj,
+                    &l.self_attn.k_proj,
+                    &l.self_attn.v_proj,
+                    &l.self_attn.o_proj,
+                    &l.mlp.gate_proj,
+                    &l.mlp.up_proj,
+                    &l.mlp.down_proj,
+                ]
+            })
+            .map(Linear::steady_rows)
+            .max()
+            .unwrap_or(2)
+            .max(2)
+    }
+
     /// Whether the matrices are quantized (a GGUF model's `Q4_K`, …), as layer 0's query
     /// projection is.
     pub fn is_quantized(&self) -> bool {

@@ -44,7 +44,7 @@ impl KvCache {
     }
 
     /// Keys and values are stored in `dtype` (f16 halves a long context's memory and the
-    /// bytes each decoding step reads); a step's own attention still sees its exact values.
+    /// bytes each decoding step reads); every step attends the stored values.
     pub fn storing(mut self, dtype: DType) -> Self {
         self.storage = Some(dtype);
         self
@@ -206,6 +206,95 @@ impl KvCache {
         Ok(())
     }
 
+    /// Fills an empty one-row cache with keys and values computed earlier for positions
+    /// `0..n` (a reused prefix): per layer `(1, kv_heads, len, d)` pieces in order, which
+    /// together hold `n` slots. The buffers get room for [`KvCache::reserve`]'s slots, so
+    /// the rest of the prompt and the answer append without growing them.
+    pub fn load_prefix(&mut self, layers: &[Vec<(Tensor, Tensor)>]) -> Result<()> {
+        if self.slots.len() != 1 || self.slot_count() != 0 || layers.len() != self.layers.len() {
+            candle_core::bail!(
+                "a prefix of {} layers loads only into an empty one-row cache of as many",
+                layers.len()
+            );
+        }
+        let n: usize = layers[0]
+            .iter()
+            .map(|(k, _)| k.dim(2))
+            .sum::<Result<usize>>()?;
+        if n == 0 {
+            return Ok(());
+        }
+        let cap = match self.reserved {
+            0 => capacity_for(n),
+            r => r.max(n),
+        };
+        for (buf, pieces) in self.layers.iter_mut().zip(layers) {
+            let (b, h, _, d) = pieces[0].0.dims4()?;
+            let dtype = self.storage.unwrap_or(pieces[0].0.dtype());
+            let device = pieces[0].0.device();
+            let k = Tensor::zeros((b, h, cap, d), dtype, device)?;
+            let v = Tensor::zeros((b, h, cap, d), dtype, device)?;
+            let mut at = 0;
+            for (pk, pv) in pieces {
+                k.slice_set(&pk.to_dtype(dtype)?.contiguous()?, 2, at)?;
+                v.slice_set(&pv.to_dtype(dtype)?.contiguous()?, 2, at)?;
+                at += pk.dim(2)?;
+            }
+            if at != n {
+                candle_core::bail!("prefix pieces of {at} slots in one layer, {n} in another");
+            }
+            *buf = Some(LayerBuffer { k, v, len: n });
+        }
+        self.slots[0] = (0..n).map(Some).collect();
+        Ok(())
+    }
+
+    /// Copies of `row`'s keys and values for the real positions `positions` (all cached),
+    /// per layer `(1, kv_heads, len, d)`: what a prefix store keeps of a sequence.
+    pub fn row_positions(
+        &self,
+        row: usize,
+        positions: std::ops::Range<usize>,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
+        let Some(slots) = self.slots.get(row) else {
+            candle_core::bail!("row {row} of a cache of {}", self.slots.len());
+        };
+        let cols: Vec<u32> = positions
+            .clone()
+            .map(|p| {
+                slots
+                    .iter()
+                    .position(|s| *s == Some(p))
+                    .map(|j| j as u32)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("position {p} is not cached")))
+            })
+            .collect::<Result<_>>()?;
+        let consecutive = cols.windows(2).all(|w| w[1] == w[0] + 1);
+        self.layers
+            .iter()
+            .map(|buf| {
+                let Some(buf) = buf else {
+                    candle_core::bail!("no cache buffer for a layer");
+                };
+                let pick = |t: &Tensor| -> Result<Tensor> {
+                    let t = t.narrow(0, row, 1)?;
+                    match (consecutive, cols.first()) {
+                        // Always a copy: the buffer is written in place later.
+                        (_, None) => t.narrow(2, 0, 0)?.force_contiguous(),
+                        (true, Some(&j0)) => {
+                            t.narrow(2, j0 as usize, cols.len())?.force_contiguous()
+                        }
+                        (false, _) => {
+                            let idx = Tensor::new(cols.as_slice(), t.device())?;
+                            t.contiguous()?.index_select(&idx, 2)
+                        }
+                    }
+                };
+                Ok((pick(&buf.k)?, pick(&buf.v)?))
+            })
+            .collect()
+    }
+
     /// Keeps the rows for which `keep[r]` holds (a batch whose finished sequences leave),
     /// and drops the slots that are padding in every row left, so that the cache never
     /// grows past its longest sequence.
@@ -272,8 +361,9 @@ impl KvCache {
 
     /// Appends this step's keys/values `(batch, kv_heads, seq, d)` to `layer` and returns
     /// the keys and values to attend: views of the layer's buffer (nothing already cached is
-    /// copied, except when the buffer grows), or on a cache's first step the step's own
-    /// tensors, exact whatever the storage dtype.
+    /// copied, except when the buffer grows), in the storage dtype; or, when nothing rounds
+    /// them (the storage dtype is the step's), on a cache's first step the step's own
+    /// tensors, which a training forward keeps differentiable.
     pub(crate) fn append(
         &mut self,
         layer: usize,
@@ -313,8 +403,6 @@ impl KvCache {
         let Some(buf) = &mut self.layers[layer] else {
             candle_core::bail!("no cache buffer for layer {layer}");
         };
-        // A first step attends its own keys and values, exact whatever the storage dtype.
-        let first = buf.len == 0;
         if buf.len + new > buf.k.dim(2)? {
             let cap = capacity_for(buf.len + new).max(self.reserved);
             let grow = |old: &Tensor| -> Result<Tensor> {
@@ -332,9 +420,9 @@ impl KvCache {
         buf.v
             .slice_set(&v.to_dtype(dt)?.contiguous()?, 2, buf.len)?;
         buf.len += new;
-        if first {
-            return Ok((k.contiguous()?, v.contiguous()?));
-        }
+        // Every step, the first included, attends the keys and values as stored (as
+        // llama.cpp's f16 cache does): a prompt's rows are then the same numbers whether it
+        // is prefilled at once or after a prefix loaded from a store.
         Ok((buf.k.narrow(2, 0, buf.len)?, buf.v.narrow(2, 0, buf.len)?))
     }
 }

@@ -266,6 +266,30 @@ impl Linear {
     }
 
     /// Whether the weight is stored in a quantized ggml type (not a float one).
+    /// The fewest rows from which each row of a product is the same numbers however many
+    /// rows there are (below it another kernel, summing in another order, takes the rows:
+    /// candle's matrix-vector path for one row, candle's quantized kernels below
+    /// [`GEMM_ROWS`] for a float weight in a ggml container, our k-quant kernels up to
+    /// [`crate::kquant::max_rows`] rows where the bf16 GEMM takes more, the bf16 kernels'
+    /// matrix-vector path up to [`crate::bf16::GEMV_ROWS`]). A prompt cut into steps at least
+    /// this long is computed the same as in one step.
+    pub fn steady_rows(&self) -> usize {
+        match self {
+            Linear::Dense(_) => 2,
+            Linear::Quantized { weight, .. } if is_float(weight.dtype()) => GEMM_ROWS,
+            Linear::Quantized { .. } => {
+                match crate::kquant::max_rows() {
+                    // Our k-quant kernels (or candle's) take every row count.
+                    n if n == usize::MAX || !crate::bf16::available() => 2,
+                    // Above it, the bf16 GEMM over the unpacked blocks.
+                    n => n + 1,
+                }
+            }
+            Linear::Bf16 { .. } => crate::bf16::GEMV_ROWS + 1,
+            Linear::Lora(l) => l.base.steady_rows().max(2),
+        }
+    }
+
     pub fn is_quantized(&self) -> bool {
         match self {
             Linear::Quantized { weight, .. } => !is_float(weight.dtype()),
@@ -652,7 +676,11 @@ pub(crate) fn fold(acc: [f32; L]) -> f32 {
     (q[0] + q[2]) + (q[1] + q[3])
 }
 
-/// `s ← softmax(s)`.
+/// `s ← softmax(s)`. Entry `j` is summed in lane `j % 16` whatever the length, so zeros
+/// appended (masked slots past a row's last visible one, which a block of query rows may
+/// carry) leave every sum unchanged, bit for bit: a row's attention then does not depend on
+/// which rows share its block, and a prompt's rows are the same numbers however it was cut
+/// into steps (what reusing a cached prefix relies on).
 pub(crate) fn softmax_in_place(s: &mut [f32]) {
     let mut lanes = [f32::NEG_INFINITY; L];
     let chunks = s.chunks_exact(L);
@@ -672,13 +700,16 @@ pub(crate) fn softmax_in_place(s: &mut [f32]) {
     }
     let mut acc = [0f32; L];
     let chunks = s.chunks_exact(L);
-    let tail: f32 = chunks.remainder().iter().sum();
+    let tail = chunks.remainder();
     for c in chunks {
         for i in 0..L {
             acc[i] += c[i];
         }
     }
-    let inv = 1.0 / (fold(acc) + tail);
+    for (a, &x) in acc.iter_mut().zip(tail) {
+        *a += x;
+    }
+    let inv = 1.0 / fold(acc);
     for x in s.iter_mut() {
         *x *= inv;
     }
