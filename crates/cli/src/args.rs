@@ -653,6 +653,12 @@ pub struct ServeArgs {
     /// Fetch http(s) `image_url`s (off: only base64 data URLs; local paths never) — 원격 이미지 허용
     #[arg(long)]
     pub allow_remote_images: bool,
+    /// Keep every image of a conversation's history. By default a message that brings an
+    /// image to a history that has one starts a new conversation there (earlier messages
+    /// left out, said in the `x-kollava-new-conversation` header), as LLaVA's web UI does:
+    /// models trained on one image per conversation mix two up — 대화 속 여러 이미지를 유지
+    #[arg(long)]
+    pub multi_image: bool,
     /// Allow browser requests from this origin (CORS; `*` for any; default: none) — 허용할 CORS 출처
     #[arg(long, value_name = "ORIGIN")]
     pub cors_origin: Option<String>,
@@ -732,6 +738,12 @@ pub struct BenchArgs {
     /// Print one JSON object — JSON 출력
     #[arg(long)]
     pub json: bool,
+    /// Time a conversation of N turns instead (the image in the first, short follow-ups
+    /// after it, each answered with the history as `kollava chat` does): each turn's time
+    /// to first token and how much of its prompt the prefix cache supplied. The caches are
+    /// emptied before each repeat — 대화 N턴의 턴별 첫 토큰 시간
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub turns: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -768,6 +780,11 @@ pub struct BenchServeArgs {
     /// max_tokens of every request — 최대 생성 토큰 수
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
+    /// Replay conversations of N turns: each stream asks the question (with the image),
+    /// then N-1 follow-ups, each request carrying the whole history as API clients do;
+    /// time to first token is reported per turn — 대화 N턴 재생
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub turns: u32,
     /// API key, when the server wants one (default: $KOLLAVA_API_KEY) — API 키
     #[arg(long)]
     pub api_key: Option<String>,
@@ -808,6 +825,16 @@ pub struct ModelArgs {
     /// tower) — 가중치 자료형
     #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
     pub dtype: String,
+    /// Memory for keys and values kept from earlier prompts and answers, so a follow-up
+    /// turn or a prompt sharing a prefix (a system prompt, an image) prefills only what is
+    /// new; least recently used first out. 0 turns it off (default: an eighth of the memory
+    /// free after loading, 64-4096 MiB) — 이전 프롬프트·답변의 KV 캐시 용량(MiB, 0이면 끔)
+    #[arg(long, value_name = "MiB")]
+    pub prefix_cache_mb: Option<usize>,
+    /// Memory for projected image features, so the same picture skips the vision tower
+    /// (0: off; default: a quarter of the prefix cache's default) — 이미지 특징 캐시 용량(MiB)
+    #[arg(long, value_name = "MiB")]
+    pub image_cache_mb: Option<usize>,
 }
 
 /// How answers are sampled.
@@ -865,6 +892,17 @@ pub struct ChatArgs {
     /// Image for the first message — 첫 메시지에 붙일 이미지
     #[arg(short, long, value_name = "PATH|URL")]
     pub image: Option<String>,
+    /// Keep earlier images when /image attaches another (for models trained on several
+    /// images per conversation). By default a new image starts a new conversation, as
+    /// LLaVA's web UI does: LLaVA-style models are trained on one image per conversation
+    /// and mix two up — 새 이미지를 붙여도 이전 대화와 이미지를 유지 (기본: 새 대화 시작)
+    #[arg(long)]
+    pub multi_image: bool,
+    /// After each answer, print to stderr how many prompt tokens were prefilled and how
+    /// many came from the cache, and the time to the first token — 턴마다 캐시 재사용·첫 토큰
+    /// 시간 출력
+    #[arg(long)]
+    pub stats: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }

@@ -33,6 +33,8 @@ pub fn load(args: &ModelArgs) -> Result<Session> {
         },
         projector: args.projector.clone(),
         mmproj: args.mmproj.clone(),
+        prefix_cache_bytes: args.prefix_cache_mb.map(|mb| mb << 20),
+        image_cache_bytes: args.image_cache_mb.map(|mb| mb << 20),
     };
     Ok(Session::load(&opts)?)
 }

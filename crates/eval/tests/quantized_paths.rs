@@ -15,6 +15,7 @@ fn session(family: &str, dtype: candle_core::DType) -> Session {
         dtype: Some(dtype),
         projector: None,
         mmproj: None,
+        ..Default::default()
     })
     .unwrap()
 }
@@ -85,6 +86,7 @@ fn auto_dtype_runs_a_quantized_models_tower_in_bf16() {
             dtype,
             projector: None,
             mmproj: None,
+            ..Default::default()
         })
         .unwrap()
     };

@@ -2,12 +2,14 @@
 //! the context limit, and stream text as soon as it is complete (never half a Hangul
 //! syllable, never the beginning of a stop string that may still complete).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Result, Tensor};
 use kollava_inputs::{StreamDecoder, Tokenizer};
 use kollava_model::{KvCache, Llava};
 
+use crate::prefix_cache::{PosKey, PrefixCache};
 use crate::sampler::{Sampler, SamplingParams};
 
 /// What ends a generation.
@@ -51,8 +53,31 @@ pub struct Generation {
     /// The answer text, cut at the stop string.
     pub text: String,
     pub stop: StopReason,
+    /// Prompt positions taken from the prefix cache instead of prefilled.
+    pub cached_tokens: usize,
     pub prefill_ms: f64,
     pub decode_ms: f64,
+}
+
+/// Positions of a prompt always prefilled, however much of it is cached: at least the
+/// model's [`Decoder::steady_rows`](kollava_model::decoder::Decoder::steady_rows), so that
+/// every position's numbers are the ones a cold prefill of the whole prompt computes (a
+/// shorter step may take kernels that sum in another order), and the first token is
+/// sampled from fresh logits (sampling settings never matter to reuse).
+pub fn fresh_positions(model: &Llava) -> usize {
+    model.decoder.steady_rows()
+}
+
+/// A prompt ready to prefill.
+#[derive(Clone, Copy)]
+pub struct Prompt<'p> {
+    /// `(1, L, hidden)`: the embeddings, image features spliced in.
+    pub embeds: &'p Tensor,
+    /// The ids the repetition penalty looks back on.
+    pub context_ids: &'p [u32],
+    /// What each of the `L` positions holds (see [`PosKey`]); empty: nothing is reused or
+    /// stored.
+    pub keys: &'p [PosKey],
 }
 
 /// Holds back text while it might be the start of a stop string.
@@ -192,8 +217,7 @@ impl Row {
         mut self,
         tokenizer: &Tokenizer,
         on_text: &mut dyn FnMut(&str) -> bool,
-        prefill_ms: f64,
-        decode_ms: f64,
+        (cached_tokens, prefill_ms, decode_ms): (usize, f64, f64),
     ) -> Generation {
         let stop = self.stop.unwrap_or(StopReason::MaxTokens);
         if !matches!(stop, StopReason::StopString | StopReason::Cancelled) {
@@ -212,6 +236,7 @@ impl Row {
             ids: self.ids,
             text: self.matcher.text.trim().to_string(),
             stop,
+            cached_tokens,
             prefill_ms,
             decode_ms,
         }
@@ -253,6 +278,9 @@ struct Sequence<'a, T> {
     on_text: Box<dyn FnMut(&str) -> bool + 'a>,
     /// The token the next step feeds to the decoder.
     next: u32,
+    /// The prompt's position keys (empty: the sequence is not stored).
+    keys: Vec<PosKey>,
+    cached_tokens: usize,
     prefill_ms: f64,
     decode_start: Instant,
 }
@@ -276,9 +304,11 @@ impl<T> Sequence<'_, T> {
 
     fn finish(mut self, tokenizer: &Tokenizer) -> Finished<T> {
         let decode_ms = self.decode_start.elapsed().as_secs_f64() * 1e3;
-        let generation = self
-            .row
-            .finish(tokenizer, &mut *self.on_text, self.prefill_ms, decode_ms);
+        let generation = self.row.finish(
+            tokenizer,
+            &mut *self.on_text,
+            (self.cached_tokens, self.prefill_ms, decode_ms),
+        );
         Finished {
             tag: self.tag,
             generation,
@@ -290,9 +320,17 @@ impl<T> Sequence<'_, T> {
 /// joins after its own prefill, whenever the caller likes, and leaves as soon as it ends, so
 /// every step reads the weights once for all of them. Each sequence keeps its own sampling
 /// options, stop rules and streaming callback; `T` tags it for the caller.
+///
+/// With a [`PrefixCache`], a prompt given with its position keys prefills only what follows
+/// its longest stored prefix, its prompt is stored after its prefill (so requests running
+/// beside it share it), and [`Batch::store_answers`] stores the answers of the sequences
+/// that ended (the next turn of their conversations).
 pub struct Batch<'a, T> {
     cache: KvCache,
     seqs: Vec<Sequence<'a, T>>,
+    store: Option<Arc<PrefixCache>>,
+    /// Sequences that ended since [`Batch::store_answers`]: prompt keys and answer ids.
+    answered: Vec<(Vec<PosKey>, Vec<u32>)>,
 }
 
 impl<'a, T> Batch<'a, T> {
@@ -300,7 +338,15 @@ impl<'a, T> Batch<'a, T> {
         Self {
             cache: model.decoder.new_cache(0),
             seqs: Vec::new(),
+            store: None,
+            answered: Vec::new(),
         }
+    }
+
+    /// Reuses and stores keys and values through `store` (see [`Batch`]).
+    pub fn with_prefix_cache(mut self, store: Arc<PrefixCache>) -> Self {
+        self.store = Some(store).filter(|s| s.enabled());
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -324,18 +370,67 @@ impl<'a, T> Batch<'a, T> {
         on_text: impl FnMut(&str) -> bool + 'a,
         tag: T,
     ) -> Result<Option<Finished<T>>> {
-        let prompt_len = embeds.dim(1)?;
+        let prompt = Prompt {
+            embeds,
+            context_ids,
+            keys: &[],
+        };
+        self.join_prompt(model, tokenizer, prompt, opts, on_text, tag)
+    }
+
+    /// [`Batch::join`] for a prompt with its position keys: with a prefix cache, only what
+    /// follows its longest stored prefix is prefilled (always its last
+    /// [`fresh_positions`] at least).
+    pub fn join_prompt(
+        &mut self,
+        model: &Llava,
+        tokenizer: &Tokenizer,
+        prompt: Prompt<'_>,
+        opts: &GenerateOptions,
+        on_text: impl FnMut(&str) -> bool + 'a,
+        tag: T,
+    ) -> Result<Option<Finished<T>>> {
+        let prompt_len = prompt.embeds.dim(1)?;
+        if !prompt.keys.is_empty() && prompt.keys.len() != prompt_len {
+            candle_core::bail!(
+                "{} position keys for a prompt of {prompt_len} positions",
+                prompt.keys.len()
+            );
+        }
+        let store = self.store.as_ref().filter(|_| !prompt.keys.is_empty());
         let mut cache = model.decoder.new_cache(1);
         cache.reserve(opts.slots_for(prompt_len));
         let t0 = Instant::now();
-        let hidden = model.decoder.forward(embeds, &[prompt_len], &mut cache)?;
+        let mut cached_tokens = 0;
+        if let Some(store) = store {
+            let limit = prompt_len.saturating_sub(fresh_positions(model));
+            let reuse = store.lookup(prompt.keys, limit);
+            if reuse.tokens > 0 {
+                cache.load_prefix(&reuse.layers()?)?;
+                cached_tokens = reuse.tokens;
+            }
+        }
+        let rest = prompt_len - cached_tokens;
+        let hidden = model.decoder.forward(
+            &prompt.embeds.narrow(1, cached_tokens, rest)?,
+            &[rest],
+            &mut cache,
+        )?;
+        if let Some(store) = store {
+            store.insert(prompt.keys, |r| cache.row_positions(0, r))?;
+        }
         let logits = last_logits(model, &hidden)?;
         let mut seq = Sequence {
             tag,
-            row: Row::new(opts, prompt_len, context_ids),
+            row: Row::new(opts, prompt_len, prompt.context_ids),
             opts: opts.clone(),
             on_text: Box::new(on_text),
             next: 0,
+            keys: match store {
+                Some(_) => prompt.keys.to_vec(),
+                None => Vec::new(),
+            },
+            cached_tokens,
             prefill_ms: t0.elapsed().as_secs_f64() * 1e3,
             decode_start: Instant::now(),
         };
@@ -388,9 +483,54 @@ impl<'a, T> Batch<'a, T> {
         self.remove(&keep, tokenizer)
     }
 
+    /// Stores the answers of the sequences that ended since the last call, each after its
+    /// prompt, for its conversation's next turn. An answer is prefilled once more for this
+    /// (after the stored prompt; about what prefilling its length takes, a fraction of the
+    /// time decoding it took): the rows its decoding steps computed came from the decoding
+    /// kernels, and the next turn must get the numbers a cold prefill computes. Answers
+    /// shorter than [`fresh_positions`], and those whose prompt left the store meanwhile,
+    /// are left to the next turn's prefill. Callers run this once the answers are
+    /// delivered, so no client waits for it.
+    pub fn store_answers(&mut self, model: &Llava) -> Result<()> {
+        let Some(store) = self.store.clone().filter(|_| !self.answered.is_empty()) else {
+            return Ok(());
+        };
+        let fresh = fresh_positions(model);
+        for (prompt, ids) in std::mem::take(&mut self.answered) {
+            let mut keys = prompt.clone();
+            keys.extend(ids.iter().map(|&id| PosKey::Token(id)));
+            if ids.len() < fresh {
+                continue;
+            }
+            let reuse = store.find(&keys, keys.len() - fresh);
+            if reuse.tokens < prompt.len() {
+                continue;
+            }
+            let mut cache = model.decoder.new_cache(1);
+            cache.reserve(keys.len());
+            cache.load_prefix(&reuse.layers()?)?;
+            let rest = &ids[reuse.tokens - prompt.len()..];
+            let device = model.decoder.device().clone();
+            let x = model
+                .decoder
+                .embed(&Tensor::new(rest, &device)?.unsqueeze(0)?)?;
+            model.decoder.forward(&x, &[rest.len()], &mut cache)?;
+            store.insert(&keys, |r| cache.row_positions(0, r))?;
+        }
+        Ok(())
+    }
+
     fn remove(&mut self, keep: &[bool], tokenizer: &Tokenizer) -> Result<Vec<Finished<T>>> {
         if keep.iter().all(|&k| k) {
             return Ok(Vec::new());
+        }
+        if self.store.is_some() {
+            for (seq, _) in self.seqs.iter_mut().zip(keep).filter(|(_, &k)| !k) {
+                if !seq.keys.is_empty() && seq.row.stop != Some(StopReason::Cancelled) {
+                    let keys = std::mem::take(&mut seq.keys);
+                    self.answered.push((keys, seq.row.ids.clone()));
+                }
+            }
         }
         self.cache.retain_rows(keep)?;
         let mut finished = Vec::new();
@@ -405,76 +545,6 @@ impl<'a, T> Batch<'a, T> {
         self.seqs = kept;
         Ok(finished)
     }
-}
-
-/// [`generate`] for several sequences at once, without streaming: the prompts
-/// (`(embeds (1, L_i, hidden), context ids)`) are right-padded into one prefill, then every
-/// step decodes one token for each unfinished sequence (finished ones are padding).
-pub fn generate_batch(
-    model: &Llava,
-    tokenizer: &Tokenizer,
-    prompts: &[(&Tensor, &[u32])],
-    opts: &GenerateOptions,
-) -> Result<Vec<Generation>> {
-    let b = prompts.len();
-    if b == 0 {
-        return Ok(Vec::new());
-    }
-    let lens: Vec<usize> = prompts
-        .iter()
-        .map(|(e, _)| e.dim(1))
-        .collect::<Result<_>>()?;
-    let longest = lens.iter().copied().max().unwrap_or(0);
-    let padded = prompts
-        .iter()
-        .zip(&lens)
-        .map(|((e, _), &n)| e.pad_with_zeros(1, 0, longest - n))
-        .collect::<Result<Vec<_>>>()?;
-    let device = padded[0].device().clone();
-    let xs = Tensor::cat(&padded, 0)?;
-    let mut cache = model.decoder.new_cache(b);
-    cache.reserve(opts.slots_for(longest));
-    let mut rows: Vec<Row> = prompts
-        .iter()
-        .zip(&lens)
-        .map(|((_, ids), &n)| Row::new(opts, n, ids))
-        .collect();
-    let t0 = Instant::now();
-    let hidden = model.decoder.forward(&xs, &lens, &mut cache)?;
-    let mut logits: Vec<Vec<f32>> = (0..b)
-        .map(|r| last_logits(model, &hidden.narrow(0, r, 1)?.narrow(1, 0, lens[r])?))
-        .collect::<Result<_>>()?;
-    let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let t1 = Instant::now();
-    while rows.iter().any(|r| r.stop.is_none()) {
-        let mut next = vec![0u32; b];
-        let mut valid = vec![0usize; b];
-        for (r, row) in rows.iter_mut().enumerate() {
-            if row.stop.is_none() {
-                if let Some(id) = row.step(&logits[r], tokenizer, opts, &mut |_| true) {
-                    next[r] = id;
-                    valid[r] = 1;
-                }
-            }
-        }
-        if valid.iter().all(|&v| v == 0) {
-            continue;
-        }
-        let x = model
-            .decoder
-            .embed(&Tensor::new(next.as_slice(), &device)?.unsqueeze(1)?)?;
-        let hidden = model.decoder.forward(&x, &valid, &mut cache)?;
-        for (r, v) in valid.iter().enumerate() {
-            if *v == 1 {
-                logits[r] = last_logits(model, &hidden.narrow(0, r, 1)?)?;
-            }
-        }
-    }
-    let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
-    Ok(rows
-        .into_iter()
-        .map(|row| row.finish(tokenizer, &mut |_| true, prefill_ms, decode_ms))
-        .collect())
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! [`generate`]: crate::engine::generate
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -15,7 +16,8 @@ use kollava_inputs::template::{Conversation, Template};
 use kollava_inputs::{ImageTokens, Tokenizer};
 use kollava_model::Llava;
 
-use crate::engine::{GenerateOptions, Generation};
+use crate::engine::{Batch, GenerateOptions, Generation, Prompt};
+use crate::prefix_cache::{image_digest, FeatureCache, PosKey, PrefixCache};
 use crate::sampler::{InvalidParam, SamplingParams};
 
 /// Errors loading a session or answering. Each names what is at fault.
@@ -45,7 +47,7 @@ pub enum SessionError {
 }
 
 /// What to load.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SessionOptions {
     pub model: String,
     pub vision_tower: Option<String>,
@@ -62,6 +64,12 @@ pub struct SessionOptions {
     pub projector: Option<std::path::PathBuf>,
     /// The image encoder of a GGUF model (default: the `mmproj*.gguf` beside it).
     pub mmproj: Option<std::path::PathBuf>,
+    /// Bytes of keys and values kept for reuse by later prompts (0: off; `None`: an eighth
+    /// of the memory free after loading, 64 MiB to 4 GiB). See [`PrefixCache`].
+    pub prefix_cache_bytes: Option<usize>,
+    /// Bytes of projected image features kept by image (0: off; `None`: a quarter of the
+    /// prefix cache's default). See [`FeatureCache`].
+    pub image_cache_bytes: Option<usize>,
 }
 
 /// Per-answer settings.
@@ -100,6 +108,18 @@ pub struct EmbeddedPrompt {
     pub ids: Vec<u32>,
     /// Positions after splicing.
     pub tokens: usize,
+    /// What each position holds, for the prefix cache.
+    pub keys: Vec<PosKey>,
+}
+
+impl EmbeddedPrompt {
+    pub fn prompt(&self) -> Prompt<'_> {
+        Prompt {
+            embeds: &self.embeds,
+            context_ids: &self.ids,
+            keys: &self.keys,
+        }
+    }
 }
 
 /// A loaded checkpoint with everything needed to answer.
@@ -112,6 +132,10 @@ pub struct Session {
     pub aspect: AspectMode,
     pub device: Device,
     pub load_ms: f64,
+    /// Keys and values of earlier prompts and answers (shared with the batches that use it).
+    pub prefix_cache: Arc<PrefixCache>,
+    /// Projected features of images seen before.
+    pub feature_cache: Arc<FeatureCache>,
 }
 
 impl Session {
@@ -167,7 +191,15 @@ impl Session {
             model
         };
         release_free_memory();
+        // Sized after loading, from what the model left free.
+        let default = crate::prefix_cache::default_budget_bytes();
+        let prefix_cache = Arc::new(PrefixCache::new(opts.prefix_cache_bytes.unwrap_or(default)));
+        let feature_cache = Arc::new(FeatureCache::new(
+            opts.image_cache_bytes.unwrap_or(default / 4),
+        ));
         Ok(Session {
+            prefix_cache,
+            feature_cache,
             aspect: opts.aspect.unwrap_or(ckpt.aspect),
             ckpt,
             tok,
@@ -240,33 +272,47 @@ impl Session {
         }
 
         let t = Instant::now();
-        let (cw, ch) = self.ckpt.preprocess.crop;
-        let mut pixels = Vec::with_capacity(images.len() * 3 * (cw * ch) as usize);
-        for img in images {
-            pixels.extend(image::preprocess(img, aspect, &self.ckpt.preprocess));
-        }
+        let (cw, ch) = (
+            self.ckpt.preprocess.crop.0 as usize,
+            self.ckpt.preprocess.crop.1 as usize,
+        );
+        let pixels: Vec<Vec<f32>> = images
+            .iter()
+            .map(|img| image::preprocess(img, aspect, &self.ckpt.preprocess))
+            .collect();
+        let digests: Vec<[u8; 32]> = pixels.iter().map(|px| image_digest(px, (ch, cw))).collect();
         timings.preprocess_ms = t.elapsed().as_secs_f64() * 1e3;
 
+        // One image at a time, so that an image's features are the same numbers whether
+        // they come from the cache or from the tower, and whatever else the prompt holds.
         let t = Instant::now();
-        let features = if images.is_empty() {
-            None
-        } else {
-            let px = Tensor::from_vec(
-                pixels,
-                (images.len(), 3, ch as usize, cw as usize),
-                &self.device,
-            )?;
-            Some(self.model.encode_images(&px)?)
+        let features = pixels
+            .into_iter()
+            .zip(&digests)
+            .map(|(px, digest)| {
+                self.feature_cache.get_or_encode(*digest, || {
+                    let px = Tensor::from_vec(px, (1, 3, ch, cw), &self.device)?;
+                    self.model.encode_images(&px)
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let features = match features.len() {
+            0 => None,
+            1 => features.into_iter().next(),
+            _ => Some(Tensor::cat(&features, 0)?),
         };
         let slots: Vec<Range<usize>> = p.images.iter().map(|s| s.at..s.at + s.replaces).collect();
         let embeds = self
             .model
             .embed_with_images(&p.ids, &slots, features.as_ref())?;
         timings.vision_ms = t.elapsed().as_secs_f64() * 1e3;
+        let keys = position_keys(&p.ids, &slots, &digests, self.scheme.n());
+        debug_assert_eq!(keys.len(), prompt_tokens);
         Ok(EmbeddedPrompt {
             embeds,
             ids: p.ids,
             tokens: prompt_tokens,
+            keys,
         })
     }
 
@@ -304,9 +350,10 @@ impl Session {
         }
     }
 
-    /// Answers several rendered prompts together (one image list each): one prefill of the
-    /// right-padded batch, then one decode step per token for every unfinished answer.
-    /// Decoding reads the weights once per step for the whole batch.
+    /// Answers several rendered prompts together (one image list each): each prompt is
+    /// prefilled on its own (reusing what the prefix cache holds of it, such as a system
+    /// prompt the others share) and joins one batch, which decodes a token for every
+    /// unfinished answer per step, reading the weights once per step for all of them.
     pub fn answer_batch(
         &self,
         prompts: &[(String, Vec<RgbImage>)],
@@ -326,16 +373,37 @@ impl Session {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let gen_opts = self.generate_options(opts);
-        let inputs: Vec<(&Tensor, &[u32])> = embedded
-            .iter()
-            .map(|e| (&e.embeds, e.ids.as_slice()))
-            .collect();
-        Ok(crate::engine::generate_batch(
-            &self.model,
-            &self.tok,
-            &inputs,
-            &gen_opts,
-        )?)
+        let mut batch = self.batch();
+        let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
+        for (i, e) in embedded.iter().enumerate() {
+            if let Some(f) =
+                batch.join_prompt(&self.model, &self.tok, e.prompt(), &gen_opts, |_| true, i)?
+            {
+                out[f.tag] = Some(f.generation);
+            }
+        }
+        while !batch.is_empty() {
+            for f in batch.step(&self.model, &self.tok)? {
+                out[f.tag] = Some(f.generation);
+            }
+        }
+        self.store_answers(&mut batch);
+        Ok(out
+            .into_iter()
+            .map(|g| g.expect("every sequence leaves the batch"))
+            .collect())
+    }
+
+    /// [`Batch::store_answers`]; a failure only costs the next turn its reuse of them.
+    pub fn store_answers<T>(&self, batch: &mut Batch<'_, T>) {
+        if let Err(e) = batch.store_answers(&self.model) {
+            tracing::warn!("keeping the answers for the next turn failed: {e}");
+        }
+    }
+
+    /// An empty batch that reuses and fills this session's prefix cache.
+    pub fn batch<'a, T>(&self) -> Batch<'a, T> {
+        Batch::new(&self.model).with_prefix_cache(self.prefix_cache.clone())
     }
 
     /// Everything a rendered prompt needs before decoding: the options checked, the
@@ -376,11 +444,23 @@ impl Session {
                 embeds,
                 ids,
                 tokens: prompt_tokens,
+                keys,
             },
             gen_opts,
         ) = self.prepare(prompt_text, images, opts, &mut timings)?;
-        let generation =
-            crate::engine::generate(&self.model, &self.tok, &embeds, &ids, &gen_opts, on_text)?;
+        let prompt = Prompt {
+            embeds: &embeds,
+            context_ids: &ids,
+            keys: &keys,
+        };
+        let mut batch = self.batch();
+        let mut finished =
+            batch.join_prompt(&self.model, &self.tok, prompt, &gen_opts, on_text, ())?;
+        while finished.is_none() {
+            finished = batch.step(&self.model, &self.tok)?.pop();
+        }
+        let generation = finished.expect("the loop ends with a result").generation;
+        self.store_answers(&mut batch);
         timings.prefill_ms = generation.prefill_ms;
         timings.decode_ms = generation.decode_ms;
         timings.decode_tokens_per_s = if generation.decode_ms > 0.0 {
@@ -394,6 +474,28 @@ impl Session {
             timings,
         })
     }
+}
+
+/// What each position of a spliced prompt holds: its token, or its image's digest and
+/// feature row (`n` rows an image, in place of `slots[k]` of `ids`).
+fn position_keys(
+    ids: &[u32],
+    slots: &[Range<usize>],
+    digests: &[[u8; 32]],
+    n: usize,
+) -> Vec<PosKey> {
+    let mut keys = Vec::with_capacity(ids.len() + slots.len() * n);
+    let mut cursor = 0;
+    for (slot, digest) in slots.iter().zip(digests) {
+        keys.extend(ids[cursor..slot.start].iter().map(|&id| PosKey::Token(id)));
+        keys.extend((0..n as u32).map(|row| PosKey::Image {
+            image: *digest,
+            row,
+        }));
+        cursor = slot.end;
+    }
+    keys.extend(ids[cursor..].iter().map(|&id| PosKey::Token(id)));
+    keys
 }
 
 /// Hands the memory freed while loading (f32 copies replaced by packed weights) back to the

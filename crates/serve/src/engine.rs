@@ -10,7 +10,9 @@ use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use kollava_generate::session::Timings;
-use kollava_generate::{AnswerOptions, Batch, Finished, Session, SessionError, StopReason};
+use kollava_generate::{
+    AnswerOptions, Batch, FeatureCache, Finished, PrefixCache, Session, SessionError, StopReason,
+};
 use kollava_inputs::image::RgbImage;
 use kollava_inputs::template::{Conversation, Role};
 use tokio::sync::mpsc as tmpsc;
@@ -51,6 +53,8 @@ pub enum Event {
     Done {
         text: String,
         prompt_tokens: usize,
+        /// Of the prompt's tokens, those reused from the prefix cache.
+        cached_tokens: usize,
         completion_tokens: usize,
         finish_reason: &'static str,
     },
@@ -87,6 +91,9 @@ pub struct EngineHandle {
     pub stats: Arc<EngineStats>,
     /// The checkpoint follows the June-2023 worker, whose sampler has no top-k.
     pub june_sampler: bool,
+    /// The session's caches, for `/metrics`.
+    pub prefix_cache: Arc<PrefixCache>,
+    pub feature_cache: Arc<FeatureCache>,
 }
 
 impl EngineHandle {
@@ -98,6 +105,8 @@ impl EngineHandle {
         let june_sampler = session.ckpt.family == kollava_checkpoint::Family::LlavaV0;
         let pending = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(EngineStats::default());
+        let (prefix_cache, feature_cache) =
+            (session.prefix_cache.clone(), session.feature_cache.clone());
         let worker = Worker {
             session,
             rx,
@@ -115,6 +124,8 @@ impl EngineHandle {
             pending,
             stats,
             june_sampler,
+            prefix_cache,
+            feature_cache,
         }
     }
 
@@ -157,7 +168,7 @@ struct Worker {
 
 impl Worker {
     fn run(self) {
-        let mut batch: Batch<'static, Tag> = Batch::new(&self.session.model);
+        let mut batch: Batch<'static, Tag> = self.session.batch();
         loop {
             // Admit what has arrived; wait only when there is nothing to decode.
             while batch.len() < self.max_concurrency {
@@ -199,6 +210,8 @@ impl Worker {
                     for done in ended {
                         self.finish(Ok(done));
                     }
+                    // After the clients have their answers.
+                    self.session.store_answers(&mut batch);
                 }
                 Err(e) => self.fail_all(&mut batch, e),
             }
@@ -242,11 +255,10 @@ impl Worker {
             }
         };
         let failed = tag.events.clone();
-        let joined = batch.join(
+        let joined = batch.join_prompt(
             &session.model,
             &session.tok,
-            &embedded.embeds,
-            &embedded.ids,
+            embedded.prompt(),
             &opts,
             on_text,
             tag,
@@ -277,6 +289,7 @@ impl Worker {
                 let last = Event::Done {
                     text: g.text,
                     prompt_tokens: tag.prompt_tokens,
+                    cached_tokens: g.cached_tokens,
                     completion_tokens: g.ids.len(),
                     finish_reason: if matches!(g.stop, StopReason::MaxTokens | StopReason::Context)
                     {
@@ -304,7 +317,7 @@ impl Worker {
             Err(e2) => {
                 tracing::error!("{message}; clearing the batch failed too: {e2}");
                 self.pending.fetch_sub(batch.len(), Ordering::SeqCst);
-                *batch = Batch::new(&self.session.model);
+                *batch = self.session.batch();
             }
         }
     }

@@ -2,9 +2,9 @@
 //! `/v1/models`, `/v1/chat/completions`, and LLaVA's `/worker_get_status` and
 //! `/worker_generate_stream`. Handlers are thin: parse → hand a job to the
 //! [`engine::EngineHandle`] → map events to OpenAI-shaped responses. No tensors here.
-//!
-//! Still to come (issue 4): the page's image modes and votes/logs, the controller and
-//! worker registration, batching across requests.
+//! The engine decodes concurrent requests together and reuses what earlier requests
+//! computed (the session's prefix and image caches); [`controller`] is LLaVA's controller,
+//! [`worker`] its worker protocol, [`logs`] the chat page's conversation and vote logs.
 
 pub mod controller;
 pub mod engine;
@@ -55,6 +55,9 @@ pub struct AppState {
     pub allow_remote_images: bool,
     /// `--cors-origin`: the one origin (or `*`) browsers may call the API from.
     pub cors_origin: Option<String>,
+    /// `--multi-image`: keep every image of a conversation's history (by default a newer
+    /// image starts a new conversation, as LLaVA's web UI does).
+    pub multi_image: bool,
 }
 
 impl AppState {
@@ -66,7 +69,13 @@ impl AppState {
             log_dir: None,
             allow_remote_images: false,
             cors_origin: None,
+            multi_image: false,
         }
+    }
+
+    pub fn with_multi_image(mut self, on: bool) -> Self {
+        self.multi_image = on;
+        self
     }
 
     pub fn with_log_dir(mut self, dir: Option<std::path::PathBuf>) -> Self {
@@ -108,6 +117,35 @@ async fn metrics(State(state): State<AppState>) -> Response {
         e.first_token_us.load(Ordering::Relaxed) as f64 / 1e6,
         e.first_tokens.load(Ordering::Relaxed),
     );
+    let mut body = body;
+    for (name, what, stats) in [
+        (
+            "prefix_cache",
+            "blocks of keys and values",
+            state.engine.prefix_cache.stats(),
+        ),
+        (
+            "image_cache",
+            "projected image features",
+            state.engine.feature_cache.stats(),
+        ),
+    ] {
+        body.push_str(&format!(
+            "# HELP kollava_{name}_hits_total lookups that reused {what}\n\
+             # TYPE kollava_{name}_hits_total counter\nkollava_{name}_hits_total {}\n\
+             # TYPE kollava_{name}_misses_total counter\nkollava_{name}_misses_total {}\n\
+             # TYPE kollava_{name}_evictions_total counter\nkollava_{name}_evictions_total {}\n\
+             # TYPE kollava_{name}_bytes gauge\nkollava_{name}_bytes {}\n\
+             # TYPE kollava_{name}_budget_bytes gauge\nkollava_{name}_budget_bytes {}\n\
+             # TYPE kollava_{name}_entries gauge\nkollava_{name}_entries {}\n",
+            stats.hits, stats.misses, stats.evictions, stats.bytes, stats.budget, stats.entries,
+        ));
+    }
+    let reused = state.engine.prefix_cache.stats().tokens_reused;
+    body.push_str(&format!(
+        "# HELP kollava_prefix_cache_reused_tokens_total prompt positions taken from the prefix cache instead of prefilled\n\
+         # TYPE kollava_prefix_cache_reused_tokens_total counter\nkollava_prefix_cache_reused_tokens_total {reused}\n"
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

@@ -138,7 +138,20 @@ fn fetch_image(url: &str, what: &str) -> Result<image::RgbImage, ApiError> {
 }
 
 /// Turns the request into a job for the engine.
-fn to_job(req: ChatRequest, events: mpsc::Sender<Event>, remote: bool) -> Result<Job, ApiError> {
+/// The response header that tells a client its history was cut to start at its newest
+/// image (its value: how many earlier messages were left out).
+pub const NEW_CONVERSATION_HEADER: &str = "x-kollava-new-conversation";
+
+/// A request as the engine takes it, and how many earlier messages were left out because a
+/// newer one brings an image (unless `multi_image`): LLaVA's web UI starts a new
+/// conversation when an image arrives in one that has an image, and LLaVA-style models,
+/// trained on one image per conversation, mix two up.
+fn to_job(
+    req: ChatRequest,
+    events: mpsc::Sender<Event>,
+    remote: bool,
+    multi_image: bool,
+) -> Result<(Job, usize), ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty"));
     }
@@ -186,6 +199,14 @@ fn to_job(req: ChatRequest, events: mpsc::Sender<Event>, remote: bool) -> Result
     if turns.last().map(|t| t.role) != Some(Role::User) {
         return Err(ApiError::bad_request("the last message must be the user's"));
     }
+    let newest_image = turns.iter().rposition(|t| !t.images.is_empty());
+    let dropped = match newest_image {
+        Some(at) if !multi_image && turns[..at].iter().any(|t| !t.images.is_empty()) => {
+            turns.drain(..at);
+            at
+        }
+        _ => 0,
+    };
     let sampling = SamplingParams {
         temperature: req.temperature.unwrap_or(0.2),
         top_p: req.top_p.unwrap_or(1.0),
@@ -221,7 +242,7 @@ fn to_job(req: ChatRequest, events: mpsc::Sender<Event>, remote: bool) -> Result
             )))
         }
     };
-    Ok(Job {
+    let job = Job {
         input: Input::Turns { system, turns },
         options: AnswerOptions {
             sampling,
@@ -230,13 +251,17 @@ fn to_job(req: ChatRequest, events: mpsc::Sender<Event>, remote: bool) -> Result
             aspect,
         },
         events,
-    })
+    };
+    Ok((job, dropped))
 }
 
 pub async fn models(State(state): State<AppState>) -> Json<Value> {
     Json(json!({
         "object": "list",
-        "data": [{"id": state.engine.model_name, "object": "model", "created": 0, "owned_by": "kollava"}],
+        "data": [{"id": state.engine.model_name, "object": "model", "created": 0, "owned_by": "kollava",
+                  // Whether a conversation keeps several images (`serve --multi-image`); the
+                  // chat page follows it.
+                  "multi_image": state.multi_image}],
     }))
 }
 
@@ -276,10 +301,24 @@ async fn chat_completions_inner(
     let stream = req.stream;
     let (tx, mut rx) = mpsc::channel(64);
     // Decoding (and fetching) images is blocking work: keep it off the async threads.
-    let remote = state.allow_remote_images;
-    let job = tokio::task::spawn_blocking(move || to_job(req, tx, remote))
+    let (remote, multi_image) = (state.allow_remote_images, state.multi_image);
+    let (job, dropped) = tokio::task::spawn_blocking(move || to_job(req, tx, remote, multi_image))
         .await
         .map_err(ApiError::internal)??;
+    if dropped > 0 {
+        tracing::info!(
+            "a new image starts a new conversation: {dropped} earlier messages left out"
+        );
+    }
+    let mark = move |mut r: Response| {
+        if dropped > 0 {
+            r.headers_mut().insert(
+                NEW_CONVERSATION_HEADER,
+                axum::http::HeaderValue::from(dropped),
+            );
+        }
+        r
+    };
     state.engine.submit(job)?;
     static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let id = format!(
@@ -306,6 +345,7 @@ async fn chat_completions_inner(
                 Event::Done {
                     text,
                     prompt_tokens,
+                    cached_tokens,
                     completion_tokens,
                     finish_reason,
                 } => {
@@ -316,9 +356,9 @@ async fn chat_completions_inner(
                     let body = json!({
                         "id": id, "object": "chat.completion", "created": created, "model": model,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
-                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+                        "usage": usage(prompt_tokens, cached_tokens, completion_tokens),
                     });
-                    return Ok(Json(body).into_response());
+                    return Ok(mark(Json(body).into_response()));
                 }
                 Event::Failed(e) => return Err(e),
             }
@@ -348,6 +388,7 @@ async fn chat_completions_inner(
             finish_reason,
             completion_tokens,
             prompt_tokens,
+            cached_tokens,
             ..
         } => {
             metrics.generated_tokens.fetch_add(
@@ -356,8 +397,7 @@ async fn chat_completions_inner(
             );
             // The last chunk also carries the counts (what `stream_options.include_usage`
             // asks of OpenAI; clients ignore a field they do not expect).
-            let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                               "total_tokens": prompt_tokens + completion_tokens});
+            let usage = usage(prompt_tokens, cached_tokens, completion_tokens);
             chunk(json!({}), Some(finish_reason), Some(usage))
         }
         Event::Failed(e) => SseEvent::default()
@@ -365,7 +405,20 @@ async fn chat_completions_inner(
     });
     let done = tokio_stream::once(SseEvent::default().data("[DONE]"));
     let events = head.chain(body).chain(done).map(Ok::<_, Infallible>);
-    Ok(Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    Ok(mark(
+        Sse::new(events)
+            .keep_alive(KeepAlive::default())
+            .into_response(),
+    ))
+}
+
+/// OpenAI's `usage`, with the prompt tokens the prefix cache supplied as
+/// `prompt_tokens_details.cached_tokens` (as OpenAI reports its own prompt caching).
+fn usage(prompt_tokens: usize, cached_tokens: usize, completion_tokens: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    })
 }

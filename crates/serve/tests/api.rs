@@ -20,6 +20,7 @@ fn session() -> Session {
         dtype: Some(candle_core::DType::F32),
         projector: None,
         mmproj: None,
+        ..Default::default()
     })
     .unwrap()
 }
@@ -663,4 +664,86 @@ async fn a_client_that_disconnects_mid_stream_is_dropped_and_the_server_keeps_se
         metrics.contains("kollava_cancelled_requests_total 1"),
         "{metrics}"
     );
+}
+
+/// A follow-up sent with its history (as API clients send it) reuses the first request's
+/// prompt: `usage` says how many prompt tokens came from the cache and `/metrics` counts
+/// the hit. A message that brings an image to a history that has one starts the
+/// conversation there (LLaVA's web UI does), said in a header, unless `--multi-image`.
+#[tokio::test(flavor = "multi_thread")]
+async fn follow_ups_reuse_the_history_and_a_new_image_starts_a_new_conversation() {
+    let state = state();
+    let first = with_image(false);
+    let (status, body) = send(&state, request(first.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let answer = v["choices"][0]["message"]["content"].clone();
+    let first_prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+
+    let mut follow = first.clone();
+    let messages = follow["messages"].as_array_mut().unwrap();
+    messages.push(json!({"role": "assistant", "content": answer}));
+    messages.push(json!({"role": "user", "content": "What colors are there?"}));
+    let (status, body) = send(&state, request(follow.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= first_prompt - 2, "{body}");
+    let (_, metrics) = send(
+        &state,
+        Request::get("/metrics").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert!(
+        metrics.contains("kollava_prefix_cache_hits_total 1\n")
+            && metrics.contains("kollava_image_cache_hits_total 1\n")
+            && metrics.contains(&format!(
+                "kollava_prefix_cache_reused_tokens_total {cached}\n"
+            )),
+        "{metrics}"
+    );
+
+    // The same conversation with an image in the last message too.
+    let mut again = follow.clone();
+    let last = again["messages"]
+        .as_array_mut()
+        .unwrap()
+        .last_mut()
+        .unwrap();
+    *last = json!({"role": "user", "content": [
+        {"type": "text", "text": QUESTION},
+        {"type": "image_url", "image_url": {"url": data_url()}},
+    ]});
+    let resp = app(state.clone())
+        .oneshot(request(again.clone()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-kollava-new-conversation"], "2");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_str(std::str::from_utf8(&body).unwrap()).unwrap();
+    // Answered as the last message alone.
+    let (_, alone) = send(&state, request(with_image(false))).await;
+    let alone: Value = serde_json::from_str(&alone).unwrap();
+    assert_eq!(v["choices"][0]["message"], alone["choices"][0]["message"]);
+    assert_eq!(v["usage"]["prompt_tokens"], alone["usage"]["prompt_tokens"]);
+
+    let multi = state.clone().with_multi_image(true);
+    let resp = app(multi.clone()).oneshot(request(again)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().get("x-kollava-new-conversation").is_none());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_str(std::str::from_utf8(&body).unwrap()).unwrap();
+    // Both images (9 positions each) and the history between them.
+    let alone_prompt = alone["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > alone_prompt + 9);
+    let (_, models) = send(
+        &multi,
+        Request::get("/v1/models").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert!(models.contains("\"multi_image\":true"), "{models}");
 }

@@ -49,6 +49,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         None => test_pattern(),
     };
     let loaded = pipeline::load(&args.model)?;
+    if let Some(turns) = args.turns {
+        return conversation(args, loaded, &img, turns as usize, threads);
+    }
     let n = loaded.scheme.n();
     let mut query = "Describe the image in detail.".to_string();
     let build = |q: &str| -> Result<prompt::Prompt> {
@@ -205,6 +208,137 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Follow-up questions of `bench --turns`, in turn.
+const FOLLOW_UPS: [&str; 5] = [
+    "What colors do you see?",
+    "How many shapes are there?",
+    "이 그림을 한 문장으로 설명해 주세요.",
+    "Which shape is the largest?",
+    "Is there anything unusual?",
+];
+
+/// `kollava bench --turns N`: one conversation turn by turn through the session (prefix
+/// and image caches on, as `chat` and `serve` run), medians of each turn over the repeats.
+fn conversation(
+    args: &BenchArgs,
+    mut loaded: kollava_generate::Session,
+    img: &RgbImage,
+    turns: usize,
+    threads: usize,
+) -> Result<()> {
+    use kollava_generate::{AnswerOptions, FeatureCache, PrefixCache};
+    use std::sync::Arc;
+    let opts = AnswerOptions {
+        sampling: SamplingParams::greedy(),
+        max_new_tokens: args.gen_tokens as usize,
+        stop: Vec::new(),
+        aspect: None,
+    };
+    let (prefix_budget, image_budget) = (
+        loaded.prefix_cache.stats().budget,
+        loaded.feature_cache.stats().budget,
+    );
+    // Per turn: prompt tokens, cached tokens, first token ms, decode tok/s.
+    let mut runs: Vec<Vec<[f64; 4]>> = vec![Vec::new(); turns];
+    for run in 0..=args.repeat {
+        loaded.prefix_cache = Arc::new(PrefixCache::new(prefix_budget));
+        loaded.feature_cache = Arc::new(FeatureCache::new(image_budget));
+        let mut conv = Conversation::new(loaded.template.clone());
+        for (turn, row) in runs.iter_mut().enumerate() {
+            // The image comes with the first question and stays in the history.
+            let text = match turn {
+                0 => loaded.user_text("Describe the image in detail.", 1),
+                t => FOLLOW_UPS[(t - 1) % FOLLOW_UPS.len()].to_string(),
+            };
+            conv.push(Role::User, Some(text));
+            conv.push(Role::Assistant, None);
+            let answer = loaded.answer(&conv, std::slice::from_ref(img), &opts, &mut |_| true)?;
+            conv.messages.pop();
+            conv.push(Role::Assistant, Some(answer.generation.text.clone()));
+            let t = &answer.timings;
+            if run > 0 {
+                row.push([
+                    answer.prompt_tokens as f64,
+                    answer.generation.cached_tokens as f64,
+                    t.preprocess_ms + t.vision_ms + t.prefill_ms,
+                    t.decode_tokens_per_s,
+                ]);
+            }
+        }
+        if !args.json {
+            eprint!(
+                "\r{} {}/{}",
+                if run == 0 { "warm-up" } else { "run" },
+                run,
+                args.repeat
+            );
+        }
+    }
+    if !args.json {
+        eprintln!();
+    }
+    let col = |rows: &[[f64; 4]], i: usize| median(&rows.iter().map(|r| r[i]).collect::<Vec<_>>());
+    let first = col(&runs[0], 2);
+    let per_turn: Vec<serde_json::Value> = runs
+        .iter()
+        .enumerate()
+        .map(|(t, rows)| {
+            serde_json::json!({
+                "turn": t + 1,
+                "prompt_tokens": col(rows, 0),
+                "cached_tokens": col(rows, 1),
+                "time_to_first_token_ms": col(rows, 2),
+                "vs_turn_1": col(rows, 2) / first,
+                "decode_tokens_per_s": col(rows, 3),
+            })
+        })
+        .collect();
+    let rss = peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64);
+    let json = serde_json::json!({
+        "model": loaded.ckpt.dir.display().to_string(),
+        "weights_dtype": loaded.model.decoder.weight_format().to_lowercase(),
+        "threads": threads,
+        "repeat": args.repeat,
+        "gen_tokens": args.gen_tokens,
+        "prefix_cache_budget_mib": prefix_budget as f64 / (1 << 20) as f64,
+        "turns": per_turn,
+        "peak_rss_mib": rss,
+    });
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{json}")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "model  {} ({} language model, {threads} threads), {} tokens an answer, median of {}",
+        loaded.ckpt.dir.display(),
+        loaded.model.decoder.weight_format(),
+        args.gen_tokens,
+        args.repeat
+    )?;
+    writeln!(
+        out,
+        "turn  prompt  cached  first token ms  vs turn 1  decode tok/s"
+    )?;
+    for t in &per_turn {
+        writeln!(
+            out,
+            "{:>4}  {:>6.0}  {:>6.0}  {:>13.1}  {:>8.3}x  {:>12.2}",
+            t["turn"].as_u64().unwrap_or(0),
+            t["prompt_tokens"].as_f64().unwrap_or(0.0),
+            t["cached_tokens"].as_f64().unwrap_or(0.0),
+            t["time_to_first_token_ms"].as_f64().unwrap_or(f64::NAN),
+            t["vs_turn_1"].as_f64().unwrap_or(f64::NAN),
+            t["decode_tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+        )?;
+    }
+    if let Some(rss) = rss {
+        writeln!(out, "peak RSS {rss:.0} MiB")?;
+    }
+    Ok(())
+}
+
 /// A GPU's memory bandwidth in bytes/s: a 1 GiB on-device copy (read and write), the
 /// fastest of 5 after a warm-up. The CPU's copy kernel would say nothing about it.
 fn device_bandwidth(device: &candle_core::Device) -> Result<f64> {
@@ -223,10 +357,11 @@ fn device_bandwidth(device: &candle_core::Device) -> Result<f64> {
     Ok(2.0 * bytes as f64 / best)
 }
 
-/// One streamed request: time to the first text, completion tokens.
+/// One streamed request: time to the first text, completion tokens, the answer.
 struct Stream {
     ttft_ms: f64,
     tokens: usize,
+    text: String,
 }
 
 fn stream_once(url: &str, body: &str, api_key: Option<&str>) -> Result<Stream> {
@@ -249,7 +384,7 @@ fn stream_once(url: &str, body: &str, api_key: Option<&str>) -> Result<Stream> {
         anyhow::bail!("{url} answered {status}: {}", text.trim());
     }
     let reader = std::io::BufReader::new(resp.body_mut().as_reader());
-    let (mut ttft, mut tokens, mut deltas) = (None, None, 0usize);
+    let (mut ttft, mut tokens, mut deltas, mut text) = (None, None, 0usize, String::new());
     for line in reader.lines() {
         let line = line?;
         let Some(data) = line.strip_prefix("data: ") else {
@@ -262,11 +397,12 @@ fn stream_once(url: &str, body: &str, api_key: Option<&str>) -> Result<Stream> {
         if let Some(e) = v.get("error") {
             anyhow::bail!("the server failed mid-stream: {e}");
         }
-        if v["choices"][0]["delta"]["content"]
+        if let Some(c) = v["choices"][0]["delta"]["content"]
             .as_str()
-            .is_some_and(|c| !c.is_empty())
+            .filter(|c| !c.is_empty())
         {
             deltas += 1;
+            text.push_str(c);
             ttft.get_or_insert(t.elapsed().as_secs_f64() * 1e3);
         }
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
@@ -276,7 +412,36 @@ fn stream_once(url: &str, body: &str, api_key: Option<&str>) -> Result<Stream> {
     Ok(Stream {
         ttft_ms: ttft.unwrap_or(t.elapsed().as_secs_f64() * 1e3),
         tokens: tokens.unwrap_or(deltas),
+        text,
     })
+}
+
+/// One conversation of `turns` streamed requests, each with the whole history so far;
+/// one [`Stream`] a turn.
+fn conversation_once(
+    url: &str,
+    first: &[serde_json::Value],
+    turns: usize,
+    max_tokens: usize,
+    api_key: Option<&str>,
+) -> Result<Vec<Stream>> {
+    let mut messages = vec![serde_json::json!({"role": "user", "content": first})];
+    let mut out = Vec::with_capacity(turns);
+    for turn in 0..turns {
+        if turn > 0 {
+            let q = FOLLOW_UPS[(turn - 1) % FOLLOW_UPS.len()];
+            messages.push(serde_json::json!({"role": "user", "content": q}));
+        }
+        let body = serde_json::json!({
+            "model": "kollava", "stream": true, "temperature": 0, "max_tokens": max_tokens,
+            "messages": messages,
+        })
+        .to_string();
+        let s = stream_once(url, &body, api_key)?;
+        messages.push(serde_json::json!({"role": "assistant", "content": s.text.trim()}));
+        out.push(s);
+    }
+    Ok(out)
 }
 
 fn percentile(xs: &[f64], p: f64) -> f64 {
@@ -302,26 +467,25 @@ fn serve(args: &crate::args::BenchServeArgs) -> Result<()> {
         let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
         content.push(serde_json::json!({"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{b64}")}}));
     }
-    let body = serde_json::json!({
-        "model": "kollava", "stream": true, "temperature": 0, "max_tokens": args.max_tokens,
-        "messages": [{"role": "user", "content": content}],
-    })
-    .to_string();
-    // One request first: fails fast (server down, wrong key) and warms the server up.
-    stream_once(&url, &body, key.as_deref())?;
+    let turns = args.turns as usize;
+    let converse = || conversation_once(&url, &content, turns, args.max_tokens, key.as_deref());
+    // One request first: fails fast (server down, wrong key) and warms the server up. A
+    // conversation's first question only: a whole conversation would fill the server's
+    // cache with what the measured ones then ask.
+    conversation_once(&url, &content, 1, args.max_tokens, key.as_deref())?;
     let mut levels = Vec::new();
     for &c in &args.concurrency {
         let c = c.max(1);
         let total = args.requests.unwrap_or(2 * c).max(1);
         let next = std::sync::atomic::AtomicUsize::new(0);
         let t = Instant::now();
-        let results: Vec<Result<Stream>> = std::thread::scope(|s| {
+        let results: Vec<Result<Vec<Stream>>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..c)
                 .map(|_| {
                     s.spawn(|| {
                         let mut out = Vec::new();
                         while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
-                            out.push(stream_once(&url, &body, key.as_deref()));
+                            out.push(converse());
                         }
                         out
                     })
@@ -334,10 +498,21 @@ fn serve(args: &crate::args::BenchServeArgs) -> Result<()> {
         });
         let wall = t.elapsed().as_secs_f64();
         let (ok, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
-        let ok: Vec<Stream> = ok.into_iter().flatten().collect();
-        let tokens: usize = ok.iter().map(|s| s.tokens).sum();
-        let ttft: Vec<f64> = ok.iter().map(|s| s.ttft_ms).collect();
+        let ok: Vec<Vec<Stream>> = ok.into_iter().flatten().collect();
+        let tokens: usize = ok.iter().flatten().map(|s| s.tokens).sum();
+        let ttft: Vec<f64> = ok.iter().flatten().map(|s| s.ttft_ms).collect();
+        let per_turn: Vec<serde_json::Value> = (0..turns)
+            .map(|t| {
+                let x: Vec<f64> = ok
+                    .iter()
+                    .filter_map(|c| c.get(t))
+                    .map(|s| s.ttft_ms)
+                    .collect();
+                serde_json::json!({"turn": t + 1, "ttft_ms_p50": percentile(&x, 50.0)})
+            })
+            .collect();
         levels.push(serde_json::json!({
+            "turns": per_turn,
             "concurrency": c, "requests": total, "failed": failed.len(),
             "first_error": failed.first().and_then(|r| r.as_ref().err()).map(|e| e.to_string()),
             "wall_s": wall, "completion_tokens": tokens,
@@ -345,7 +520,7 @@ fn serve(args: &crate::args::BenchServeArgs) -> Result<()> {
             "ttft_ms": {"p50": percentile(&ttft, 50.0), "p90": percentile(&ttft, 90.0), "p99": percentile(&ttft, 99.0)},
         }));
     }
-    let json = serde_json::json!({"url": url, "max_tokens": args.max_tokens, "image": args.image.is_some(), "levels": levels});
+    let json = serde_json::json!({"url": url, "max_tokens": args.max_tokens, "image": args.image.is_some(), "turns": turns, "levels": levels});
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(out, "{json}")?;
@@ -353,9 +528,13 @@ fn serve(args: &crate::args::BenchServeArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "{url}  max_tokens {}  image {}",
+        "{url}  max_tokens {}  image {}{}",
         args.max_tokens,
-        args.image.is_some()
+        args.image.is_some(),
+        match turns {
+            1 => String::new(),
+            n => format!("  conversations of {n} turns (a request is a conversation)"),
+        }
     )?;
     writeln!(
         out,
@@ -373,6 +552,15 @@ fn serve(args: &crate::args::BenchServeArgs) -> Result<()> {
             l["ttft_ms"]["p90"].as_f64().unwrap_or(f64::NAN),
             l["ttft_ms"]["p99"].as_f64().unwrap_or(f64::NAN),
         )?;
+        if turns > 1 {
+            let each: Vec<String> = l["turns"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| format!("{:.0}", t["ttft_ms_p50"].as_f64().unwrap_or(f64::NAN)))
+                .collect();
+            writeln!(out, "         TTFT p50 by turn, ms: {}", each.join(" / "))?;
+        }
     }
     Ok(())
 }

@@ -1,6 +1,12 @@
 //! `kollava chat`: multi-turn chat in the terminal. Follows the template's history like
 //! LLaVA's CLI; `/image PATH` attaches an image to the next message (any turn), text-only
-//! follow-ups reuse the images already in the conversation.
+//! follow-ups reuse the images already in the conversation. A new image in a conversation
+//! that has one starts a new conversation (LLaVA's web UI does the same: its models are
+//! trained on one image per conversation) unless `--multi-image` keeps both.
+//!
+//! Every turn goes through the session's prefix cache, so a follow-up prefills only what
+//! is new since the previous turn (its own message and the template text around it); the
+//! image and the history are not computed again.
 
 use std::io::{BufRead, Write};
 
@@ -101,6 +107,14 @@ pub fn run(args: &ChatArgs) -> Result<()> {
             },
             Input::Message(text) => {
                 let with_image = state.pending.is_some();
+                if with_image && !state.images.is_empty() && !args.multi_image {
+                    state.conv = Conversation::new(loaded.template.clone());
+                    state.images.clear();
+                    eprintln!(
+                        "(a new image starts a new conversation, as LLaVA's web UI does; \
+                         --multi-image keeps earlier images / 새 이미지로 새 대화를 시작합니다)"
+                    );
+                }
                 state.conv.push(
                     Role::User,
                     Some(loaded.user_text(&text, usize::from(with_image))),
@@ -120,9 +134,22 @@ pub fn run(args: &ChatArgs) -> Result<()> {
                 // Replace the pending `None` with the answer (or drop the turn on error).
                 state.conv.messages.pop();
                 match result {
-                    Ok(answer) => state
-                        .conv
-                        .push(Role::Assistant, Some(answer.generation.text)),
+                    Ok(answer) => {
+                        if args.stats {
+                            let t = &answer.timings;
+                            let cached = answer.generation.cached_tokens;
+                            eprintln!(
+                                "[prompt {} tokens: {} from the cache, {} prefilled; first token {:.0} ms]",
+                                answer.prompt_tokens,
+                                cached,
+                                answer.prompt_tokens - cached,
+                                t.preprocess_ms + t.vision_ms + t.prefill_ms
+                            );
+                        }
+                        state
+                            .conv
+                            .push(Role::Assistant, Some(answer.generation.text))
+                    }
                     Err(e) => {
                         eprintln!("error: {e:#}");
                         state.conv.messages.pop();

@@ -113,6 +113,7 @@ pub fn quantize(args: &crate::args::QuantizeArgs) -> Result<()> {
                 dtype: Some(DType::F32),
                 projector: None,
                 mmproj: None,
+                ..Default::default()
             })
         };
         let source = load(args.input.clone())?;

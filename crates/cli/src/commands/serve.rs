@@ -37,7 +37,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             listener,
             AppState::new(engine, api_key)
                 .with_log_dir(args.log_dir.clone())
-                .with_access(args.allow_remote_images, args.cors_origin.clone()),
+                .with_access(args.allow_remote_images, args.cors_origin.clone())
+                .with_multi_image(args.multi_image),
         )
         .await
         .context("serving")
