@@ -4,7 +4,8 @@
 #   ROUNDS=N (default 4), ONLY=Q4_K_M,BF16 (some configurations only)
 #   HF=1: transformers bf16 beside them on BF16 (installs torch + transformers from PyPI into
 #   WORK/hf-venv the first time: about 6 GB with torch's CUDA libraries)
-# 1. builds llama.cpp (the llama-cpp-python 0.3.36 sdist from PyPI, as ../shared/peers does),
+# 1. builds llama.cpp (the llama-cpp-python 0.3.36 sdist from PyPI, as ../shared/peers does):
+#    llama-mtmd-cli, llama-bench, llama-quantize and llama-server (scripts/bench_turns.py),
 # 2. writes the bench-1b model with `kollava init-random`, then the GGUF pairs with
 #    `kollava quantize` (F16, BF16) and llama.cpp's own `llama-quantize` (Q4_K_M from the F16),
 # 3. runs both runtimes on the same files, interleaved, 2 threads (scripts/bench_peers.py).
@@ -14,17 +15,28 @@ WORK="$(mkdir -p "${1:-$ROOT/target/peers}" && cd "${1:-$ROOT/target/peers}" && 
 KOLLAVA="$ROOT/target/release/kollava"
 (cd "$ROOT" && cargo build --release)
 cd "$WORK"
-if [ ! -x llama-build/bin/llama-mtmd-cli ]; then
+# (re)built when a tool is missing, e.g. llama-server in a build directory made before it was added
+if [ ! -x llama-build/bin/llama-mtmd-cli ] || [ ! -x llama-build/bin/llama-server ]; then
   [ -x tools/bin/cmake ] || { python3 -m venv tools && tools/bin/pip install -q cmake ninja; }
   export PATH="$WORK/tools/bin:$PATH"
   SDIST=llama_cpp_python-0.3.36.tar.gz
-  [ -f "$SDIST" ] || curl -sSfL -o "$SDIST" "$(curl -s https://pypi.org/simple/llama-cpp-python/ \
-      | grep -o 'https://[^"#]*llama_cpp_python-0.3.36.tar.gz' | head -1)"
+  if [ ! -f "$SDIST" ]; then
+    # the file the index lists, located through pip's own index constant (no registry host here)
+    VER=0.3.36 OUTF="$SDIST" tools/bin/python - <<'PY'
+import os, re, urllib.parse, urllib.request
+from pip._internal.models.index import PyPI
+v = os.environ["VER"]; simple = PyPI.simple_url.rstrip("/") + "/llama-cpp-python/"
+page = urllib.request.urlopen(simple).read().decode()
+href = re.search(r'href="([^"#]*llama_cpp_python-%s\.tar\.gz)' % re.escape(v), page).group(1)
+urllib.request.urlretrieve(urllib.parse.urljoin(simple, href), os.environ["OUTF"] + ".part")
+os.replace(os.environ["OUTF"] + ".part", os.environ["OUTF"])
+PY
+  fi
   [ -d llama_cpp_python-0.3.36 ] || tar -xzf "$SDIST"
   cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B llama-build -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=ON -DGGML_OPENMP=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF
-  ninja -C llama-build -j2 llama-mtmd-cli llama-bench llama-quantize
+    -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF
+  ninja -C llama-build -j2 llama-mtmd-cli llama-bench llama-quantize llama-server
 fi
 [ -f bench-1b/model.safetensors ] || "$KOLLAVA" init-random --arch bench-1b --out bench-1b
 [ -d gguf-f16 ] || "$KOLLAVA" quantize --type f16 bench-1b gguf-f16
