@@ -24,17 +24,17 @@
 //! buffers, which the decode kernels read); until then it holds the blocks by reference,
 //! so an eviction meanwhile frees nothing it is using.
 //!
-//! Exactness: rows stored after a prefill are the prefill's own numbers. In f32 (the
-//! default for safetensors models) on CPU, a prompt that reuses them gets the logits a cold
-//! prefill of the whole prompt gives, bit for bit (tested): a prompt's rows do not depend
-//! on how it was cut into prefill steps (each product sums a row in an order set by the
-//! depth alone, and attention's softmax sums each slot in a fixed lane). Rows of an
-//! answer are kept too, for the next turn;
-//! they come from decoding steps, whose attention sums in another order than a prefill's,
-//! so a turn that reuses them agrees with a cold run to rounding (~1e-6) and gives the same
-//! greedy tokens (tested), not the same bits. With a 16-bit cache (bf16 and GGUF models)
-//! reused rows are the stored f16 values, where a cold prefill attends its own exact ones:
-//! again the same tokens (tested), not the same bits.
+//! Exactness: every stored row is a prefill's (an answer is prefilled once more after it
+//! ends, see [`crate::Batch::store_answers`]), and what reuses rows prefills at least the
+//! model's [`steady_rows`](kollava_model::decoder::Decoder::steady_rows), so the kernels
+//! that compute a prompt's rows do not depend on how it was cut into steps. Bit for bit the
+//! logits of a cold prefill of the whole prompt (tested on every family): f32, f16 and bf16
+//! models on CPU (with a 16-bit cache, every step attends the stored values), and GGUF
+//! models whose matrices candle's kernels or our AVX2 k-quant kernels take. Where our
+//! AVX512 k-quant kernels run, a `Q4_K`/`Q6_K` model's short steps take them where a long
+//! cold prefill takes the bf16 GEMM (see `Linear::steady_rows`): close, not the same bits,
+//! and on a random-weight model (nearly flat next-token distributions) not always the same
+//! greedy tokens (BENCHMARKS.md).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};

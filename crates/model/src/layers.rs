@@ -167,13 +167,18 @@ impl Linear {
             Linear::Quantized { weight, bias } => {
                 let rows = xs.elem_count() / xs.dim(D::Minus1)?.max(1);
                 let float = is_float(weight.dtype());
-                let ours = if xs.track_op() {
-                    None
-                } else if rows <= crate::kquant::max_rows() || !crate::bf16::available() {
-                    crate::kquant::try_matmul(weight, xs)?
-                } else {
-                    crate::bf16::matmul_ggml(weight, xs)?
-                };
+                let mut ours = None;
+                if !xs.track_op() {
+                    if rows <= crate::kquant::max_rows() {
+                        ours = crate::kquant::try_matmul(weight, xs)?;
+                    }
+                    if ours.is_none()
+                        && rows > crate::kquant::gemm_above_rows()
+                        && crate::bf16::available()
+                    {
+                        ours = crate::bf16::matmul_ggml(weight, xs)?;
+                    }
+                }
                 let y = if let Some(y) = ours {
                     // Decoding a Q4_K/Q6_K weight (and, with the AVX2 kernels, prefill):
                     // our integer kernels (crate::kquant). Other prefill with a quantized
@@ -265,31 +270,36 @@ impl Linear {
         })
     }
 
-    /// Whether the weight is stored in a quantized ggml type (not a float one).
     /// The fewest rows from which each row of a product is the same numbers however many
     /// rows there are (below it another kernel, summing in another order, takes the rows:
     /// candle's matrix-vector path for one row, candle's quantized kernels below
-    /// [`GEMM_ROWS`] for a float weight in a ggml container, our k-quant kernels up to
-    /// [`crate::kquant::max_rows`] rows where the bf16 GEMM takes more, the bf16 kernels'
-    /// matrix-vector path up to [`crate::bf16::GEMV_ROWS`]). A prompt cut into steps at least
-    /// this long is computed the same as in one step.
+    /// [`GEMM_ROWS`] for a float weight in a ggml container and up to
+    /// [`crate::kquant::gemm_above_rows`] for a quantized type ours do not take, the bf16
+    /// kernels' matrix-vector path up to [`crate::bf16::GEMV_ROWS`]). A prompt cut into
+    /// steps at least this long is computed the same as in one step; the one exception,
+    /// `Q4_K`/`Q6_K` weights where the AVX512 kernels run, is explained below.
     pub fn steady_rows(&self) -> usize {
         match self {
             Linear::Dense(_) => 2,
             Linear::Quantized { weight, .. } if is_float(weight.dtype()) => GEMM_ROWS,
-            Linear::Quantized { .. } => {
-                match crate::kquant::max_rows() {
-                    // Our k-quant kernels (or candle's) take every row count.
-                    n if n == usize::MAX || !crate::bf16::available() => 2,
-                    // Above it, the bf16 GEMM over the unpacked blocks.
-                    n => n + 1,
-                }
-            }
+            // Our k-quant kernels take a short step; with the AVX2 kernels, every step.
+            // Where the AVX512 ones run, a long prefill goes to the bf16 GEMM instead
+            // (about 20 % sooner on a cold prompt): a short step after a reused prefix then
+            // gets the integer kernels' numbers where a cold prefill gets the GEMM's. Not the
+            // same bits, and on a random-weight model not always the same greedy tokens; the
+            // GEMM's threshold would cost every follow-up turn its unpacking of every weight.
+            Linear::Quantized { weight, .. } if crate::kquant::takes(weight) => 2,
+            // Other types: candle's kernels up to the GEMM's threshold.
+            Linear::Quantized { .. } => match crate::kquant::gemm_above_rows() {
+                n if n == usize::MAX || !crate::bf16::available() => 2,
+                n => n + 1,
+            },
             Linear::Bf16 { .. } => crate::bf16::GEMV_ROWS + 1,
             Linear::Lora(l) => l.base.steady_rows().max(2),
         }
     }
 
+    /// Whether the weight is stored in a quantized ggml type (not a float one).
     pub fn is_quantized(&self) -> bool {
         match self {
             Linear::Quantized { weight, .. } => !is_float(weight.dtype()),
