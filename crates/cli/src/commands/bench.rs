@@ -119,18 +119,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         if run > 0 {
             rows.push([preprocess_ms, vision_ms, g.prefill_ms, g.decode_ms, ttft]);
         }
-        if !args.json {
-            eprint!(
-                "\r{} {}/{}",
-                if run == 0 { "warm-up" } else { "run" },
-                run,
-                args.repeat
-            );
-        }
+        progress(args, run);
     }
-    if !args.json {
-        eprintln!();
-    }
+    progress(args, args.repeat + 1);
     let col = |i: usize| median(&rows.iter().map(|r| r[i]).collect::<Vec<_>>());
     let (preprocess_ms, vision_ms, prefill_ms, decode_ms, ttft_ms) =
         (col(0), col(1), col(2), col(3), col(4));
@@ -208,6 +199,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The warm-up / run counter on stderr (not with `--json`); past the last run, its newline.
+fn progress(args: &BenchArgs, run: u32) {
+    if args.json {
+        return;
+    }
+    match run {
+        0 => eprint!("\rwarm-up 0/{}", args.repeat),
+        r if r <= args.repeat => eprint!("\rrun {r}/{}", args.repeat),
+        _ => eprintln!(),
+    }
+}
+
 /// Follow-up questions of `bench --turns`, in turn.
 const FOLLOW_UPS: [&str; 5] = [
     "What colors do you see?",
@@ -265,18 +268,9 @@ fn conversation(
                 ]);
             }
         }
-        if !args.json {
-            eprint!(
-                "\r{} {}/{}",
-                if run == 0 { "warm-up" } else { "run" },
-                run,
-                args.repeat
-            );
-        }
+        progress(args, run);
     }
-    if !args.json {
-        eprintln!();
-    }
+    progress(args, args.repeat + 1);
     let col = |rows: &[[f64; 4]], i: usize| median(&rows.iter().map(|r| r[i]).collect::<Vec<_>>());
     let first = col(&runs[0], 2);
     let per_turn: Vec<serde_json::Value> = runs
