@@ -564,12 +564,33 @@ fn file_len(path: &Path) -> Result<usize, CheckpointError> {
     Ok(usize::try_from(meta.len()).unwrap_or(usize::MAX))
 }
 
+/// A GGUF file's header, checked against the file's length: a file cut short (a download
+/// that stopped) is reported here, under its own name, before anything is loaded.
 fn read_content(path: &Path) -> Result<Content, CheckpointError> {
     let mut f = std::fs::File::open(path).map_err(io_err(path))?;
-    Content::read(&mut f).map_err(|e| CheckpointError::Weights {
+    let content = Content::read(&mut f).map_err(|e| CheckpointError::Weights {
         file: path.display().to_string(),
         reason: format!("not a readable GGUF file: {}", candle_reason(&e)),
-    })
+    })?;
+    let len = file_len(path)? as u64;
+    let past_end = content.tensor_infos.iter().find_map(|(name, info)| {
+        let bytes = format::byte_size(info.ggml_dtype, info.shape.elem_count());
+        let end = content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|o| o.checked_add(bytes));
+        end.is_none_or(|end| end > len).then_some((name, end))
+    });
+    if let Some((name, end)) = past_end {
+        return Err(CheckpointError::Weights {
+            file: path.display().to_string(),
+            reason: format!(
+                "the file is truncated: tensor {name} ends at byte {} but the file has {len}",
+                end.map_or("(overflow)".to_string(), |e| e.to_string())
+            ),
+        });
+    }
+    Ok(content)
 }
 
 fn is_gguf(p: &Path) -> bool {
@@ -1412,12 +1433,22 @@ mod tests {
         .unwrap();
         let e = crate::open(lonely.to_str().unwrap(), &Default::default()).unwrap_err();
         assert!(e.to_string().contains("m.gguf"), "{e}");
-        // A file cut inside its tensor data: the header reads, loading says what is wrong.
+        // A file cut inside its tensor data: the header reads, opening says which file is
+        // truncated (the image encoder's too, under its own name).
         std::fs::write(lonely.join("m.gguf"), &bytes[..bytes.len() - 4096]).unwrap();
-        let ckpt = crate::open(lonely.to_str().unwrap(), &Default::default()).unwrap();
-        let pair = ckpt.gguf.as_ref().unwrap();
-        let e = pair.load(&ckpt, &Device::Cpu).unwrap_err().to_string();
-        assert!(e.contains("truncated"), "{e}");
+        let e = crate::open(lonely.to_str().unwrap(), &Default::default()).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("truncated") && e.contains("m.gguf"), "{e}");
+        std::fs::write(lonely.join("m.gguf"), &bytes).unwrap();
+        let mm = std::fs::read(out.join("mmproj-llava-v1.5-F16.gguf")).unwrap();
+        std::fs::write(lonely.join("mmproj.gguf"), &mm[..mm.len() - 64]).unwrap();
+        let e = crate::open(lonely.to_str().unwrap(), &Default::default()).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("truncated") && e.contains("mmproj.gguf") && !e.contains("m.gguf:"),
+            "{e}"
+        );
+        std::fs::write(lonely.join("mmproj.gguf"), &mm).unwrap();
         // --mmproj with a non-GGUF model.
         let opts = crate::OpenOptions {
             mmproj: Some(out.join("mmproj-llava-v1.5-F16.gguf")),
