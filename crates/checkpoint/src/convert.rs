@@ -496,7 +496,7 @@ pub fn to_llava_hf(
                 if l.name == "model.embed_tokens.weight" || l.name == "lm_head.weight" {
                     l.shape[0] = new_vocab;
                 }
-                l.out_name = crate::weights::KeyLayout::HfLegacy.llm_key(&l.name);
+                l.out_name = crate::weights::HF_LEGACY.llm_key(&l.name);
                 kept.push(l);
             }
             shards.push(kept);
@@ -595,7 +595,14 @@ fn hf_canonical(stored: &str) -> Option<(bool, String)> {
     });
     let s = s.unwrap_or(stored);
     if let Some(rest) = s.strip_prefix("vision_tower.") {
-        return Some((true, rest.to_string()));
+        // transformers 5.x writes the tower without its `vision_model.` level.
+        return Some((
+            true,
+            match rest.starts_with("vision_model.") {
+                true => rest.to_string(),
+                false => format!("vision_model.{rest}"),
+            },
+        ));
     }
     if let Some(rest) = s.strip_prefix("multi_modal_projector.linear_") {
         let (k, tail) = rest.split_once('.')?;

@@ -552,7 +552,7 @@ impl Checkpoint {
             .any(|n| n.starts_with("multi_modal_projector."));
         let vb = weights::var_builder(&files, dtype, device, "")?;
         let vb = if hf {
-            vb.rename_f(|n| weights::KeyLayout::HfLegacy.llm_key(n))
+            vb.rename_f(|n| weights::HF_LEGACY.llm_key(n))
         } else {
             vb
         };

@@ -439,20 +439,34 @@ pub fn var_builder_filtered(
 pub enum KeyLayout {
     /// LLaVA's own layout (v0, 1.5, Mistral): canonical names as stored.
     Llava,
-    /// llava-hf before transformers 4.52: `language_model.model.*`, `language_model.lm_head`,
-    /// `multi_modal_projector.linear_{1,2}`, `vision_tower.vision_model.*`.
-    HfLegacy,
-    /// llava-hf from transformers 4.52: `model.language_model.*`, `lm_head`,
-    /// `model.multi_modal_projector.*`, `model.vision_tower.vision_model.*`.
-    HfModern,
+    /// llava-hf as the 2023 hub repos and transformers' `save_pretrained` (4.x, and 5.x
+    /// again) name it: `language_model.model.*`, `language_model.lm_head`,
+    /// `multi_modal_projector.linear_{1,2}`, `vision_tower.vision_model.*` — or, as
+    /// transformers 5.x writes the tower, `vision_tower.*` without the `vision_model` level
+    /// (`flat_tower`).
+    HfLegacy { flat_tower: bool },
+    /// llava-hf with the loaded model's paths (transformers 4.52-4.57 wrote these):
+    /// `model.language_model.*`, `lm_head`, `model.multi_modal_projector.*`,
+    /// `model.vision_tower.vision_model.*` (or `model.vision_tower.*`, `flat_tower`).
+    HfModern { flat_tower: bool },
 }
+
+/// [`KeyLayout::HfLegacy`] with the tower under `vision_model`: what kollava writes.
+pub const HF_LEGACY: KeyLayout = KeyLayout::HfLegacy { flat_tower: false };
 
 impl KeyLayout {
     pub fn detect(names: &BTreeSet<String>) -> KeyLayout {
+        // The tower's embeddings are stored right under the tower, with no `vision_model.`.
+        let flat =
+            |tower: &str| names.contains(&format!("{tower}embeddings.patch_embedding.weight"));
         if names.iter().any(|n| n.starts_with("language_model.")) {
-            KeyLayout::HfLegacy
+            KeyLayout::HfLegacy {
+                flat_tower: flat("vision_tower."),
+            }
         } else if names.iter().any(|n| n.starts_with("model.language_model.")) {
-            KeyLayout::HfModern
+            KeyLayout::HfModern {
+                flat_tower: flat("model.vision_tower."),
+            }
         } else {
             KeyLayout::Llava
         }
@@ -470,14 +484,14 @@ impl KeyLayout {
         };
         match self {
             KeyLayout::Llava => canonical.to_string(),
-            KeyLayout::HfLegacy => {
+            KeyLayout::HfLegacy { .. } => {
                 if let Some(rest) = canonical.strip_prefix("model.mm_projector.") {
                     projector(rest, "")
                 } else {
                     format!("language_model.{canonical}")
                 }
             }
-            KeyLayout::HfModern => {
+            KeyLayout::HfModern { .. } => {
                 if let Some(rest) = canonical.strip_prefix("model.mm_projector.") {
                     projector(rest, "model.")
                 } else if let Some(rest) = canonical.strip_prefix("model.") {
@@ -491,10 +505,14 @@ impl KeyLayout {
 
     /// Canonical tower name (`vision_model.*`) → stored name.
     pub fn vision_key(self, canonical: &str) -> String {
-        match self {
-            KeyLayout::Llava => canonical.to_string(),
-            KeyLayout::HfLegacy => format!("vision_tower.{canonical}"),
-            KeyLayout::HfModern => format!("model.vision_tower.{canonical}"),
+        let (tower, flat) = match self {
+            KeyLayout::Llava => return canonical.to_string(),
+            KeyLayout::HfLegacy { flat_tower } => ("vision_tower.", flat_tower),
+            KeyLayout::HfModern { flat_tower } => ("model.vision_tower.", flat_tower),
+        };
+        match canonical.strip_prefix("vision_model.").filter(|_| flat) {
+            Some(rest) => format!("{tower}{rest}"),
+            None => format!("{tower}{canonical}"),
         }
     }
 }
@@ -506,33 +524,48 @@ mod tests {
     #[test]
     fn hf_projector_indices_map_to_linear_names() {
         assert_eq!(
-            KeyLayout::HfLegacy.llm_key("model.mm_projector.0.weight"),
+            HF_LEGACY.llm_key("model.mm_projector.0.weight"),
             "multi_modal_projector.linear_1.weight"
         );
         assert_eq!(
-            KeyLayout::HfLegacy.llm_key("model.mm_projector.2.bias"),
+            HF_LEGACY.llm_key("model.mm_projector.2.bias"),
             "multi_modal_projector.linear_2.bias"
         );
         assert_eq!(
-            KeyLayout::HfLegacy.llm_key("model.layers.0.mlp.up_proj.weight"),
+            HF_LEGACY.llm_key("model.layers.0.mlp.up_proj.weight"),
             "language_model.model.layers.0.mlp.up_proj.weight"
         );
         assert_eq!(
-            KeyLayout::HfLegacy.llm_key("lm_head.weight"),
+            HF_LEGACY.llm_key("lm_head.weight"),
             "language_model.lm_head.weight"
         );
         assert_eq!(
-            KeyLayout::HfModern.llm_key("model.norm.weight"),
+            KeyLayout::HfModern { flat_tower: false }.llm_key("model.norm.weight"),
             "model.language_model.norm.weight"
         );
         assert_eq!(
-            KeyLayout::HfModern.llm_key("lm_head.weight"),
+            KeyLayout::HfModern { flat_tower: false }.llm_key("lm_head.weight"),
             "lm_head.weight"
         );
         assert_eq!(
-            KeyLayout::HfModern.vision_key("vision_model.pre_layrnorm.weight"),
+            KeyLayout::HfModern { flat_tower: false }
+                .vision_key("vision_model.pre_layrnorm.weight"),
             "model.vision_tower.vision_model.pre_layrnorm.weight"
         );
+        // transformers 5.x's save_pretrained: no `vision_model` level.
+        let names: BTreeSet<String> = [
+            "language_model.model.norm.weight",
+            "vision_tower.embeddings.patch_embedding.weight",
+        ]
+        .map(String::from)
+        .into();
+        let layout = KeyLayout::detect(&names);
+        assert_eq!(layout, KeyLayout::HfLegacy { flat_tower: true });
+        assert_eq!(
+            layout.vision_key("vision_model.encoder.layers.0.mlp.fc1.weight"),
+            "vision_tower.encoder.layers.0.mlp.fc1.weight"
+        );
+        assert_eq!(layout.vision_key("vision_model."), "vision_tower.");
     }
 
     #[test]
