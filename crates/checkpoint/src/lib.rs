@@ -474,6 +474,12 @@ impl Checkpoint {
         }
         let files = weights::find_weights(&self.dir)?;
         let layout = weights::KeyLayout::detect(&files.names);
+        if let Some(what) = layout.mismatch(&files.names) {
+            return Err(CheckpointError::Invalid {
+                file: self.dir.display().to_string(),
+                what,
+            });
+        }
         // LLaVA's trainer saves a copy of the tower under `model.vision_tower.`; upstream
         // ignores it and so do we (the tower comes from `mm_vision_tower`).
         let skip_tower_copy = layout == weights::KeyLayout::Llava;

@@ -472,6 +472,38 @@ impl KeyLayout {
         }
     }
 
+    /// Why `names` fit no layout, or `None` when they fit this one (its token embedding
+    /// table is where it puts it): the layouts tried, and the first name none of them
+    /// places (`detect` falls back to LLaVA's own layout, so without this check an unknown
+    /// layout surfaced as one missing LLaVA tensor).
+    pub fn mismatch(self, names: &BTreeSet<String>) -> Option<String> {
+        if names.contains(&self.llm_key("model.embed_tokens.weight")) {
+            return None;
+        }
+        const KNOWN: [&str; 6] = [
+            "model.",
+            "lm_head.",
+            "language_model.",
+            "multi_modal_projector.",
+            "vision_tower.",
+            "vision_model.",
+        ];
+        let odd = names
+            .iter()
+            .find(|n| !KNOWN.iter().any(|p| n.starts_with(p)))
+            .map_or_else(
+                || "none: every name has a known prefix, but the embedding table is missing".into(),
+                |n| format!("{n:?}"),
+            );
+        Some(format!(
+            "tensor names: no layout fits (tried LLaVA's own, `model.embed_tokens.weight`; \
+             llava-hf as the hub and transformers' save_pretrained write it, \
+             `language_model.model.embed_tokens.weight`; llava-hf with the loaded model's \
+             paths, `model.language_model.embed_tokens.weight`); the first name none of them \
+             places: {odd}"
+        ))
+    }
+
     /// Canonical decoder/projector name → stored name.
     pub fn llm_key(self, canonical: &str) -> String {
         let projector = |rest: &str, prefix: &str| -> String {
@@ -566,6 +598,26 @@ mod tests {
             "vision_tower.encoder.layers.0.mlp.fc1.weight"
         );
         assert_eq!(layout.vision_key("vision_model."), "vision_tower.");
+    }
+
+    #[test]
+    fn names_that_fit_no_layout_are_named() {
+        let names: BTreeSet<String> = [
+            "transformer.wte.weight",
+            "transformer.blocks.0.attn.Wqkv.weight",
+            "model.mm_projector.weight",
+        ]
+        .map(String::from)
+        .into();
+        let layout = KeyLayout::detect(&names);
+        let why = layout.mismatch(&names).unwrap();
+        assert!(
+            why.contains("\"transformer.blocks.0.attn.Wqkv.weight\"")
+                && why.contains("language_model.model.embed_tokens.weight"),
+            "{why}"
+        );
+        let fine: BTreeSet<String> = ["model.embed_tokens.weight".to_string()].into();
+        assert_eq!(KeyLayout::detect(&fine).mismatch(&fine), None);
     }
 
     #[test]
