@@ -12,14 +12,7 @@ fn every_fixture_checkpoint_matches_its_reference() {
         let dir = checkpoint_dir(name);
         let ckpt =
             kollava_checkpoint::open(dir.to_str().unwrap(), &OpenOptions::default()).unwrap();
-        let reference = ReferenceDump::load(&dir).unwrap();
-        let results = verify(&ckpt, &reference, &Tolerances::default(), &Device::Cpu).unwrap();
-        let failed: Vec<_> = results
-            .iter()
-            .filter(|r| !r.passed())
-            .map(|r| format!("{} {:?}", r.key, r.outcome))
-            .collect();
-        assert!(failed.is_empty(), "{name}: {failed:#?}");
+        let results = verify_all(&ckpt, &dir, name);
         let compared = |prefix: &str| {
             results
                 .iter()
@@ -73,14 +66,7 @@ fn llava_hf_with_the_tower_as_transformers_5_names_it_matches_its_reference() {
     assert!(!index.contains("vision_model") && index.contains("vision_tower.encoder."));
     let ckpt = kollava_checkpoint::open(dir.to_str().unwrap(), &OpenOptions::default()).unwrap();
     // The reference (and the images it names) stays where the fixture is.
-    let reference = ReferenceDump::load(&src).unwrap();
-    let results = verify(&ckpt, &reference, &Tolerances::default(), &Device::Cpu).unwrap();
-    let failed: Vec<_> = results
-        .iter()
-        .filter(|r| !r.passed())
-        .map(|r| format!("{} {:?}", r.key, r.outcome))
-        .collect();
-    assert!(failed.is_empty(), "{failed:#?}");
+    let results = verify_all(&ckpt, &src, "llava-hf as transformers 5.x names it");
     assert!(results
         .iter()
         .any(|r| r.key == "generate.greedy_ids" && matches!(r.outcome, Outcome::Compared { .. })));
@@ -88,4 +74,21 @@ fn llava_hf_with_the_tower_as_transformers_5_names_it_matches_its_reference() {
 
 fn rename_all(text: &str) -> String {
     text.replace("vision_tower.vision_model.", "vision_tower.")
+}
+
+/// `verify` of `ckpt` against the reference in `reference_dir`; every key must pass.
+fn verify_all(
+    ckpt: &kollava_checkpoint::Checkpoint,
+    reference_dir: &std::path::Path,
+    what: &str,
+) -> Vec<kollava_eval::verify::KeyResult> {
+    let reference = ReferenceDump::load(reference_dir).unwrap();
+    let results = verify(ckpt, &reference, &Tolerances::default(), &Device::Cpu).unwrap();
+    let failed: Vec<_> = results
+        .iter()
+        .filter(|r| !r.passed())
+        .map(|r| format!("{} {:?}", r.key, r.outcome))
+        .collect();
+    assert!(failed.is_empty(), "{what}: {failed:#?}");
+    results
 }
