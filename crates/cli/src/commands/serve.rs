@@ -24,6 +24,13 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             "kollava serving {} on http://{bound} (OpenAI API at /v1/chat/completions)",
             engine.model_name
         );
+        let mib = |b: usize| b >> 20;
+        eprintln!(
+            "caches: {} MiB for earlier prompts and answers, {} MiB for image features \
+             (--prefix-cache-mb, --image-cache-mb; 0 turns one off)",
+            mib(engine.prefix_cache.stats().budget),
+            mib(engine.feature_cache.stats().budget)
+        );
         if let (Some(url), Some(address)) = (&args.controller, &args.worker_address) {
             let queue = engine.clone();
             kollava_serve::controller::keep_registered(
