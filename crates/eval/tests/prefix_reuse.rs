@@ -2,7 +2,7 @@
 //! bit for bit where the reused rows come from a prefill in f32, the same greedy tokens on
 //! every family otherwise (answers reused by the next turn, 16-bit caches, GGUF models).
 
-use std::sync::Arc;
+mod common;
 
 use candle_core::{DType, Tensor};
 use kollava_generate::{
@@ -192,22 +192,7 @@ fn a_gguf_models_reused_prefix_gives_the_cold_logits_bit_for_bit() {
 
 /// llava-v1.5 as a `Q8_0` GGUF pair under `dir`; returns the model path.
 fn gguf(dir: &std::path::Path) -> String {
-    let out = dir.join("q8");
-    let src = kollava_checkpoint::open(
-        kollava_testkit::checkpoint_dir("llava-v1.5")
-            .to_str()
-            .unwrap(),
-        &Default::default(),
-    )
-    .unwrap();
-    kollava_checkpoint::gguf::quantize(
-        &src,
-        &out,
-        kollava_checkpoint::gguf::QuantType::Q8_0,
-        &mut |_, _| {},
-    )
-    .unwrap();
-    out.to_str().unwrap().to_string()
+    common::q8_gguf(dir).1.to_str().unwrap().to_string()
 }
 
 /// Three turns with every cache on answer the same tokens as three cold runs, on every
@@ -444,5 +429,4 @@ fn a_small_budget_is_never_exceeded() {
         assert!(s.feature_cache.stats().bytes <= 1 << 10);
     }
     assert!(s.prefix_cache.stats().evictions > 0);
-    let _: Arc<PrefixCache> = s.prefix_cache.clone();
 }

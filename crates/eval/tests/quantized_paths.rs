@@ -2,6 +2,8 @@
 //! (our AVX512-BF16 kernels where the CPU has them) and `--dtype f16`, compared with
 //! `kollava_eval::quant::compare` (greedy top-1 agreement, mean KL).
 
+mod common;
+
 use kollava_generate::{Session, SessionOptions};
 use kollava_inputs::template::{Conversation, Role};
 
@@ -62,21 +64,7 @@ fn auto_dtype_runs_a_quantized_models_tower_in_bf16() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("q8");
-    let src = kollava_checkpoint::open(
-        kollava_testkit::checkpoint_dir("llava-v1.5")
-            .to_str()
-            .unwrap(),
-        &Default::default(),
-    )
-    .unwrap();
-    kollava_checkpoint::gguf::quantize(
-        &src,
-        &out,
-        kollava_checkpoint::gguf::QuantType::Q8_0,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let (src, out) = common::q8_gguf(dir.path());
     let load = |dtype| {
         Session::load(&SessionOptions {
             model: out.to_str().unwrap().to_string(),

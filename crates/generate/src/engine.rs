@@ -257,8 +257,32 @@ pub fn generate(
     opts: &GenerateOptions,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
-    let mut batch = Batch::new(model);
-    let mut finished = batch.join(model, tokenizer, embeds, context_ids, opts, on_text, ())?;
+    let prompt = Prompt {
+        embeds,
+        context_ids,
+        keys: &[],
+    };
+    generate_in(
+        &mut Batch::new(model),
+        model,
+        tokenizer,
+        prompt,
+        opts,
+        on_text,
+    )
+}
+
+/// [`generate`] in `batch` (empty, and maybe with a prefix cache): the prompt reuses what
+/// the cache holds of it, and the batch keeps the answer for [`Batch::store_answers`].
+pub fn generate_in<'a>(
+    batch: &mut Batch<'a, ()>,
+    model: &Llava,
+    tokenizer: &Tokenizer,
+    prompt: Prompt<'_>,
+    opts: &GenerateOptions,
+    on_text: impl FnMut(&str) -> bool + 'a,
+) -> Result<Generation> {
+    let mut finished = batch.join_prompt(model, tokenizer, prompt, opts, on_text, ())?;
     while finished.is_none() {
         finished = batch.step(model, tokenizer)?.pop();
     }

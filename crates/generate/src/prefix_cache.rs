@@ -59,9 +59,8 @@ pub fn image_digest(pixels: &[f32], shape: (usize, usize)) -> [u8; 32] {
     let mut h = sha2::Sha256::new();
     h.update((shape.0 as u64).to_le_bytes());
     h.update((shape.1 as u64).to_le_bytes());
-    for x in pixels {
-        h.update(x.to_le_bytes());
-    }
+    let bytes: Vec<u8> = pixels.iter().flat_map(|x| x.to_le_bytes()).collect();
+    h.update(&bytes);
     h.finalize().into()
 }
 
@@ -175,10 +174,6 @@ impl PrefixCache {
             budget,
             inner: Mutex::new(Tree {
                 next_id: ROOT + 1,
-                stats: CacheStats {
-                    budget,
-                    ..Default::default()
-                },
                 ..Default::default()
             }),
         }
@@ -195,26 +190,25 @@ impl PrefixCache {
     }
 
     pub fn stats(&self) -> CacheStats {
-        self.tree().stats
+        CacheStats {
+            budget: self.budget,
+            ..self.tree().stats
+        }
     }
 
     /// The longest stored prefix of `keys`, at most `limit` positions; marks its blocks
     /// used. Counted as a hit or a miss.
     pub fn lookup(&self, keys: &[PosKey], limit: usize) -> Reuse {
-        let reuse = self.find(keys, limit);
-        let mut tree = self.tree();
-        if reuse.tokens > 0 {
-            tree.stats.hits += 1;
-            tree.stats.tokens_reused += reuse.tokens as u64;
-        } else if self.enabled() {
-            tree.stats.misses += 1;
-        }
-        reuse
+        self.search(keys, limit, true)
     }
 
     /// [`PrefixCache::lookup`] for the store's own use (storing an answer after its
     /// prompt), not counted as a hit or a miss.
     pub fn find(&self, keys: &[PosKey], limit: usize) -> Reuse {
+        self.search(keys, limit, false)
+    }
+
+    fn search(&self, keys: &[PosKey], limit: usize, count: bool) -> Reuse {
         let mut reuse = Reuse {
             tokens: 0,
             pieces: Vec::new(),
@@ -250,6 +244,12 @@ impl PrefixCache {
             reuse.pieces.push((tree.nodes[&id].rows.clone(), n));
         }
         reuse.tokens = at;
+        if count && at > 0 {
+            tree.stats.hits += 1;
+            tree.stats.tokens_reused += at as u64;
+        } else if count {
+            tree.stats.misses += 1;
+        }
         reuse
     }
 
@@ -390,13 +390,7 @@ impl FeatureCache {
     pub fn new(budget: usize) -> Self {
         Self {
             budget,
-            inner: Mutex::new(Features {
-                stats: CacheStats {
-                    budget,
-                    ..Default::default()
-                },
-                ..Default::default()
-            }),
+            inner: Mutex::new(Features::default()),
         }
     }
 
@@ -405,7 +399,10 @@ impl FeatureCache {
     }
 
     pub fn stats(&self) -> CacheStats {
-        self.features().stats
+        CacheStats {
+            budget: self.budget,
+            ..self.features().stats
+        }
     }
 
     /// The features of image `digest`, computing them with `encode` on a miss.

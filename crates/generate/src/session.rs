@@ -439,27 +439,17 @@ impl Session {
             load_ms: self.load_ms,
             ..Default::default()
         };
-        let (
-            EmbeddedPrompt {
-                embeds,
-                ids,
-                tokens: prompt_tokens,
-                keys,
-            },
-            gen_opts,
-        ) = self.prepare(prompt_text, images, opts, &mut timings)?;
-        let prompt = Prompt {
-            embeds: &embeds,
-            context_ids: &ids,
-            keys: &keys,
-        };
+        let (embedded, gen_opts) = self.prepare(prompt_text, images, opts, &mut timings)?;
+        let prompt_tokens = embedded.tokens;
         let mut batch = self.batch();
-        let mut finished =
-            batch.join_prompt(&self.model, &self.tok, prompt, &gen_opts, on_text, ())?;
-        while finished.is_none() {
-            finished = batch.step(&self.model, &self.tok)?.pop();
-        }
-        let generation = finished.expect("the loop ends with a result").generation;
+        let generation = crate::engine::generate_in(
+            &mut batch,
+            &self.model,
+            &self.tok,
+            embedded.prompt(),
+            &gen_opts,
+            on_text,
+        )?;
         self.store_answers(&mut batch);
         timings.prefill_ms = generation.prefill_ms;
         timings.decode_ms = generation.decode_ms;

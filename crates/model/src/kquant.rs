@@ -76,9 +76,9 @@ pub fn available() -> bool {
 }
 
 /// Activation rows up to which [`try_matmul`] multiplies on this CPU: [`GROUPS`] groups of
-/// [`MAX_ROWS`] with AVX512; any number with AVX2, where `vpmaddubsw`'s 32 products per instruction beat the
-/// f32 FMAs of a GEMM over dequantized panels (8 per instruction), as llama.cpp's
-/// quantized prefill does; 0 without kernels.
+/// [`MAX_ROWS`] with AVX512; any number with AVX2, where `vpmaddubsw`'s 32 products per
+/// instruction beat the f32 FMAs of a GEMM over dequantized panels (8 per instruction), as
+/// llama.cpp's quantized prefill does; 0 without kernels.
 pub fn max_rows() -> usize {
     kernels().map_or(0, rows_limit)
 }

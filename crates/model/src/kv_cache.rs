@@ -249,8 +249,10 @@ impl KvCache {
         Ok(())
     }
 
-    /// Copies of `row`'s keys and values for the real positions `positions` (all cached),
-    /// per layer `(1, kv_heads, len, d)`: what a prefix store keeps of a sequence.
+    /// Copies of `row`'s keys and values for the real positions `positions`, which it holds
+    /// in consecutive slots (as every row does past its front padding), per layer
+    /// `(1, kv_heads, len, d)`: what a prefix store keeps of a sequence. Copies, because the
+    /// buffers are written in place later.
     pub fn row_positions(
         &self,
         row: usize,
@@ -259,36 +261,27 @@ impl KvCache {
         let Some(slots) = self.slots.get(row) else {
             candle_core::bail!("row {row} of a cache of {}", self.slots.len());
         };
-        let cols: Vec<u32> = positions
-            .clone()
-            .map(|p| {
-                slots
-                    .iter()
-                    .position(|s| *s == Some(p))
-                    .map(|j| j as u32)
-                    .ok_or_else(|| candle_core::Error::Msg(format!("position {p} is not cached")))
-            })
-            .collect::<Result<_>>()?;
-        let consecutive = cols.windows(2).all(|w| w[1] == w[0] + 1);
+        let start = slots.iter().position(|s| *s == Some(positions.start));
+        let held = start.filter(|&j| {
+            slots[j..]
+                .iter()
+                .take(positions.len())
+                .copied()
+                .eq(positions.clone().map(Some))
+        });
+        let Some(j0) = held else {
+            candle_core::bail!("positions {positions:?} are not in consecutive slots of row {row}");
+        };
         self.layers
             .iter()
             .map(|buf| {
                 let Some(buf) = buf else {
                     candle_core::bail!("no cache buffer for a layer");
                 };
-                let pick = |t: &Tensor| -> Result<Tensor> {
-                    let t = t.narrow(0, row, 1)?;
-                    match (consecutive, cols.first()) {
-                        // Always a copy: the buffer is written in place later.
-                        (_, None) => t.narrow(2, 0, 0)?.force_contiguous(),
-                        (true, Some(&j0)) => {
-                            t.narrow(2, j0 as usize, cols.len())?.force_contiguous()
-                        }
-                        (false, _) => {
-                            let idx = Tensor::new(cols.as_slice(), t.device())?;
-                            t.contiguous()?.index_select(&idx, 2)
-                        }
-                    }
+                let pick = |t: &Tensor| {
+                    t.narrow(0, row, 1)?
+                        .narrow(2, j0, positions.len())?
+                        .force_contiguous()
                 };
                 Ok((pick(&buf.k)?, pick(&buf.v)?))
             })

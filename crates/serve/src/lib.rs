@@ -118,12 +118,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
         e.first_tokens.load(Ordering::Relaxed),
     );
     let mut body = body;
+    let prefix = state.engine.prefix_cache.stats();
     for (name, what, stats) in [
-        (
-            "prefix_cache",
-            "blocks of keys and values",
-            state.engine.prefix_cache.stats(),
-        ),
+        ("prefix_cache", "blocks of keys and values", prefix),
         (
             "image_cache",
             "projected image features",
@@ -141,7 +138,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
             stats.hits, stats.misses, stats.evictions, stats.bytes, stats.budget, stats.entries,
         ));
     }
-    let reused = state.engine.prefix_cache.stats().tokens_reused;
+    let reused = prefix.tokens_reused;
     body.push_str(&format!(
         "# HELP kollava_prefix_cache_reused_tokens_total prompt positions taken from the prefix cache instead of prefilled\n\
          # TYPE kollava_prefix_cache_reused_tokens_total counter\nkollava_prefix_cache_reused_tokens_total {reused}\n"
