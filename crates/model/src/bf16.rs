@@ -24,6 +24,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Result, Tensor};
 
 pub(crate) mod amx;
+mod unpack;
 
 /// Output rows per panel (two vectors of 16 f32).
 const NR: usize = 32;
@@ -31,6 +32,9 @@ const NR: usize = 32;
 const MR: usize = 12;
 /// Input pairs per block.
 const KC: usize = 256;
+/// Bytes of packed activations (the rows of a short prefill) that stay in L2 while every
+/// panel passes over them.
+const XP_IN_L2: usize = 256 << 10;
 /// Up to this many rows (a batch of decoding sequences) each row is a matrix-vector product
 /// summed in exactly the order of a single row's, so that an answer does not depend on what
 /// it was batched with; the panel still streams from memory once for all rows.
@@ -338,22 +342,31 @@ fn gemm(kernels: Kernels, w: &impl Panels, xs: &[f32], m: usize, k: usize) -> Ve
     let xp = pack_rows::<MR>(xs, m, k, pairs);
     let mut c = vec![0f32; tiles * MR * ldc];
     let c_addr = c.as_mut_ptr() as usize;
+    // Few rows (a short prefill): all of them stay in L2, and each panel's blocks are taken
+    // one after another, so that its weight rows stream from memory in order (a ggml
+    // weight's are unpacked on the way). Each sum runs in the same order either way.
+    let panel_by_panel = xp.len() * 4 <= XP_IN_L2;
     candle_core::utils::barrier_pool().execute_chunked(panels, |range| {
         let mut buf = Vec::new();
-        for q0 in (0..pairs).step_by(KC) {
+        let blocks = (0..pairs).step_by(KC);
+        let steps: Box<dyn Iterator<Item = (usize, usize)>> = if panel_by_panel {
+            Box::new(range.flat_map(|p| blocks.clone().map(move |q0| (q0, p))))
+        } else {
+            Box::new(blocks.flat_map(|q0| range.clone().map(move |p| (q0, p))))
+        };
+        for (q0, p) in steps {
             let kc = KC.min(pairs - q0);
-            for p in range.clone() {
-                let wb = w.block(kernels, p, q0, kc, &mut buf);
-                assert!(wb.len() >= kc * NR);
-                for t in 0..tiles {
-                    let x = &xp[(t * pairs + q0) * MR..];
-                    // SAFETY: the caller chose these kernels from `supported()`; the slices
-                    // hold `kc` pairs from here; each (tile, panel) block of `c` is written
-                    // by the one thread that took the panel.
-                    unsafe {
-                        let cp = (c_addr as *mut f32).add(t * MR * ldc + p * NR);
-                        tile::<MR>(x.as_ptr(), wb.as_ptr(), kc, cp, ldc, q0 > 0);
-                    }
+            let wb = w.block(kernels, p, q0, kc, &mut buf);
+            assert!(wb.len() >= kc * NR);
+            for t in 0..tiles {
+                let x = &xp[(t * pairs + q0) * MR..];
+                // SAFETY: the caller chose these kernels from `supported()`; the slices hold
+                // `kc` pairs from here; each (tile, panel) block of `c` is written by the one
+                // thread that took the panel.
+                unsafe {
+                    let cp = (c_addr as *mut f32).add(t * MR * ldc + p * NR);
+                    let live = MR.min(m - t * MR);
+                    tile_rows(live, x.as_ptr(), wb.as_ptr(), kc, cp, ldc, q0 > 0);
                 }
             }
         }
@@ -451,6 +464,7 @@ fn matmul_ggml_with(kernels: Kernels, w: &QTensor, x: &Tensor) -> Result<Option<
         block,
         block_bytes: w.dtype().type_size(),
         to_f32,
+        to_pairs: unpack::decoder(w.dtype()).filter(|_| kernels != Kernels::Avx2Fma),
     };
     let c = gemm(kernels, &src, xs, m, k);
     drop(storage);
@@ -549,6 +563,8 @@ struct GgmlPanels<'a> {
     block: usize,
     block_bytes: usize,
     to_f32: BlockDecoder,
+    /// Straight to bf16 pairs, where [`unpack`] has a decoder for the type on this CPU.
+    to_pairs: Option<unpack::PairDecoder>,
 }
 
 impl Panels for GgmlPanels<'_> {
@@ -575,11 +591,15 @@ impl Panels for GgmlPanels<'_> {
         let live = NR.min(self.n - p * NR);
         for lane in 0..live {
             let start = (p * NR + lane) * self.row_bytes;
+            let out = &mut rows[lane * kc..(lane + 1) * kc];
+            if let Some(to_pairs) = self.to_pairs {
+                to_pairs(&self.data[start + bytes.start..start + bytes.end], out);
+                continue;
+            }
             (self.to_f32)(
                 &self.data[start + bytes.start..start + bytes.end],
                 &mut values[..e1 - e0],
             );
-            let out = &mut rows[lane * kc..(lane + 1) * kc];
             if simd {
                 // SAFETY: the caller chose AMX or AVX512-BF16 from `supported()`.
                 unsafe { round_pairs(&values[..2 * kc], out) };
@@ -689,8 +709,32 @@ pub(crate) unsafe fn round_pairs(values: &[f32], out: &mut [u32]) {
     }
 }
 
-/// One `R × 32` block of `c` (row stride `ldc`) += (or =) `kc` pairs of a tile times a
-/// panel.
+/// [`tile`] for the first `live` rows of a tile: a prompt's last tile (or a short step's
+/// only one) computes only its rows. Each row's sums run in the same order whatever `live`
+/// is.
+unsafe fn tile_rows(
+    live: usize,
+    x: *const u32,
+    w: *const u32,
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    macro_rules! rows {
+        ($($r:literal)*) => {
+            match live {
+                $($r => tile::<$r>(x, w, kc, c, ldc, accumulate),)*
+                _ => tile::<MR>(x, w, kc, c, ldc, accumulate),
+            }
+        };
+    }
+    const _: () = assert!(MR == 12);
+    rows!(1 2 3 4 5 6 7 8 9 10 11)
+}
+
+/// One `R × 32` block of `c` (row stride `ldc`) += (or =) `kc` pairs of a tile (rows
+/// [`MR`] apart) times a panel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn tile<const R: usize>(
@@ -714,7 +758,7 @@ unsafe fn tile<const R: usize>(
         let w1: __m512bh =
             std::mem::transmute(_mm512_loadu_epi32(w.add(q * NR + 16) as *const i32));
         for (j, a) in acc.iter_mut().enumerate() {
-            let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(*x.add(q * R + j) as i32));
+            let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(*x.add(q * MR + j) as i32));
             a[0] = _mm512_dpbf16_ps(a[0], w0, b);
             a[1] = _mm512_dpbf16_ps(a[1], w1, b);
         }
@@ -1153,6 +1197,44 @@ mod tests {
                         .to_vec2()
                         .unwrap();
                     assert_eq!(row, &alone[0], "{kernels} {m}x{k}x{n}: row {r}");
+                }
+            }
+        }
+    }
+
+    /// Through the tiled kernel over a ggml weight, a row's numbers do not depend on how many
+    /// rows share the product, nor where in its tile the row falls (a prompt cut after a
+    /// reused prefix is prefilled with the bits a cold prefill computes).
+    #[test]
+    fn ggml_rows_equal_rows_alone_bit_for_bit() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        if !available() {
+            eprintln!("skipped: this CPU runs none of the bf16 kernels");
+            return;
+        }
+        let d = Device::Cpu;
+        let (k, n) = (1024, 80);
+        let x = Tensor::randn(0f32, 1.0, (31, k), &d).unwrap();
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &d).unwrap();
+            let w = QTensor::quantize(&w, dtype).unwrap();
+            for kernels in supported() {
+                let product = |x: &Tensor| -> Vec<Vec<f32>> {
+                    matmul_ggml_with(kernels, &w, x)
+                        .unwrap()
+                        .unwrap()
+                        .to_vec2()
+                        .unwrap()
+                };
+                let all = product(&x);
+                for (start, len) in [(0, 1), (3, 5), (7, 17), (30, 1)] {
+                    let part = product(&x.narrow(0, start, len).unwrap());
+                    assert_eq!(
+                        &all[start..start + len],
+                        &part[..],
+                        "{kernels} {dtype:?}: rows {start}..{}",
+                        start + len
+                    );
                 }
             }
         }
