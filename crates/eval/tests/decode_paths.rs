@@ -325,12 +325,12 @@ fn sequences_joining_and_leaving_a_running_batch_decode_as_alone() {
 }
 
 /// A decoder whose matrices are `Q4_K` (and `lm_head` `Q6_K`), as in a Q4_K_M GGUF, with
-/// widths that are multiples of 256 so that decoding runs through our k-quant kernels:
-/// logits decoded step by step (our integer kernels) and those of one full forward of the
-/// whole sequence (the tiled bf16 GEMM with AVX512, the integer kernels again with AVX2)
-/// both agree with candle's f32 forward of the dequantized weights.
-#[test]
-fn k_quant_prefill_and_decoding_agree_with_the_dequantized_f32_forward() {
+/// widths that are multiples of 256 so that our k-quant kernels take them; and the same
+/// (dequantized) weights as f32 matrices, multiplied by candle.
+fn k_quant_decoder() -> (
+    kollava_model::decoder::Decoder,
+    kollava_model::decoder::Decoder,
+) {
     use candle_core::quantized::{GgmlDType, QTensor};
     use kollava_model::config::{Activation, DecoderConfig};
     use kollava_model::decoder::Decoder;
@@ -419,6 +419,17 @@ fn k_quant_prefill_and_decoding_agree_with_the_dequantized_f32_forward() {
     let head = dense(exact.lm_head_mut());
     *exact.lm_head_mut() = head;
 
+    (decoder, exact)
+}
+
+/// Logits decoded step by step (our integer kernels) and those of one full forward of the
+/// whole sequence (the tiled bf16 GEMM with AVX512, the integer kernels again with AVX2)
+/// both agree with candle's f32 forward of the dequantized weights.
+#[test]
+fn k_quant_prefill_and_decoding_agree_with_the_dequantized_f32_forward() {
+    use kollava_model::decoder::Decoder;
+    let dev = Device::Cpu;
+    let (decoder, exact) = k_quant_decoder();
     let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % 320).collect();
     let embed = |ids: &[u32]| {
         decoder
@@ -476,5 +487,55 @@ fn k_quant_prefill_and_decoding_agree_with_the_dequantized_f32_forward() {
         errors.sort_by(f32::total_cmp);
         assert!(errors[errors.len() - 1] < max, "{path}: {errors:?}");
         assert!(errors[errors.len() / 2] < median, "{path}: {errors:?}");
+    }
+}
+
+/// A `Q4_K_M`-like prompt prefilled in two steps (a reused prefix, then the rest), the
+/// second at least `steady_rows` long, gives the logits of one forward of the whole prompt
+/// bit for bit, with the cache in f32 and in f16: whatever kernels this CPU runs, every
+/// prefill step of a quantized model takes the same one (on AVX512 the bf16 GEMM, however
+/// short the step), which is what lets a conversation's follow-up answer as a cold run.
+#[test]
+fn a_k_quant_prompt_cut_after_a_prefix_prefills_the_bits_of_one_forward() {
+    let dev = Device::Cpu;
+    let (decoder, _) = k_quant_decoder();
+    let fresh = decoder.steady_rows();
+    let ids: Vec<u32> = (0..40 + fresh as u32).map(|i| (i * 53 + 7) % 320).collect();
+    let embed = |ids: &[u32]| {
+        decoder
+            .embed(&Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap())
+            .unwrap()
+    };
+    let logits = |h: &Tensor| -> Vec<Vec<f32>> {
+        decoder
+            .logits(h)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    };
+    for dtype in [DType::F32, DType::F16] {
+        let cache = || KvCache::new(2, 1).storing(dtype);
+        let mut c = cache();
+        let whole = logits(&decoder.forward(&embed(&ids), &[ids.len()], &mut c).unwrap());
+        // Each step as long as the store keeps (see `Batch::join_prompt`).
+        for cut in [fresh, fresh + 7, ids.len() - fresh] {
+            let mut c = cache();
+            decoder
+                .forward(&embed(&ids[..cut]), &[cut], &mut c)
+                .unwrap();
+            let rest = &ids[cut..];
+            let got = logits(
+                &decoder
+                    .forward(&embed(rest), &[rest.len()], &mut c)
+                    .unwrap(),
+            );
+            assert!(
+                got == whole[cut..],
+                "{dtype:?}: the last {} positions after a cut at {cut} differ",
+                rest.len()
+            );
+        }
     }
 }

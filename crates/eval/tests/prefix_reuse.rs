@@ -20,14 +20,17 @@ const FAMILIES: [&str; 4] = ["llava-v0", "llava-v1.5", "llava-hf", "llava-mistra
 
 fn session_at(model: &str, dtype: Option<DType>, cache: bool) -> Session {
     let budget = if cache { None } else { Some(0) };
-    Session::load(&SessionOptions {
+    let mut s = Session::load(&SessionOptions {
         model: model.to_string(),
         dtype,
         prefix_cache_bytes: budget,
         image_cache_bytes: budget,
         ..Default::default()
     })
-    .unwrap()
+    .unwrap();
+    // As `kollava chat` does.
+    s.keep_answers = cache;
+    s
 }
 
 fn session(family: &str, cache: bool) -> Session {
@@ -251,11 +254,10 @@ fn follow_up_turns_reuse_the_history_and_answer_as_cold_runs() {
                 );
                 assert!(shared > e.tokens / 2, "{family} turn {}", t + 1);
             }
-            // The prompt, and the answer after it when it is long enough to be prefilled.
+            // The prompt, and the answer after it (prefilled with the template text before
+            // it when it is shorter than a step the store keeps).
             let mut held = e.keys.clone();
-            if a.generation.ids.len() >= fresh(&warm) {
-                held.extend(a.generation.ids.iter().map(|&id| PosKey::Token(id)));
-            }
+            held.extend(a.generation.ids.iter().map(|&id| PosKey::Token(id)));
             previous = Some(held);
             conv.messages.pop();
             conv.push(Role::Assistant, Some(a.generation.text.clone()));

@@ -68,6 +68,10 @@ pub fn fresh_positions(model: &Llava) -> usize {
     model.decoder.steady_rows()
 }
 
+/// Answers kept for [`Batch::store_answers`] at most (the oldest go first): a server busy
+/// without pause stores none, and the next turn of each conversation prefills its answer.
+const MAX_ANSWERS_WAITING: usize = 64;
+
 /// A prompt ready to prefill.
 #[derive(Clone, Copy)]
 pub struct Prompt<'p> {
@@ -440,7 +444,9 @@ impl<'a, T> Batch<'a, T> {
             &[rest],
             &mut cache,
         )?;
-        if let Some(store) = store {
+        // A step shorter than `fresh_positions` (a whole prompt that short) may have taken
+        // other kernels than a longer prefill of the same positions: not stored.
+        if let Some(store) = store.filter(|_| rest >= fresh_positions(model)) {
             store.insert(prompt.keys, |r| cache.row_positions(0, r))?;
         }
         let logits = last_logits(model, &hidden)?;
@@ -511,37 +517,57 @@ impl<'a, T> Batch<'a, T> {
     /// prompt, for its conversation's next turn. An answer is prefilled once more for this
     /// (after the stored prompt; about what prefilling its length takes, a fraction of the
     /// time decoding it took): the rows its decoding steps computed came from the decoding
-    /// kernels, and the next turn must get the numbers a cold prefill computes. Answers
-    /// shorter than [`fresh_positions`], and those whose prompt left the store meanwhile,
-    /// are left to the next turn's prefill. Callers run this once the answers are
-    /// delivered, so no client waits for it.
-    pub fn store_answers(&mut self, model: &Llava) -> Result<()> {
+    /// kernels, and the next turn must get the numbers a cold prefill computes. The step is
+    /// at least [`fresh_positions`] long, as every prefill step is: an answer shorter than
+    /// that is prefilled with the last prompt positions before it (template text). Answers
+    /// whose prompt left the store meanwhile, or that follow too few text positions, are left
+    /// to the next turn's prefill, and those a later turn stored already are skipped.
+    /// Callers run this once the answers are delivered (the server once it is idle), so no
+    /// client waits for it. Returns how many it stored.
+    pub fn store_answers(&mut self, model: &Llava) -> Result<usize> {
         let Some(store) = self.store.clone().filter(|_| !self.answered.is_empty()) else {
-            return Ok(());
+            return Ok(0);
         };
+        let mut stored = 0;
         let fresh = fresh_positions(model);
         for (prompt, ids) in std::mem::take(&mut self.answered) {
-            let mut keys = prompt.clone();
+            let mut keys = prompt;
             keys.extend(ids.iter().map(|&id| PosKey::Token(id)));
-            if ids.len() < fresh {
+            let Some(limit) = keys.len().checked_sub(fresh) else {
                 continue;
+            };
+            let reuse = store.find(&keys, keys.len());
+            if reuse.tokens == keys.len() {
+                continue; // a later turn of the conversation stored it already
             }
-            let reuse = store.find(&keys, keys.len() - fresh);
-            if reuse.tokens < prompt.len() {
+            let reuse = store.find(&keys, limit);
+            let rest: Option<Vec<u32>> = keys[reuse.tokens..]
+                .iter()
+                .map(|k| match k {
+                    PosKey::Token(id) => Some(*id),
+                    PosKey::Image { .. } => None,
+                })
+                .collect();
+            let Some(rest) = rest.filter(|_| reuse.tokens > 0) else {
                 continue;
-            }
+            };
             let mut cache = model.decoder.new_cache(1);
             cache.reserve(keys.len());
             cache.load_prefix(&reuse.layers()?)?;
-            let rest = &ids[reuse.tokens - prompt.len()..];
             let device = model.decoder.device().clone();
             let x = model
                 .decoder
-                .embed(&Tensor::new(rest, &device)?.unsqueeze(0)?)?;
+                .embed(&Tensor::new(rest.as_slice(), &device)?.unsqueeze(0)?)?;
             model.decoder.forward(&x, &[rest.len()], &mut cache)?;
             store.insert(&keys, |r| cache.row_positions(0, r))?;
+            stored += 1;
         }
-        Ok(())
+        Ok(stored)
+    }
+
+    /// Whether answers wait for [`Batch::store_answers`].
+    pub fn has_answers(&self) -> bool {
+        !self.answered.is_empty()
     }
 
     fn remove(&mut self, keep: &[bool], tokenizer: &Tokenizer) -> Result<Vec<Finished<T>>> {
@@ -552,6 +578,9 @@ impl<'a, T> Batch<'a, T> {
             for (seq, _) in self.seqs.iter_mut().zip(keep).filter(|(_, &k)| !k) {
                 if !seq.keys.is_empty() && seq.row.stop != Some(StopReason::Cancelled) {
                     let keys = std::mem::take(&mut seq.keys);
+                    if self.answered.len() == MAX_ANSWERS_WAITING {
+                        self.answered.remove(0);
+                    }
                     self.answered.push((keys, seq.row.ids.clone()));
                 }
             }

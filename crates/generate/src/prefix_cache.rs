@@ -25,16 +25,14 @@
 //! so an eviction meanwhile frees nothing it is using.
 //!
 //! Exactness: every stored row is a prefill's (an answer is prefilled once more after it
-//! ends, see [`crate::Batch::store_answers`]), and what reuses rows prefills at least the
-//! model's [`steady_rows`](kollava_model::decoder::Decoder::steady_rows), so the kernels
-//! that compute a prompt's rows do not depend on how it was cut into steps. Bit for bit the
-//! logits of a cold prefill of the whole prompt (tested on every family): f32, f16 and bf16
-//! models on CPU (with a 16-bit cache, every step attends the stored values), and GGUF
-//! models whose matrices candle's kernels or our AVX2 k-quant kernels take. Where our
-//! AVX512 k-quant kernels run, a `Q4_K`/`Q6_K` model's short steps take them where a long
-//! cold prefill takes the bf16 GEMM (see `Linear::steady_rows`): close, not the same bits,
-//! and on a random-weight model (nearly flat next-token distributions) not always the same
-//! greedy tokens (BENCHMARKS.md).
+//! ends, see [`crate::Batch::store_answers`]), every stored step was at least the model's
+//! [`steady_rows`](kollava_model::decoder::Decoder::steady_rows) long, and what reuses
+//! rows prefills at least that many, so the kernels that compute a prompt's rows do not
+//! depend on how it was cut into steps (with a `Q4_K`/`Q6_K` model on a CPU with AVX512,
+//! every prefill step goes to the bf16 GEMM, see `kquant::max_rows`). Bit for bit the
+//! logits of a cold prefill of the whole prompt: f32, f16 and bf16 models on CPU (with a
+//! 16-bit cache, every step attends the stored values) and GGUF models, tested on every
+//! family and on k-quant matrices.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};

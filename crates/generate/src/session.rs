@@ -136,6 +136,10 @@ pub struct Session {
     pub prefix_cache: Arc<PrefixCache>,
     /// Projected features of images seen before.
     pub feature_cache: Arc<FeatureCache>,
+    /// Whether [`Session::answer`] keeps each answer's keys and values for a follow-up turn
+    /// (an extra prefill of the answer once it is delivered; see [`Batch::store_answers`]):
+    /// on for an interactive chat, off (the default) where nothing follows an answer up.
+    pub keep_answers: bool,
 }
 
 impl Session {
@@ -208,6 +212,7 @@ impl Session {
             template,
             device,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            keep_answers: false,
         })
     }
 
@@ -353,7 +358,8 @@ impl Session {
     /// Answers several rendered prompts together (one image list each): each prompt is
     /// prefilled on its own (reusing what the prefix cache holds of it, such as a system
     /// prompt the others share) and joins one batch, which decodes a token for every
-    /// unfinished answer per step, reading the weights once per step for all of them.
+    /// unfinished answer per step, reading the weights once per step for all of them. The
+    /// answers are not kept for follow-ups (an evaluation's questions have none).
     pub fn answer_batch(
         &self,
         prompts: &[(String, Vec<RgbImage>)],
@@ -387,7 +393,6 @@ impl Session {
                 out[f.tag] = Some(f.generation);
             }
         }
-        self.store_answers(&mut batch);
         Ok(out
             .into_iter()
             .map(|g| g.expect("every sequence leaves the batch"))
@@ -395,9 +400,23 @@ impl Session {
     }
 
     /// [`Batch::store_answers`]; a failure only costs the next turn its reuse of them.
-    pub fn store_answers<T>(&self, batch: &mut Batch<'_, T>) {
-        if let Err(e) = batch.store_answers(&self.model) {
-            tracing::warn!("keeping the answers for the next turn failed: {e}");
+    /// Returns how many it stored.
+    pub fn store_answers<T>(&self, batch: &mut Batch<'_, T>) -> usize {
+        let t = std::time::Instant::now();
+        match batch.store_answers(&self.model) {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::debug!(
+                        "stored {n} answers in {:.0} ms",
+                        t.elapsed().as_secs_f64() * 1e3
+                    );
+                }
+                n
+            }
+            Err(e) => {
+                tracing::warn!("keeping the answers for the next turn failed: {e}");
+                0
+            }
         }
     }
 
@@ -450,7 +469,9 @@ impl Session {
             &gen_opts,
             on_text,
         )?;
-        self.store_answers(&mut batch);
+        if self.keep_answers {
+            self.store_answers(&mut batch);
+        }
         timings.prefill_ms = generation.prefill_ms;
         timings.decode_ms = generation.decode_ms;
         timings.decode_tokens_per_s = if generation.decode_ms > 0.0 {

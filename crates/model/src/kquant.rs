@@ -26,10 +26,9 @@ const QK: usize = 256;
 const Q4K_BYTES: usize = 144;
 /// Bytes per `Q6_K` block: 128 low nibbles, 64 of high bit pairs, 16 i8 scales, f16 d.
 const Q6K_BYTES: usize = 210;
-/// Activation rows the AVX512 kernels take at once (decoding, batched decoding; a short
-/// prefill in groups of this many, see [`GROUPS`]). There, a prefill's hundreds of rows go
-/// to the tiled bf16 GEMM ([`crate::bf16::matmul_ggml`]): `vdpbf16ps` outruns these
-/// row-by-row kernels. With AVX2 the integer kernels run prefill too (see [`max_rows`]).
+/// Activation rows the AVX512 kernels take (decoding, batched decoding). There, every
+/// longer step goes to the tiled bf16 GEMM ([`crate::bf16::matmul_ggml`]), the kernel of
+/// every prefill (see [`max_rows`]). With AVX2 the integer kernels run prefill too.
 pub const MAX_ROWS: usize = 16;
 
 /// A kernel set.
@@ -75,10 +74,19 @@ pub fn available() -> bool {
     kernels().is_some()
 }
 
-/// Activation rows up to which [`try_matmul`] multiplies on this CPU: [`GROUPS`] groups of
-/// [`MAX_ROWS`] with AVX512; any number with AVX2, where `vpmaddubsw`'s 32 products per
+/// Activation rows up to which [`try_matmul`] multiplies on this CPU: [`MAX_ROWS`] with
+/// AVX512; any number with AVX2, where `vpmaddubsw`'s 32 products per
 /// instruction beat the f32 FMAs of a GEMM over dequantized panels (8 per instruction), as
 /// llama.cpp's quantized prefill does; 0 without kernels.
+///
+/// With AVX512 every prefill step (at least `MAX_ROWS + 1` positions, see
+/// [`crate::layers::Linear::steady_rows`]) goes to the bf16 GEMM, however short: a
+/// conversation's follow-up prefilled after its cached history then gets the numbers a cold
+/// prefill of the whole conversation computes, and so the same greedy answer. Through these
+/// integer kernels a short step would be sooner (`vpdpbusd` sums twice the products of
+/// `vdpbf16ps`, and the GEMM unpacks every weight first: a bench-1b `Q4_K_M` follow-up of
+/// 31 positions took about 200 ms in groups of 16 rows, 420-460 ms through the GEMM; see
+/// BENCHMARKS.md) but would round its activations otherwise (8-bit blocks against bf16).
 pub fn max_rows() -> usize {
     kernels().map_or(0, rows_limit)
 }
@@ -103,19 +111,10 @@ pub fn takes(w: &QTensor) -> bool {
 
 fn rows_limit(kernels: Kernels) -> usize {
     match kernels {
-        Kernels::Avx512Vnni => MAX_ROWS * GROUPS,
+        Kernels::Avx512Vnni => MAX_ROWS,
         Kernels::Avx2 => usize::MAX,
     }
 }
-
-/// Groups of [`MAX_ROWS`] rows the AVX512 kernels take one after another before a product
-/// goes to the bf16 GEMM. The GEMM first unpacks the whole weight to bf16, a fixed cost that
-/// only a long step amortizes; a short prefill (a conversation's follow-up after its cached
-/// history: a few dozen positions) is sooner through the integer kernels, which read the
-/// weight once per group. On bench-1b `Q4_K_M` (2 threads, an AVX512-BF16 Zen): the GEMM
-/// costs about 400 ms a forward plus 3.7 ms a row, the groups 6.4 ms a row, even at 128
-/// rows; a follow-up's 31 positions took 573 ms through the GEMM and 180-230 ms in groups.
-const GROUPS: usize = 8;
 
 /// `x Wᵀ` for `x: (…, k)` with at most [`max_rows`] rows, when this module has a kernel for
 /// the weight (a `Q4_K` or `Q6_K` matrix whose width is a multiple of 256 on a CPU that runs
@@ -144,30 +143,6 @@ fn try_matmul_many_with(
     let m: usize = dims.iter().product();
     if !x.device().is_cpu() || !k.is_multiple_of(QK) || m == 0 || m > rows_limit(kernels) {
         return Ok(None);
-    }
-    if kernels == Kernels::Avx512Vnni && m > MAX_ROWS {
-        // Group by group; each row's numbers are the same as in any other grouping.
-        let x2 = x.reshape((m, k))?;
-        let mut parts: Vec<Vec<Tensor>> = vec![Vec::new(); ws.len()];
-        for start in (0..m).step_by(MAX_ROWS) {
-            let rows = x2.narrow(0, start, MAX_ROWS.min(m - start))?;
-            let Some(ys) = try_matmul_many_with(kernels, ws, &rows)? else {
-                return Ok(None);
-            };
-            for (p, y) in parts.iter_mut().zip(ys) {
-                p.push(y);
-            }
-        }
-        return parts
-            .into_iter()
-            .map(|p| {
-                let y = Tensor::cat(&p, 0)?;
-                let mut dims = dims.clone();
-                dims.push(y.dim(1)?);
-                y.reshape(dims)
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some);
     }
     let mut kinds = Vec::with_capacity(ws.len());
     for w in ws {
@@ -1601,9 +1576,9 @@ mod tests {
         let q4 = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
         let narrow = Tensor::ones((3, 128), DType::F32, &dev).unwrap();
         assert!(try_matmul(&q4, &narrow).unwrap().is_none());
-        // A long prefill goes to the bf16 GEMM where the AVX512 kernels are chosen (the
-        // check comes before any kernel runs, on any CPU).
-        let prefill = Tensor::ones((MAX_ROWS * GROUPS + 1, 256), DType::F32, &dev).unwrap();
+        // Prefill goes to the bf16 GEMM where the AVX512 kernels are chosen (the check comes
+        // before any kernel runs, on any CPU).
+        let prefill = Tensor::ones((MAX_ROWS + 1, 256), DType::F32, &dev).unwrap();
         assert!(try_matmul_many_with(Kernels::Avx512Vnni, &[&q4], &prefill)
             .unwrap()
             .is_none());

@@ -274,22 +274,16 @@ impl Linear {
     /// rows there are (below it another kernel, summing in another order, takes the rows:
     /// candle's matrix-vector path for one row, candle's quantized kernels below
     /// [`GEMM_ROWS`] for a float weight in a ggml container and up to
-    /// [`crate::kquant::gemm_above_rows`] for a quantized type ours do not take, the bf16
+    /// [`crate::kquant::gemm_above_rows`] for a quantized type (our k-quant kernels or
+    /// candle's), the bf16
     /// kernels' matrix-vector path up to [`crate::bf16::GEMV_ROWS`]). A prompt cut into
-    /// steps at least this long is computed the same as in one step; the one exception,
-    /// `Q4_K`/`Q6_K` weights where the AVX512 kernels run, is explained below.
+    /// steps at least this long is computed the same as in one step.
     pub fn steady_rows(&self) -> usize {
         match self {
             Linear::Dense(_) => 2,
             Linear::Quantized { weight, .. } if is_float(weight.dtype()) => GEMM_ROWS,
-            // Our k-quant kernels take a short step; with the AVX2 kernels, every step.
-            // Where the AVX512 ones run, a long prefill goes to the bf16 GEMM instead
-            // (about 20 % sooner on a cold prompt): a short step after a reused prefix then
-            // gets the integer kernels' numbers where a cold prefill gets the GEMM's. Not the
-            // same bits, and on a random-weight model not always the same greedy tokens; the
-            // GEMM's threshold would cost every follow-up turn its unpacking of every weight.
-            Linear::Quantized { weight, .. } if crate::kquant::takes(weight) => 2,
-            // Other types: candle's kernels up to the GEMM's threshold.
+            // Quantized types: our k-quant kernels (with AVX512 up to the GEMM's threshold;
+            // with AVX2 every step) or candle's, then the bf16 GEMM.
             Linear::Quantized { .. } => match crate::kquant::gemm_above_rows() {
                 n if n == usize::MAX || !crate::bf16::available() => 2,
                 n => n + 1,

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kollava_generate::session::Timings;
 use kollava_generate::{
@@ -74,6 +74,8 @@ pub struct EngineStats {
     pub step_tokens_per_s: AtomicU64,
     /// Requests dropped because their client went away.
     pub cancelled: AtomicU64,
+    /// Answers stored in the prefix cache for their conversations' next turns.
+    pub answers_stored: AtomicU64,
 }
 
 impl EngineStats {
@@ -151,6 +153,11 @@ impl EngineHandle {
     }
 }
 
+/// How long the engine waits for a request before it stores the answers it gave (one
+/// prefill of each): longer than an API client takes to send the next turn of a scripted
+/// conversation, far shorter than a person takes to read an answer.
+const STORE_WHEN_IDLE_FOR: Duration = Duration::from_millis(100);
+
 /// What the batch remembers of a request.
 struct Tag {
     events: tmpsc::Sender<Event>,
@@ -172,7 +179,22 @@ impl Worker {
         loop {
             // Admit what has arrived; wait only when there is nothing to decode.
             while batch.len() < self.max_concurrency {
-                let next = if batch.is_empty() {
+                let next = if batch.is_empty() && batch.has_answers() {
+                    // Answers are stored for their conversations' next turns once the
+                    // server is idle: a client that sends its next turn at once gets it
+                    // without waiting for that (its prefill covers the answer anyway).
+                    match self.rx.recv_timeout(STORE_WHEN_IDLE_FOR) {
+                        Ok(job) => job,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            let stored = self.session.store_answers(&mut batch);
+                            self.stats
+                                .answers_stored
+                                .fetch_add(stored as u64, Ordering::Relaxed);
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                } else if batch.is_empty() {
                     match self.rx.recv() {
                         Ok(job) => job,
                         Err(_) => return,
@@ -210,8 +232,6 @@ impl Worker {
                     for done in ended {
                         self.finish(Ok(done));
                     }
-                    // After the clients have their answers.
-                    self.session.store_answers(&mut batch);
                 }
                 Err(e) => self.fail_all(&mut batch, e),
             }
@@ -255,6 +275,7 @@ impl Worker {
             }
         };
         let failed = tag.events.clone();
+        let t_prefill = Instant::now();
         let joined = batch.join_prompt(
             &session.model,
             &session.tok,
@@ -262,6 +283,17 @@ impl Worker {
             &opts,
             on_text,
             tag,
+        );
+        tracing::debug!(
+            "request: {:.0} ms queued and tokenizing, preprocess {:.0} ms, vision {:.0} ms, prefill {:.0} ms \
+             ({} positions)",
+            (t_prefill - submitted).as_secs_f64() * 1e3
+                - timings.preprocess_ms
+                - timings.vision_ms,
+            timings.preprocess_ms,
+            timings.vision_ms,
+            t_prefill.elapsed().as_secs_f64() * 1e3,
+            embedded.tokens,
         );
         match joined {
             Ok(None) => None,

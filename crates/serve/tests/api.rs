@@ -666,6 +666,51 @@ async fn a_client_that_disconnects_mid_stream_is_dropped_and_the_server_keeps_se
     );
 }
 
+/// Once no request has come for a moment, the server stores the answer it gave (prefilled
+/// once more) for the conversation's next turn, and says so in `/metrics`; the next turn
+/// then reuses the answer's positions too.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_server_keeps_the_answer_for_the_next_turn() {
+    let state = state();
+    let first = with_image(false);
+    let (status, body) = send(&state, request(first.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let first_prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    let answer = v["choices"][0]["message"]["content"].clone();
+    let mut stored = String::new();
+    for _ in 0..600 {
+        let (_, metrics) = send(
+            &state,
+            Request::get("/metrics").body(Body::empty()).unwrap(),
+        )
+        .await;
+        stored = metrics
+            .lines()
+            .find(|l| l.starts_with("kollava_answers_stored_total "))
+            .unwrap_or_default()
+            .to_string();
+        if stored.ends_with(" 1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored, "kollava_answers_stored_total 1");
+    // The engine stored the answer's generated tokens after the prompt; the client sends
+    // its text back, which this tokenizer splits into the same tokens at least at first.
+    let mut follow = first;
+    let messages = follow["messages"].as_array_mut().unwrap();
+    messages.push(json!({"role": "assistant", "content": answer}));
+    messages.push(json!({"role": "user", "content": "What colors are there?"}));
+    let (status, body) = send(&state, request(follow)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached > first_prompt, "{cached} of {body}");
+}
+
 /// A follow-up sent with its history (as API clients send it) reuses the first request's
 /// prompt: `usage` says how many prompt tokens came from the cache and `/metrics` counts
 /// the hit. A message that brings an image to a history that has one starts the

@@ -241,6 +241,9 @@ fn conversation(
         loaded.prefix_cache.stats().budget,
         loaded.feature_cache.stats().budget,
     );
+    // As `kollava chat`: each answer is kept for the next turn once it is out (outside the
+    // turns' times, as a person reading the answer leaves the time for it).
+    loaded.keep_answers = true;
     // Per turn: prompt tokens, cached tokens, first token ms, decode tok/s.
     let mut runs: Vec<Vec<[f64; 4]>> = vec![Vec::new(); turns];
     for run in 0..=args.repeat {

@@ -66,7 +66,9 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         .as_deref()
         .map(pipeline::read_image)
         .transpose()?;
-    let loaded = pipeline::load(&args.model)?;
+    let mut loaded = pipeline::load(&args.model)?;
+    // The next turn prefills only its own text.
+    loaded.keep_answers = true;
     let opts = pipeline::answer_options(&args.sampling)?;
     let mut state = State::new(&loaded);
     state.pending = first_image.clone();
