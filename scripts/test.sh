@@ -3,7 +3,7 @@
 # Needs a Rust toolchain (cargo, rustfmt, clippy), a C compiler (libjpeg-turbo is built
 # from source by mozjpeg-sys), Python 3 and Node.js; installs what else the tests use
 # (rustfmt/clippy, the `openai` package in target/client-venv, Chromium, playwright-core
-# in target/client-node) when missing.
+# in target/client-node, torch + transformers + PEFT under ~/.cache/kollava) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +35,21 @@ if [ ! -f target/client-node/node_modules/playwright-core/index.mjs ]; then
   npm install -s --no-fund --no-audit --prefix target/client-node playwright-core@1.64.1
 fi
 export KOLLAVA_REQUIRE_CLIENT_TESTS=1
+
+# The interop tests load what kollava writes in the real consumers (transformers 5.x, PEFT):
+# a venv kept by version under ~/.cache/kollava, built once per machine (about 6 GB: PyPI's
+# torch wheels need CUDA's libraries to import, even on a CPU).
+echo "== interop test tools"
+interop_pins=("torch==2.15.0" "transformers==5.24.0" "peft==0.21.2" "safetensors==0.8.0"
+  "pillow==13.0.0" "numpy==2.4.6" "sentencepiece==0.2.3" "protobuf==7.36.2")
+interop="${KOLLAVA_CACHE:-$HOME/.cache/kollava}/interop-torch2.15.0-transformers5.24.0-peft0.21.2"
+if ! "$interop/bin/python" -c 'import torch, transformers, peft, safetensors, PIL' 2>/dev/null; then
+  echo "installing torch, transformers and PEFT into $interop (once)" >&2
+  rm -rf "$interop"
+  python3 -m venv "$interop"
+  "$interop/bin/python" -m pip install -q --disable-pip-version-check "${interop_pins[@]}"
+fi
+export KOLLAVA_INTEROP_PYTHON="$interop/bin/python" KOLLAVA_REQUIRE_INTEROP_TESTS=1
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -36,6 +36,16 @@ impl Family {
             Family::LlavaHf => "llava-hf",
         }
     }
+
+    /// Where the language model's layers are in the module tree of the family's Python
+    /// class, the paths PEFT adapts: transformers 5.x's `LlavaForConditionalGeneration`
+    /// for llava-hf, LLaVA's `Llava*ForCausalLM` otherwise (whose paths are our names).
+    pub fn layers_module(self) -> &'static str {
+        match self {
+            Family::LlavaHf => "model.language_model.layers.",
+            Family::LlavaV0 | Family::Llava15 | Family::LlavaMistral => "model.layers.",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

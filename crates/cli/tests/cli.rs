@@ -1841,6 +1841,133 @@ fn lora_finetune_and_merge() {
     assert_one_line_error(&o, &["--bits 4"]);
 }
 
+/// The Python interpreter with the interop consumers (torch, transformers 5.x, PEFT), set up
+/// by scripts/test.sh, which names it in KOLLAVA_INTEROP_PYTHON. Outside it the test is
+/// skipped, loudly, unless KOLLAVA_REQUIRE_INTEROP_TESTS is set (CI sets it).
+fn interop_python() -> Option<PathBuf> {
+    if let Some(py) = std::env::var_os("KOLLAVA_INTEROP_PYTHON") {
+        return Some(PathBuf::from(py));
+    }
+    assert!(
+        std::env::var_os("KOLLAVA_REQUIRE_INTEROP_TESTS").is_none(),
+        "KOLLAVA_INTEROP_PYTHON is not set: run ./scripts/test.sh"
+    );
+    eprintln!("SKIPPED: no KOLLAVA_INTEROP_PYTHON (./scripts/test.sh sets it up)");
+    None
+}
+
+/// Runs `tests/interop/<script>` with the interop interpreter; returns its JSON report.
+fn interop(py: &Path, script: &str, args: &[&Path]) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/interop")
+        .join(script);
+    let o = Command::new(py).arg(path).args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{script} printed no report ({e}): {stdout}"))
+}
+
+/// A llava-hf checkpoint as transformers 5.x's `save_pretrained` writes it, from a model it
+/// loaded (the names it was loaded under) and from one it built (its own names: the tower
+/// without `vision_model.`), loads in kollava and answers as the fixture it came from.
+#[test]
+fn llava_hf_checkpoints_saved_by_transformers_5_load_and_answer_the_same() {
+    let Some(py) = interop_python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let src = checkpoint("llava-hf");
+    let answer = |model: &Path| {
+        let o = kollava(&[
+            &"run",
+            &"--model",
+            &model,
+            &"--image",
+            &image("wide_rgb.png"),
+            &"--query",
+            &QUERY,
+            &"--max-new-tokens",
+            &"12",
+        ]);
+        assert_success(&o);
+        o.stdout
+    };
+    let want = answer(&src);
+    for (how, tower) in [
+        ("loaded", "vision_tower.vision_model.embeddings."),
+        ("built", "vision_tower.embeddings."),
+    ] {
+        let dst = tmp.path().join(how);
+        let r = interop(&py, "save_pretrained.py", &[&src, &dst, Path::new(how)]);
+        assert!(r["transformers"].as_str().unwrap().starts_with("5."), "{r}");
+        let names = r["names"].as_array().unwrap();
+        assert!(
+            names.iter().any(|n| n.as_str().unwrap().starts_with(tower)),
+            "{how}: no {tower}* in {r}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&answer(&dst)),
+            String::from_utf8_lossy(&want),
+            "{how}"
+        );
+    }
+}
+
+/// PEFT on transformers 5.x applies a LoRA adapter kollava trained on a llava-hf model:
+/// every adapter weight lands on a module (none unexpected, none missing), only the
+/// language model's linear maps are wrapped, the adapter changes the base's logits, and
+/// kollava's `merge-lora` output, as transformers loads it, gives the logits of PEFT's own
+/// merge stored in the same dtype (f16).
+#[test]
+fn peft_applies_a_lora_adapter_trained_on_llava_hf() {
+    let Some(py) = interop_python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = finetune_data(&tmp);
+    let out = tmp.path().join("lora");
+    let base = checkpoint("llava-hf");
+    let mut args = finetune_args(&data, &crate_fixture_images(), &out, "4");
+    args.retain(|a| a != "--tune-vision-tower");
+    let at = args.iter().position(|a| a == "--model").unwrap() + 1;
+    args[at] = base.clone().into();
+    let lr = args.iter().position(|a| a == "--lr").unwrap() + 1;
+    args[lr] = "1e-2".into();
+    for a in ["--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0"] {
+        args.push(a.into());
+    }
+    assert_success(&kollava(&as_args(&args)));
+    let merged = tmp.path().join("merged");
+    assert_success(&kollava(&[
+        &"merge-lora",
+        &"--model",
+        &base,
+        &"--adapter",
+        &out,
+        &"--output",
+        &merged,
+    ]));
+    let r = interop(&py, "peft_adapter.py", &[&base, &out, &merged]);
+    assert_eq!(r["unexpected"], json!([]), "{r}");
+    assert_eq!(r["missing"], json!([]), "{r}");
+    let wrapped = r["wrapped"].as_array().unwrap();
+    assert_eq!(wrapped.len(), 2 * 7, "{r}"); // 2 layers × the 7 linear maps
+    assert!(
+        wrapped
+            .iter()
+            .all(|m| m.as_str().unwrap().contains(".language_model.layers.")),
+        "{r}"
+    );
+    let scale = r["scale"].as_f64().unwrap();
+    assert!(r["merged"].as_f64().unwrap() < 1e-4 * scale, "{r}");
+    assert!(r["vs_base"].as_f64().unwrap() > 1e-3 * scale, "{r}");
+}
+
 /// Stage 1 of a v0 checkpoint with `<im_start>`/`<im_end>` trains those two embedding rows
 /// with the projector, and no other row (llava-spec §1a.6).
 #[test]

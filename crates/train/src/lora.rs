@@ -4,7 +4,12 @@
 //!
 //! PEFT's names: `base_model.model.<module>.lora_A.weight` (`r × in`, Kaiming-uniform) and
 //! `…lora_B.weight` (`out × r`, zeros, so training starts from the base model exactly);
-//! the update is `B A · lora_alpha / r`.
+//! the update is `B A · lora_alpha / r`. `<module>` is the module's path in the model PEFT
+//! wraps, which is the base's own class: `model.language_model.layers.N…` in transformers
+//! 5.x's `LlavaForConditionalGeneration` (llava-hf), `model.layers.N…` in LLaVA's
+//! `LlavaLlamaForCausalLM`. An adapter under other paths loads in PEFT without an error and
+//! changes nothing, so the paths follow the base's family (the caller says where its
+//! layers are: `kollava_checkpoint::Family::layers_module`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -49,15 +54,40 @@ impl LoraOptions {
         self.alpha / self.r as f64
     }
 
-    /// PEFT's `adapter_config.json`.
-    pub fn peft_config(&self, base: &str) -> Value {
+    /// PEFT's `adapter_config.json` for a base whose language model's layers are at
+    /// `layers` (`model.language_model.layers.`, say). `target_modules` is a regular
+    /// expression PEFT matches against whole module paths: the language model's layers only
+    /// (plain names such as `q_proj` would also match the CLIP tower's attention).
+    pub fn peft_config(&self, base: &str, layers: &str) -> Value {
+        let targets = format!(
+            "{}\\d+\\.(self_attn|mlp)\\.({})",
+            layers.replace('.', "\\."),
+            self.targets.join("|")
+        );
         json!({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r,
             "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-            "target_modules": self.targets, "bias": "none", "fan_in_fan_out": false,
+            "target_modules": targets, "bias": "none", "fan_in_fan_out": false,
             "base_model_name_or_path": base, "inference_mode": true,
         })
     }
+}
+
+/// Our paths to the language model's layers (LLaVA's).
+const OUR_LAYERS: &str = "model.layers.";
+
+/// The layer paths adapters are found under (PEFT on transformers 5.x and 4.x llava-hf
+/// models, LLaVA's classes, kollava before it followed the base), as our names.
+fn our_module(name: &str) -> String {
+    for theirs in [
+        "model.language_model.layers.",
+        "language_model.model.layers.",
+    ] {
+        if let Some(rest) = name.strip_prefix(theirs) {
+            return format!("{OUR_LAYERS}{rest}");
+        }
+    }
+    name.to_string()
 }
 
 /// Adds adapters to `model`'s language model (quantizing the bases first with
@@ -132,12 +162,18 @@ pub fn add_adapters(
     Ok(params)
 }
 
-/// Adapter parameters under PEFT's names.
-pub fn peft_tensors(params: &[(String, Var)]) -> HashMap<String, Tensor> {
+/// Adapter parameters under PEFT's names, for a base whose layers are at `layers`.
+pub fn peft_tensors(params: &[(String, Var)], layers: &str) -> HashMap<String, Tensor> {
     params
         .iter()
         .filter(|(n, _)| n.contains(".lora_"))
-        .map(|(n, v)| (format!("{PEFT_PREFIX}{n}"), v.as_tensor().clone()))
+        .map(|(n, v)| {
+            let path = match n.strip_prefix(OUR_LAYERS) {
+                Some(rest) => format!("{layers}{rest}"),
+                None => n.clone(),
+            };
+            (format!("{PEFT_PREFIX}{path}"), v.as_tensor().clone())
+        })
         .collect()
 }
 
@@ -154,14 +190,19 @@ pub fn read_adapter(
         .as_u64()
         .ok_or_else(|| format!("{}: no \"r\"", cfg_path.display()))? as usize;
     let alpha = cfg["lora_alpha"].as_f64().unwrap_or(r as f64);
-    let targets = cfg["target_modules"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|t| t.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    // A list of module names, or a regular expression over paths (as we write it).
+    let targets = match &cfg["target_modules"] {
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|t| t.as_str().map(str::to_string))
+            .collect(),
+        Value::String(pattern) => ALL_TARGETS
+            .iter()
+            .filter(|t| pattern.contains(*t))
+            .map(|t| t.to_string())
+            .collect(),
+        _ => Vec::new(),
+    };
     let file = dir.join(ADAPTER_FILE);
     let raw = candle_core::safetensors::load(&file, &candle_core::Device::Cpu)
         .map_err(|e| format!("{}: {e}", file.display()))?;
@@ -169,10 +210,7 @@ pub fn read_adapter(
         .into_iter()
         .map(|(k, t)| {
             // PEFT sometimes writes `lora_A.default.weight`.
-            let k = k
-                .strip_prefix(PEFT_PREFIX)
-                .unwrap_or(&k)
-                .replace(".default.", ".");
+            let k = our_module(k.strip_prefix(PEFT_PREFIX).unwrap_or(&k)).replace(".default.", ".");
             (k, t)
         })
         .collect();
@@ -220,4 +258,58 @@ pub fn merge(
         );
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What we write for each family reads back under our names, and the targets pattern
+    /// names the language model's layers only.
+    #[test]
+    fn peft_paths_follow_the_base_and_read_back() {
+        let var =
+            Var::from_tensor(&Tensor::zeros(2, DType::F32, &candle_core::Device::Cpu).unwrap())
+                .unwrap();
+        let params = vec![("model.layers.3.mlp.up_proj.lora_A.weight".to_string(), var)];
+        for (layers, path) in [
+            (
+                "model.language_model.layers.",
+                "model.language_model.layers.3.mlp.up_proj",
+            ),
+            ("model.layers.", "model.layers.3.mlp.up_proj"),
+        ] {
+            let written = peft_tensors(&params, layers);
+            let key = written.keys().next().unwrap();
+            assert_eq!(key, &format!("base_model.model.{path}.lora_A.weight"));
+            assert_eq!(
+                our_module(key.strip_prefix(PEFT_PREFIX).unwrap()),
+                params[0].0
+            );
+            let opts = LoraOptions {
+                r: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                targets: vec!["up_proj".into(), "q_proj".into()],
+                four_bit: false,
+                seed: 0,
+            };
+            let pattern = opts.peft_config("base", layers)["target_modules"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert_eq!(
+                pattern,
+                format!(
+                    "{}\\d+\\.(self_attn|mlp)\\.(up_proj|q_proj)",
+                    layers.replace('.', "\\.")
+                )
+            );
+        }
+        // transformers 4.x's llava-hf paths too.
+        assert_eq!(
+            our_module("language_model.model.layers.0.self_attn.q_proj.lora_B.weight"),
+            "model.layers.0.self_attn.q_proj.lora_B.weight"
+        );
+    }
 }

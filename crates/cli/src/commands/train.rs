@@ -529,10 +529,14 @@ fn write_lora(
     base: &str,
     template: &str,
 ) -> Result<()> {
-    save_tensors(&dir.join(lora::ADAPTER_FILE), &lora::peft_tensors(params))?;
+    save_tensors(
+        &dir.join(lora::ADAPTER_FILE),
+        &lora::peft_tensors(params, ckpt.family.layers_module()),
+    )?;
     write_atomic(
         &dir.join(lora::ADAPTER_CONFIG),
-        serde_json::to_string_pretty(&opts.peft_config(base))?.as_bytes(),
+        serde_json::to_string_pretty(&opts.peft_config(base, ckpt.family.layers_module()))?
+            .as_bytes(),
     )?;
     save_tensors(&dir.join(lora::NON_LORA_FILE), &projector_tensors(tensors))?;
     let mut config: serde_json::Value =
