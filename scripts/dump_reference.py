@@ -177,9 +177,11 @@ def normalize(u8, proc):
 
 
 def processor_sizes(proc):
-    edge = proc.size["shortest_edge"] if isinstance(proc.size, dict) else proc.size
-    crop = proc.crop_size["height"] if isinstance(proc.crop_size, dict) else proc.crop_size
-    return int(edge), int(crop)
+    def field(value, key):  # a dict (4.x), a SizeDict with attributes (5.x), or a number
+        if isinstance(value, dict):
+            return value[key]
+        return getattr(value, key, value)
+    return int(field(proc.size, "shortest_edge")), int(field(proc.crop_size, "height"))
 
 
 # ------------------------------------------------------------------------------ templates
@@ -423,8 +425,12 @@ def load_hf(args, torch, dtype, device):
         ids, labels, mismatch = v1_labels(text, tokenize)
         return text, None, ids, labels, mismatch
 
+    # transformers 5.x keeps the parts under `model.model`; 4.x on the top-level model.
+    part = lambda name: getattr(model, name, None) or getattr(model.model, name)
+    tower, projector = part("vision_tower"), part("multi_modal_projector")
+
     def vision(px):
-        hs = model.vision_tower(px[None], output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
+        hs = tower(px[None], output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
         return hs[0, 1:] if strategy == "default" else hs[0]
 
     ids_t = lambda ids: torch.tensor([ids], device=device)
@@ -442,7 +448,7 @@ def load_hf(args, torch, dtype, device):
                 "transformers_reload_logits_max_abs_diff": float((logits - last3).abs().max())}
 
     return dict(
-        tok=tok, proc=proc, model=model, projector=model.multi_modal_projector, N=n,
+        tok=tok, proc=proc, model=model, projector=projector, N=n,
         expand2square=pad_square, mode="crop", info={}, self_check=self_check,
         image_tokens={"N": n, "image_token_index": image_id, "pad_token_id": getattr(cfg, "pad_token_id", None),
                       "style": "<image> (id image_token_index) repeated N times by the processor"},

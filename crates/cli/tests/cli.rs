@@ -1918,6 +1918,38 @@ fn llava_hf_checkpoints_saved_by_transformers_5_load_and_answer_the_same() {
     }
 }
 
+/// `scripts/dump_reference.py`, the documented way to check kollava on a real checkpoint,
+/// runs on transformers 5.x for llava-hf, and `kollava verify` passes every check of what
+/// it dumps for the llava-hf fixture.
+#[test]
+fn dump_reference_runs_on_transformers_5_and_kollava_verifies_it() {
+    let Some(py) = interop_python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ref");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/dump_reference.py");
+    let o = Command::new(&py)
+        .arg(script)
+        .args(["--family", "llava-hf", "--device", "cpu", "--model"])
+        .arg(checkpoint("llava-hf"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = kollava(&[
+        &"verify",
+        &"--model",
+        &checkpoint("llava-hf"),
+        &"--reference",
+        &out,
+    ]);
+    assert_success(&o);
+    let report = String::from_utf8_lossy(&o.stdout);
+    assert!(report.contains(" 0 failed, 0 skipped"), "{report}");
+}
+
 /// PEFT on transformers 5.x applies a LoRA adapter kollava trained on a llava-hf model:
 /// every adapter weight lands on a module (none unexpected, none missing), only the
 /// language model's linear maps are wrapped, the adapter changes the base's logits, and
