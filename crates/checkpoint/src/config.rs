@@ -73,6 +73,10 @@ pub struct RawLlavaConfig {
     pub eos_token_id: Option<Value>,
     /// Written by `kollava train`: the conversation format the model was trained in.
     pub kollava_template: Option<String>,
+    /// Written by `kollava convert --layout hf`: the model was trained on LLaVA's own
+    /// tokenization (the text around each `<image>` tokenized on its own), so prompts are
+    /// tokenized that way, not as one string with `<image>` tokens in it.
+    pub kollava_original_tokenization: Option<bool>,
     // LLaVA (original code) keys.
     pub mm_vision_tower: Option<String>,
     pub mm_hidden_size: Option<usize>,
@@ -108,9 +112,13 @@ pub struct RawClipConfig {
     pub hidden_act: Option<String>,
 }
 
-/// `preprocessor_config.json` of a CLIP image processor.
+/// `preprocessor_config.json` of a CLIP image processor (or of transformers'
+/// `LlavaImageProcessor`, which adds `do_pad`).
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct RawPreprocessorConfig {
+    /// `LlavaImageProcessor`'s square padding with the mean colour before the resize: LLaVA's
+    /// `image_aspect_ratio: pad`.
+    pub do_pad: Option<bool>,
     pub size: Option<Value>,
     pub crop_size: Option<Value>,
     pub image_mean: Option<Vec<f32>>,

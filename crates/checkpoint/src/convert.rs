@@ -414,7 +414,9 @@ pub fn extract_projector(
 /// `multi_modal_projector.linear_{1,2}`, the tokenizer gains `<image>` and `<pad>`, and the
 /// embedding and output rows grow to a multiple of 64, the new rows set to the mean of the
 /// old ones (the reference adds a little random noise; the mean keeps this deterministic).
-/// config.json keeps the source's conversation template, so kollava answers as before.
+/// config.json keeps the source's conversation template, so kollava answers as before; the
+/// repo also gets what transformers' `AutoProcessor` reads (`processor_config.json`, an
+/// image processor that fits images as the source did, the template as `chat_template`).
 pub fn to_llava_hf(
     ckpt: &crate::Checkpoint,
     output: &Path,
@@ -539,6 +541,7 @@ pub fn to_llava_hf(
             "text_config": text, "vision_config": vision_config, "vocab_size": new_vocab,
             "torch_dtype": src.get("torch_dtype").cloned().unwrap_or(json!("float16")),
             "kollava_template": ckpt.default_template(),
+            "kollava_original_tokenization": true,
         });
         write_json(&tmp.join("config.json"), &cfg)?;
         // The tokenizer: the source's files, with <image> and <pad> added.
@@ -552,9 +555,43 @@ pub fn to_llava_hf(
                 })?;
             }
         }
+        // The processor: the tower's CLIP image processor, or for `pad` transformers'
+        // `LlavaImageProcessor` with `do_pad` (pads to a square with the mean colour as
+        // LLaVA's `expand2square` does, then the same resize and crop); and the
+        // `LlavaProcessor` settings `AutoProcessor` needs.
         let pre = tower_dir.join("preprocessor_config.json");
-        if pre.is_file() {
-            write_json(&tmp.join("preprocessor_config.json"), &read_json(&pre)?)?;
+        let mut image_processor = if pre.is_file() {
+            read_json(&pre)?
+        } else {
+            json!({"image_processor_type": "CLIPImageProcessor"})
+        };
+        if ckpt.aspect == kollava_inputs::image::AspectMode::Pad {
+            image_processor["image_processor_type"] = json!("LlavaImageProcessor");
+            image_processor["do_pad"] = json!(true);
+        }
+        image_processor["processor_class"] = json!("LlavaProcessor");
+        write_json(&tmp.join("preprocessor_config.json"), &image_processor)?;
+        write_json(
+            &tmp.join("processor_config.json"),
+            &json!({
+                "processor_class": "LlavaProcessor", "image_token": "<image>",
+                "patch_size": ckpt.config.vision.patch_size,
+                "vision_feature_select_strategy": cfg["vision_feature_select_strategy"],
+                "num_additional_image_tokens": 1,
+            }),
+        )?;
+        // The conversation template, for `apply_chat_template`. The model was trained on
+        // LLaVA's tokenization: the text after an image tokenized on its own, which puts a
+        // `▁` before its `\n`; tokenized as one string (as transformers' processor does),
+        // `<image> \n` gives that `▁`, and so the source's very tokens.
+        let chat_template = kollava_inputs::template::Template::by_name(ckpt.default_template())
+            .and_then(|t| t.jinja("<image> \n"));
+        if let Some(jinja) = &chat_template {
+            let p = tmp.join("chat_template.jinja");
+            std::fs::write(&p, jinja).map_err(|e| CheckpointError::Io {
+                path: p.display().to_string(),
+                reason: e.to_string(),
+            })?;
         }
         let tc_path = ckpt.dir.join("tokenizer_config.json");
         let mut tc = if tc_path.is_file() {
@@ -572,6 +609,10 @@ pub fn to_llava_hf(
         tc["added_tokens_decoder"][image_id.to_string()] = entry("<image>");
         tc["added_tokens_decoder"][(image_id + 1).to_string()] = entry("<pad>");
         tc["pad_token"] = json!("<pad>");
+        if let Some(jinja) = chat_template {
+            // Where transformers 4.x reads it (5.x reads chat_template.jinja).
+            tc["chat_template"] = json!(jinja);
+        }
         write_json(&tmp.join("tokenizer_config.json"), &tc)?;
         let sm_path = ckpt.dir.join("special_tokens_map.json");
         let mut sm = if sm_path.is_file() {
@@ -628,8 +669,8 @@ fn hf_canonical(stored: &str) -> Option<(bool, String)> {
 /// layout (`LlavaLlamaForCausalLM`/`LlavaMistralForCausalLM` with `mm_*` keys), the tower
 /// in its own `vision_tower/` directory. The vocabulary keeps its rows (`<image>` and
 /// `<pad>` stay in the tokenizer; the original code splices features at the placeholder
-/// whatever its id), llava-hf's centre crop is kept (`image_aspect_ratio: square`), and so
-/// is the conversation template.
+/// whatever its id), the image processor's fitting is kept (`do_pad`: `image_aspect_ratio:
+/// pad`; llava-hf's centre crop: `square`), and so is the conversation template.
 pub fn to_llava_original(
     ckpt: &crate::Checkpoint,
     output: &Path,
@@ -709,7 +750,12 @@ pub fn to_llava_original(
                 FeatureSelect::Patch => "patch",
                 FeatureSelect::ClsPatch => "cls_patch",
             },
-            "image_aspect_ratio": "square",
+            // LlavaImageProcessor's `do_pad` is LLaVA's `pad`; llava-hf's CLIP processor
+            // center-crops (`square`).
+            "image_aspect_ratio": match ckpt.aspect {
+                kollava_inputs::image::AspectMode::Pad => "pad",
+                _ => "square",
+            },
             "mm_use_im_start_end": false,
             "mm_use_im_patch_token": false,
             "torch_dtype": raw.get("torch_dtype").cloned().unwrap_or(json!("float16")),
@@ -732,9 +778,22 @@ pub fn to_llava_original(
                 std::fs::copy(&p, tmp.join(f)).map_err(io(&p))?;
             }
         }
+        // The tower's processor as LLaVA's code loads it (`CLIPImageProcessor`; the padding
+        // is `image_aspect_ratio`'s).
         let pre = ckpt.dir.join("preprocessor_config.json");
         if pre.is_file() {
-            std::fs::copy(&pre, tower_dir.join("preprocessor_config.json")).map_err(io(&pre))?;
+            let text = std::fs::read_to_string(&pre).map_err(io(&pre))?;
+            let mut p: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| CheckpointError::Json {
+                    file: pre.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            if let Some(fields) = p.as_object_mut() {
+                fields.remove("do_pad");
+                fields.remove("processor_class");
+                fields.insert("image_processor_type".into(), json!("CLIPImageProcessor"));
+            }
+            write_json(&tower_dir.join("preprocessor_config.json"), &p)?;
         }
         Ok(n)
     })

@@ -122,6 +122,8 @@ pub struct Checkpoint {
     projector_file: Option<PathBuf>,
     /// `kollava_template` from config.json, when it names a known template.
     trained_template: Option<&'static str>,
+    /// A llava-hf checkpoint converted from LLaVA's layout: prompts tokenized as LLaVA does.
+    original_tokenization: bool,
     /// Set when the checkpoint is a GGUF pair rather than a directory of tensors.
     gguf: Option<std::sync::Arc<gguf::GgufPair>>,
 }
@@ -299,7 +301,9 @@ pub fn open(model: &str, opts: &OpenOptions) -> Result<Checkpoint, CheckpointErr
     let model_config = config::resolve_model(&raw, family, vision_cfg, &cfg_name)?;
 
     let aspect = match family {
-        // llava-hf's processor center-crops whatever the original model was trained with.
+        // llava-hf's CLIP processor center-crops whatever the original model was trained
+        // with; its `LlavaImageProcessor` with `do_pad` pads as LLaVA's `pad` does.
+        Family::LlavaHf if raw_pre.as_ref().and_then(|p| p.do_pad) == Some(true) => AspectMode::Pad,
         Family::LlavaHf | Family::LlavaV0 => AspectMode::Crop,
         _ => match raw.image_aspect_ratio.as_deref().unwrap_or("square") {
             "pad" => AspectMode::Pad,
@@ -349,6 +353,7 @@ pub fn open(model: &str, opts: &OpenOptions) -> Result<Checkpoint, CheckpointErr
                 .find(|n| *n == t)
         }),
         use_im_start_end: raw.mm_use_im_start_end.unwrap_or(false),
+        original_tokenization: raw.kollava_original_tokenization.unwrap_or(false),
         gguf: None,
     })
 }
@@ -383,6 +388,9 @@ impl Checkpoint {
                 },
                 n,
             },
+            // Converted from LLaVA's layout: tokenized as it was trained (the `<image>` id
+            // then never appears; the features go where the text splits).
+            Family::LlavaHf if self.original_tokenization => ImageTokens::Splice { n },
             Family::LlavaHf => ImageTokens::Token {
                 id: match self.image_token_index {
                     Some(id) => id,

@@ -1950,6 +1950,71 @@ fn dump_reference_runs_on_transformers_5_and_kollava_verifies_it() {
     assert!(report.contains(" 0 failed, 0 skipped"), "{report}");
 }
 
+/// `convert --layout hf` writes a llava-hf repo transformers 5.x uses as is: `AutoProcessor`
+/// and `LlavaForConditionalGeneration` load it with no missing or unexpected weight, its
+/// image processor pads as the source's `pad` does (LLaVA's pixels), its chat template
+/// renders the source's prompt, and transformers answers what kollava answers on the
+/// source; kollava answers the same on the repo, and on it converted back (`--layout
+/// original`).
+#[test]
+fn a_checkpoint_converted_to_llava_hf_answers_as_its_source_in_transformers() {
+    let Some(py) = interop_python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let src = checkpoint("llava-v1.5");
+    let (hf, back) = (tmp.path().join("hf"), tmp.path().join("original"));
+    for (input, layout, output) in [(&src, "hf", &hf), (&hf, "original", &back)] {
+        assert_success(&kollava(&[
+            &"convert",
+            &"--input",
+            input,
+            &"--layout",
+            &layout,
+            &"--output",
+            output,
+        ]));
+    }
+    let img = image("tall_rgb.png");
+    let answer = |model: &Path| {
+        let o = kollava(&[
+            &"run",
+            &"--model",
+            &model,
+            &"--image",
+            &img,
+            &"--query",
+            &QUERY,
+            &"--max-new-tokens",
+            &"16",
+            &"--temperature",
+            &"0",
+        ]);
+        assert_success(&o);
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let want = answer(&src);
+    assert_eq!(answer(&hf), want, "kollava on the llava-hf repo");
+    assert_eq!(answer(&back), want, "kollava on the repo converted back");
+    let r = interop(
+        &py,
+        "llava_hf_repo.py",
+        &[&hf, &img, Path::new(QUERY), Path::new("16")],
+    );
+    assert_eq!(r["missing"], json!([]), "{r}");
+    assert_eq!(r["unexpected"], json!([]), "{r}");
+    assert_eq!(r["processor"], "LlavaProcessor", "{r}");
+    assert!(
+        r["image_processor"]
+            .as_str()
+            .unwrap()
+            .starts_with("LlavaImageProcessor"),
+        "{r}"
+    );
+    assert_eq!(r["pad_pixels_vs_llava"], json!(0.0), "{r}");
+    assert_eq!(r["text"].as_str().unwrap().trim(), want, "{r}");
+}
+
 /// PEFT on transformers 5.x applies a LoRA adapter kollava trained on a llava-hf model:
 /// every adapter weight lands on a module (none unexpected, none missing), only the
 /// language model's linear maps are wrapped, the adapter changes the base's logits, and

@@ -234,6 +234,67 @@ impl Template {
             Role::Assistant => &self.roles[1],
         }
     }
+
+    /// The template as a transformers chat template (Jinja), for the `Single`, `Two` and
+    /// `Mpt` styles without few-shot turns: `apply_chat_template` with
+    /// `add_generation_prompt` renders what [`Conversation::prompt`] renders, a message's
+    /// images first, each as `image` (`<image>\n` where LLaVA's first turn puts it), then
+    /// its text. A leading `system` message replaces the system text. `None` for the other
+    /// styles.
+    pub fn jinja(&self, image: &str) -> Option<String> {
+        if !self.few_shot.is_empty()
+            || !matches!(self.style, SepStyle::Single | SepStyle::Two | SepStyle::Mpt)
+        {
+            return None;
+        }
+        let lit = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        let (colon, space) = match self.style {
+            SepStyle::Mpt => ("", ""),
+            _ => (":", " "),
+        };
+        let odd_end = match self.style {
+            SepStyle::Two => &self.sep2,
+            _ => &self.sep,
+        };
+        // An empty system drops its separator in the `Two` style (see `SepStyle::Two`).
+        let system = format!(
+            "{{%- set system = {} -%}}\
+             {{%- if messages and messages[0]['role'] == 'system' -%}}\
+             {{%- set system = messages[0]['content'] if messages[0]['content'] is string \
+             else messages[0]['content'] | map(attribute='text') | join(' ') -%}}\
+             {{%- endif -%}}\
+             {{%- if system or {} -%}}{{{{ system + {} }}}}{{%- endif -%}}",
+            lit(&self.system),
+            if self.style == SepStyle::Two {
+                "false"
+            } else {
+                "true"
+            },
+            lit(&self.sep),
+        );
+        Some(format!(
+            "{system}\
+             {{%- for m in messages if m['role'] != 'system' -%}}\
+             {{{{ ({user} if m['role'] == 'user' else {assistant}) + {colon} }}}}\
+             {{%- if m['content'] is string -%}}{{%- set text = m['content'] -%}}\
+             {{%- else -%}}{{%- set text = namespace(s='') -%}}\
+             {{%- for c in m['content'] if c['type'] == 'image' -%}}\
+             {{%- set text.s = text.s + {image} -%}}{{%- endfor -%}}\
+             {{%- set text = text.s + (m['content'] | selectattr('type', 'equalto', 'text') \
+             | map(attribute='text') | join(' ')) -%}}\
+             {{%- endif -%}}\
+             {{{{ {space} + text + ({odd} if loop.index0 % 2 == 1 else {even}) }}}}\
+             {{%- endfor -%}}\
+             {{%- if add_generation_prompt -%}}{{{{ {assistant} + {colon} }}}}{{%- endif -%}}",
+            user = lit(&self.roles[0]),
+            assistant = lit(&self.roles[1]),
+            colon = lit(colon),
+            space = lit(space),
+            odd = lit(odd_end),
+            even = lit(&self.sep),
+            image = lit(image),
+        ))
+    }
 }
 
 /// A template plus the turns so far, few-shot turns included.

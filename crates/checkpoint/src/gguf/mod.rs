@@ -907,6 +907,7 @@ pub fn open_pair(model: PathBuf, mmproj: PathBuf) -> Result<Checkpoint, Checkpoi
         use_im_start_end: k.boolean("kollava.mm_use_im_start_end").unwrap_or(false),
         projector_file: None,
         trained_template,
+        original_tokenization: false,
         gguf: Some(Arc::new(GgufPair {
             llm_map: map_file(&model)?,
             mm_len: file_len(&mmproj)?,
