@@ -393,6 +393,13 @@ pub fn extract_projector(
             }
         }
     }
+    if output.extension().is_some_and(|e| e == "bin") {
+        // A PyTorch pickle, as LLaVA's `extract_mm_projector.py` writes it.
+        let mut sorted: Vec<(String, Tensor)> = tensors.into_iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        crate::torch_pickle::save(output, &sorted)?;
+        return Ok(sorted.into_iter().map(|(n, _)| n).collect());
+    }
     let tmp = output.with_extension("tmp");
     candle_core::safetensors::save(&tensors, &tmp).map_err(|e| CheckpointError::Weights {
         file: tmp.display().to_string(),

@@ -16,6 +16,7 @@ pub mod delta;
 pub mod gguf;
 pub mod locate;
 pub mod random;
+pub mod torch_pickle;
 pub mod trainable;
 pub mod weights;
 

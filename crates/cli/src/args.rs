@@ -626,7 +626,8 @@ pub struct ExtractProjectorArgs {
     /// Checkpoint directory — 체크포인트
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
-    /// Output file (safetensors) — 출력 파일
+    /// Output file: `.safetensors`, or `.bin` for LLaVA's `--pretrain_mm_mlp_adapter` (a
+    /// PyTorch pickle) — 출력 파일 (.safetensors 또는 .bin)
     #[arg(long, value_name = "FILE")]
     pub output: PathBuf,
     /// Also save embed_tokens (June-2023 stage 1 trained the <im_start>/<im_end> rows) — 임베딩 포함

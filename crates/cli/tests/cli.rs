@@ -2015,6 +2015,88 @@ fn a_checkpoint_converted_to_llava_hf_answers_as_its_source_in_transformers() {
     assert_eq!(r["text"].as_str().unwrap().trim(), want, "{r}");
 }
 
+/// What LLaVA's code loads with `torch.load` is written as PyTorch pickles torch reads: stage
+/// 1's `mm_projector.bin`, `extract-projector --output *.bin`, and a LoRA run's
+/// `non_lora_trainables.bin` (under the PEFT-wrapped names LLaVA saves), each holding the
+/// tensors of the safetensors file kollava writes beside it.
+#[test]
+fn torch_loads_the_pickles_llava_reads() {
+    let Some(py) = interop_python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = finetune_data(&tmp);
+    let captions = write_file(
+        &tmp,
+        "captions.jsonl",
+        "{\"id\": 1, \"image\": \"wide_rgb.png\", \"conversations\": [{\"from\": \"human\", \"value\": \"<image>\\n설명\"}, {\"from\": \"gpt\", \"value\": \"빨간 사각형\"}]}\n".as_bytes(),
+    );
+    let images = crate_fixture_images();
+    let stage1 = tmp.path().join("stage1");
+    assert_success(&kollava(&[
+        &"train",
+        &"--model",
+        &FINETUNE_MODEL,
+        &"--data",
+        &captions,
+        &"--image-folder",
+        &images,
+        &"--output-dir",
+        &stage1,
+        &"--max-steps",
+        &"2",
+    ]));
+    let lora = tmp.path().join("lora");
+    let mut args = finetune_args(&data, &images, &lora, "2");
+    args.retain(|a| a != "--tune-vision-tower");
+    args.extend(["--lora-r", "4"].map(Into::into));
+    assert_success(&kollava(&as_args(&args)));
+    let extracted = tmp.path().join("extracted.bin");
+    let extracted_st = tmp.path().join("extracted.safetensors");
+    for out in [&extracted, &extracted_st] {
+        assert_success(&kollava(&[
+            &"extract-projector",
+            &"--model",
+            &FINETUNE_MODEL,
+            &"--output",
+            out,
+        ]));
+    }
+    let r = interop(
+        &py,
+        "torch_load.py",
+        &[
+            &stage1.join("mm_projector.bin"),
+            &stage1.join("mm_projector.safetensors"),
+            Path::new(""),
+            &extracted,
+            &extracted_st,
+            Path::new(""),
+            &lora.join("non_lora_trainables.bin"),
+            &lora.join("non_lora_trainables.safetensors"),
+            Path::new("base_model.model."),
+        ],
+    );
+    for (i, prefix) in [
+        "model.mm_projector.",
+        "model.mm_projector.",
+        "base_model.model.model.mm_projector.",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert_eq!(r[i]["max_diff"], json!(0.0), "{i}: {r}");
+        let names = r[i]["names"].as_array().unwrap();
+        assert!(
+            !names.is_empty()
+                && names
+                    .iter()
+                    .all(|n| n.as_str().unwrap().starts_with(prefix)),
+            "{i}: {r}"
+        );
+    }
+}
+
 /// PEFT on transformers 5.x applies a LoRA adapter kollava trained on a llava-hf model:
 /// every adapter weight lands on a module (none unexpected, none missing), only the
 /// language model's linear maps are wrapped, the adapter changes the base's logits, and

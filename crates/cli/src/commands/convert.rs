@@ -61,9 +61,13 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
 
 /// `kollava extract-projector`.
 pub fn extract_projector(args: &ExtractProjectorArgs) -> Result<()> {
-    if args.output.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+    if !matches!(
+        args.output.extension().and_then(|e| e.to_str()),
+        Some("safetensors" | "bin")
+    ) {
         anyhow::bail!(
-            "--output {} must end in .safetensors (PyTorch pickles are not written)",
+            "--output {} must end in .safetensors or .bin (a PyTorch pickle, as LLaVA's \
+             --pretrain_mm_mlp_adapter reads it)",
             args.output.display()
         );
     }

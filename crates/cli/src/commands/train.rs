@@ -3,7 +3,8 @@
 //!
 //! Output layout (as HF's Trainer): `OUTPUT/checkpoint-STEP/` every `--save-steps` (the
 //! weights, `optimizer.safetensors`, `trainer_state.json`), and the final result in
-//! `OUTPUT/` itself: `mm_projector.safetensors` + `config.json` for stage 1, a whole
+//! `OUTPUT/` itself: `mm_projector.safetensors` (and `mm_projector.bin`, the PyTorch pickle
+//! LLaVA's `--pretrain_mm_mlp_adapter` loads) + `config.json` for stage 1, a whole
 //! checkpoint in the input's family layout for stage 2.
 
 use std::collections::HashMap;
@@ -27,6 +28,12 @@ use crate::args::TrainArgs;
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const PROJECTOR_FILE: &str = "mm_projector.safetensors";
+/// The same tensors as LLaVA's stage 1 saves them (`torch.save`, LLaVA's names).
+const PROJECTOR_BIN: &str = "mm_projector.bin";
+/// The projector of a LoRA run as LLaVA saves it: `torch.save` of the PEFT-wrapped model's
+/// names (`base_model.model.model.mm_projector.*`), which LLaVA's `load_pretrained_model`
+/// strips back.
+const NON_LORA_BIN: &str = "non_lora_trainables.bin";
 
 fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let tmp = path.with_extension("tmp");
@@ -538,7 +545,15 @@ fn write_lora(
         serde_json::to_string_pretty(&opts.peft_config(base, ckpt.family.layers_module()))?
             .as_bytes(),
     )?;
-    save_tensors(&dir.join(lora::NON_LORA_FILE), &projector_tensors(tensors))?;
+    let projector = projector_tensors(tensors);
+    save_tensors(&dir.join(lora::NON_LORA_FILE), &projector)?;
+    if ckpt.family != kollava_checkpoint::Family::LlavaHf {
+        // For LLaVA's own code (`load_pretrained_model` with a LoRA `model_path`).
+        kollava_checkpoint::torch_pickle::save(
+            &dir.join(NON_LORA_BIN),
+            &sorted(projector, "base_model.model."),
+        )?;
+    }
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(ckpt.dir.join("config.json"))?)?;
     config["kollava_template"] = serde_json::json!(template);
@@ -586,6 +601,25 @@ pub fn merge_lora(args: &crate::args::MergeLoraArgs) -> Result<()> {
 
 /// The projector's tensors under their checkpoint names (with v0's embedding matrix when
 /// its `<im_start>`/`<im_end>` rows were trained, as June-2023 LLaVA saved it).
+/// Stage 1's result in `dir`: the projector as safetensors (what kollava reads back) and as
+/// LLaVA's `mm_projector.bin`.
+fn save_projector(dir: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let projector = projector_tensors(tensors);
+    save_tensors(&dir.join(PROJECTOR_FILE), &projector)?;
+    kollava_checkpoint::torch_pickle::save(&dir.join(PROJECTOR_BIN), &sorted(projector, ""))?;
+    Ok(())
+}
+
+/// `tensors` by name, each name after `prefix`.
+fn sorted(tensors: HashMap<String, Tensor>, prefix: &str) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .map(|(n, t)| (format!("{prefix}{n}"), t))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
 fn projector_tensors(tensors: &[(String, Tensor)]) -> HashMap<String, Tensor> {
     tensors
         .iter()
@@ -700,7 +734,7 @@ fn save_checkpoint(
         }
         Output::Projector => {
             std::fs::create_dir_all(&tmp)?;
-            save_tensors(&tmp.join(PROJECTOR_FILE), &projector_tensors(tensors))?;
+            save_projector(&tmp, tensors)?;
         }
         Output::Lora { opts, params, base } => {
             std::fs::create_dir_all(&tmp)?;
@@ -734,7 +768,7 @@ fn save_final(
         return write_lora(ckpt, tensors, out, opts, params, base, template);
     }
     if matches!(kind, Output::Projector) {
-        save_tensors(&out.join(PROJECTOR_FILE), &projector_tensors(tensors))?;
+        save_projector(out, tensors)?;
         let mut config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(ckpt.dir.join("config.json"))?)?;
         config["tune_mm_mlp_adapter"] = serde_json::json!(true);
