@@ -1856,6 +1856,25 @@ fn interop_python() -> Option<PathBuf> {
     None
 }
 
+/// `kollava run`'s greedy answer (`tokens` at most) to [`QUERY`] about `img`.
+fn greedy_answer(model: &Path, img: &Path, tokens: usize) -> String {
+    let o = kollava(&[
+        &"run",
+        &"--model",
+        &model,
+        &"--image",
+        &img,
+        &"--query",
+        &QUERY,
+        &"--max-new-tokens",
+        &tokens.to_string(),
+        &"--temperature",
+        &"0",
+    ]);
+    assert_success(&o);
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
 /// Runs `tests/interop/<script>` with the interop interpreter; returns its JSON report.
 fn interop(py: &Path, script: &str, args: &[&Path]) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1882,21 +1901,7 @@ fn llava_hf_checkpoints_saved_by_transformers_5_load_and_answer_the_same() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let src = checkpoint("llava-hf");
-    let answer = |model: &Path| {
-        let o = kollava(&[
-            &"run",
-            &"--model",
-            &model,
-            &"--image",
-            &image("wide_rgb.png"),
-            &"--query",
-            &QUERY,
-            &"--max-new-tokens",
-            &"12",
-        ]);
-        assert_success(&o);
-        o.stdout
-    };
+    let answer = |model: &Path| greedy_answer(model, &image("wide_rgb.png"), 12);
     let want = answer(&src);
     for (how, tower) in [
         ("loaded", "vision_tower.vision_model.embeddings."),
@@ -1910,11 +1915,7 @@ fn llava_hf_checkpoints_saved_by_transformers_5_load_and_answer_the_same() {
             names.iter().any(|n| n.as_str().unwrap().starts_with(tower)),
             "{how}: no {tower}* in {r}"
         );
-        assert_eq!(
-            String::from_utf8_lossy(&answer(&dst)),
-            String::from_utf8_lossy(&want),
-            "{how}"
-        );
+        assert_eq!(answer(&dst), want, "{how}");
     }
 }
 
@@ -1976,23 +1977,7 @@ fn a_checkpoint_converted_to_llava_hf_answers_as_its_source_in_transformers() {
         ]));
     }
     let img = image("tall_rgb.png");
-    let answer = |model: &Path| {
-        let o = kollava(&[
-            &"run",
-            &"--model",
-            &model,
-            &"--image",
-            &img,
-            &"--query",
-            &QUERY,
-            &"--max-new-tokens",
-            &"16",
-            &"--temperature",
-            &"0",
-        ]);
-        assert_success(&o);
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    };
+    let answer = |model: &Path| greedy_answer(model, &img, 16);
     let want = answer(&src);
     assert_eq!(answer(&hf), want, "kollava on the llava-hf repo");
     assert_eq!(answer(&back), want, "kollava on the repo converted back");
