@@ -50,6 +50,20 @@ if ! "$interop/bin/python" -c 'import torch, transformers, peft, safetensors, PI
   "$interop/bin/python" -m pip install -q --disable-pip-version-check "${interop_pins[@]}"
 fi
 export KOLLAVA_INTEROP_PYTHON="$interop/bin/python" KOLLAVA_REQUIRE_INTEROP_TESTS=1
+# LLaVA's own package with the versions it pins (about 4.5 GB), for what LLaVA's code loads.
+llava_pins=("torch==2.0.1" "transformers==4.36.2" "tokenizers==0.15.0" "sentencepiece==0.1.99"
+  "accelerate==0.21.0" "peft==0.4.0" "numpy==1.26.4" "einops==0.6.1" "einops-exts==0.0.4"
+  "timm==0.6.13" "shortuuid==1.0.13" "safetensors==0.4.5" "protobuf==4.25.3" "pillow==13.0.0")
+llava="${KOLLAVA_CACHE:-$HOME/.cache/kollava}/llava-torch1.2.2.post1"
+if ! "$llava/bin/python" -c 'import llava.model.builder' 2>/dev/null; then
+  echo "installing LLaVA's package (llava-torch 1.2.2.post1) into $llava (once)" >&2
+  rm -rf "$llava"
+  python3 -m venv "$llava"
+  "$llava/bin/python" -m pip install -q --disable-pip-version-check "${llava_pins[@]}"
+  # Its other pins (gradio, bitsandbytes, deepspeed...) serve its web UI and training only.
+  "$llava/bin/python" -m pip install -q --disable-pip-version-check --no-deps "llava-torch==1.2.2.post1"
+fi
+export KOLLAVA_LLAVA_PYTHON="$llava/bin/python"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -1875,7 +1875,22 @@ fn greedy_answer(model: &Path, img: &Path, tokens: usize) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
-/// Runs `tests/interop/<script>` with the interop interpreter; returns its JSON report.
+/// The interpreter with LLaVA's own package (`llava-torch` and its pinned torch,
+/// transformers and PEFT), set up by scripts/test.sh in KOLLAVA_LLAVA_PYTHON; skipped as
+/// [`interop_python`] is.
+fn llava_python() -> Option<PathBuf> {
+    if let Some(py) = std::env::var_os("KOLLAVA_LLAVA_PYTHON") {
+        return Some(PathBuf::from(py));
+    }
+    assert!(
+        std::env::var_os("KOLLAVA_REQUIRE_INTEROP_TESTS").is_none(),
+        "KOLLAVA_LLAVA_PYTHON is not set: run ./scripts/test.sh"
+    );
+    eprintln!("SKIPPED: no KOLLAVA_LLAVA_PYTHON (./scripts/test.sh sets it up)");
+    None
+}
+
+/// Runs `tests/interop/<script>` with `py`; returns its JSON report.
 fn interop(py: &Path, script: &str, args: &[&Path]) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/interop")
@@ -2080,6 +2095,117 @@ fn torch_loads_the_pickles_llava_reads() {
             "{i}: {r}"
         );
     }
+}
+
+/// LLaVA's own code (`llava-torch`'s `load_pretrained_model`, with its pinned transformers
+/// and PEFT 0.4) loads what kollava trains on a LLaVA-1.5 checkpoint as LLaVA's CLI does:
+/// stage 1's `mm_projector.bin` on its base (the file's projector, not the base's), and a
+/// LoRA run's directory on its base (adapter + `non_lora_trainables.bin`, merged by LLaVA
+/// and PEFT), which gives the logits of kollava's `merge-lora` output. And a full finetune
+/// run through LLaVA's code (`dump_reference.py`) gives what kollava computes on it
+/// (`kollava verify`: prompts, features, logits, greedy tokens).
+#[test]
+fn llava_loads_what_kollava_trains() {
+    let Some(py) = llava_python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    // The fixture as LLaVA 1.2 writes its checkpoints (`llava_llama`: transformers 4.36's
+    // own `llava` type is another model), its tower by absolute path.
+    let base = tmp.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    for entry in std::fs::read_dir(FINETUNE_MODEL).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_owned();
+        if !name.to_string_lossy().starts_with("reference") {
+            std::fs::copy(&path, base.join(name)).unwrap();
+        }
+    }
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap()).unwrap();
+    config["model_type"] = json!("llava_llama");
+    config["mm_vision_tower"] = json!(checkpoint("clip-vit-tiny-patch14-42"));
+    std::fs::write(base.join("config.json"), config.to_string()).unwrap();
+
+    let captions = write_file(
+        &tmp,
+        "captions.jsonl",
+        "{\"id\": 1, \"image\": \"wide_rgb.png\", \"conversations\": [{\"from\": \"human\", \"value\": \"<image>\\n설명\"}, {\"from\": \"gpt\", \"value\": \"빨간 사각형\"}]}\n".as_bytes(),
+    );
+    let images = crate_fixture_images();
+    let (stage1, lora, merged) = (
+        tmp.path().join("stage1"),
+        tmp.path().join("lora"),
+        tmp.path().join("merged"),
+    );
+    assert_success(&kollava(&[
+        &"train",
+        &"--model",
+        &base,
+        &"--data",
+        &captions,
+        &"--image-folder",
+        &images,
+        &"--output-dir",
+        &stage1,
+        &"--max-steps",
+        &"2",
+        &"--lr",
+        &"1e-2",
+    ]));
+    let mut args = finetune_args(&finetune_data(&tmp), &images, &lora, "3");
+    args.retain(|a| a != "--tune-vision-tower");
+    let at = args.iter().position(|a| a == "--model").unwrap() + 1;
+    args[at] = base.clone().into();
+    let lr = args.iter().position(|a| a == "--lr").unwrap() + 1;
+    args[lr] = "1e-2".into();
+    args.extend(["--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0"].map(Into::into));
+    assert_success(&kollava(&as_args(&args)));
+    assert_success(&kollava(&[
+        &"merge-lora",
+        &"--model",
+        &base,
+        &"--adapter",
+        &lora,
+        &"--output",
+        &merged,
+    ]));
+    let r = interop(&py, "llava_load.py", &[&base, &stage1, &lora, &merged]);
+    let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
+    assert_eq!(f("stage1_projector_vs_file"), 0.0, "{r}");
+    assert!(f("stage1_projector_vs_base") > 0.0, "{r}");
+    assert!(f("lora_vs_merged") < 1e-3 * f("scale"), "{r}");
+    assert!(f("lora_vs_base") > 1e-2 * f("scale"), "{r}");
+
+    let full = tmp.path().join("full");
+    let mut args = finetune_args(&finetune_data(&tmp), &images, &full, "2");
+    args.retain(|a| a != "--tune-vision-tower");
+    args[at] = base.clone().into();
+    assert_success(&kollava(&as_args(&args)));
+    let reference = tmp.path().join("reference");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/dump_reference.py");
+    let o = Command::new(&py)
+        .arg(script)
+        .args([
+            "--family",
+            "llava-v1.5",
+            "--device",
+            "cpu",
+            "--skip-train",
+            "--model",
+        ])
+        .arg(&full)
+        .arg("--vision-tower")
+        .arg(checkpoint("clip-vit-tiny-patch14-42"))
+        .arg("--out")
+        .arg(&reference)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = kollava(&[&"verify", &"--model", &full, &"--reference", &reference]);
+    assert_success(&o);
+    let report = String::from_utf8_lossy(&o.stdout);
+    assert!(report.contains(" 0 failed"), "{report}");
 }
 
 /// PEFT on transformers 5.x applies a LoRA adapter kollava trained on a llava-hf model:
