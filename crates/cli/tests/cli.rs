@@ -1936,34 +1936,46 @@ fn llava_hf_checkpoints_saved_by_transformers_5_load_and_answer_the_same() {
 
 /// `scripts/dump_reference.py`, the documented way to check kollava on a real checkpoint,
 /// runs on transformers 5.x for llava-hf, and `kollava verify` passes every check of what
-/// it dumps for the llava-hf fixture.
+/// it dumps: for the llava-hf fixture, and for a full finetune kollava wrote from it
+/// (transformers loads it and computes what kollava computes).
 #[test]
 fn dump_reference_runs_on_transformers_5_and_kollava_verifies_it() {
     let Some(py) = interop_python() else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("ref");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/dump_reference.py");
-    let o = Command::new(&py)
-        .arg(script)
-        .args(["--family", "llava-hf", "--device", "cpu", "--model"])
-        .arg(checkpoint("llava-hf"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = kollava(&[
-        &"verify",
-        &"--model",
-        &checkpoint("llava-hf"),
-        &"--reference",
-        &out,
-    ]);
-    assert_success(&o);
-    let report = String::from_utf8_lossy(&o.stdout);
-    assert!(report.contains(" 0 failed, 0 skipped"), "{report}");
+    let finetuned = tmp.path().join("finetuned");
+    let mut args = finetune_args(
+        &finetune_data(&tmp),
+        &crate_fixture_images(),
+        &finetuned,
+        "2",
+    );
+    args.retain(|a| a != "--tune-vision-tower");
+    let at = args.iter().position(|a| a == "--model").unwrap() + 1;
+    args[at] = checkpoint("llava-hf").into();
+    assert_success(&kollava(&as_args(&args)));
+    for (model, skip) in [(checkpoint("llava-hf"), " 0 skipped"), (finetuned, "")] {
+        let out = tmp.path().join(format!("ref-{skip}"));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/dump_reference.py");
+        let o = Command::new(&py)
+            .arg(script)
+            .args(["--family", "llava-hf", "--device", "cpu", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = kollava(&[&"verify", &"--model", &model, &"--reference", &out]);
+        assert_success(&o);
+        let report = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            report.contains(&format!(" 0 failed,{skip}")),
+            "{}: {report}",
+            model.display()
+        );
+    }
 }
 
 /// `convert --layout hf` writes a llava-hf repo transformers 5.x uses as is: `AutoProcessor`
