@@ -1856,6 +1856,54 @@ fn interop_python() -> Option<PathBuf> {
     None
 }
 
+/// [`finetune_args`] on `model` (the tower frozen), with `--lr` and any `extra` flags.
+fn finetune_args_on(
+    model: &Path,
+    tmp: &tempfile::TempDir,
+    out: &Path,
+    steps: &str,
+    lr: &str,
+    extra: &[&str],
+) -> Vec<std::ffi::OsString> {
+    let mut args = finetune_args(&finetune_data(tmp), &crate_fixture_images(), out, steps);
+    args.retain(|a| a != "--tune-vision-tower");
+    let at = args.iter().position(|a| a == "--model").unwrap() + 1;
+    args[at] = model.into();
+    let at = args.iter().position(|a| a == "--lr").unwrap() + 1;
+    args[at] = lr.into();
+    args.extend(extra.iter().map(Into::into));
+    args
+}
+
+/// A one-record stage-1 caption file.
+fn caption_data(tmp: &tempfile::TempDir) -> PathBuf {
+    write_file(
+        tmp,
+        "captions.jsonl",
+        "{\"id\": 1, \"image\": \"wide_rgb.png\", \"conversations\": [{\"from\": \"human\", \"value\": \"<image>\\n설명\"}, {\"from\": \"gpt\", \"value\": \"빨간 사각형\"}]}\n".as_bytes(),
+    )
+}
+
+/// Dumps a reference for `model` with `scripts/dump_reference.py` under `py` (`args`: the
+/// family and anything else), then checks `model` against it with `kollava verify`; returns
+/// verify's report.
+fn verify_against_python(py: &Path, model: &Path, out: &Path, args: &[&OsStr]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/dump_reference.py");
+    let o = Command::new(py)
+        .arg(script)
+        .args(["--device", "cpu", "--model"])
+        .arg(model)
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = kollava(&[&"verify", &"--model", &model, &"--reference", &out]);
+    assert_success(&o);
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 /// `kollava run`'s greedy answer (`tokens` at most) to [`QUERY`] about `img`.
 fn greedy_answer(model: &Path, img: &Path, tokens: usize) -> String {
     let o = kollava(&[
@@ -1945,35 +1993,18 @@ fn dump_reference_runs_on_transformers_5_and_kollava_verifies_it() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let finetuned = tmp.path().join("finetuned");
-    let mut args = finetune_args(
-        &finetune_data(&tmp),
-        &crate_fixture_images(),
-        &finetuned,
-        "2",
-    );
-    args.retain(|a| a != "--tune-vision-tower");
-    let at = args.iter().position(|a| a == "--model").unwrap() + 1;
-    args[at] = checkpoint("llava-hf").into();
+    let args = finetune_args_on(&checkpoint("llava-hf"), &tmp, &finetuned, "2", "1e-3", &[]);
     assert_success(&kollava(&as_args(&args)));
-    for (model, skip) in [(checkpoint("llava-hf"), " 0 skipped"), (finetuned, "")] {
-        let out = tmp.path().join(format!("ref-{skip}"));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/dump_reference.py");
-        let o = Command::new(&py)
-            .arg(script)
-            .args(["--family", "llava-hf", "--device", "cpu", "--model"])
-            .arg(&model)
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let o = kollava(&[&"verify", &"--model", &model, &"--reference", &out]);
-        assert_success(&o);
-        let report = String::from_utf8_lossy(&o.stdout);
+    for (name, model, skip) in [
+        ("fixture", checkpoint("llava-hf"), " 0 skipped"),
+        ("finetuned", finetuned, ""),
+    ] {
+        let out = tmp.path().join(format!("ref-{name}"));
+        let family: [&OsStr; 2] = ["--family".as_ref(), "llava-hf".as_ref()];
+        let report = verify_against_python(&py, &model, &out, &family);
         assert!(
             report.contains(&format!(" 0 failed,{skip}")),
-            "{}: {report}",
-            model.display()
+            "{name}: {report}"
         );
     }
 }
@@ -2037,12 +2068,7 @@ fn torch_loads_the_pickles_llava_reads() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let data = finetune_data(&tmp);
-    let captions = write_file(
-        &tmp,
-        "captions.jsonl",
-        "{\"id\": 1, \"image\": \"wide_rgb.png\", \"conversations\": [{\"from\": \"human\", \"value\": \"<image>\\n설명\"}, {\"from\": \"gpt\", \"value\": \"빨간 사각형\"}]}\n".as_bytes(),
-    );
+    let captions = caption_data(&tmp);
     let images = crate_fixture_images();
     let stage1 = tmp.path().join("stage1");
     assert_success(&kollava(&[
@@ -2059,9 +2085,14 @@ fn torch_loads_the_pickles_llava_reads() {
         &"2",
     ]));
     let lora = tmp.path().join("lora");
-    let mut args = finetune_args(&data, &images, &lora, "2");
-    args.retain(|a| a != "--tune-vision-tower");
-    args.extend(["--lora-r", "4"].map(Into::into));
+    let args = finetune_args_on(
+        Path::new(FINETUNE_MODEL),
+        &tmp,
+        &lora,
+        "2",
+        "1e-3",
+        &["--lora-r", "4"],
+    );
     assert_success(&kollava(&as_args(&args)));
     let extracted = tmp.path().join("extracted.bin");
     let extracted_st = tmp.path().join("extracted.safetensors");
@@ -2139,11 +2170,7 @@ fn llava_loads_what_kollava_trains() {
     config["mm_vision_tower"] = json!(checkpoint("clip-vit-tiny-patch14-42"));
     std::fs::write(base.join("config.json"), config.to_string()).unwrap();
 
-    let captions = write_file(
-        &tmp,
-        "captions.jsonl",
-        "{\"id\": 1, \"image\": \"wide_rgb.png\", \"conversations\": [{\"from\": \"human\", \"value\": \"<image>\\n설명\"}, {\"from\": \"gpt\", \"value\": \"빨간 사각형\"}]}\n".as_bytes(),
-    );
+    let captions = caption_data(&tmp);
     let images = crate_fixture_images();
     let (stage1, lora, merged) = (
         tmp.path().join("stage1"),
@@ -2165,13 +2192,8 @@ fn llava_loads_what_kollava_trains() {
         &"--lr",
         &"1e-2",
     ]));
-    let mut args = finetune_args(&finetune_data(&tmp), &images, &lora, "3");
-    args.retain(|a| a != "--tune-vision-tower");
-    let at = args.iter().position(|a| a == "--model").unwrap() + 1;
-    args[at] = base.clone().into();
-    let lr = args.iter().position(|a| a == "--lr").unwrap() + 1;
-    args[lr] = "1e-2".into();
-    args.extend(["--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0"].map(Into::into));
+    let lora_flags = ["--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0"];
+    let args = finetune_args_on(&base, &tmp, &lora, "3", "1e-2", &lora_flags);
     assert_success(&kollava(&as_args(&args)));
     assert_success(&kollava(&[
         &"merge-lora",
@@ -2190,33 +2212,17 @@ fn llava_loads_what_kollava_trains() {
     assert!(f("lora_vs_base") > 1e-2 * f("scale"), "{r}");
 
     let full = tmp.path().join("full");
-    let mut args = finetune_args(&finetune_data(&tmp), &images, &full, "2");
-    args.retain(|a| a != "--tune-vision-tower");
-    args[at] = base.clone().into();
+    let args = finetune_args_on(&base, &tmp, &full, "2", "1e-3", &[]);
     assert_success(&kollava(&as_args(&args)));
-    let reference = tmp.path().join("reference");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/dump_reference.py");
-    let o = Command::new(&py)
-        .arg(script)
-        .args([
-            "--family",
-            "llava-v1.5",
-            "--device",
-            "cpu",
-            "--skip-train",
-            "--model",
-        ])
-        .arg(&full)
-        .arg("--vision-tower")
-        .arg(checkpoint("clip-vit-tiny-patch14-42"))
-        .arg("--out")
-        .arg(&reference)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = kollava(&[&"verify", &"--model", &full, &"--reference", &reference]);
-    assert_success(&o);
-    let report = String::from_utf8_lossy(&o.stdout);
+    let tower = checkpoint("clip-vit-tiny-patch14-42");
+    let flags: [&OsStr; 5] = [
+        "--family".as_ref(),
+        "llava-v1.5".as_ref(),
+        "--skip-train".as_ref(),
+        "--vision-tower".as_ref(),
+        tower.as_os_str(),
+    ];
+    let report = verify_against_python(&py, &full, &tmp.path().join("reference"), &flags);
     assert!(report.contains(" 0 failed"), "{report}");
 }
 
@@ -2339,18 +2345,10 @@ fn peft_applies_a_lora_adapter_trained_on_llava_hf() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let data = finetune_data(&tmp);
     let out = tmp.path().join("lora");
     let base = checkpoint("llava-hf");
-    let mut args = finetune_args(&data, &crate_fixture_images(), &out, "4");
-    args.retain(|a| a != "--tune-vision-tower");
-    let at = args.iter().position(|a| a == "--model").unwrap() + 1;
-    args[at] = base.clone().into();
-    let lr = args.iter().position(|a| a == "--lr").unwrap() + 1;
-    args[lr] = "1e-2".into();
-    for a in ["--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0"] {
-        args.push(a.into());
-    }
+    let lora_flags = ["--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0"];
+    let args = finetune_args_on(&base, &tmp, &out, "4", "1e-2", &lora_flags);
     assert_success(&kollava(&as_args(&args)));
     let merged = tmp.path().join("merged");
     assert_success(&kollava(&[
