@@ -37,36 +37,39 @@ if [ ! -f target/client-node/node_modules/playwright-core/index.mjs ]; then
 fi
 export KOLLAVA_REQUIRE_CLIENT_TESTS=1
 
-# The interop tests load what kollava writes in the real consumers (transformers 5.x, PEFT):
-# a venv kept by version under ~/.cache/kollava, built once per machine (about 6 GB: PyPI's
-# torch wheels need CUDA's libraries to import, even on a CPU).
+# The interop tests load what kollava writes in the real consumers. Each Python stack is a venv
+# kept by version under ~/.cache/kollava and built once per machine.
+cache="${KOLLAVA_CACHE:-$HOME/.cache/kollava}"
+# venv_once DIR IMPORTS PIP-ARGS...: (re)builds DIR when `import IMPORTS` fails there.
+venv_once() {
+  local dir="$1" imports="$2"
+  shift 2
+  "$dir/bin/python" -c "import $imports" 2>/dev/null && return
+  echo "installing $* into $dir (once)" >&2
+  rm -rf "$dir"
+  python3 -m venv "$dir"
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check "$@"
+}
 echo "== interop test tools"
-interop_pins=("torch==2.15.0" "transformers==5.24.0" "peft==0.21.2" "safetensors==0.8.0"
-  "pillow==13.0.0" "numpy==2.4.6" "sentencepiece==0.2.3" "protobuf==7.36.2")
-interop="${KOLLAVA_CACHE:-$HOME/.cache/kollava}/interop-torch2.15.0-transformers5.24.0-peft0.21.2"
-if ! "$interop/bin/python" -c 'import torch, transformers, peft, safetensors, PIL' 2>/dev/null; then
-  echo "installing torch, transformers and PEFT into $interop (once)" >&2
-  rm -rf "$interop"
-  python3 -m venv "$interop"
-  "$interop/bin/python" -m pip install -q --disable-pip-version-check "${interop_pins[@]}"
-fi
+# transformers 5.x and PEFT (about 6 GB: PyPI's torch wheels need CUDA's libraries to import,
+# even on a CPU).
+interop="$cache/interop-torch2.15.0-transformers5.24.0-peft0.21.2"
+venv_once "$interop" "torch, transformers, peft, safetensors, PIL" "torch==2.15.0" \
+  "transformers==5.24.0" "peft==0.21.2" "safetensors==0.8.0" "pillow==13.0.0" "numpy==2.4.6" \
+  "sentencepiece==0.2.3" "protobuf==7.36.2"
 export KOLLAVA_INTEROP_PYTHON="$interop/bin/python" KOLLAVA_REQUIRE_INTEROP_TESTS=1
-# LLaVA's own package with the versions it pins (about 4.5 GB), for what LLaVA's code loads.
-llava_pins=("torch==2.0.1" "transformers==4.36.2" "tokenizers==0.15.0" "sentencepiece==0.1.99"
-  "accelerate==0.21.0" "peft==0.4.0" "numpy==1.26.4" "einops==0.6.1" "einops-exts==0.0.4"
-  "timm==0.6.13" "shortuuid==1.0.13" "safetensors==0.4.5" "protobuf==4.25.3" "pillow==13.0.0")
-llava="${KOLLAVA_CACHE:-$HOME/.cache/kollava}/llava-torch1.2.2.post1"
-if ! "$llava/bin/python" -c 'import llava.model.builder' 2>/dev/null; then
-  echo "installing LLaVA's package (llava-torch 1.2.2.post1) into $llava (once)" >&2
-  rm -rf "$llava"
-  python3 -m venv "$llava"
-  "$llava/bin/python" -m pip install -q --disable-pip-version-check "${llava_pins[@]}"
-  # Its other pins (gradio, bitsandbytes, deepspeed...) serve its web UI and training only.
+# LLaVA's own package with the versions it pins (about 4.5 GB), for what LLaVA's code loads;
+# its other pins (gradio, bitsandbytes, deepspeed...) serve its web UI and training only.
+llava="$cache/llava-torch1.2.2.post1"
+venv_once "$llava" "torch, transformers, peft" "torch==2.0.1" "transformers==4.36.2" \
+  "tokenizers==0.15.0" "sentencepiece==0.1.99" "accelerate==0.21.0" "peft==0.4.0" \
+  "numpy==1.26.4" "einops==0.6.1" "einops-exts==0.0.4" "timm==0.6.13" "shortuuid==1.0.13" \
+  "safetensors==0.4.5" "protobuf==4.25.3" "pillow==13.0.0"
+"$llava/bin/python" -c 'import llava.model.builder' 2>/dev/null ||
   "$llava/bin/python" -m pip install -q --disable-pip-version-check --no-deps "llava-torch==1.2.2.post1"
-fi
 export KOLLAVA_LLAVA_PYTHON="$llava/bin/python"
 # llama.cpp, for what it answers on the GGUF files kollava writes (built once, ~13 minutes).
-llama_cpp="${KOLLAVA_CACHE:-$HOME/.cache/kollava}/llama.cpp-0.3.36"
+llama_cpp="$cache/llama.cpp-0.3.36"
 scripts/build-llama-cpp.sh "$llama_cpp"
 export KOLLAVA_LLAMA_BIN="$llama_cpp/llama-build/bin"
 
