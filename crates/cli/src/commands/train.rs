@@ -599,8 +599,6 @@ pub fn merge_lora(args: &crate::args::MergeLoraArgs) -> Result<()> {
     Ok(())
 }
 
-/// The projector's tensors under their checkpoint names (with v0's embedding matrix when
-/// its `<im_start>`/`<im_end>` rows were trained, as June-2023 LLaVA saved it).
 /// Stage 1's result in `dir`: the projector as safetensors (what kollava reads back) and as
 /// LLaVA's `mm_projector.bin`.
 fn save_projector(dir: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
@@ -620,6 +618,8 @@ fn sorted(tensors: HashMap<String, Tensor>, prefix: &str) -> Vec<(String, Tensor
     v
 }
 
+/// The projector's tensors under their checkpoint names (with v0's embedding matrix when
+/// its `<im_start>`/`<im_end>` rows were trained, as June-2023 LLaVA saved it).
 fn projector_tensors(tensors: &[(String, Tensor)]) -> HashMap<String, Tensor> {
     tensors
         .iter()
