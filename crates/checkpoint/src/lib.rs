@@ -8,7 +8,8 @@
 //! [`Checkpoint::load_model`] builds `VarBuilder`s over the weights ([`weights`]) with the
 //! family's keys renamed to the canonical LLaVA names and hands them to the model crate.
 //!
-//! It owns files and JSON; it does no tensor math, tokenizing or HTTP.
+//! It owns files and JSON, and the tensor work of rewriting checkpoints (layout and dtype
+//! conversion, GGUF quantization, PyTorch pickles, LoRA deltas); no tokenizing or HTTP.
 
 pub mod config;
 pub mod convert;
@@ -416,6 +417,16 @@ impl Checkpoint {
                 template_for_model_name(&self.name, NameRule::ForkHeadCli)
             }
             Family::LlavaHf => "llava_hf",
+        }
+    }
+
+    /// The top-k of the reference worker's sampler for this checkpoint (LLaVA's
+    /// `/worker_generate_stream`): June-2023's worker (v0 checkpoints) draws from the whole
+    /// softmax (0: off); v1.0 on go through HF `generate`, whose default is 50.
+    pub fn worker_top_k(&self) -> usize {
+        match self.family {
+            Family::LlavaV0 => 0,
+            Family::Llava15 | Family::LlavaMistral | Family::LlavaHf => 50,
         }
     }
 

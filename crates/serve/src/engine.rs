@@ -91,8 +91,9 @@ pub struct EngineHandle {
     /// Jobs queued or running (LLaVA's `queue_length`).
     pending: Arc<AtomicUsize>,
     pub stats: Arc<EngineStats>,
-    /// The checkpoint follows the June-2023 worker, whose sampler has no top-k.
-    pub june_sampler: bool,
+    /// The reference worker's top-k for this checkpoint (0: off), the default of LLaVA's
+    /// worker protocol.
+    pub worker_top_k: usize,
     /// The session's caches, for `/metrics`.
     pub prefix_cache: Arc<PrefixCache>,
     pub feature_cache: Arc<FeatureCache>,
@@ -104,7 +105,7 @@ impl EngineHandle {
     pub fn spawn(session: Session, max_queue: usize, max_concurrency: usize) -> EngineHandle {
         let (tx, rx) = mpsc::sync_channel::<(Instant, Job)>(max_queue);
         let model_name = session.ckpt.name.clone();
-        let june_sampler = session.ckpt.family == kollava_checkpoint::Family::LlavaV0;
+        let worker_top_k = session.ckpt.worker_top_k();
         let pending = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(EngineStats::default());
         let (prefix_cache, feature_cache) =
@@ -125,7 +126,7 @@ impl EngineHandle {
             model_name,
             pending,
             stats,
-            june_sampler,
+            worker_top_k,
             prefix_cache,
             feature_cache,
         }

@@ -73,8 +73,7 @@ pub async fn generate_stream(
             temperature
         },
         top_p: req.top_p.unwrap_or(1.0),
-        // June's worker draws from the full softmax; v1.0+ goes through HF `generate` (top-k 50).
-        top_k: if state.engine.june_sampler { 0 } else { 50 },
+        top_k: state.engine.worker_top_k,
         repetition_penalty: 1.0,
         seed: 0,
     };
