@@ -72,6 +72,7 @@ export KOLLAVA_LLAVA_PYTHON="$llava/bin/python"
 llama_cpp="$cache/llama.cpp-0.3.36"
 scripts/build-llama-cpp.sh "$llama_cpp"
 export KOLLAVA_LLAMA_BIN="$llama_cpp/llama-build/bin"
+export KOLLAVA_LLAMA_SRC="$llama_cpp/llama_cpp_python-0.3.36/vendor/llama.cpp"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -1875,6 +1875,18 @@ fn finetune_args_on(
     args
 }
 
+/// A fixture checkpoint's files (not its reference outputs) copied into a new `to`.
+fn copy_checkpoint(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_owned();
+        if !name.to_string_lossy().starts_with("reference") {
+            std::fs::copy(&path, to.join(name)).unwrap();
+        }
+    }
+}
+
 /// A one-record stage-1 caption file.
 fn caption_data(tmp: &tempfile::TempDir) -> PathBuf {
     write_file(
@@ -2156,14 +2168,7 @@ fn llava_loads_what_kollava_trains() {
     // The fixture as LLaVA 1.2 writes its checkpoints (`llava_llama`: transformers 4.36's
     // own `llava` type is another model), its tower by absolute path.
     let base = tmp.path().join("base");
-    std::fs::create_dir(&base).unwrap();
-    for entry in std::fs::read_dir(FINETUNE_MODEL).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_owned();
-        if !name.to_string_lossy().starts_with("reference") {
-            std::fs::copy(&path, base.join(name)).unwrap();
-        }
-    }
+    copy_checkpoint(Path::new(FINETUNE_MODEL), &base);
     let mut config: Value =
         serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap()).unwrap();
     config["model_type"] = json!("llava_llama");
@@ -2332,6 +2337,38 @@ fn llama_cpp_answers_as_kollava_on_kollavas_gguf() {
     if let Err(e) = result {
         std::panic::resume_unwind(e);
     }
+}
+
+/// kollava reads the GGUF pair llama.cpp's own scripts make of a LLaVA-1.5 checkpoint (its
+/// LLaVA guide: `llava_surgery_v2.py`, the legacy image-encoder converter, then
+/// `convert_hf_to_gguf.py`) and answers, image included, as on the checkpoint itself.
+#[test]
+fn kollava_answers_on_llama_cpps_own_conversion_as_on_the_source() {
+    let Some(py) = interop_python() else {
+        return;
+    };
+    let Some(src) = std::env::var_os("KOLLAVA_LLAMA_SRC").map(PathBuf::from) else {
+        assert!(
+            std::env::var_os("KOLLAVA_REQUIRE_INTEROP_TESTS").is_none(),
+            "KOLLAVA_LLAMA_SRC is not set: run ./scripts/test.sh"
+        );
+        return eprintln!("SKIPPED: no KOLLAVA_LLAMA_SRC (./scripts/test.sh sets it up)");
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, tower, out) = (
+        tmp.path().join("llava-v1.5"),
+        tmp.path().join("tower"),
+        tmp.path().join("gguf"),
+    );
+    copy_checkpoint(Path::new(FINETUNE_MODEL), &model);
+    copy_checkpoint(&checkpoint("clip-vit-tiny-patch14-42"), &tower);
+    let r = interop(&py, "llama_cpp_convert.py", &[&src, &model, &tower, &out]);
+    assert!(Path::new(r["mmproj"].as_str().unwrap()).is_file(), "{r}");
+    let img = image("tall_rgb.png");
+    assert_eq!(
+        greedy_answer(&out, &img, 12),
+        greedy_answer(Path::new(FINETUNE_MODEL), &img, 12)
+    );
 }
 
 /// PEFT on transformers 5.x applies a LoRA adapter kollava trained on a llava-hf model:
