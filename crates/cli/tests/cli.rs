@@ -2339,12 +2339,13 @@ fn llama_cpp_answers_as_kollava_on_kollavas_gguf() {
     }
 }
 
-/// kollava reads the GGUF pair llama.cpp's own scripts make of a LLaVA-1.5 checkpoint (its
-/// LLaVA guide: `llava_surgery_v2.py`, the legacy image-encoder converter, then
-/// `convert_hf_to_gguf.py`) and answers, image included, as on the checkpoint itself.
+/// GGUF both ways, images included. kollava reads the pair llama.cpp's own scripts make of
+/// a LLaVA-1.5 checkpoint (its LLaVA guide: `llava_surgery_v2.py`, the legacy image-encoder
+/// converter, then `convert_hf_to_gguf.py`) and answers as on the checkpoint itself; and
+/// `llama-mtmd-cli` answers on the pair `kollava quantize` writes as on its own pair.
 #[test]
-fn kollava_answers_on_llama_cpps_own_conversion_as_on_the_source() {
-    let Some(py) = interop_python() else {
+fn gguf_pairs_from_kollava_and_llama_cpp_answer_alike() {
+    let (Some(py), Some(bin)) = (interop_python(), llama_cpp_bin()) else {
         return;
     };
     let Some(src) = std::env::var_os("KOLLAVA_LLAMA_SRC").map(PathBuf::from) else {
@@ -2363,11 +2364,51 @@ fn kollava_answers_on_llama_cpps_own_conversion_as_on_the_source() {
     copy_checkpoint(Path::new(FINETUNE_MODEL), &model);
     copy_checkpoint(&checkpoint("clip-vit-tiny-patch14-42"), &tower);
     let r = interop(&py, "llama_cpp_convert.py", &[&src, &model, &tower, &out]);
-    assert!(Path::new(r["mmproj"].as_str().unwrap()).is_file(), "{r}");
     let img = image("tall_rgb.png");
     assert_eq!(
         greedy_answer(&out, &img, 12),
         greedy_answer(Path::new(FINETUNE_MODEL), &img, 12)
+    );
+    let ours = tmp.path().join("ours");
+    assert_success(&kollava(&[
+        &"quantize",
+        &"--type",
+        &"f16",
+        &FINETUNE_MODEL,
+        &ours,
+    ]));
+    // The template's prompt as is, the image where LLaVA puts it.
+    let prompt = "A chat between a curious human and an artificial intelligence assistant. \
+                  The assistant gives helpful, detailed, and polite answers to the human's \
+                  questions. USER: <__media__>\nWhat is this? ASSISTANT:";
+    let mtmd = |model: &Path, mmproj: &Path| {
+        let o = Command::new(bin.join("llama-mtmd-cli"))
+            .arg("-m")
+            .arg(model)
+            .arg("--mmproj")
+            .arg(mmproj)
+            .arg("--image")
+            .arg(&img)
+            .args([
+                "-p", prompt, "--temp", "0", "-n", "12", "-t", "1", "--jinja",
+            ])
+            .args(["--chat-template", "{{ messages[0]['content'] }}"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let theirs = mtmd(
+        Path::new(r["model"].as_str().unwrap()),
+        Path::new(r["mmproj"].as_str().unwrap()),
+    );
+    assert!(!theirs.is_empty());
+    assert_eq!(
+        mtmd(
+            &ours.join("llava-v1.5-F16.gguf"),
+            &ours.join("mmproj-llava-v1.5-F16.gguf")
+        ),
+        theirs
     );
 }
 
