@@ -7,15 +7,16 @@ image, and the model answers greedily.
 Prints one JSON object: the weights transformers found missing or unexpected, the processor
 classes it built, the rendered prompt, the answer's token ids and text, and, when the image
 processor pads (`do_pad`), the largest difference between its pixels and those of LLaVA's
-`pad` (`expand2square`: a PIL paste onto the mean colour as integers, then the CLIP processor).
-The caller decides what passes.
+`pad` (`expand2square`: a PIL paste onto the mean colour as integers, then the CLIP processor),
+and whether the repo's `tokenizer.json` is the tokenizer transformers builds from its
+`tokenizer.model` when there is none. The caller decides what passes.
 """
 import json
 import sys
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 
 def main():
@@ -30,6 +31,21 @@ def main():
     with torch.no_grad():
         out = model.eval().generate(**inputs, max_new_tokens=max_new, do_sample=False)
     ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+    # The fast tokenizer the repo ships against the one transformers converts from the slow.
+    import os
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as bare:
+        # The repo without its tokenizer.json (and without the weights, not needed here).
+        for name in os.listdir(repo):
+            if name != "tokenizer.json" and not name.endswith(".safetensors"):
+                shutil.copy(os.path.join(repo, name), bare)
+        converted = AutoTokenizer.from_pretrained(bare).backend_tokenizer.to_str()
+    shipped = AutoTokenizer.from_pretrained(repo).backend_tokenizer.to_str()
+    same_tokenizer = os.path.isfile(os.path.join(repo, "tokenizer.json")) and json.loads(
+        shipped
+    ) == json.loads(converted)
     pad_diff = None
     if getattr(processor.image_processor, "do_pad", False):
         from transformers import CLIPImageProcessor
@@ -52,6 +68,7 @@ def main():
                 "ids": ids,
                 "text": processor.tokenizer.decode(ids, skip_special_tokens=True),
                 "pad_pixels_vs_llava": pad_diff,
+                "tokenizer_json_as_converted": same_tokenizer,
             },
             ensure_ascii=False,
         )

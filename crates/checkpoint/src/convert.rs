@@ -551,8 +551,8 @@ pub fn to_llava_hf(
             "kollava_original_tokenization": true,
         });
         write_json(&tmp.join("config.json"), &cfg)?;
-        // The tokenizer: the source's files, with <image> and <pad> added.
-        // The slow tokenizer (tokenizer.model) with the added tokens in tokenizer_config.json.
+        // The tokenizer: the source's files, with <image> and <pad> added: the slow tokenizer
+        // (tokenizer.model) with the added tokens in tokenizer_config.json, and the fast one.
         for f in ["tokenizer.model", "generation_config.json"] {
             let p = ckpt.dir.join(f);
             if p.is_file() {
@@ -621,6 +621,25 @@ pub fn to_llava_hf(
             tc["chat_template"] = json!(jinja);
         }
         write_json(&tmp.join("tokenizer_config.json"), &tc)?;
+        // The fast tokenizer as transformers would build it from tokenizer.model, so that
+        // loading needs neither sentencepiece nor protobuf.
+        let spm_path = ckpt.dir.join("tokenizer.model");
+        let spm = std::fs::read(&spm_path).map_err(|e| CheckpointError::Io {
+            path: spm_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let vocab = kollava_inputs::tokenizer::sentencepiece::SentencePiece::from_bytes(
+            &spm,
+            &spm_path.display().to_string(),
+        )?
+        .vocab();
+        write_json(
+            &tmp.join("tokenizer.json"),
+            &kollava_inputs::tokenizer::hf_json::llama_tokenizer_json(
+                &vocab,
+                &[(image_id, "<image>"), (image_id + 1, "<pad>")],
+            ),
+        )?;
         let sm_path = ckpt.dir.join("special_tokens_map.json");
         let mut sm = if sm_path.is_file() {
             read_json(&sm_path)?

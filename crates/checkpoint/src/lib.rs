@@ -366,6 +366,11 @@ impl Checkpoint {
         if let Some(pair) = &self.gguf {
             return pair.tokenizer();
         }
+        if self.original_tokenization && self.dir.join("tokenizer.model").is_file() {
+            // Converted from LLaVA's layout: the tokenizer the model was trained with, to the
+            // letter (the repo's tokenizer.json is for transformers).
+            return Ok(Tokenizer::from_dir_sentencepiece(&self.dir)?);
+        }
         Ok(Tokenizer::from_dir(&self.dir)?)
     }
 

@@ -2023,7 +2023,8 @@ fn dump_reference_runs_on_transformers_5_and_kollava_verifies_it() {
 
 /// `convert --layout hf` writes a llava-hf repo transformers 5.x uses as is: `AutoProcessor`
 /// and `LlavaForConditionalGeneration` load it with no missing or unexpected weight, its
-/// image processor pads as the source's `pad` does (LLaVA's pixels), its chat template
+/// image processor pads as the source's `pad` does (LLaVA's pixels), its `tokenizer.json`
+/// is the fast tokenizer transformers would build from `tokenizer.model`, its chat template
 /// renders the source's prompt, and transformers answers what kollava answers on the
 /// source; kollava answers the same on the repo, and on it converted back (`--layout
 /// original`).
@@ -2067,6 +2068,7 @@ fn a_checkpoint_converted_to_llava_hf_answers_as_its_source_in_transformers() {
         "{r}"
     );
     assert_eq!(r["pad_pixels_vs_llava"], json!(0.0), "{r}");
+    assert_eq!(r["tokenizer_json_as_converted"], json!(true), "{r}");
     assert_eq!(r["text"].as_str().unwrap().trim(), want, "{r}");
 }
 

@@ -13,6 +13,7 @@
 //! Decoding goes through the pieces for both backends so that [`StreamDecoder`] can hold
 //! back a Hangul syllable until all of its UTF-8 bytes have arrived.
 
+pub mod hf_json;
 pub mod sentencepiece;
 pub mod train;
 
@@ -119,6 +120,14 @@ impl Tokenizer {
         if json_path.exists() {
             return Self::from_tokenizer_json(&json_path, &config);
         }
+        Self::from_dir_sentencepiece(dir)
+    }
+
+    /// The slow tokenizer of a checkpoint directory (`tokenizer.model` with
+    /// `tokenizer_config.json`, `special_tokens_map.json` and `added_tokens.json`), even
+    /// where a `tokenizer.json` is beside it.
+    pub fn from_dir_sentencepiece(dir: &Path) -> Result<Self, TokenizerError> {
+        let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let model_path = dir.join("tokenizer.model");
         if !model_path.exists() {
             return Err(TokenizerError::Missing {
