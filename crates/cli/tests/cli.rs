@@ -2414,6 +2414,43 @@ fn gguf_pairs_from_kollava_and_llama_cpp_answer_alike() {
     );
 }
 
+/// An adapter PEFT wrote (a llava-hf model wrapped by `get_peft_model`, saved with
+/// `save_pretrained`) merges in kollava: `merge-lora` finds every adapted map under
+/// PEFT's paths and gives the logits of PEFT's own merge stored in the same dtype.
+#[test]
+fn kollava_merges_an_adapter_peft_wrote() {
+    let Some(py) = interop_python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, adapter, merged) = (
+        checkpoint("llava-hf"),
+        tmp.path().join("adapter"),
+        tmp.path().join("merged"),
+    );
+    interop(&py, "peft_write.py", &[&base, &adapter]);
+    let o = kollava(&[
+        &"merge-lora",
+        &"--model",
+        &base,
+        &"--adapter",
+        &adapter,
+        &"--output",
+        &merged,
+    ]);
+    assert_success(&o);
+    // 2 layers × q_proj, v_proj, down_proj.
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("merged 6 adapted weights"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let r = interop(&py, "peft_write.py", &[&base, &adapter, &merged]);
+    let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
+    assert!(f("merged") < 1e-3 * f("scale"), "{r}");
+    assert!(f("vs_base") > 1e-2 * f("scale"), "{r}");
+}
+
 /// PEFT on transformers 5.x applies a LoRA adapter kollava trained on a llava-hf model:
 /// every adapter weight lands on a module (none unexpected, none missing), only the
 /// language model's linear maps are wrapped, the adapter changes the base's logits, and
