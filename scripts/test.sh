@@ -40,6 +40,7 @@ export KOLLAVA_REQUIRE_CLIENT_TESTS=1
 # The interop tests load what kollava writes in the real consumers. Each Python stack is a venv
 # kept by version under ~/.cache/kollava and built once per machine.
 cache="${KOLLAVA_CACHE:-$HOME/.cache/kollava}"
+mkdir -p "$cache"
 # venv_once DIR IMPORTS PIP-ARGS...: (re)builds DIR when `import IMPORTS` fails there.
 venv_once() {
   local dir="$1" imports="$2"
@@ -51,23 +52,28 @@ venv_once() {
   "$dir/bin/python" -m pip install -q --disable-pip-version-check "$@"
 }
 echo "== interop test tools"
-# transformers 5.x and PEFT (about 6 GB: PyPI's torch wheels need CUDA's libraries to import,
-# even on a CPU).
+# The two venvs download about 10 GB the first time: they install in the background while
+# llama.cpp and the workspace build, and the tests wait for them.
+# transformers 5.x and PEFT (PyPI's torch wheels need CUDA's libraries to import, even on a CPU).
 interop="$cache/interop-torch2.15.0-transformers5.24.0-peft0.21.2"
 venv_once "$interop" "torch, transformers, peft, safetensors, PIL" "torch==2.15.0" \
   "transformers==5.24.0" "peft==0.21.2" "safetensors==0.8.0" "pillow==13.0.0" "numpy==2.4.6" \
-  "sentencepiece==0.2.3" "protobuf==7.36.2"
-export KOLLAVA_INTEROP_PYTHON="$interop/bin/python" KOLLAVA_REQUIRE_INTEROP_TESTS=1
-# LLaVA's own package with the versions it pins (about 4.5 GB), for what LLaVA's code loads;
-# its other pins (gradio, bitsandbytes, deepspeed...) serve its web UI and training only.
+  "sentencepiece==0.2.3" "protobuf==7.36.2" >"$cache/interop-install.log" 2>&1 &
+interop_job=$!
+# LLaVA's own package with the versions it pins, for what LLaVA's code loads; its other pins
+# (gradio, bitsandbytes, deepspeed...) serve its web UI and training only.
 llava="$cache/llava-torch1.2.2.post1"
-venv_once "$llava" "torch, transformers, peft" "torch==2.0.1" "transformers==4.36.2" \
-  "tokenizers==0.15.0" "sentencepiece==0.1.99" "accelerate==0.21.0" "peft==0.4.0" \
-  "numpy==1.26.4" "einops==0.6.1" "einops-exts==0.0.4" "timm==0.6.13" "shortuuid==1.0.13" \
-  "safetensors==0.4.5" "protobuf==4.25.3" "pillow==13.0.0"
-"$llava/bin/python" -c 'import llava.model.builder' 2>/dev/null ||
-  "$llava/bin/python" -m pip install -q --disable-pip-version-check --no-deps "llava-torch==1.2.2.post1"
-export KOLLAVA_LLAVA_PYTHON="$llava/bin/python"
+(
+  venv_once "$llava" "torch, transformers, peft" "torch==2.0.1" "transformers==4.36.2" \
+    "tokenizers==0.15.0" "sentencepiece==0.1.99" "accelerate==0.21.0" "peft==0.4.0" \
+    "numpy==1.26.4" "einops==0.6.1" "einops-exts==0.0.4" "timm==0.6.13" "shortuuid==1.0.13" \
+    "safetensors==0.4.5" "protobuf==4.25.3" "pillow==13.0.0"
+  "$llava/bin/python" -c 'import llava.model.builder' 2>/dev/null ||
+    "$llava/bin/python" -m pip install -q --disable-pip-version-check --no-deps "llava-torch==1.2.2.post1"
+) >"$cache/llava-install.log" 2>&1 &
+llava_job=$!
+export KOLLAVA_INTEROP_PYTHON="$interop/bin/python" KOLLAVA_LLAVA_PYTHON="$llava/bin/python"
+export KOLLAVA_REQUIRE_INTEROP_TESTS=1
 # llama.cpp, for what it answers on the GGUF files kollava writes (built once, ~13 minutes).
 llama_cpp="$cache/llama.cpp-0.3.36"
 scripts/build-llama-cpp.sh "$llama_cpp"
@@ -78,6 +84,9 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+for job in "$interop_job:interop" "$llava_job:llava"; do
+  wait "${job%%:*}" || { cat "$cache/${job##*:}-install.log" >&2; echo "installing the ${job##*:} venv failed" >&2; exit 1; }
+done
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
