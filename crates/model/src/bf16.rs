@@ -65,42 +65,32 @@ impl std::fmt::Display for Kernels {
 
 /// The fastest kernel set this CPU runs; `None` where none does (another architecture, or
 /// an x86-64 without AVX2). `KOLLAVA_KERNELS=avx2` (or `avx512`) picks that set on a CPU with
-/// faster ones (to measure or test it there).
+/// faster ones (to measure or test it there; see [`crate::cpu`]).
 pub fn kernels() -> Option<Kernels> {
+    use crate::cpu::{cpu, Request};
     static KERNELS: std::sync::OnceLock<Option<Kernels>> = std::sync::OnceLock::new();
     *KERNELS.get_or_init(|| {
         let all = supported();
-        if avx2_forced() {
-            return all.into_iter().find(|&k| k == Kernels::Avx2Fma);
+        match cpu().request {
+            Request::Avx2 => all.into_iter().find(|&k| k == Kernels::Avx2Fma),
+            Request::Avx512 => all.into_iter().find(|&k| k != Kernels::Amx),
+            Request::Fastest => all.first().copied(),
         }
-        if std::env::var("KOLLAVA_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("avx512")) {
-            return all.into_iter().find(|&k| k != Kernels::Amx);
-        }
-        all.first().copied()
     })
-}
-
-/// `KOLLAVA_KERNELS=avx2`: the AVX2 kernels (ours and [`crate::kquant`]'s) even where the
-/// CPU has AVX512 ones.
-pub(crate) fn avx2_forced() -> bool {
-    std::env::var("KOLLAVA_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("avx2"))
 }
 
 /// Every kernel set this CPU runs, fastest first.
 pub fn supported() -> Vec<Kernels> {
+    let c = crate::cpu::cpu();
     let mut all = Vec::new();
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512bf16") && has!("avx512vl") {
-            if amx::usable() {
-                all.push(Kernels::Amx);
-            }
-            all.push(Kernels::Avx512Bf16);
+    if c.avx512bf16 && c.avx512vl {
+        if c.amx {
+            all.push(Kernels::Amx);
         }
-        if has!("avx2") && has!("fma") {
-            all.push(Kernels::Avx2Fma);
-        }
+        all.push(Kernels::Avx512Bf16);
+    }
+    if c.avx2_fma {
+        all.push(Kernels::Avx2Fma);
     }
     all
 }

@@ -339,7 +339,7 @@ mod tiles {
 
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn interleave(_: &[f32], _: &[f32], _: &mut [u32]) {
-        unreachable!("AMX kernels are only chosen where usable() holds")
+        unreachable!("AMX kernels are only chosen where cpu().amx holds")
     }
 }
 
@@ -442,24 +442,13 @@ fn attend(
 
 mod kernels {
     pub(super) fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
+        crate::cpu::cpu().avx2_fma
     }
 
     /// Whether the 512-bit tiles run here (and `KOLLAVA_KERNELS=avx2` does not ask for the
     /// 256-bit ones).
     pub(super) fn wide() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx512f") && !crate::bf16::avx2_forced()
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
+        crate::cpu::cpu().wide()
     }
 
     /// `c[j][·] = Σᵢ x[j][i] · w[i][·]` for `rows ≤ 6` rows and `vectors ∈ {1, 2}` × 8

@@ -42,16 +42,13 @@ enum Kernels {
 
 /// Every kernel set this CPU runs, fastest first.
 fn supported() -> Vec<Kernels> {
+    let c = crate::cpu::cpu();
     let mut all = Vec::new();
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
-            all.push(Kernels::Avx512Vnni);
-        }
-        if has!("avx2") && has!("fma") {
-            all.push(Kernels::Avx2);
-        }
+    if c.avx512bw && c.avx512vnni {
+        all.push(Kernels::Avx512Vnni);
+    }
+    if c.avx2_fma {
+        all.push(Kernels::Avx2);
     }
     all
 }
@@ -62,7 +59,7 @@ fn kernels() -> Option<Kernels> {
     static KERNELS: std::sync::OnceLock<Option<Kernels>> = std::sync::OnceLock::new();
     *KERNELS.get_or_init(|| {
         let all = supported();
-        if crate::bf16::avx2_forced() {
+        if crate::cpu::cpu().request == crate::cpu::Request::Avx2 {
             return all.into_iter().find(|&k| k == Kernels::Avx2);
         }
         all.first().copied()

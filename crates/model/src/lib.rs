@@ -11,6 +11,7 @@ pub mod bf16;
 mod block_attention;
 pub mod clip;
 pub mod config;
+pub mod cpu;
 mod decode_attention;
 pub mod decoder;
 pub mod kquant;

@@ -27,35 +27,6 @@ const KT: usize = 16;
 /// measured alike, 8 about 4 % slower (`examples/bf16_gemm`).
 const BLOCK_GROUP: usize = 4;
 
-/// Whether this CPU has AMX-BF16 and the kernel lets this process use the tile registers
-/// (Linux hands them out on request, once per process).
-pub(super) fn usable() -> bool {
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    {
-        // CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE (std's detection of them is
-        // unstable). Linux grants the request below only where the OS supports them too.
-        let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
-        if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
-            return false;
-        }
-        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-        const XFEATURE_XTILEDATA: libc::c_long = 18;
-        // SAFETY: arch_prctl with these arguments only changes which register state the
-        // kernel saves for this process.
-        unsafe {
-            libc::syscall(
-                libc::SYS_arch_prctl,
-                ARCH_REQ_XCOMP_PERM,
-                XFEATURE_XTILEDATA,
-            ) == 0
-        }
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-    {
-        false
-    }
-}
-
 /// Whether a product of `k` inputs (`pairs` pairs) goes in whole tile steps: every real
 /// checkpoint's widths do (multiples of 32); the 512-bit kernel takes the rest.
 pub(super) fn fits(k: usize, pairs: usize) -> bool {
@@ -285,20 +256,20 @@ pub(crate) unsafe fn dot_tile(
     _: *mut f32,
     _: usize,
 ) {
-    unreachable!("AMX kernels are only chosen where usable() holds")
+    unreachable!("AMX kernels are only chosen where cpu().amx holds")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) unsafe fn configure() {
-    unreachable!("AMX kernels are only chosen where usable() holds")
+    unreachable!("AMX kernels are only chosen where cpu().amx holds")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) unsafe fn release() {
-    unreachable!("AMX kernels are only chosen where usable() holds")
+    unreachable!("AMX kernels are only chosen where cpu().amx holds")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn block(_: *const u32, _: usize, _: *const u32, _: *mut f32, _: usize) {
-    unreachable!("AMX kernels are only chosen where usable() holds")
+    unreachable!("AMX kernels are only chosen where cpu().amx holds")
 }

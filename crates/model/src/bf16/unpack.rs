@@ -34,17 +34,8 @@ pub(super) fn decoder(dtype: candle_core::quantized::GgmlDType) -> Option<PairDe
 }
 
 fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512bf16")
-            && is_x86_feature_detected!("avx512vl")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    let c = crate::cpu::cpu();
+    c.avx512bf16 && c.avx512bw && c.avx512vl
 }
 
 /// Whole `Q4_K` blocks (`bytes`) into `out` (128 pairs a block).
