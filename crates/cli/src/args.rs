@@ -445,8 +445,8 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// pretrain: projector only; finetune: LLM + projector — 학습 단계
-    #[arg(long, default_value = "pretrain", value_parser = ["pretrain", "finetune"])]
-    pub stage: String,
+    #[arg(long, value_enum, default_value_t = Stage::Pretrain)]
+    pub stage: Stage,
     /// Training data (JSON array or JSONL) — 학습 데이터
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
@@ -504,8 +504,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub save_total_limit: Option<usize>,
     /// Weights dtype of the written checkpoint — 저장 자료형
-    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
-    pub save_dtype: String,
+    #[arg(long, value_enum, default_value_t = FloatType::F32)]
+    pub save_dtype: FloatType,
     /// Stage 2 with LoRA adapters of this rank instead of full finetuning (0 = off) — LoRA 랭크
     #[arg(long, default_value_t = 0)]
     pub lora_r: usize,
@@ -534,8 +534,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub nproc: u32,
     /// Also log to TensorBoard event files in OUTPUT/runs — TensorBoard 로그
-    #[arg(long, default_value = "none", value_parser = ["none", "tensorboard"])]
-    pub report_to: String,
+    #[arg(long, value_enum, default_value_t = ReportTo::None)]
+    pub report_to: ReportTo,
 }
 
 #[derive(Debug, Args)]
@@ -560,8 +560,8 @@ pub struct DeltaArgs {
     #[arg(long, value_name = "DIR")]
     pub target: PathBuf,
     /// Weights dtype of the output (default: the input's) — 출력 자료형
-    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
-    pub dtype: Option<String>,
+    #[arg(long, value_enum)]
+    pub dtype: Option<FloatType>,
 }
 
 #[derive(Debug, Args)]
@@ -577,8 +577,8 @@ pub struct MergeLoraArgs {
     #[arg(long, value_name = "DIR")]
     pub output: PathBuf,
     /// Weights dtype of the merged checkpoint (default: the base's) — 저장 자료형
-    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
-    pub dtype: Option<String>,
+    #[arg(long, value_enum)]
+    pub dtype: Option<FloatType>,
 }
 
 #[derive(Debug, Args)]
@@ -611,14 +611,14 @@ pub struct ConvertArgs {
     #[arg(long, value_name = "DIR")]
     pub output: PathBuf,
     /// Floating-point dtype of the output (default: keep each tensor's) — 출력 자료형
-    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
-    pub dtype: Option<String>,
+    #[arg(long, value_enum)]
+    pub dtype: Option<FloatType>,
     /// Rewrite the checkpoint in the other layout: `hf` turns an original LLaVA-1.5
     /// checkpoint into transformers' llava-hf (tower inside, <image>/<pad> added, vocabulary
     /// padded to a multiple of 64); `original` turns llava-hf into LLaVA's own layout (tower
     /// in vision_tower/) — 체크포인트 배치 변환
-    #[arg(long, value_parser = ["hf", "original"], conflicts_with = "dtype")]
-    pub layout: Option<String>,
+    #[arg(long, value_enum, conflicts_with = "dtype")]
+    pub layout: Option<Layout>,
 }
 
 #[derive(Debug, Args)]
@@ -687,8 +687,8 @@ pub struct ControllerArgs {
     #[arg(long, default_value_t = 21001)]
     pub port: u16,
     /// How requests for a model pick among its workers — 워커 선택 방식
-    #[arg(long, default_value = "shortest_queue", value_parser = ["lottery", "shortest_queue"])]
-    pub dispatch_method: String,
+    #[arg(long, value_enum, default_value_t = Dispatch::ShortestQueue)]
+    pub dispatch_method: Dispatch,
 }
 
 #[derive(Debug, Args)]
@@ -704,11 +704,11 @@ pub struct InitRandomArgs {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Weight dtype on disk — 저장 자료형
-    #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16"])]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = FloatType::F16)]
+    pub dtype: FloatType,
     /// Key layout: LLaVA's original or llava-hf (default: the architecture's) — 키 배치
-    #[arg(long, value_parser = ["original", "hf"])]
-    pub layout: Option<String>,
+    #[arg(long, value_enum)]
+    pub layout: Option<Layout>,
     /// Random seed — 시드
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -817,15 +817,15 @@ pub struct ModelArgs {
     #[arg(long, value_name = "NAME")]
     pub conv_mode: Option<String>,
     /// How images are fitted to the tower (default: the checkpoint's) — 이미지 맞춤 방식
-    #[arg(long, value_parser = ["crop", "pad", "resize"])]
-    pub image_aspect: Option<String>,
+    #[arg(long, value_enum)]
+    pub image_aspect: Option<Aspect>,
     /// Weights in memory: f32 matches the Python reference to 1e-4; f16 halves memory and
     /// decode time at some precision cost; bf16 also runs the tower and prefill through our
     /// bf16 kernels (AMX, AVX512-BF16 or AVX2+FMA; fastest first token). A GGUF model keeps its
     /// stored types; auto = f32, but bf16 for a quantized GGUF model's float matrices (its
     /// tower) — 가중치 자료형
-    #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = ModelDtype::Auto)]
+    pub dtype: ModelDtype,
     /// Memory for keys and values kept from earlier prompts and answers, so a follow-up
     /// turn or a prompt sharing a prefix (a system prompt, an image) prefills only what is
     /// new; least recently used first out. 0 turns it off (default: an eighth of the memory
@@ -1002,4 +1002,105 @@ mod tests {
         let r = Cli::try_parse_from(["kollava", "run", "-m", "x", "-q", "hi", "--top-p", "1.5"]);
         assert!(r.unwrap_err().to_string().contains("(0, 1]"));
     }
+}
+
+/// A floating-point weight type (`--dtype`, `--save-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FloatType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl FloatType {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            FloatType::F32 => candle_core::DType::F32,
+            FloatType::F16 => candle_core::DType::F16,
+            FloatType::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+/// The weights' type in memory (`--dtype` of the model commands); `auto`: the session's
+/// choice for the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelDtype {
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl ModelDtype {
+    /// `None` for `auto`.
+    pub fn dtype(self) -> Option<candle_core::DType> {
+        match self {
+            ModelDtype::Auto => None,
+            ModelDtype::F32 => Some(candle_core::DType::F32),
+            ModelDtype::F16 => Some(candle_core::DType::F16),
+            ModelDtype::Bf16 => Some(candle_core::DType::BF16),
+        }
+    }
+}
+
+/// How images are fitted to the tower (`--image-aspect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Aspect {
+    Crop,
+    Pad,
+    Resize,
+}
+
+impl From<Aspect> for kollava_inputs::image::AspectMode {
+    fn from(a: Aspect) -> Self {
+        use kollava_inputs::image::AspectMode;
+        match a {
+            Aspect::Crop => AspectMode::Crop,
+            Aspect::Pad => AspectMode::Pad,
+            Aspect::Resize => AspectMode::Resize,
+        }
+    }
+}
+
+/// The training stage (`--stage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    /// The projector only.
+    Pretrain,
+    /// The language model and the projector.
+    Finetune,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::Pretrain => "pretrain",
+            Stage::Finetune => "finetune",
+        })
+    }
+}
+
+/// Where training metrics go besides `metrics.jsonl` (`--report-to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportTo {
+    None,
+    Tensorboard,
+}
+
+/// A checkpoint's key layout (`--layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layout {
+    /// transformers' llava-hf.
+    Hf,
+    /// LLaVA's own.
+    Original,
+}
+
+/// How the controller picks a worker (`--dispatch-method`, LLaVA's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dispatch {
+    Lottery,
+    #[value(name = "shortest_queue")]
+    ShortestQueue,
 }

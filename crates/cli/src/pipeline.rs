@@ -2,7 +2,6 @@
 //! `kollava_generate::session`), plus reading images from paths or URLs.
 
 use anyhow::{Context, Result};
-use candle_core::DType;
 use kollava_generate::{AnswerOptions, SamplingParams, Session, SessionOptions};
 use kollava_inputs::image::{self, AspectMode, RgbImage};
 use kollava_inputs::template::Template;
@@ -14,23 +13,13 @@ pub fn load(args: &ModelArgs) -> Result<Session> {
     if let Some(m) = &args.conv_mode {
         template(m, "--conv-mode")?;
     }
-    let aspect = match args.image_aspect.as_deref() {
-        Some("crop") => Some(AspectMode::Crop),
-        Some("pad") => Some(AspectMode::Pad),
-        Some("resize") => Some(AspectMode::Resize),
-        _ => None,
-    };
+    let aspect = args.image_aspect.map(AspectMode::from);
     let opts = SessionOptions {
         model: model_path(args.model.as_deref()),
         vision_tower: args.vision_tower.clone(),
         conv_mode: args.conv_mode.clone(),
         aspect,
-        dtype: match args.dtype.as_str() {
-            "f16" => Some(DType::F16),
-            "bf16" => Some(DType::BF16),
-            "f32" => Some(DType::F32),
-            _ => None,
-        },
+        dtype: args.dtype.dtype(),
         projector: args.projector.clone(),
         mmproj: args.mmproj.clone(),
         prefix_cache_bytes: args.prefix_cache_mb.map(|mb| mb << 20),

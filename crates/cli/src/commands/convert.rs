@@ -8,11 +8,7 @@ use crate::args::{ConvertArgs, ExtractProjectorArgs};
 
 /// `kollava apply-delta` (`apply`) and `make-delta`.
 pub fn delta(args: &crate::args::DeltaArgs, apply: bool) -> Result<()> {
-    let dtype = args.dtype.as_deref().map(|d| match d {
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        _ => DType::F32,
-    });
+    let dtype = args.dtype.map(crate::args::FloatType::dtype);
     use kollava_checkpoint::delta::{apply_delta, make_delta};
     let (n, out) = if apply {
         (
@@ -30,11 +26,7 @@ pub fn delta(args: &crate::args::DeltaArgs, apply: bool) -> Result<()> {
 }
 
 pub fn run(args: &ConvertArgs) -> Result<()> {
-    let dtype = args.dtype.as_deref().map(|d| match d {
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        _ => DType::F32,
-    });
+    let dtype = args.dtype.map(crate::args::FloatType::dtype);
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} tensors")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -46,7 +38,7 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     let n = if let Some(layout) = &args.layout {
         let ckpt =
             kollava_checkpoint::open(&args.input.display().to_string(), &Default::default())?;
-        if layout == "hf" {
+        if *layout == crate::args::Layout::Hf {
             kollava_checkpoint::convert::to_llava_hf(&ckpt, &args.output, &mut progress)?
         } else {
             kollava_checkpoint::convert::to_llava_original(&ckpt, &args.output, &mut progress)?

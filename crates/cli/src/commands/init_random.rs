@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kollava_checkpoint::random::{self, DiskDtype, Layout};
 
-use crate::args::InitRandomArgs;
+use crate::args::{FloatType, InitRandomArgs};
 
 pub fn run(args: &InitRandomArgs) -> Result<()> {
     let mut arch = *random::arch(&args.arch)
@@ -15,14 +15,14 @@ pub fn run(args: &InitRandomArgs) -> Result<()> {
         arch = arch.with_vocab(tok.vocab_size());
     }
     let arch = &arch;
-    let dtype = match args.dtype.as_str() {
-        "f32" => DiskDtype::F32,
-        "bf16" => DiskDtype::Bf16,
-        _ => DiskDtype::F16,
+    let dtype = match args.dtype {
+        FloatType::F32 => DiskDtype::F32,
+        FloatType::F16 => DiskDtype::F16,
+        FloatType::Bf16 => DiskDtype::Bf16,
     };
-    let layout = match args.layout.as_deref() {
-        Some("hf") => Layout::Hf,
-        Some(_) => Layout::Original,
+    let layout = match args.layout {
+        Some(crate::args::Layout::Hf) => Layout::Hf,
+        Some(crate::args::Layout::Original) => Layout::Original,
         None => arch.default_layout,
     };
     let total = random::weight_bytes(arch, layout, dtype);

@@ -55,17 +55,13 @@ pub fn run(args: &ServeArgs) -> Result<()> {
 /// `kollava controller`.
 pub fn controller(args: &crate::args::ControllerArgs) -> Result<()> {
     use kollava_serve::controller::Dispatch;
-    let dispatch = if args.dispatch_method == "lottery" {
-        Dispatch::Lottery
-    } else {
-        Dispatch::ShortestQueue
+    let (dispatch, method) = match args.dispatch_method {
+        crate::args::Dispatch::Lottery => (Dispatch::Lottery, "lottery"),
+        crate::args::Dispatch::ShortestQueue => (Dispatch::ShortestQueue, "shortest_queue"),
     };
     runtime()?.block_on(async {
         let (listener, bound) = bind(&args.host, args.port).await?;
-        eprintln!(
-            "kollava controller on http://{bound} ({})",
-            args.dispatch_method
-        );
+        eprintln!("kollava controller on http://{bound} ({method})");
         kollava_serve::serve_controller(listener, dispatch)
             .await
             .context("serving")

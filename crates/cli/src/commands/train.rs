@@ -75,14 +75,6 @@ fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-fn dtype_arg(name: &str) -> DType {
-    match name {
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        _ => DType::F32,
-    }
-}
-
 /// `--nproc N`: runs this same command as N processes (ranks) and waits for them all.
 fn launch(n: u32) -> Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -151,7 +143,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         d => d,
     };
     let dist = dist.map(std::sync::Mutex::new);
-    let finetune = args.stage == "finetune";
+    let finetune = args.stage == crate::args::Stage::Finetune;
     let lora = args.lora_r > 0;
     if lora && !finetune {
         bail!("--lora-r trains adapters in stage 2: add --stage finetune");
@@ -274,12 +266,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     let tok = ckpt.tokenizer()?;
     let scheme = ckpt.image_tokens(&tok)?;
-    let aspect = match args.model.image_aspect.as_deref() {
-        Some("crop") => AspectMode::Crop,
-        Some("pad") => AspectMode::Pad,
-        Some("resize") => AspectMode::Resize,
-        _ => ckpt.aspect,
-    };
+    let aspect = args
+        .model
+        .image_aspect
+        .map_or(ckpt.aspect, AspectMode::from);
     let folder = args.image_folder.clone();
     let prefix = args.image_prefix.clone();
     let load = move |name: &str| {
@@ -370,8 +360,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     } else {
         None
     };
-    let mut board = match args.report_to.as_str() {
-        "tensorboard" if main_rank => {
+    let mut board = match args.report_to {
+        crate::args::ReportTo::Tensorboard if main_rank => {
             let dir = args.output_dir.join("runs");
             let w = kollava_train::tensorboard::EventWriter::create(&dir)
                 .with_context(|| format!("cannot write TensorBoard events in {}", dir.display()))?;
@@ -394,7 +384,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let (mut seen, mut masked) = (0usize, 0usize);
     let mut write_err = None;
     let out = args.output_dir.clone();
-    let save_dtype = dtype_arg(&args.save_dtype);
+    let save_dtype = args.save_dtype.dtype();
     let trainable_names: Vec<String> = tm.params.iter().map(|(n, _)| n.clone()).collect();
     let kind = match &lora_opts {
         Some(lo) => Output::Lora {
@@ -582,7 +572,7 @@ pub fn merge_lora(args: &crate::args::MergeLoraArgs) -> Result<()> {
     if non_lora.is_file() {
         tensors.extend(projector_tensors(&tm.tensors));
     }
-    let dtype = args.dtype.as_deref().map(dtype_arg);
+    let dtype = args.dtype.map(crate::args::FloatType::dtype);
     ckpt.save_with(&args.output, &tensors, dtype)?;
     let cfg: Option<serde_json::Value> = std::fs::read_to_string(args.adapter.join("config.json"))
         .ok()
