@@ -207,16 +207,15 @@ mod tests {
             let got = &read[name];
             assert_eq!(got.dtype(), want.dtype());
             assert_eq!(got.dims(), want.dims());
-            let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let values = |t: &Tensor| -> Vec<f32> {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let diff = kollava_testkit::max_abs_diff(&values(got), &values(want));
             assert_eq!(diff, 0.0, "{name}");
         }
         assert!(!dir.path().join("x.bin.partial").exists());
