@@ -472,6 +472,7 @@ pub fn router(c: Arc<Controller>) -> Router {
         .route("/v1/chat/completions", post(relay_to_worker))
         .route("/api/log", post(relay_to_worker))
         .layer(axum::extract::DefaultBodyLimit::max(crate::MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(crate::refuse_declared_oversize))
         .with_state(c)
 }
 

@@ -175,6 +175,28 @@ async fn require_key(State(state): State<AppState>, req: Request, next: Next) ->
     next.run(req).await
 }
 
+/// A request that declares a body over [`MAX_BODY_BYTES`] (`Content-Length`) gets 413 from
+/// its headers, before any of the body is read: a client cannot hold the connection by
+/// sending a huge body slowly. (A body without a length is cut at the limit as it is read.)
+pub async fn refuse_declared_oversize(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|&n| n > MAX_BODY_BYTES as u64) {
+        return error::ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "request body of {n} bytes is over the {} MiB limit",
+                MAX_BODY_BYTES >> 20
+            ),
+        }
+        .into_response();
+    }
+    next.run(req).await
+}
+
 pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/models", get(openai::models))
@@ -190,6 +212,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/log", post(logs::log_event))
         .merge(api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(refuse_declared_oversize))
         .with_state(state);
     match cors {
         Some(cors) => router.layer(cors),

@@ -666,6 +666,31 @@ async fn a_client_that_disconnects_mid_stream_is_dropped_and_the_server_keeps_se
     );
 }
 
+/// A request that declares a body over the limit gets 413 from its headers at once: the
+/// body here never arrives, and reading it would wait forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_declared_oversized_body_is_refused_before_it_is_read() {
+    let state = state();
+    let never = tokio_stream::pending::<Result<axum::body::Bytes, std::io::Error>>();
+    let req = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("content-length", (64u64 << 20).to_string())
+        .body(Body::from_stream(never))
+        .unwrap();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), send(&state, req))
+        .await
+        .expect("answered without reading the body");
+    assert_eq!(answer.0, StatusCode::PAYLOAD_TOO_LARGE, "{}", answer.1);
+    let v: Value = serde_json::from_str(&answer.1).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("67108864 bytes"),
+        "{v}"
+    );
+}
+
 /// Once no request has come for a moment, the server stores the answer it gave (prefilled
 /// once more) for the conversation's next turn, and says so in `/metrics`; the next turn
 /// then reuses the answer's positions too.
