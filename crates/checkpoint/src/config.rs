@@ -7,7 +7,8 @@
 //! square) and the June-2023 code (llava-spec §1a).
 
 use kollava_model::config::{
-    Activation, ClipVisionConfig, DecoderConfig, FeatureSelect, ModelConfig, ProjectorKind,
+    Activation, Architecture, ClipVisionConfig, DecoderConfig, FeatureSelect, ModelConfig,
+    MptOptions, ProjectorKind,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -25,6 +26,9 @@ pub enum Family {
     LlavaMistral,
     /// transformers' `LlavaForConditionalGeneration` (llava-hf).
     LlavaHf,
+    /// `LlavaMPTForCausalLM` (LLaVA-Lightning-MPT, May 2023): v0's `<im_patch>` tokens on an
+    /// MPT decoder, stored as `transformer.*`.
+    LlavaMpt,
 }
 
 impl Family {
@@ -34,6 +38,7 @@ impl Family {
             Family::Llava15 => "llava-v1.5",
             Family::LlavaMistral => "llava-mistral",
             Family::LlavaHf => "llava-hf",
+            Family::LlavaMpt => "llava-mpt",
         }
     }
 
@@ -44,6 +49,7 @@ impl Family {
         match self {
             Family::LlavaHf => "model.language_model.layers.",
             Family::LlavaV0 | Family::Llava15 | Family::LlavaMistral => "model.layers.",
+            Family::LlavaMpt => "transformer.blocks.",
         }
     }
 }
@@ -71,6 +77,16 @@ pub struct RawLlavaConfig {
     pub hidden_act: Option<String>,
     pub tie_word_embeddings: Option<bool>,
     pub eos_token_id: Option<Value>,
+    // MPT keys (`MPTConfig`, llava-spec §1d.2).
+    pub d_model: Option<usize>,
+    pub n_heads: Option<usize>,
+    pub n_layers: Option<usize>,
+    pub expansion_ratio: Option<f64>,
+    pub max_seq_len: Option<usize>,
+    pub attn_config: Option<RawMptAttention>,
+    pub no_bias: Option<bool>,
+    pub norm_type: Option<String>,
+    pub logit_scale: Option<Value>,
     /// Written by `kollava train`: the conversation format the model was trained in.
     pub kollava_template: Option<String>,
     /// Written by `kollava convert --layout hf`: the model was trained on LLaVA's own
@@ -94,6 +110,19 @@ pub struct RawLlavaConfig {
     pub image_token_index: Option<u32>,
     pub projector_hidden_act: Option<String>,
     pub multimodal_projector_bias: Option<bool>,
+}
+
+/// MPT's `attn_config`.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct RawMptAttention {
+    pub alibi: Option<bool>,
+    pub alibi_bias_max: Option<f64>,
+    pub attn_type: Option<String>,
+    pub clip_qkv: Option<f64>,
+    pub qk_ln: Option<bool>,
+    pub softmax_scale: Option<f64>,
+    pub prefix_lm: Option<bool>,
+    pub attn_uses_sequence_id: Option<bool>,
 }
 
 /// A CLIP config: `CLIPVisionModel` (flat) or `CLIPModel` (with `vision_config`).
@@ -183,10 +212,19 @@ pub fn detect_family(raw: &RawLlavaConfig, file: &str) -> Result<Family, Checkpo
             || raw.image_aspect_ratio.is_some();
         return Ok(if v1 { Family::Llava15 } else { Family::LlavaV0 });
     }
-    if has("LlavaMPTForCausalLM") || model_type.contains("mpt") {
+    if has("LlavaMPTForCausalLM") || has("LlavaMptForCausalLM") || model_type == "llava_mpt" {
+        if raw.mm_vision_tower.is_none() {
+            return Err(CheckpointError::Unsupported {
+                file: file.to_string(),
+                what: "a LLaVA-MPT config without mm_vision_tower".into(),
+            });
+        }
+        return Ok(Family::LlavaMpt);
+    }
+    if model_type == "mpt" {
         return Err(CheckpointError::Unsupported {
             file: file.to_string(),
-            what: "the MPT variant of LLaVA".into(),
+            what: "a text-only MPT model (kollava runs LLaVA-MPT checkpoints)".into(),
         });
     }
     Err(CheckpointError::UnknownFamily {
@@ -199,6 +237,95 @@ pub fn detect_family(raw: &RawLlavaConfig, file: &str) -> Result<Family, Checkpo
 /// LLaVA-1.6 configs carry `image_grid_pinpoints` (anyres).
 fn raw_has_grid(raw: &RawLlavaConfig) -> bool {
     raw.image_aspect_ratio.as_deref() == Some("anyres")
+}
+
+/// The decoder of a LLaVA-MPT config (`MPTConfig`'s keys; defaults are `MPTConfig`'s).
+/// MPT-7B's LayerNorm epsilon is hard-coded (1e-5); the MLP is GELU (exact).
+pub fn resolve_mpt_decoder(
+    raw: &RawLlavaConfig,
+    file: &str,
+) -> Result<DecoderConfig, CheckpointError> {
+    let unsupported = |what: String| CheckpointError::Unsupported {
+        file: file.to_string(),
+        what,
+    };
+    let invalid = |what: String| CheckpointError::Invalid {
+        file: file.to_string(),
+        what,
+    };
+    let attn = raw.attn_config.clone().unwrap_or_default();
+    if attn.alibi == Some(false) {
+        return Err(unsupported(
+            "MPT without ALiBi (learned position embeddings)".into(),
+        ));
+    }
+    if attn.prefix_lm == Some(true) || attn.attn_uses_sequence_id == Some(true) {
+        return Err(unsupported("MPT prefix-LM or sequence-id attention".into()));
+    }
+    if let Some(t) = attn
+        .attn_type
+        .as_deref()
+        .filter(|t| *t != "multihead_attention")
+    {
+        return Err(unsupported(format!("MPT attn_type {t:?}")));
+    }
+    match raw
+        .norm_type
+        .as_deref()
+        .unwrap_or("low_precision_layernorm")
+    {
+        "low_precision_layernorm" | "layernorm" => {}
+        other => return Err(unsupported(format!("MPT norm_type {other:?}"))),
+    }
+    if raw.tie_word_embeddings == Some(false) {
+        return Err(unsupported("MPT with an untied output matrix".into()));
+    }
+    let hidden = raw.d_model.unwrap_or(2048);
+    let heads = raw.n_heads.unwrap_or(16);
+    if heads == 0 || !hidden.is_multiple_of(heads) {
+        return Err(invalid(format!(
+            "d_model {hidden} is not a multiple of n_heads {heads}"
+        )));
+    }
+    let ratio = raw.expansion_ratio.unwrap_or(4.0);
+    let intermediate = ratio * hidden as f64;
+    if intermediate.fract() != 0.0 || intermediate <= 0.0 {
+        return Err(invalid(format!(
+            "expansion_ratio {ratio} of d_model {hidden}"
+        )));
+    }
+    let logit_scale = match &raw.logit_scale {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(Value::String(s)) if s == "inv_sqrt_d_model" => Some(1.0 / (hidden as f64).sqrt()),
+        Some(other) => return Err(invalid(format!("logit_scale {other}"))),
+    };
+    let bias = !raw.no_bias.unwrap_or(false);
+    Ok(DecoderConfig {
+        arch: Architecture::Mpt(MptOptions {
+            alibi_bias_max: attn.alibi_bias_max.unwrap_or(8.0),
+            clip_qkv: attn.clip_qkv,
+            qk_ln: attn.qk_ln.unwrap_or(false),
+            softmax_scale: attn.softmax_scale,
+            logit_scale,
+            norm_bias: bias,
+        }),
+        vocab_size: raw.vocab_size.unwrap_or(50368),
+        hidden_size: hidden,
+        intermediate_size: intermediate as usize,
+        num_hidden_layers: raw.n_layers.unwrap_or(24),
+        num_attention_heads: heads,
+        num_key_value_heads: heads,
+        head_dim: hidden / heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        max_position_embeddings: raw.max_seq_len.unwrap_or(2048),
+        sliding_window: None,
+        attention_bias: bias,
+        mlp_bias: bias,
+        hidden_act: Activation::Gelu,
+        tie_word_embeddings: true,
+    })
 }
 
 /// Defaults for keys a saved config may omit. transformers writes nested configs as a
@@ -304,6 +431,7 @@ pub fn resolve_decoder(
         None
     };
     Ok(DecoderConfig {
+        arch: Architecture::Llama,
         vocab_size: raw.vocab_size.unwrap_or(defaults.vocab),
         hidden_size: hidden,
         intermediate_size: raw.intermediate_size.unwrap_or(defaults.intermediate),
@@ -461,8 +589,8 @@ pub fn resolve_model(
         }
         _ => {
             let projector = match family {
-                // June-2023 code has only the linear projector.
-                Family::LlavaV0 => ProjectorKind::Linear,
+                // June-2023 code (and May's, MPT's) has only the linear projector.
+                Family::LlavaV0 | Family::LlavaMpt => ProjectorKind::Linear,
                 _ => resolve_projector(raw.mm_projector_type.as_deref().unwrap_or("linear"), file)?,
             };
             let feature = match raw.mm_vision_select_feature.as_deref().unwrap_or("patch") {
@@ -475,8 +603,12 @@ pub fn resolve_model(
                     })
                 }
             };
+            let decoder = match family {
+                Family::LlavaMpt => resolve_mpt_decoder(raw, file)?,
+                _ => resolve_decoder(raw, family, file)?,
+            };
             (
-                resolve_decoder(raw, family, file)?,
+                decoder,
                 projector,
                 raw.mm_vision_select_layer.unwrap_or(-1),
                 feature,
@@ -633,6 +765,53 @@ mod tests {
         let raw: RawLlavaConfig =
             serde_json::from_str(r#"{"num_attention_heads":32,"num_key_value_heads":5}"#).unwrap();
         assert!(resolve_decoder(&raw, Family::Llava15, "c").is_err());
+    }
+
+    /// LLaVA-MPT-7B's config as uploaded (llava-spec §1d.2) resolves to MPT-7B's decoder;
+    /// what kollava cannot run is refused by name.
+    #[test]
+    fn llava_mpt_configs_resolve_to_an_mpt_decoder() {
+        let parse = |s: &str| serde_json::from_str::<RawLlavaConfig>(s).unwrap();
+        let raw = parse(
+            r#"{"architectures":["LlavaMPTForCausalLM"],"model_type":"llava_mpt","d_model":4096,
+                "n_heads":32,"n_layers":32,"expansion_ratio":4,"max_seq_len":2048,"vocab_size":50282,
+                "attn_config":{"alibi":true,"alibi_bias_max":8,"attn_impl":"torch","clip_qkv":null,
+                    "qk_ln":false,"softmax_scale":null,"prefix_lm":false,"attn_uses_sequence_id":false},
+                "no_bias":true,"norm_type":"low_precision_layernorm","logit_scale":null,
+                "mm_vision_tower":"openai/clip-vit-large-patch14","mm_hidden_size":1024,
+                "mm_vision_select_layer":-2,"mm_use_im_start_end":true}"#,
+        );
+        assert_eq!(detect_family(&raw, "c").unwrap(), Family::LlavaMpt);
+        let d = resolve_mpt_decoder(&raw, "c").unwrap();
+        assert_eq!(
+            (
+                d.hidden_size,
+                d.intermediate_size,
+                d.num_hidden_layers,
+                d.head_dim
+            ),
+            (4096, 16384, 32, 128)
+        );
+        assert_eq!((d.vocab_size, d.max_position_embeddings), (50282, 2048));
+        assert!(d.tie_word_embeddings && !d.attention_bias && !d.mlp_bias);
+        assert_eq!(d.mpt().map(|o| o.alibi_bias_max), Some(8.0));
+        for (bad, what) in [
+            (r#"{"attn_config":{"alibi":false}}"#, "ALiBi"),
+            (r#"{"attn_config":{"prefix_lm":true}}"#, "prefix-LM"),
+            (r#"{"norm_type":"rmsnorm"}"#, "rmsnorm"),
+            (r#"{"tie_word_embeddings":false}"#, "untied"),
+            (r#"{"d_model":100,"n_heads":3}"#, "100"),
+        ] {
+            let err = resolve_mpt_decoder(&parse(bad), "config.json")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(what) && err.contains("config.json"), "{err}");
+        }
+        let text_only = parse(r#"{"architectures":["MPTForCausalLM"],"model_type":"mpt"}"#);
+        assert!(detect_family(&text_only, "c")
+            .unwrap_err()
+            .to_string()
+            .contains("text-only MPT"));
     }
 
     #[test]

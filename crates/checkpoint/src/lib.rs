@@ -306,7 +306,7 @@ pub fn open(model: &str, opts: &OpenOptions) -> Result<Checkpoint, CheckpointErr
         // llava-hf's CLIP processor center-crops whatever the original model was trained
         // with; its `LlavaImageProcessor` with `do_pad` pads as LLaVA's `pad` does.
         Family::LlavaHf if raw_pre.as_ref().and_then(|p| p.do_pad) == Some(true) => AspectMode::Pad,
-        Family::LlavaHf | Family::LlavaV0 => AspectMode::Crop,
+        Family::LlavaHf | Family::LlavaV0 | Family::LlavaMpt => AspectMode::Crop,
         _ => match raw.image_aspect_ratio.as_deref().unwrap_or("square") {
             "pad" => AspectMode::Pad,
             "square" => AspectMode::Crop,
@@ -325,6 +325,7 @@ pub fn open(model: &str, opts: &OpenOptions) -> Result<Checkpoint, CheckpointErr
     let context_len = raw
         .max_sequence_length
         .or(text.max_position_embeddings)
+        .or(raw.max_seq_len)
         .unwrap_or(2048);
     let mut eos_ids = eos_list(text.eos_token_id.as_ref().or(raw.eos_token_id.as_ref()));
     let gen_file = loc.dir.join("generation_config.json");
@@ -386,7 +387,7 @@ impl Checkpoint {
                 })
         };
         Ok(match self.family {
-            Family::LlavaV0 => ImageTokens::PatchTokens {
+            Family::LlavaV0 | Family::LlavaMpt => ImageTokens::PatchTokens {
                 patch: need("<im_patch>")?,
                 start_end: if self.use_im_start_end {
                     Some((need("<im_start>")?, need("<im_end>")?))
@@ -417,7 +418,9 @@ impl Checkpoint {
             return t;
         }
         match self.family {
-            Family::LlavaV0 => template_for_model_name(&self.name, NameRule::ForkJuneRunLlava),
+            Family::LlavaV0 | Family::LlavaMpt => {
+                template_for_model_name(&self.name, NameRule::ForkJuneRunLlava)
+            }
             Family::Llava15 | Family::LlavaMistral => {
                 template_for_model_name(&self.name, NameRule::ForkHeadCli)
             }
@@ -430,7 +433,7 @@ impl Checkpoint {
     /// softmax (0: off); v1.0 on go through HF `generate`, whose default is 50.
     pub fn worker_top_k(&self) -> usize {
         match self.family {
-            Family::LlavaV0 => 0,
+            Family::LlavaV0 | Family::LlavaMpt => 0,
             Family::Llava15 | Family::LlavaMistral | Family::LlavaHf => 50,
         }
     }

@@ -449,6 +449,10 @@ pub enum KeyLayout {
     /// `model.language_model.*`, `lm_head`, `model.multi_modal_projector.*`,
     /// `model.vision_tower.vision_model.*` (or `model.vision_tower.*`, `flat_tower`).
     HfModern { flat_tower: bool },
+    /// LLaVA-MPT (`LlavaMPTForCausalLM`): `transformer.wte`, `transformer.blocks.N.{norm_1,
+    /// attn.Wqkv, attn.out_proj, norm_2, ffn.up_proj, ffn.down_proj}`, `transformer.norm_f`,
+    /// `transformer.mm_projector`; no `lm_head` (tied).
+    Mpt,
 }
 
 /// [`KeyLayout::HfLegacy`] with the tower under `vision_model`: what kollava writes.
@@ -459,7 +463,9 @@ impl KeyLayout {
         // The tower's embeddings are stored right under the tower, with no `vision_model.`.
         let flat =
             |tower: &str| names.contains(&format!("{tower}embeddings.patch_embedding.weight"));
-        if names.iter().any(|n| n.starts_with("language_model.")) {
+        if names.contains("transformer.wte.weight") {
+            KeyLayout::Mpt
+        } else if names.iter().any(|n| n.starts_with("language_model.")) {
             KeyLayout::HfLegacy {
                 flat_tower: flat("vision_tower."),
             }
@@ -480,7 +486,8 @@ impl KeyLayout {
         if names.contains(&self.llm_key("model.embed_tokens.weight")) {
             return None;
         }
-        const KNOWN: [&str; 6] = [
+        const KNOWN: [&str; 7] = [
+            "transformer.",
             "model.",
             "lm_head.",
             "language_model.",
@@ -499,8 +506,8 @@ impl KeyLayout {
             "tensor names: no layout fits (tried LLaVA's own, `model.embed_tokens.weight`; \
              llava-hf as the hub and transformers' save_pretrained write it, \
              `language_model.model.embed_tokens.weight`; llava-hf with the loaded model's \
-             paths, `model.language_model.embed_tokens.weight`); the first name none of them \
-             places: {odd}"
+             paths, `model.language_model.embed_tokens.weight`; LLaVA-MPT, \
+             `transformer.wte.weight`); the first name none of them places: {odd}"
         ))
     }
 
@@ -516,6 +523,7 @@ impl KeyLayout {
         };
         match self {
             KeyLayout::Llava => canonical.to_string(),
+            KeyLayout::Mpt => mpt_key(canonical),
             KeyLayout::HfLegacy { .. } => {
                 if let Some(rest) = canonical.strip_prefix("model.mm_projector.") {
                     projector(rest, "")
@@ -538,7 +546,7 @@ impl KeyLayout {
     /// Canonical tower name (`vision_model.*`) → stored name.
     pub fn vision_key(self, canonical: &str) -> String {
         let (tower, flat) = match self {
-            KeyLayout::Llava => return canonical.to_string(),
+            KeyLayout::Llava | KeyLayout::Mpt => return canonical.to_string(),
             KeyLayout::HfLegacy { flat_tower } => ("vision_tower.", flat_tower),
             KeyLayout::HfModern { flat_tower } => ("model.vision_tower.", flat_tower),
         };
@@ -547,6 +555,40 @@ impl KeyLayout {
             None => format!("{tower}{canonical}"),
         }
     }
+}
+
+/// Canonical name → LLaVA-MPT's (`model.layers.3.self_attn.qkv_proj.weight` →
+/// `transformer.blocks.3.attn.Wqkv.weight`). Names MPT does not have pass unchanged.
+fn mpt_key(canonical: &str) -> String {
+    if canonical == "model.embed_tokens.weight" {
+        return "transformer.wte.weight".into();
+    }
+    if let Some(rest) = canonical.strip_prefix("model.norm.") {
+        return format!("transformer.norm_f.{rest}");
+    }
+    if let Some(rest) = canonical.strip_prefix("model.mm_projector.") {
+        return format!("transformer.mm_projector.{rest}");
+    }
+    let Some(rest) = canonical.strip_prefix("model.layers.") else {
+        return canonical.to_string();
+    };
+    let (layer, tail) = rest.split_once('.').unwrap_or((rest, ""));
+    const PARTS: [(&str, &str); 8] = [
+        ("input_layernorm.", "norm_1."),
+        ("post_attention_layernorm.", "norm_2."),
+        ("self_attn.qkv_proj.", "attn.Wqkv."),
+        ("self_attn.o_proj.", "attn.out_proj."),
+        ("self_attn.q_ln.", "attn.q_ln."),
+        ("self_attn.k_ln.", "attn.k_ln."),
+        ("mlp.up_proj.", "ffn.up_proj."),
+        ("mlp.down_proj.", "ffn.down_proj."),
+    ];
+    for (ours, theirs) in PARTS {
+        if let Some(t) = tail.strip_prefix(ours) {
+            return format!("transformer.blocks.{layer}.{theirs}{t}");
+        }
+    }
+    canonical.to_string()
 }
 
 #[cfg(test)]
@@ -600,11 +642,54 @@ mod tests {
         assert_eq!(layout.vision_key("vision_model."), "vision_tower.");
     }
 
+    /// LLaVA-MPT's names (llava-spec §1d.1) are found from the canonical ones, and a
+    /// directory of them is detected as that layout.
+    #[test]
+    fn mpt_names_map_from_canonical_ones() {
+        let l = KeyLayout::Mpt;
+        for (canonical, stored) in [
+            ("model.embed_tokens.weight", "transformer.wte.weight"),
+            ("model.norm.weight", "transformer.norm_f.weight"),
+            ("model.mm_projector.bias", "transformer.mm_projector.bias"),
+            (
+                "model.layers.31.input_layernorm.weight",
+                "transformer.blocks.31.norm_1.weight",
+            ),
+            (
+                "model.layers.0.post_attention_layernorm.weight",
+                "transformer.blocks.0.norm_2.weight",
+            ),
+            (
+                "model.layers.2.self_attn.qkv_proj.weight",
+                "transformer.blocks.2.attn.Wqkv.weight",
+            ),
+            (
+                "model.layers.2.self_attn.o_proj.weight",
+                "transformer.blocks.2.attn.out_proj.weight",
+            ),
+            (
+                "model.layers.5.mlp.up_proj.weight",
+                "transformer.blocks.5.ffn.up_proj.weight",
+            ),
+            (
+                "model.layers.5.mlp.down_proj.weight",
+                "transformer.blocks.5.ffn.down_proj.weight",
+            ),
+        ] {
+            assert_eq!(l.llm_key(canonical), stored);
+        }
+        let names: BTreeSet<String> = ["transformer.wte.weight", "transformer.norm_f.weight"]
+            .map(String::from)
+            .into();
+        assert_eq!(KeyLayout::detect(&names), KeyLayout::Mpt);
+        assert_eq!(KeyLayout::Mpt.mismatch(&names), None);
+    }
+
     #[test]
     fn names_that_fit_no_layout_are_named() {
         let names: BTreeSet<String> = [
-            "transformer.wte.weight",
-            "transformer.blocks.0.attn.Wqkv.weight",
+            "gpt_neox.embed_in.weight",
+            "gpt_neox.layers.0.attention.query_key_value.weight",
             "model.mm_projector.weight",
         ]
         .map(String::from)
@@ -612,7 +697,7 @@ mod tests {
         let layout = KeyLayout::detect(&names);
         let why = layout.mismatch(&names).unwrap();
         assert!(
-            why.contains("\"transformer.blocks.0.attn.Wqkv.weight\"")
+            why.contains("\"gpt_neox.embed_in.weight\"")
                 && why.contains("language_model.model.embed_tokens.weight"),
             "{why}"
         );

@@ -93,6 +93,7 @@ mod tests {
     #[test]
     fn bytes_per_token_of_llama_7b_in_f16_is_13_2_gb() {
         let cfg = DecoderConfig {
+            arch: kollava_model::config::Architecture::Llama,
             vocab_size: 32000,
             hidden_size: 4096,
             intermediate_size: 11008,

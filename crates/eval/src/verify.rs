@@ -10,11 +10,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use kollava_checkpoint::{Checkpoint, CheckpointError};
+use kollava_checkpoint::{Checkpoint, CheckpointError, Family};
 use kollava_inputs::image::{self, AspectMode};
 use kollava_inputs::prompt;
-use kollava_inputs::template::{Role, Template};
-use kollava_train::labels::{label_rule, preprocess, preprocess_rendered, LabelRule};
+use kollava_inputs::template::Role;
+use kollava_train::labels::{preprocess, preprocess_rendered, reference_template};
 use kollava_train::loss::{projector_step, splice_labels};
 use serde_json::Value;
 
@@ -217,23 +217,6 @@ fn parse_mode(s: &str) -> Option<AspectMode> {
     }
 }
 
-/// Our template and masking rule for a template name used in dumps. The fixtures name
-/// the v0 `### ` training format `conv_v1_signal` and KoLLaVA's template `mistral_kollava`.
-fn dump_template(name: &str) -> Option<(Template, LabelRule)> {
-    let ours = match name {
-        "conv_v1_signal" => "llava_v0",
-        "mistral_kollava" => "mistral",
-        other => other,
-    };
-    let t = Template::by_name(ours)?;
-    let rule = if name == "conv_v1_signal" {
-        LabelRule::Signal
-    } else {
-        label_rule(&t)
-    };
-    Some((t, rule))
-}
-
 fn tensor_ids(t: &Tensor) -> candle_core::Result<Vec<i64>> {
     t.flatten_all()?.to_dtype(DType::I64)?.to_vec1()
 }
@@ -266,7 +249,8 @@ fn verify_training(
         .unwrap_or_default();
     for (name, entry) in &entries {
         let key = format!("train_labels.{name}");
-        let Some((template, rule)) = dump_template(name) else {
+        let Some((template, rule)) = reference_template(name, ckpt.family == Family::LlavaMpt)
+        else {
             out.push(KeyResult {
                 key,
                 outcome: Outcome::Skipped(format!("unknown template {name:?}")),

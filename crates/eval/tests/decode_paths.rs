@@ -339,6 +339,7 @@ fn k_quant_decoder() -> (
 
     let dev = Device::Cpu;
     let cfg = DecoderConfig {
+        arch: kollava_model::config::Architecture::Llama,
         vocab_size: 320,
         hidden_size: 256,
         intermediate_size: 512,

@@ -16,7 +16,13 @@ use kollava_model::KvCache;
 fn fresh(s: &Session) -> usize {
     kollava_generate::engine::fresh_positions(&s.model)
 }
-const FAMILIES: [&str; 4] = ["llava-v0", "llava-v1.5", "llava-hf", "llava-mistral"];
+const FAMILIES: [&str; 5] = [
+    "llava-v0",
+    "llava-v1.5",
+    "llava-hf",
+    "llava-mistral",
+    "llava-mpt",
+];
 
 fn session_at(model: &str, dtype: Option<DType>, cache: bool) -> Session {
     let budget = if cache { None } else { Some(0) };

@@ -31,7 +31,21 @@ pub(crate) fn attention(
     v: &Tensor,
     mask: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    attention_with(q, k, v, mask, false)
+    attention_with(q, k, v, mask, None, false)
+}
+
+/// [`attention`] with ALiBi (MPT): `dist: (b, 1, s, t)` key minus query positions, times
+/// head `h`'s `slopes[h]`, added to the scores with the mask; scores scaled by `scale`.
+/// `bf16` as [`attention_bf16`].
+pub(crate) fn attention_alibi(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    (dist, slopes, scale): (&Tensor, &[f32], f64),
+    bf16: bool,
+) -> Result<Option<Tensor>> {
+    attention_with(q, k, v, Some(mask), Some((dist, slopes, scale)), bf16)
 }
 
 /// [`attention`] for a model whose matrices run in bf16 anyway (`--dtype bf16`, a GGUF
@@ -44,7 +58,7 @@ pub(crate) fn attention_bf16(
     v: &Tensor,
     mask: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    attention_with(q, k, v, mask, true)
+    attention_with(q, k, v, mask, None, true)
 }
 
 fn attention_with(
@@ -52,9 +66,10 @@ fn attention_with(
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
+    alibi: Option<(&Tensor, &[f32], f64)>,
     bf16: bool,
 ) -> Result<Option<Tensor>> {
-    let tensors = [Some(q), Some(k), Some(v), mask];
+    let tensors = [Some(q), Some(k), Some(v), mask, alibi.map(|a| a.0)];
     let plain = |t: &Tensor| !t.track_op() && t.device().is_cpu() && t.dtype() == DType::F32;
     if !kernels::available() || !tensors.iter().flatten().all(|t| plain(t)) {
         return Ok(None);
@@ -69,16 +84,21 @@ fn attention_with(
         && d.is_multiple_of(8)
         && s > 0
         && t > 0
-        && mask.is_none_or(|m| m.dims4().ok() == Some((b, 1, s, t)));
+        && mask.is_none_or(|m| m.dims4().ok() == Some((b, 1, s, t)))
+        && alibi.is_none_or(|(dist, slopes, _)| {
+            dist.dims4().ok() == Some((b, 1, s, t)) && slopes.len() == heads
+        });
     if !shapes_fit {
         return Ok(None);
     }
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let mask = mask.map(Tensor::contiguous).transpose()?;
+    let dist = alibi.map(|a| a.0.contiguous()).transpose()?;
     let (qs, ql) = q.storage_and_layout();
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
     let guard = mask.as_ref().map(Tensor::storage_and_layout);
+    let dist_guard = dist.as_ref().map(Tensor::storage_and_layout);
     let (
         candle_core::Storage::Cpu(qs),
         candle_core::Storage::Cpu(ks),
@@ -99,6 +119,20 @@ fn attention_with(
         }
         None => None,
     };
+    let dv = match &dist_guard {
+        Some((ds, dl)) => {
+            let candle_core::Storage::Cpu(ds) = &**ds else {
+                return Ok(None);
+            };
+            Some(at(ds, dl, b * s * t)?)
+        }
+        None => None,
+    };
+    let bias = Bias {
+        mask: mv,
+        alibi: dv.zip(alibi.map(|a| a.1)),
+        scale: alibi.map_or((d as f32).powf(-0.5), |a| a.2 as f32),
+    };
     // Columns per tile: 32 in two 512-bit vectors where the CPU has AVX-512 (and `d` fills
     // them), else 16 in two 256-bit ones. The sums are the same either way, lane by lane.
     let cols = if kernels::wide() && d.is_multiple_of(16) {
@@ -115,12 +149,56 @@ fn attention_with(
         d,
     };
     let out = if bf16 && d.is_multiple_of(32) && crate::bf16::amx::chosen() {
-        tiles::attend(sh, qv, kv, vv, mv)
+        tiles::attend(sh, qv, kv, vv, bias)
     } else {
-        attend(cols, sh, qv, kv, vv, mv)
+        attend(cols, sh, qv, kv, vv, bias)
     };
     let out = Tensor::from_vec(out, (b, s, heads, d), q.device())?;
     Ok(Some(out.transpose(1, 2)?))
+}
+
+/// What is added to the scores: the mask `(b, 1, s, t)` and, for ALiBi, the distances
+/// `(b, 1, s, t)` with each head's slope; and the scale the products take first.
+#[derive(Debug, Clone, Copy)]
+struct Bias<'a> {
+    mask: Option<&'a [f32]>,
+    alibi: Option<(&'a [f32], &'a [f32])>,
+    scale: f32,
+}
+
+impl Bias<'_> {
+    /// Scales row `i` of sequence `bi`'s scores for head `h` (its first `row.len()` slots;
+    /// a row is `t` long), adds the mask and ALiBi rows, and takes its softmax, in place.
+    fn normalize(
+        &self,
+        row: &mut [f32],
+        (bi, h, i): (usize, usize, usize),
+        (s, t): (usize, usize),
+    ) {
+        let at = (bi * s + i) * t;
+        let scale = self.scale;
+        match (self.mask, self.alibi) {
+            (Some(m), Some((dist, slopes))) => {
+                let slope = slopes[h];
+                row.iter_mut()
+                    .zip(&m[at..])
+                    .zip(&dist[at..])
+                    .for_each(|((x, &m), &dd)| *x = *x * scale + (dd * slope + m));
+            }
+            (Some(m), None) => row
+                .iter_mut()
+                .zip(&m[at..])
+                .for_each(|(x, &m)| *x = *x * scale + m),
+            (None, Some((dist, slopes))) => {
+                let slope = slopes[h];
+                row.iter_mut()
+                    .zip(&dist[at..])
+                    .for_each(|(x, &dd)| *x = *x * scale + dd * slope);
+            }
+            (None, None) => row.iter_mut().for_each(|x| *x *= scale),
+        }
+        softmax_in_place(row);
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -160,33 +238,15 @@ fn extents(sh: Shape, blocks: usize, mask: Option<&[f32]>) -> Vec<usize> {
         .collect()
 }
 
-/// Scales a row of scores, adds its mask row, and takes its softmax, in place.
-fn normalize(row: &mut [f32], mask: Option<&[f32]>, scale: f32) {
-    match mask {
-        Some(m) => row
-            .iter_mut()
-            .zip(m)
-            .for_each(|(x, &m)| *x = *x * scale + m),
-        None => row.iter_mut().for_each(|x| *x *= scale),
-    }
-    softmax_in_place(row);
-}
-
 /// [`attention_bf16`]'s products on AMX tiles: per (sequence, key/value head), the keys and
 /// values are packed once as weight tiles; per task, its queries and then its probabilities
 /// are rounded into activation tiles, and each 16 × 16 tile of scores or of output sums its
 /// products in a tile register.
 mod tiles {
-    use super::{extents, normalize, Shape, ROWS};
+    use super::{extents, Bias, Shape, ROWS};
     use crate::bf16::{amx, pair, round_pairs};
 
-    pub(super) fn attend(
-        sh: Shape,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        mask: Option<&[f32]>,
-    ) -> Vec<f32> {
+    pub(super) fn attend(sh: Shape, q: &[f32], k: &[f32], v: &[f32], bias: Bias) -> Vec<f32> {
         use rayon::prelude::*;
         let Shape {
             b,
@@ -231,10 +291,9 @@ mod tiles {
                 }
             });
         let blocks = s.div_ceil(ROWS);
-        let ext = extents(sh, blocks, mask);
+        let ext = extents(sh, blocks, bias.mask);
         let mut out = vec![0f32; b * s * heads * d];
         let out_addr = out.as_mut_ptr() as usize;
-        let scale = (d as f32).powf(-0.5);
         (0..b * heads * blocks).into_par_iter().for_each_init(
             || {
                 (
@@ -285,8 +344,11 @@ mod tiles {
                         }
                     }
                     for i in 0..rows {
-                        let m = mask.map(|m| &m[(bi * s + r0 + i) * t..][..t]);
-                        normalize(&mut scores[i * t32..i * t32 + extent], m, scale);
+                        bias.normalize(
+                            &mut scores[i * t32..i * t32 + extent],
+                            (bi, h, r0 + i),
+                            (s, t),
+                        );
                         let (row, p) = (&scores[i * t32..], &mut pt[i * t32 / 2..][..e32 / 2]);
                         let whole = extent / 2;
                         round_pairs(&row[..2 * whole], &mut p[..whole]);
@@ -345,14 +407,7 @@ mod tiles {
 
 /// [`attention`] on the tensors' memory, in tiles `cols` wide (16, or 32 where
 /// [`kernels::wide`]); returns the `(b, s, heads, d)` buffer.
-fn attend(
-    cols: usize,
-    sh: Shape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    mask: Option<&[f32]>,
-) -> Vec<f32> {
+fn attend(cols: usize, sh: Shape, q: &[f32], k: &[f32], v: &[f32], bias: Bias) -> Vec<f32> {
     use rayon::prelude::*;
     let Shape {
         b,
@@ -382,8 +437,7 @@ fn attend(
     let blocks = s.div_ceil(ROWS);
     let mut out = vec![0f32; b * s * heads * d];
     let out_addr = out.as_mut_ptr() as usize;
-    let scale = (d as f32).powf(-0.5);
-    let extents = extents(sh, blocks, mask);
+    let extents = extents(sh, blocks, bias.mask);
     (0..b * heads * blocks).into_par_iter().for_each_init(
         || vec![0f32; ROWS * tp],
         |scores, task| {
@@ -394,7 +448,6 @@ fn attend(
             );
             let (r0, g) = (blk * ROWS, bi * kv_heads + h / rep);
             let rows = ROWS.min(s - r0);
-            let mask_row = |i: usize| mask.map(|m| &m[(bi * s + r0 + i) * t..][..t]);
             let extent = extents[bi * blocks + blk];
             let q = &q[((bi * heads + h) * s + r0) * d..];
             let (kt, v) = (&kt[g * d * tp..], &v[g * t * d..]);
@@ -418,7 +471,11 @@ fn attend(
                     }
                 }
                 for i in 0..rows {
-                    normalize(&mut scores[i * tp..i * tp + extent], mask_row(i), scale);
+                    bias.normalize(
+                        &mut scores[i * tp..i * tp + extent],
+                        (bi, h, r0 + i),
+                        (s, t),
+                    );
                 }
                 let o = (out_addr as *mut f32).add(((bi * s + r0) * heads + h) * d);
                 for i0 in (0..rows).step_by(6) {
@@ -627,6 +684,56 @@ mod tests {
         Ok(())
     }
 
+    /// With ALiBi (MPT): the scores take `scale`, the mask and each head's slope times the
+    /// key-minus-query distance, as the tensor ops compute them (llava-spec §1d.3), after
+    /// cached slots; in f32 and, where AMX runs, with bf16 products.
+    #[test]
+    fn alibi_matches_tensor_ops_after_cached_slots() -> Result<()> {
+        if !kernels::available() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let (b, heads, s, d, past) = (1, 4, 70, 16, 30);
+        let t = past + s;
+        let mask: Vec<f32> = (0..s * t)
+            .map(|e| {
+                if e % t > past + e / t {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let dist: Vec<f32> = (0..s * t)
+            .map(|e| (e % t) as f32 - (past + e / t) as f32)
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, 1, s, t), &dev)?;
+        let dist = Tensor::from_vec(dist, (b, 1, s, t), &dev)?;
+        let slopes = [0.5f32, 0.25, 0.125, 0.0625];
+        let scale = 0.3;
+        let q = Tensor::randn(0f32, 1.0, (b, heads, s, d), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (b, heads, t, d), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (b, heads, t, d), &dev)?;
+        let bias = dist
+            .broadcast_mul(&Tensor::from_slice(&slopes, (1, heads, 1, 1), &dev)?)?
+            .broadcast_add(&mask)?;
+        let want = crate::layers::attention(&q, &k, &v, Some(&bias), scale)?;
+        let ours = attention_alibi(&q, &k, &v, &mask, (&dist, &slopes, scale), false)?
+            .expect("the kernels apply");
+        let diff = max_diff(&ours, &want);
+        assert!(diff < 1e-5, "{diff}");
+        let unbiased = attention(&q, &k, &v, Some(&mask))?.expect("the kernels apply");
+        assert!(
+            max_diff(&unbiased, &want) > 1e-2,
+            "the bias changes the answer"
+        );
+        let rounded = attention_alibi(&q, &k, &v, &mask, (&dist, &slopes, scale), true)?
+            .expect("the kernels apply");
+        let diff = max_diff(&rounded, &want);
+        assert!(diff < 0.05, "bf16: {diff}");
+        Ok(())
+    }
+
     #[test]
     fn matches_tensor_ops_under_a_causal_mask_with_padding() -> Result<()> {
         if !kernels::available() {
@@ -693,8 +800,13 @@ mod tests {
             })
             .collect();
         for m in [None, Some(&mask[..])] {
-            let narrow = attend(16, sh, &q, &k, &v, m);
-            let wide = attend(32, sh, &q, &k, &v, m);
+            let bias = Bias {
+                mask: m,
+                alibi: None,
+                scale: (d as f32).powf(-0.5),
+            };
+            let narrow = attend(16, sh, &q, &k, &v, bias);
+            let wide = attend(32, sh, &q, &k, &v, bias);
             assert!(narrow == wide, "masked: {}", m.is_some());
         }
         Ok(())

@@ -1,30 +1,79 @@
-//! The LLaMA decoder (LLaMA-1/2, Vicuna, KoVicuna, Mistral/Synatra as LLaMA + GQA + an
-//! optional sliding window). One forward path for inference and training: it takes input
-//! embeddings and returns the final-normed hidden state of every position; [`Decoder::logits`]
-//! applies `lm_head` to whichever positions the caller needs.
+//! The decoder-only language model: LLaMA (LLaMA-1/2, Vicuna, KoVicuna, Mistral/Synatra as
+//! LLaMA + GQA + an optional sliding window) and MPT, which differ in the few places
+//! [`Architecture`] names (positions, norms, fused projections, the MLP's gate). One forward
+//! path for inference and training: it takes input embeddings and returns the final-normed
+//! hidden state of every position; [`Decoder::logits`] applies `lm_head` to whichever
+//! positions the caller needs.
 //!
-//! Reference: huggingface/transformers `models/llama/modeling_llama.py` (v4.37).
+//! References: huggingface/transformers `models/llama/modeling_llama.py` (v4.37); LLaVA's
+//! May-2023 `llava/model/mpt/{attention,blocks,modeling_mpt}.py` (llava-spec §1d.3).
 
 use candle_core::backprop::GradStore;
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, Module, Result, Tensor, Var};
+use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 use candle_nn::{Embedding, VarBuilder};
 
-use crate::config::DecoderConfig;
+use crate::config::{Architecture, DecoderConfig};
 use crate::kv_cache::KvCache;
-use crate::layers::{attention, Linear, RmsNorm};
+use crate::layers::{attention, LayerNorm, Linear, RmsNorm};
+
+/// A decoder norm: LLaMA's RMSNorm or MPT's LayerNorm.
+#[derive(Debug, Clone)]
+enum Norm {
+    Rms(RmsNorm),
+    Layer(LayerNorm),
+}
+
+impl Norm {
+    fn load(vb: VarBuilder, size: usize, cfg: &DecoderConfig) -> Result<Self> {
+        let eps = cfg.rms_norm_eps;
+        Ok(match cfg.mpt() {
+            None => Norm::Rms(RmsNorm::load(vb, size, eps)?),
+            Some(o) => Norm::Layer(LayerNorm::load_with_bias(vb, size, eps, o.norm_bias)?),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Rms(n) => n.forward(xs),
+            Norm::Layer(n) => n.forward(xs),
+        }
+    }
+
+    fn to_f32(&self) -> Result<Self> {
+        Ok(match self {
+            Norm::Rms(n) => Norm::Rms(n.to_f32()?),
+            Norm::Layer(n) => Norm::Layer(n.to_f32()?),
+        })
+    }
+}
+
+/// The query, key and value projections: three matrices (LLaMA), or MPT's one `Wqkv`
+/// whose output is `[q | k | v]` (kept fused: an adapter on it is one adapter, as in PEFT).
+#[derive(Debug, Clone)]
+enum Qkv {
+    Separate([Linear; 3]),
+    Fused(Linear),
+}
+
+/// MPT's options on the attention: the fused output's clamp and the q/k LayerNorms.
+#[derive(Debug, Clone)]
+struct MptAttention {
+    clip_qkv: Option<f64>,
+    qk_ln: Option<(LayerNorm, LayerNorm)>,
+}
 
 #[derive(Debug, Clone)]
 struct SelfAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     o_proj: Linear,
+    mpt: Option<MptAttention>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    scale: f64,
 }
 
 impl SelfAttention {
@@ -32,15 +81,96 @@ impl SelfAttention {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let bias = cfg.attention_bias;
+        let (qkv, mpt) = match cfg.mpt() {
+            None => (
+                Qkv::Separate([
+                    Linear::load(vb.pp("q_proj"), h, nh * d, bias)?,
+                    Linear::load(vb.pp("k_proj"), h, nkv * d, bias)?,
+                    Linear::load(vb.pp("v_proj"), h, nkv * d, bias)?,
+                ]),
+                None,
+            ),
+            Some(o) => {
+                let ln = |name: &str| {
+                    LayerNorm::load_with_bias(vb.pp(name), h, cfg.rms_norm_eps, o.norm_bias)
+                };
+                let qk_ln = if o.qk_ln {
+                    Some((ln("q_ln")?, ln("k_ln")?))
+                } else {
+                    None
+                };
+                (
+                    Qkv::Fused(Linear::load(
+                        vb.pp("qkv_proj"),
+                        h,
+                        (nh + 2 * nkv) * d,
+                        bias,
+                    )?),
+                    Some(MptAttention {
+                        clip_qkv: o.clip_qkv,
+                        qk_ln,
+                    }),
+                )
+            }
+        };
         Ok(Self {
-            q_proj: Linear::load(vb.pp("q_proj"), h, nh * d, bias)?,
-            k_proj: Linear::load(vb.pp("k_proj"), h, nkv * d, bias)?,
-            v_proj: Linear::load(vb.pp("v_proj"), h, nkv * d, bias)?,
+            qkv,
             o_proj: Linear::load(vb.pp("o_proj"), nh * d, h, bias)?,
+            mpt,
             heads: nh,
             kv_heads: nkv,
             head_dim: d,
+            scale: cfg
+                .mpt()
+                .and_then(|o| o.softmax_scale)
+                .unwrap_or((d as f64).powf(-0.5)),
         })
+    }
+
+    /// The matrices by their canonical names under `self_attn.`.
+    fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        let mut out = match &mut self.qkv {
+            Qkv::Separate([q, k, v]) => vec![("q_proj", q), ("k_proj", k), ("v_proj", v)],
+            Qkv::Fused(l) => vec![("qkv_proj", l)],
+        };
+        out.push(("o_proj", &mut self.o_proj));
+        out
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        let mut out: Vec<&Linear> = match &self.qkv {
+            Qkv::Separate(l) => l.iter().collect(),
+            Qkv::Fused(l) => vec![l],
+        };
+        out.push(&self.o_proj);
+        out
+    }
+
+    /// `xs → (q, k, v)`, each `(b, s, width)`, with MPT's clamp and q/k norms applied.
+    fn project(&self, xs: &Tensor) -> Result<[Tensor; 3]> {
+        let [q, k, v] = match &self.qkv {
+            Qkv::Separate([q, k, v]) => crate::layers::forward_shared([q, k, v], xs)?,
+            Qkv::Fused(l) => {
+                let mut qkv = l.forward(xs)?;
+                if let Some(c) = self.mpt.as_ref().and_then(|m| m.clip_qkv) {
+                    qkv = qkv.clamp(-c, c)?;
+                }
+                let (qw, kw) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                [
+                    qkv.narrow(D::Minus1, 0, qw)?,
+                    qkv.narrow(D::Minus1, qw, kw)?,
+                    qkv.narrow(D::Minus1, qw + kw, kw)?,
+                ]
+            }
+        };
+        match self.mpt.as_ref().and_then(|m| m.qk_ln.as_ref()) {
+            Some((qn, kn)) => Ok([
+                qn.forward(&q.contiguous()?)?,
+                kn.forward(&k.contiguous()?)?,
+                v,
+            ]),
+            None => Ok([q, k, v]),
+        }
     }
 
     /// `xs: (b, s, hidden)` → `(b, s, hidden)`, with the step's rotary tables and mask.
@@ -51,20 +181,25 @@ impl SelfAttention {
         cache: &mut KvCache,
         layer: usize,
     ) -> Result<Tensor> {
-        let (cos, sin) = (&step.cos, &step.sin);
         let (b, s, _) = xs.dims3()?;
         let d = self.head_dim;
         let split = |t: Tensor, n: usize| t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous();
-        let [q, k, v] =
-            crate::layers::forward_shared([&self.q_proj, &self.k_proj, &self.v_proj], xs)?;
-        let q = crate::layers::rope(&split(q, self.heads)?, cos, sin)?;
-        let k = crate::layers::rope(&split(k, self.kv_heads)?, cos, sin)?;
+        let [q, k, v] = self.project(xs)?;
+        let (q, k) = match &step.rotary {
+            Some((cos, sin)) => (
+                crate::layers::rope(&split(q, self.heads)?, cos, sin)?,
+                crate::layers::rope(&split(k, self.kv_heads)?, cos, sin)?,
+            ),
+            None => (split(q, self.heads)?, split(k, self.kv_heads)?),
+        };
         let v = split(v, self.kv_heads)?;
         let (k, v) = cache.append(layer, &k, &v)?;
         let a = match cache.decode_spans() {
             // Decoding: each row over its own slots, unmasked (see `decode_spans`); the
             // kernel reads an f16 cache as it is.
-            Some(spans) if q.dtype() == DType::F32 && q.device().is_cpu() => {
+            Some(spans)
+                if q.dtype() == DType::F32 && q.device().is_cpu() && step.alibi.is_none() =>
+            {
                 crate::decode_attention::decode_attention(&q, &k, &v, spans, self.kv_heads)?
             }
             spans => {
@@ -93,12 +228,19 @@ impl SelfAttention {
                     .enumerate()
                     .map(|(r, &(start, len))| {
                         let row = |t: &Tensor| t.narrow(0, r, 1)?.narrow(2, start, len);
+                        // The row's keys are its last `len` positions, the query the last.
+                        let alibi = match &step.alibi {
+                            Some(a) => Some(a.for_last_keys(len)?),
+                            None => None,
+                        };
                         grouped_attention(
                             &q.narrow(0, r, 1)?,
                             &row(k)?,
                             &row(v)?,
                             None,
+                            alibi.as_ref(),
                             self.kv_heads,
+                            self.scale,
                         )
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -107,18 +249,48 @@ impl SelfAttention {
             None => {
                 // A model whose matrices are bf16 or quantized keeps a 16-bit cache already:
                 // its prompt's attention may round to bf16 too (on AMX tiles).
-                let blocks = match self.q_proj {
-                    Linear::Bf16 { .. } | Linear::Quantized { .. } => {
+                let bf16 = matches!(
+                    self.linears()[0],
+                    Linear::Bf16 { .. } | Linear::Quantized { .. }
+                );
+                let blocks = match &step.alibi {
+                    Some(a) => crate::block_attention::attention_alibi(
+                        q,
+                        k,
+                        v,
+                        &step.mask,
+                        (&a.dist, &a.values, self.scale),
+                        bf16,
+                    )?,
+                    None if bf16 => {
                         crate::block_attention::attention_bf16(q, k, v, Some(&step.mask))?
                     }
-                    _ => crate::block_attention::attention(q, k, v, Some(&step.mask))?,
+                    None => crate::block_attention::attention(q, k, v, Some(&step.mask))?,
                 };
                 if let Some(a) = blocks {
                     return Ok(a);
                 }
+                let alibi = step.alibi.as_ref();
                 match step.query_blocks.as_deref().filter(|_| !q.track_op()) {
-                    Some(blocks) => blocked_attention(q, k, v, &step.mask, blocks, self.kv_heads),
-                    None => grouped_attention(q, k, v, Some(&step.mask), self.kv_heads),
+                    Some(blocks) => blocked_attention(
+                        q,
+                        k,
+                        v,
+                        &step.mask,
+                        alibi,
+                        blocks,
+                        self.kv_heads,
+                        self.scale,
+                    ),
+                    None => grouped_attention(
+                        q,
+                        k,
+                        v,
+                        Some(&step.mask),
+                        alibi,
+                        self.kv_heads,
+                        self.scale,
+                    ),
                 }
             }
         }
@@ -177,27 +349,89 @@ fn query_blocks(mask: &Tensor) -> Result<Option<Vec<QueryBlock>>> {
 }
 
 /// [`grouped_attention`] under `mask`, one [`QueryBlock`] at a time.
+#[allow(clippy::too_many_arguments)]
 fn blocked_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &Tensor,
+    alibi: Option<&Alibi>,
     blocks: &[QueryBlock],
     kv_heads: usize,
+    scale: f64,
 ) -> Result<Tensor> {
     let parts = blocks
         .iter()
         .map(|&QueryBlock { start, len, extent }| {
+            let alibi = match alibi {
+                Some(a) => Some(a.block(start, len, extent)?),
+                None => None,
+            };
             grouped_attention(
                 &q.narrow(2, start, len)?.contiguous()?,
                 &k.narrow(2, 0, extent)?,
                 &v.narrow(2, 0, extent)?,
                 Some(&mask.narrow(2, start, len)?.narrow(3, 0, extent)?),
+                alibi.as_ref(),
                 kv_heads,
+                scale,
             )
         })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&parts, 2)
+}
+
+/// ALiBi's bias for a step (MPT): `slope_h · (key position − query position)`, which
+/// differs from MPT's `slope_h · (j − (keys − 1))` by a constant per query row, so the
+/// softmax is the same; from positions, it also holds for padded and batched rows.
+#[derive(Debug, Clone)]
+struct Alibi {
+    /// Key position minus query position, `(b, 1, s, slots)` (0 where masked anyway).
+    dist: Tensor,
+    /// `(1, heads, 1, 1)`.
+    slopes: Tensor,
+    /// The same slopes, for the CPU kernels.
+    values: Arc<[f32]>,
+}
+
+impl Alibi {
+    /// The bias of heads `start..start + n`.
+    fn heads(&self, start: usize, n: usize) -> Result<Alibi> {
+        Ok(Alibi {
+            dist: self.dist.clone(),
+            slopes: self.slopes.narrow(1, start, n)?,
+            values: self.values[start..start + n].into(),
+        })
+    }
+
+    /// Query rows `start..start + len` over the first `extent` slots.
+    fn block(&self, start: usize, len: usize, extent: usize) -> Result<Alibi> {
+        Ok(Alibi {
+            dist: self.dist.narrow(2, start, len)?.narrow(3, 0, extent)?,
+            slopes: self.slopes.clone(),
+            values: self.values.clone(),
+        })
+    }
+
+    /// One decoding query over its last `len` keys: distances `-(len-1) ..= 0`.
+    fn for_last_keys(&self, len: usize) -> Result<Alibi> {
+        let dist: Vec<f32> = (0..len).map(|j| j as f32 - (len - 1) as f32).collect();
+        Ok(Alibi {
+            dist: Tensor::from_vec(dist, (1, 1, 1, len), self.slopes.device())?
+                .to_dtype(self.slopes.dtype())?,
+            slopes: self.slopes.clone(),
+            values: self.values.clone(),
+        })
+    }
+
+    /// The additive bias `(b, heads, s, t)`, with `mask` added.
+    fn with_mask(&self, mask: Option<&Tensor>) -> Result<Tensor> {
+        let bias = self.dist.broadcast_mul(&self.slopes)?;
+        match mask {
+            Some(m) => bias.broadcast_add(m),
+            None => Ok(bias),
+        }
+    }
 }
 
 /// Grouped-query attention without copying keys and values per query head: the `rep`
@@ -210,7 +444,9 @@ fn grouped_attention(
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
+    alibi: Option<&Alibi>,
     kv_heads: usize,
+    scale: f64,
 ) -> Result<Tensor> {
     let (b, heads, s, d) = q.dims4()?;
     let rep = heads / kv_heads;
@@ -224,27 +460,42 @@ fn grouped_attention(
             .step_by(group)
             .map(|g| {
                 let n = group.min(kv_heads - g);
+                let alibi = match alibi {
+                    Some(a) => Some(a.heads(g * rep, n * rep)?),
+                    None => None,
+                };
                 grouped_attention(
                     &q.narrow(1, g * rep, n * rep)?,
                     &k.narrow(1, g, n)?,
                     &v.narrow(1, g, n)?,
                     mask,
+                    alibi.as_ref(),
                     n,
+                    scale,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
         return Tensor::cat(&parts, 1);
     }
+    if let Some(a) = alibi {
+        // Per-head biases: ALiBi models share no key/value heads (refused at load).
+        if rep != 1 {
+            candle_core::bail!("ALiBi with grouped-query attention");
+        }
+        let bias = a.with_mask(mask)?.to_dtype(q.dtype())?;
+        return attention(q, k, v, Some(&bias), scale);
+    }
     if rep == 1 {
-        return attention(q, k, v, mask, (d as f64).powf(-0.5));
+        return attention(q, k, v, mask, scale);
     }
     let q = q.reshape((b, kv_heads, rep * s, d))?;
-    attention(&q, k, v, mask, (d as f64).powf(-0.5))?.reshape((b, heads, s, d))
+    attention(&q, k, v, mask, scale)?.reshape((b, heads, s, d))
 }
 
+/// `down(act(gate(x)) · up(x))` (LLaMA), or `down(act(up(x)))` without a gate (MPT).
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
+    gate_proj: Option<Linear>,
     up_proj: Linear,
     down_proj: Linear,
     act: crate::config::Activation,
@@ -253,8 +504,12 @@ struct Mlp {
 impl Mlp {
     fn load(vb: VarBuilder, cfg: &DecoderConfig) -> Result<Self> {
         let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        let gate_proj = match cfg.arch {
+            Architecture::Llama => Some(Linear::load(vb.pp("gate_proj"), h, i, bias)?),
+            Architecture::Mpt(_) => None,
+        };
         Ok(Self {
-            gate_proj: Linear::load(vb.pp("gate_proj"), h, i, bias)?,
+            gate_proj,
             up_proj: Linear::load(vb.pp("up_proj"), h, i, bias)?,
             down_proj: Linear::load(vb.pp("down_proj"), i, h, bias)?,
             act: cfg.hidden_act,
@@ -262,23 +517,51 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = {
-            let [gate, up] = crate::layers::forward_shared([&self.gate_proj, &self.up_proj], xs)?;
-            crate::layers::gated(self.act, gate, &up)?
-        }; // gate and up are freed before the down projection allocates
+        let h = match &self.gate_proj {
+            Some(gate_proj) => {
+                let [gate, up] = crate::layers::forward_shared([gate_proj, &self.up_proj], xs)?;
+                crate::layers::gated(self.act, gate, &up)?
+            } // gate and up are freed before the down projection allocates
+            None => crate::layers::activate_owned(self.act, self.up_proj.forward(xs)?)?,
+        };
         self.down_proj.forward(&h)
+    }
+
+    /// The matrices by their canonical names under `mlp.`.
+    fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        let mut out = Vec::with_capacity(3);
+        if let Some(g) = &mut self.gate_proj {
+            out.push(("gate_proj", g));
+        }
+        out.push(("up_proj", &mut self.up_proj));
+        out.push(("down_proj", &mut self.down_proj));
+        out
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        let mut out: Vec<&Linear> = self.gate_proj.iter().collect();
+        out.extend([&self.up_proj, &self.down_proj]);
+        out
     }
 }
 
 #[derive(Debug, Clone)]
 struct Layer {
-    input_layernorm: RmsNorm,
+    input_layernorm: Norm,
     self_attn: SelfAttention,
-    post_attention_layernorm: RmsNorm,
+    post_attention_layernorm: Norm,
     mlp: Mlp,
 }
 
 impl Layer {
+    /// Every matrix of the layer.
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.self_attn
+            .linears()
+            .into_iter()
+            .chain(self.mlp.linears())
+    }
+
     /// `xs + attn(norm(xs))`, then `+ mlp(norm(·))`; appends this layer's keys and values
     /// (layer `i`) to `cache`.
     fn forward(
@@ -303,11 +586,12 @@ impl Layer {
 }
 
 /// What every layer of one step shares: the rotary tables `(b, s, d/2)` of the step's
-/// positions, the additive attention mask `(b, 1, s, slots)` and its query blocks.
+/// positions (LLaMA) or ALiBi's distances (MPT), the additive attention mask
+/// `(b, 1, s, slots)` and its query blocks.
 #[derive(Debug, Clone)]
 struct StepInputs {
-    cos: Tensor,
-    sin: Tensor,
+    rotary: Option<(Tensor, Tensor)>,
+    alibi: Option<Alibi>,
     mask: Tensor,
     query_blocks: Option<Vec<QueryBlock>>,
 }
@@ -427,7 +711,7 @@ impl TokenEmbedding {
 pub struct Decoder {
     embed_tokens: TokenEmbedding,
     layers: Vec<Layer>,
-    norm: RmsNorm,
+    norm: Norm,
     lm_head: Linear,
     /// `1 / theta^(2i/d)`, `(d/2,)` f32.
     inv_freq: Tensor,
@@ -448,25 +732,24 @@ impl Decoder {
             .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let embed_tokens =
             TokenEmbedding::Dense(Embedding::new(embed_weight.clone(), cfg.hidden_size));
+        if cfg.mpt().is_some() && cfg.num_key_value_heads != cfg.num_attention_heads {
+            candle_core::bail!("ALiBi with grouped-query attention is not an MPT model");
+        }
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = m.pp("layers").pp(i);
             layers.push(Layer {
-                input_layernorm: RmsNorm::load(
-                    l.pp("input_layernorm"),
-                    cfg.hidden_size,
-                    cfg.rms_norm_eps,
-                )?,
+                input_layernorm: Norm::load(l.pp("input_layernorm"), cfg.hidden_size, cfg)?,
                 self_attn: SelfAttention::load(l.pp("self_attn"), cfg)?,
-                post_attention_layernorm: RmsNorm::load(
+                post_attention_layernorm: Norm::load(
                     l.pp("post_attention_layernorm"),
                     cfg.hidden_size,
-                    cfg.rms_norm_eps,
+                    cfg,
                 )?,
                 mlp: Mlp::load(l.pp("mlp"), cfg)?,
             });
         }
-        let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let norm = Norm::load(m.pp("norm"), cfg.hidden_size, cfg)?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear::from_weight(embed_weight)
         } else {
@@ -525,6 +808,9 @@ impl Decoder {
         for l in &mut self.layers {
             l.input_layernorm = l.input_layernorm.to_f32()?;
             l.post_attention_layernorm = l.post_attention_layernorm.to_f32()?;
+            if let Some((q, k)) = l.self_attn.mpt.as_mut().and_then(|m| m.qk_ln.as_mut()) {
+                (*q, *k) = (q.to_f32()?, k.to_f32()?);
+            }
         }
         self.norm = self.norm.to_f32()?;
         self.compute_dtype = DType::F32;
@@ -539,17 +825,7 @@ impl Decoder {
     pub fn steady_rows(&self) -> usize {
         self.layers
             .iter()
-            .flat_map(|l| {
-                [
-                    &l.self_attn.q_proj,
-                    &l.self_attn.k_proj,
-                    &l.self_attn.v_proj,
-                    &l.self_attn.o_proj,
-                    &l.mlp.gate_proj,
-                    &l.mlp.up_proj,
-                    &l.mlp.down_proj,
-                ]
-            })
+            .flat_map(Layer::linears)
             .map(Linear::steady_rows)
             .max()
             .unwrap_or(2)
@@ -559,14 +835,17 @@ impl Decoder {
     /// Whether the matrices are quantized (a GGUF model's `Q4_K`, …), as layer 0's query
     /// projection is.
     pub fn is_quantized(&self) -> bool {
-        self.layers
-            .first()
-            .is_some_and(|l| l.self_attn.q_proj.is_quantized())
+        self.first_matrix().is_some_and(Linear::is_quantized)
+    }
+
+    /// Layer 0's first matrix (its query or fused projection): how the matrices are stored.
+    fn first_matrix(&self) -> Option<&Linear> {
+        self.layers.first().and_then(|l| l.linears().next())
     }
 
     /// How the matrices are stored (`F16`, `Q4K`, …), as layer 0's query projection is.
     pub fn weight_format(&self) -> String {
-        match self.layers.first().map(|l| &l.self_attn.q_proj) {
+        match self.first_matrix() {
             Some(Linear::Quantized { weight, .. }) => format!("{:?}", weight.dtype()),
             Some(Linear::Dense(l)) => format!("{:?}", l.weight().dtype()).to_uppercase(),
             Some(Linear::Bf16 { .. }) => match crate::bf16::kernels() {
@@ -585,23 +864,7 @@ impl Decoder {
         let layers: usize = self
             .layers
             .iter()
-            .map(|l| {
-                let a = &l.self_attn;
-                let m = &l.mlp;
-                [
-                    &a.q_proj,
-                    &a.k_proj,
-                    &a.v_proj,
-                    &a.o_proj,
-                    &m.gate_proj,
-                    &m.up_proj,
-                    &m.down_proj,
-                ]
-                .iter()
-                .map(|x| x.stored_bytes())
-                .sum::<usize>()
-                    + 2 * norm
-            })
+            .map(|l| l.linears().map(Linear::stored_bytes).sum::<usize>() + 2 * norm)
             .sum();
         let row = self.embed_tokens.row_bytes(h);
         layers + norm + self.lm_head.stored_bytes() + row
@@ -685,14 +948,38 @@ impl Decoder {
             self.cfg.max_position_embeddings,
             xs.device(),
         )?;
-        let pos = Tensor::from_vec(positions, (b, s), xs.device())?.to_dtype(DType::F32)?;
-        let freqs = pos
-            .unsqueeze(2)?
-            .broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
         let dtype = xs.dtype();
+        let (rotary, alibi) = match self.cfg.mpt() {
+            None => {
+                let pos = Tensor::from_vec(positions, (b, s), xs.device())?.to_dtype(DType::F32)?;
+                let freqs =
+                    pos.unsqueeze(2)?
+                        .broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
+                let cos = freqs.cos()?.to_dtype(dtype)?.contiguous()?;
+                (
+                    Some((cos, freqs.sin()?.to_dtype(dtype)?.contiguous()?)),
+                    None,
+                )
+            }
+            Some(o) => {
+                let heads = self.cfg.num_attention_heads;
+                let values: Arc<[f32]> = o.alibi_slopes(heads).into();
+                let slopes = Tensor::from_slice(&values, (1, heads, 1, 1), xs.device())?;
+                let dist = cache.key_offsets(&positions, s, xs.device())?;
+                let (dist, slopes) = (dist.to_dtype(dtype)?, slopes.to_dtype(dtype)?);
+                (
+                    None,
+                    Some(Alibi {
+                        dist,
+                        slopes,
+                        values,
+                    }),
+                )
+            }
+        };
         Ok(StepInputs {
-            cos: freqs.cos()?.to_dtype(dtype)?.contiguous()?,
-            sin: freqs.sin()?.to_dtype(dtype)?.contiguous()?,
+            rotary,
+            alibi,
             query_blocks: query_blocks(&mask)?,
             mask: mask.to_dtype(dtype)?,
         })
@@ -700,7 +987,11 @@ impl Decoder {
 
     /// `hidden: (…, hidden) → (…, vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden)
+        let logits = self.lm_head.forward(hidden)?;
+        match self.cfg.mpt().and_then(|o| o.logit_scale) {
+            Some(scale) => logits * scale,
+            None => Ok(logits),
+        }
     }
 
     /// The output projection (the embedding itself when tied).
@@ -714,29 +1005,11 @@ impl Decoder {
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::with_capacity(7 * self.layers.len());
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let SelfAttention {
-                q_proj,
-                k_proj,
-                v_proj,
-                o_proj,
-                ..
-            } = &mut l.self_attn;
-            let Mlp {
-                gate_proj,
-                up_proj,
-                down_proj,
-                ..
-            } = &mut l.mlp;
-            for (name, lin) in [
-                ("self_attn.q_proj", q_proj),
-                ("self_attn.k_proj", k_proj),
-                ("self_attn.v_proj", v_proj),
-                ("self_attn.o_proj", o_proj),
-                ("mlp.gate_proj", gate_proj),
-                ("mlp.up_proj", up_proj),
-                ("mlp.down_proj", down_proj),
-            ] {
-                out.push((format!("model.layers.{i}.{name}"), lin));
+            for (name, lin) in l.self_attn.linears_mut() {
+                out.push((format!("model.layers.{i}.self_attn.{name}"), lin));
+            }
+            for (name, lin) in l.mlp.linears_mut() {
+                out.push((format!("model.layers.{i}.mlp.{name}"), lin));
             }
         }
         out
@@ -771,8 +1044,9 @@ mod tests {
             let q = Tensor::randn(0f32, 1.0, (b, heads, s, d), &dev)?;
             let k = Tensor::randn(0f32, 1.0, (b, kv_heads, t, d), &dev)?;
             let v = Tensor::randn(0f32, 1.0, (b, kv_heads, t, d), &dev)?;
-            let blocked = blocked_attention(&q, &k, &v, &mask, &blocks, kv_heads)?;
-            let whole = grouped_attention(&q, &k, &v, Some(&mask), kv_heads)?;
+            let scale = (d as f64).powf(-0.5);
+            let blocked = blocked_attention(&q, &k, &v, &mask, None, &blocks, kv_heads, scale)?;
+            let whole = grouped_attention(&q, &k, &v, Some(&mask), None, kv_heads, scale)?;
             let diff = kollava_testkit::max_abs_diff_tensors(&blocked, &whole);
             assert!(
                 diff < 1e-5,

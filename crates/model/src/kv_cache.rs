@@ -148,6 +148,32 @@ impl KvCache {
         Ok((positions, mask))
     }
 
+    /// For the step [`KvCache::begin_step`] just registered (`positions`: its query
+    /// positions, `seq` per row): key position minus query position for every query and
+    /// slot, `(batch, 1, seq, slots)` f32, 0 at padding slots (which the mask hides). ALiBi
+    /// multiplies it by each head's slope.
+    pub(crate) fn key_offsets(
+        &self,
+        positions: &[u32],
+        seq: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let total = self.slot_count();
+        let mut out = vec![0f32; self.slots.len() * seq * total];
+        for (r, row) in self.slots.iter().enumerate() {
+            for i in 0..seq {
+                let p = positions[r * seq + i] as f32;
+                let o = &mut out[(r * seq + i) * total..(r * seq + i + 1) * total];
+                for (o, slot) in o.iter_mut().zip(row) {
+                    if let Some(q) = slot {
+                        *o = *q as f32 - p;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(out, (self.slots.len(), 1, seq, total), device)
+    }
+
     /// Adds the rows of `other` (a cache of the same model) after this cache's rows. The
     /// newest slots of both line up; the side with fewer slots gets padding slots in front,
     /// which attention never reads. This is how a sequence prefilled on its own joins a

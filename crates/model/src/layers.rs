@@ -418,15 +418,38 @@ impl RmsNorm {
     }
 }
 
-/// `torch.nn.LayerNorm` with weight and bias.
+/// `torch.nn.LayerNorm` with weight and bias (or weight only: MPT's `no_bias`).
 #[derive(Debug, Clone)]
 pub struct LayerNorm(candle_nn::LayerNorm, f64);
 
 impl LayerNorm {
     pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Self::load_with_bias(vb, size, eps, true)
+    }
+
+    pub fn load_with_bias(vb: VarBuilder, size: usize, eps: f64, bias: bool) -> Result<Self> {
         let weight = vb.get(size, "weight")?;
-        let bias = vb.get(size, "bias")?;
-        Ok(Self(candle_nn::LayerNorm::new(weight, bias, eps), eps))
+        Ok(Self(
+            if bias {
+                candle_nn::LayerNorm::new(weight, vb.get(size, "bias")?, eps)
+            } else {
+                candle_nn::LayerNorm::new_no_bias(weight, eps)
+            },
+            eps,
+        ))
+    }
+
+    /// The weights in f32 (a model packed for inference computes its activations in f32).
+    pub fn to_f32(&self) -> Result<Self> {
+        let w = self.0.weight().to_dtype(DType::F32)?;
+        let eps = self.1;
+        Ok(Self(
+            match self.0.bias() {
+                Some(b) => candle_nn::LayerNorm::new(w, b.to_dtype(DType::F32)?, eps),
+                None => candle_nn::LayerNorm::new_no_bias(w, eps),
+            },
+            eps,
+        ))
     }
 
     /// `xs: (…, hidden) → (…, hidden)`. candle's fused kernel has no backward pass, so when

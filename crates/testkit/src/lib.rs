@@ -9,7 +9,13 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 /// The checkpoints the fixtures ship, in the order the README lists them.
-pub const CHECKPOINTS: [&str; 4] = ["llava-v0", "llava-v1.5", "llava-hf", "llava-mistral"];
+pub const CHECKPOINTS: [&str; 5] = [
+    "llava-v0",
+    "llava-v1.5",
+    "llava-hf",
+    "llava-mistral",
+    "llava-mpt",
+];
 
 /// `tests/fixtures` at the workspace root (a byte-identical copy of `shared/fixtures`).
 pub fn fixtures_dir() -> PathBuf {

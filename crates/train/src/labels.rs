@@ -26,6 +26,9 @@ pub enum LabelRule {
     Llama2,
     /// The default `### ` signal preprocessor (`v0`, and KoLLaVA's `mistral` by fallthrough).
     Signal,
+    /// `preprocess_mpt` as LLaVA-MPT was trained (May 2023, llava-spec §1d.6): rounds split
+    /// on `<|im_end|>` and regrouped, no BOS, each answer and its `<|im_end|>` trained.
+    Mpt,
 }
 
 /// The dispatch of upstream's `preprocess`: PLAIN style, LLAMA_2 style, a `v1` version,
@@ -34,9 +37,30 @@ pub fn label_rule(t: &Template) -> LabelRule {
     match t.style {
         SepStyle::Plain => LabelRule::Plain,
         SepStyle::Llama2 => LabelRule::Llama2,
+        SepStyle::Mpt => LabelRule::Mpt,
         SepStyle::Two if t.name != "mistral" => LabelRule::V1,
         _ => LabelRule::Signal,
     }
+}
+
+/// The template and rule of a reference dump's `train_labels.NAME` entry: the dump names
+/// templates as the Python code does (`conv_v1_signal` is v0's `### ` signal format,
+/// `mistral_kollava` KoLLaVA's `mistral`); LLaVA-MPT's dumps come from the May-2023 code,
+/// whose `conv_mpt` is our `mpt_june` (`mpt_may_2023`).
+pub fn reference_template(name: &str, mpt_may_2023: bool) -> Option<(Template, LabelRule)> {
+    let ours = match name {
+        "conv_v1_signal" => "llava_v0",
+        "mistral_kollava" => "mistral",
+        "mpt" | "mpt_pretrain" if mpt_may_2023 => "mpt_june",
+        other => other,
+    };
+    let t = Template::by_name(ours)?;
+    let rule = if name == "conv_v1_signal" {
+        LabelRule::Signal
+    } else {
+        label_rule(&t)
+    };
+    Some((t, rule))
 }
 
 /// One training sample before splicing.
@@ -87,7 +111,9 @@ pub fn preprocess(
     match rule {
         LabelRule::Plain => plain(tok, scheme, template, turns),
         LabelRule::Signal => signal(tok, scheme, template, turns),
-        LabelRule::V1 | LabelRule::Llama2 => rounds(tok, scheme, template, rule, turns),
+        LabelRule::V1 | LabelRule::Llama2 | LabelRule::Mpt => {
+            rounds(tok, scheme, template, rule, turns)
+        }
     }
 }
 
@@ -188,6 +214,9 @@ pub fn preprocess_rendered(
     rule: LabelRule,
     text: &str,
 ) -> Result<TrainExample, LabelError> {
+    if rule == LabelRule::Mpt {
+        return mpt_rounds(tok, scheme, t, text);
+    }
     let built = prompt::build(tok, text, scheme)?;
     let ids = built.reference_ids();
     let mut labels = ids.clone();
@@ -215,6 +244,55 @@ pub fn preprocess_rendered(
             round_len -= 1;
             instruction_len = instruction_len.saturating_sub(1);
         }
+        mask(&mut labels, cur, cur + instruction_len);
+        cur += round_len;
+    }
+    mask(&mut labels, cur, usize::MAX);
+    let mismatch = cur != total;
+    if mismatch {
+        mask(&mut labels, 0, usize::MAX);
+    }
+    Ok(TrainExample {
+        ids,
+        labels,
+        prompt: built,
+        mismatch,
+    })
+}
+
+/// May-2023 `preprocess_mpt`: the conversation split on `sep` (`<|im_end|>`), regrouped as
+/// [system, user, answer] then [user, answer] pairs; in each, everything up to and including
+/// `sep + roles[1]` is masked, and a round counts its tokens plus `sep`'s (the separator the
+/// split removed). No BOS. Pad is `<|endoftext|>` (the unk token).
+fn mpt_rounds(
+    tok: &Tokenizer,
+    scheme: &ImageTokens,
+    t: &Template,
+    text: &str,
+) -> Result<TrainExample, LabelError> {
+    let built = prompt::build(tok, text, scheme)?;
+    let ids = built.reference_ids();
+    let mut labels = ids.clone();
+    let total = non_pad_len(&ids, tok.unk_id);
+    let sep = t.sep.as_str();
+    let split: Vec<&str> = text.split(sep).collect();
+    let mut regrouped = vec![split[..split.len().min(3)].join(sep)];
+    for pair in split.get(3..).unwrap_or_default().chunks(2) {
+        regrouped.push(pair.join(sep));
+    }
+    let answer_sep = format!("{sep}{}", t.roles[1]);
+    let sep_len = ids_of(tok, sep, scheme)?.len();
+    let mut cur = 0;
+    for round in &regrouped {
+        if round.is_empty() {
+            break;
+        }
+        let parts: Vec<&str> = round.split(answer_sep.as_str()).collect();
+        if parts.len() != 2 {
+            break;
+        }
+        let round_len = ids_of(tok, round, scheme)?.len() + sep_len;
+        let instruction_len = ids_of(tok, &format!("{}{answer_sep}", parts[0]), scheme)?.len();
         mask(&mut labels, cur, cur + instruction_len);
         cur += round_len;
     }

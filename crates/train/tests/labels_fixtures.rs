@@ -3,7 +3,7 @@
 use kollava_inputs::template::{Role, Template};
 use kollava_inputs::Tokenizer;
 use kollava_testkit::{checkpoint_dir, Reference, CHECKPOINTS};
-use kollava_train::labels::{label_rule, preprocess, preprocess_rendered, LabelRule};
+use kollava_train::labels::{preprocess, preprocess_rendered, reference_template};
 
 fn ids(v: &serde_json::Value) -> Vec<i64> {
     v.as_array()
@@ -22,17 +22,7 @@ fn labels_match_reference_for_every_template() {
         let tok = Tokenizer::from_dir(&dir).unwrap();
         let scheme = ckpt.image_tokens(&tok).unwrap();
         for (tpl, entry) in r.get("train_labels").as_object().unwrap() {
-            let ours = match tpl.as_str() {
-                "conv_v1_signal" => "llava_v0",
-                "mistral_kollava" => "mistral",
-                other => other,
-            };
-            let t = Template::by_name(ours).unwrap();
-            let rule = if tpl == "conv_v1_signal" {
-                LabelRule::Signal
-            } else {
-                label_rule(&t)
-            };
+            let (t, rule) = reference_template(tpl, name == "llava-mpt").unwrap();
             let ex = match entry["turns"].as_array() {
                 Some(turns) => {
                     let turns: Vec<(Role, String)> = turns

@@ -779,6 +779,7 @@ pub fn open_pair(model: PathBuf, mmproj: PathBuf) -> Result<Checkpoint, Checkpoi
     let hidden = k.need_uint("llama.embedding_length")?;
     let heads = k.need_uint("llama.attention.head_count")?;
     let decoder = DecoderConfig {
+        arch: kollava_model::config::Architecture::Llama,
         vocab_size: rows(&llm, "token_embd.weight")
             .ok_or_else(|| k.missing("token_embd.weight"))?,
         hidden_size: hidden,

@@ -52,7 +52,12 @@ struct AddedToken {
 #[derive(Debug, Clone)]
 enum Backend {
     Slow(Box<SlowTokenizer>),
-    Fast(Box<tokenizers::Tokenizer>),
+    /// A `tokenizer.json`; `byte_level` when its decoder is GPT-2's byte-level one (MPT's
+    /// GPT-NeoX tokenizer) rather than sentencepiece pieces with byte fallback (LLaMA's).
+    Fast {
+        tok: Box<tokenizers::Tokenizer>,
+        byte_level: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -188,9 +193,20 @@ impl Tokenizer {
         // after a special token its dummy prefix, i.e. it behaves like `legacy: true`
         // whatever tokenizer_config.json says.
         let legacy = true;
+        let decoder: Value = serde_json::from_slice::<Value>(json)
+            .map(|v| v["decoder"].clone())
+            .unwrap_or(Value::Null);
+        let is_byte_level = |d: &Value| d["type"] == "ByteLevel";
+        let byte_level = is_byte_level(&decoder)
+            || decoder["decoders"]
+                .as_array()
+                .is_some_and(|ds| ds.iter().any(is_byte_level));
         Ok(Self {
             legacy,
-            backend: Backend::Fast(Box::new(tok)),
+            backend: Backend::Fast {
+                tok: Box::new(tok),
+                byte_level,
+            },
             bos_id,
             eos_id,
             unk_id,
@@ -235,7 +251,7 @@ impl Tokenizer {
                 }
                 v
             }
-            Backend::Fast(t) => bpe_json_vocab(t, self.unk_id)?,
+            Backend::Fast { tok: t, .. } => bpe_json_vocab(t, self.unk_id)?,
         };
         let n = v.pieces.len().max(rows);
         for i in 0..n {
@@ -379,7 +395,7 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         match &self.backend {
             Backend::Slow(s) => Ok(s.encode(text)),
-            Backend::Fast(t) => t
+            Backend::Fast { tok: t, .. } => t
                 .encode(text, true)
                 .map(|e| e.get_ids().to_vec())
                 .map_err(|e| TokenizerError::Encode {
@@ -402,7 +418,7 @@ impl Tokenizer {
                 .find(|a| a.content == token)
                 .map(|a| a.id)
                 .or_else(|| s.sp.piece_to_id(token)),
-            Backend::Fast(t) => t.token_to_id(token),
+            Backend::Fast { tok: t, .. } => t.token_to_id(token),
         }
     }
 
@@ -415,7 +431,7 @@ impl Tokenizer {
                 .find(|a| a.id == id)
                 .map(|a| a.content.clone())
                 .or_else(|| s.sp.piece(id).map(str::to_string)),
-            Backend::Fast(t) => t.id_to_token(id),
+            Backend::Fast { tok: t, .. } => t.id_to_token(id),
         }
     }
 
@@ -428,12 +444,23 @@ impl Tokenizer {
                     s.sp.piece_bytes(id, out);
                 }
             }
-            Backend::Fast(t) => {
-                if let Some(p) = t.id_to_token(id) {
-                    match sentencepiece::parse_byte_piece(&p) {
-                        Some(b) => out.push(b),
-                        None => out.extend(p.replace(SPACE_MARK, " ").bytes()),
+            Backend::Fast { tok, byte_level } => {
+                let Some(p) = tok.id_to_token(id) else {
+                    return;
+                };
+                if *byte_level {
+                    // As the `tokenizers` ByteLevel decoder does: each character back to its
+                    // byte, or the token's own text when a character has none (added tokens
+                    // such as MPT's runs of spaces).
+                    match p.chars().map(byte_of_char).collect::<Option<Vec<u8>>>() {
+                        Some(bytes) => out.extend(bytes),
+                        None => out.extend(p.bytes()),
                     }
+                    return;
+                }
+                match sentencepiece::parse_byte_piece(&p) {
+                    Some(b) => out.push(b),
+                    None => out.extend(p.replace(SPACE_MARK, " ").bytes()),
                 }
             }
         }
@@ -449,7 +476,14 @@ impl Tokenizer {
             }
             self.push_token_bytes(id, &mut out);
         }
-        if out.first() == Some(&b' ') {
+        let byte_level = matches!(
+            self.backend,
+            Backend::Fast {
+                byte_level: true,
+                ..
+            }
+        );
+        if out.first() == Some(&b' ') && !byte_level {
             out.remove(0);
         }
         out
@@ -459,6 +493,21 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {
         String::from_utf8_lossy(&self.decode_bytes(ids, skip_special)).into_owned()
     }
+}
+
+/// The byte GPT-2's byte-level alphabet writes as `c`: printable Latin-1 bytes stand for
+/// themselves, and the other 68 bytes, in order, for U+0100 onwards (`Ġ` is the space).
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF);
+    let c = c as u32;
+    if c < 0x100 {
+        return printable(c).then_some(c as u8);
+    }
+    let n = (c - 0x100) as usize;
+    (0u32..0x100)
+        .filter(|&b| !printable(b))
+        .nth(n)
+        .map(|b| b as u8)
 }
 
 /// A `tokenizer.json` BPE as sentencepiece pieces (see [`Tokenizer::export_vocab`]).
