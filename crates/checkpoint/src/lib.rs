@@ -418,9 +418,10 @@ impl Checkpoint {
             return t;
         }
         match self.family {
-            Family::LlavaV0 | Family::LlavaMpt => {
-                template_for_model_name(&self.name, NameRule::ForkJuneRunLlava)
-            }
+            Family::LlavaV0 => template_for_model_name(&self.name, NameRule::ForkJuneRunLlava),
+            // The reference loads MPT only when "mpt" is in the name and then picks this
+            // (June `run_llava`); any other template would lack the ChatML roles.
+            Family::LlavaMpt => "mpt_multimodal",
             Family::Llava15 | Family::LlavaMistral => {
                 template_for_model_name(&self.name, NameRule::ForkHeadCli)
             }

@@ -2376,23 +2376,30 @@ fn llama_cpp_bin() -> Option<PathBuf> {
 }
 
 /// llama.cpp (`llama-server`, raw tokens in and out) reads the language model of the f16
-/// GGUF pair `kollava quantize` writes and answers a text question with kollava's greedy
-/// tokens, from the same prompt tokens.
+/// GGUF pair `kollava quantize` writes, as a `llama` (LLaVA-1.5) and as an `mpt` model
+/// (LLaVA-MPT: ALiBi, fused QKV, the GPT-NeoX tokenizer), tokenizes the prompt to as many
+/// tokens and answers a text question with kollava's greedy tokens, from the same prompt
+/// tokens.
 #[test]
 fn llama_cpp_answers_as_kollava_on_kollavas_gguf() {
-    use kollava_inputs::template::{Conversation, Role, Template};
     let Some(bin) = llama_cpp_bin() else {
         return;
     };
+    for (model, file) in [
+        (PathBuf::from(FINETUNE_MODEL), "llava-v1.5-F16.gguf"),
+        (checkpoint("llava-mpt"), "llava-mpt-F16.gguf"),
+    ] {
+        answers_alike_in_llama_server(&bin, &model, file);
+    }
+}
+
+/// [`llama_cpp_answers_as_kollava_on_kollavas_gguf`] for one checkpoint: its f16 GGUF's
+/// `file` in llama-server.
+fn answers_alike_in_llama_server(bin: &Path, model: &Path, file: &str) {
+    use kollava_inputs::template::{Conversation, Role, Template};
     let tmp = tempfile::tempdir().unwrap();
     let gguf = tmp.path().join("gguf");
-    assert_success(&kollava(&[
-        &"quantize",
-        &"--type",
-        &"f16",
-        &FINETUNE_MODEL,
-        &gguf,
-    ]));
+    assert_success(&kollava(&[&"quantize", &"--type", &"f16", &model, &gguf]));
     let o = kollava(&[
         &"run",
         &"--model",
@@ -2419,7 +2426,7 @@ fn llama_cpp_answers_as_kollava_on_kollavas_gguf() {
         .port();
     let mut server = Command::new(bin.join("llama-server"))
         .arg("-m")
-        .arg(gguf.join("llava-v1.5-F16.gguf"))
+        .arg(gguf.join(file))
         .args([
             "--port",
             &port.to_string(),
@@ -2460,7 +2467,7 @@ fn llama_cpp_answers_as_kollava_on_kollavas_gguf() {
         );
         assert_eq!(status, 200);
         let theirs: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(theirs["tokens"], ours["token_ids"], "{theirs}");
+        assert_eq!(theirs["tokens"], ours["token_ids"], "{file}: {theirs}");
     });
     let _ = server.kill();
     let _ = server.wait();
@@ -3214,7 +3221,7 @@ fn make_delta_then_apply_delta_round_trips() {
 /// every family, and `--report` prints its agreement figures.
 #[test]
 fn quantized_q8_0_models_answer_as_their_source() {
-    for family in ["llava-v1.5", "llava-hf", "llava-v0", "llava-mistral"] {
+    for family in kollava_testkit::CHECKPOINTS {
         let scratch = Scratch::new(family);
         let out = scratch.file("q8");
         let o = kollava(&[
@@ -3572,7 +3579,7 @@ fn eval_vqa_batches_answer_as_one_at_a_time() {
         .as_bytes(),
     );
     let images = crate_fixture_images();
-    for family in ["llava-v1.5", "llava-hf", "llava-v0", "llava-mistral"] {
+    for family in kollava_testkit::CHECKPOINTS {
         let answers = |batch: &str| -> Vec<Value> {
             let out = tmp.path().join(format!("{family}-{batch}.jsonl"));
             assert_success(&kollava(&[

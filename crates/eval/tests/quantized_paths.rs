@@ -27,7 +27,7 @@ fn bf16_and_f16_sessions_agree_with_f32() {
     let image =
         kollava_inputs::image::open(&kollava_testkit::fixtures_dir().join("images/wide_rgb.png"))
             .unwrap();
-    for family in ["llava-v1.5", "llava-hf", "llava-v0", "llava-mistral"] {
+    for family in kollava_testkit::CHECKPOINTS {
         let f32s = session(family, candle_core::DType::F32);
         let mut conv = Conversation::new(f32s.template.clone());
         conv.push(

@@ -147,8 +147,9 @@ fn canonical_shape(name: &str, cfg: &ModelConfig) -> Vec<usize> {
             }
             if part.starts_with("model.layers.") {
                 return match leaf {
-                    "input_layernorm" | "post_attention_layernorm" => vec![h],
+                    "input_layernorm" | "post_attention_layernorm" | "q_ln" | "k_ln" => vec![h],
                     "q_proj" => rows_cols(q_rows, h),
+                    "qkv_proj" => rows_cols(q_rows + 2 * kv_rows, h),
                     "k_proj" | "v_proj" => rows_cols(kv_rows, h),
                     "o_proj" => rows_cols(h, q_rows),
                     "gate_proj" | "up_proj" => rows_cols(d.intermediate_size, h),
@@ -316,6 +317,9 @@ fn read_text(path: &Path) -> Option<String> {
 
 fn llm_metadata(ckpt: &Checkpoint, q: QuantType) -> Result<Vec<(String, Meta)>, CheckpointError> {
     let d = &ckpt.config.decoder;
+    if let Some(o) = d.mpt() {
+        return mpt_metadata(ckpt, q, o);
+    }
     let tok = ckpt.tokenizer()?;
     let vocab = tok.export_vocab(d.vocab_size)?;
     let add_bos = tok.encode("")?.first() == Some(&tok.bos_id);
@@ -383,6 +387,22 @@ fn llm_metadata(ckpt: &Checkpoint, q: QuantType) -> Result<Vec<(String, Meta)>, 
             "tokenizer.ggml.add_space_prefix".into(),
             Meta::Bool(vocab.add_dummy_prefix),
         ),
+    ];
+    if let Some(pad) = tok.token_to_id("<pad>") {
+        m.push(("tokenizer.ggml.padding_token_id".into(), Meta::U32(pad)));
+    }
+    if let Some(w) = d.sliding_window {
+        m.push(("kollava.sliding_window".into(), Meta::U32(w as u32)));
+    }
+    m.extend(kollava_metadata(ckpt));
+    Ok(m)
+}
+
+/// What kollava needs beyond llama.cpp's keys to answer as on the source: the family,
+/// template, context, stop ids, image-token scheme and the tokenizer's own files (so that
+/// ours reads back exactly as the source tokenizes).
+fn kollava_metadata(ckpt: &Checkpoint) -> Vec<(String, Meta)> {
+    let mut m: Vec<(String, Meta)> = vec![
         (
             "kollava.family".into(),
             Meta::Str(ckpt.family.name().into()),
@@ -401,16 +421,9 @@ fn llm_metadata(ckpt: &Checkpoint, q: QuantType) -> Result<Vec<(String, Meta)>, 
             Meta::Bool(ckpt.use_im_start_end),
         ),
     ];
-    if let Some(pad) = tok.token_to_id("<pad>") {
-        m.push(("tokenizer.ggml.padding_token_id".into(), Meta::U32(pad)));
-    }
-    if let Some(w) = d.sliding_window {
-        m.push(("kollava.sliding_window".into(), Meta::U32(w as u32)));
-    }
     if let Some(i) = ckpt.image_token_index {
         m.push(("kollava.image_token_index".into(), Meta::U32(i)));
     }
-    // The tokenizer's own files, so that ours reads back exactly as the source tokenizes.
     for (file, key) in [
         ("tokenizer.json", "tokenizer.huggingface.json"),
         ("tokenizer_config.json", "kollava.tokenizer_config"),
@@ -421,6 +434,80 @@ fn llm_metadata(ckpt: &Checkpoint, q: QuantType) -> Result<Vec<(String, Meta)>, 
             m.push((key.into(), Meta::Str(text)));
         }
     }
+    m
+}
+
+/// llama.cpp's `mpt` architecture keys (as its converter writes MPT-7B's) and its `gpt2`
+/// tokenizer with the `mpt` pre-tokenizer.
+fn mpt_metadata(
+    ckpt: &Checkpoint,
+    q: QuantType,
+    o: &kollava_model::config::MptOptions,
+) -> Result<Vec<(String, Meta)>, CheckpointError> {
+    let d = &ckpt.config.decoder;
+    let tok = ckpt.tokenizer()?;
+    let Some(vocab) = tok.export_byte_level_bpe(d.vocab_size)? else {
+        return Err(CheckpointError::Unsupported {
+            file: ckpt.dir.display().to_string(),
+            what: "an MPT model whose tokenizer is not byte-level BPE, in GGUF".into(),
+        });
+    };
+    let u = |n: usize| Meta::U32(n as u32);
+    let mut m: Vec<(String, Meta)> = vec![
+        ("general.architecture".into(), Meta::Str("mpt".into())),
+        ("general.name".into(), Meta::Str(ckpt.name.clone())),
+        ("general.file_type".into(), Meta::U32(q.file_type())),
+        (
+            "general.alignment".into(),
+            Meta::U32(format::ALIGNMENT as u32),
+        ),
+        ("mpt.vocab_size".into(), u(d.vocab_size)),
+        ("mpt.context_length".into(), u(d.max_position_embeddings)),
+        ("mpt.embedding_length".into(), u(d.hidden_size)),
+        ("mpt.block_count".into(), u(d.num_hidden_layers)),
+        ("mpt.feed_forward_length".into(), u(d.intermediate_size)),
+        ("mpt.attention.head_count".into(), u(d.num_attention_heads)),
+        (
+            "mpt.attention.head_count_kv".into(),
+            u(d.num_key_value_heads),
+        ),
+        (
+            "mpt.attention.layer_norm_epsilon".into(),
+            Meta::F32(d.rms_norm_eps as f32),
+        ),
+        (
+            "mpt.attention.max_alibi_bias".into(),
+            Meta::F32(o.alibi_bias_max as f32),
+        ),
+        ("tokenizer.ggml.model".into(), Meta::Str("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Meta::Str("mpt".into())),
+        ("tokenizer.ggml.tokens".into(), Meta::ArrStr(vocab.tokens)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Meta::ArrI32(vocab.kinds),
+        ),
+        ("tokenizer.ggml.merges".into(), Meta::ArrStr(vocab.merges)),
+        ("tokenizer.ggml.bos_token_id".into(), Meta::U32(tok.bos_id)),
+        ("tokenizer.ggml.eos_token_id".into(), Meta::U32(tok.eos_id)),
+        (
+            "tokenizer.ggml.unknown_token_id".into(),
+            Meta::U32(tok.unk_id),
+        ),
+        ("tokenizer.ggml.add_bos_token".into(), Meta::Bool(false)),
+        ("tokenizer.ggml.add_eos_token".into(), Meta::Bool(false)),
+    ];
+    if let Some(c) = o.clip_qkv {
+        m.push(("mpt.attention.clamp_kqv".into(), Meta::F32(c as f32)));
+    }
+    for (key, value) in [
+        ("kollava.mpt.softmax_scale", o.softmax_scale),
+        ("kollava.mpt.logit_scale", o.logit_scale),
+    ] {
+        if let Some(v) = value {
+            m.push((key.into(), Meta::F32(v as f32)));
+        }
+    }
+    m.extend(kollava_metadata(ckpt));
     Ok(m)
 }
 
@@ -749,39 +836,18 @@ impl Keys<'_> {
 }
 
 /// Resolves a GGUF pair into a [`Checkpoint`].
-pub fn open_pair(model: PathBuf, mmproj: PathBuf) -> Result<Checkpoint, CheckpointError> {
-    let llm = read_content(&model)?;
-    let mm = read_content(&mmproj)?;
-    let k = Keys {
-        c: &llm,
-        file: &model,
-    };
-    let arch = k.string("general.architecture").unwrap_or("");
-    if arch != "llama" {
-        return Err(CheckpointError::Unsupported {
-            file: model.display().to_string(),
-            what: format!("GGUF architecture {arch:?} (LLaVA language models are \"llama\")"),
-        });
-    }
-    let v = Keys {
-        c: &mm,
-        file: &mmproj,
-    };
-    if v.boolean("clip.has_vision_encoder") == Some(false)
-        || !mm.tensor_infos.contains_key("v.patch_embd.weight")
-    {
-        return Err(CheckpointError::Invalid {
-            file: mmproj.display().to_string(),
-            what: "image encoder: it has no CLIP vision tower (v.patch_embd.weight)".into(),
-        });
-    }
-    let rows = |c: &Content, name: &str| c.tensor_infos.get(name).map(|t| t.shape.dims()[0]);
+/// Rows of a tensor of `c`, from its header.
+fn rows(c: &Content, name: &str) -> Option<usize> {
+    c.tensor_infos.get(name).map(|t| t.shape.dims()[0])
+}
+
+/// The decoder of a GGUF `llama` model.
+fn llama_decoder(k: &Keys, llm: &Content) -> Result<DecoderConfig, CheckpointError> {
     let hidden = k.need_uint("llama.embedding_length")?;
     let heads = k.need_uint("llama.attention.head_count")?;
-    let decoder = DecoderConfig {
+    Ok(DecoderConfig {
         arch: kollava_model::config::Architecture::Llama,
-        vocab_size: rows(&llm, "token_embd.weight")
-            .ok_or_else(|| k.missing("token_embd.weight"))?,
+        vocab_size: rows(llm, "token_embd.weight").ok_or_else(|| k.missing("token_embd.weight"))?,
         hidden_size: hidden,
         intermediate_size: k.need_uint("llama.feed_forward_length")?,
         num_hidden_layers: k.need_uint("llama.block_count")?,
@@ -800,6 +866,79 @@ pub fn open_pair(model: PathBuf, mmproj: PathBuf) -> Result<Checkpoint, Checkpoi
         mlp_bias: llm.tensor_infos.contains_key("blk.0.ffn_up.bias"),
         hidden_act: Activation::Silu,
         tie_word_embeddings: !llm.tensor_infos.contains_key("output.weight"),
+    })
+}
+
+/// The decoder of a GGUF `mpt` model (llama.cpp's keys; biases and q/k norms where the file
+/// has their tensors).
+fn mpt_decoder(k: &Keys, llm: &Content) -> Result<DecoderConfig, CheckpointError> {
+    let hidden = k.need_uint("mpt.embedding_length")?;
+    let heads = k.need_uint("mpt.attention.head_count")?;
+    let has = |name: &str| llm.tensor_infos.contains_key(name);
+    if heads == 0 || !hidden.is_multiple_of(heads) {
+        return Err(CheckpointError::Invalid {
+            file: k.file.display().to_string(),
+            what: format!("mpt.embedding_length {hidden} for {heads} heads"),
+        });
+    }
+    Ok(DecoderConfig {
+        arch: kollava_model::config::Architecture::Mpt(kollava_model::config::MptOptions {
+            alibi_bias_max: k.float("mpt.attention.max_alibi_bias").unwrap_or(8.0),
+            clip_qkv: k.float("mpt.attention.clamp_kqv"),
+            qk_ln: has("blk.0.attn_q_norm.weight"),
+            softmax_scale: k.float("kollava.mpt.softmax_scale"),
+            logit_scale: k.float("kollava.mpt.logit_scale"),
+            norm_bias: has("blk.0.attn_norm.bias"),
+        }),
+        vocab_size: rows(llm, "token_embd.weight").ok_or_else(|| k.missing("token_embd.weight"))?,
+        hidden_size: hidden,
+        intermediate_size: k.need_uint("mpt.feed_forward_length")?,
+        num_hidden_layers: k.need_uint("mpt.block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: heads,
+        head_dim: hidden / heads,
+        rms_norm_eps: k.float("mpt.attention.layer_norm_epsilon").unwrap_or(1e-5),
+        rope_theta: 10000.0,
+        max_position_embeddings: k.uint("mpt.context_length").unwrap_or(2048),
+        sliding_window: None,
+        attention_bias: has("blk.0.attn_qkv.bias"),
+        mlp_bias: has("blk.0.ffn_up.bias"),
+        hidden_act: Activation::Gelu,
+        tie_word_embeddings: !has("output.weight"),
+    })
+}
+
+pub fn open_pair(model: PathBuf, mmproj: PathBuf) -> Result<Checkpoint, CheckpointError> {
+    let llm = read_content(&model)?;
+    let mm = read_content(&mmproj)?;
+    let k = Keys {
+        c: &llm,
+        file: &model,
+    };
+    let arch = k.string("general.architecture").unwrap_or("");
+    if arch != "llama" && arch != "mpt" {
+        return Err(CheckpointError::Unsupported {
+            file: model.display().to_string(),
+            what: format!(
+                "GGUF architecture {arch:?} (LLaVA language models are \"llama\" or \"mpt\")"
+            ),
+        });
+    }
+    let v = Keys {
+        c: &mm,
+        file: &mmproj,
+    };
+    if v.boolean("clip.has_vision_encoder") == Some(false)
+        || !mm.tensor_infos.contains_key("v.patch_embd.weight")
+    {
+        return Err(CheckpointError::Invalid {
+            file: mmproj.display().to_string(),
+            what: "image encoder: it has no CLIP vision tower (v.patch_embd.weight)".into(),
+        });
+    }
+    let decoder = match arch {
+        "mpt" => mpt_decoder(&k, &llm)?,
+        _ => llama_decoder(&k, &llm)?,
     };
     let vision_layers = v.need_uint("clip.vision.block_count")?;
     let image_size = v.need_uint("clip.vision.image_size")?;
@@ -854,6 +993,8 @@ pub fn open_pair(model: PathBuf, mmproj: PathBuf) -> Result<Checkpoint, Checkpoi
         Some("llava-v0") => Family::LlavaV0,
         Some("llava-mistral") => Family::LlavaMistral,
         Some("llava-hf") => Family::LlavaHf,
+        Some("llava-mpt") => Family::LlavaMpt,
+        _ if arch == "mpt" => Family::LlavaMpt,
         _ => Family::Llava15,
     };
     let mut preprocess = ClipPreprocess::square(image_size as u32);
@@ -1250,6 +1391,7 @@ mod tests {
             ("llava-hf", QuantType::Q8_0),
             ("llava-mistral", QuantType::F32),
             ("llava-v0", QuantType::Q4_0),
+            ("llava-mpt", QuantType::Q8_0),
         ] {
             let src = fixture(family);
             let tmp = tempfile::tempdir().unwrap();
@@ -1358,7 +1500,13 @@ mod tests {
     #[test]
     fn the_tokenizer_survives_the_round_trip() {
         let text = "USER: <image>\n이 그림을 설명해 주세요. Describe it!\nASSISTANT:";
-        for family in ["llava-v1.5", "llava-hf", "llava-v0", "llava-mistral"] {
+        for family in [
+            "llava-v1.5",
+            "llava-hf",
+            "llava-v0",
+            "llava-mistral",
+            "llava-mpt",
+        ] {
             let src = fixture(family);
             let tmp = tempfile::tempdir().unwrap();
             quantize(&src, &tmp.path().join("q"), QuantType::Q8_0, &mut |_, _| {}).unwrap();

@@ -1,8 +1,9 @@
 //! Canonical LLaVA tensor names ↔ llama.cpp's GGUF names.
 //!
 //! The language model goes to llama.cpp's `llama` architecture names (`token_embd`,
-//! `blk.N.attn_q`, …); the tower and projector to the names of llama.cpp's LLaVA image
-//! encoder (`v.blk.N.attn_q`, `mm.0`, …). Two llama.cpp conventions apply:
+//! `blk.N.attn_q`, …), or its `mpt` ones (`blk.N.attn_qkv`, no gate, norms with optional
+//! biases); the tower and projector to the names of llama.cpp's LLaVA image encoder
+//! (`v.blk.N.attn_q`, `mm.0`, …). Two llama.cpp conventions apply:
 //! - its rotary embedding rotates adjacent pairs where HF LLaMA rotates the two halves of a
 //!   head, so the rows of `q_proj`/`k_proj` are interleaved per head on the way in
 //!   ([`Mapped::heads`]) and put back on the way out;
@@ -32,25 +33,45 @@ pub struct Mapped {
 /// Every canonical tensor a checkpoint of `cfg` holds, in the order they are written.
 pub fn canonical_names(cfg: &ModelConfig) -> Vec<String> {
     let d = &cfg.decoder;
+    let mpt = d.mpt();
+    // MPT's LayerNorms have biases unless `no_bias`; RMSNorm has none.
+    let norm_bias = mpt.is_some_and(|o| o.norm_bias);
+    let norm = |v: &mut Vec<String>, name: String| {
+        v.push(format!("{name}.weight"));
+        if norm_bias {
+            v.push(format!("{name}.bias"));
+        }
+    };
+    let (attention, mlp): (&[&str], &[&str]) = match mpt {
+        None => (
+            &["q_proj", "k_proj", "v_proj", "o_proj"],
+            &["gate_proj", "up_proj", "down_proj"],
+        ),
+        Some(_) => (&["qkv_proj", "o_proj"], &["up_proj", "down_proj"]),
+    };
     let mut v = vec!["model.embed_tokens.weight".to_string()];
     for i in 0..d.num_hidden_layers {
         let l = format!("model.layers.{i}");
-        v.push(format!("{l}.input_layernorm.weight"));
-        for p in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+        norm(&mut v, format!("{l}.input_layernorm"));
+        for p in attention {
             v.push(format!("{l}.self_attn.{p}.weight"));
             if d.attention_bias {
                 v.push(format!("{l}.self_attn.{p}.bias"));
             }
         }
-        v.push(format!("{l}.post_attention_layernorm.weight"));
-        for p in ["gate_proj", "up_proj", "down_proj"] {
+        if mpt.is_some_and(|o| o.qk_ln) {
+            norm(&mut v, format!("{l}.self_attn.q_ln"));
+            norm(&mut v, format!("{l}.self_attn.k_ln"));
+        }
+        norm(&mut v, format!("{l}.post_attention_layernorm"));
+        for p in mlp {
             v.push(format!("{l}.mlp.{p}.weight"));
             if d.mlp_bias {
                 v.push(format!("{l}.mlp.{p}.bias"));
             }
         }
     }
-    v.push("model.norm.weight".into());
+    norm(&mut v, "model.norm".into());
     if !d.tie_word_embeddings {
         v.push("lm_head.weight".into());
     }
@@ -135,6 +156,10 @@ pub fn to_gguf(canonical: &str, cfg: &ModelConfig) -> Option<Mapped> {
             "self_attn.q_proj" => ("attn_q", Some(d.num_attention_heads)),
             "self_attn.k_proj" => ("attn_k", Some(d.num_key_value_heads)),
             "self_attn.v_proj" => ("attn_v", None),
+            // MPT: no rotary embedding, so no rows to reorder.
+            "self_attn.qkv_proj" => ("attn_qkv", None),
+            "self_attn.q_ln" => ("attn_q_norm", None),
+            "self_attn.k_ln" => ("attn_k_norm", None),
             "self_attn.o_proj" => ("attn_output", None),
             "post_attention_layernorm" => ("ffn_norm", None),
             "mlp.gate_proj" => ("ffn_gate", None),

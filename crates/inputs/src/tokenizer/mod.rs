@@ -69,6 +69,14 @@ struct SlowTokenizer {
     add_eos: bool,
 }
 
+/// See [`Tokenizer::export_byte_level_bpe`].
+#[derive(Debug, Clone)]
+pub struct ByteLevelVocab {
+    pub tokens: Vec<String>,
+    pub kinds: Vec<i32>,
+    pub merges: Vec<String>,
+}
+
 /// A checkpoint's tokenizer.
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
@@ -266,6 +274,66 @@ impl Tokenizer {
             }
         }
         Ok(v)
+    }
+
+    /// A byte-level BPE tokenizer (MPT's GPT-NeoX) as GGUF's `gpt2` tokenizer keys hold
+    /// it: every token in id order (added tokens too, `[PAD{i}]` up to `rows`), its type
+    /// (1 normal, 3 control = special added token, 4 user-defined = other added token,
+    /// 5 unused) and the merges as `"left right"`. `None` for other tokenizers.
+    pub fn export_byte_level_bpe(
+        &self,
+        rows: usize,
+    ) -> Result<Option<ByteLevelVocab>, TokenizerError> {
+        let Backend::Fast {
+            tok,
+            byte_level: true,
+        } = &self.backend
+        else {
+            return Ok(None);
+        };
+        let bad = |reason: String| TokenizerError::Parse {
+            file: "tokenizer.json".into(),
+            reason,
+        };
+        let json: Value =
+            serde_json::from_str(&tok.to_string(false).map_err(|e| bad(e.to_string()))?)
+                .map_err(|e| bad(e.to_string()))?;
+        let n = tok.get_vocab_size(true).max(rows);
+        let mut tokens = vec![String::new(); n];
+        let mut kinds = vec![5; n];
+        for (piece, id) in tok.get_vocab(false) {
+            tokens[id as usize] = piece;
+            kinds[id as usize] = 1;
+        }
+        for (&id, t) in tok.get_added_tokens_decoder().iter() {
+            tokens[id as usize] = t.content.clone();
+            kinds[id as usize] = if t.special { 3 } else { 4 };
+        }
+        for (i, t) in tokens.iter_mut().enumerate() {
+            if t.is_empty() {
+                *t = format!("[PAD{i}]");
+            }
+        }
+        let merges = json["model"]["merges"]
+            .as_array()
+            .ok_or_else(|| bad("a byte-level BPE without merges".into()))?
+            .iter()
+            .filter_map(|m| match m {
+                Value::String(s) => Some(s.clone()),
+                Value::Array(p) => Some(
+                    p.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                ),
+                _ => None,
+            })
+            .collect();
+        Ok(Some(ByteLevelVocab {
+            tokens,
+            kinds,
+            merges,
+        }))
     }
 
     fn from_sentencepiece(
