@@ -64,6 +64,8 @@ enum Kind {
     V0,
     V15,
     Mistral,
+    /// LLaVA-Lightning-MPT: an MPT decoder (expansion 4, ALiBi) under v0's image tokens.
+    Mpt,
 }
 
 /// A named architecture.
@@ -97,6 +99,8 @@ pub const ARCHS: &[Arch] = &[
     Arch { name: "llava-1.5-7b", about: "LLaVA-1.5-7B: LLaMA-2-7B, CLIP ViT-L/14 336, mlp2x_gelu", kind: Kind::V15, hidden: 4096, layers: 32, heads: 32, kv_heads: 32, mlp: 11008, vocab: 32000, max_positions: 4096, rms_eps: 1e-5, image_size: 336, vision_hidden: VIT_L.0, vision_layers: VIT_L.1, vision_heads: VIT_L.2, vision_mlp: VIT_L.3, patch: 14, default_layout: Layout::Original },
     Arch { name: "llava-1.5-13b", about: "LLaVA-1.5-13B: LLaMA-2-13B, CLIP ViT-L/14 336, mlp2x_gelu", kind: Kind::V15, hidden: 5120, layers: 40, heads: 40, kv_heads: 40, mlp: 13824, vocab: 32000, max_positions: 4096, rms_eps: 1e-5, image_size: 336, vision_hidden: VIT_L.0, vision_layers: VIT_L.1, vision_heads: VIT_L.2, vision_mlp: VIT_L.3, patch: 14, default_layout: Layout::Original },
     Arch { name: "llava-mistral-7b", about: "KoLLaVA-v1.5-Synatra-7B shape: Mistral-7B (GQA 8, window 4096), ViT-L/14 336", kind: Kind::Mistral, hidden: 4096, layers: 32, heads: 32, kv_heads: 8, mlp: 14336, vocab: 32000, max_positions: 32768, rms_eps: 1e-5, image_size: 336, vision_hidden: VIT_L.0, vision_layers: VIT_L.1, vision_heads: VIT_L.2, vision_mlp: VIT_L.3, patch: 14, default_layout: Layout::Original },
+    Arch { name: "llava-mpt-7b", about: "LLaVA-Lightning-MPT-7B-preview: MPT-7B-chat (ALiBi, fused Wqkv), CLIP ViT-L/14 224, linear projector, <im_*> tokens; the fixture's small GPT-NeoX BPE unless --tokenizer", kind: Kind::Mpt, hidden: 4096, layers: 32, heads: 32, kv_heads: 32, mlp: 16384, vocab: 50282, max_positions: 2048, rms_eps: 1e-5, image_size: 224, vision_hidden: VIT_L.0, vision_layers: VIT_L.1, vision_heads: VIT_L.2, vision_mlp: VIT_L.3, patch: 14, default_layout: Layout::Original },
+    Arch { name: "bench-mpt-1b", about: "an MPT the size of bench-1b's LLaMA (2048 wide, 24 layers, 16 heads) for speed comparisons, CLIP ViT-L/14 224, LLaVA-MPT layout", kind: Kind::Mpt, hidden: 2048, layers: 24, heads: 16, kv_heads: 16, mlp: 8192, vocab: 50282, max_positions: 2048, rms_eps: 1e-5, image_size: 224, vision_hidden: VIT_L.0, vision_layers: VIT_L.1, vision_heads: VIT_L.2, vision_mlp: VIT_L.3, patch: 14, default_layout: Layout::Original },
     Arch { name: "bench-1b", about: "the peers' bench model: TinyLlama-1.1B dims + CLIP ViT-L/14 336 + mlp2x_gelu, llava-hf layout", kind: Kind::V15, hidden: 2048, layers: 22, heads: 32, kv_heads: 4, mlp: 5632, vocab: 32064, max_positions: 2048, rms_eps: 1e-5, image_size: 336, vision_hidden: VIT_L.0, vision_layers: VIT_L.1, vision_heads: VIT_L.2, vision_mlp: VIT_L.3, patch: 14, default_layout: Layout::Hf },
     Arch { name: "demo", about: "the bundled demo model: 4-layer 128-wide LLaMA, 3-layer 96-wide ViT/8 at 64 px; vocabulary from --tokenizer", kind: Kind::V15, hidden: 128, layers: 4, heads: 4, kv_heads: 4, mlp: 384, vocab: 0, max_positions: 512, rms_eps: 1e-5, image_size: 64, vision_hidden: 96, vision_layers: 4, vision_heads: 4, vision_mlp: 384, patch: 8, default_layout: Layout::Original },
     Arch { name: "tiny", about: "smoke tests: 2-layer 128-wide LLaMA, 4-layer 64-wide ViT at 336 px", kind: Kind::V15, hidden: 128, layers: 2, heads: 4, kv_heads: 4, mlp: 256, vocab: 32000, max_positions: 2048, rms_eps: 1e-5, image_size: 336, vision_hidden: 64, vision_layers: 4, vision_heads: 4, vision_mlp: 256, patch: 14, default_layout: Layout::Original },
@@ -107,6 +111,25 @@ pub fn arch(name: &str) -> Option<&'static Arch> {
 }
 
 impl Arch {
+    /// The same architecture, 2 layers of 64 and a 2-layer tower, for tests.
+    #[cfg(test)]
+    fn shrunk_for_tests(mut self) -> Arch {
+        (
+            self.hidden,
+            self.layers,
+            self.heads,
+            self.kv_heads,
+            self.mlp,
+        ) = (64, 2, 4, 4, 256);
+        (
+            self.vision_hidden,
+            self.vision_layers,
+            self.vision_heads,
+            self.vision_mlp,
+        ) = (64, 2, 4, 128);
+        self
+    }
+
     /// The same architecture sized for another tokenizer's vocabulary.
     pub fn with_vocab(mut self, vocab: usize) -> Arch {
         self.vocab = vocab;
@@ -124,6 +147,10 @@ const V0_ADDED: &str = include_str!("../../../tests/fixtures/llava-v0/added_toke
 const HF_TOKENIZER: &str = include_str!("../../../tests/fixtures/llava-hf/tokenizer.json");
 const HF_CONFIG: &str = include_str!("../../../tests/fixtures/llava-hf/tokenizer_config.json");
 const HF_SPECIAL: &str = include_str!("../../../tests/fixtures/llava-hf/special_tokens_map.json");
+// A small GPT-NeoX byte-level BPE with MPT-7B-chat's ChatML and LLaVA's image tokens.
+const MPT_TOKENIZER: &str = include_str!("../../../tests/fixtures/llava-mpt/tokenizer.json");
+const MPT_CONFIG: &str = include_str!("../../../tests/fixtures/llava-mpt/tokenizer_config.json");
+const MPT_SPECIAL: &str = include_str!("../../../tests/fixtures/llava-mpt/special_tokens_map.json");
 
 #[derive(Debug, Clone, Copy)]
 enum Init {
@@ -242,7 +269,38 @@ fn vocab(a: &Arch, layout: Layout) -> usize {
     }
 }
 
+/// MPT's tensors, under LLaVA-MPT's names (no biases, tied output, a linear projector).
+fn mpt_tensors(a: &Arch, out: &mut Vec<(String, Vec<usize>, Init)>) {
+    let h = a.hidden;
+    let name = |s: String| crate::weights::KeyLayout::Mpt.llm_key(&s);
+    out.push((
+        name("model.embed_tokens.weight".into()),
+        vec![a.vocab, h],
+        Init::Normal,
+    ));
+    for l in 0..a.layers {
+        let q = |s: &str| name(format!("model.layers.{l}.{s}"));
+        out.push((q("input_layernorm.weight"), vec![h], Init::Ones));
+        out.push((q("self_attn.qkv_proj.weight"), vec![3 * h, h], Init::Normal));
+        out.push((q("self_attn.o_proj.weight"), vec![h, h], Init::Normal));
+        out.push((q("post_attention_layernorm.weight"), vec![h], Init::Ones));
+        out.push((q("mlp.up_proj.weight"), vec![a.mlp, h], Init::Normal));
+        out.push((q("mlp.down_proj.weight"), vec![h, a.mlp], Init::Normal));
+    }
+    out.push((name("model.norm.weight".into()), vec![h], Init::Ones));
+    let vh = a.vision_hidden;
+    out.push((
+        name("model.mm_projector.weight".into()),
+        vec![h, vh],
+        Init::Normal,
+    ));
+    out.push((name("model.mm_projector.bias".into()), vec![h], Init::Zeros));
+}
+
 fn llm_tensors(a: &Arch, layout: Layout, out: &mut Vec<(String, Vec<usize>, Init)>) {
+    if a.kind == Kind::Mpt {
+        return mpt_tensors(a, out);
+    }
     let (h, d) = (a.hidden, a.hidden / a.heads);
     let vocab = vocab(a, layout);
     let m = |s: &str| match layout {
@@ -609,6 +667,20 @@ fn write_all(
             write_shards(dir, &lazy(llm), shard, on_progress)?;
             let mut cfg = common;
             let extra = match a.kind {
+                Kind::Mpt => {
+                    // MPTConfig's keys replace LLaMA's.
+                    cfg = json!({
+                        "architectures": ["LlavaMPTForCausalLM"], "model_type": "llava_mpt",
+                        "d_model": a.hidden, "n_heads": a.heads, "n_layers": a.layers,
+                        "expansion_ratio": a.mlp / a.hidden, "max_seq_len": a.max_positions,
+                        "vocab_size": a.vocab, "no_bias": true, "norm_type": "low_precision_layernorm",
+                        "attn_config": {"alibi": true, "alibi_bias_max": 8, "attn_impl": "torch",
+                            "attn_type": "multihead_attention", "clip_qkv": null, "qk_ln": false,
+                            "softmax_scale": null, "prefix_lm": false, "attn_uses_sequence_id": false},
+                        "learned_pos_emb": true, "logit_scale": null, "use_cache": true,
+                    });
+                    json!({"mm_use_im_start_end": true, "sep_image_conv_front": false, "use_mm_proj": true})
+                }
                 Kind::V0 => {
                     json!({"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "mm_use_im_start_end": true, "sep_image_conv_front": false, "use_mm_proj": true, "max_sequence_length": a.max_positions})
                 }
@@ -628,6 +700,28 @@ fn write_all(
             cfg["torch_dtype"] = json!(dtype.torch_name());
             cfg["kollava_init_random"] = json!({"arch": a.name, "seed": seed});
             write_json(&dir.join("config.json"), &cfg)?;
+            if a.kind == Kind::Mpt {
+                for (name, text) in [
+                    ("tokenizer.json", MPT_TOKENIZER),
+                    ("tokenizer_config.json", MPT_CONFIG),
+                    ("special_tokens_map.json", MPT_SPECIAL),
+                ] {
+                    std::fs::write(dir.join(name), text).map_err(io_err(&dir.join(name)))?;
+                }
+                // `<|endoftext|>` and `<|im_end|>` end answers, as upstream's since c770dd9.
+                let end = serde_json::from_str::<serde_json::Value>(MPT_TOKENIZER)
+                    .ok()
+                    .and_then(|t| {
+                        t["added_tokens"].as_array()?.iter().find_map(|a| {
+                            (a["content"] == "<|im_end|>").then(|| a["id"].as_u64())?
+                        })
+                    });
+                write_json(
+                    &dir.join("generation_config.json"),
+                    &json!({"eos_token_id": [0, end]}),
+                )?;
+                return Ok(());
+            }
             let (config, special) = if a.kind == Kind::V0 {
                 (V0_CONFIG, V0_SPECIAL)
             } else {
@@ -680,6 +774,48 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("not empty"), "{err}");
+    }
+
+    /// A random LLaVA-MPT loads as the family, with MPT-7B's shapes, and answers.
+    #[test]
+    fn mpt_checkpoints_load_as_llava_mpt() {
+        let a = arch("llava-mpt-7b")
+            .unwrap()
+            .with_vocab(1052)
+            .shrunk_for_tests();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("llava-mpt");
+        init_random(
+            &a,
+            Layout::Original,
+            DiskDtype::F16,
+            7,
+            None,
+            &dir,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let ckpt = crate::open(dir.to_str().unwrap(), &Default::default()).unwrap();
+        assert_eq!(ckpt.family, crate::Family::LlavaMpt);
+        let d = &ckpt.config.decoder;
+        assert_eq!(
+            (d.hidden_size, d.intermediate_size),
+            (a.hidden, 4 * a.hidden)
+        );
+        assert_eq!(ckpt.config.image_tokens(), 256);
+        assert!(ckpt.eos_ids.contains(&1048), "{:?}", ckpt.eos_ids);
+        ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
+        let err = init_random(
+            &a,
+            Layout::Hf,
+            DiskDtype::F16,
+            7,
+            None,
+            &tmp.path().join("hf"),
+            &mut |_, _| {},
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("llava-hf"), "{err}");
     }
 
     #[test]

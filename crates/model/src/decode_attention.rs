@@ -14,13 +14,16 @@ use half::f16;
 use crate::layers::softmax_in_place;
 
 /// `q: (b, heads, 1, d)` f32, `k, v: (b, kv_heads, t, d)` f32 or f16 views, row `r`
-/// attending to slots `spans[r] = (start, len)` → `(b, heads, 1, d)` f32.
+/// attending to slots `spans[r] = (start, len)` → `(b, heads, 1, d)` f32. Scores are
+/// scaled by `scale`; with ALiBi (MPT) head `h` adds `slopes[h] · (j − (len − 1))` to key
+/// `j`'s (the query is the span's last position).
 pub(crate) fn decode_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     spans: &[(usize, usize)],
     kv_heads: usize,
+    (scale, slopes): (f32, Option<&[f32]>),
 ) -> Result<Tensor> {
     let (ks, _) = k.storage_and_layout();
     let (vs, _) = v.storage_and_layout();
@@ -30,11 +33,11 @@ pub(crate) fn decode_attention(
     match (k.dtype(), v.dtype()) {
         (DType::F32, DType::F32) => {
             let (kd, vd) = (ks.as_slice::<f32>()?, vs.as_slice::<f32>()?);
-            attend_all(q, (k, kd), (v, vd), spans, kv_heads)
+            attend_all(q, (k, kd), (v, vd), spans, kv_heads, (scale, slopes))
         }
         (DType::F16, DType::F16) => {
             let (kd, vd) = (ks.as_slice::<f16>()?, vs.as_slice::<f16>()?);
-            attend_all(q, (k, kd), (v, vd), spans, kv_heads)
+            attend_all(q, (k, kd), (v, vd), spans, kv_heads, (scale, slopes))
         }
         (a, b) => candle_core::bail!("decode attention over a {a:?}/{b:?} cache"),
     }
@@ -47,8 +50,12 @@ fn attend_all<T: Elem>(
     (v, vs): (&Tensor, &[T]),
     spans: &[(usize, usize)],
     kv_heads: usize,
+    (scale, slopes): (f32, Option<&[f32]>),
 ) -> Result<Tensor> {
     let (b, heads, _, d) = q.dims4()?;
+    if slopes.is_some_and(|s| s.len() != heads) {
+        candle_core::bail!("ALiBi slopes for {heads} heads");
+    }
     let rep = heads / kv_heads;
     let q = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     let (kl, vl) = (k.layout(), v.layout());
@@ -57,7 +64,6 @@ fn attend_all<T: Elem>(
         candle_core::bail!("decode attention needs rows of keys and values in memory order");
     }
     let (k0, v0) = (kl.start_offset(), vl.start_offset());
-    let scale = (d as f32).powf(-0.5);
     // A few tasks per thread (the query heads of a group split into `parts`), so that
     // threads finish together even when the batch has a single row.
     let mut parts = 1;
@@ -90,8 +96,19 @@ fn attend_all<T: Elem>(
         };
         // scores[h · len + j] = softmax_j(q_h · k_j · scale)
         let mut scores = vec![0f32; per * len];
-        for (qh, sh) in qs.chunks_exact(d).zip(scores.chunks_exact_mut(len)) {
+        for (h, (qh, sh)) in qs
+            .chunks_exact(d)
+            .zip(scores.chunks_exact_mut(len))
+            .enumerate()
+        {
             keys.dots(qh, scale, sh);
+            if let Some(slopes) = slopes {
+                let slope = slopes[first + h];
+                for (j, x) in sh.iter_mut().enumerate() {
+                    // As the prefill kernel adds it: distance × slope, plus a zero mask.
+                    *x += (j as f32 - (len - 1) as f32) * slope + 0.0;
+                }
+            }
             softmax_in_place(sh);
         }
         for (sh, o) in scores.chunks_exact(len).zip(out.chunks_exact_mut(d)) {
@@ -446,7 +463,8 @@ mod tests {
             let k = cached(Tensor::randn(0f32, 1.0, (b, kv_heads, t, d), &dev).unwrap());
             let v = cached(Tensor::randn(0f32, 1.0, (b, kv_heads, t, d), &dev).unwrap());
             let spans = [(0, t), (5, 20)];
-            let got = decode_attention(&q, &k, &v, &spans, kv_heads).unwrap();
+            let scale = (d as f32).powf(-0.5);
+            let got = decode_attention(&q, &k, &v, &spans, kv_heads, (scale, None)).unwrap();
             let (k, v) = (
                 k.to_dtype(DType::F32).unwrap(),
                 v.to_dtype(DType::F32).unwrap(),
@@ -490,5 +508,41 @@ mod tests {
                 .reshape((b, kv * rep, t, d))
                 .unwrap()
         }
+    }
+
+    /// With ALiBi (MPT, one key/value head per query head): each head's slope times the
+    /// key's distance from the query (the span's last slot) joins the scaled scores, as the
+    /// tensor ops add it.
+    #[test]
+    fn alibi_matches_attention_by_tensor_ops() {
+        let dev = Device::Cpu;
+        let (b, heads, d, t) = (2, 4, 32, 29);
+        let slopes = [0.5f32, 0.25, 0.125, 0.0625];
+        let q = Tensor::randn(0f32, 1.0, (b, heads, 1, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, heads, t, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, heads, t, d), &dev).unwrap();
+        let spans = [(0, t), (9, 20)];
+        let scale = 0.2f32;
+        let got = decode_attention(&q, &k, &v, &spans, heads, (scale, Some(&slopes))).unwrap();
+        for (r, &(start, len)) in spans.iter().enumerate() {
+            let pick = |x: &Tensor| x.narrow(0, r, 1).unwrap().narrow(2, start, len).unwrap();
+            let dist: Vec<f32> = (0..len).map(|j| j as f32 - (len - 1) as f32).collect();
+            let bias = Tensor::from_vec(dist, (1, 1, 1, len), &dev)
+                .unwrap()
+                .broadcast_mul(&Tensor::from_slice(&slopes, (1, heads, 1, 1), &dev).unwrap())
+                .unwrap();
+            let want = crate::layers::attention(
+                &q.narrow(0, r, 1).unwrap(),
+                &pick(&k),
+                &pick(&v),
+                Some(&bias),
+                scale as f64,
+            )
+            .unwrap();
+            let err = kollava_testkit::max_abs_diff_tensors(&got.narrow(0, r, 1).unwrap(), &want);
+            assert!(err < 1e-5, "row {r}: {err}");
+        }
+        let plain = decode_attention(&q, &k, &v, &spans, heads, (scale, None)).unwrap();
+        assert!(kollava_testkit::max_abs_diff_tensors(&plain, &got) > 1e-3);
     }
 }

@@ -197,10 +197,16 @@ impl SelfAttention {
         let a = match cache.decode_spans() {
             // Decoding: each row over its own slots, unmasked (see `decode_spans`); the
             // kernel reads an f16 cache as it is.
-            Some(spans)
-                if q.dtype() == DType::F32 && q.device().is_cpu() && step.alibi.is_none() =>
-            {
-                crate::decode_attention::decode_attention(&q, &k, &v, spans, self.kv_heads)?
+            Some(spans) if q.dtype() == DType::F32 && q.device().is_cpu() => {
+                let slopes = step.alibi.as_ref().map(|a| &a.values[..]);
+                crate::decode_attention::decode_attention(
+                    &q,
+                    &k,
+                    &v,
+                    spans,
+                    self.kv_heads,
+                    (self.scale as f32, slopes),
+                )?
             }
             spans => {
                 let (k, v) = (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?);
