@@ -8,6 +8,7 @@
 #    llama-mtmd-cli, llama-bench, llama-quantize and llama-server (scripts/bench_turns.py),
 # 2. writes the bench-1b model with `kollava init-random`, then the GGUF pairs with
 #    `kollava quantize` (F16, BF16) and llama.cpp's own `llama-quantize` (Q4_K_M from the F16),
+#    and bench-mpt-1b (LLaVA-MPT the size of bench-1b) with its Q4_K pair (`kollava quantize`),
 # 3. runs both runtimes on the same files, interleaved, 2 threads (scripts/bench_peers.py).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,6 +20,8 @@ cd "$WORK"
 [ -f bench-1b/model.safetensors ] || "$KOLLAVA" init-random --arch bench-1b --out bench-1b
 [ -d gguf-f16 ] || "$KOLLAVA" quantize --type f16 bench-1b gguf-f16
 [ -d gguf-bf16 ] || "$KOLLAVA" quantize --type bf16 bench-1b gguf-bf16
+[ -f bench-mpt-1b-f16/config.json ] || "$KOLLAVA" init-random --arch bench-mpt-1b --out bench-mpt-1b-f16
+[ -d gguf-mpt-q4k ] || "$KOLLAVA" quantize --type q4_k bench-mpt-1b-f16 gguf-mpt-q4k
 if [ ! -d gguf-q4km ]; then
   mkdir -p gguf-q4km.tmp && cp gguf-f16/mmproj-bench-1b-F16.gguf gguf-q4km.tmp/
   llama-build/bin/llama-quantize gguf-f16/bench-1b-F16.gguf gguf-q4km.tmp/bench-1b-Q4_K_M.gguf Q4_K_M 2

@@ -46,11 +46,11 @@ def kollava(args, model, extra):
 NO_REPACK = set()
 
 
-def llama(args, model, mmproj):
+def llama(args, model, mmproj, template="vicuna", image_rows=576):
     runs = []
     while len(runs) < args.repeat:
         cmd = ["/usr/bin/time", "-v", os.path.join(args.llama_bin, "llama-mtmd-cli"), "-m", model,
-               "--mmproj", mmproj, "--image", args.image, "-p", PROMPT, "--chat-template", "vicuna",
+               "--mmproj", mmproj, "--image", args.image, "-p", PROMPT, "--chat-template", template,
                "-n", "64", "--ignore-eos", "--temp", "0", "-t", str(args.threads), "-c", "2048",
                "--perf", "-lv", "4"] + (["--no-repack"] if model in NO_REPACK else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
@@ -75,10 +75,29 @@ def llama(args, model, mmproj):
         steps = num(r"eval time =\s+[\d.]+ ms /\s+(\d+) runs")
         prompt = num(r"prompt eval time =\s+[\d.]+ ms /\s+(\d+) tokens")
         rss = num(r"Maximum resident set size \(kbytes\): (\d+)") / 1024
-        runs.append({"vision_ms": enc, "prefill_ms": pre, "prefill_tok_s": 576 / (pre / 1e3),
+        runs.append({"vision_ms": enc, "prefill_ms": pre, "prefill_tok_s": image_rows / (pre / 1e3),
                      "ttft_ms": enc + pre, "decode_tok_s": steps / (eval_ms / 1e3),
                      "peak_rss_mib": rss, "prompt_tokens": prompt})
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def llama_text(args, model, prompt_tokens):
+    """llama-bench on the language model alone, for models whose image encoder llama.cpp
+    cannot load (LLaVA-MPT's linear projector): prompt processing of as many tokens as
+    kollava's prompt (image rows included) and 64 generated tokens after that many. Vision,
+    first token and RSS have no counterpart (reported as nan)."""
+    cmd = [os.path.join(args.llama_bin, "llama-bench"), "-m", model, "-t", str(args.threads),
+           "-r", str(args.repeat), "-o", "json", "-p", str(prompt_tokens), "-n", "0"]
+    pp = subprocess.run(cmd, capture_output=True, text=True)
+    tg = subprocess.run(cmd[:-4] + ["-p", "0", "-n", "64", "-d", str(prompt_tokens)],
+                        capture_output=True, text=True)
+    if pp.returncode != 0 or tg.returncode != 0:
+        sys.exit(f"failed: llama-bench\n{pp.stderr[-1000:]}{tg.stderr[-1000:]}")
+    pp_ts, tg_ts = json.loads(pp.stdout)[0]["avg_ts"], json.loads(tg.stdout)[0]["avg_ts"]
+    nan = float("nan")
+    return {"vision_ms": nan, "prefill_ms": prompt_tokens / pp_ts * 1e3, "prefill_tok_s": pp_ts,
+            "ttft_ms": nan, "decode_tok_s": tg_ts, "peak_rss_mib": nan,
+            "prompt_tokens": prompt_tokens}
 
 
 def transformers(args, model):
@@ -120,16 +139,27 @@ def main():
         ("F16 --dtype f32", (os.path.join(w, "gguf-f16"), ["--dtype", "f32"]), None),
         ("Q4_K_M", (os.path.join(w, "gguf-q4km"), []),
          (os.path.join(w, "gguf-q4km/bench-1b-Q4_K_M.gguf"), os.path.join(w, "gguf-q4km/mmproj-bench-1b-F16.gguf"))),
+        # LLaVA-MPT (bench-mpt-1b: ALiBi, fused Wqkv, GELU MLP), the Q4_K pair `kollava
+        # quantize` writes. llama.cpp has no projector type for LLaVA-MPT's linear one, so its
+        # side is llama-bench on the language model (prefill and decode only).
+        ("MPT Q4_K", (os.path.join(w, "gguf-mpt-q4k"), []),
+         {"text_only": os.path.join(w, "gguf-mpt-q4k/bench-mpt-1b-f16-Q4_K.gguf")}),
     ]
     if args.only:
         configs = [c for c in configs if c[0] in args.only.split(",")]
     # Per configuration, the peers that run its files: name → () → figures.
     peers = {}
+    results = {}
     for label, _, theirs in configs:
-        peers[label] = {"llama.cpp": (lambda t=theirs: llama(args, *t))} if theirs else {}
+        if isinstance(theirs, dict):
+            # As many prompt tokens as kollava's run of this round had.
+            peers[label] = {"llama.cpp": (lambda m=theirs["text_only"], l=label: llama_text(
+                args, m, int(results[l]["kollava"][-1]["prompt_tokens"])))}
+        else:
+            peers[label] = {"llama.cpp": (lambda t=theirs: llama(args, *t))} if theirs else {}
     if args.hf_python and "BF16" in peers:
         peers["BF16"]["transformers"] = lambda: transformers(args, os.path.join(w, "bench-1b"))
-    results = {c[0]: {"kollava": [], **{p: [] for p in peers[c[0]]}} for c in configs}
+    results.update({c[0]: {"kollava": [], **{p: [] for p in peers[c[0]]}} for c in configs})
     for rnd in range(args.rounds):
         for label, ours, _ in configs:
             print(f"[round {rnd + 1}] kollava {label}", file=sys.stderr, flush=True)

@@ -52,8 +52,7 @@ A dump is written by scripts/dump_reference.py (see scripts/README.md).\n\
     Verify(VerifyArgs),
     /// Write a random-weight checkpoint with real shapes — 실제 크기의 무작위 가중치 체크포인트 만들기
     #[command(
-        after_help = "Architectures / 구조: llava-v0-7b, llava-1.5-7b, llava-1.5-13b, llava-mistral-7b, bench-1b, tiny, demo\n\n\
-Examples / 예시:\n  \
+        after_help = "Examples / 예시:\n  \
 kollava init-random --arch bench-1b --out models/bench-1b\n  \
 kollava init-random --arch llava-1.5-7b --layout hf --dtype bf16 --out /data/llava-7b-random"
     )]
@@ -693,8 +692,8 @@ pub struct ControllerArgs {
 
 #[derive(Debug, Args)]
 pub struct InitRandomArgs {
-    /// Architecture (see below) — 모델 구조
-    #[arg(long, value_parser = ["llava-v0-7b", "llava-1.5-7b", "llava-1.5-13b", "llava-mistral-7b", "bench-1b", "tiny", "demo"])]
+    /// Architecture — 모델 구조
+    #[arg(long, value_parser = arch_names())]
     pub arch: String,
     /// Tokenizer directory to use instead of the bundled LLaMA one; sets the vocabulary
     /// size (required for `demo`) — 사용할 토크나이저 디렉터리
@@ -1103,4 +1102,13 @@ pub enum Dispatch {
     Lottery,
     #[value(name = "shortest_queue")]
     ShortestQueue,
+}
+
+/// `init-random`'s architectures, from the table that defines them (with what each is).
+fn arch_names() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        kollava_checkpoint::random::ARCHS
+            .iter()
+            .map(|a| clap::builder::PossibleValue::new(a.name).help(a.about)),
+    )
 }

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use kollava_model::config::{DecoderConfig, ModelConfig};
+use kollava_model::config::{DecoderConfig, ModelConfig, ProjectorKind};
 
 /// Median of `xs` (mean of the middle two for an even count); NaN for none.
 pub fn median(xs: &[f64]) -> f64 {
@@ -36,7 +36,9 @@ pub fn decoder_bytes_per_token(cfg: &DecoderConfig, bytes_per_param: f64) -> f64
     let (h, d) = (cfg.hidden_size as f64, cfg.head_dim as f64);
     let attn =
         h * d * (2.0 * cfg.num_attention_heads as f64 + 2.0 * cfg.num_key_value_heads as f64);
-    let mlp = 3.0 * h * cfg.intermediate_size as f64;
+    // LLaMA's MLP has gate, up and down; MPT's up and down.
+    let matrices = if cfg.mpt().is_some() { 2.0 } else { 3.0 };
+    let mlp = matrices * h * cfg.intermediate_size as f64;
     let per_layer = attn + mlp + 2.0 * h;
     let params = cfg.num_hidden_layers as f64 * per_layer + h + cfg.vocab_size as f64 * h + h;
     params * bytes_per_param
@@ -49,11 +51,18 @@ pub fn parameter_count(cfg: &ModelConfig) -> f64 {
     let vision_layer = 4.0 * vh * vh + 2.0 * vh * v.intermediate_size as f64;
     let vision = cfg.vision_layers_used as f64 * vision_layer;
     let h = cfg.decoder.hidden_size as f64;
-    let projector = vh * h + h * h;
-    vision
-        + projector
-        + decoder_bytes_per_token(&cfg.decoder, 1.0)
-        + cfg.decoder.vocab_size as f64 * h
+    let projector = match cfg.projector {
+        ProjectorKind::Linear => vh * h,
+        ProjectorKind::Mlp { depth, .. } => vh * h + (depth - 1) as f64 * h * h,
+        ProjectorKind::Identity => 0.0,
+    };
+    // The decoder's bytes per token count `lm_head` (the embedding itself when tied).
+    let table = if cfg.decoder.tie_word_embeddings {
+        0.0
+    } else {
+        cfg.decoder.vocab_size as f64 * h
+    };
+    vision + projector + decoder_bytes_per_token(&cfg.decoder, 1.0) + table
 }
 
 /// Memory bandwidth in bytes/s with `threads` threads: a 256 MiB f32 copy repeated, the
