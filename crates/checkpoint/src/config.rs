@@ -15,40 +15,99 @@ use serde_json::Value;
 
 use crate::CheckpointError;
 
-/// The checkpoint layouts we load (llava-spec §1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// June-2023 LLaVA / KoLLaVA-KoVicuna: `<im_patch>` tokens, tower loaded separately.
+/// The code that wrote a checkpoint: it decides the files' layout and how images enter the
+/// ids (llava-spec §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// LLaVA's June-2023 code (May's for MPT): `<im_patch>` tokens in the text, the tower
+    /// loaded separately, a linear projector.
     LlavaV0,
-    /// LLaVA-1.5 code (`LlavaLlamaForCausalLM` from v1.0 on), `-200` splice.
+    /// LLaVA's code from v1.0 on (`Llava*ForCausalLM`): `<image>` spliced as `-200`.
     Llava15,
-    /// `LlavaMistralForCausalLM`: the 1.5 scheme on a Mistral decoder (sliding window).
-    LlavaMistral,
-    /// transformers' `LlavaForConditionalGeneration` (llava-hf).
+    /// transformers' `LlavaForConditionalGeneration` (llava-hf): one `<image>` token per row.
     LlavaHf,
-    /// `LlavaMPTForCausalLM` (LLaVA-Lightning-MPT, May 2023): v0's `<im_patch>` tokens on an
-    /// MPT decoder, stored as `transformer.*`.
-    LlavaMpt,
+}
+
+/// The language model inside, as the checkpoint's class names it. What differs in the
+/// graph is [`kollava_model::config::Architecture`]; this also decides key names, module
+/// paths and the reference's template choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Llm {
+    /// LLaMA, LLaMA-2, Vicuna, KoVicuna.
+    Llama,
+    /// Mistral (Synatra): LLaMA's graph with grouped-query attention and a sliding window.
+    Mistral,
+    /// MosaicML MPT (`LlavaMPTForCausalLM`): ALiBi, fused `Wqkv`, stored as `transformer.*`.
+    Mpt,
+}
+
+/// A checkpoint family: a [`Layout`] times an [`Llm`]. Code asks whichever of the two its
+/// decision depends on; a new language model is a new [`Llm`] (and its graph in
+/// `kollava_model`) plus a row in [`Family::KNOWN`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Family {
+    pub layout: Layout,
+    pub llm: Llm,
 }
 
 impl Family {
+    /// June-2023 LLaVA / KoLLaVA-KoVicuna.
+    pub const LLAVA_V0: Family = Family {
+        layout: Layout::LlavaV0,
+        llm: Llm::Llama,
+    };
+    /// LLaVA-1.5 (and KoLLaVA-LLaMA-v2).
+    pub const LLAVA_15: Family = Family {
+        layout: Layout::Llava15,
+        llm: Llm::Llama,
+    };
+    /// `LlavaMistralForCausalLM` (KoLLaVA-v1.5-Synatra).
+    pub const LLAVA_MISTRAL: Family = Family {
+        layout: Layout::Llava15,
+        llm: Llm::Mistral,
+    };
+    /// llava-hf.
+    pub const LLAVA_HF: Family = Family {
+        layout: Layout::LlavaHf,
+        llm: Llm::Llama,
+    };
+    /// LLaVA-Lightning-MPT (May 2023).
+    pub const LLAVA_MPT: Family = Family {
+        layout: Layout::LlavaV0,
+        llm: Llm::Mpt,
+    };
+
+    /// Every family kollava loads, with the name it goes by (output, GGUF metadata).
+    pub const KNOWN: [(Family, &'static str); 5] = [
+        (Family::LLAVA_V0, "llava-v0"),
+        (Family::LLAVA_15, "llava-v1.5"),
+        (Family::LLAVA_MISTRAL, "llava-mistral"),
+        (Family::LLAVA_HF, "llava-hf"),
+        (Family::LLAVA_MPT, "llava-mpt"),
+    ];
+
     pub fn name(self) -> &'static str {
-        match self {
-            Family::LlavaV0 => "llava-v0",
-            Family::Llava15 => "llava-v1.5",
-            Family::LlavaMistral => "llava-mistral",
-            Family::LlavaHf => "llava-hf",
-            Family::LlavaMpt => "llava-mpt",
-        }
+        Family::KNOWN
+            .iter()
+            .find(|(f, _)| *f == self)
+            .map_or("llava", |(_, n)| n)
+    }
+
+    /// The family named `name` (as [`Family::name`] writes it).
+    pub fn from_name(name: &str) -> Option<Family> {
+        Family::KNOWN
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(f, _)| *f)
     }
 
     /// A weight's name in the family's own Python class, for the files LLaVA's code reads
     /// (`mm_projector.bin`, `non_lora_trainables.bin`): `transformer.*` for LLaVA-MPT, our
     /// (LLaVA's) names otherwise.
     pub fn original_name(self, ours: &str) -> String {
-        match self {
-            Family::LlavaMpt => crate::weights::KeyLayout::Mpt.llm_key(ours),
-            _ => ours.to_string(),
+        match self.llm {
+            Llm::Mpt => crate::weights::KeyLayout::Mpt.llm_key(ours),
+            Llm::Llama | Llm::Mistral => ours.to_string(),
         }
     }
 
@@ -58,13 +117,13 @@ impl Family {
     /// LLaVA's `LlavaMPTForCausalLM` (`transformer.blocks.3.attn.Wqkv`), and LLaVA's other
     /// `Llava*ForCausalLM`, whose paths are our names.
     pub fn peft_module(self, ours: &str) -> String {
-        match self {
-            Family::LlavaHf => match ours.strip_prefix("model.layers.") {
+        match (self.layout, self.llm) {
+            (Layout::LlavaHf, _) => match ours.strip_prefix("model.layers.") {
                 Some(rest) => format!("model.language_model.layers.{rest}"),
                 None => ours.to_string(),
             },
-            Family::LlavaMpt => crate::weights::KeyLayout::Mpt.module_key(ours),
-            Family::LlavaV0 | Family::Llava15 | Family::LlavaMistral => ours.to_string(),
+            (_, Llm::Mpt) => crate::weights::KeyLayout::Mpt.module_key(ours),
+            (Layout::LlavaV0 | Layout::Llava15, _) => ours.to_string(),
         }
     }
 }
@@ -206,10 +265,10 @@ pub fn detect_family(raw: &RawLlavaConfig, file: &str) -> Result<Family, Checkpo
             && raw.text_config.is_some()
             && raw.vision_config.is_some())
     {
-        return Ok(Family::LlavaHf);
+        return Ok(Family::LLAVA_HF);
     }
     if has("LlavaMistralForCausalLM") || model_type == "llava_mistral" {
-        return Ok(Family::LlavaMistral);
+        return Ok(Family::LLAVA_MISTRAL);
     }
     let llama_llava = has("LlavaLlamaForCausalLM")
         || matches!(model_type, "llava" | "llava_llama")
@@ -225,7 +284,11 @@ pub fn detect_family(raw: &RawLlavaConfig, file: &str) -> Result<Family, Checkpo
         let v1 = raw.mm_projector_type.is_some()
             || raw.mm_use_im_patch_token.is_some()
             || raw.image_aspect_ratio.is_some();
-        return Ok(if v1 { Family::Llava15 } else { Family::LlavaV0 });
+        return Ok(if v1 {
+            Family::LLAVA_15
+        } else {
+            Family::LLAVA_V0
+        });
     }
     if has("LlavaMPTForCausalLM") || has("LlavaMptForCausalLM") || model_type == "llava_mpt" {
         if raw.mm_vision_tower.is_none() {
@@ -234,7 +297,7 @@ pub fn detect_family(raw: &RawLlavaConfig, file: &str) -> Result<Family, Checkpo
                 what: "a LLaVA-MPT config without mm_vision_tower".into(),
             });
         }
-        return Ok(Family::LlavaMpt);
+        return Ok(Family::LLAVA_MPT);
     }
     if model_type == "mpt" {
         return Err(CheckpointError::Unsupported {
@@ -440,7 +503,7 @@ pub fn resolve_decoder(
                 .and_then(Value::as_f64)
         })
         .unwrap_or(10000.0);
-    let sliding_window = if family == Family::LlavaMistral || model_type == "mistral" {
+    let sliding_window = if family.llm == Llm::Mistral || model_type == "mistral" {
         raw.sliding_window.or(defaults.sliding_window)
     } else {
         None
@@ -557,8 +620,8 @@ pub fn resolve_model(
     vision: ClipVisionConfig,
     file: &str,
 ) -> Result<ModelConfig, CheckpointError> {
-    let (decoder, projector, select, feature) = match family {
-        Family::LlavaHf => {
+    let (decoder, projector, select, feature) = match family.layout {
+        Layout::LlavaHf => {
             let text = raw
                 .text_config
                 .as_deref()
@@ -603,9 +666,9 @@ pub fn resolve_model(
             )
         }
         _ => {
-            let projector = match family {
+            let projector = match family.layout {
                 // June-2023 code (and May's, MPT's) has only the linear projector.
-                Family::LlavaV0 | Family::LlavaMpt => ProjectorKind::Linear,
+                Layout::LlavaV0 => ProjectorKind::Linear,
                 _ => resolve_projector(raw.mm_projector_type.as_deref().unwrap_or("linear"), file)?,
             };
             let feature = match raw.mm_vision_select_feature.as_deref().unwrap_or("patch") {
@@ -618,9 +681,9 @@ pub fn resolve_model(
                     })
                 }
             };
-            let decoder = match family {
-                Family::LlavaMpt => resolve_mpt_decoder(raw, file)?,
-                _ => resolve_decoder(raw, family, file)?,
+            let decoder = match family.llm {
+                Llm::Mpt => resolve_mpt_decoder(raw, file)?,
+                Llm::Llama | Llm::Mistral => resolve_decoder(raw, family, file)?,
             };
             (
                 decoder,
@@ -747,9 +810,9 @@ mod tests {
                 "vocab_size":32064}"#,
         )
         .unwrap();
-        assert_eq!(detect_family(&raw, "c").unwrap(), Family::LlavaHf);
+        assert_eq!(detect_family(&raw, "c").unwrap(), Family::LLAVA_HF);
         let vision = resolve_clip(raw.vision_config.as_ref().unwrap(), "c").unwrap();
-        let cfg = resolve_model(&raw, Family::LlavaHf, vision, "c").unwrap();
+        let cfg = resolve_model(&raw, Family::LLAVA_HF, vision, "c").unwrap();
         assert_eq!(
             (
                 cfg.decoder.hidden_size,
@@ -773,13 +836,13 @@ mod tests {
     fn impossible_head_counts_are_invalid_not_a_panic() {
         let raw: RawLlavaConfig =
             serde_json::from_str(r#"{"hidden_size":100,"num_attention_heads":3}"#).unwrap();
-        let err = resolve_decoder(&raw, Family::Llava15, "config.json")
+        let err = resolve_decoder(&raw, Family::LLAVA_15, "config.json")
             .unwrap_err()
             .to_string();
         assert!(err.contains("config.json") && err.contains("100"), "{err}");
         let raw: RawLlavaConfig =
             serde_json::from_str(r#"{"num_attention_heads":32,"num_key_value_heads":5}"#).unwrap();
-        assert!(resolve_decoder(&raw, Family::Llava15, "c").is_err());
+        assert!(resolve_decoder(&raw, Family::LLAVA_15, "c").is_err());
     }
 
     /// LLaVA-MPT-7B's config as uploaded (llava-spec §1d.2) resolves to MPT-7B's decoder;
@@ -796,7 +859,7 @@ mod tests {
                 "mm_vision_tower":"openai/clip-vit-large-patch14","mm_hidden_size":1024,
                 "mm_vision_select_layer":-2,"mm_use_im_start_end":true}"#,
         );
-        assert_eq!(detect_family(&raw, "c").unwrap(), Family::LlavaMpt);
+        assert_eq!(detect_family(&raw, "c").unwrap(), Family::LLAVA_MPT);
         let d = resolve_mpt_decoder(&raw, "c").unwrap();
         assert_eq!(
             (
@@ -844,13 +907,13 @@ mod tests {
         let v0 = parse(
             r#"{"architectures":["LlavaLlamaForCausalLM"],"model_type":"llava","mm_vision_tower":"x","mm_use_im_start_end":true}"#,
         );
-        assert_eq!(detect_family(&v0, "c").unwrap(), Family::LlavaV0);
+        assert_eq!(detect_family(&v0, "c").unwrap(), Family::LLAVA_V0);
         let old = parse(r#"{"model_type":"llama","mm_vision_tower":"x"}"#);
-        assert_eq!(detect_family(&old, "c").unwrap(), Family::LlavaV0);
+        assert_eq!(detect_family(&old, "c").unwrap(), Family::LLAVA_V0);
         let v15 = parse(
             r#"{"architectures":["LlavaLlamaForCausalLM"],"mm_vision_tower":"x","mm_projector_type":"mlp2x_gelu"}"#,
         );
-        assert_eq!(detect_family(&v15, "c").unwrap(), Family::Llava15);
+        assert_eq!(detect_family(&v15, "c").unwrap(), Family::LLAVA_15);
         let unknown = parse(r#"{"architectures":["BertModel"],"model_type":"bert"}"#);
         let err = detect_family(&unknown, "config.json")
             .unwrap_err()

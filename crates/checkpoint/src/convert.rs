@@ -429,13 +429,12 @@ pub fn to_llava_hf(
     output: &Path,
     on_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<usize, CheckpointError> {
-    use crate::Family;
     use kollava_model::config::{FeatureSelect, ProjectorKind};
     let unsupported = |what: String| CheckpointError::Unsupported {
         file: ckpt.dir.display().to_string(),
         what,
     };
-    if !matches!(ckpt.family, Family::Llava15 | Family::LlavaMistral) {
+    if ckpt.family.layout != crate::Layout::Llava15 {
         return Err(unsupported(format!(
             "conversion of a {} checkpoint to llava-hf (LLaVA-1.5-style original checkpoints convert)",
             ckpt.family.name()
@@ -525,7 +524,7 @@ pub fn to_llava_hf(
 
         let src = read_json(&ckpt.dir.join("config.json"))?;
         let mut text = json!({
-            "model_type": if ckpt.family == Family::LlavaMistral { "mistral" } else { "llama" },
+            "model_type": if ckpt.family.llm == crate::Llm::Mistral { "mistral" } else { "llama" },
             "hidden_size": d.hidden_size, "intermediate_size": d.intermediate_size,
             "num_hidden_layers": d.num_hidden_layers, "num_attention_heads": d.num_attention_heads,
             "num_key_value_heads": d.num_key_value_heads, "vocab_size": new_vocab,
@@ -703,7 +702,7 @@ pub fn to_llava_original(
     on_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<usize, CheckpointError> {
     use kollava_model::config::FeatureSelect;
-    if ckpt.family != crate::Family::LlavaHf {
+    if ckpt.family.layout != crate::Layout::LlavaHf {
         return Err(CheckpointError::Unsupported {
             file: ckpt.dir.display().to_string(),
             what: format!(

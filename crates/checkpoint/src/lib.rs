@@ -16,6 +16,7 @@ pub mod convert;
 pub mod delta;
 pub mod gguf;
 pub mod locate;
+pub mod precision;
 pub mod random;
 pub mod torch_pickle;
 pub mod trainable;
@@ -30,7 +31,8 @@ use kollava_inputs::template::{template_for_model_name, NameRule};
 use kollava_inputs::{ImageTokens, Tokenizer};
 use kollava_model::{Llava, ModelConfig};
 
-pub use config::Family;
+pub use config::{Family, Layout, Llm};
+pub use precision::Precision;
 
 /// Errors opening or loading a checkpoint. Each names the file, key or value at fault.
 #[derive(Debug, thiserror::Error)]
@@ -260,7 +262,7 @@ pub fn open(model: &str, opts: &OpenOptions) -> Result<Checkpoint, CheckpointErr
     let family = config::detect_family(&raw, &cfg_name)?;
 
     let (vision_cfg, vision_dir, preprocessor_file) =
-        if family == Family::LlavaHf && opts.vision_tower.is_none() {
+        if family.layout == Layout::LlavaHf && opts.vision_tower.is_none() {
             let v = raw
                 .vision_config
                 .clone()
@@ -302,12 +304,12 @@ pub fn open(model: &str, opts: &OpenOptions) -> Result<Checkpoint, CheckpointErr
     let preprocess = config::resolve_preprocess(raw_pre.as_ref(), vision_cfg.image_size);
     let model_config = config::resolve_model(&raw, family, vision_cfg, &cfg_name)?;
 
-    let aspect = match family {
+    let aspect = match family.layout {
         // llava-hf's CLIP processor center-crops whatever the original model was trained
         // with; its `LlavaImageProcessor` with `do_pad` pads as LLaVA's `pad` does.
-        Family::LlavaHf if raw_pre.as_ref().and_then(|p| p.do_pad) == Some(true) => AspectMode::Pad,
-        Family::LlavaHf | Family::LlavaV0 | Family::LlavaMpt => AspectMode::Crop,
-        _ => match raw.image_aspect_ratio.as_deref().unwrap_or("square") {
+        Layout::LlavaHf if raw_pre.as_ref().and_then(|p| p.do_pad) == Some(true) => AspectMode::Pad,
+        Layout::LlavaHf | Layout::LlavaV0 => AspectMode::Crop,
+        Layout::Llava15 => match raw.image_aspect_ratio.as_deref().unwrap_or("square") {
             "pad" => AspectMode::Pad,
             "square" => AspectMode::Crop,
             "resize" => AspectMode::Resize,
@@ -386,8 +388,8 @@ impl Checkpoint {
                     family: self.family.name(),
                 })
         };
-        Ok(match self.family {
-            Family::LlavaV0 | Family::LlavaMpt => ImageTokens::PatchTokens {
+        Ok(match self.family.layout {
+            Layout::LlavaV0 => ImageTokens::PatchTokens {
                 patch: need("<im_patch>")?,
                 start_end: if self.use_im_start_end {
                     Some((need("<im_start>")?, need("<im_end>")?))
@@ -398,15 +400,15 @@ impl Checkpoint {
             },
             // Converted from LLaVA's layout: tokenized as it was trained (the `<image>` id
             // then never appears; the features go where the text splits).
-            Family::LlavaHf if self.original_tokenization => ImageTokens::Splice { n },
-            Family::LlavaHf => ImageTokens::Token {
+            Layout::LlavaHf if self.original_tokenization => ImageTokens::Splice { n },
+            Layout::LlavaHf => ImageTokens::Token {
                 id: match self.image_token_index {
                     Some(id) => id,
                     None => need("<image>")?,
                 },
                 n,
             },
-            Family::Llava15 | Family::LlavaMistral => ImageTokens::Splice { n },
+            Layout::Llava15 => ImageTokens::Splice { n },
         })
     }
 
@@ -417,15 +419,13 @@ impl Checkpoint {
         if let Some(t) = self.trained_template {
             return t;
         }
-        match self.family {
-            Family::LlavaV0 => template_for_model_name(&self.name, NameRule::ForkJuneRunLlava),
+        match (self.family.layout, self.family.llm) {
             // The reference loads MPT only when "mpt" is in the name and then picks this
             // (June `run_llava`); any other template would lack the ChatML roles.
-            Family::LlavaMpt => "mpt_multimodal",
-            Family::Llava15 | Family::LlavaMistral => {
-                template_for_model_name(&self.name, NameRule::ForkHeadCli)
-            }
-            Family::LlavaHf => "llava_hf",
+            (_, Llm::Mpt) => "mpt_multimodal",
+            (Layout::LlavaV0, _) => template_for_model_name(&self.name, NameRule::ForkJuneRunLlava),
+            (Layout::Llava15, _) => template_for_model_name(&self.name, NameRule::ForkHeadCli),
+            (Layout::LlavaHf, _) => "llava_hf",
         }
     }
 
@@ -433,9 +433,9 @@ impl Checkpoint {
     /// `/worker_generate_stream`): June-2023's worker (v0 checkpoints) draws from the whole
     /// softmax (0: off); v1.0 on go through HF `generate`, whose default is 50.
     pub fn worker_top_k(&self) -> usize {
-        match self.family {
-            Family::LlavaV0 | Family::LlavaMpt => 0,
-            Family::Llava15 | Family::LlavaMistral | Family::LlavaHf => 50,
+        match self.family.layout {
+            Layout::LlavaV0 => 0,
+            Layout::Llava15 | Layout::LlavaHf => 50,
         }
     }
 
@@ -445,7 +445,7 @@ impl Checkpoint {
     /// it whatever template it is prompted with (llava-spec §1c, §6.2).
     pub fn stop_strings(&self, template: &kollava_inputs::template::Template) -> Vec<String> {
         let mut stops = vec![template.stop_string().to_string()];
-        if matches!(self.family, Family::Llava15 | Family::LlavaMistral) {
+        if self.family.layout == Layout::Llava15 {
             stops.push("###".into());
         }
         stops.retain(|s| !s.is_empty());
@@ -671,6 +671,31 @@ mod tests {
         assert_eq!(fixture("llava-v0").default_template(), "multimodal");
         assert_eq!(fixture("llava-v1.5").default_template(), "llava_v1");
         assert_eq!(fixture("llava-hf").default_template(), "llava_hf");
+        // LLaVA-MPT: June's rule gives `mpt_multimodal`, and so does a directory whose name
+        // lacks "mpt" (the reference would not load it as MPT at all).
+        let mpt = fixture("llava-mpt");
+        assert_eq!(mpt.default_template(), "mpt_multimodal");
+        let renamed = Checkpoint {
+            name: "my-finetune-v1".into(),
+            ..mpt
+        };
+        assert_eq!(renamed.default_template(), "mpt_multimodal");
+    }
+
+    /// Each family is a layout times a language model, and goes by one name.
+    #[test]
+    fn families_are_layouts_times_language_models() {
+        for (family, name) in Family::KNOWN {
+            assert_eq!(Family::from_name(name), Some(family));
+            assert_eq!(family.name(), name);
+        }
+        let pairs: std::collections::HashSet<_> = Family::KNOWN
+            .iter()
+            .map(|(f, _)| (f.layout, f.llm))
+            .collect();
+        assert_eq!(pairs.len(), Family::KNOWN.len(), "one row per pair");
+        assert_eq!(fixture("llava-mpt").family.layout, Layout::LlavaV0);
+        assert_eq!(fixture("llava-mistral").family.llm, Llm::Mistral);
     }
 
     #[test]

@@ -796,7 +796,7 @@ mod tests {
         )
         .unwrap();
         let ckpt = crate::open(dir.to_str().unwrap(), &Default::default()).unwrap();
-        assert_eq!(ckpt.family, crate::Family::LlavaMpt);
+        assert_eq!(ckpt.family, crate::Family::LLAVA_MPT);
         let d = &ckpt.config.decoder;
         assert_eq!(
             (d.hidden_size, d.intermediate_size),

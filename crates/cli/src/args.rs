@@ -51,11 +51,9 @@ A dump is written by scripts/dump_reference.py (see scripts/README.md).\n\
 덤프는 scripts/dump_reference.py 로 만듭니다.")]
     Verify(VerifyArgs),
     /// Write a random-weight checkpoint with real shapes — 실제 크기의 무작위 가중치 체크포인트 만들기
-    #[command(
-        after_help = "Examples / 예시:\n  \
+    #[command(after_help = "Examples / 예시:\n  \
 kollava init-random --arch bench-1b --out models/bench-1b\n  \
-kollava init-random --arch llava-1.5-7b --layout hf --dtype bf16 --out /data/llava-7b-random"
-    )]
+kollava init-random --arch llava-1.5-7b --layout hf --dtype bf16 --out /data/llava-7b-random")]
     InitRandom(InitRandomArgs),
     /// Evaluation — 평가
     #[command(subcommand)]

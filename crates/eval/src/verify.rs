@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use kollava_checkpoint::{Checkpoint, CheckpointError, Family};
+use kollava_checkpoint::{Checkpoint, CheckpointError, Llm};
 use kollava_inputs::image::{self, AspectMode};
 use kollava_inputs::prompt;
 use kollava_inputs::template::Role;
@@ -249,8 +249,7 @@ fn verify_training(
         .unwrap_or_default();
     for (name, entry) in &entries {
         let key = format!("train_labels.{name}");
-        let Some((template, rule)) = reference_template(name, ckpt.family == Family::LlavaMpt)
-        else {
+        let Some((template, rule)) = reference_template(name, ckpt.family.llm == Llm::Mpt) else {
             out.push(KeyResult {
                 key,
                 outcome: Outcome::Skipped(format!("unknown template {name:?}")),

@@ -19,7 +19,7 @@ fn the_llava_hf_copy_gives_the_same_features_and_logits() {
     let out = tmp.path().join("hf");
     kollava_checkpoint::convert::to_llava_hf(&src, &out, &mut |_, _| {}).unwrap();
     let hf = open(out.to_str().unwrap(), &Default::default()).unwrap();
-    assert_eq!(hf.family, Family::LlavaHf);
+    assert_eq!(hf.family, Family::LLAVA_HF);
     assert_eq!(hf.default_template(), src.default_template());
     assert_eq!(hf.config.vision, src.config.vision);
     assert_eq!(hf.config.decoder.vocab_size, 32064);
@@ -131,7 +131,7 @@ fn the_original_layout_copy_of_llava_hf_gives_the_same_features_and_logits() {
     kollava_checkpoint::convert::to_llava_original(&src, &out, &mut |_, _| {}).unwrap();
     assert!(out.join("vision_tower/config.json").is_file());
     let orig = open(out.to_str().unwrap(), &Default::default()).unwrap();
-    assert_eq!(orig.family, Family::Llava15);
+    assert_eq!(orig.family, Family::LLAVA_15);
     assert_eq!(orig.config, src.config);
     assert_eq!(orig.default_template(), src.default_template());
     let text = "USER: 이 그림을 설명해 주세요. ASSISTANT:";

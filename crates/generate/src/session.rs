@@ -125,6 +125,8 @@ impl EmbeddedPrompt {
 /// A loaded checkpoint with everything needed to answer.
 pub struct Session {
     pub ckpt: Checkpoint,
+    /// How the weights are held ([`kollava_checkpoint::Precision`]).
+    pub precision: kollava_checkpoint::Precision,
     pub tok: Tokenizer,
     pub model: Llava,
     pub scheme: ImageTokens,
@@ -180,20 +182,9 @@ impl Session {
         let device = Device::cuda_if_available(0)?;
         #[cfg(not(feature = "cuda"))]
         let device = Device::Cpu;
-        let model = if opts.dtype == Some(DType::BF16)
-            && device.is_cpu()
-            && kollava_model::bf16::available()
-        {
-            ckpt.load_packed_bf16(&device)?
-        } else {
-            let mut model = ckpt.load_model(opts.dtype.unwrap_or(DType::F32), &device)?;
-            let bf16 = match opts.dtype {
-                Some(dtype) => dtype == DType::BF16,
-                None => model.decoder.is_quantized(),
-            };
-            model.pack_for_inference(bf16)?;
-            model
-        };
+        let precision = kollava_checkpoint::Precision::resolve(opts.dtype, &ckpt, &device);
+        tracing::info!(precision = %precision.describe(), "weights");
+        let model = ckpt.load_for_inference(precision, &device)?;
         release_free_memory();
         // Sized after loading, from what the model left free.
         let default = crate::prefix_cache::default_budget_bytes();
@@ -213,6 +204,7 @@ impl Session {
             device,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             keep_answers: false,
+            precision,
         })
     }
 

@@ -280,19 +280,19 @@ mod tests {
         for (ours, family, path, pattern) in [
             (
                 "model.layers.3.mlp.up_proj",
-                Family::LlavaHf,
+                Family::LLAVA_HF,
                 "model.language_model.layers.3.mlp.up_proj",
                 r"model\.language_model\.layers\.\d+\.mlp\.up_proj",
             ),
             (
                 "model.layers.3.mlp.up_proj",
-                Family::Llava15,
+                Family::LLAVA_15,
                 "model.layers.3.mlp.up_proj",
                 r"model\.layers\.\d+\.mlp\.up_proj",
             ),
             (
                 "model.layers.3.self_attn.qkv_proj",
-                Family::LlavaMpt,
+                Family::LLAVA_MPT,
                 "transformer.blocks.3.attn.Wqkv",
                 r"transformer\.blocks\.\d+\.attn\.Wqkv",
             ),

@@ -989,14 +989,15 @@ pub fn open_pair(model: PathBuf, mmproj: PathBuf) -> Result<Checkpoint, Checkpoi
         projector,
         decoder,
     };
-    let family = match k.string("kollava.family") {
-        Some("llava-v0") => Family::LlavaV0,
-        Some("llava-mistral") => Family::LlavaMistral,
-        Some("llava-hf") => Family::LlavaHf,
-        Some("llava-mpt") => Family::LlavaMpt,
-        _ if arch == "mpt" => Family::LlavaMpt,
-        _ => Family::Llava15,
-    };
+    // llama.cpp's own files say nothing of the family: LLaVA-1.5's is the one it converts.
+    let family = k
+        .string("kollava.family")
+        .and_then(Family::from_name)
+        .unwrap_or(if arch == "mpt" {
+            Family::LLAVA_MPT
+        } else {
+            Family::LLAVA_15
+        });
     let mut preprocess = ClipPreprocess::square(image_size as u32);
     if let Some(m) = v.floats("clip.vision.image_mean").filter(|m| m.len() == 3) {
         preprocess.mean = [m[0], m[1], m[2]];
@@ -1062,6 +1063,20 @@ pub fn open_pair(model: PathBuf, mmproj: PathBuf) -> Result<Checkpoint, Checkpoi
 }
 
 impl GgufPair {
+    /// Whether the language model's matrices are quantized (layer 0's query or fused
+    /// projection is not a float type).
+    pub fn is_quantized(&self) -> bool {
+        ["blk.0.attn_q.weight", "blk.0.attn_qkv.weight"]
+            .iter()
+            .find_map(|n| self.llm.tensor_infos.get(*n))
+            .is_some_and(|t| {
+                !matches!(
+                    t.ggml_dtype,
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                )
+            })
+    }
+
     /// The tokenizer: the source's own `tokenizer.json` when the file carries it, otherwise
     /// the sentencepiece vocabulary of `tokenizer.ggml.*`.
     pub fn tokenizer(&self) -> Result<Tokenizer, CheckpointError> {

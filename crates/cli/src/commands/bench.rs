@@ -147,6 +147,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "family": loaded.ckpt.family.name(),
         "parameters": parameter_count(loaded.model.config()),
         "weights_dtype": loaded.model.decoder.weight_format().to_lowercase(),
+        "precision": loaded.precision.describe(),
         "threads": threads,
         "device": device,
         "repeat": args.repeat,
@@ -179,6 +180,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         parameter_count(loaded.model.config()) / 1e9,
         loaded.model.decoder.weight_format()
     )?;
+    writeln!(out, "precision    {}", loaded.precision.describe())?;
     writeln!(
         out,
         "prompt       {prompt_len} tokens (image included), {gen} generated, median of {}",
@@ -294,6 +296,7 @@ fn conversation(
     let json = serde_json::json!({
         "model": loaded.ckpt.dir.display().to_string(),
         "weights_dtype": loaded.model.decoder.weight_format().to_lowercase(),
+        "precision": loaded.precision.describe(),
         "threads": threads,
         "repeat": args.repeat,
         "gen_tokens": args.gen_tokens,

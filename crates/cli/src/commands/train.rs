@@ -536,7 +536,7 @@ fn write_lora(
     )?;
     let projector = projector_tensors(tensors);
     save_tensors(&dir.join(lora::NON_LORA_FILE), &projector)?;
-    if ckpt.family != kollava_checkpoint::Family::LlavaHf {
+    if ckpt.family.layout != kollava_checkpoint::Layout::LlavaHf {
         // For LLaVA's own code (`load_pretrained_model` with a LoRA `model_path`).
         kollava_checkpoint::torch_pickle::save(
             &dir.join(NON_LORA_BIN),
