@@ -27,7 +27,7 @@ impl Precision {
     /// default is exact f32, except that a quantized GGUF model runs its float matrices in
     /// bf16 (its quantization error already dwarfs bf16 rounding).
     pub fn resolve(asked: Option<DType>, ckpt: &Checkpoint, device: &Device) -> Precision {
-        let kernels = device.is_cpu() && kollava_model::bf16::available();
+        let kernels = device.is_cpu() && kollava_model::kernels::bf16::available();
         match &ckpt.gguf {
             Some(pair) => Precision::AsStored {
                 bf16: kernels
@@ -43,7 +43,7 @@ impl Precision {
 
     /// One line for `-v` and `bench`: what is stored how, and which kernels run it.
     pub fn describe(self) -> String {
-        let kernels = || match kollava_model::bf16::kernels() {
+        let kernels = || match kollava_model::kernels::bf16::kernels() {
             Some(k) => format!("{k} kernels"),
             None => "no bf16 kernels".into(),
         };
@@ -101,7 +101,7 @@ mod tests {
     #[test]
     fn the_plan_follows_the_request_the_checkpoint_and_the_machine() {
         let cpu = Device::Cpu;
-        let kernels = kollava_model::bf16::available();
+        let kernels = kollava_model::kernels::bf16::available();
         let dir = kollava_testkit::checkpoint_dir("llava-v1.5");
         let src = crate::open(dir.to_str().unwrap(), &Default::default()).unwrap();
         let plan = |asked, ckpt: &Checkpoint| Precision::resolve(asked, ckpt, &cpu);

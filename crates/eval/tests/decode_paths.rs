@@ -246,7 +246,7 @@ fn sequences_joining_and_leaving_a_running_batch_decode_as_alone() {
         // As loaded (training's layout) and packed for serving: f32, and bf16 on CPUs with
         // AVX512-BF16, whose kernels must not let a row's sums depend on its batch.
         let mut packings = vec![None, Some(false)];
-        if kollava_model::bf16::available() {
+        if kollava_model::kernels::bf16::available() {
             packings.push(Some(true));
         }
         for packing in packings {
@@ -451,7 +451,7 @@ fn k_quant_prefill_and_decoding_agree_with_the_dequantized_f32_forward() {
     // Prefill: 24 rows, the tiled bf16 GEMM over blocks dequantized on the fly (where the
     // integer kernels are the AVX2 ones, they take prefill too: see `kquant::max_rows`).
     let full = full_forward(&decoder);
-    let prefill_is_integer = ids.len() <= kollava_model::kquant::max_rows();
+    let prefill_is_integer = ids.len() <= kollava_model::kernels::kquant::max_rows();
     // Decoding: row by row, the integer kernels over Q8_K activations.
     let mut cache = KvCache::new(2, 1);
     let mut stepwise = rows(

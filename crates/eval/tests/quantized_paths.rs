@@ -59,7 +59,7 @@ fn bf16_and_f16_sessions_agree_with_f32() {
 /// (features rounded, so not equal to f32's, yet close); `--dtype f32` keeps it exact.
 #[test]
 fn auto_dtype_runs_a_quantized_models_tower_in_bf16() {
-    if !kollava_model::bf16::available() {
+    if !kollava_model::kernels::bf16::available() {
         eprintln!("skipped: no AVX512-BF16 on this CPU");
         return;
     }
@@ -97,7 +97,7 @@ fn auto_dtype_runs_a_quantized_models_tower_in_bf16() {
 /// model as loading in bf16 and packing afterwards: same image features, same logits.
 #[test]
 fn loading_packed_in_bf16_equals_packing_after_loading() {
-    if !kollava_model::bf16::available() {
+    if !kollava_model::kernels::bf16::available() {
         eprintln!("skipped: no AVX512-BF16 on this CPU");
         return;
     }

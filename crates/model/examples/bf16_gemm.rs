@@ -10,7 +10,7 @@
 //! shared machine).
 
 use candle_core::{Device, Tensor};
-use kollava_model::bf16::{self, PackedBf16};
+use kollava_model::kernels::bf16::{self, PackedBf16};
 use std::time::Instant;
 
 fn main() -> candle_core::Result<()> {

@@ -14,7 +14,7 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use kollava_model::kquant;
+use kollava_model::kernels::kquant;
 use std::time::Instant;
 
 fn main() -> candle_core::Result<()> {

@@ -57,8 +57,10 @@ impl EncoderLayer {
         let v = split(self.v_proj.forward(&x)?)?;
         // A tower in bf16 rounds its attention's operands to bf16 too (on AMX tiles).
         let blocks = match self.q_proj {
-            Linear::Bf16 { .. } => crate::block_attention::attention_bf16(&q, &k, &v, None)?,
-            _ => crate::block_attention::attention(&q, &k, &v, None)?,
+            Linear::Bf16 { .. } => {
+                crate::kernels::block_attention::attention_bf16(&q, &k, &v, None)?
+            }
+            _ => crate::kernels::block_attention::attention(&q, &k, &v, None)?,
         };
         let a = match blocks {
             Some(a) => a,

@@ -199,7 +199,7 @@ impl SelfAttention {
             // kernel reads an f16 cache as it is.
             Some(spans) if q.dtype() == DType::F32 && q.device().is_cpu() => {
                 let slopes = step.alibi.as_ref().map(|a| &a.values[..]);
-                crate::decode_attention::decode_attention(
+                crate::kernels::decode_attention::decode_attention(
                     &q,
                     &k,
                     &v,
@@ -260,7 +260,7 @@ impl SelfAttention {
                     Linear::Bf16 { .. } | Linear::Quantized { .. }
                 );
                 let blocks = match &step.alibi {
-                    Some(a) => crate::block_attention::attention_alibi(
+                    Some(a) => crate::kernels::block_attention::attention_alibi(
                         q,
                         k,
                         v,
@@ -269,9 +269,9 @@ impl SelfAttention {
                         bf16,
                     )?,
                     None if bf16 => {
-                        crate::block_attention::attention_bf16(q, k, v, Some(&step.mask))?
+                        crate::kernels::block_attention::attention_bf16(q, k, v, Some(&step.mask))?
                     }
-                    None => crate::block_attention::attention(q, k, v, Some(&step.mask))?,
+                    None => crate::kernels::block_attention::attention(q, k, v, Some(&step.mask))?,
                 };
                 if let Some(a) = blocks {
                     return Ok(a);
@@ -688,7 +688,7 @@ impl TokenEmbedding {
                 let (b, s) = ids.dims2()?;
                 let h = table.shape().dims2()?.1;
                 let ids = ids.flatten_all()?.to_vec1::<u32>()?;
-                let rows = crate::bf16::ggml_rows(table, &ids)?;
+                let rows = crate::kernels::bf16::ggml_rows(table, &ids)?;
                 Tensor::from_vec(rows, (b, s, h), &Device::Cpu)?.to_device(device)
             }
         }
@@ -854,7 +854,7 @@ impl Decoder {
         match self.first_matrix() {
             Some(Linear::Quantized { weight, .. }) => format!("{:?}", weight.dtype()),
             Some(Linear::Dense(l)) => format!("{:?}", l.weight().dtype()).to_uppercase(),
-            Some(Linear::Bf16 { .. }) => match crate::bf16::kernels() {
+            Some(Linear::Bf16 { .. }) => match crate::kernels::bf16::kernels() {
                 Some(k) => format!("BF16 ({k} kernels)"),
                 None => "BF16".into(),
             },

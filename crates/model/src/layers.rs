@@ -8,6 +8,7 @@ use candle_core::{DType, Module, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
 use crate::config::Activation;
+use crate::kernels::softmax::{exp_nonpositive, softmax_in_place};
 
 /// From this many input rows on (prefill), a float weight is widened for a GEMM rather than
 /// streamed through the matrix-vector kernels that suit decoding.
@@ -18,7 +19,7 @@ const GEMM_ROWS: usize = 16;
 pub enum Linear {
     Dense(candle_nn::Linear),
     /// A weight stored in a ggml type (a GGUF model's matrices; QLoRA's frozen 4-bit base).
-    /// Decoding multiplies `Q4_K`/`Q6_K` with our kernels ([`crate::kquant`]), the rest with
+    /// Decoding multiplies `Q4_K`/`Q6_K` with our kernels ([`crate::kernels::kquant`]), the rest with
     /// candle's quantized kernels; when gradients are tracked it is dequantized for each
     /// product, so that they still reach the input.
     Quantized {
@@ -28,9 +29,9 @@ pub enum Linear {
     /// A LoRA adapter over a frozen base: `base(x) + dropout(x) Aᵀ Bᵀ · alpha / r`.
     Lora(Box<Lora>),
     /// A weight packed for our bf16 kernels (`--dtype bf16`; inference only; AVX512-BF16 or
-    /// AVX2+FMA, see [`crate::bf16`]).
+    /// AVX2+FMA, see [`crate::kernels::bf16`]).
     Bf16 {
-        weight: std::sync::Arc<crate::bf16::PackedBf16>,
+        weight: std::sync::Arc<crate::kernels::bf16::PackedBf16>,
         bias: Option<Tensor>,
     },
 }
@@ -65,7 +66,7 @@ fn shared_products(linears: &[&Linear], xs: &Tensor) -> Result<Option<Vec<Tensor
         weights.push(weight.as_ref());
         biases.push(bias.as_ref());
     }
-    let Some(ys) = crate::kquant::try_matmul_many(&weights, xs)? else {
+    let Some(ys) = crate::kernels::kquant::try_matmul_many(&weights, xs)? else {
         return Ok(None);
     };
     ys.into_iter()
@@ -169,21 +170,21 @@ impl Linear {
                 let float = is_float(weight.dtype());
                 let mut ours = None;
                 if !xs.track_op() {
-                    if rows <= crate::kquant::max_rows() {
-                        ours = crate::kquant::try_matmul(weight, xs)?;
+                    if rows <= crate::kernels::kquant::max_rows() {
+                        ours = crate::kernels::kquant::try_matmul(weight, xs)?;
                     }
                     if ours.is_none()
-                        && rows > crate::kquant::gemm_above_rows()
-                        && crate::bf16::available()
+                        && rows > crate::kernels::kquant::gemm_above_rows()
+                        && crate::kernels::bf16::available()
                     {
-                        ours = crate::bf16::matmul_ggml(weight, xs)?;
+                        ours = crate::kernels::bf16::matmul_ggml(weight, xs)?;
                     }
                 }
                 let y = if let Some(y) = ours {
                     // Decoding a Q4_K/Q6_K weight (and, with the AVX2 kernels, prefill):
-                    // our integer kernels (crate::kquant). Other prefill with a quantized
+                    // our integer kernels (crate::kernels::kquant). Other prefill with a quantized
                     // weight: our bf16 GEMM, the weight unpacked block by block
-                    // (crate::bf16::matmul_ggml).
+                    // (crate::kernels::bf16::matmul_ggml).
                     y.to_dtype(xs.dtype())?
                 } else if xs.track_op() || (float && rows >= GEMM_ROWS) {
                     // Training through a frozen 4-bit base: a differentiable product. Prefill
@@ -265,7 +266,7 @@ impl Linear {
             _ => return Ok(self.clone()),
         };
         Ok(Linear::Bf16 {
-            weight: std::sync::Arc::new(crate::bf16::PackedBf16::pack(&w)?),
+            weight: std::sync::Arc::new(crate::kernels::bf16::PackedBf16::pack(&w)?),
             bias: b.map(|b| b.to_dtype(DType::F32)).transpose()?,
         })
     }
@@ -274,9 +275,9 @@ impl Linear {
     /// rows there are (below it another kernel, summing in another order, takes the rows:
     /// candle's matrix-vector path for one row, candle's quantized kernels below
     /// [`GEMM_ROWS`] for a float weight in a ggml container and up to
-    /// [`crate::kquant::gemm_above_rows`] for a quantized type (our k-quant kernels or
+    /// [`crate::kernels::kquant::gemm_above_rows`] for a quantized type (our k-quant kernels or
     /// candle's), the bf16
-    /// kernels' matrix-vector path up to [`crate::bf16::GEMV_ROWS`]). A prompt cut into
+    /// kernels' matrix-vector path up to [`crate::kernels::bf16::GEMV_ROWS`]). A prompt cut into
     /// steps at least this long is computed the same as in one step.
     pub fn steady_rows(&self) -> usize {
         match self {
@@ -284,11 +285,11 @@ impl Linear {
             Linear::Quantized { weight, .. } if is_float(weight.dtype()) => GEMM_ROWS,
             // Quantized types: our k-quant kernels (with AVX512 up to the GEMM's threshold;
             // with AVX2 every step) or candle's, then the bf16 GEMM.
-            Linear::Quantized { .. } => match crate::kquant::gemm_above_rows() {
-                n if n == usize::MAX || !crate::bf16::available() => 2,
+            Linear::Quantized { .. } => match crate::kernels::kquant::gemm_above_rows() {
+                n if n == usize::MAX || !crate::kernels::bf16::available() => 2,
                 n => n + 1,
             },
-            Linear::Bf16 { .. } => crate::bf16::GEMV_ROWS + 1,
+            Linear::Bf16 { .. } => crate::kernels::bf16::GEMV_ROWS + 1,
             Linear::Lora(l) => l.base.steady_rows().max(2),
         }
     }
@@ -687,86 +688,6 @@ pub fn scaled_masked_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>)
     });
     drop(guard);
     Tensor::from_vec(out, (b, h, rows, t), scores.device())
-}
-
-/// Lanes of the vectorized loops below.
-const L: usize = 16;
-
-/// Sum of 16 lanes as a tree (vector shuffles, not a chain of 15 dependent additions).
-#[inline]
-pub(crate) fn fold(acc: [f32; L]) -> f32 {
-    let mut h = [0f32; 8];
-    for i in 0..8 {
-        h[i] = acc[i] + acc[i + 8];
-    }
-    let q = [h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]];
-    (q[0] + q[2]) + (q[1] + q[3])
-}
-
-/// `s ← softmax(s)`. Entry `j` is summed in lane `j % 16` whatever the length, so zeros
-/// appended (masked slots past a row's last visible one, which a block of query rows may
-/// carry) leave every sum unchanged, bit for bit: a row's attention then does not depend on
-/// which rows share its block, and a prompt's rows are the same numbers however it was cut
-/// into steps (what reusing a cached prefix relies on).
-pub(crate) fn softmax_in_place(s: &mut [f32]) {
-    let mut lanes = [f32::NEG_INFINITY; L];
-    let chunks = s.chunks_exact(L);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
-    for c in chunks {
-        for i in 0..L {
-            lanes[i] = lanes[i].max(c[i]);
-        }
-    }
-    let max = lanes.into_iter().fold(tail, f32::max);
-    for x in s.iter_mut() {
-        *x = exp_nonpositive(*x - max);
-    }
-    let mut acc = [0f32; L];
-    let chunks = s.chunks_exact(L);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for i in 0..L {
-            acc[i] += c[i];
-        }
-    }
-    for (a, &x) in acc.iter_mut().zip(tail) {
-        *a += x;
-    }
-    let inv = 1.0 / fold(acc);
-    for x in s.iter_mut() {
-        *x *= inv;
-    }
-}
-
-/// `eˣ` for `x ≤ 0` without a library call or a float-to-int conversion, so that a loop
-/// over it vectorizes: `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2` (`n` rounded by adding
-/// 1.5·2²³, which leaves it in the low bits of the mantissa), `eʳ` by its degree-6 Taylor
-/// polynomial (relative error < 2e-7 there), `2ⁿ` by building the float's exponent. Below
-/// −87 the result is 0.
-#[inline]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.0);
-    let t = x * std::f32::consts::LOG2_E + ROUND;
-    let n = t - ROUND;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
-    let y = p * f32::from_bits(n_bits.wrapping_add(127) << 23);
-    if x <= -87.0 {
-        0.0
-    } else {
-        y
-    }
 }
 
 /// Softmax over the last dimension. candle's fused kernel has no backward pass, so when

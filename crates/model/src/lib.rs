@@ -1,5 +1,6 @@
 //! LLaVA model graphs on candle: [`clip`] (vision tower), [`projector`], [`decoder`]
-//! (LLaMA/Mistral), composed in [`llava`]. [`config::ModelConfig`] describes any supported
+//! (LLaMA/Mistral and MPT), composed in [`llava`]; the CPU kernels they call live apart in
+//! [`kernels`]. [`config::ModelConfig`] describes any supported
 //! checkpoint; the `checkpoint` crate builds it and hands over `VarBuilder`s with canonical
 //! key names, so this crate never sees files or family-specific key layouts.
 //!
@@ -7,18 +8,13 @@
 //! embeddings and returns every position's hidden state, so inference and training share
 //! one forward path.
 
-pub mod bf16;
-mod block_attention;
 pub mod clip;
 pub mod config;
-pub mod cpu;
-mod decode_attention;
 pub mod decoder;
-pub mod kquant;
+pub mod kernels;
 pub mod kv_cache;
 pub mod layers;
 pub mod llava;
-mod prefetch;
 pub mod projector;
 
 pub use config::ModelConfig;

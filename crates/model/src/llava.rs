@@ -74,7 +74,7 @@ impl Llava {
             // These layouts are for CPU kernels; a GPU multiplies dense weights.
             return Ok(());
         }
-        let bf16 = bf16 && crate::bf16::available();
+        let bf16 = bf16 && crate::kernels::bf16::available();
         self.decoder.pack_for_inference(bf16)?;
         self.projector = self.projector.to_f32()?;
         if bf16 {

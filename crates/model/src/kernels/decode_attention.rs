@@ -11,7 +11,7 @@
 use candle_core::{DType, Result, Tensor};
 use half::f16;
 
-use crate::layers::softmax_in_place;
+use crate::kernels::softmax::softmax_in_place;
 
 /// `q: (b, heads, 1, d)` f32, `k, v: (b, kv_heads, t, d)` f32 or f16 views, row `r`
 /// attending to slots `spans[r] = (start, len)` → `(b, heads, 1, d)` f32. Scores are
@@ -265,7 +265,7 @@ fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
                 acc[i] += x[i] * y[i].get();
             }
         }
-        crate::layers::fold(acc) + tail
+        crate::kernels::softmax::fold(acc) + tail
     }
 }
 

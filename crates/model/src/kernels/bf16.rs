@@ -65,9 +65,9 @@ impl std::fmt::Display for Kernels {
 
 /// The fastest kernel set this CPU runs; `None` where none does (another architecture, or
 /// an x86-64 without AVX2). `KOLLAVA_KERNELS=avx2` (or `avx512`) picks that set on a CPU with
-/// faster ones (to measure or test it there; see [`crate::cpu`]).
+/// faster ones (to measure or test it there; see [`crate::kernels::cpu`]).
 pub fn kernels() -> Option<Kernels> {
-    use crate::cpu::{cpu, Request};
+    use crate::kernels::cpu::{cpu, Request};
     static KERNELS: std::sync::OnceLock<Option<Kernels>> = std::sync::OnceLock::new();
     *KERNELS.get_or_init(|| {
         let all = supported();
@@ -81,7 +81,7 @@ pub fn kernels() -> Option<Kernels> {
 
 /// Every kernel set this CPU runs, fastest first.
 pub fn supported() -> Vec<Kernels> {
-    let c = crate::cpu::cpu();
+    let c = crate::kernels::cpu::cpu();
     let mut all = Vec::new();
     if c.avx512bf16 && c.avx512vl {
         if c.amx {
@@ -773,7 +773,7 @@ unsafe fn gemv_panel(x: *const u32, w: *const u32, pairs: usize, c: *mut f32) {
     let mut q = 0;
     while q + 4 <= pairs {
         // Four pairs are 512 bytes of the panel: eight lines.
-        crate::prefetch::ahead::<8>(w.wrapping_add(q * NR) as *const u8);
+        crate::kernels::prefetch::ahead::<8>(w.wrapping_add(q * NR) as *const u8);
         for (u, a) in acc.iter_mut().enumerate() {
             let b = bcast(q + u);
             a[0] = _mm512_dpbf16_ps(a[0], load(q + u, 0), b);
@@ -1080,7 +1080,7 @@ mod avx2 {
         let mut hi = [_mm256_setzero_ps(); NR / 8];
         for q in 0..pairs {
             // A pair is 128 bytes of the panel: two lines.
-            crate::prefetch::ahead::<2>(w.wrapping_add(q * NR) as *const u8);
+            crate::kernels::prefetch::ahead::<2>(w.wrapping_add(q * NR) as *const u8);
             let x0 = _mm256_broadcast_ss(&*x.add(2 * q));
             let x1 = _mm256_broadcast_ss(&*x.add(2 * q + 1));
             for v in 0..NR / 8 {

@@ -1,5 +1,5 @@
-//! What this CPU runs, detected once for every kernel module ([`crate::bf16`],
-//! [`crate::kquant`], the attention kernels), and which kernel sets `KOLLAVA_KERNELS` asks
+//! What this CPU runs, detected once for every kernel module ([`crate::kernels::bf16`],
+//! [`crate::kernels::kquant`], the attention kernels), and which kernel sets `KOLLAVA_KERNELS` asks
 //! for (`avx2`, `avx512`: a slower set on a CPU with faster ones, to measure or test it).
 
 use std::sync::OnceLock;

@@ -15,7 +15,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::layers::softmax_in_place;
+use crate::kernels::softmax::softmax_in_place;
 
 /// Query rows per task: a multiple of the kernels' 6-row tile.
 const ROWS: usize = 48;
@@ -49,7 +49,7 @@ pub(crate) fn attention_alibi(
 }
 
 /// [`attention`] for a model whose matrices run in bf16 anyway (`--dtype bf16`, a GGUF
-/// model's tower): where the AMX kernels run ([`crate::bf16::amx`]), the queries, keys,
+/// model's tower): where the AMX kernels run ([`crate::kernels::bf16::amx`]), the queries, keys,
 /// probabilities and values are rounded to bf16 and both products go on tiles (the sums and
 /// the softmax stay f32), as PyTorch's bf16 attention rounds them.
 pub(crate) fn attention_bf16(
@@ -148,7 +148,7 @@ fn attention_with(
         t,
         d,
     };
-    let out = if bf16 && d.is_multiple_of(32) && crate::bf16::amx::chosen() {
+    let out = if bf16 && d.is_multiple_of(32) && crate::kernels::bf16::amx::chosen() {
         tiles::attend(sh, qv, kv, vv, bias)
     } else {
         attend(cols, sh, qv, kv, vv, bias)
@@ -244,7 +244,7 @@ fn extents(sh: Shape, blocks: usize, mask: Option<&[f32]>) -> Vec<usize> {
 /// products in a tile register.
 mod tiles {
     use super::{extents, Bias, Shape, ROWS};
-    use crate::bf16::{amx, pair, round_pairs};
+    use crate::kernels::bf16::{amx, pair, round_pairs};
 
     pub(super) fn attend(sh: Shape, q: &[f32], k: &[f32], v: &[f32], bias: Bias) -> Vec<f32> {
         use rayon::prelude::*;
@@ -499,13 +499,13 @@ fn attend(cols: usize, sh: Shape, q: &[f32], k: &[f32], v: &[f32], bias: Bias) -
 
 mod kernels {
     pub(super) fn available() -> bool {
-        crate::cpu::cpu().avx2_fma
+        crate::kernels::cpu::cpu().avx2_fma
     }
 
     /// Whether the 512-bit tiles run here (and `KOLLAVA_KERNELS=avx2` does not ask for the
     /// 256-bit ones).
     pub(super) fn wide() -> bool {
-        crate::cpu::cpu().wide()
+        crate::kernels::cpu::cpu().wide()
     }
 
     /// `c[j][·] = Σᵢ x[j][i] · w[i][·]` for `rows ≤ 6` rows and `vectors ∈ {1, 2}` × 8
@@ -817,7 +817,7 @@ mod tests {
     /// padding, rows and slots not a multiple of a tile, grouped queries.
     #[test]
     fn bf16_tiles_match_tensor_ops_on_rounded_operands() -> Result<()> {
-        if !crate::bf16::amx::chosen() {
+        if !crate::kernels::bf16::amx::chosen() {
             eprintln!("skipped: no AMX on this CPU");
             return Ok(());
         }

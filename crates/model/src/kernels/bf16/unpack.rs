@@ -34,7 +34,7 @@ pub(super) fn decoder(dtype: candle_core::quantized::GgmlDType) -> Option<PairDe
 }
 
 fn available() -> bool {
-    let c = crate::cpu::cpu();
+    let c = crate::kernels::cpu::cpu();
     c.avx512bf16 && c.avx512bw && c.avx512vl
 }
 
@@ -193,7 +193,7 @@ mod tests {
                 .unwrap();
             let want: Vec<u32> = values
                 .chunks_exact(2)
-                .map(|v| crate::bf16::pair(v[0], v[1]))
+                .map(|v| crate::kernels::bf16::pair(v[0], v[1]))
                 .collect();
             let mut got = vec![0u32; want.len()];
             ours(&q.data().unwrap(), &mut got);

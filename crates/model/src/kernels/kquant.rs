@@ -27,7 +27,7 @@ const Q4K_BYTES: usize = 144;
 /// Bytes per `Q6_K` block: 128 low nibbles, 64 of high bit pairs, 16 i8 scales, f16 d.
 const Q6K_BYTES: usize = 210;
 /// Activation rows the AVX512 kernels take (decoding, batched decoding). There, every
-/// longer step goes to the tiled bf16 GEMM ([`crate::bf16::matmul_ggml`]), the kernel of
+/// longer step goes to the tiled bf16 GEMM ([`crate::kernels::bf16::matmul_ggml`]), the kernel of
 /// every prefill (see [`max_rows`]). With AVX2 the integer kernels run prefill too.
 pub const MAX_ROWS: usize = 16;
 
@@ -42,7 +42,7 @@ enum Kernels {
 
 /// Every kernel set this CPU runs, fastest first.
 fn supported() -> Vec<Kernels> {
-    let c = crate::cpu::cpu();
+    let c = crate::kernels::cpu::cpu();
     let mut all = Vec::new();
     if c.avx512bw && c.avx512vnni {
         all.push(Kernels::Avx512Vnni);
@@ -54,12 +54,12 @@ fn supported() -> Vec<Kernels> {
 }
 
 /// The fastest kernel set this CPU runs (`KOLLAVA_KERNELS=avx2`: the AVX2 one where the
-/// CPU also has AVX512, as [`crate::bf16::kernels`]).
+/// CPU also has AVX512, as [`crate::kernels::bf16::kernels`]).
 fn kernels() -> Option<Kernels> {
     static KERNELS: std::sync::OnceLock<Option<Kernels>> = std::sync::OnceLock::new();
     *KERNELS.get_or_init(|| {
         let all = supported();
-        if crate::cpu::cpu().request == crate::cpu::Request::Avx2 {
+        if crate::kernels::cpu::cpu().request == crate::kernels::cpu::Request::Avx2 {
             return all.into_iter().find(|&k| k == Kernels::Avx2);
         }
         all.first().copied()
@@ -651,7 +651,7 @@ unsafe fn dot_q4k<const R: usize>(
     let mut acc_min = [_mm256_setzero_ps(); R];
     for b in 0..blocks {
         let blk = w.add(b * Q4K_BYTES);
-        crate::prefetch::ahead::<3>(blk);
+        crate::kernels::prefetch::ahead::<3>(blk);
         let sm = q4k_scales_mins(&*(blk.add(4) as *const [u8; 12]));
         let sc = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_loadl_epi64(
             sm.as_ptr() as *const __m128i
@@ -722,7 +722,7 @@ unsafe fn dot_q6k<const R: usize>(
     let mut acc_off = [_mm512_setzero_ps(); R];
     for b in 0..blocks {
         let blk = w.add(b * Q6K_BYTES);
-        crate::prefetch::ahead::<4>(blk);
+        crate::kernels::prefetch::ahead::<4>(blk);
         let sc8 = _mm_loadu_si128(blk.add(192) as *const __m128i);
         let mut quants = [_mm512_setzero_si512(); 4];
         for half in 0..2 {
@@ -881,7 +881,7 @@ mod avx2 {
         let mut blk = w;
         for row in 0..out.len() {
             for b in 0..blocks {
-                crate::prefetch::ahead::<3>(blk);
+                crate::kernels::prefetch::ahead::<3>(blk);
                 let m16 = next_mins;
                 if blk != last {
                     next_mins = q4k_scale_pairs(blk.add(Q4K_BYTES), &mut *next);
@@ -958,7 +958,7 @@ mod avx2 {
         let mut blk = w;
         for row in 0..out.len() {
             for b in 0..blocks {
-                crate::prefetch::ahead::<4>(blk);
+                crate::kernels::prefetch::ahead::<4>(blk);
                 let sc8 = _mm_loadu_si128(blk.add(192) as *const __m128i);
                 let at: [usize; R] = std::array::from_fn(|r| (r0 + r) * blocks + b);
                 // The stored values are offset by +32: start from −32 · Σ scale · (sum of 16).
