@@ -8,7 +8,7 @@
 
 use kollava_model::config::{
     Activation, Architecture, ClipVisionConfig, DecoderConfig, FeatureSelect, ModelConfig,
-    MptOptions, ProjectorKind,
+    ProjectorKind,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -157,7 +157,7 @@ pub struct RawLlavaConfig {
     pub n_layers: Option<usize>,
     pub expansion_ratio: Option<f64>,
     pub max_seq_len: Option<usize>,
-    pub attn_config: Option<RawMptAttention>,
+    pub attn_config: Option<crate::mpt::RawMptAttention>,
     pub no_bias: Option<bool>,
     pub norm_type: Option<String>,
     pub logit_scale: Option<Value>,
@@ -184,19 +184,6 @@ pub struct RawLlavaConfig {
     pub image_token_index: Option<u32>,
     pub projector_hidden_act: Option<String>,
     pub multimodal_projector_bias: Option<bool>,
-}
-
-/// MPT's `attn_config`.
-#[derive(Debug, Clone, Deserialize, Default)]
-pub struct RawMptAttention {
-    pub alibi: Option<bool>,
-    pub alibi_bias_max: Option<f64>,
-    pub attn_type: Option<String>,
-    pub clip_qkv: Option<f64>,
-    pub qk_ln: Option<bool>,
-    pub softmax_scale: Option<f64>,
-    pub prefix_lm: Option<bool>,
-    pub attn_uses_sequence_id: Option<bool>,
 }
 
 /// A CLIP config: `CLIPVisionModel` (flat) or `CLIPModel` (with `vision_config`).
@@ -315,95 +302,6 @@ pub fn detect_family(raw: &RawLlavaConfig, file: &str) -> Result<Family, Checkpo
 /// LLaVA-1.6 configs carry `image_grid_pinpoints` (anyres).
 fn raw_has_grid(raw: &RawLlavaConfig) -> bool {
     raw.image_aspect_ratio.as_deref() == Some("anyres")
-}
-
-/// The decoder of a LLaVA-MPT config (`MPTConfig`'s keys; defaults are `MPTConfig`'s).
-/// MPT-7B's LayerNorm epsilon is hard-coded (1e-5); the MLP is GELU (exact).
-pub fn resolve_mpt_decoder(
-    raw: &RawLlavaConfig,
-    file: &str,
-) -> Result<DecoderConfig, CheckpointError> {
-    let unsupported = |what: String| CheckpointError::Unsupported {
-        file: file.to_string(),
-        what,
-    };
-    let invalid = |what: String| CheckpointError::Invalid {
-        file: file.to_string(),
-        what,
-    };
-    let attn = raw.attn_config.clone().unwrap_or_default();
-    if attn.alibi == Some(false) {
-        return Err(unsupported(
-            "MPT without ALiBi (learned position embeddings)".into(),
-        ));
-    }
-    if attn.prefix_lm == Some(true) || attn.attn_uses_sequence_id == Some(true) {
-        return Err(unsupported("MPT prefix-LM or sequence-id attention".into()));
-    }
-    if let Some(t) = attn
-        .attn_type
-        .as_deref()
-        .filter(|t| *t != "multihead_attention")
-    {
-        return Err(unsupported(format!("MPT attn_type {t:?}")));
-    }
-    match raw
-        .norm_type
-        .as_deref()
-        .unwrap_or("low_precision_layernorm")
-    {
-        "low_precision_layernorm" | "layernorm" => {}
-        other => return Err(unsupported(format!("MPT norm_type {other:?}"))),
-    }
-    if raw.tie_word_embeddings == Some(false) {
-        return Err(unsupported("MPT with an untied output matrix".into()));
-    }
-    let hidden = raw.d_model.unwrap_or(2048);
-    let heads = raw.n_heads.unwrap_or(16);
-    if heads == 0 || !hidden.is_multiple_of(heads) {
-        return Err(invalid(format!(
-            "d_model {hidden} is not a multiple of n_heads {heads}"
-        )));
-    }
-    let ratio = raw.expansion_ratio.unwrap_or(4.0);
-    let intermediate = ratio * hidden as f64;
-    if intermediate.fract() != 0.0 || intermediate <= 0.0 {
-        return Err(invalid(format!(
-            "expansion_ratio {ratio} of d_model {hidden}"
-        )));
-    }
-    let logit_scale = match &raw.logit_scale {
-        None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => n.as_f64(),
-        Some(Value::String(s)) if s == "inv_sqrt_d_model" => Some(1.0 / (hidden as f64).sqrt()),
-        Some(other) => return Err(invalid(format!("logit_scale {other}"))),
-    };
-    let bias = !raw.no_bias.unwrap_or(false);
-    Ok(DecoderConfig {
-        arch: Architecture::Mpt(MptOptions {
-            alibi_bias_max: attn.alibi_bias_max.unwrap_or(8.0),
-            clip_qkv: attn.clip_qkv,
-            qk_ln: attn.qk_ln.unwrap_or(false),
-            softmax_scale: attn.softmax_scale,
-            logit_scale,
-            norm_bias: bias,
-        }),
-        vocab_size: raw.vocab_size.unwrap_or(50368),
-        hidden_size: hidden,
-        intermediate_size: intermediate as usize,
-        num_hidden_layers: raw.n_layers.unwrap_or(24),
-        num_attention_heads: heads,
-        num_key_value_heads: heads,
-        head_dim: hidden / heads,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        max_position_embeddings: raw.max_seq_len.unwrap_or(2048),
-        sliding_window: None,
-        attention_bias: bias,
-        mlp_bias: bias,
-        hidden_act: Activation::Gelu,
-        tie_word_embeddings: true,
-    })
 }
 
 /// Defaults for keys a saved config may omit. transformers writes nested configs as a
@@ -682,7 +580,7 @@ pub fn resolve_model(
                 }
             };
             let decoder = match family.llm {
-                Llm::Mpt => resolve_mpt_decoder(raw, file)?,
+                Llm::Mpt => crate::mpt::resolve_decoder(raw, file)?,
                 Llm::Llama | Llm::Mistral => resolve_decoder(raw, family, file)?,
             };
             (
@@ -860,7 +758,7 @@ mod tests {
                 "mm_vision_select_layer":-2,"mm_use_im_start_end":true}"#,
         );
         assert_eq!(detect_family(&raw, "c").unwrap(), Family::LLAVA_MPT);
-        let d = resolve_mpt_decoder(&raw, "c").unwrap();
+        let d = crate::mpt::resolve_decoder(&raw, "c").unwrap();
         assert_eq!(
             (
                 d.hidden_size,
@@ -880,7 +778,7 @@ mod tests {
             (r#"{"tie_word_embeddings":false}"#, "untied"),
             (r#"{"d_model":100,"n_heads":3}"#, "100"),
         ] {
-            let err = resolve_mpt_decoder(&parse(bad), "config.json")
+            let err = crate::mpt::resolve_decoder(&parse(bad), "config.json")
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(what) && err.contains("config.json"), "{err}");

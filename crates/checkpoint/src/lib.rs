@@ -16,6 +16,7 @@ pub mod convert;
 pub mod delta;
 pub mod gguf;
 pub mod locate;
+pub mod mpt;
 pub mod precision;
 pub mod random;
 pub mod torch_pickle;

@@ -523,7 +523,7 @@ impl KeyLayout {
         };
         match self {
             KeyLayout::Llava => canonical.to_string(),
-            KeyLayout::Mpt => mpt_key(canonical),
+            KeyLayout::Mpt => crate::mpt::stored_name(canonical),
             KeyLayout::HfLegacy { .. } => {
                 if let Some(rest) = canonical.strip_prefix("model.mm_projector.") {
                     projector(rest, "")
@@ -564,42 +564,6 @@ impl KeyLayout {
     }
 }
 
-/// Canonical name → LLaVA-MPT's (`model.layers.3.self_attn.qkv_proj.weight` →
-/// `transformer.blocks.3.attn.Wqkv.weight`). Names MPT does not have pass unchanged.
-fn mpt_key(canonical: &str) -> String {
-    if canonical == "model.embed_tokens.weight" {
-        return "transformer.wte.weight".into();
-    }
-    if let Some(rest) = canonical.strip_prefix("model.norm.") {
-        return format!("transformer.norm_f.{rest}");
-    }
-    if let Some(rest) = canonical.strip_prefix("model.mm_projector.") {
-        return format!("transformer.mm_projector.{rest}");
-    }
-    let Some(rest) = canonical.strip_prefix("model.layers.") else {
-        return canonical.to_string();
-    };
-    let (layer, tail) = rest.split_once('.').unwrap_or((rest, ""));
-    for (ours, theirs) in MPT_BLOCK_PARTS {
-        if let Some(t) = tail.strip_prefix(ours) {
-            return format!("transformer.blocks.{layer}.{theirs}{t}");
-        }
-    }
-    canonical.to_string()
-}
-
-/// Our names of a decoder layer's parts and MPT's (`transformer.blocks.N.` + these).
-const MPT_BLOCK_PARTS: [(&str, &str); 8] = [
-    ("input_layernorm.", "norm_1."),
-    ("post_attention_layernorm.", "norm_2."),
-    ("self_attn.qkv_proj.", "attn.Wqkv."),
-    ("self_attn.o_proj.", "attn.out_proj."),
-    ("self_attn.q_ln.", "attn.q_ln."),
-    ("self_attn.k_ln.", "attn.k_ln."),
-    ("mlp.up_proj.", "ffn.up_proj."),
-    ("mlp.down_proj.", "ffn.down_proj."),
-];
-
 /// A name under a language model's layers as any layout stores it (llava-hf's
 /// `model.language_model.layers.` or `language_model.model.layers.`, MPT's
 /// `transformer.blocks.N.attn.Wqkv`, ours) → ours (`model.layers.N.self_attn.qkv_proj`).
@@ -613,19 +577,7 @@ pub fn canonical_layer_name(name: &str) -> String {
             return format!("model.layers.{rest}");
         }
     }
-    if let Some(rest) = name.strip_prefix("transformer.blocks.") {
-        let (layer, tail) = rest.split_once('.').unwrap_or((rest, ""));
-        let tail = format!("{tail}.");
-        for (ours, theirs) in MPT_BLOCK_PARTS {
-            if let Some(t) = tail.strip_prefix(theirs) {
-                let t = t.strip_suffix('.').unwrap_or(t);
-                let sep = if t.is_empty() { "" } else { "." };
-                let ours = ours.strip_suffix('.').unwrap_or(ours);
-                return format!("model.layers.{layer}.{ours}{sep}{t}");
-            }
-        }
-    }
-    name.to_string()
+    crate::mpt::canonical_name(name).unwrap_or_else(|| name.to_string())
 }
 
 #[cfg(test)]

@@ -19,6 +19,9 @@ use crate::config::{Architecture, DecoderConfig};
 use crate::kv_cache::KvCache;
 use crate::layers::{attention, LayerNorm, Linear, RmsNorm};
 
+mod alibi;
+use alibi::Alibi;
+
 /// A decoder norm: LLaMA's RMSNorm or MPT's LayerNorm.
 #[derive(Debug, Clone)]
 enum Norm {
@@ -385,59 +388,6 @@ fn blocked_attention(
         })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&parts, 2)
-}
-
-/// ALiBi's bias for a step (MPT): `slope_h · (key position − query position)`, which
-/// differs from MPT's `slope_h · (j − (keys − 1))` by a constant per query row, so the
-/// softmax is the same; from positions, it also holds for padded and batched rows.
-#[derive(Debug, Clone)]
-struct Alibi {
-    /// Key position minus query position, `(b, 1, s, slots)` (0 where masked anyway).
-    dist: Tensor,
-    /// `(1, heads, 1, 1)`.
-    slopes: Tensor,
-    /// The same slopes, for the CPU kernels.
-    values: Arc<[f32]>,
-}
-
-impl Alibi {
-    /// The bias of heads `start..start + n`.
-    fn heads(&self, start: usize, n: usize) -> Result<Alibi> {
-        Ok(Alibi {
-            dist: self.dist.clone(),
-            slopes: self.slopes.narrow(1, start, n)?,
-            values: self.values[start..start + n].into(),
-        })
-    }
-
-    /// Query rows `start..start + len` over the first `extent` slots.
-    fn block(&self, start: usize, len: usize, extent: usize) -> Result<Alibi> {
-        Ok(Alibi {
-            dist: self.dist.narrow(2, start, len)?.narrow(3, 0, extent)?,
-            slopes: self.slopes.clone(),
-            values: self.values.clone(),
-        })
-    }
-
-    /// One decoding query over its last `len` keys: distances `-(len-1) ..= 0`.
-    fn for_last_keys(&self, len: usize) -> Result<Alibi> {
-        let dist: Vec<f32> = (0..len).map(|j| j as f32 - (len - 1) as f32).collect();
-        Ok(Alibi {
-            dist: Tensor::from_vec(dist, (1, 1, 1, len), self.slopes.device())?
-                .to_dtype(self.slopes.dtype())?,
-            slopes: self.slopes.clone(),
-            values: self.values.clone(),
-        })
-    }
-
-    /// The additive bias `(b, heads, s, t)`, with `mask` added.
-    fn with_mask(&self, mask: Option<&Tensor>) -> Result<Tensor> {
-        let bias = self.dist.broadcast_mul(&self.slopes)?;
-        match mask {
-            Some(m) => bias.broadcast_add(m),
-            None => Ok(bias),
-        }
-    }
 }
 
 /// Grouped-query attention without copying keys and values per query head: the `rep`
@@ -968,19 +918,9 @@ impl Decoder {
                 )
             }
             Some(o) => {
-                let heads = self.cfg.num_attention_heads;
-                let values: Arc<[f32]> = o.alibi_slopes(heads).into();
-                let slopes = Tensor::from_slice(&values, (1, heads, 1, 1), xs.device())?;
+                let slopes = o.alibi_slopes(self.cfg.num_attention_heads);
                 let dist = cache.key_offsets(&positions, s, xs.device())?;
-                let (dist, slopes) = (dist.to_dtype(dtype)?, slopes.to_dtype(dtype)?);
-                (
-                    None,
-                    Some(Alibi {
-                        dist,
-                        slopes,
-                        values,
-                    }),
-                )
+                (None, Some(Alibi::new(dist, slopes, dtype)?))
             }
         };
         Ok(StepInputs {

@@ -85,7 +85,7 @@ impl QuantType {
     }
 
     /// llama.cpp's `llama_ftype`.
-    fn file_type(self) -> u32 {
+    pub(crate) fn file_type(self) -> u32 {
         match self {
             Self::F32 => 0,
             Self::F16 => 1,
@@ -318,7 +318,7 @@ fn read_text(path: &Path) -> Option<String> {
 fn llm_metadata(ckpt: &Checkpoint, q: QuantType) -> Result<Vec<(String, Meta)>, CheckpointError> {
     let d = &ckpt.config.decoder;
     if let Some(o) = d.mpt() {
-        return mpt_metadata(ckpt, q, o);
+        return crate::mpt::gguf_metadata(ckpt, q, o);
     }
     let tok = ckpt.tokenizer()?;
     let vocab = tok.export_vocab(d.vocab_size)?;
@@ -401,7 +401,7 @@ fn llm_metadata(ckpt: &Checkpoint, q: QuantType) -> Result<Vec<(String, Meta)>, 
 /// What kollava needs beyond llama.cpp's keys to answer as on the source: the family,
 /// template, context, stop ids, image-token scheme and the tokenizer's own files (so that
 /// ours reads back exactly as the source tokenizes).
-fn kollava_metadata(ckpt: &Checkpoint) -> Vec<(String, Meta)> {
+pub(crate) fn kollava_metadata(ckpt: &Checkpoint) -> Vec<(String, Meta)> {
     let mut m: Vec<(String, Meta)> = vec![
         (
             "kollava.family".into(),
@@ -435,80 +435,6 @@ fn kollava_metadata(ckpt: &Checkpoint) -> Vec<(String, Meta)> {
         }
     }
     m
-}
-
-/// llama.cpp's `mpt` architecture keys (as its converter writes MPT-7B's) and its `gpt2`
-/// tokenizer with the `mpt` pre-tokenizer.
-fn mpt_metadata(
-    ckpt: &Checkpoint,
-    q: QuantType,
-    o: &kollava_model::config::MptOptions,
-) -> Result<Vec<(String, Meta)>, CheckpointError> {
-    let d = &ckpt.config.decoder;
-    let tok = ckpt.tokenizer()?;
-    let Some(vocab) = tok.export_byte_level_bpe(d.vocab_size)? else {
-        return Err(CheckpointError::Unsupported {
-            file: ckpt.dir.display().to_string(),
-            what: "an MPT model whose tokenizer is not byte-level BPE, in GGUF".into(),
-        });
-    };
-    let u = |n: usize| Meta::U32(n as u32);
-    let mut m: Vec<(String, Meta)> = vec![
-        ("general.architecture".into(), Meta::Str("mpt".into())),
-        ("general.name".into(), Meta::Str(ckpt.name.clone())),
-        ("general.file_type".into(), Meta::U32(q.file_type())),
-        (
-            "general.alignment".into(),
-            Meta::U32(format::ALIGNMENT as u32),
-        ),
-        ("mpt.vocab_size".into(), u(d.vocab_size)),
-        ("mpt.context_length".into(), u(d.max_position_embeddings)),
-        ("mpt.embedding_length".into(), u(d.hidden_size)),
-        ("mpt.block_count".into(), u(d.num_hidden_layers)),
-        ("mpt.feed_forward_length".into(), u(d.intermediate_size)),
-        ("mpt.attention.head_count".into(), u(d.num_attention_heads)),
-        (
-            "mpt.attention.head_count_kv".into(),
-            u(d.num_key_value_heads),
-        ),
-        (
-            "mpt.attention.layer_norm_epsilon".into(),
-            Meta::F32(d.rms_norm_eps as f32),
-        ),
-        (
-            "mpt.attention.max_alibi_bias".into(),
-            Meta::F32(o.alibi_bias_max as f32),
-        ),
-        ("tokenizer.ggml.model".into(), Meta::Str("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), Meta::Str("mpt".into())),
-        ("tokenizer.ggml.tokens".into(), Meta::ArrStr(vocab.tokens)),
-        (
-            "tokenizer.ggml.token_type".into(),
-            Meta::ArrI32(vocab.kinds),
-        ),
-        ("tokenizer.ggml.merges".into(), Meta::ArrStr(vocab.merges)),
-        ("tokenizer.ggml.bos_token_id".into(), Meta::U32(tok.bos_id)),
-        ("tokenizer.ggml.eos_token_id".into(), Meta::U32(tok.eos_id)),
-        (
-            "tokenizer.ggml.unknown_token_id".into(),
-            Meta::U32(tok.unk_id),
-        ),
-        ("tokenizer.ggml.add_bos_token".into(), Meta::Bool(false)),
-        ("tokenizer.ggml.add_eos_token".into(), Meta::Bool(false)),
-    ];
-    if let Some(c) = o.clip_qkv {
-        m.push(("mpt.attention.clamp_kqv".into(), Meta::F32(c as f32)));
-    }
-    for (key, value) in [
-        ("kollava.mpt.softmax_scale", o.softmax_scale),
-        ("kollava.mpt.logit_scale", o.logit_scale),
-    ] {
-        if let Some(v) = value {
-            m.push((key.into(), Meta::F32(v as f32)));
-        }
-    }
-    m.extend(kollava_metadata(ckpt));
-    Ok(m)
 }
 
 fn mmproj_metadata(ckpt: &Checkpoint) -> Vec<(String, Meta)> {
@@ -755,24 +681,24 @@ pub fn find_pair(
 }
 
 /// Metadata lookups with errors that name the file and key.
-struct Keys<'a> {
-    c: &'a Content,
-    file: &'a Path,
+pub(crate) struct Keys<'a> {
+    pub(crate) c: &'a Content,
+    pub(crate) file: &'a Path,
 }
 
 impl Keys<'_> {
-    fn get(&self, key: &str) -> Option<&Value> {
+    pub(crate) fn get(&self, key: &str) -> Option<&Value> {
         self.c.metadata.get(key)
     }
 
-    fn missing(&self, key: &str) -> CheckpointError {
+    pub(crate) fn missing(&self, key: &str) -> CheckpointError {
         CheckpointError::MissingKey {
             file: self.file.display().to_string(),
             key: key.into(),
         }
     }
 
-    fn uint(&self, key: &str) -> Option<usize> {
+    pub(crate) fn uint(&self, key: &str) -> Option<usize> {
         match self.get(key)? {
             Value::U8(v) => Some(*v as usize),
             Value::U16(v) => Some(*v as usize),
@@ -784,11 +710,11 @@ impl Keys<'_> {
         }
     }
 
-    fn need_uint(&self, key: &str) -> Result<usize, CheckpointError> {
+    pub(crate) fn need_uint(&self, key: &str) -> Result<usize, CheckpointError> {
         self.uint(key).ok_or_else(|| self.missing(key))
     }
 
-    fn float(&self, key: &str) -> Option<f64> {
+    pub(crate) fn float(&self, key: &str) -> Option<f64> {
         match self.get(key)? {
             // Through the shortest decimal that reads back as this f32, so that the 1e-5 of
             // a config.json comes back as the f64 1e-5.
@@ -798,28 +724,28 @@ impl Keys<'_> {
         }
     }
 
-    fn string(&self, key: &str) -> Option<&str> {
+    pub(crate) fn string(&self, key: &str) -> Option<&str> {
         match self.get(key)? {
             Value::String(s) => Some(s),
             _ => None,
         }
     }
 
-    fn boolean(&self, key: &str) -> Option<bool> {
+    pub(crate) fn boolean(&self, key: &str) -> Option<bool> {
         match self.get(key)? {
             Value::Bool(b) => Some(*b),
             _ => None,
         }
     }
 
-    fn array(&self, key: &str) -> Option<&Vec<Value>> {
+    pub(crate) fn array(&self, key: &str) -> Option<&Vec<Value>> {
         match self.get(key)? {
             Value::Array(a) => Some(a),
             _ => None,
         }
     }
 
-    fn floats(&self, key: &str) -> Option<Vec<f32>> {
+    pub(crate) fn floats(&self, key: &str) -> Option<Vec<f32>> {
         self.array(key)?
             .iter()
             .map(|v| match v {
@@ -830,14 +756,14 @@ impl Keys<'_> {
             .collect()
     }
 
-    fn uints(&self, key: &str) -> Option<Vec<u32>> {
+    pub(crate) fn uints(&self, key: &str) -> Option<Vec<u32>> {
         self.array(key)?.iter().map(|v| v.to_u32().ok()).collect()
     }
 }
 
 /// Resolves a GGUF pair into a [`Checkpoint`].
 /// Rows of a tensor of `c`, from its header.
-fn rows(c: &Content, name: &str) -> Option<usize> {
+pub(crate) fn rows(c: &Content, name: &str) -> Option<usize> {
     c.tensor_infos.get(name).map(|t| t.shape.dims()[0])
 }
 
@@ -866,45 +792,6 @@ fn llama_decoder(k: &Keys, llm: &Content) -> Result<DecoderConfig, CheckpointErr
         mlp_bias: llm.tensor_infos.contains_key("blk.0.ffn_up.bias"),
         hidden_act: Activation::Silu,
         tie_word_embeddings: !llm.tensor_infos.contains_key("output.weight"),
-    })
-}
-
-/// The decoder of a GGUF `mpt` model (llama.cpp's keys; biases and q/k norms where the file
-/// has their tensors).
-fn mpt_decoder(k: &Keys, llm: &Content) -> Result<DecoderConfig, CheckpointError> {
-    let hidden = k.need_uint("mpt.embedding_length")?;
-    let heads = k.need_uint("mpt.attention.head_count")?;
-    let has = |name: &str| llm.tensor_infos.contains_key(name);
-    if heads == 0 || !hidden.is_multiple_of(heads) {
-        return Err(CheckpointError::Invalid {
-            file: k.file.display().to_string(),
-            what: format!("mpt.embedding_length {hidden} for {heads} heads"),
-        });
-    }
-    Ok(DecoderConfig {
-        arch: kollava_model::config::Architecture::Mpt(kollava_model::config::MptOptions {
-            alibi_bias_max: k.float("mpt.attention.max_alibi_bias").unwrap_or(8.0),
-            clip_qkv: k.float("mpt.attention.clamp_kqv"),
-            qk_ln: has("blk.0.attn_q_norm.weight"),
-            softmax_scale: k.float("kollava.mpt.softmax_scale"),
-            logit_scale: k.float("kollava.mpt.logit_scale"),
-            norm_bias: has("blk.0.attn_norm.bias"),
-        }),
-        vocab_size: rows(llm, "token_embd.weight").ok_or_else(|| k.missing("token_embd.weight"))?,
-        hidden_size: hidden,
-        intermediate_size: k.need_uint("mpt.feed_forward_length")?,
-        num_hidden_layers: k.need_uint("mpt.block_count")?,
-        num_attention_heads: heads,
-        num_key_value_heads: heads,
-        head_dim: hidden / heads,
-        rms_norm_eps: k.float("mpt.attention.layer_norm_epsilon").unwrap_or(1e-5),
-        rope_theta: 10000.0,
-        max_position_embeddings: k.uint("mpt.context_length").unwrap_or(2048),
-        sliding_window: None,
-        attention_bias: has("blk.0.attn_qkv.bias"),
-        mlp_bias: has("blk.0.ffn_up.bias"),
-        hidden_act: Activation::Gelu,
-        tie_word_embeddings: !has("output.weight"),
     })
 }
 
@@ -937,7 +824,7 @@ pub fn open_pair(model: PathBuf, mmproj: PathBuf) -> Result<Checkpoint, Checkpoi
         });
     }
     let decoder = match arch {
-        "mpt" => mpt_decoder(&k, &llm)?,
+        "mpt" => crate::mpt::gguf_decoder(&k, &llm)?,
         _ => llama_decoder(&k, &llm)?,
     };
     let vision_layers = v.need_uint("clip.vision.block_count")?;
