@@ -1,79 +1,28 @@
-//! `kollava train`: stage 1 (projector) and stage 2 (LLM + projector, optionally the tower)
-//! with a progress bar, `metrics.jsonl`, atomic checkpoints and automatic resume.
-//!
-//! Output layout (as HF's Trainer): `OUTPUT/checkpoint-STEP/` every `--save-steps` (the
-//! weights, `optimizer.safetensors`, `trainer_state.json`), and the final result in
-//! `OUTPUT/` itself: `mm_projector.safetensors` (and `mm_projector.bin`, the PyTorch pickle
-//! LLaVA's `--pretrain_mm_mlp_adapter` loads) + `config.json` for stage 1, a whole
-//! checkpoint in the input's family layout for stage 2.
+//! `kollava train`: stage 1 (projector) and stage 2 (LLM + projector, optionally the tower),
+//! wired from the arguments to the library: the checks on them, the progress bar,
+//! `metrics.jsonl` and TensorBoard. What trains, the default rates and what the run writes
+//! where (checkpoints, resume, pruning, the final result) are `kollava_train::run`'s.
 
-use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use kollava_checkpoint::{Family, OpenOptions};
+use kollava_checkpoint::OpenOptions;
 use kollava_inputs::image::{self, AspectMode};
 use kollava_train::labels::label_rule;
 use kollava_train::lora;
 use kollava_train::optim::AdamW;
+use kollava_train::run::{
+    default_lr, newest_checkpoint, projector_tensors, prune_checkpoints, save_checkpoint,
+    save_final, start_end_rows, trainable_filter, Output, OPTIMIZER_FILE, PROJECTOR_FILE,
+};
 use kollava_train::trainer::{train, TrainInputs, TrainOptions};
 
 use super::write_atomic;
 use crate::args::TrainArgs;
-
-const STATE_FILE: &str = "trainer_state.json";
-const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-const PROJECTOR_FILE: &str = "mm_projector.safetensors";
-/// The same tensors as LLaVA's stage 1 saves them (`torch.save`, LLaVA's names).
-const PROJECTOR_BIN: &str = "mm_projector.bin";
-/// The projector of a LoRA run as LLaVA saves it: `torch.save` of the PEFT-wrapped model's
-/// names (`base_model.model.model.mm_projector.*`), which LLaVA's `load_pretrained_model`
-/// strips back.
-const NON_LORA_BIN: &str = "non_lora_trainables.bin";
-
-fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    candle_core::safetensors::save(tensors, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// The `checkpoint-STEP` directories in `dir`, oldest first.
-fn checkpoints(dir: &Path) -> Vec<(usize, PathBuf)> {
-    let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
-            Some((step, e.path()))
-        })
-        .collect();
-    all.sort();
-    all
-}
-
-/// The newest complete checkpoint (one with its trainer state), with its step.
-fn newest_checkpoint(dir: &Path) -> Option<(usize, PathBuf)> {
-    checkpoints(dir)
-        .into_iter()
-        .rev()
-        .find(|(_, p)| p.join(STATE_FILE).is_file())
-}
-
-fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
-    let all = checkpoints(dir);
-    let excess = all.len().saturating_sub(keep);
-    for (_, p) in all.into_iter().take(excess) {
-        std::fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
-    }
-    Ok(())
-}
 
 /// `--nproc N`: runs this same command as N processes (ranks) and waits for them all.
 fn launch(n: u32) -> Result<()> {
@@ -210,23 +159,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let (freeze_llm, freeze_projector) = (args.freeze_backbone, args.freeze_mm_mlp_adapter);
     let tune_vision = args.tune_vision_tower;
     let boundary_rows = start_end_rows(&ckpt)?;
-    let filter: Arc<kollava_checkpoint::trainable::TrainableFilter> = if finetune {
-        Arc::new(move |n: &str| {
-            if n.starts_with("vision_model.") {
-                tune_vision
-            } else if n.starts_with("model.mm_projector.") {
-                !freeze_projector
-            } else {
-                !freeze_llm && !lora
-            }
-        })
-    } else {
-        // v0 with <im_start>/<im_end>: their embedding rows learn in stage 1 too.
-        let rows = boundary_rows.is_some();
-        Arc::new(move |n: &str| {
-            n.starts_with("model.mm_projector.") || (rows && n == "model.embed_tokens.weight")
-        })
-    };
+    let filter = trainable_filter(
+        finetune,
+        lora,
+        (freeze_llm, freeze_projector, tune_vision),
+        boundary_rows.is_some(),
+    );
     let mut tm = ckpt.load_trainable(DType::F32, &device, filter)?;
     if let (Some(rows), Some(file), None) = (boundary_rows, &args.model.projector, &resume) {
         take_boundary_rows(&tm.tensors, file, rows)?;
@@ -303,11 +241,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         dist: dist.as_ref(),
     };
     let opts = TrainOptions {
-        lr: args.lr.unwrap_or(match (finetune, lora) {
-            (false, _) => 2e-3,
-            (true, true) => 2e-4,
-            (true, false) => 2e-5,
-        }),
+        lr: args.lr.unwrap_or(default_lr(finetune, lora)),
         epochs: args.epochs,
         max_steps: args.max_steps,
         batch_size: args.per_device_batch_size as usize,
@@ -399,7 +333,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         if !main_rank {
             return Ok(());
         }
-        let to_candle = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
+        let to_candle = |e: kollava_train::run::RunError| candle_core::Error::Msg(e.to_string());
         let result = if step == total {
             save_final(
                 &ckpt,
@@ -501,57 +435,6 @@ pub fn plot(args: &crate::args::PlotArgs) -> Result<()> {
     Ok(())
 }
 
-/// What a run writes.
-enum Output<'a> {
-    /// Stage 1: the projector.
-    Projector,
-    /// Stage 2: a whole checkpoint.
-    Full,
-    /// Stage 2 with adapters: PEFT files, plus the trained projector.
-    Lora {
-        opts: &'a lora::LoraOptions,
-        params: &'a [(String, candle_core::Var)],
-        base: &'a str,
-    },
-}
-
-/// Adapter, its config, the projector (`non_lora_trainables`) and the base's config
-/// (with the template) into the existing directory `dir`.
-fn write_lora(
-    ckpt: &kollava_checkpoint::Checkpoint,
-    tensors: &[(String, Tensor)],
-    dir: &Path,
-    opts: &lora::LoraOptions,
-    params: &[(String, candle_core::Var)],
-    base: &str,
-    template: &str,
-) -> Result<()> {
-    save_tensors(
-        &dir.join(lora::ADAPTER_FILE),
-        &lora::peft_tensors(params, ckpt.family),
-    )?;
-    write_atomic(
-        &dir.join(lora::ADAPTER_CONFIG),
-        serde_json::to_string_pretty(&opts.peft_config(base, ckpt.family, params))?.as_bytes(),
-    )?;
-    let projector = projector_tensors(tensors);
-    save_tensors(&dir.join(lora::NON_LORA_FILE), &projector)?;
-    if ckpt.family.layout != kollava_checkpoint::Layout::LlavaHf {
-        // For LLaVA's own code (`load_pretrained_model` with a LoRA `model_path`).
-        kollava_checkpoint::torch_pickle::save(
-            &dir.join(NON_LORA_BIN),
-            &sorted(projector, ckpt.family, "base_model.model."),
-        )?;
-    }
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(ckpt.dir.join("config.json"))?)?;
-    config["kollava_template"] = serde_json::json!(template);
-    write_atomic(
-        &dir.join("config.json"),
-        serde_json::to_string_pretty(&config)?.as_bytes(),
-    )
-}
-
 /// `kollava merge-lora`: base weights + `scale · B A`, written as a checkpoint of the
 /// base's family (with the adapter run's projector and template).
 pub fn merge_lora(args: &crate::args::MergeLoraArgs) -> Result<()> {
@@ -586,41 +469,6 @@ pub fn merge_lora(args: &crate::args::MergeLoraArgs) -> Result<()> {
         args.output.display()
     );
     Ok(())
-}
-
-/// Stage 1's result in `dir`: the projector as safetensors (what kollava reads back) and as
-/// LLaVA's `mm_projector.bin`, under the names of `family`'s Python class.
-fn save_projector(dir: &Path, tensors: &[(String, Tensor)], family: Family) -> Result<()> {
-    let projector = projector_tensors(tensors);
-    save_tensors(&dir.join(PROJECTOR_FILE), &projector)?;
-    kollava_checkpoint::torch_pickle::save(
-        &dir.join(PROJECTOR_BIN),
-        &sorted(projector, family, ""),
-    )?;
-    Ok(())
-}
-
-/// `tensors` by the names `family`'s Python class gives them, each after `prefix`.
-fn sorted(tensors: HashMap<String, Tensor>, family: Family, prefix: &str) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = tensors
-        .into_iter()
-        .map(|(n, t)| (format!("{prefix}{}", family.original_name(&n)), t))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-/// The projector's tensors under their checkpoint names (with v0's embedding matrix when
-/// its `<im_start>`/`<im_end>` rows were trained, as June-2023 LLaVA saved it).
-fn projector_tensors(tensors: &[(String, Tensor)]) -> HashMap<String, Tensor> {
-    tensors
-        .iter()
-        .filter(|(n, t)| {
-            n.starts_with("model.mm_projector.")
-                || (n == "model.embed_tokens.weight" && t.is_variable())
-        })
-        .map(|(n, t)| (n.clone(), t.clone()))
-        .collect()
 }
 
 /// A stage-1 file given to a checkpoint with `<im_start>`/`<im_end>` (v0) also carries those
@@ -683,115 +531,5 @@ fn take_boundary_rows(tensors: &[(String, Tensor)], file: &Path, rows: (u32, u32
         "took the <im_start>/<im_end> embeddings from {}",
         file.display()
     );
-    Ok(())
-}
-
-/// The ids of `<im_start>` and `<im_end>` when the checkpoint wraps images in them (v0).
-fn start_end_rows(ckpt: &kollava_checkpoint::Checkpoint) -> Result<Option<(u32, u32)>> {
-    if ckpt.config.decoder.tie_word_embeddings {
-        // LLaVA-MPT: its `initialize_vision_tokenizer` sets the input embedding trainable,
-        // then freezes the output embedding, which is the same tied matrix: in stage 1
-        // only the projector learns (llava-spec §1d.6).
-        return Ok(None);
-    }
-    let tok = ckpt.tokenizer()?;
-    Ok(match ckpt.image_tokens(&tok)? {
-        kollava_inputs::prompt::ImageTokens::PatchTokens { start_end, .. } => start_end,
-        _ => None,
-    })
-}
-
-fn trained_only(tensors: &[(String, Tensor)], names: &[String]) -> Vec<(String, Tensor)> {
-    tensors
-        .iter()
-        .filter(|(n, _)| names.contains(n))
-        .cloned()
-        .collect()
-}
-
-#[allow(clippy::too_many_arguments)]
-/// `OUTPUT/checkpoint-STEP`: weights in f32 (so a resumed run continues exactly), the
-/// optimizer's moments and the step, built under a temporary name and renamed.
-fn save_checkpoint(
-    ckpt: &kollava_checkpoint::Checkpoint,
-    tensors: &[(String, Tensor)],
-    trainable: &[String],
-    out: &Path,
-    kind: &Output,
-    template: &str,
-    step: usize,
-    opt: &AdamW,
-) -> Result<()> {
-    let dir = out.join(format!("checkpoint-{step}"));
-    let tmp = out.join(format!(".checkpoint-{step}.partial"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    match kind {
-        Output::Full => {
-            ckpt.save_with(&tmp, &trained_only(tensors, trainable), Some(DType::F32))?;
-            kollava_checkpoint::trainable::set_config_key(&tmp, "kollava_template", template)?;
-        }
-        Output::Projector => {
-            std::fs::create_dir_all(&tmp)?;
-            save_projector(&tmp, tensors, ckpt.family)?;
-        }
-        Output::Lora { opts, params, base } => {
-            std::fs::create_dir_all(&tmp)?;
-            write_lora(ckpt, tensors, &tmp, opts, params, base, template)?;
-        }
-    }
-    save_tensors(&tmp.join(OPTIMIZER_FILE), &opt.state())?;
-    write_atomic(
-        &tmp.join(STATE_FILE),
-        serde_json::to_string_pretty(
-            &serde_json::json!({"global_step": step, "optimizer_steps": opt.t}),
-        )?
-        .as_bytes(),
-    )?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).with_context(|| format!("cannot write {}", dir.display()))?;
-    Ok(())
-}
-
-/// The final result in `OUTPUT/` itself.
-fn save_final(
-    ckpt: &kollava_checkpoint::Checkpoint,
-    tensors: &[(String, Tensor)],
-    trainable: &[String],
-    out: &Path,
-    kind: &Output,
-    template: &str,
-    dtype: DType,
-) -> Result<()> {
-    if let Output::Lora { opts, params, base } = kind {
-        return write_lora(ckpt, tensors, out, opts, params, base, template);
-    }
-    if matches!(kind, Output::Projector) {
-        save_projector(out, tensors, ckpt.family)?;
-        let mut config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(ckpt.dir.join("config.json"))?)?;
-        config["tune_mm_mlp_adapter"] = serde_json::json!(true);
-        return write_atomic(
-            &out.join("config.json"),
-            serde_json::to_string_pretty(&config)?.as_bytes(),
-        );
-    }
-    // Written whole beside OUTPUT, then moved in entry by entry (each rename is atomic).
-    let tmp = out.join(".final.partial");
-    let _ = std::fs::remove_dir_all(&tmp);
-    ckpt.save_with(&tmp, &trained_only(tensors, trainable), Some(dtype))?;
-    kollava_checkpoint::trainable::set_config_key(&tmp, "kollava_template", template)?;
-    for entry in std::fs::read_dir(&tmp)? {
-        let entry = entry?;
-        if entry.file_name() == OPTIMIZER_FILE || entry.file_name() == STATE_FILE {
-            continue; // copied from a resumed checkpoint; not part of the result
-        }
-        let target = out.join(entry.file_name());
-        if target.is_dir() {
-            std::fs::remove_dir_all(&target)?;
-        }
-        std::fs::rename(entry.path(), &target)
-            .with_context(|| format!("cannot write {}", target.display()))?;
-    }
-    std::fs::remove_dir_all(&tmp)?;
     Ok(())
 }
