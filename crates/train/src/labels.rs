@@ -247,17 +247,7 @@ pub fn preprocess_rendered(
         mask(&mut labels, cur, cur + instruction_len);
         cur += round_len;
     }
-    mask(&mut labels, cur, usize::MAX);
-    let mismatch = cur != total;
-    if mismatch {
-        mask(&mut labels, 0, usize::MAX);
-    }
-    Ok(TrainExample {
-        ids,
-        labels,
-        prompt: built,
-        mismatch,
-    })
+    Ok(finish_rounds(built, ids, labels, cur, total))
 }
 
 /// May-2023 `preprocess_mpt`: the conversation split on `sep` (`<|im_end|>`), regrouped as
@@ -296,17 +286,30 @@ fn mpt_rounds(
         mask(&mut labels, cur, cur + instruction_len);
         cur += round_len;
     }
+    Ok(finish_rounds(built, ids, labels, cur, total))
+}
+
+/// The end the round rules share: everything after the last round is masked, and the whole
+/// sample when the rounds did not add up to its `total` non-pad tokens (upstream prints
+/// "WARNING: tokenization mismatch").
+fn finish_rounds(
+    built: prompt::Prompt,
+    ids: Vec<i64>,
+    mut labels: Vec<i64>,
+    cur: usize,
+    total: usize,
+) -> TrainExample {
     mask(&mut labels, cur, usize::MAX);
     let mismatch = cur != total;
     if mismatch {
         mask(&mut labels, 0, usize::MAX);
     }
-    Ok(TrainExample {
+    TrainExample {
         ids,
         labels,
         prompt: built,
         mismatch,
-    })
+    }
 }
 
 /// `labels[from:to] = IGNORE`, with Python's clamping of out-of-range slices.

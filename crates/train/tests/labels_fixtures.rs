@@ -1,6 +1,6 @@
 //! Label masking per template against the fixtures' reference labels (exact).
 
-use kollava_inputs::template::{Role, Template};
+use kollava_inputs::template::Role;
 use kollava_inputs::Tokenizer;
 use kollava_testkit::{checkpoint_dir, Reference, CHECKPOINTS};
 use kollava_train::labels::{preprocess, preprocess_rendered, reference_template};
