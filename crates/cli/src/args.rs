@@ -673,6 +673,30 @@ pub struct ServeArgs {
     /// The address the controller reaches this worker at — 컨트롤러가 접속할 이 워커의 주소
     #[arg(long, value_name = "URL", requires = "controller")]
     pub worker_address: Option<String>,
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+/// Limits of the HTTP layer (`serve`, `controller`).
+#[derive(Debug, Args)]
+pub struct HttpArgs {
+    /// Close a connection that has not sent a whole request head within this many seconds,
+    /// its first request or the next on a kept-alive connection (stalled and slow clients,
+    /// idle connections) — 요청 헤더 대기 시간(초)
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout: u64,
+    /// Connections open at once; one more is answered 503 and closed — 최대 동시 연결 수
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+}
+
+impl HttpArgs {
+    pub fn limits(&self) -> kollava_serve::HttpLimits {
+        kollava_serve::HttpLimits {
+            header_timeout: std::time::Duration::from_secs(self.header_timeout),
+            max_connections: self.max_connections as usize,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -686,6 +710,8 @@ pub struct ControllerArgs {
     /// How requests for a model pick among its workers — 워커 선택 방식
     #[arg(long, value_enum, default_value_t = Dispatch::ShortestQueue)]
     pub dispatch_method: Dispatch,
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 #[derive(Debug, Args)]

@@ -240,24 +240,109 @@ fn cors_layer(origin: &str) -> tower_http::cors::CorsLayer {
     }
 }
 
+/// What the HTTP layer allows a connection, whatever it sends (slow or stalled clients,
+/// too many of them): defaults a public deployment can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// A connection must send a whole request head within this, the first one and each
+    /// next one on a kept-alive connection (so an idle connection is closed after it too);
+    /// otherwise it is closed (slowloris).
+    pub header_timeout: std::time::Duration,
+    /// Connections open at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_timeout: std::time::Duration::from_secs(30),
+            max_connections: 1024,
+        }
+    }
+}
+
 /// Serves until Ctrl-C / SIGTERM; in-flight requests finish first.
-pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    limits: HttpLimits,
+) -> std::io::Result<()> {
+    serve_router(listener, app(state), limits, shutdown_signal()).await
 }
 
 /// [`serve`] for `kollava controller`.
 pub async fn serve_controller(
     listener: tokio::net::TcpListener,
     dispatch: controller::Dispatch,
+    limits: HttpLimits,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        controller::router(controller::Controller::new(dispatch)),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
+    let router = controller::router(controller::Controller::new(dispatch));
+    serve_router(listener, router, limits, shutdown_signal()).await
+}
+
+/// Serves `router` on `listener` under `limits` until `shutdown` completes, then lets the
+/// open connections finish their requests. Our own accept loop, because axum's `serve`
+/// gives hyper no timer, and without one hyper cannot time out a request head.
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    limits: HttpLimits,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a moment, keep serving.
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "{peer}: over {} connections, answered 503",
+                limits.max_connections
+            );
+            tokio::spawn(refuse(stream));
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("{peer}: {e}");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// A 503 in OpenAI's error shape to a connection over the limit, then closed.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = r#"{"error":{"message":"the server has too many open connections; retry shortly","type":"server_error","code":503}}"#;
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 async fn shutdown_signal() {

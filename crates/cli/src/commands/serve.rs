@@ -46,6 +46,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                 .with_log_dir(args.log_dir.clone())
                 .with_access(args.allow_remote_images, args.cors_origin.clone())
                 .with_multi_image(args.multi_image),
+            args.http.limits(),
         )
         .await
         .context("serving")
@@ -62,7 +63,7 @@ pub fn controller(args: &crate::args::ControllerArgs) -> Result<()> {
     runtime()?.block_on(async {
         let (listener, bound) = bind(&args.host, args.port).await?;
         eprintln!("kollava controller on http://{bound} ({method})");
-        kollava_serve::serve_controller(listener, dispatch)
+        kollava_serve::serve_controller(listener, dispatch, args.http.limits())
             .await
             .context("serving")
     })

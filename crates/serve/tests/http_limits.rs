@@ -1,0 +1,111 @@
+//! The HTTP layer's limits, on a trivial router: a connection that stalls in its request
+//! head is closed after the header timeout while other clients are answered, and a
+//! connection over the limit gets 503 at once.
+
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use kollava_serve::{serve_router, HttpLimits};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn start(limits: HttpLimits) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = axum::Router::new().route("/", get(|| async { "ok" }));
+    tokio::spawn(serve_router(
+        listener,
+        router,
+        limits,
+        std::future::pending::<()>(),
+    ));
+    addr
+}
+
+/// Everything the server sends until it closes, or `None` if it is still open after `wait`.
+async fn read_until_closed(conn: &mut TcpStream, wait: Duration) -> Option<String> {
+    let mut got = Vec::new();
+    tokio::time::timeout(wait, conn.read_to_end(&mut got))
+        .await
+        .ok()
+        .map(|_| String::from_utf8_lossy(&got).into_owned())
+}
+
+async fn get_root(addr: std::net::SocketAddr) -> String {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    read_until_closed(&mut c, Duration::from_secs(10))
+        .await
+        .expect("answered")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_request_head_is_closed_while_others_are_answered() {
+    let addr = start(HttpLimits {
+        header_timeout: Duration::from_secs(1),
+        max_connections: 16,
+    })
+    .await;
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(b"POST / HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    assert!(get_root(addr).await.ends_with("ok"));
+    let closed = read_until_closed(&mut stalled, Duration::from_secs(10)).await;
+    assert!(closed.is_some(), "a stalled connection stays open");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed before the timeout: {waited:?}"
+    );
+    // And it does not hurt the next clients.
+    assert!(get_root(addr).await.ends_with("ok"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_over_the_limit_gets_503_at_once() {
+    let addr = start(HttpLimits {
+        header_timeout: Duration::from_secs(20),
+        max_connections: 2,
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+        held.push(c);
+    }
+    // The accept loop takes connections in order: let it see the two first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    let answer = read_until_closed(&mut third, Duration::from_secs(5))
+        .await
+        .expect("answered at once");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too many open connections"), "{answer}");
+    drop(held);
+    // Slots come back as connections close.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(get_root(addr).await.ends_with("ok"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
+    let addr = start(HttpLimits {
+        header_timeout: Duration::from_secs(1),
+        max_connections: 16,
+    })
+    .await;
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 512];
+    let n = c.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Kept alive, then nothing more: closed once the next head is overdue.
+    let rest = read_until_closed(&mut c, Duration::from_secs(10)).await;
+    assert!(rest.is_some(), "an idle connection stays open");
+}
