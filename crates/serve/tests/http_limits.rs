@@ -101,7 +101,9 @@ async fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
     })
     .await;
     let mut c = TcpStream::connect(addr).await.unwrap();
-    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 512];
     let n = c.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
