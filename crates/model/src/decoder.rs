@@ -140,6 +140,14 @@ impl SelfAttention {
         out
     }
 
+    /// The query (or fused) projection: how the matrices are stored.
+    fn first(&self) -> &Linear {
+        match &self.qkv {
+            Qkv::Separate([q, ..]) => q,
+            Qkv::Fused(l) => l,
+        }
+    }
+
     fn linears(&self) -> Vec<&Linear> {
         let mut out: Vec<&Linear> = match &self.qkv {
             Qkv::Separate(l) => l.iter().collect(),
@@ -258,10 +266,7 @@ impl SelfAttention {
             None => {
                 // A model whose matrices are bf16 or quantized keeps a 16-bit cache already:
                 // its prompt's attention may round to bf16 too (on AMX tiles).
-                let bf16 = matches!(
-                    self.linears()[0],
-                    Linear::Bf16 { .. } | Linear::Quantized { .. }
-                );
+                let bf16 = matches!(self.first(), Linear::Bf16 { .. } | Linear::Quantized { .. });
                 let blocks = match &step.alibi {
                     Some(a) => crate::kernels::block_attention::attention_alibi(
                         q,
@@ -796,7 +801,7 @@ impl Decoder {
 
     /// Layer 0's first matrix (its query or fused projection): how the matrices are stored.
     fn first_matrix(&self) -> Option<&Linear> {
-        self.layers.first().and_then(|l| l.linears().next())
+        self.layers.first().map(|l| l.self_attn.first())
     }
 
     /// How the matrices are stored (`F16`, `Q4K`, …), as layer 0's query projection is.

@@ -165,7 +165,8 @@ pub fn add_adapters(
     }
     if adapted == 0 {
         candle_core::bail!(
-            "no linear map matches --lora-targets {:?} (known: {})",
+            "no linear map matches --lora-targets {:?} (known: {}; MPT's fused qkv_proj is \
+             also Wqkv, its o_proj out_proj)",
             opts.targets,
             ALL_TARGETS.join(", ")
         );

@@ -566,16 +566,16 @@ impl Tokenizer {
 /// The byte GPT-2's byte-level alphabet writes as `c`: printable Latin-1 bytes stand for
 /// themselves, and the other 68 bytes, in order, for U+0100 onwards (`Ġ` is the space).
 fn byte_of_char(c: char) -> Option<u8> {
-    let printable = |b: u32| matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF);
-    let c = c as u32;
-    if c < 0x100 {
-        return printable(c).then_some(c as u8);
+    let printable = |b: u8| matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF);
+    // The 68 other bytes in order, found once: decoding looks one up per character.
+    static SHIFTED: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    match u32::from(c) {
+        c @ 0..0x100 => printable(c as u8).then_some(c as u8),
+        c => SHIFTED
+            .get_or_init(|| (0..=255u8).filter(|&b| !printable(b)).collect())
+            .get((c - 0x100) as usize)
+            .copied(),
     }
-    let n = (c - 0x100) as usize;
-    (0u32..0x100)
-        .filter(|&b| !printable(b))
-        .nth(n)
-        .map(|b| b as u8)
 }
 
 /// A `tokenizer.json` BPE as sentencepiece pieces (see [`Tokenizer::export_vocab`]).

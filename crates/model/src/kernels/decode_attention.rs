@@ -105,8 +105,7 @@ fn attend_all<T: Elem>(
             if let Some(slopes) = slopes {
                 let slope = slopes[first + h];
                 for (j, x) in sh.iter_mut().enumerate() {
-                    // As the prefill kernel adds it: distance × slope, plus a zero mask.
-                    *x += (j as f32 - (len - 1) as f32) * slope + 0.0;
+                    *x += (j as f32 - (len - 1) as f32) * slope;
                 }
             }
             softmax_in_place(sh);
