@@ -520,7 +520,7 @@ pub struct TrainArgs {
     )]
     pub lora_targets: Vec<String>,
     /// 4: QLoRA, the frozen base stored in 4 bits (needs --lora-r); 16: as loaded — 양자화 비트 (4 = QLoRA)
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(4..=16))]
+    #[arg(long, default_value_t = 16, value_parser = bits)]
     pub bits: u8,
     /// Data order seed — 시드
     #[arg(long, default_value_t = 42)]
@@ -1126,6 +1126,15 @@ pub enum Dispatch {
     Lottery,
     #[value(name = "shortest_queue")]
     ShortestQueue,
+}
+
+/// `--bits`: 4 or 16.
+fn bits(s: &str) -> Result<u8, String> {
+    match s {
+        "4" => Ok(4),
+        "16" => Ok(16),
+        _ => Err("4 (QLoRA) or 16".into()),
+    }
 }
 
 /// `init-random`'s architectures, from the table that defines them (with what each is).

@@ -1,8 +1,11 @@
 //! The `kollava` binary: parse arguments, run a command, map errors to exit codes.
 //! Errors print as one `error: …` line with their causes (`{:#}`); a closed stdout (e.g.
-//! `| head`) is not an error.
+//! `| head`) is not an error. [`args`] declares the flags, [`commands`] wires each
+//! subcommand to the libraries, [`pipeline`] is what several commands share (the model's
+//! path, templates, images from files or URLs), [`charts`] draws the PNG charts.
 
 mod args;
+mod charts;
 mod commands;
 mod pipeline;
 

@@ -94,7 +94,7 @@ pub fn check(args: &DataCheckArgs) -> Result<ExitCode> {
                 report.too_long,
                 args.model_max_length
             );
-            kollava_train::plot::bar_chart(&[(title, bars)], 0.0, png)
+            crate::charts::bar_chart(&[(title, bars)], 0.0, png)
                 .map_err(|e| anyhow::anyhow!("cannot draw the histogram: {e}"))?;
             writeln!(out, "histogram written to {}", png.display())?;
         }

@@ -155,7 +155,7 @@ pub fn summarize(args: &SummarizeArgs) -> Result<()> {
         }
     }
     if let Some(chart) = &args.chart {
-        kollava_train::plot::bar_chart(&panels, 100.0, chart).map_err(anyhow::Error::msg)?;
+        crate::charts::bar_chart(&panels, 100.0, chart).map_err(anyhow::Error::msg)?;
         eprintln!("wrote {}", chart.display());
     }
     Ok(())

@@ -1,37 +1,23 @@
-//! A training run's policy around the loop ([`crate::trainer`]): which weights train, the
-//! default learning rates, and what a run writes where: `OUTPUT/checkpoint-STEP/` every
-//! `--save-steps` (the weights in f32, `optimizer.safetensors`, `trainer_state.json`; each
-//! built under a temporary name and renamed), found again to resume and pruned to a limit;
-//! the final result in `OUTPUT/` itself, as the reference's trainer lays it out: stage 1's
-//! projector (`mm_projector.safetensors`, and `mm_projector.bin` for LLaVA's code) with
-//! `config.json`, stage 2's whole checkpoint in the input's layout, or a LoRA run's PEFT
-//! adapter with `non_lora_trainables`.
+//! What a run writes where: `OUTPUT/checkpoint-STEP/` every `save_steps` (the weights in
+//! f32, `optimizer.safetensors`, `trainer_state.json`; each built under a temporary name and
+//! renamed), found again to resume and pruned to a limit; the final result in `OUTPUT/`
+//! itself, as the reference's trainer lays it out: stage 1's projector
+//! (`mm_projector.safetensors`, and `mm_projector.bin` for LLaVA's code) with `config.json`,
+//! stage 2's whole checkpoint in the input's layout, or a LoRA run's PEFT adapter with
+//! `non_lora_trainables`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use kollava_checkpoint::trainable::TrainableFilter;
 use kollava_checkpoint::{Checkpoint, CheckpointError, Family};
 
+use super::RunError;
 use crate::lora;
 use crate::optim::AdamW;
 
-/// What can fail while a run chooses its weights or writes its outputs.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum RunError {
-    #[error("cannot write {path}: {reason}")]
-    Write { path: String, reason: String },
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-    #[error(transparent)]
-    Tokenizer(#[from] kollava_inputs::tokenizer::TokenizerError),
-}
-
 /// Maps an error writing `path` into [`RunError::Write`].
-fn write<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> RunError + '_ {
+pub(super) fn write<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> RunError + '_ {
     move |e| RunError::Write {
         path: path.display().to_string(),
         reason: e.to_string(),
@@ -56,44 +42,6 @@ fn read_config(ckpt: &Checkpoint) -> Result<serde_json::Value, RunError> {
             reason: e.to_string(),
         })
     })
-}
-
-/// The learning rate the reference's scripts use when none is given: stage 1 2e-3, full
-/// finetuning 2e-5, LoRA 2e-4.
-pub fn default_lr(finetune: bool, lora: bool) -> f64 {
-    match (finetune, lora) {
-        (false, _) => 2e-3,
-        (true, true) => 2e-4,
-        (true, false) => 2e-5,
-    }
-}
-
-/// Which weights train, by canonical name. Stage 1: the projector, and v0's
-/// `<im_start>`/`<im_end>` embedding rows when it has them (`boundary_rows`). Stage 2: the
-/// projector unless frozen, the language model unless frozen or under adapters, the tower
-/// when asked.
-pub fn trainable_filter(
-    finetune: bool,
-    lora: bool,
-    (freeze_llm, freeze_projector, tune_vision): (bool, bool, bool),
-    boundary_rows: bool,
-) -> Arc<TrainableFilter> {
-    if finetune {
-        Arc::new(move |n: &str| {
-            if n.starts_with("vision_model.") {
-                tune_vision
-            } else if n.starts_with("model.mm_projector.") {
-                !freeze_projector
-            } else {
-                !freeze_llm && !lora
-            }
-        })
-    } else {
-        Arc::new(move |n: &str| {
-            n.starts_with("model.mm_projector.")
-                || (boundary_rows && n == "model.embed_tokens.weight")
-        })
-    }
 }
 
 pub const STATE_FILE: &str = "trainer_state.json";

@@ -1,7 +1,7 @@
 //! Charts as PNG, drawn directly with the `image` crate and a built-in 5×7 pixel font (no
 //! fonts or plotting stack needed): `kollava plot` draws a run's `metrics.jsonl` (loss on
-//! top, learning rate below, against the step), and `eval summarize --chart` the relative
-//! review scores per category as bars.
+//! top, learning rate below, against the step); `eval summarize --chart` the relative
+//! review scores per category and `data check --histogram` the token lengths, as bars.
 
 use std::path::Path;
 

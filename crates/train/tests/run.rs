@@ -1,0 +1,179 @@
+//! A whole run through the library call the `train` command wires: what it writes, that a
+//! run cut short resumes where its last checkpoint left off with the same losses, and the
+//! specs it refuses.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use kollava_inputs::template::Role;
+use kollava_testkit::{checkpoint_dir, fixtures_dir};
+use kollava_train::data::Sample;
+use kollava_train::lora::LoraOptions;
+use kollava_train::run::{execute, Event, RunError, RunSpec, Stage};
+use kollava_train::trainer::TrainOptions;
+
+fn samples() -> Vec<Sample> {
+    [
+        ("wide_rgb.png", "빨간 사각형과 파란 원"),
+        ("tall_rgb.png", "a tall picture"),
+        ("square_rgb.png", "정사각형 그림"),
+        ("gray.png", "a grey image"),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (img, cap))| Sample {
+        id: i.to_string(),
+        image: Some(img.to_string()),
+        turns: vec![
+            (Role::User, "<image>\n설명해 주세요.".into()),
+            (Role::Assistant, cap.to_string()),
+        ],
+    })
+    .collect()
+}
+
+fn spec(family: &str, stage: Stage, out: &Path) -> RunSpec {
+    RunSpec {
+        model: checkpoint_dir(family).display().to_string(),
+        vision_tower: None,
+        projector: None,
+        samples: samples(),
+        image_folder: fixtures_dir().join("images"),
+        image_prefix: String::new(),
+        output_dir: out.to_path_buf(),
+        stage,
+        lora: None,
+        freeze_llm: false,
+        freeze_projector: false,
+        tune_vision: false,
+        version: None,
+        conv_mode: None,
+        aspect: None,
+        lr: Some(1e-2),
+        train: TrainOptions {
+            max_steps: Some(4),
+            ..Default::default()
+        },
+        save_steps: Some(1),
+        save_total_limit: None,
+        save_dtype: DType::F32,
+        tensorboard: false,
+    }
+}
+
+/// (step, loss) of every line of `metrics.jsonl`.
+fn metrics(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn stage_one_writes_the_projector_its_config_and_one_metrics_line_per_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut s = spec("llava-v1.5", Stage::Pretrain, &out);
+    s.tensorboard = true;
+    let (mut started, mut steps) = (None, Vec::new());
+    let done = execute(&s, &Device::Cpu, None, &mut |e| match e {
+        Event::Started {
+            template, total, ..
+        } => started = Some((template.to_string(), total)),
+        Event::Step { log, .. } => steps.push(log.step),
+        _ => {}
+    })
+    .unwrap();
+    assert_eq!(started, Some(("plain".to_string(), 4)));
+    assert_eq!(steps, [1, 2, 3, 4]);
+    assert_eq!(done.result, out.join("mm_projector.safetensors"));
+    let projector = candle_core::safetensors::load(&done.result, &Device::Cpu).unwrap();
+    assert!(!projector.is_empty());
+    assert!(projector
+        .keys()
+        .all(|k| k.starts_with("model.mm_projector.")));
+    assert!(out.join("mm_projector.bin").is_file());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["tune_mm_mlp_adapter"], true);
+    let lines = metrics(&out);
+    assert_eq!(lines.iter().map(|l| l.0).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert!(out.join("runs").read_dir().unwrap().next().is_some());
+    // Checkpoints at steps 1..3 (the last step writes the result instead).
+    for step in 1..=3 {
+        assert!(out
+            .join(format!("checkpoint-{step}/trainer_state.json"))
+            .is_file());
+    }
+}
+
+/// A run killed after checkpoint 2 (its later checkpoint gone, half a metrics line left) runs
+/// again from step 2 with the optimizer's state and gives the uninterrupted run's losses.
+#[test]
+fn a_cut_run_resumes_from_its_newest_checkpoint_with_the_same_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let whole = tmp.path().join("whole");
+    let s = spec("llava-v1.5", Stage::Finetune, &whole);
+    execute(&s, &Device::Cpu, None, &mut |_| {}).unwrap();
+    let want = metrics(&whole);
+
+    let cut = tmp.path().join("cut");
+    let mut s = spec("llava-v1.5", Stage::Finetune, &cut);
+    s.save_total_limit = Some(2);
+    execute(&s, &Device::Cpu, None, &mut |_| {}).unwrap();
+    // Pruned to the newest two.
+    assert!(!cut.join("checkpoint-1").exists());
+    std::fs::remove_dir_all(cut.join("checkpoint-3")).unwrap();
+    let mut text = std::fs::read_to_string(cut.join("metrics.jsonl")).unwrap();
+    text.push_str("{\"step\": 5, \"lo");
+    std::fs::write(cut.join("metrics.jsonl"), text).unwrap();
+
+    let mut resumed = None;
+    execute(&s, &Device::Cpu, None, &mut |e| {
+        if let Event::Resumed { step, .. } = e {
+            resumed = Some(step)
+        }
+    })
+    .unwrap();
+    assert_eq!(resumed, Some(2));
+    let got = metrics(&cut);
+    assert_eq!(got.len(), want.len());
+    for ((gs, gl), (ws, wl)) in got.iter().zip(&want) {
+        assert_eq!(gs, ws);
+        assert!((gl - wl).abs() < 1e-4, "step {gs}: {gl} vs {wl}");
+    }
+}
+
+#[test]
+fn specs_no_run_can_do_are_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("never");
+    let refused = |s: &RunSpec| match execute(s, &Device::Cpu, None, &mut |_| {}) {
+        Err(RunError::Invalid(m)) => m,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let mut s = spec("llava-v1.5", Stage::Pretrain, &out);
+    s.lora = Some(LoraOptions {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: vec!["q_proj".into()],
+        four_bit: false,
+        seed: 1,
+    });
+    assert!(refused(&s).contains("stage 2"));
+    let mut s = spec("llava-v1.5", Stage::Pretrain, &out);
+    s.image_folder = tmp.path().join("missing");
+    assert!(refused(&s).contains("not a directory"));
+    let mut s = spec("llava-v1.5", Stage::Pretrain, &out);
+    s.version = Some("no_such_template".into());
+    assert!(refused(&s).contains("unknown template"));
+    assert!(!out.join("metrics.jsonl").exists());
+    let mut s = spec("llava-v1.5", Stage::Finetune, &out);
+    (s.freeze_llm, s.freeze_projector) = (true, true);
+    assert!(refused(&s).contains("nothing to train"));
+}
