@@ -1,0 +1,90 @@
+//! `kollava bench` and `bench-serve`: every figure reported.
+
+use serde_json::Value;
+
+use crate::common::*;
+
+#[test]
+fn bench_json_reports_every_figure() {
+    let o = kollava(&[
+        &"bench",
+        &"--model",
+        &checkpoint("llava-v1.5"),
+        &"--gen-tokens",
+        &"3",
+        &"--repeat",
+        &"1",
+        &"--threads",
+        &"1",
+        &"--json",
+    ]);
+    assert_success(&o);
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    for key in [
+        "preprocess_ms",
+        "vision_ms",
+        "prefill_ms",
+        "prefill_tokens_per_s",
+        "time_to_first_token_ms",
+        "decode_tokens_per_s",
+        "peak_rss_mib",
+        "decode_bytes_per_token",
+        "memory_bandwidth_gb_s",
+        "roofline_tokens_per_s",
+        "roofline_fraction",
+    ] {
+        assert!(
+            v[key].as_f64().is_some_and(|x| x.is_finite() && x > 0.0),
+            "{key}: {}",
+            v[key]
+        );
+    }
+    assert_eq!(v["gen_tokens"], 3);
+    assert_eq!(v["threads"], 1);
+    assert_eq!(v["device"], "cpu");
+}
+
+/// `kollava bench serve` against the demo server: every level reports its streams, tokens/s
+/// and time-to-first-token percentiles; a server that is down is a one-line error.
+#[test]
+fn bench_serve_reports_each_concurrency_level() {
+    let (mut child, url) = serve_demo();
+    let o = kollava(&[
+        &"bench",
+        &"serve",
+        &"--url",
+        &url,
+        &"--concurrency",
+        &"1,3",
+        &"--requests",
+        &"3",
+        &"--max-tokens",
+        &"6",
+        &"--image",
+        &image("wide_rgb.png"),
+        &"--json",
+    ]);
+    let _ = child.kill();
+    assert_success(&o);
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let levels = v["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2);
+    for (l, c) in levels.iter().zip([1, 3]) {
+        assert_eq!(l["concurrency"], c);
+        assert_eq!(l["requests"], 3);
+        assert_eq!(l["failed"], 0, "{l}");
+        assert!(l["completion_tokens"].as_u64().unwrap() > 0);
+        assert!(l["tokens_per_s"].as_f64().unwrap() > 0.0);
+        let p = &l["ttft_ms"];
+        assert!(p["p50"].as_f64().unwrap() <= p["p99"].as_f64().unwrap());
+    }
+    let o = kollava(&[
+        &"bench",
+        &"serve",
+        &"--url",
+        &"http://127.0.0.1:9",
+        &"--concurrency",
+        &"1",
+    ]);
+    assert_one_line_error(&o, &["cannot reach http://127.0.0.1:9"]);
+}
