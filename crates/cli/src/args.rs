@@ -5,6 +5,9 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+pub use kollava_checkpoint::gguf::QuantType;
+pub use kollava_inputs::image::AspectMode;
+pub use kollava_train::run::Stage;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -370,7 +373,7 @@ pub struct TokenizerTrainArgs {
     #[arg(long, value_name = "FILE", required = true)]
     pub data: Vec<PathBuf>,
     /// Conversation template the text is rendered with — 대화 템플릿
-    #[arg(long, default_value = "llava_v0")]
+    #[arg(long, default_value = "llava_v0", value_parser = template_names())]
     pub template: String,
     /// Vocabulary size, byte-fallback pieces and special tokens included — 어휘 크기
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(300..))]
@@ -395,7 +398,7 @@ pub struct DataCheckArgs {
     #[arg(long, value_name = "DIR|REPO")]
     pub model: Option<String>,
     /// Conversation format for the lengths — 대화 형식
-    #[arg(long, default_value = "plain")]
+    #[arg(long, default_value = "plain", value_parser = template_names())]
     pub version: String,
     /// Samples longer than this (in tokens) are reported — 최대 토큰 길이
     #[arg(long, default_value_t = 2048)]
@@ -455,7 +458,7 @@ pub struct TrainArgs {
     pub image_prefix: String,
     /// Conversation format the labels are built with (upstream's --version; default: plain
     /// for pretrain, the model's own template for finetune) — 대화 형식
-    #[arg(long)]
+    #[arg(long, value_parser = template_names())]
     pub version: Option<String>,
     /// Where results, checkpoints and metrics.jsonl go — 출력 디렉터리
     #[arg(long, value_name = "DIR")]
@@ -582,8 +585,8 @@ pub struct MergeLoraArgs {
 pub struct QuantizeArgs {
     /// Weight type of the language model's matrices (q4_k: Q4_K, with Q6_K for the output
     /// layer) — 가중치 형식
-    #[arg(long = "type", short = 't', value_parser = ["q8_0", "q4_k", "q4_0", "f16", "bf16", "f32"])]
-    pub qtype: String,
+    #[arg(long = "type", short = 't', value_name = "TYPE", value_enum)]
+    pub qtype: QuantType,
     /// Checkpoint directory (safetensors or .bin) — 입력 체크포인트
     #[arg(value_name = "IN")]
     pub input: String,
@@ -837,11 +840,11 @@ pub struct ModelArgs {
     #[arg(long, value_name = "FILE")]
     pub mmproj: Option<PathBuf>,
     /// Conversation template (default: what the reference picks from the model name) — 대화 템플릿
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", value_parser = template_names())]
     pub conv_mode: Option<String>,
     /// How images are fitted to the tower (default: the checkpoint's) — 이미지 맞춤 방식
     #[arg(long, value_enum)]
-    pub image_aspect: Option<Aspect>,
+    pub image_aspect: Option<AspectMode>,
     /// Weights in memory: f32 matches the Python reference to 1e-4; f16 halves memory and
     /// decode time at some precision cost; bf16 also runs the tower and prefill through our
     /// bf16 kernels (AMX, AVX512-BF16 or AVX2+FMA; fastest first token). A GGUF model keeps its
@@ -1067,43 +1070,6 @@ impl ModelDtype {
     }
 }
 
-/// How images are fitted to the tower (`--image-aspect`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Aspect {
-    Crop,
-    Pad,
-    Resize,
-}
-
-impl From<Aspect> for kollava_inputs::image::AspectMode {
-    fn from(a: Aspect) -> Self {
-        use kollava_inputs::image::AspectMode;
-        match a {
-            Aspect::Crop => AspectMode::Crop,
-            Aspect::Pad => AspectMode::Pad,
-            Aspect::Resize => AspectMode::Resize,
-        }
-    }
-}
-
-/// The training stage (`--stage`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Stage {
-    /// The projector only.
-    Pretrain,
-    /// The language model and the projector.
-    Finetune,
-}
-
-impl std::fmt::Display for Stage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Stage::Pretrain => "pretrain",
-            Stage::Finetune => "finetune",
-        })
-    }
-}
-
 /// Where training metrics go besides `metrics.jsonl` (`--report-to`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReportTo {
@@ -1135,6 +1101,11 @@ fn bits(s: &str) -> Result<u8, String> {
         "16" => Ok(16),
         _ => Err("4 (QLoRA) or 16".into()),
     }
+}
+
+/// The conversation templates (`--conv-mode`, `--version`, `--template`), from their table.
+fn template_names() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(kollava_inputs::template::Template::names())
 }
 
 /// `init-random`'s architectures, from the table that defines them (with what each is).

@@ -3,17 +3,13 @@
 
 use anyhow::{Context, Result};
 use kollava_generate::{AnswerOptions, SamplingParams, Session, SessionOptions};
-use kollava_inputs::image::{self, AspectMode, RgbImage};
+use kollava_inputs::image::{self, RgbImage};
 use kollava_inputs::template::Template;
 
 use crate::args::{ModelArgs, SamplingArgs};
 
 pub fn load(args: &ModelArgs) -> Result<Session> {
-    // Checked here, before the (slow) load, and worded after the flag.
-    if let Some(m) = &args.conv_mode {
-        template(m, "--conv-mode")?;
-    }
-    let aspect = args.image_aspect.map(AspectMode::from);
+    let aspect = args.image_aspect;
     let opts = SessionOptions {
         model: model_path(args.model.as_deref()),
         vision_tower: args.vision_tower.clone(),

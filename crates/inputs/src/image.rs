@@ -93,6 +93,7 @@ impl RgbImage {
 
 /// How an image is fitted to the tower's square input (llava-spec §3.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum AspectMode {
     /// Shortest-edge resize then center crop: the CLIP processor alone (`square`, v0, llava-hf).
     Crop,

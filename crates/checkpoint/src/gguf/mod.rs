@@ -39,13 +39,22 @@ use crate::{candle_reason, Checkpoint, CheckpointError, Family};
 
 /// What `kollava quantize --type` offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum QuantType {
+    /// Unquantized, 32-bit floats.
     F32,
+    /// Unquantized, 16-bit floats.
     F16,
+    /// Unquantized, bfloat16.
     Bf16,
+    /// 8-bit blocks of 32 with one scale.
+    #[cfg_attr(feature = "clap", value(name = "q8_0"))]
     Q8_0,
+    /// 4-bit blocks of 32 with one scale.
+    #[cfg_attr(feature = "clap", value(name = "q4_0"))]
     Q4_0,
     /// Q4_K for every matrix, Q6_K for `output` (llama.cpp's `Q4_K_S` recipe).
+    #[cfg_attr(feature = "clap", value(name = "q4_k", alias = "q4_k_s"))]
     Q4K,
 }
 

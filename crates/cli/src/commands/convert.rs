@@ -79,9 +79,8 @@ pub fn extract_projector(args: &ExtractProjectorArgs) -> Result<()> {
 
 /// `kollava quantize`.
 pub fn quantize(args: &crate::args::QuantizeArgs) -> Result<()> {
-    use kollava_checkpoint::gguf::{self, QuantType};
-    let q = QuantType::parse(&args.qtype)
-        .ok_or_else(|| anyhow::anyhow!("unknown --type {}", args.qtype))?;
+    use kollava_checkpoint::gguf;
+    let q = args.qtype;
     let ckpt = kollava_checkpoint::open(&args.input, &Default::default())?;
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} tensors {elapsed}")

@@ -9,7 +9,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use kollava_checkpoint::OpenOptions;
-use kollava_inputs::image::AspectMode;
 use kollava_train::lora;
 use kollava_train::run::{execute, projector_tensors, Event, RunSpec};
 use kollava_train::trainer::TrainOptions;
@@ -101,10 +100,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         image_folder: args.image_folder.clone(),
         image_prefix: args.image_prefix.clone(),
         output_dir: args.output_dir.clone(),
-        stage: match args.stage {
-            Stage::Pretrain => kollava_train::run::Stage::Pretrain,
-            Stage::Finetune => kollava_train::run::Stage::Finetune,
-        },
+        stage: args.stage,
         lora: lora.then(|| lora::LoraOptions {
             r: args.lora_r,
             alpha: args.lora_alpha,
@@ -118,7 +114,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         tune_vision: args.tune_vision_tower,
         version: args.version.clone(),
         conv_mode: args.model.conv_mode.clone(),
-        aspect: args.model.image_aspect.map(AspectMode::from),
+        aspect: args.model.image_aspect,
         lr: args.lr,
         train: TrainOptions {
             epochs: args.epochs,

@@ -53,6 +53,7 @@ pub enum RunError {
 
 /// LLaVA's two training stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Stage {
     /// The projector only (and v0's image boundary rows).
     Pretrain,
