@@ -443,6 +443,33 @@ pub struct VqaArgs {
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     #[command(flatten)]
+    pub setup: TrainSetup,
+    /// Where results, checkpoints and metrics.jsonl go — 출력 디렉터리
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: PathBuf,
+    /// Save a checkpoint every N steps (resume point) — N 스텝마다 저장
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+    /// Keep only the newest N checkpoints — 최근 N개만 보관
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
+    /// Weights dtype of the written checkpoint — 저장 자료형
+    #[arg(long, value_enum, default_value_t = FloatType::F32)]
+    pub save_dtype: FloatType,
+    /// Data-parallel processes on this machine (torchrun-style RANK/WORLD_SIZE/MASTER_ADDR/
+    /// MASTER_PORT also work, across machines); each step's samples are split between them
+    /// — 데이터 병렬 프로세스 수
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub nproc: u32,
+    /// Also log to TensorBoard event files in OUTPUT/runs — TensorBoard 로그
+    #[arg(long, value_enum, default_value_t = ReportTo::None)]
+    pub report_to: ReportTo,
+}
+
+/// What a training run trains and how (`train` and `bench train` share it).
+#[derive(Debug, Args)]
+pub struct TrainSetup {
+    #[command(flatten)]
     pub model: ModelArgs,
     /// pretrain: projector only; finetune: LLM + projector — 학습 단계
     #[arg(long, value_enum, default_value_t = Stage::Pretrain)]
@@ -460,9 +487,6 @@ pub struct TrainArgs {
     /// for pretrain, the model's own template for finetune) — 대화 형식
     #[arg(long, value_parser = template_names())]
     pub version: Option<String>,
-    /// Where results, checkpoints and metrics.jsonl go — 출력 디렉터리
-    #[arg(long, value_name = "DIR")]
-    pub output_dir: PathBuf,
     /// Peak learning rate (default: 2e-3 pretrain, 2e-5 finetune, 2e-4 LoRA) — 학습률
     #[arg(long)]
     pub lr: Option<f64>,
@@ -488,6 +512,11 @@ pub struct TrainArgs {
     /// long sequences fit in memory for ~30 % more time — 그래디언트 체크포인팅
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Frozen matrices (stage 1's language model, the base under LoRA, the tower) multiply
+    /// in bf16 with our kernels, forward and backward; what trains, its gradients and the
+    /// optimizer state stay f32 — bf16 혼합 정밀도
+    #[arg(long)]
+    pub bf16: bool,
     /// Stage 2: train the vision tower too — 비전 타워도 학습
     #[arg(long)]
     pub tune_vision_tower: bool,
@@ -497,15 +526,6 @@ pub struct TrainArgs {
     /// Stage 2: keep the projector frozen — 프로젝터 고정
     #[arg(long)]
     pub freeze_mm_mlp_adapter: bool,
-    /// Save a checkpoint every N steps (resume point) — N 스텝마다 저장
-    #[arg(long)]
-    pub save_steps: Option<usize>,
-    /// Keep only the newest N checkpoints — 최근 N개만 보관
-    #[arg(long)]
-    pub save_total_limit: Option<usize>,
-    /// Weights dtype of the written checkpoint — 저장 자료형
-    #[arg(long, value_enum, default_value_t = FloatType::F32)]
-    pub save_dtype: FloatType,
     /// Stage 2 with LoRA adapters of this rank instead of full finetuning (0 = off) — LoRA 랭크
     #[arg(long, default_value_t = 0)]
     pub lora_r: usize,
@@ -528,14 +548,6 @@ pub struct TrainArgs {
     /// Data order seed — 시드
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Data-parallel processes on this machine (torchrun-style RANK/WORLD_SIZE/MASTER_ADDR/
-    /// MASTER_PORT also work, across machines); each step's samples are split between them
-    /// — 데이터 병렬 프로세스 수
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    pub nproc: u32,
-    /// Also log to TensorBoard event files in OUTPUT/runs — TensorBoard 로그
-    #[arg(long, value_enum, default_value_t = ReportTo::None)]
-    pub report_to: ReportTo,
 }
 
 #[derive(Debug, Args)]
@@ -785,6 +797,34 @@ Examples / 예시:\n  kollava serve --port 8000 &\n  \
 kollava bench serve --url http://127.0.0.1:8000 --concurrency 1,4,16 --image examples/shapes.png"
     )]
     Serve(BenchServeArgs),
+    /// Time training steps: samples/s, tokens/s, where a step goes (vision, LLM forward,
+    /// backward, optimizer, communication) and peak RSS; writes nothing — 학습 속도 측정
+    #[command(
+        after_help = "Runs --warmup untimed steps, then --steps timed ones, on the given data with the\n\
+flags `kollava train` takes (stage, LoRA/QLoRA, batch size, checkpointing), and reports medians.\n\
+scripts/bench_train.py runs the same steps in PyTorch beside it.\n\n\
+Example / 예시:\n  kollava bench train --model target/peers/bench-train --data data/synth/pretrain.json \\\n    \
+--image-folder data/synth/images --per-device-batch-size 4 --json"
+    )]
+    Train(Box<BenchTrainArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    #[command(flatten)]
+    pub setup: TrainSetup,
+    /// Timed optimizer steps — 측정 스텝 수
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub steps: u32,
+    /// Untimed steps first — 예열 스텝 수
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u32,
+    /// Threads (default: all cores) — 스레드 수
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object — JSON 출력
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

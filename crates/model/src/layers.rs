@@ -28,11 +28,13 @@ pub enum Linear {
     },
     /// A LoRA adapter over a frozen base: `base(x) + dropout(x) Aᵀ Bᵀ · alpha / r`.
     Lora(Box<Lora>),
-    /// A weight packed for our bf16 kernels (`--dtype bf16`; inference only; AVX512-BF16 or
-    /// AVX2+FMA, see [`crate::kernels::bf16`]).
+    /// A weight packed for our bf16 kernels (`--dtype bf16`; AVX512-BF16 or AVX2+FMA, see
+    /// [`crate::kernels::bf16`]). With `transposed` (`Wᵀ` packed too) gradients can flow
+    /// through it to its input: a frozen matrix under `train --bf16`.
     Bf16 {
         weight: std::sync::Arc<crate::kernels::bf16::PackedBf16>,
         bias: Option<Tensor>,
+        transposed: Option<std::sync::Arc<crate::kernels::bf16::PackedBf16>>,
     },
 }
 
@@ -77,6 +79,100 @@ fn shared_products(linears: &[&Linear], xs: &Tensor) -> Result<Option<Vec<Tensor
 }
 
 /// `y + bias` (broadcast over rows), or `y`.
+/// Whether a product with this weight (`None`: a ggml one, which never trains) should take
+/// [`frozen_product`]: gradients flow through the input, not into the weight, on the CPU.
+fn frozen_under_training(xs: &Tensor, weight: Option<&Tensor>) -> bool {
+    xs.track_op() && xs.device().is_cpu() && !weight.is_some_and(Tensor::track_op)
+}
+
+/// A weight that does not train, for [`frozen_product`].
+#[derive(Clone)]
+enum FrozenWeight {
+    Dense(Tensor),
+    /// QLoRA's 4-bit base: widened for each product, as the dense path widens it.
+    Quantized(std::sync::Arc<QTensor>),
+    /// `train --bf16`: `W` and `Wᵀ` packed for our bf16 kernels (f32 in and out).
+    Bf16 {
+        w: std::sync::Arc<crate::kernels::bf16::PackedBf16>,
+        wt: std::sync::Arc<crate::kernels::bf16::PackedBf16>,
+    },
+}
+
+impl FrozenWeight {
+    fn dense(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => w.to_dtype(dtype),
+            FrozenWeight::Quantized(q) => q.dequantize(&candle_core::Device::Cpu)?.to_dtype(dtype),
+            FrozenWeight::Bf16 { .. } => candle_core::bail!("a packed weight has no dense form"),
+        }
+    }
+
+    /// `x Wᵀ`, as candle's `Linear` computes it (bf16 kernels for a packed weight).
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Bf16 { w, .. } => w.matmul(x)?.to_dtype(x.dtype()),
+            _ => candle_nn::Linear::new(self.dense(x.dtype())?, None).forward(x),
+        }
+    }
+
+    /// `dY W`.
+    fn input_grad(&self, grad: &Tensor) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Bf16 { wt, .. } => wt.matmul(grad)?.to_dtype(grad.dtype()),
+            _ => grad.broadcast_matmul(&self.dense(grad.dtype())?),
+        }
+    }
+}
+
+/// `x Wᵀ` for a weight that does not train (stage 1's language model, the base under
+/// LoRA/QLoRA), as one op whose backward is only `dX = dY W`. candle's matmul backward
+/// also computes `dW` (batch-broadcast, then summed) for every frozen matrix and throws it
+/// away: as much work again as the product, and a weight-sized buffer per sample. The
+/// forward is candle's own `Linear` product, so the numbers are the same.
+fn frozen_product(xs: &Tensor, weight: FrozenWeight) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1(FrozenProduct(weight))
+}
+
+struct FrozenProduct(FrozenWeight);
+
+impl candle_core::CustomOp1 for FrozenProduct {
+    fn name(&self) -> &'static str {
+        "frozen-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-product: the input is not contiguous");
+        };
+        let cpu = &candle_core::Device::Cpu;
+        let x = match storage {
+            S::F32(v) => Tensor::from_slice(&v[start..end], layout.shape(), cpu)?,
+            S::BF16(v) => Tensor::from_slice(&v[start..end], layout.shape(), cpu)?,
+            S::F16(v) => Tensor::from_slice(&v[start..end], layout.shape(), cpu)?,
+            _ => candle_core::bail!("frozen-product: a float input is expected"),
+        };
+        let y = self.0.product(&x)?;
+        let shape = y.shape().clone();
+        let y = y.flatten_all()?;
+        let out = match y.dtype() {
+            DType::F32 => S::F32(y.to_vec1()?),
+            DType::BF16 => S::BF16(y.to_vec1()?),
+            DType::F16 => S::F16(y.to_vec1()?),
+            d => candle_core::bail!("frozen-product: a {d:?} product"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.0.input_grad(grad)?))
+    }
+}
+
 fn with_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
         Some(b) => y.broadcast_add(b),
@@ -164,7 +260,15 @@ impl Linear {
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
+            Linear::Dense(l) if frozen_under_training(xs, Some(l.weight())) => with_bias(
+                frozen_product(xs, FrozenWeight::Dense(l.weight().clone()))?,
+                l.bias(),
+            ),
             Linear::Dense(l) => l.forward(xs),
+            Linear::Quantized { weight, bias } if frozen_under_training(xs, None) => with_bias(
+                frozen_product(xs, FrozenWeight::Quantized(weight.clone()))?,
+                bias.as_ref(),
+            ),
             Linear::Quantized { weight, bias } => {
                 let rows = xs.elem_count() / xs.dim(D::Minus1)?.max(1);
                 let float = is_float(weight.dtype());
@@ -201,7 +305,21 @@ impl Linear {
                 };
                 with_bias(y, bias.as_ref())
             }
-            Linear::Bf16 { weight, bias } => {
+            Linear::Bf16 {
+                weight,
+                bias,
+                transposed: Some(wt),
+            } if frozen_under_training(xs, None) => with_bias(
+                frozen_product(
+                    xs,
+                    FrozenWeight::Bf16 {
+                        w: weight.clone(),
+                        wt: wt.clone(),
+                    },
+                )?,
+                bias.as_ref(),
+            ),
+            Linear::Bf16 { weight, bias, .. } => {
                 if xs.track_op() {
                     candle_core::bail!("a layer packed for bf16 inference cannot be trained");
                 }
@@ -268,7 +386,32 @@ impl Linear {
         Ok(Linear::Bf16 {
             weight: std::sync::Arc::new(crate::kernels::bf16::PackedBf16::pack(&w)?),
             bias: b.map(|b| b.to_dtype(DType::F32)).transpose()?,
+            transposed: None,
         })
+    }
+
+    /// For training in bf16 (`train --bf16`): a frozen dense weight (one that is not a
+    /// parameter) packed for our bf16 kernels both ways, `W` for the forward and `Wᵀ` for
+    /// the input's gradient; under an adapter, its base. Trained, quantized and already
+    /// packed layers stay as they are. Needs [`crate::kernels::bf16::available`].
+    pub fn frozen_bf16(&self) -> Result<Linear> {
+        use crate::kernels::bf16::PackedBf16;
+        match self {
+            Linear::Dense(l) if !l.weight().track_op() => {
+                let w = l.weight().detach();
+                Ok(Linear::Bf16 {
+                    weight: std::sync::Arc::new(PackedBf16::pack(&w)?),
+                    bias: l.bias().map(|b| b.to_dtype(DType::F32)).transpose()?,
+                    transposed: Some(std::sync::Arc::new(PackedBf16::pack(&w.t()?)?)),
+                })
+            }
+            Linear::Lora(l) => {
+                let mut l = l.clone();
+                l.base = l.base.frozen_bf16()?;
+                Ok(Linear::Lora(l))
+            }
+            _ => Ok(self.clone()),
+        }
     }
 
     /// The fewest rows from which each row of a product is the same numbers however many
@@ -312,8 +455,14 @@ impl Linear {
                 weight.storage_size_in_bytes() + bias.as_ref().map_or(0, tensor)
             }
             Linear::Lora(l) => l.base.stored_bytes() + tensor(&l.a) + tensor(&l.b),
-            Linear::Bf16 { weight, bias } => {
-                weight.stored_bytes() + bias.as_ref().map_or(0, tensor)
+            Linear::Bf16 {
+                weight,
+                bias,
+                transposed,
+            } => {
+                weight.stored_bytes()
+                    + transposed.as_ref().map_or(0, |t| t.stored_bytes())
+                    + bias.as_ref().map_or(0, tensor)
             }
         }
     }
@@ -720,6 +869,175 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// A frozen weight's product ([`frozen_product`]) against candle's own `Linear` on
+    /// the same tracked input: the same values, and the same input gradient, for 2-D and
+    /// 3-D inputs of odd sizes, with and without bias; a ggml weight (QLoRA's base) against
+    /// its widened copy.
+    #[test]
+    fn frozen_products_give_candles_values_and_input_gradients() {
+        let dev = Device::Cpu;
+        for (rows, inp, out) in [(1, 1, 1), (7, 33, 5), (37, 64, 130)] {
+            for batched in [false, true] {
+                for bias in [false, true] {
+                    let shape: Vec<usize> = if batched {
+                        vec![3, rows, inp]
+                    } else {
+                        vec![rows, inp]
+                    };
+                    let x =
+                        Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap();
+                    let w = Tensor::randn(0f32, 1.0, (out, inp), &dev).unwrap();
+                    let b = bias.then(|| Tensor::randn(0f32, 1.0, out, &dev).unwrap());
+                    // A fixed weighting of the outputs, so that every output position counts.
+                    let probe = |y: &Tensor| {
+                        let r = Tensor::randn(0f32, 1.0, y.shape(), &dev).unwrap();
+                        (y.clone(), r)
+                    };
+                    let ours = Linear::Dense(candle_nn::Linear::new(w.clone(), b.clone()))
+                        .forward(x.as_tensor())
+                        .unwrap();
+                    let theirs = candle_nn::Linear::new(w.clone(), b.clone())
+                        .forward(x.as_tensor())
+                        .unwrap();
+                    let (ours, r) = probe(&ours);
+                    let diff = |a: &Tensor, b: &Tensor| {
+                        (a - b)
+                            .unwrap()
+                            .abs()
+                            .unwrap()
+                            .max_all()
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap()
+                    };
+                    assert_eq!(diff(&ours, &theirs), 0.0, "{rows}x{inp}x{out}");
+                    let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    let g_theirs = (theirs * &r)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    let (a, b) = (
+                        g_ours.get(x.as_tensor()).unwrap(),
+                        g_theirs.get(x.as_tensor()).unwrap(),
+                    );
+                    assert!(
+                        diff(a, b) <= 1e-5 * (inp as f32),
+                        "{rows}x{inp}x{out}: {}",
+                        diff(a, b)
+                    );
+                    assert!(diff(b, &b.zeros_like().unwrap()) > 0.0);
+                }
+            }
+        }
+        // QLoRA's frozen 4-bit base: the product of its widened weight, both ways.
+        let w = Tensor::randn(0f32, 1.0, (96, 64), &dev).unwrap();
+        let q = std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q4_0).unwrap());
+        let widened = q.dequantize(&dev).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 9, 64), &dev).unwrap()).unwrap();
+        let ours = Linear::Quantized {
+            weight: q,
+            bias: None,
+        }
+        .forward(x.as_tensor())
+        .unwrap();
+        let theirs = candle_nn::Linear::new(widened, None)
+            .forward(x.as_tensor())
+            .unwrap();
+        let d = (&ours - &theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0);
+        let ga = ours.sum_all().unwrap().backward().unwrap();
+        let gb = theirs.sum_all().unwrap().backward().unwrap();
+        let (a, b) = (
+            ga.get(x.as_tensor()).unwrap(),
+            gb.get(x.as_tensor()).unwrap(),
+        );
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-4, "{d}");
+    }
+
+    /// `train --bf16`'s frozen product ([`Linear::frozen_bf16`]) against candle's f32 product
+    /// of the same weight: values and input gradients within bf16 rounding (inputs and
+    /// weights rounded to 8 bits of mantissa, f32 sums), on odd sizes and batched inputs;
+    /// a trained (variable) weight is left dense.
+    #[test]
+    fn frozen_bf16_products_track_the_f32_values_and_input_gradients() {
+        if !crate::kernels::bf16::available() {
+            eprintln!("skipped: no bf16 kernels on this CPU");
+            return;
+        }
+        let dev = Device::Cpu;
+        let max = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        for (shape, out) in [
+            (vec![5, 33], 7),
+            (vec![2, 19, 64], 130),
+            (vec![3, 40, 96], 17),
+        ] {
+            let inp = *shape.last().unwrap();
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (out, inp), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, out, &dev).unwrap();
+            let dense = Linear::Dense(candle_nn::Linear::new(w.clone(), Some(b.clone())));
+            let packed = dense.frozen_bf16().unwrap();
+            assert!(matches!(
+                packed,
+                Linear::Bf16 {
+                    transposed: Some(_),
+                    ..
+                }
+            ));
+            let ours = packed.forward(x.as_tensor()).unwrap();
+            let theirs = dense.forward(x.as_tensor()).unwrap();
+            let scale = (inp as f32).sqrt();
+            let err = max(&(&ours - &theirs).unwrap());
+            assert!(err < 0.02 * scale, "{inp}x{out}: forward off by {err}");
+            let r = Tensor::randn(0f32, 1.0, ours.shape(), &dev).unwrap();
+            let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (a, b) = (
+                ga.get(x.as_tensor()).unwrap(),
+                gb.get(x.as_tensor()).unwrap(),
+            );
+            let err = max(&(a - b).unwrap());
+            let outs = (out as f32).sqrt();
+            assert!(
+                err < 0.02 * outs,
+                "{inp}x{out}: input gradient off by {err}"
+            );
+            assert!(max(b) > 0.1 * outs);
+        }
+        let trained = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 8), &dev).unwrap()).unwrap();
+        let l = Linear::Dense(candle_nn::Linear::new(trained.as_tensor().clone(), None));
+        assert!(matches!(l.frozen_bf16().unwrap(), Linear::Dense(_)));
+    }
 
     /// The fused SiLU gate against candle's ops, on values from −100 to 100 (both tails of
     /// the sigmoid) and on a prefill-sized tensor that takes the parallel path.

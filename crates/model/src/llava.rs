@@ -90,6 +90,25 @@ impl Llava {
         Ok(())
     }
 
+    /// For training in bf16 (`train --bf16`): every frozen matrix (the tower, the language
+    /// model in stage 1, the bases under adapters, a frozen projector) packed for our bf16
+    /// kernels both ways (see [`Linear::frozen_bf16`]); the trained ones stay as they are.
+    pub fn pack_frozen_bf16(&mut self) -> Result<()> {
+        if !self.decoder.device().is_cpu() || !crate::kernels::bf16::available() {
+            candle_core::bail!(
+                "training in bf16 needs a CPU with AVX512-BF16 or AVX2+FMA for our bf16 kernels"
+            );
+        }
+        for (_, l) in self.decoder.linears_mut() {
+            *l = l.frozen_bf16()?;
+        }
+        let head = self.decoder.lm_head_mut();
+        *head = head.frozen_bf16()?;
+        self.projector.map_linears(Linear::frozen_bf16)?;
+        self.vision.map_linears(Linear::frozen_bf16)?;
+        Ok(())
+    }
+
     /// The language model's activation dtype.
     pub fn dtype(&self) -> candle_core::DType {
         self.decoder.dtype()

@@ -133,6 +133,39 @@ pub struct StepLog {
     pub samples: usize,
     /// Samples of this step masked whole (tokenization mismatch).
     pub masked: usize,
+    /// Positions this rank's sequences had (image features spliced in, after truncation).
+    pub tokens: usize,
+    /// Where this rank's step went.
+    pub times: StepTimes,
+}
+
+/// Wall time of one optimizer step's phases, in seconds (the CPU computes synchronously,
+/// so the clock splits them; on a GPU they are launch times unless it synchronises).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepTimes {
+    /// The tower and the projector.
+    pub vision: f64,
+    /// Embedding, the language model and the loss.
+    pub forward: f64,
+    pub backward: f64,
+    /// Clipping and the AdamW update.
+    pub optimizer: f64,
+    /// Averaging gradients with the other ranks.
+    pub communication: f64,
+}
+
+impl StepTimes {
+    pub fn total(&self) -> f64 {
+        self.vision + self.forward + self.backward + self.optimizer + self.communication
+    }
+
+    fn add(&mut self, o: &StepTimes) {
+        self.vision += o.vision;
+        self.forward += o.forward;
+        self.backward += o.backward;
+        self.optimizer += o.optimizer;
+        self.communication += o.communication;
+    }
 }
 
 /// Everything a step needs besides the weights and the data.
@@ -202,6 +235,14 @@ fn prepare(inp: &TrainInputs, s: &Sample) -> std::result::Result<Prepared, Strin
     })
 }
 
+/// One micro-batch's loss and gradients, with its size and timings.
+struct MicroBatch {
+    loss: f64,
+    grads: GradStore,
+    tokens: usize,
+    times: StepTimes,
+}
+
 /// Loss of one micro-batch (the mean next-token cross-entropy over its labelled tokens)
 /// times `weight`, and its gradients for `params`. `None` when nothing in it is labelled.
 fn micro_batch_grads(
@@ -210,7 +251,9 @@ fn micro_batch_grads(
     opts: &TrainOptions,
     weight: f64,
     params: &[candle_core::Var],
-) -> Result<Option<(f64, GradStore)>> {
+) -> Result<Option<MicroBatch>> {
+    let mut times = StepTimes::default();
+    let clock = std::time::Instant::now();
     let model = inp.model;
     let device = model.decoder.device().clone();
     let (cw, ch) = inp.preprocess.crop;
@@ -229,6 +272,8 @@ fn micro_batch_grads(
     } else {
         None
     };
+    times.vision = clock.elapsed().as_secs_f64();
+    let clock = std::time::Instant::now();
     let mut embeds = Vec::with_capacity(batch.len());
     let mut labels = Vec::with_capacity(batch.len());
     let mut image = 0;
@@ -286,29 +331,37 @@ fn micro_batch_grads(
         let nll = logp.gather(&targets, 1)?.sum_all()?.neg()?;
         nll * (weight / n as f64)
     };
+    let tokens = lens.iter().sum();
+    let done = |loss: Tensor, grads, mut times: StepTimes, clock: std::time::Instant| {
+        times.backward = clock.elapsed().as_secs_f64();
+        Ok(Some(MicroBatch {
+            loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            grads,
+            tokens,
+            times,
+        }))
+    };
     if !opts.gradient_checkpointing {
         let mut cache = KvCache::new(model.config().decoder.num_hidden_layers, batch.len());
         let loss = loss_of(model.decoder.forward(&x, &lens, &mut cache)?)?;
+        times.forward = clock.elapsed().as_secs_f64();
+        let clock = std::time::Instant::now();
         let grads = loss.backward()?;
-        return Ok(Some((
-            loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-            grads,
-        )));
+        return done(loss, grads, times, clock);
     }
     // Gradient checkpointing: the loss's gradients flow back through the head, then layer
     // by layer (each recomputed), then from the decoder's input into what produced it.
     let ck = model.decoder.forward_checkpointed(&x, &lens)?;
     let loss = loss_of(ck.hidden(&model.decoder)?)?;
+    times.forward = clock.elapsed().as_secs_f64();
+    let clock = std::time::Instant::now();
     let mut grads = loss.backward()?;
     let gx = ck.backward(&model.decoder, &mut grads, params)?;
     if x.track_op() {
         let input_grads = (x * gx)?.sum_all()?.backward()?;
         kollava_model::decoder::accumulate(&mut grads, &input_grads, params)?;
     }
-    Ok(Some((
-        loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-        grads,
-    )))
+    done(loss, grads, times, clock)
 }
 
 /// Averages the gradients of `vars` and the loss over all ranks (a rank without gradients
@@ -403,7 +456,8 @@ pub fn train(
         for step in start..total {
             let chunks = opts.step_samples(samples.len(), step).len().div_ceil(micro);
             let mut grads: Option<GradStore> = None;
-            let (mut loss_sum, mut count, mut masked) = (0f64, 0usize, 0usize);
+            let (mut loss_sum, mut count, mut masked, mut tokens) = (0f64, 0usize, 0usize, 0usize);
+            let mut times = StepTimes::default();
             for micro_index in 0..chunks {
                 let batch = rx
                     .recv()
@@ -420,15 +474,20 @@ pub fn train(
                 let micro = kollava_model::layers::with_dropout_seed(dropout_seed, || {
                     micro_batch_grads(inp, &batch, opts, 1.0 / chunks as f64, &vars)
                 })?;
-                let Some((loss, new_grads)) = micro else {
+                let Some(mb) = micro else {
                     continue;
                 };
-                loss_sum += loss;
-                add_grads(&mut grads, new_grads, &vars)?;
+                loss_sum += mb.loss;
+                tokens += mb.tokens;
+                times.add(&mb.times);
+                add_grads(&mut grads, mb.grads, &vars)?;
             }
             if let Some(dist) = inp.dist {
+                let clock = std::time::Instant::now();
                 loss_sum = average_over_ranks(dist, &mut grads, &vars, loss_sum)?;
+                times.communication = clock.elapsed().as_secs_f64();
             }
+            let clock = std::time::Instant::now();
             if let Some(g) = grads.as_mut() {
                 for (var, mask) in inp.row_masks {
                     if let Some(grad) = g.remove(var.as_tensor()) {
@@ -446,6 +505,7 @@ pub fn train(
                 }
                 None => 0.0,
             };
+            times.optimizer = clock.elapsed().as_secs_f64();
             let done = step + 1;
             on_step(&StepLog {
                 step: done,
@@ -456,6 +516,8 @@ pub fn train(
                 grad_norm,
                 samples: count,
                 masked,
+                tokens,
+                times,
             });
             if save_every.is_some_and(|k| k > 0 && done % k == 0) && done < total {
                 on_save(done, opt)?;

@@ -58,6 +58,8 @@ fn spec(family: &str, stage: Stage, out: &Path) -> RunSpec {
         save_total_limit: None,
         save_dtype: DType::F32,
         tensorboard: false,
+        bf16: false,
+        write_outputs: true,
     }
 }
 
@@ -176,4 +178,46 @@ fn specs_no_run_can_do_are_refused_before_anything_is_written() {
     let mut s = spec("llava-v1.5", Stage::Finetune, &out);
     (s.freeze_llm, s.freeze_projector) = (true, true);
     assert!(refused(&s).contains("nothing to train"));
+}
+
+/// `bf16`: the frozen matrices in bf16 (stage 1's language model and tower; the base under
+/// LoRA) give the f32 run's losses within bf16 rounding, and only the trained weights are
+/// kept for the outputs.
+#[test]
+fn bf16_runs_follow_the_f32_losses() {
+    if !kollava_model::kernels::bf16::available() {
+        eprintln!("skipped: no bf16 kernels on this CPU");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for (stage, lora) in [(Stage::Pretrain, false), (Stage::Finetune, true)] {
+        let losses = |bf16: bool| {
+            let out = tmp.path().join(format!("{stage}-{lora}-{bf16}"));
+            let mut s = spec("llava-v1.5", stage, &out);
+            s.bf16 = bf16;
+            s.save_steps = None;
+            if lora {
+                s.lora = Some(LoraOptions {
+                    r: 4,
+                    alpha: 8.0,
+                    dropout: 0.0,
+                    targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+                    four_bit: false,
+                    seed: 1,
+                });
+            }
+            execute(&s, &Device::Cpu, None, &mut |_| {}).unwrap();
+            metrics(&out)
+        };
+        let (f32s, bf16s) = (losses(false), losses(true));
+        assert_eq!(f32s.len(), bf16s.len());
+        for ((step, a), (_, b)) in f32s.iter().zip(&bf16s) {
+            assert!(
+                (a - b).abs() < 1e-2 * a.abs().max(1.0),
+                "{stage} step {step}: {a} vs {b}"
+            );
+        }
+        // bf16 rounding did happen (the kernels ran, not the f32 path).
+        assert!(f32s.iter().zip(&bf16s).any(|((_, a), (_, b))| a != b));
+    }
 }

@@ -36,8 +36,10 @@ pub(crate) fn test_pattern() -> RgbImage {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    if let Some(crate::args::BenchCommand::Serve(a)) = &args.command {
-        return serve(a);
+    match &args.command {
+        Some(crate::args::BenchCommand::Serve(a)) => return serve(a),
+        Some(crate::args::BenchCommand::Train(a)) => return train(a),
+        None => {}
     }
     let threads = args
         .threads
@@ -561,6 +563,98 @@ fn serve(args: &crate::args::BenchServeArgs) -> Result<()> {
                 .collect();
             writeln!(out, "         TTFT p50 by turn, ms: {}", each.join(" / "))?;
         }
+    }
+    Ok(())
+}
+
+type Timed = (f64, usize, usize, kollava_train::trainer::StepTimes);
+
+/// `kollava bench train`: a run of `--warmup` + `--steps` optimizer steps that writes
+/// nothing, timed step by step.
+fn train(args: &crate::args::BenchTrainArgs) -> Result<()> {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let mut spec = super::train::spec(&args.setup)?;
+    let (warmup, timed) = (args.warmup as usize, args.steps as usize);
+    spec.train.max_steps = Some(warmup + timed);
+    spec.train.warmup_ratio = 0.0;
+    let mut parameters = 0;
+    let mut last = std::time::Instant::now();
+    // (wall seconds, samples, tokens, phases) of each timed step.
+    let mut steps: Vec<Timed> = Vec::new();
+    kollava_train::run::execute(&spec, &candle_core::Device::Cpu, None, &mut |e| match e {
+        kollava_train::run::Event::Started { parameters: p, .. } => {
+            parameters = p;
+            last = std::time::Instant::now();
+        }
+        kollava_train::run::Event::Step { log, .. } => {
+            let wall = last.elapsed().as_secs_f64();
+            last = std::time::Instant::now();
+            if log.step > warmup {
+                steps.push((wall, log.samples, log.tokens, log.times));
+            }
+            eprint!("\rstep {}/{}", log.step, warmup + timed);
+        }
+        _ => {}
+    })?;
+    eprintln!();
+    let med = |f: &dyn Fn(&Timed) -> f64| median(&steps.iter().map(f).collect::<Vec<_>>());
+    let step_s = med(&|s| s.0);
+    let samples = med(&|s| s.1 as f64);
+    let tokens = med(&|s| s.2 as f64);
+    let split = [
+        ("vision_s", med(&|s| s.3.vision)),
+        ("forward_s", med(&|s| s.3.forward)),
+        ("backward_s", med(&|s| s.3.backward)),
+        ("optimizer_s", med(&|s| s.3.optimizer)),
+        ("communication_s", med(&|s| s.3.communication)),
+    ];
+    let rss = peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64);
+    let setup = &args.setup;
+    let what = match (setup.stage, setup.lora_r, setup.bits) {
+        (crate::args::Stage::Pretrain, _, _) => "pretrain".to_string(),
+        (_, 0, _) => "finetune".to_string(),
+        (_, r, 4) => format!("qlora-r{r}"),
+        (_, r, _) => format!("lora-r{r}"),
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let mut v = serde_json::json!({
+            "model": spec.model,
+            "run": what,
+            "batch": setup.per_device_batch_size,
+            "threads": threads,
+            "trained_parameters": parameters,
+            "steps": timed,
+            "step_s": step_s,
+            "samples_per_s": samples / step_s,
+            "tokens_per_s": tokens / step_s,
+            "tokens_per_step": tokens,
+            "peak_rss_mib": rss,
+        });
+        for (k, t) in split {
+            v[k] = serde_json::json!(t);
+        }
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
+    writeln!(out, "model        {}", spec.model)?;
+    writeln!(
+        out,
+        "run          {what}, batch {}, {threads} threads, {parameters} trained parameters",
+        setup.per_device_batch_size
+    )?;
+    writeln!(out, "step         {step_s:>10.3} s (median of {timed})")?;
+    writeln!(out, "samples/s    {:>10.3}", samples / step_s)?;
+    writeln!(out, "tokens/s     {:>10.1}", tokens / step_s)?;
+    for (k, t) in split {
+        let name = format!("  {}", k.trim_end_matches("_s"));
+        writeln!(out, "{name:<15}{t:>8.3} s")?;
+    }
+    if let Some(rss) = rss {
+        writeln!(out, "peak RSS     {rss:>10.0} MiB")?;
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use kollava_train::lora;
 use kollava_train::run::{execute, projector_tensors, Event, RunSpec};
 use kollava_train::trainer::TrainOptions;
 
-use crate::args::{ReportTo, Stage, TrainArgs};
+use crate::args::{ReportTo, Stage, TrainArgs, TrainSetup};
 
 /// `--nproc N`: runs this same command as N processes (ranks) and waits for them all.
 fn launch(n: u32) -> Result<()> {
@@ -82,57 +82,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         d => d,
     };
     let dist = dist.map(std::sync::Mutex::new);
-    let lora = args.lora_r > 0;
-    if lora && args.stage != Stage::Finetune {
-        bail!("--lora-r trains adapters in stage 2: add --stage finetune");
-    }
-    if args.bits == 4 && !lora {
-        bail!("--bits 4 (QLoRA) trains adapters over a 4-bit base: give --lora-r too");
-    }
-    if lora && args.tune_vision_tower {
-        bail!("--tune-vision-tower with LoRA is not supported; train the tower in full finetuning");
-    }
-    let spec = RunSpec {
-        model: crate::pipeline::model_path(args.model.model.as_deref()),
-        vision_tower: args.model.vision_tower.clone(),
-        projector: args.model.projector.clone(),
-        samples: kollava_train::data::read_samples(&args.data)?,
-        image_folder: args.image_folder.clone(),
-        image_prefix: args.image_prefix.clone(),
-        output_dir: args.output_dir.clone(),
-        stage: args.stage,
-        lora: lora.then(|| lora::LoraOptions {
-            r: args.lora_r,
-            alpha: args.lora_alpha,
-            dropout: args.lora_dropout,
-            targets: args.lora_targets.clone(),
-            four_bit: args.bits == 4,
-            seed: args.seed,
-        }),
-        freeze_llm: args.freeze_backbone,
-        freeze_projector: args.freeze_mm_mlp_adapter,
-        tune_vision: args.tune_vision_tower,
-        version: args.version.clone(),
-        conv_mode: args.model.conv_mode.clone(),
-        aspect: args.model.image_aspect,
-        lr: args.lr,
-        train: TrainOptions {
-            epochs: args.epochs,
-            max_steps: args.max_steps,
-            batch_size: args.per_device_batch_size as usize,
-            grad_accum: args.grad_accum as usize,
-            warmup_ratio: args.warmup_ratio,
-            weight_decay: args.weight_decay,
-            seed: args.seed,
-            model_max_length: args.model_max_length,
-            gradient_checkpointing: args.gradient_checkpointing,
-            ..TrainOptions::default()
-        },
-        save_steps: args.save_steps,
-        save_total_limit: args.save_total_limit,
-        save_dtype: args.save_dtype.dtype(),
-        tensorboard: args.report_to == ReportTo::Tensorboard,
-    };
+    let mut spec = spec(&args.setup)?;
+    spec.output_dir = args.output_dir.clone();
+    spec.save_steps = args.save_steps;
+    spec.save_total_limit = args.save_total_limit;
+    spec.save_dtype = args.save_dtype.dtype();
+    spec.tensorboard = args.report_to == ReportTo::Tensorboard;
+    spec.write_outputs = true;
     // Only rank 0 hears events; the bar is drawn there.
     let bar = ProgressBar::hidden();
     let four_bit = spec.lora.as_ref().map(|lo| (lo.r, lo.four_bit));
@@ -151,7 +107,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         } => {
             eprintln!(
                 "{} stage{}: training {parameters} parameters in {tensors} tensors on {samples} samples ({template} format)",
-                args.stage,
+                args.setup.stage,
                 match four_bit {
                     Some((r, true)) => format!(" (QLoRA r={r}, 4-bit base)"),
                     Some((r, false)) => format!(" (LoRA r={r})"),
@@ -199,6 +155,63 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         finished.metrics.display()
     );
     Ok(())
+}
+
+/// The run `setup` describes, writing nothing (the caller sets where and what to write).
+pub(crate) fn spec(args: &TrainSetup) -> Result<RunSpec> {
+    let lora = args.lora_r > 0;
+    if lora && args.stage != Stage::Finetune {
+        bail!("--lora-r trains adapters in stage 2: add --stage finetune");
+    }
+    if args.bits == 4 && !lora {
+        bail!("--bits 4 (QLoRA) trains adapters over a 4-bit base: give --lora-r too");
+    }
+    if lora && args.tune_vision_tower {
+        bail!("--tune-vision-tower with LoRA is not supported; train the tower in full finetuning");
+    }
+    Ok(RunSpec {
+        model: crate::pipeline::model_path(args.model.model.as_deref()),
+        vision_tower: args.model.vision_tower.clone(),
+        projector: args.model.projector.clone(),
+        samples: kollava_train::data::read_samples(&args.data)?,
+        image_folder: args.image_folder.clone(),
+        image_prefix: args.image_prefix.clone(),
+        output_dir: std::path::PathBuf::new(),
+        stage: args.stage,
+        lora: lora.then(|| lora::LoraOptions {
+            r: args.lora_r,
+            alpha: args.lora_alpha,
+            dropout: args.lora_dropout,
+            targets: args.lora_targets.clone(),
+            four_bit: args.bits == 4,
+            seed: args.seed,
+        }),
+        freeze_llm: args.freeze_backbone,
+        freeze_projector: args.freeze_mm_mlp_adapter,
+        tune_vision: args.tune_vision_tower,
+        version: args.version.clone(),
+        conv_mode: args.model.conv_mode.clone(),
+        aspect: args.model.image_aspect,
+        lr: args.lr,
+        train: TrainOptions {
+            epochs: args.epochs,
+            max_steps: args.max_steps,
+            batch_size: args.per_device_batch_size as usize,
+            grad_accum: args.grad_accum as usize,
+            warmup_ratio: args.warmup_ratio,
+            weight_decay: args.weight_decay,
+            seed: args.seed,
+            model_max_length: args.model_max_length,
+            gradient_checkpointing: args.gradient_checkpointing,
+            ..TrainOptions::default()
+        },
+        save_steps: None,
+        save_total_limit: None,
+        save_dtype: DType::F32,
+        tensorboard: false,
+        bf16: args.bf16,
+        write_outputs: false,
+    })
 }
 
 /// `kollava plot`.

@@ -108,6 +108,13 @@ pub struct RunSpec {
     pub save_dtype: DType,
     /// Also write TensorBoard events.
     pub tensorboard: bool,
+    /// Frozen matrices multiply in bf16 with our kernels, forward and backward (the
+    /// language model in stage 1, the bases under LoRA, the tower); what trains, its
+    /// gradients and the optimizer state stay f32.
+    pub bf16: bool,
+    /// `false`: write nothing at all (no metrics, checkpoints or result), as a benchmark
+    /// runs; resuming is then off too.
+    pub write_outputs: bool,
 }
 
 /// What a run tells its caller as it goes.
@@ -221,12 +228,15 @@ pub fn execute(
         (d.rank, d.world)
     });
     let main_rank = rank == 0;
+    let writes = main_rank && spec.write_outputs;
     let finetune = spec.stage == Stage::Finetune;
     let out = &spec.output_dir;
-    std::fs::create_dir_all(out).map_err(outputs::write(out))?;
+    if spec.write_outputs {
+        std::fs::create_dir_all(out).map_err(outputs::write(out))?;
+    }
 
     // Resume from the newest checkpoint when there is one.
-    let resume = newest_checkpoint(out);
+    let resume = newest_checkpoint(out).filter(|_| spec.write_outputs);
     let mut open = OpenOptions {
         vision_tower: spec.vision_tower.clone(),
         projector: spec.projector.clone(),
@@ -295,6 +305,18 @@ pub fn execute(
             "nothing to train: every part is frozen".into(),
         ));
     }
+    if spec.bf16 {
+        tm.model
+            .pack_frozen_bf16()
+            .map_err(|e| RunError::Invalid(e.to_string()))?;
+        // The frozen matrices' f32 copies are no longer used (outputs take the trained
+        // weights, the projector and the embedding rows).
+        tm.tensors.retain(|(n, t)| {
+            t.is_variable()
+                || n.starts_with("model.mm_projector.")
+                || n == "model.embed_tokens.weight"
+        });
+    }
     let tok = ckpt.tokenizer()?;
     let scheme = ckpt.image_tokens(&tok)?;
     let folder = spec.image_folder.clone();
@@ -344,7 +366,7 @@ pub fn execute(
             .map_err(|e| RunError::Invalid(format!("cannot read {}: {e}", path.display())))?;
         opt.restore(&state, *step)?;
     }
-    let mut metrics = if main_rank {
+    let mut metrics = if writes {
         Some(Metrics::open(
             out,
             resume.as_ref().map(|(s, _)| *s),
@@ -375,7 +397,7 @@ pub fn execute(
         None => Output::Projector,
     };
     let mut on_save = |step: usize, opt: &AdamW| -> candle_core::Result<()> {
-        if !main_rank {
+        if !writes {
             return Ok(());
         }
         let result = if step == total {
