@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 pub use kollava_checkpoint::gguf::QuantType;
 pub use kollava_inputs::image::AspectMode;
-pub use kollava_train::run::Stage;
+pub use kollava_train::run::{Sharding, Stage};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -512,6 +512,11 @@ pub struct TrainSetup {
     /// long sequences fit in memory for ~30 % more time — 그래디언트 체크포인팅
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// How data-parallel ranks split the training state: none (each holds everything) or
+    /// grad-opt (each keeps AdamW's moments for 1/N of the parameters; gradients
+    /// reduce-scattered, parameters all-gathered; ZeRO-2) — 학습 상태 분할
+    #[arg(long, value_enum, default_value_t = Sharding::None)]
+    pub shard: Sharding,
     /// Frozen matrices (stage 1's language model, the base under LoRA, the tower) multiply
     /// in bf16 with our kernels, forward and backward; what trains, its gradients and the
     /// optimizer state stay f32 — bf16 혼합 정밀도

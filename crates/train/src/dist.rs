@@ -4,7 +4,9 @@
 //! `MASTER_PORT`; `RANK` and `WORLD_SIZE` say who is who.
 //!
 //! The averaging goes over TCP (rank 0 sums and sends back), which serves CPU runs and
-//! several machines alike. A build with the `nccl` feature training on GPUs switches to
+//! several machines alike; a sharded run (`--shard grad-opt`) uses the same connections for
+//! a reduce-scatter of the gradients and an all-gather of the updated parameters (on GPUs
+//! too, through host memory, for now). A build with the `nccl` feature training on GPUs switches to
 //! NCCL after the ranks have met over TCP ([`Dist::use_nccl`]): rank 0's NCCL id travels
 //! over that connection, and each average is then one all-reduce between the GPUs.
 
@@ -169,6 +171,92 @@ impl Dist {
         Ok(())
     }
 
+    /// The mean over the ranks of `data` (the same length everywhere), of which this rank
+    /// gets only `ranges[rank]`: a reduce-scatter. The sums are [`Dist::all_reduce_mean`]'s,
+    /// so each slice holds the very numbers an all-reduce would.
+    pub fn reduce_scatter_mean(
+        &mut self,
+        data: &[f32],
+        ranges: &[std::ops::Range<usize>],
+    ) -> std::io::Result<Vec<f32>> {
+        let mut buf = vec![0u8; data.len() * 4];
+        if self.rank == 0 {
+            let mut sum: Vec<f64> = data.iter().map(|&x| x as f64).collect();
+            for s in &mut self.peers {
+                s.read_exact(&mut buf)?;
+                for (acc, c) in sum.iter_mut().zip(buf.chunks_exact(4)) {
+                    *acc += f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64;
+                }
+            }
+            let mean: Vec<f32> = sum
+                .iter()
+                .map(|s| (*s / self.world as f64) as f32)
+                .collect();
+            for (s, r) in self.peers.iter_mut().zip(&ranges[1..]) {
+                s.write_all(&le_bytes(&mean[r.clone()]))?;
+            }
+            Ok(mean[ranges[0].clone()].to_vec())
+        } else {
+            let s = &mut self.peers[0];
+            s.write_all(&le_bytes(data))?;
+            let mut mine = vec![0u8; ranges[self.rank].len() * 4];
+            s.read_exact(&mut mine)?;
+            Ok(from_le_bytes(&mine))
+        }
+    }
+
+    /// Every rank's `mine` (`ranges[rank]` of a vector) put together, on every rank: an
+    /// all-gather.
+    pub fn all_gather(
+        &mut self,
+        mine: &[f32],
+        ranges: &[std::ops::Range<usize>],
+    ) -> std::io::Result<Vec<f32>> {
+        let total = ranges.last().map_or(0, |r| r.end);
+        if self.rank == 0 {
+            let mut all = vec![0f32; total];
+            all[ranges[0].clone()].copy_from_slice(mine);
+            for (s, r) in self.peers.iter_mut().zip(&ranges[1..]) {
+                let mut buf = vec![0u8; r.len() * 4];
+                s.read_exact(&mut buf)?;
+                all[r.clone()].copy_from_slice(&from_le_bytes(&buf));
+            }
+            let out = le_bytes(&all);
+            for s in &mut self.peers {
+                s.write_all(&out)?;
+            }
+            Ok(all)
+        } else {
+            let s = &mut self.peers[0];
+            s.write_all(&le_bytes(mine))?;
+            let mut buf = vec![0u8; total * 4];
+            s.read_exact(&mut buf)?;
+            Ok(from_le_bytes(&buf))
+        }
+    }
+
+    /// The sum of `x` over the ranks, added in rank order (the same number everywhere).
+    pub fn all_reduce_sum_f64(&mut self, x: f64) -> std::io::Result<f64> {
+        if self.rank == 0 {
+            let mut sum = x;
+            for s in &mut self.peers {
+                let mut b = [0u8; 8];
+                s.read_exact(&mut b)?;
+                sum += f64::from_le_bytes(b);
+            }
+            for s in &mut self.peers {
+                s.write_all(&sum.to_le_bytes())?;
+            }
+            Ok(sum)
+        } else {
+            let s = &mut self.peers[0];
+            s.write_all(&x.to_le_bytes())?;
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b)?;
+            Ok(f64::from_le_bytes(b))
+        }
+    }
+
     /// Replaces `data` on every rank by its mean over the ranks (same length everywhere).
     pub fn all_reduce_mean(&mut self, data: &mut [f32]) -> std::io::Result<()> {
         let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
@@ -198,6 +286,16 @@ impl Dist {
         }
         Ok(())
     }
+}
+
+fn le_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn from_le_bytes(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// The NCCL side (feature `nccl`).
@@ -274,6 +372,43 @@ mod tests {
             .collect();
         for h in handles {
             assert_eq!(h.join().unwrap(), vec![1.0, 10.0, 1.0]);
+        }
+    }
+
+    /// A reduce-scatter gives each rank its slice of the all-reduce's very numbers; an
+    /// all-gather puts the slices back together on every rank; the f64 sum is the same
+    /// everywhere.
+    #[test]
+    fn reduce_scatter_and_all_gather_agree_with_the_all_reduce() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let ranges = [0..3, 3..5, 5..7];
+        let data = |rank: usize| -> Vec<f32> {
+            (0..7)
+                .map(|i| (i as f32 + 0.1) * (rank as f32 + 1.0).sqrt())
+                .collect()
+        };
+        let handles: Vec<_> = (0..3)
+            .map(|rank| {
+                let (addr, ranges) = (addr.clone(), ranges.clone());
+                std::thread::spawn(move || {
+                    let mut d = Dist::connect(rank, 3, &addr, Duration::from_secs(10)).unwrap();
+                    let mut all = data(rank);
+                    d.all_reduce_mean(&mut all).unwrap();
+                    let mine = d.reduce_scatter_mean(&data(rank), &ranges).unwrap();
+                    assert_eq!(mine, all[ranges[rank].clone()]);
+                    let back = d.all_gather(&mine, &ranges).unwrap();
+                    assert_eq!(back, all);
+                    d.all_reduce_sum_f64(rank as f64 + 0.5).unwrap()
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap(), 4.5);
         }
     }
 }

@@ -410,6 +410,16 @@ fn average_over_ranks(
     Ok(flat.narrow(0, at, 1)?.to_vec1::<f32>()?[0] as f64)
 }
 
+/// Multiplies the gradients of row-masked parameters by their masks.
+fn mask_rows(g: &mut GradStore, row_masks: &[(candle_core::Var, Tensor)]) -> Result<()> {
+    for (var, mask) in row_masks {
+        if let Some(grad) = g.remove(var.as_tensor()) {
+            g.insert(var.as_tensor(), grad.broadcast_mul(mask)?);
+        }
+    }
+    Ok(())
+}
+
 fn add_grads(acc: &mut Option<GradStore>, new: GradStore, vars: &[candle_core::Var]) -> Result<()> {
     match acc {
         Some(acc) => kollava_model::decoder::accumulate(acc, &new, vars),
@@ -482,30 +492,37 @@ pub fn train(
                 times.add(&mb.times);
                 add_grads(&mut grads, mb.grads, &vars)?;
             }
-            if let Some(dist) = inp.dist {
-                let clock = std::time::Instant::now();
-                loss_sum = average_over_ranks(dist, &mut grads, &vars, loss_sum)?;
-                times.communication = clock.elapsed().as_secs_f64();
-            }
-            let clock = std::time::Instant::now();
-            if let Some(g) = grads.as_mut() {
-                for (var, mask) in inp.row_masks {
-                    if let Some(grad) = g.remove(var.as_tensor()) {
-                        g.insert(var.as_tensor(), grad.broadcast_mul(mask)?);
-                    }
-                }
-            }
             let lr = cosine_lr(opts.lr, step, warmup, total);
-            let grad_norm = match grads.as_mut() {
-                Some(g) => {
-                    let norm = clip_grad_norm(g, &vars, opts.max_grad_norm)?;
-                    opt.lr = lr;
-                    opt.step(g)?;
-                    norm
+            let clock = std::time::Instant::now();
+            let grad_norm = if opt.is_sharded() {
+                // Row masks are linear: applied to each rank's share before the averaging.
+                if let Some(g) = grads.as_mut() {
+                    mask_rows(g, inp.row_masks)?;
                 }
-                None => 0.0,
+                opt.lr = lr;
+                let (loss, norm, comm) =
+                    opt.sharded_step(grads.as_ref(), loss_sum, opts.max_grad_norm, inp.dist)?;
+                loss_sum = loss;
+                times.communication = comm;
+                norm
+            } else {
+                if let Some(dist) = inp.dist {
+                    let clock = std::time::Instant::now();
+                    loss_sum = average_over_ranks(dist, &mut grads, &vars, loss_sum)?;
+                    times.communication = clock.elapsed().as_secs_f64();
+                }
+                match grads.as_mut() {
+                    Some(g) => {
+                        mask_rows(g, inp.row_masks)?;
+                        let norm = clip_grad_norm(g, &vars, opts.max_grad_norm)?;
+                        opt.lr = lr;
+                        opt.step(g)?;
+                        norm
+                    }
+                    None => 0.0,
+                }
             };
-            times.optimizer = clock.elapsed().as_secs_f64();
+            times.optimizer = clock.elapsed().as_secs_f64() - times.communication;
             let done = step + 1;
             on_step(&StepLog {
                 step: done,
@@ -520,10 +537,12 @@ pub fn train(
                 times,
             });
             if save_every.is_some_and(|k| k > 0 && done % k == 0) && done < total {
+                opt.gather_state(inp.dist)?;
                 on_save(done, opt)?;
             }
         }
         drop(rx);
+        opt.gather_state(inp.dist)?;
         on_save(total, opt)
     })
 }

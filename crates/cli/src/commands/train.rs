@@ -210,6 +210,7 @@ pub(crate) fn spec(args: &TrainSetup) -> Result<RunSpec> {
         save_dtype: DType::F32,
         tensorboard: false,
         bf16: args.bf16,
+        shard: args.shard,
         write_outputs: false,
     })
 }

@@ -436,7 +436,8 @@ fn v0_pretraining_trains_only_the_image_boundary_rows() {
 }
 
 /// Two data-parallel processes, one sample each per step, train like one process that
-/// accumulates two micro-batches: the same losses (up to summation order), and one result.
+/// accumulates two micro-batches: the same losses (up to summation order), and one result;
+/// also with `--shard grad-opt`.
 #[test]
 fn two_ranks_train_like_one_process_with_gradient_accumulation() {
     let tmp = tempfile::tempdir().unwrap();
@@ -462,21 +463,24 @@ fn two_ranks_train_like_one_process_with_gradient_accumulation() {
     };
     let single = tmp.path().join("single");
     assert_success(&kollava(&as_args(&with(&single, &["--grad-accum", "2"]))));
-    let ddp = tmp.path().join("ddp");
-    let o = kollava(&as_args(&with(&ddp, &["--nproc", "2"])));
-    assert_success(&o);
-    let (a, b) = (
-        losses(&single.join("metrics.jsonl")),
-        losses(&ddp.join("metrics.jsonl")),
-    );
+    let a = losses(&single.join("metrics.jsonl"));
     assert_eq!(a.len(), 5);
-    assert_eq!(b.len(), 5, "only rank 0 reports");
-    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
-        assert_eq!(sa, sb);
-        assert!(
-            (la - lb).abs() < 1e-4 * la.abs().max(1.0),
-            "step {sa}: {la} vs {lb}"
-        );
+    // Plain data parallelism, and with the optimizer state sharded between the ranks.
+    for (name, extra) in [("ddp", &[][..]), ("sharded", &["--shard", "grad-opt"][..])] {
+        let ddp = tmp.path().join(name);
+        let mut flags = vec!["--nproc", "2"];
+        flags.extend(extra);
+        let o = kollava(&as_args(&with(&ddp, &flags)));
+        assert_success(&o);
+        let b = losses(&ddp.join("metrics.jsonl"));
+        assert_eq!(b.len(), 5, "only rank 0 reports");
+        for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
+            assert_eq!(sa, sb);
+            assert!(
+                (la - lb).abs() < 1e-4 * la.abs().max(1.0),
+                "{name} step {sa}: {la} vs {lb}"
+            );
+        }
+        assert!(ddp.join("config.json").is_file());
     }
-    assert!(ddp.join("config.json").is_file());
 }

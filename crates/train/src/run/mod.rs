@@ -70,6 +70,19 @@ impl std::fmt::Display for Stage {
     }
 }
 
+/// How a data-parallel run splits its training state between the ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Sharding {
+    /// Every rank holds everything (plain data parallelism, gradients all-reduced).
+    #[default]
+    None,
+    /// Each rank keeps AdamW's moments for 1/N of the parameters and updates only those;
+    /// gradients are reduce-scattered and the updated parameters all-gathered (ZeRO-2,
+    /// FSDP's `SHARD_GRAD_OP`).
+    GradOpt,
+}
+
 /// Everything a run is asked to do.
 pub struct RunSpec {
     /// Checkpoint directory (or a name the checkpoint crate resolves).
@@ -108,6 +121,8 @@ pub struct RunSpec {
     pub save_dtype: DType,
     /// Also write TensorBoard events.
     pub tensorboard: bool,
+    /// How the ranks split the training state.
+    pub shard: Sharding,
     /// Frozen matrices multiply in bf16 with our kernels, forward and backward (the
     /// language model in stage 1, the bases under LoRA, the tower); what trains, its
     /// gradients and the optimizer state stay f32.
@@ -360,6 +375,9 @@ pub fn execute(
         ..spec.train.clone()
     };
     let mut opt = AdamW::new(params.clone(), opts.lr, opts.weight_decay);
+    if spec.shard == Sharding::GradOpt {
+        opt.shard(rank, world);
+    }
     if let Some((step, dir)) = &resume {
         let path = dir.join(OPTIMIZER_FILE);
         let state = candle_core::safetensors::load(&path, device)
