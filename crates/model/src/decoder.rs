@@ -285,6 +285,13 @@ impl SelfAttention {
                     return Ok(a);
                 }
                 let alibi = step.alibi.as_ref();
+                if q.track_op() && alibi.is_none() && q.device().is_cpu() && q.dtype() == DType::F32
+                {
+                    // Training: forward and backward without keeping the score matrices.
+                    return crate::kernels::train_attention::attention(
+                        q, k, v, &step.mask, self.scale,
+                    );
+                }
                 match step.query_blocks.as_deref().filter(|_| !q.track_op()) {
                     Some(blocks) => blocked_attention(
                         q,

@@ -1,7 +1,8 @@
 //! Our CPU kernels, apart from the graphs that call them: the bf16 GEMM and GEMV (also over
 //! ggml blocks, with AMX tiles where the CPU has them), the k-quant matrix-vector and tiled
-//! prefill kernels, block attention for prompts and the tower, decoding attention, and the
-//! row softmax they share. [`cpu`] is the one place that detects what the CPU can run (and
+//! prefill kernels, block attention for prompts and the tower, decoding attention, the
+//! row softmax they share, and training's attention (forward and backward without the
+//! score matrices kept). [`cpu`] is the one place that detects what the CPU can run (and
 //! reads `KOLLAVA_KERNELS`); every kernel asks it.
 
 pub mod bf16;
@@ -11,3 +12,4 @@ pub(crate) mod decode_attention;
 pub mod kquant;
 mod prefetch;
 pub(crate) mod softmax;
+pub mod train_attention;

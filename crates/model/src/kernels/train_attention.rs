@@ -1,0 +1,412 @@
+//! Attention for training on the CPU without keeping its score matrices. candle's ops keep
+//! every `(b, heads, s, t)` intermediate of `softmax(QKᵀ·scale + mask)·V` for the backward
+//! (scores, scaled, masked, probabilities: a third of a LLaVA step's activation memory at
+//! 430 tokens). This op keeps only the output and each row's log-sum-exp; its backward
+//! recomputes one head's probabilities at a time, in a buffer of its own, and takes the
+//! gradients of Q, K and V from them:
+//! `dV = Pᵀ dO`, `dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = dS K·scale`, `dK = dSᵀ Q·scale`.
+//! Heads sharing a key/value head (grouped-query attention) are one task, so that their
+//! `dK`/`dV` add up without locks. The products are `gemm`'s (candle's own matrix
+//! kernels), one head per task on rayon's threads.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `softmax(q kᵀ · scale + mask) v` with gradients for `q`, `k` and `v`.
+/// `q: (b, heads, s, d)`, `k, v: (b, kv_heads, t, d)`, `mask: (b, 1, s, t)` (0 or −∞; every
+/// row has a finite entry) → `(b, heads, s, d)`. f32 CPU tensors.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, heads, s, d) = q.dims4()?;
+    let (kb, kv_heads, t, kd) = k.dims4()?;
+    if kb != b || kd != d || v.dims4()? != (b, kv_heads, t, d) || heads % kv_heads != 0 {
+        candle_core::bail!(
+            "train attention: q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if mask.dims4()? != (b, 1, s, t) {
+        candle_core::bail!(
+            "train attention: mask {:?} for q {:?}, k {:?}",
+            mask.dims(),
+            q.dims(),
+            k.dims()
+        );
+    }
+    let op = Attention {
+        dims: Dims {
+            b,
+            heads,
+            kv_heads,
+            s,
+            t,
+            d,
+        },
+        mask: mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+        scale: scale as f32,
+        lse: Mutex::new(None),
+    };
+    q.contiguous()?.apply_op3_arc(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        std::sync::Arc::new(Box::new(op)),
+    )
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    heads: usize,
+    kv_heads: usize,
+    s: usize,
+    t: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn rep(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+struct Attention {
+    dims: Dims,
+    /// `(b, s, t)`.
+    mask: Vec<f32>,
+    scale: f32,
+    /// Each query row's `log Σ exp(score)`, `(b, heads, s)`, from the forward.
+    lse: Mutex<Option<Vec<f32>>>,
+}
+
+/// `dst (m×n) = [dst +] alpha · a (m×k) · b (k×n)`, with `a`'s and `b`'s row and column
+/// strides; one thread (the caller parallelises over heads).
+#[allow(clippy::too_many_arguments)]
+fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    alpha: f32,
+) {
+    debug_assert!(dst.len() >= m * n);
+    debug_assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    debug_assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    // SAFETY: the slices hold every element the strides reach (checked above in debug
+    // builds; the callers pass whole heads), and `dst` is not aliased.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+impl Attention {
+    /// One head's `scores · scale + mask` (`s × t`) into `p`.
+    fn scores(&self, p: &mut [f32], q: &[f32], k: &[f32], bi: usize) {
+        let Dims { s, t, d, .. } = self.dims;
+        mm((s, t, d), p, false, q, (d, 1), k, (1, d), self.scale);
+        let mask = &self.mask[bi * s * t..(bi + 1) * s * t];
+        p.iter_mut().zip(mask).for_each(|(x, m)| *x += m);
+    }
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("train attention: a non-contiguous input");
+    };
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "train-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (slice(qs, ql)?, slice(ks, kl)?, slice(vs, vl)?);
+        let dims = self.dims;
+        let Dims {
+            b,
+            heads,
+            kv_heads,
+            s,
+            t,
+            d,
+        } = dims;
+        let rep = dims.rep();
+        let mut out = vec![0f32; b * heads * s * d];
+        let mut lse = vec![0f32; b * heads * s];
+        // One task per (batch row, key/value head): its `rep` query heads are contiguous.
+        out.par_chunks_mut(rep * s * d)
+            .zip(lse.par_chunks_mut(rep * s))
+            .enumerate()
+            .for_each(|(task, (out, lse))| {
+                let (bi, g) = (task / kv_heads, task % kv_heads);
+                let kv = (bi * kv_heads + g) * t * d;
+                let (k, v) = (&k[kv..kv + t * d], &v[kv..kv + t * d]);
+                let mut p = vec![0f32; s * t];
+                for r in 0..rep {
+                    let h = g * rep + r;
+                    let qh = &q[(bi * heads + h) * s * d..][..s * d];
+                    self.scores(&mut p, qh, k, bi);
+                    for (row, l) in p.chunks_exact_mut(t).zip(&mut lse[r * s..(r + 1) * s]) {
+                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut sum = 0f32;
+                        for x in row.iter_mut() {
+                            *x = (*x - max).exp();
+                            sum += *x;
+                        }
+                        row.iter_mut().for_each(|x| *x /= sum);
+                        *l = max + sum.ln();
+                    }
+                    mm(
+                        (s, d, t),
+                        &mut out[r * s * d..(r + 1) * s * d],
+                        false,
+                        &p,
+                        (t, 1),
+                        v,
+                        (d, 1),
+                        1.0,
+                    );
+                }
+            });
+        *self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))? = Some(lse);
+        Ok((CpuStorage::F32(out), Shape::from((b, heads, s, d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
+            .clone();
+        let Some(lse) = lse else {
+            candle_core::bail!("train attention: backward before forward");
+        };
+        let flat =
+            |x: &Tensor| -> Result<Vec<f32>> { x.to_dtype(DType::F32)?.flatten_all()?.to_vec1() };
+        let (q, k, v, o, go) = (flat(q)?, flat(k)?, flat(v)?, flat(o)?, flat(grad)?);
+        let dims = self.dims;
+        let Dims {
+            b,
+            heads,
+            kv_heads,
+            s,
+            t,
+            d,
+        } = dims;
+        let rep = dims.rep();
+        let mut dq = vec![0f32; b * heads * s * d];
+        let mut dk = vec![0f32; b * kv_heads * t * d];
+        let mut dv = vec![0f32; b * kv_heads * t * d];
+        dq.par_chunks_mut(rep * s * d)
+            .zip(dk.par_chunks_mut(t * d))
+            .zip(dv.par_chunks_mut(t * d))
+            .enumerate()
+            .for_each(|(task, ((dq, dk), dv))| {
+                let (bi, g) = (task / kv_heads, task % kv_heads);
+                let kv = (bi * kv_heads + g) * t * d;
+                let (kh, vh) = (&k[kv..kv + t * d], &v[kv..kv + t * d]);
+                let mut p = vec![0f32; s * t];
+                let mut ds = vec![0f32; s * t];
+                for r in 0..rep {
+                    let h = g * rep + r;
+                    let at = (bi * heads + h) * s * d;
+                    let (qh, oh, gh) =
+                        (&q[at..at + s * d], &o[at..at + s * d], &go[at..at + s * d]);
+                    self.scores(&mut p, qh, kh, bi);
+                    let lse = &lse[(bi * heads + h) * s..][..s];
+                    for (row, l) in p.chunks_exact_mut(t).zip(lse) {
+                        row.iter_mut().for_each(|x| *x = (*x - l).exp());
+                    }
+                    // dV += Pᵀ dO.
+                    mm((t, d, s), dv, r > 0, &p, (1, t), gh, (d, 1), 1.0);
+                    // dP = dO Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)) · scale.
+                    mm((s, t, d), &mut ds, false, gh, (d, 1), vh, (1, d), 1.0);
+                    for i in 0..s {
+                        let di: f32 = gh[i * d..(i + 1) * d]
+                            .iter()
+                            .zip(&oh[i * d..(i + 1) * d])
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        let (prow, drow) = (&p[i * t..(i + 1) * t], &mut ds[i * t..(i + 1) * t]);
+                        for (x, &pv) in drow.iter_mut().zip(prow) {
+                            *x = pv * (*x - di) * self.scale;
+                        }
+                    }
+                    // dQ = dS K, dK += dSᵀ Q.
+                    mm(
+                        (s, d, t),
+                        &mut dq[r * s * d..(r + 1) * s * d],
+                        false,
+                        &ds,
+                        (t, 1),
+                        kh,
+                        (d, 1),
+                        1.0,
+                    );
+                    mm((t, d, s), dk, r > 0, &ds, (1, t), qh, (d, 1), 1.0);
+                }
+            });
+        let dev = candle_core::Device::Cpu;
+        Ok((
+            Some(Tensor::from_vec(dq, (b, heads, s, d), &dev)?),
+            Some(Tensor::from_vec(dk, (b, kv_heads, t, d), &dev)?),
+            Some(Tensor::from_vec(dv, (b, kv_heads, t, d), &dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// candle's tensor-op attention (the decoder's training path before this op), with the
+    /// key/value heads repeated for grouped-query attention.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
+        let (_, heads, _, _) = q.dims4().unwrap();
+        let (b, kvh, t, d) = k.dims4().unwrap();
+        let rep = heads / kvh;
+        let expand = |x: &Tensor| {
+            x.unsqueeze(2)
+                .unwrap()
+                .broadcast_as((b, kvh, rep, t, d))
+                .unwrap()
+                .reshape((b, heads, t, d))
+                .unwrap()
+        };
+        crate::layers::attention(q, &expand(k), &expand(v), Some(mask), scale).unwrap()
+    }
+
+    /// Causal with the first `pad[b]` key slots of row `b` padding (visible only to
+    /// themselves), as the cache builds a left-padded batch.
+    fn mask(b: usize, s: usize, pad: &[usize]) -> Tensor {
+        let mut m = vec![0f32; b * s * s];
+        for r in 0..b {
+            for i in 0..s {
+                for j in 0..s {
+                    let allowed = if i < pad[r] {
+                        j == i // a padding query sees itself
+                    } else {
+                        j >= pad[r] && j <= i
+                    };
+                    if !allowed {
+                        m[(r * s + i) * s + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(m, (b, 1, s, s), &Device::Cpu).unwrap()
+    }
+
+    /// Values and the gradients of q, k and v against candle's ops, on odd sizes, with
+    /// padding and with grouped-query heads.
+    #[test]
+    fn train_attention_matches_candles_values_and_gradients() {
+        let dev = Device::Cpu;
+        for (b, heads, kvh, s, d, pad) in [
+            (1, 1, 1, 1, 1, vec![0]),
+            (2, 4, 2, 7, 5, vec![0, 3]),
+            (1, 3, 3, 33, 16, vec![0]),
+            (3, 6, 2, 20, 8, vec![5, 0, 19]),
+        ] {
+            let var = |shape: (usize, usize, usize, usize)| {
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
+            };
+            let (q, k, v) = (
+                var((b, heads, s, d)),
+                var((b, kvh, s, d)),
+                var((b, kvh, s, d)),
+            );
+            let m = mask(b, s, &pad);
+            let scale = (d as f64).powf(-0.5);
+            let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &m, scale).unwrap();
+            let theirs = reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), &m, scale);
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert!(
+                diff(&ours, &theirs) < 1e-5,
+                "{b}x{heads}x{s}x{d}: {}",
+                diff(&ours, &theirs)
+            );
+            let r = Tensor::randn(0f32, 1.0, ours.shape(), &dev).unwrap();
+            let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (a, bb) = (
+                    ga.get(x.as_tensor()).unwrap(),
+                    gb.get(x.as_tensor()).unwrap(),
+                );
+                let err = diff(a, bb);
+                let size = bb
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    err <= 1e-4 * size.max(1.0),
+                    "{b}x{heads}x{s}x{d} d{name}: {err}"
+                );
+            }
+        }
+    }
+}
