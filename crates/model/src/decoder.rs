@@ -285,11 +285,11 @@ impl SelfAttention {
                     return Ok(a);
                 }
                 let alibi = step.alibi.as_ref();
-                if q.track_op() && alibi.is_none() && q.device().is_cpu() && q.dtype() == DType::F32
-                {
+                if q.track_op() && q.device().is_cpu() && q.dtype() == DType::F32 {
                     // Training: forward and backward without keeping the score matrices.
+                    let alibi = alibi.map(|a| (&a.dist, &a.values[..]));
                     return crate::kernels::train_attention::attention(
-                        q, k, v, &step.mask, self.scale,
+                        q, k, v, &step.mask, alibi, self.scale,
                     );
                 }
                 match step.query_blocks.as_deref().filter(|_| !q.track_op()) {

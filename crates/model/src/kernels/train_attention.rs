@@ -14,10 +14,18 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// `softmax(q kᵀ · scale + mask) v` with gradients for `q`, `k` and `v`.
+/// `softmax(q kᵀ · scale + mask [+ slope_h · dist]) v` with gradients for `q`, `k` and `v`.
 /// `q: (b, heads, s, d)`, `k, v: (b, kv_heads, t, d)`, `mask: (b, 1, s, t)` (0 or −∞; every
-/// row has a finite entry) → `(b, heads, s, d)`. f32 CPU tensors.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+/// row has a finite entry), `alibi`: MPT's key-minus-query distances `(b, 1, s, t)` and one
+/// slope per head → `(b, heads, s, d)`. f32 CPU tensors.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    alibi: Option<(&Tensor, &[f32])>,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, heads, s, d) = q.dims4()?;
     let (kb, kv_heads, t, kd) = k.dims4()?;
     if kb != b || kd != d || v.dims4()? != (b, kv_heads, t, d) || heads % kv_heads != 0 {
@@ -36,7 +44,21 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
             k.dims()
         );
     }
+    let alibi = match alibi {
+        Some((dist, slopes)) if dist.dims4()? == (b, 1, s, t) && slopes.len() == heads => Some((
+            dist.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            slopes.to_vec(),
+        )),
+        Some((dist, slopes)) => candle_core::bail!(
+            "train attention: ALiBi distances {:?} and {} slopes for q {:?}",
+            dist.dims(),
+            slopes.len(),
+            q.dims()
+        ),
+        None => None,
+    };
     let op = Attention {
+        alibi,
         dims: Dims {
             b,
             heads,
@@ -76,6 +98,8 @@ struct Attention {
     dims: Dims,
     /// `(b, s, t)`.
     mask: Vec<f32>,
+    /// ALiBi: distances `(b, s, t)` and a slope per head.
+    alibi: Option<(Vec<f32>, Vec<f32>)>,
     scale: f32,
     /// Each query row's `log Σ exp(score)`, `(b, heads, s)`, from the forward.
     lse: Mutex<Option<Vec<f32>>>,
@@ -125,12 +149,20 @@ fn mm(
 }
 
 impl Attention {
-    /// One head's `scores · scale + mask` (`s × t`) into `p`.
-    fn scores(&self, p: &mut [f32], q: &[f32], k: &[f32], bi: usize) {
+    /// Head `h`'s `scores · scale + mask` (and ALiBi's bias) (`s × t`) into `p`.
+    #[allow(clippy::too_many_arguments)]
+    fn scores(&self, p: &mut [f32], q: &[f32], k: &[f32], bi: usize, h: usize) {
         let Dims { s, t, d, .. } = self.dims;
         mm((s, t, d), p, false, q, (d, 1), k, (1, d), self.scale);
-        let mask = &self.mask[bi * s * t..(bi + 1) * s * t];
+        let at = bi * s * t..(bi + 1) * s * t;
+        let mask = &self.mask[at.clone()];
         p.iter_mut().zip(mask).for_each(|(x, m)| *x += m);
+        if let Some((dist, slopes)) = &self.alibi {
+            let slope = slopes[h];
+            p.iter_mut()
+                .zip(&dist[at])
+                .for_each(|(x, dd)| *x += slope * dd);
+        }
     }
 }
 
@@ -180,7 +212,7 @@ impl CustomOp3 for Attention {
                 for r in 0..rep {
                     let h = g * rep + r;
                     let qh = &q[(bi * heads + h) * s * d..][..s * d];
-                    self.scores(&mut p, qh, k, bi);
+                    self.scores(&mut p, qh, k, bi, h);
                     for (row, l) in p.chunks_exact_mut(t).zip(&mut lse[r * s..(r + 1) * s]) {
                         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                         let mut sum = 0f32;
@@ -257,7 +289,7 @@ impl CustomOp3 for Attention {
                     let at = (bi * heads + h) * s * d;
                     let (qh, oh, gh) =
                         (&q[at..at + s * d], &o[at..at + s * d], &go[at..at + s * d]);
-                    self.scores(&mut p, qh, kh, bi);
+                    self.scores(&mut p, qh, kh, bi, h);
                     let lse = &lse[(bi * heads + h) * s..][..s];
                     for (row, l) in p.chunks_exact_mut(t).zip(lse) {
                         row.iter_mut().for_each(|x| *x = (*x - l).exp());
@@ -308,6 +340,11 @@ mod tests {
     /// candle's tensor-op attention (the decoder's training path before this op), with the
     /// key/value heads repeated for grouped-query attention.
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
+        reference_biased(q, k, v, mask, scale)
+    }
+
+    /// [`reference`] with a per-head additive `bias: (b, heads, s, t)` (or the mask).
+    fn reference_biased(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
         let (_, heads, _, _) = q.dims4().unwrap();
         let (b, kvh, t, d) = k.dims4().unwrap();
         let rep = heads / kvh;
@@ -319,6 +356,12 @@ mod tests {
                 .reshape((b, heads, t, d))
                 .unwrap()
         };
+        if mask.dim(1).unwrap() == heads && heads > 1 {
+            // A per-head bias: candle's ops, step by step.
+            let s = (q.matmul(&expand(k).t().unwrap()).unwrap() * scale).unwrap();
+            let p = candle_nn::ops::softmax(&(s + mask).unwrap(), candle_core::D::Minus1).unwrap();
+            return p.matmul(&expand(v)).unwrap();
+        }
         crate::layers::attention(q, &expand(k), &expand(v), Some(mask), scale).unwrap()
     }
 
@@ -364,7 +407,8 @@ mod tests {
             );
             let m = mask(b, s, &pad);
             let scale = (d as f64).powf(-0.5);
-            let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &m, scale).unwrap();
+            let ours =
+                attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &m, None, scale).unwrap();
             let theirs = reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), &m, scale);
             let diff = |a: &Tensor, b: &Tensor| {
                 (a - b)
@@ -407,6 +451,75 @@ mod tests {
                     "{b}x{heads}x{s}x{d} d{name}: {err}"
                 );
             }
+        }
+    }
+
+    /// With ALiBi (MPT): slopes per head times key-minus-query distances, added to the
+    /// masked scores, against candle's ops on the same bias.
+    #[test]
+    fn train_attention_with_alibi_matches_candles_values_and_gradients() {
+        let dev = Device::Cpu;
+        let (b, heads, s, d) = (2, 4, 9, 8);
+        let var = |shape: (usize, usize, usize, usize)| {
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
+        };
+        let (q, k, v) = (
+            var((b, heads, s, d)),
+            var((b, heads, s, d)),
+            var((b, heads, s, d)),
+        );
+        let m = mask(b, s, &[0, 2]);
+        let dist: Vec<f32> = (0..b * s * s)
+            .map(|x| ((x % s) as f32) - ((x / s) % s) as f32)
+            .collect();
+        let dist = Tensor::from_vec(dist, (b, 1, s, s), &dev).unwrap();
+        let slopes = [0.5f32, 0.25, 0.125, 0.0625];
+        let bias = dist
+            .broadcast_mul(
+                &Tensor::new(&slopes[..], &dev)
+                    .unwrap()
+                    .reshape((1, heads, 1, 1))
+                    .unwrap(),
+            )
+            .unwrap()
+            .broadcast_add(&m)
+            .unwrap();
+        let scale = (d as f64).powf(-0.5);
+        let ours = attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            &m,
+            Some((&dist, &slopes[..])),
+            scale,
+        )
+        .unwrap();
+        let theirs = reference_biased(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, scale);
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(diff(&ours, &theirs) < 1e-5, "{}", diff(&ours, &theirs));
+        let r = Tensor::randn(0f32, 1.0, ours.shape(), &dev).unwrap();
+        let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, bb) = (
+                ga.get(x.as_tensor()).unwrap(),
+                gb.get(x.as_tensor()).unwrap(),
+            );
+            assert!(diff(a, bb) < 1e-4, "d{name}: {}", diff(a, bb));
         }
     }
 }
