@@ -560,11 +560,117 @@ impl RmsNorm {
 
     /// `xs: (…, hidden) → (…, hidden)`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if xs.track_op()
+            && xs.device().is_cpu()
+            && xs.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+        {
+            // Training: one op, whose backward needs only `x` and the weight.
+            return xs
+                .contiguous()?
+                .apply_op2(&self.weight, RmsNormOp(self.eps as f32));
+        }
         let dtype = xs.dtype();
         let x = xs.to_dtype(DType::F32)?;
         let var = x.sqr()?.mean_keepdim(D::Minus1)?;
         let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         x.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// RMSNorm for training on the CPU as one op: `y = x · rstd · w` with
+/// `rstd = 1/√(mean(x²) + eps)` per row. candle's ops kept five row-sized intermediates for
+/// the backward and computed a gradient for the (often frozen) weight through broadcasts;
+/// this backward recomputes `rstd` from `x` and gives
+/// `dx = rstd · (g·w − x̂ · mean(g·w·x̂))` (`x̂ = x · rstd`) and, for a trained weight,
+/// `dw = Σ_rows g · x̂`.
+struct RmsNormOp(f32);
+
+impl RmsNormOp {
+    /// Each row's `rstd`.
+    fn rstd(&self, x: &[f32], h: usize) -> Vec<f32> {
+        x.chunks_exact(h)
+            .map(|r| {
+                let ms = r.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                1.0 / (ms + self.0).sqrt()
+            })
+            .collect()
+    }
+}
+
+impl candle_core::CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
+        else {
+            candle_core::bail!("rms-norm: non-contiguous input");
+        };
+        let (x, w) = (
+            &xs.as_slice::<f32>()?[x0..x1],
+            &ws.as_slice::<f32>()?[w0..w1],
+        );
+        let h = w.len();
+        let mut y = vec![0f32; x.len()];
+        for ((yr, xr), r) in y
+            .chunks_exact_mut(h)
+            .zip(x.chunks_exact(h))
+            .zip(self.rstd(x, h))
+        {
+            for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                *o = v * r * g;
+            }
+        }
+        Ok((candle_core::CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let h = w.elem_count();
+        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let wv: Vec<f32> = w.to_vec1()?;
+        let gv: Vec<f32> = grad.flatten_all()?.to_vec1()?;
+        let mut dx = vec![0f32; xv.len()];
+        let mut dw = vec![0f32; h];
+        for (((dxr, xr), gr), r) in dx
+            .chunks_exact_mut(h)
+            .zip(xv.chunks_exact(h))
+            .zip(gv.chunks_exact(h))
+            .zip(self.rstd(&xv, h))
+        {
+            // mean(g·w·x̂) over the row.
+            let dot = xr
+                .iter()
+                .zip(gr)
+                .zip(&wv)
+                .map(|((&xi, &gi), &wi)| gi * wi * xi * r)
+                .sum::<f32>()
+                / h as f32;
+            for i in 0..h {
+                let xhat = xr[i] * r;
+                dxr[i] = r * (gr[i] * wv[i] - xhat * dot);
+                dw[i] += gr[i] * xhat;
+            }
+        }
+        let dev = x.device();
+        let dw = w
+            .track_op()
+            .then(|| Tensor::from_vec(dw, h, dev))
+            .transpose()?;
+        Ok((Some(Tensor::from_vec(dx, x.shape(), dev)?), dw))
     }
 }
 
@@ -1037,6 +1143,73 @@ mod tests {
         let trained = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 8), &dev).unwrap()).unwrap();
         let l = Linear::Dense(candle_nn::Linear::new(trained.as_tensor().clone(), None));
         assert!(matches!(l.frozen_bf16().unwrap(), Linear::Dense(_)));
+    }
+
+    /// Training's RMSNorm op against candle's ops (the inference path): the same values,
+    /// and the same gradients for the input and a trained weight, on odd widths.
+    #[test]
+    fn training_rms_norm_matches_candles_values_and_gradients() {
+        let dev = Device::Cpu;
+        for (rows, h) in [(1, 1), (7, 33), (3 * 5, 128)] {
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 2.0, (rows / 3 + 1, 3, h), &dev).unwrap())
+                    .unwrap();
+            let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, h, &dev).unwrap()).unwrap();
+            let norm = RmsNorm {
+                weight: w.as_tensor().clone(),
+                eps: 1e-5,
+            };
+            let ours = norm.forward(x.as_tensor()).unwrap();
+            let theirs = {
+                let x = x.as_tensor();
+                let var = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                x.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                    .unwrap()
+                    .broadcast_mul(w.as_tensor())
+                    .unwrap()
+            };
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert!(
+                diff(&ours, &theirs) < 1e-5,
+                "{rows}x{h}: {}",
+                diff(&ours, &theirs)
+            );
+            let r = Tensor::randn(0f32, 1.0, ours.shape(), &dev).unwrap();
+            let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("x", &x), ("w", &w)] {
+                let (a, b) = (
+                    ga.get(v.as_tensor()).unwrap(),
+                    gb.get(v.as_tensor()).unwrap(),
+                );
+                let size = b
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    diff(a, b) <= 1e-4 * size.max(1.0),
+                    "{rows}x{h} d{name}: {}",
+                    diff(a, b)
+                );
+            }
+        }
     }
 
     /// The fused SiLU gate against candle's ops, on values from −100 to 100 (both tails of
