@@ -568,7 +568,7 @@ impl RmsNorm {
             // Training: one op, whose backward needs only `x` and the weight.
             return xs
                 .contiguous()?
-                .apply_op2(&self.weight, RmsNormOp(self.eps as f32));
+                .apply_op2(&self.weight, RmsNormOp(self.eps));
         }
         let dtype = xs.dtype();
         let x = xs.to_dtype(DType::F32)?;
@@ -584,7 +584,7 @@ impl RmsNorm {
 /// this backward recomputes `rstd` from `x` and gives
 /// `dx = rstd · (g·w − x̂ · mean(g·w·x̂))` (`x̂ = x · rstd`) and, for a trained weight,
 /// `dw = Σ_rows g · x̂`.
-struct RmsNormOp(f32);
+struct RmsNormOp(f64);
 
 impl RmsNormOp {
     /// Each row's `rstd`.
@@ -592,7 +592,7 @@ impl RmsNormOp {
         x.chunks_exact(h)
             .map(|r| {
                 let ms = r.iter().map(|v| v * v).sum::<f32>() / h as f32;
-                1.0 / (ms + self.0).sqrt()
+                1.0 / (ms + self.0 as f32).sqrt()
             })
             .collect()
     }
@@ -614,21 +614,16 @@ impl candle_core::CustomOp2 for RmsNormOp {
         else {
             candle_core::bail!("rms-norm: non-contiguous input");
         };
-        let (x, w) = (
-            &xs.as_slice::<f32>()?[x0..x1],
-            &ws.as_slice::<f32>()?[w0..w1],
-        );
-        let h = w.len();
-        let mut y = vec![0f32; x.len()];
-        for ((yr, xr), r) in y
-            .chunks_exact_mut(h)
-            .zip(x.chunks_exact(h))
-            .zip(self.rstd(x, h))
-        {
-            for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-                *o = v * r * g;
-            }
-        }
+        // candle's own arithmetic (the untracked path's), so that a forward run with and
+        // without gradients (gradient checkpointing runs both) gives the same numbers.
+        let cpu = &candle_core::Device::Cpu;
+        let x = Tensor::from_slice(&xs.as_slice::<f32>()?[x0..x1], xl.shape(), cpu)?;
+        let w = Tensor::from_slice(&ws.as_slice::<f32>()?[w0..w1], wl.shape(), cpu)?;
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = x
+            .broadcast_div(&(var + self.0)?.sqrt()?)?
+            .broadcast_mul(&w)?;
+        let y: Vec<f32> = y.flatten_all()?.to_vec1()?;
         Ok((candle_core::CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -644,7 +639,8 @@ impl candle_core::CustomOp2 for RmsNormOp {
         let wv: Vec<f32> = w.to_vec1()?;
         let gv: Vec<f32> = grad.flatten_all()?.to_vec1()?;
         let mut dx = vec![0f32; xv.len()];
-        let mut dw = vec![0f32; h];
+        // Summed over every row of the batch: in f64, so that the order of rows is moot.
+        let mut dw = vec![0f64; h];
         for (((dxr, xr), gr), r) in dx
             .chunks_exact_mut(h)
             .zip(xv.chunks_exact(h))
@@ -662,13 +658,13 @@ impl candle_core::CustomOp2 for RmsNormOp {
             for i in 0..h {
                 let xhat = xr[i] * r;
                 dxr[i] = r * (gr[i] * wv[i] - xhat * dot);
-                dw[i] += gr[i] * xhat;
+                dw[i] += (gr[i] * xhat) as f64;
             }
         }
         let dev = x.device();
         let dw = w
             .track_op()
-            .then(|| Tensor::from_vec(dw, h, dev))
+            .then(|| Tensor::from_vec(dw.iter().map(|&v| v as f32).collect::<Vec<_>>(), h, dev))
             .transpose()?;
         Ok((Some(Tensor::from_vec(dx, x.shape(), dev)?), dw))
     }
