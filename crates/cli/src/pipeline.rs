@@ -85,6 +85,7 @@ pub fn answer_options(s: &SamplingArgs) -> Result<AnswerOptions> {
         top_k: s.top_k,
         repetition_penalty: s.repetition_penalty,
         seed: s.seed,
+        ..SamplingParams::default()
     };
     sampling.validate()?;
     Ok(AnswerOptions {

@@ -1,7 +1,8 @@
 //! Choosing the next token from logits, as transformers' `generate` does: the repetition
 //! penalty first (a logits processor), then temperature, top-k and top-p (warpers), then a
 //! draw; `temperature == 0` is greedy (`do_sample=False`), ties going to the lowest id like
-//! `torch.argmax`.
+//! `torch.argmax`. OpenAI's `logit_bias` is added before everything, and its presence and
+//! frequency penalties (over the tokens generated so far) follow the repetition penalty.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -17,6 +18,15 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// > 1 discourages tokens already in the context (CTRL-style, as transformers).
     pub repetition_penalty: f32,
+    /// OpenAI's `presence_penalty`: subtracted once from the logit of every token generated
+    /// so far (−2 to 2; 0 disables it).
+    pub presence_penalty: f32,
+    /// OpenAI's `frequency_penalty`: subtracted from a token's logit once per time it was
+    /// generated so far (−2 to 2; 0 disables it).
+    pub frequency_penalty: f32,
+    /// OpenAI's `logit_bias`: added to these tokens' logits before anything else (−100 to
+    /// 100; −100 bans a token, 100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
 
@@ -28,6 +38,9 @@ impl Default for SamplingParams {
             top_p: 1.0,
             top_k: 50,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 0,
         }
     }
@@ -71,6 +84,19 @@ impl SamplingParams {
                 "a finite number > 0",
             );
         }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return bad("presence_penalty", self.presence_penalty, "in [-2, 2]");
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return bad("frequency_penalty", self.frequency_penalty, "in [-2, 2]");
+        }
+        if let Some(&(_, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return bad("logit_bias", b, "each bias in [-100, 100]");
+        }
         Ok(())
     }
 }
@@ -81,12 +107,18 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// How often each token was picked so far (the presence and frequency penalties').
+    generated: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = StdRng::seed_from_u64(params.seed);
-        Self { params, rng }
+        Self {
+            params,
+            rng,
+            generated: Default::default(),
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -96,7 +128,20 @@ impl Sampler {
     /// Picks the next id. `context` holds the prompt and generated ids so far (for the
     /// repetition penalty).
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> u32 {
+        let id = self.pick(logits, context);
+        if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
+            *self.generated.entry(id).or_default() += 1;
+        }
+        id
+    }
+
+    fn pick(&mut self, logits: &[f32], context: &[u32]) -> u32 {
         let mut scores = logits.to_vec();
+        for &(id, bias) in &self.params.logit_bias {
+            if let Some(s) = scores.get_mut(id as usize) {
+                *s += bias;
+            }
+        }
         if self.params.repetition_penalty != 1.0 {
             let mut seen = std::collections::HashSet::new();
             for &id in context {
@@ -109,6 +154,11 @@ impl Sampler {
                         };
                     }
                 }
+            }
+        }
+        for (&id, &n) in &self.generated {
+            if let Some(s) = scores.get_mut(id as usize) {
+                *s -= self.params.presence_penalty + self.params.frequency_penalty * n as f32;
             }
         }
         if self.params.temperature == 0.0 {
@@ -179,6 +229,61 @@ pub fn argmax(xs: &[f32]) -> u32 {
 mod tests {
     use super::*;
 
+    /// `logit_bias` moves the greedy pick both ways; the presence penalty is charged once per
+    /// generated token and the frequency penalty once per time it was generated, so a
+    /// repeating pick gives way exactly when its lead is used up; out-of-range values are
+    /// refused.
+    #[test]
+    fn openai_biases_and_penalties_change_the_pick_as_specified() {
+        let logits = [1.0f32, 3.0, 2.5, 0.0];
+        let greedy = |p: SamplingParams| Sampler::new(p).sample(&logits, &[]);
+        assert_eq!(greedy(SamplingParams::greedy()), 1);
+        let biased = |b: Vec<(u32, f32)>| SamplingParams {
+            logit_bias: b,
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(greedy(biased(vec![(1, -100.0)])), 2);
+        assert_eq!(greedy(biased(vec![(3, 100.0)])), 3);
+        assert_eq!(
+            greedy(biased(vec![(99, 100.0)])),
+            1,
+            "an id past the vocabulary is ignored"
+        );
+        // Token 1 leads token 2 by 0.5. Presence 0.4 keeps 1 ahead after it is generated
+        // once (3 − 0.4 > 2.5); frequency 0.3 makes it give way after two picks (3 − 0.6).
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.4,
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(
+            [
+                s.sample(&logits, &[]),
+                s.sample(&logits, &[]),
+                s.sample(&logits, &[])
+            ],
+            [1, 1, 1]
+        );
+        let mut s = Sampler::new(SamplingParams {
+            frequency_penalty: 0.3,
+            ..SamplingParams::greedy()
+        });
+        let picks: Vec<u32> = (0..4).map(|_| s.sample(&logits, &[])).collect();
+        assert_eq!(picks, [1, 1, 2, 1]);
+        for bad in [
+            SamplingParams {
+                presence_penalty: 2.5,
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                frequency_penalty: -3.0,
+                ..SamplingParams::greedy()
+            },
+            biased(vec![(0, 101.0)]),
+        ] {
+            assert!(bad.validate().is_err());
+        }
+    }
+
     #[test]
     fn greedy_takes_the_first_maximum() {
         let mut s = Sampler::new(SamplingParams::greedy());
@@ -232,7 +337,7 @@ mod tests {
             let logits: Vec<f32> = (0..32).map(|i| ((i * 7919 % 32) as f32) * 0.3).collect();
             let mut order: Vec<usize> = (0..32).collect();
             order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-            let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: k, top_p: p, repetition_penalty: 1.0, seed });
+            let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: k, top_p: p, repetition_penalty: 1.0, seed, ..SamplingParams::default() });
             let id = s.sample(&logits, &[]) as usize;
             let rank = order.iter().position(|&i| i == id).unwrap();
             proptest::prop_assert!(rank < k);
@@ -241,7 +346,7 @@ mod tests {
         #[test]
         fn tiny_temperature_equals_argmax(seed in 0u64..1000) {
             let logits: Vec<f32> = (0..50).map(|i| ((i * 31 % 50) as f32) * 0.5).collect();
-            let mut s = Sampler::new(SamplingParams { temperature: 1e-4, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed });
+            let mut s = Sampler::new(SamplingParams { temperature: 1e-4, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed, ..SamplingParams::default() });
             proptest::prop_assert_eq!(s.sample(&logits, &[]), argmax(&logits));
         }
     }

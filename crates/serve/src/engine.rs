@@ -94,6 +94,8 @@ pub struct EngineHandle {
     /// The reference worker's top-k for this checkpoint (0: off), the default of LLaVA's
     /// worker protocol.
     pub worker_top_k: usize,
+    /// The model's vocabulary size (what `logit_bias` may name).
+    pub vocab_size: usize,
     /// The session's caches, for `/metrics`.
     pub prefix_cache: Arc<PrefixCache>,
     pub feature_cache: Arc<FeatureCache>,
@@ -106,6 +108,7 @@ impl EngineHandle {
         let (tx, rx) = mpsc::sync_channel::<(Instant, Job)>(max_queue);
         let model_name = session.ckpt.name.clone();
         let worker_top_k = session.ckpt.worker_top_k();
+        let vocab_size = session.ckpt.config.decoder.vocab_size;
         let pending = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(EngineStats::default());
         let (prefix_cache, feature_cache) =
@@ -127,6 +130,7 @@ impl EngineHandle {
             pending,
             stats,
             worker_top_k,
+            vocab_size,
             prefix_cache,
             feature_cache,
         }

@@ -37,6 +37,13 @@ pub struct ChatRequest {
     pub max_completion_tokens: Option<usize>,
     pub seed: Option<u64>,
     pub stop: Option<Stop>,
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// Token id (as a string, as JSON keys are) → bias.
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
     /// kollava's extension, the chat page's image mode: `crop`, `resize` or `pad` (LLaVA's
     /// "Crop"/"Resize"/"Pad"); default: the checkpoint's.
     #[serde(default)]
@@ -151,6 +158,7 @@ fn to_job(
     events: mpsc::Sender<Event>,
     remote: bool,
     multi_image: bool,
+    vocab: usize,
 ) -> Result<(Job, usize), ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty"));
@@ -207,11 +215,27 @@ fn to_job(
         }
         _ => 0,
     };
+    let mut logit_bias = Vec::new();
+    for (key, bias) in req.logit_bias.iter().flatten() {
+        let id: u32 = key.parse().map_err(|_| {
+            ApiError::bad_request(format!("logit_bias key {key:?} is not a token id"))
+        })?;
+        if id as usize >= vocab {
+            return Err(ApiError::bad_request(format!(
+                "logit_bias token {id} is outside the vocabulary of {vocab}"
+            )));
+        }
+        logit_bias.push((id, *bias));
+    }
+    logit_bias.sort_by_key(|&(id, _)| id);
     let sampling = SamplingParams {
         temperature: req.temperature.unwrap_or(0.2),
         top_p: req.top_p.unwrap_or(1.0),
         top_k: 50,
         repetition_penalty: 1.0,
+        presence_penalty: req.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
+        logit_bias,
         seed: req.seed.unwrap_or(0),
     };
     sampling
@@ -302,9 +326,11 @@ async fn chat_completions_inner(
     let (tx, mut rx) = mpsc::channel(64);
     // Decoding (and fetching) images is blocking work: keep it off the async threads.
     let (remote, multi_image) = (state.allow_remote_images, state.multi_image);
-    let (job, dropped) = tokio::task::spawn_blocking(move || to_job(req, tx, remote, multi_image))
-        .await
-        .map_err(ApiError::internal)??;
+    let vocab = state.engine.vocab_size;
+    let (job, dropped) =
+        tokio::task::spawn_blocking(move || to_job(req, tx, remote, multi_image, vocab))
+            .await
+            .map_err(ApiError::internal)??;
     if dropped > 0 {
         tracing::info!(
             "a new image starts a new conversation: {dropped} earlier messages left out"

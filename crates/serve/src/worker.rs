@@ -74,8 +74,7 @@ pub async fn generate_stream(
         },
         top_p: req.top_p.unwrap_or(1.0),
         top_k: state.engine.worker_top_k,
-        repetition_penalty: 1.0,
-        seed: 0,
+        ..SamplingParams::default()
     };
     sampling
         .validate()

@@ -817,3 +817,62 @@ async fn follow_ups_reuse_the_history_and_a_new_image_starts_a_new_conversation(
     .await;
     assert!(models.contains("\"multi_image\":true"), "{models}");
 }
+
+/// `logit_bias`, `presence_penalty` and `frequency_penalty` reach the sampler: a token
+/// forced with +100 makes the answer, and out-of-range values, keys that are not token ids
+/// and ids past the vocabulary are 400s naming the field.
+#[tokio::test(flavor = "multi_thread")]
+async fn logit_bias_and_penalties_reach_the_sampler_or_are_refused() {
+    let state = state();
+    let ask = |extra: Value| {
+        let mut body = json!({"temperature": 0, "max_tokens": 3,
+            "messages": [{"role": "user", "content": "안녕하세요"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        request(body)
+    };
+    let content = |body: &str| -> String {
+        let v: Value = serde_json::from_str(body).unwrap();
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (status, plain) = send(&state, ask(json!({}))).await;
+    assert_eq!(status, StatusCode::OK, "{plain}");
+    let plain = content(&plain);
+    // A token that decodes to a short ASCII word, not the greedy answer's.
+    let s = session();
+    let vocab = s.ckpt.config.decoder.vocab_size as u32;
+    let (id, word) = (100..vocab)
+        .map(|id| (id, s.tok.decode(&[id], true).trim().to_string()))
+        .find(|(_, w)| {
+            w.len() >= 3
+                && w.chars().all(|c| c.is_ascii_alphabetic())
+                && !plain.contains(w.as_str())
+        })
+        .expect("an ASCII token");
+    let (status, forced) = send(&state, ask(json!({"logit_bias": {id.to_string(): 100}}))).await;
+    assert_eq!(status, StatusCode::OK, "{forced}");
+    let forced = content(&forced);
+    assert!(
+        forced.contains(&word),
+        "{forced:?} does not contain {word:?}"
+    );
+    let (status, _) = send(
+        &state,
+        ask(json!({"presence_penalty": 0.5, "frequency_penalty": -0.5})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    for (extra, needle) in [
+        (json!({"presence_penalty": 2.5}), "presence_penalty"),
+        (json!({"frequency_penalty": -3}), "frequency_penalty"),
+        (json!({"logit_bias": {"7": 101}}), "logit_bias"),
+        (json!({"logit_bias": {"abc": 1}}), "logit_bias"),
+        (json!({"logit_bias": {vocab.to_string(): 1}}), "vocabulary"),
+    ] {
+        assert_openai_error(&state, ask(extra), StatusCode::BAD_REQUEST, needle).await;
+    }
+}
