@@ -971,6 +971,7 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
+    use kollava_testkit::{max_abs, max_abs_diff_tensors, probed_grads};
 
     /// A frozen weight's product ([`frozen_product`]) against candle's own `Linear` on
     /// the same tracked input: the same values, and the same input gradient, for 2-D and
@@ -1085,14 +1086,6 @@ mod tests {
             return;
         }
         let dev = Device::Cpu;
-        let max = |t: &Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
         for (shape, out) in [
             (vec![5, 33], 7),
             (vec![2, 19, 64], 130),
@@ -1114,27 +1107,16 @@ mod tests {
             let ours = packed.forward(x.as_tensor()).unwrap();
             let theirs = dense.forward(x.as_tensor()).unwrap();
             let scale = (inp as f32).sqrt();
-            let err = max(&(&ours - &theirs).unwrap());
+            let err = max_abs_diff_tensors(&ours, &theirs);
             assert!(err < 0.02 * scale, "{inp}x{out}: forward off by {err}");
-            let r = Tensor::randn(0f32, 1.0, ours.shape(), &dev).unwrap();
-            let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let gb = (theirs * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let (a, b) = (
-                ga.get(x.as_tensor()).unwrap(),
-                gb.get(x.as_tensor()).unwrap(),
-            );
-            let err = max(&(a - b).unwrap());
+            let (a, b) = probed_grads(&ours, &theirs, &[&x]).remove(0);
+            let err = max_abs_diff_tensors(&a, &b);
             let outs = (out as f32).sqrt();
             assert!(
                 err < 0.02 * outs,
                 "{inp}x{out}: input gradient off by {err}"
             );
-            assert!(max(b) > 0.1 * outs);
+            assert!(max_abs(&b) > 0.1 * outs);
         }
         let trained = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 8), &dev).unwrap()).unwrap();
         let l = Linear::Dense(candle_nn::Linear::new(trained.as_tensor().clone(), None));
@@ -1164,45 +1146,14 @@ mod tests {
                     .broadcast_mul(w.as_tensor())
                     .unwrap()
             };
-            let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
-            assert!(
-                diff(&ours, &theirs) < 1e-5,
-                "{rows}x{h}: {}",
-                diff(&ours, &theirs)
-            );
-            let r = Tensor::randn(0f32, 1.0, ours.shape(), &dev).unwrap();
-            let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let gb = (theirs * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (name, v) in [("x", &x), ("w", &w)] {
-                let (a, b) = (
-                    ga.get(v.as_tensor()).unwrap(),
-                    gb.get(v.as_tensor()).unwrap(),
-                );
-                let size = b
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+            let err = max_abs_diff_tensors(&ours, &theirs);
+            assert!(err < 1e-5, "{rows}x{h}: {err}");
+            let grads = probed_grads(&ours, &theirs, &[&x, &w]);
+            for (name, (a, b)) in ["x", "w"].iter().zip(&grads) {
+                let err = max_abs_diff_tensors(a, b);
                 assert!(
-                    diff(a, b) <= 1e-4 * size.max(1.0),
-                    "{rows}x{h} d{name}: {}",
-                    diff(a, b)
+                    err <= 1e-4 * max_abs(b).max(1.0),
+                    "{rows}x{h} d{name}: {err}"
                 );
             }
         }

@@ -108,6 +108,39 @@ pub fn max_abs_diff_tensors(a: &Tensor, b: &Tensor) -> f32 {
     max_abs_diff(&flat(a), &flat(b))
 }
 
+/// Two computations of one result checked for their gradients: the gradients of
+/// `Σ y · probe` with respect to each of `vars`, for `ours` and for `theirs`, under one
+/// random probe of their shape (so every output position counts), paired per variable.
+pub fn probed_grads(
+    ours: &Tensor,
+    theirs: &Tensor,
+    vars: &[&candle_core::Var],
+) -> Vec<(Tensor, Tensor)> {
+    let probe = Tensor::randn(0f32, 1.0, ours.shape(), ours.device()).expect("a probe");
+    let grads = |y: &Tensor| {
+        (y * &probe)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("a backward pass")
+    };
+    let (a, b) = (grads(ours), grads(theirs));
+    vars.iter()
+        .map(|v| {
+            let get = |g: &candle_core::backprop::GradStore| {
+                g.get(v.as_tensor())
+                    .cloned()
+                    .expect("a gradient for every variable")
+            };
+            (get(&a), get(&b))
+        })
+        .collect()
+}
+
+/// The largest absolute value of a tensor.
+pub fn max_abs(t: &Tensor) -> f32 {
+    max_abs_diff_tensors(t, &t.zeros_like().expect("zeros"))
+}
+
 /// Asserts `max |a - b| <= tol`, naming the key.
 #[track_caller]
 pub fn assert_close(key: &str, got: &[f32], want: &[f32], tol: f32) {

@@ -336,6 +336,7 @@ impl CustomOp3 for Attention {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+    use kollava_testkit::{max_abs, max_abs_diff_tensors, probed_grads};
 
     /// candle's tensor-op attention (the decoder's training path before this op), with the
     /// key/value heads repeated for grouped-query attention.
@@ -410,44 +411,13 @@ mod tests {
             let ours =
                 attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &m, None, scale).unwrap();
             let theirs = reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), &m, scale);
-            let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
-            assert!(
-                diff(&ours, &theirs) < 1e-5,
-                "{b}x{heads}x{s}x{d}: {}",
-                diff(&ours, &theirs)
-            );
-            let r = Tensor::randn(0f32, 1.0, ours.shape(), &dev).unwrap();
-            let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let gb = (theirs * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
-                let (a, bb) = (
-                    ga.get(x.as_tensor()).unwrap(),
-                    gb.get(x.as_tensor()).unwrap(),
-                );
-                let err = diff(a, bb);
-                let size = bb
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+            let err = max_abs_diff_tensors(&ours, &theirs);
+            assert!(err < 1e-5, "{b}x{heads}x{s}x{d}: {err}");
+            let grads = probed_grads(&ours, &theirs, &[&q, &k, &v]);
+            for (name, (a, bb)) in ["q", "k", "v"].iter().zip(&grads) {
+                let err = max_abs_diff_tensors(a, bb);
                 assert!(
-                    err <= 1e-4 * size.max(1.0),
+                    err <= 1e-4 * max_abs(bb).max(1.0),
                     "{b}x{heads}x{s}x{d} d{name}: {err}"
                 );
             }
@@ -495,31 +465,12 @@ mod tests {
         )
         .unwrap();
         let theirs = reference_biased(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, scale);
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(diff(&ours, &theirs) < 1e-5, "{}", diff(&ours, &theirs));
-        let r = Tensor::randn(0f32, 1.0, ours.shape(), &dev).unwrap();
-        let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
-            let (a, bb) = (
-                ga.get(x.as_tensor()).unwrap(),
-                gb.get(x.as_tensor()).unwrap(),
-            );
-            assert!(diff(a, bb) < 1e-4, "d{name}: {}", diff(a, bb));
+        let err = max_abs_diff_tensors(&ours, &theirs);
+        assert!(err < 1e-5, "{err}");
+        let grads = probed_grads(&ours, &theirs, &[&q, &k, &v]);
+        for (name, (a, bb)) in ["q", "k", "v"].iter().zip(&grads) {
+            let err = max_abs_diff_tensors(a, bb);
+            assert!(err < 1e-4, "d{name}: {err}");
         }
     }
 }
