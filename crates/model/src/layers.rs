@@ -78,7 +78,6 @@ fn shared_products(linears: &[&Linear], xs: &Tensor) -> Result<Option<Vec<Tensor
         .map(Some)
 }
 
-/// `y + bias` (broadcast over rows), or `y`.
 /// Whether a product with this weight (`None`: a ggml one, which never trains) should take
 /// [`frozen_product`]: gradients flow through the input, not into the weight, on the CPU.
 fn frozen_under_training(xs: &Tensor, weight: Option<&Tensor>) -> bool {
@@ -124,6 +123,39 @@ impl FrozenWeight {
     }
 }
 
+/// A custom op's CPU input as a tensor (a copy of its span; the ops run candle's own
+/// arithmetic on it).
+fn storage_tensor(
+    s: &candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+) -> Result<Tensor> {
+    use candle_core::CpuStorage as S;
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: the input is not contiguous");
+    };
+    let cpu = &candle_core::Device::Cpu;
+    match s {
+        S::F32(v) => Tensor::from_slice(&v[start..end], l.shape(), cpu),
+        S::BF16(v) => Tensor::from_slice(&v[start..end], l.shape(), cpu),
+        S::F16(v) => Tensor::from_slice(&v[start..end], l.shape(), cpu),
+        _ => candle_core::bail!("{op}: a float input is expected"),
+    }
+}
+
+/// A custom op's CPU result from a tensor.
+fn tensor_storage(t: &Tensor, op: &str) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    use candle_core::CpuStorage as S;
+    let flat = t.flatten_all()?;
+    let s = match t.dtype() {
+        DType::F32 => S::F32(flat.to_vec1()?),
+        DType::BF16 => S::BF16(flat.to_vec1()?),
+        DType::F16 => S::F16(flat.to_vec1()?),
+        d => candle_core::bail!("{op}: a {d:?} result"),
+    };
+    Ok((s, t.shape().clone()))
+}
+
 /// `x Wᵀ` for a weight that does not train (stage 1's language model, the base under
 /// LoRA/QLoRA), as one op whose backward is only `dX = dY W`. candle's matmul backward
 /// also computes `dW` (batch-broadcast, then summed) for every frozen matrix and throws it
@@ -145,27 +177,8 @@ impl candle_core::CustomOp1 for FrozenProduct {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-product: the input is not contiguous");
-        };
-        let cpu = &candle_core::Device::Cpu;
-        let x = match storage {
-            S::F32(v) => Tensor::from_slice(&v[start..end], layout.shape(), cpu)?,
-            S::BF16(v) => Tensor::from_slice(&v[start..end], layout.shape(), cpu)?,
-            S::F16(v) => Tensor::from_slice(&v[start..end], layout.shape(), cpu)?,
-            _ => candle_core::bail!("frozen-product: a float input is expected"),
-        };
-        let y = self.0.product(&x)?;
-        let shape = y.shape().clone();
-        let y = y.flatten_all()?;
-        let out = match y.dtype() {
-            DType::F32 => S::F32(y.to_vec1()?),
-            DType::BF16 => S::BF16(y.to_vec1()?),
-            DType::F16 => S::F16(y.to_vec1()?),
-            d => candle_core::bail!("frozen-product: a {d:?} product"),
-        };
-        Ok((out, shape))
+        let x = storage_tensor(storage, layout, "frozen-product")?;
+        tensor_storage(&self.0.product(&x)?, "frozen-product")
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -173,6 +186,7 @@ impl candle_core::CustomOp1 for FrozenProduct {
     }
 }
 
+/// `y + bias` (broadcast over rows), or `y`.
 fn with_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
         Some(b) => y.broadcast_add(b),
@@ -570,12 +584,16 @@ impl RmsNorm {
                 .contiguous()?
                 .apply_op2(&self.weight, RmsNormOp(self.eps));
         }
-        let dtype = xs.dtype();
-        let x = xs.to_dtype(DType::F32)?;
-        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        x.to_dtype(dtype)?.broadcast_mul(&self.weight)
+        rms_normalize(&xs.to_dtype(DType::F32)?, self.eps)?
+            .to_dtype(xs.dtype())?
+            .broadcast_mul(&self.weight)
     }
+}
+
+/// `x / √(mean(x²) + eps)` over the last dimension, in f32: RMSNorm before its weight.
+fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
 /// RMSNorm for training on the CPU as one op: `y = x · rstd · w` with
@@ -610,21 +628,12 @@ impl candle_core::CustomOp2 for RmsNormOp {
         ws: &candle_core::CpuStorage,
         wl: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
-        else {
-            candle_core::bail!("rms-norm: non-contiguous input");
-        };
-        // candle's own arithmetic (the untracked path's), so that a forward run with and
-        // without gradients (gradient checkpointing runs both) gives the same numbers.
-        let cpu = &candle_core::Device::Cpu;
-        let x = Tensor::from_slice(&xs.as_slice::<f32>()?[x0..x1], xl.shape(), cpu)?;
-        let w = Tensor::from_slice(&ws.as_slice::<f32>()?[w0..w1], wl.shape(), cpu)?;
-        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = x
-            .broadcast_div(&(var + self.0)?.sqrt()?)?
-            .broadcast_mul(&w)?;
-        let y: Vec<f32> = y.flatten_all()?.to_vec1()?;
-        Ok((candle_core::CpuStorage::F32(y), xl.shape().clone()))
+        // The untracked path's arithmetic, so that a forward run with and without
+        // gradients (gradient checkpointing runs both) gives the same numbers.
+        let x = storage_tensor(xs, xl, "rms-norm")?;
+        let w = storage_tensor(ws, wl, "rms-norm")?;
+        let y = rms_normalize(&x, self.0)?.broadcast_mul(&w)?;
+        tensor_storage(&y, "rms-norm")
     }
 
     fn bwd(

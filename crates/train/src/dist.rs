@@ -171,6 +171,36 @@ impl Dist {
         Ok(())
     }
 
+    /// The first half of a reduction: every rank sends `data` (the same length everywhere)
+    /// to rank 0, which adds them up in rank order in f64 and gets the mean; the others get
+    /// `None` and wait for their share of it.
+    fn mean_at_root(&mut self, data: &[f32]) -> std::io::Result<Option<Vec<f32>>> {
+        if self.rank != 0 {
+            self.peers[0].write_all(&le_bytes(data))?;
+            return Ok(None);
+        }
+        let mut sum: Vec<f64> = data.iter().map(|&x| x as f64).collect();
+        let mut buf = vec![0u8; data.len() * 4];
+        for s in &mut self.peers {
+            s.read_exact(&mut buf)?;
+            for (acc, x) in sum.iter_mut().zip(from_le_bytes(&buf)) {
+                *acc += x as f64;
+            }
+        }
+        Ok(Some(
+            sum.iter()
+                .map(|s| (*s / self.world as f64) as f32)
+                .collect(),
+        ))
+    }
+
+    /// Reads `n` floats from rank 0.
+    fn read_from_root(&mut self, n: usize) -> std::io::Result<Vec<f32>> {
+        let mut buf = vec![0u8; n * 4];
+        self.peers[0].read_exact(&mut buf)?;
+        Ok(from_le_bytes(&buf))
+    }
+
     /// The mean over the ranks of `data` (the same length everywhere), of which this rank
     /// gets only `ranges[rank]`: a reduce-scatter. The sums are [`Dist::all_reduce_mean`]'s,
     /// so each slice holds the very numbers an all-reduce would.
@@ -179,29 +209,14 @@ impl Dist {
         data: &[f32],
         ranges: &[std::ops::Range<usize>],
     ) -> std::io::Result<Vec<f32>> {
-        let mut buf = vec![0u8; data.len() * 4];
-        if self.rank == 0 {
-            let mut sum: Vec<f64> = data.iter().map(|&x| x as f64).collect();
-            for s in &mut self.peers {
-                s.read_exact(&mut buf)?;
-                for (acc, c) in sum.iter_mut().zip(buf.chunks_exact(4)) {
-                    *acc += f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64;
+        match self.mean_at_root(data)? {
+            Some(mean) => {
+                for (s, r) in self.peers.iter_mut().zip(&ranges[1..]) {
+                    s.write_all(&le_bytes(&mean[r.clone()]))?;
                 }
+                Ok(mean[ranges[0].clone()].to_vec())
             }
-            let mean: Vec<f32> = sum
-                .iter()
-                .map(|s| (*s / self.world as f64) as f32)
-                .collect();
-            for (s, r) in self.peers.iter_mut().zip(&ranges[1..]) {
-                s.write_all(&le_bytes(&mean[r.clone()]))?;
-            }
-            Ok(mean[ranges[0].clone()].to_vec())
-        } else {
-            let s = &mut self.peers[0];
-            s.write_all(&le_bytes(data))?;
-            let mut mine = vec![0u8; ranges[self.rank].len() * 4];
-            s.read_exact(&mut mine)?;
-            Ok(from_le_bytes(&mine))
+            None => self.read_from_root(ranges[self.rank].len()),
         }
     }
 
@@ -227,11 +242,8 @@ impl Dist {
             }
             Ok(all)
         } else {
-            let s = &mut self.peers[0];
-            s.write_all(&le_bytes(mine))?;
-            let mut buf = vec![0u8; total * 4];
-            s.read_exact(&mut buf)?;
-            Ok(from_le_bytes(&buf))
+            self.peers[0].write_all(&le_bytes(mine))?;
+            self.read_from_root(total)
         }
     }
 
@@ -259,31 +271,17 @@ impl Dist {
 
     /// Replaces `data` on every rank by its mean over the ranks (same length everywhere).
     pub fn all_reduce_mean(&mut self, data: &mut [f32]) -> std::io::Result<()> {
-        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        let mut buf = vec![0u8; data.len() * 4];
-        if self.rank == 0 {
-            let mut sum: Vec<f64> = data.iter().map(|&x| x as f64).collect();
-            for s in &mut self.peers {
-                s.read_exact(&mut buf)?;
-                for (acc, c) in sum.iter_mut().zip(buf.chunks_exact(4)) {
-                    *acc += f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64;
+        let mean = match self.mean_at_root(data)? {
+            Some(mean) => {
+                let out = le_bytes(&mean);
+                for s in &mut self.peers {
+                    s.write_all(&out)?;
                 }
+                mean
             }
-            for (d, s) in data.iter_mut().zip(&sum) {
-                *d = (*s / self.world as f64) as f32;
-            }
-            let out = bytes(data);
-            for s in &mut self.peers {
-                s.write_all(&out)?;
-            }
-        } else {
-            let s = &mut self.peers[0];
-            s.write_all(&bytes(data))?;
-            s.read_exact(&mut buf)?;
-            for (d, c) in data.iter_mut().zip(buf.chunks_exact(4)) {
-                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
+            None => self.read_from_root(data.len())?,
+        };
+        data.copy_from_slice(&mean);
         Ok(())
     }
 }

@@ -102,21 +102,31 @@ impl AdamW {
         }
     }
 
-    /// The parameters (or, with `grads`, their gradients, zeros where there is none) as
-    /// one flat f32 vector.
-    fn flat(&self, grads: Option<&GradStore>) -> Result<Tensor> {
+    /// `range` of the parameters (or, with `grads`, of their gradients, zeros where there
+    /// is none) laid end to end as one flat f32 vector; only the parameters it overlaps are
+    /// read.
+    fn flat(&self, grads: Option<&GradStore>, range: Range<usize>) -> Result<Tensor> {
         let device = self.params[0].1.device();
-        let parts = self
-            .params
-            .iter()
-            .map(|(_, v)| match grads {
-                Some(g) => match g.get(v.as_tensor()) {
-                    Some(g) => g.to_dtype(DType::F32)?.flatten_all(),
-                    None => Tensor::zeros(v.elem_count(), DType::F32, device),
-                },
-                None => v.as_tensor().to_dtype(DType::F32)?.flatten_all(),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut parts = Vec::new();
+        let mut at = 0;
+        for (_, v) in &self.params {
+            let n = v.elem_count();
+            let (lo, hi) = (range.start.max(at), range.end.min(at + n));
+            if lo < hi {
+                let t = match grads {
+                    Some(g) => match g.get(v.as_tensor()) {
+                        Some(g) => g.to_dtype(DType::F32)?.flatten_all()?,
+                        None => Tensor::zeros(n, DType::F32, device)?,
+                    },
+                    None => v.as_tensor().to_dtype(DType::F32)?.flatten_all()?,
+                };
+                parts.push(t.narrow(0, lo - at, hi - lo)?);
+            }
+            at += n;
+        }
+        if parts.is_empty() {
+            return Tensor::zeros(0, DType::F32, device);
+        }
         Tensor::cat(&parts, 0)
     }
 
@@ -143,7 +153,7 @@ impl AdamW {
         let (rank, ranges) = (shard.rank, shard.ranges.clone());
         let own = ranges[rank].clone();
         let device = self.params[0].1.device().clone();
-        let flat = self.flat(grads)?;
+        let flat = self.flat(grads, 0..ranges.last().map_or(0, |r| r.end))?;
         let mut comm = 0.0;
         let mut exchange = |f: &mut dyn FnMut(&mut Dist) -> std::io::Result<()>| -> Result<()> {
             let clock = std::time::Instant::now();
@@ -185,7 +195,7 @@ impl AdamW {
         let (b1, b2) = (self.beta1, self.beta2);
         let c1 = 1.0 - b1.powi(self.t as i32);
         let c2 = 1.0 - b2.powi(self.t as i32);
-        let p = self.flat(None)?.narrow(0, own.start, own.len())?;
+        let p = self.flat(None, own.clone())?;
         let shard = self.shard.as_mut().expect("checked above");
         let m = match &shard.m {
             Some(m) => ((m * b1)? + (&g * (1.0 - b1))?)?,

@@ -155,10 +155,6 @@ pub struct StepTimes {
 }
 
 impl StepTimes {
-    pub fn total(&self) -> f64 {
-        self.vision + self.forward + self.backward + self.optimizer + self.communication
-    }
-
     fn add(&mut self, o: &StepTimes) {
         self.vision += o.vision;
         self.forward += o.forward;

@@ -61,10 +61,6 @@ impl Metrics {
         Ok(Self { path, file, board })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// One step: its line, and its scalars when TensorBoard is on.
     pub fn record(&mut self, log: &StepLog, samples_per_s: f64) -> Result<(), RunError> {
         let line = serde_json::json!({"step": log.step, "epoch": log.epoch, "loss": log.loss,
