@@ -30,6 +30,7 @@ use candle_nn::VarBuilder;
 use kollava_inputs::image::{AspectMode, ClipPreprocess};
 use kollava_inputs::template::{template_for_model_name, NameRule};
 use kollava_inputs::{ImageTokens, Tokenizer};
+use kollava_model::form::{Form, Matrices};
 use kollava_model::{Llava, ModelConfig};
 
 pub use config::{Family, Layout, Llm};
@@ -454,39 +455,16 @@ impl Checkpoint {
         stops
     }
 
-    /// Loads the weights: the language model and projector in `dtype` (f32 for parity with
-    /// the reference, f16 to halve memory and decode traffic), the vision tower always in
-    /// f32 (it is small and compute-bound, and f32 runs faster than f16 there on CPU).
-    /// A GGUF pair loads as stored (quantized matrices stay quantized) whatever `dtype`.
+    /// Loads the weights as read, for training and checks (inference builds its form with
+    /// [`Checkpoint::load_for_inference`]): the language model and projector in `dtype`,
+    /// the vision tower always in f32 (it is small and compute-bound, and f32 runs faster
+    /// than f16 there on CPU). A GGUF pair loads as stored (quantized matrices stay
+    /// quantized) whatever `dtype`.
     pub fn load_model(&self, dtype: DType, device: &Device) -> Result<Llava, CheckpointError> {
-        if let Some(pair) = &self.gguf {
-            return pair.load(self, device);
+        match &self.gguf {
+            Some(pair) => pair.load(self, device, Form::AsRead),
+            None => self.load_with(dtype, device, Form::AsRead, &|vb, _| vb),
         }
-        self.load_with(dtype, device, &|vb, _| vb)
-    }
-
-    /// Loads the model packed for the bf16 kernels (`--dtype bf16` on a CPU that has them):
-    /// the tower's matrices are read in bf16 rather than f32 and packed straight away, so the
-    /// tower never exists in f32 (for CLIP ViT-L, 0.6 GB less peak memory while loading).
-    pub fn load_packed_bf16(&self, device: &Device) -> Result<Llava, CheckpointError> {
-        let mut model = match &self.gguf {
-            Some(pair) => pair.load(self, device)?,
-            None => self.load_with(DType::BF16, device, &|vb, dtype| {
-                if dtype != DType::F32 {
-                    return vb; // the language model: already bf16
-                }
-                let device = vb.device().clone();
-                VarBuilder::from_backend(Box::new(TowerMatrices(vb)), DType::F32, device)
-            })?,
-        };
-        model
-            .pack_for_inference(true)
-            .map_err(|e| CheckpointError::Load {
-                part: "model",
-                dir: self.dir.display().to_string(),
-                reason: candle_reason(&e),
-            })?;
-        Ok(model)
     }
 
     /// `VarBuilder`s over the weights with canonical names: the language model (and
@@ -544,6 +522,7 @@ impl Checkpoint {
         &self,
         dtype: DType,
         device: &Device,
+        form: Form,
         wrap: &dyn Fn(VarBuilder<'static>, DType) -> VarBuilder<'static>,
     ) -> Result<Llava, CheckpointError> {
         let (llm, vision) = self.var_builders(dtype, device)?;
@@ -558,7 +537,7 @@ impl Checkpoint {
             }
         };
         let vision_dir = self.vision_dir.clone().unwrap_or_else(|| self.dir.clone());
-        let mut model = Llava::load(llm, vision, &self.config).map_err(|e| {
+        let mut model = Llava::load(llm, vision, &self.config, form, None).map_err(|e| {
             let text = e.to_string();
             if text.contains("vision_model") {
                 load_err("vision tower", &vision_dir)(e)
@@ -567,7 +546,7 @@ impl Checkpoint {
             }
         })?;
         if let Some(file) = &self.projector_file {
-            model.projector = self.load_projector_file(file, dtype, device, wrap)?;
+            model.projector = self.load_projector_file(file, dtype, device, form, wrap)?;
         }
         Ok(model)
     }
@@ -580,6 +559,7 @@ impl Checkpoint {
         file: &Path,
         dtype: DType,
         device: &Device,
+        form: Form,
         wrap: &dyn Fn(VarBuilder<'static>, DType) -> VarBuilder<'static>,
     ) -> Result<kollava_model::projector::Projector, CheckpointError> {
         let files = weights::WeightFiles::single(file)?;
@@ -598,58 +578,16 @@ impl Checkpoint {
             self.config.projector,
             self.config.vision.hidden_size,
             self.config.decoder.hidden_size,
+            Matrices {
+                pack: form.vision(),
+                stored: None,
+            },
         )
         .map_err(|e| CheckpointError::Load {
             part: "projector",
             dir: file.display().to_string(),
             reason: candle_reason(&e),
         })
-    }
-}
-
-/// The tower's tensors with its encoder's matrices in bf16 (everything else as asked), for
-/// [`Checkpoint::load_packed_bf16`], which packs them before anything runs.
-struct TowerMatrices(VarBuilder<'static>);
-
-impl TowerMatrices {
-    fn dtype_for(name: &str, asked: DType) -> DType {
-        let matrix = name.contains("encoder.layers.")
-            && (name.ends_with("_proj.weight")
-                || name.ends_with(".fc1.weight")
-                || name.ends_with(".fc2.weight"));
-        if matrix {
-            DType::BF16
-        } else {
-            asked
-        }
-    }
-}
-
-impl candle_nn::var_builder::SimpleBackend for TowerMatrices {
-    fn get(
-        &self,
-        s: candle_core::Shape,
-        name: &str,
-        h: candle_nn::Init,
-        dtype: DType,
-        _: &Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
-        self.0
-            .get_with_hints_dtype(s, name, h, Self::dtype_for(name, dtype))
-    }
-
-    fn get_unchecked(
-        &self,
-        name: &str,
-        dtype: DType,
-        _: &Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
-        self.0
-            .get_unchecked_dtype(name, Self::dtype_for(name, dtype))
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.0.contains_tensor(name)
     }
 }
 

@@ -4,6 +4,7 @@
 //! builds the model in that form.
 
 use candle_core::{DType, Device};
+use kollava_model::form::Form;
 use kollava_model::Llava;
 
 use crate::{Checkpoint, CheckpointError};
@@ -62,30 +63,32 @@ impl Precision {
     }
 }
 
+impl Precision {
+    /// The form the model is built in on `device`: packed for our CPU kernels, as read on a
+    /// GPU (which multiplies dense weights).
+    pub fn form(self, device: &Device) -> Form {
+        if !device.is_cpu() {
+            return Form::AsRead;
+        }
+        match self {
+            Precision::PackedBf16 | Precision::AsStored { bf16: true } => Form::PackedBf16,
+            Precision::Dense(_) | Precision::AsStored { bf16: false } => Form::Packed,
+        }
+    }
+}
+
 impl Checkpoint {
-    /// Loads the model as `precision` says, ready for generation.
+    /// Loads the model as `precision` says, each matrix read straight into its final form.
     pub fn load_for_inference(
         &self,
         precision: Precision,
         device: &Device,
     ) -> Result<Llava, CheckpointError> {
-        let pack_err = |e: candle_core::Error| CheckpointError::Load {
-            part: "model",
-            dir: self.dir.display().to_string(),
-            reason: crate::candle_reason(&e),
-        };
-        match precision {
-            Precision::PackedBf16 => self.load_packed_bf16(device),
-            Precision::Dense(dtype) => {
-                let mut model = self.load_model(dtype, device)?;
-                model.pack_for_inference(false).map_err(pack_err)?;
-                Ok(model)
-            }
-            Precision::AsStored { bf16 } => {
-                let mut model = self.load_model(DType::F32, device)?;
-                model.pack_for_inference(bf16).map_err(pack_err)?;
-                Ok(model)
-            }
+        let form = precision.form(device);
+        match (&self.gguf, precision) {
+            (Some(pair), _) => pair.load(self, device, form),
+            (None, Precision::Dense(dtype)) => self.load_with(dtype, device, form, &|vb, _| vb),
+            (None, _) => self.load_with(DType::BF16, device, form, &|vb, _| vb),
         }
     }
 }

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
+use kollava_model::form::Form;
 use kollava_model::Llava;
 
 use crate::{Checkpoint, CheckpointError};
@@ -105,7 +106,7 @@ impl Checkpoint {
                 device,
             )
         };
-        let model = self.load_with(dtype, device, &wrap)?;
+        let model = self.load_with(dtype, device, Form::AsRead, &wrap)?;
         let rec = std::mem::take(&mut *record.lock().expect("not poisoned: load finished"));
         Ok(TrainableModel {
             model,

@@ -2,7 +2,7 @@
 //! cached steps, and one sequence alone vs in a right-padded batch with a longer one.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use kollava_checkpoint::OpenOptions;
+use kollava_checkpoint::{OpenOptions, Precision};
 use kollava_model::{KvCache, Llava};
 use kollava_testkit::{checkpoint_dir, max_abs_diff};
 
@@ -245,16 +245,16 @@ fn sequences_joining_and_leaving_a_running_batch_decode_as_alone() {
         let tok = ckpt.tokenizer().unwrap();
         // As loaded (training's layout) and packed for serving: f32, and bf16 on CPUs with
         // AVX512-BF16, whose kernels must not let a row's sums depend on its batch.
-        let mut packings = vec![None, Some(false)];
+        let mut plans = vec![None, Some(Precision::Dense(DType::F32))];
         if kollava_model::kernels::bf16::available() {
-            packings.push(Some(true));
+            plans.push(Some(Precision::PackedBf16));
         }
-        for packing in packings {
-            let mut model = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
-            if let Some(bf16) = packing {
-                model.pack_for_inference(bf16).unwrap();
-            }
-            let name = format!("{name} packed {packing:?}");
+        for plan in plans {
+            let model = match plan {
+                None => ckpt.load_model(DType::F32, &Device::Cpu).unwrap(),
+                Some(p) => ckpt.load_for_inference(p, &Device::Cpu).unwrap(),
+            };
+            let name = format!("{name} as {plan:?}");
             let opts = |max_new_tokens| GenerateOptions {
                 sampling: SamplingParams {
                     temperature: 0.0,
@@ -395,7 +395,7 @@ fn k_quant_decoder() -> (
         weights.insert(format!("{name}.weight"), ones.clone());
     }
     let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &dev);
-    let mut decoder = Decoder::load(vb, &cfg).unwrap();
+    let mut decoder = Decoder::load(vb, &cfg, kollava_model::form::Matrices::AS_READ).unwrap();
     let quantize = |l: &Linear, t: GgmlDType| {
         let (w, _) = l.parameters().unwrap();
         Linear::Quantized {

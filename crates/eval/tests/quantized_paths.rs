@@ -93,36 +93,67 @@ fn auto_dtype_runs_a_quantized_models_tower_in_bf16() {
     );
 }
 
-/// Loading packed for the bf16 kernels (the tower read in bf16, never in f32) gives the same
-/// model as loading in bf16 and packing afterwards: same image features, same logits.
+/// Each inference plan builds its model in final form as it reads (the bf16 plan reads the
+/// tower's matrices in bf16, never in f32; a GGUF model takes its blocks as stored), and
+/// that model is the one a model read for training becomes once packed: same image
+/// features, same logits, on safetensors fixtures and on a Q8_0 GGUF pair.
 #[test]
-fn loading_packed_in_bf16_equals_packing_after_loading() {
-    if !kollava_model::kernels::bf16::available() {
-        eprintln!("skipped: no AVX512-BF16 on this CPU");
-        return;
-    }
+fn building_in_final_form_equals_packing_after_loading() {
+    use candle_core::DType;
+    use kollava_checkpoint::precision::Precision;
     let cpu = candle_core::Device::Cpu;
-    for family in ["llava-v1.5", "llava-hf"] {
-        let ckpt = kollava_checkpoint::open(
-            kollava_testkit::checkpoint_dir(family).to_str().unwrap(),
-            &Default::default(),
-        )
-        .unwrap();
-        let direct = ckpt.load_packed_bf16(&cpu).unwrap();
-        let mut after = ckpt.load_model(candle_core::DType::BF16, &cpu).unwrap();
-        after.pack_for_inference(true).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = common::q8_gguf(dir.path());
+    let open = |path: &std::path::Path| {
+        kollava_checkpoint::open(path.to_str().unwrap(), &Default::default()).unwrap()
+    };
+    let bf16 = kollava_model::kernels::bf16::available();
+    let mut cases = Vec::new();
+    for family in ["llava-v1.5", "llava-hf", "llava-mpt"] {
+        let ckpt = open(&kollava_testkit::checkpoint_dir(family));
+        for plan in [Precision::Dense(DType::F32), Precision::Dense(DType::F16)] {
+            cases.push((family, ckpt.clone(), plan));
+        }
+        if bf16 {
+            cases.push((family, ckpt, Precision::PackedBf16));
+        }
+    }
+    let pair = open(&gguf);
+    for b in [false, true].into_iter().filter(|&b| bf16 || !b) {
+        cases.push(("q8_0 gguf", pair.clone(), Precision::AsStored { bf16: b }));
+    }
+    for (family, ckpt, plan) in cases {
+        let mut direct = ckpt.load_for_inference(plan, &cpu).unwrap();
+        let read_as = match plan {
+            Precision::Dense(d) => d,
+            Precision::PackedBf16 => DType::BF16,
+            Precision::AsStored { .. } => DType::F32,
+        };
+        let mut after = ckpt.load_model(read_as, &cpu).unwrap();
+        after.pack_for_inference(plan.form(&cpu)).unwrap();
+        let what = format!("{family} {plan:?}");
+        // Every matrix held the same way (dense, ggml container, bf16 panels).
+        let held = |m: &mut kollava_model::Llava| {
+            let kind = |(n, l): (String, &mut kollava_model::layers::Linear)| {
+                (n, std::mem::discriminant(&*l), l.dims().unwrap())
+            };
+            let mut v: Vec<_> = m.decoder.linears_mut().into_iter().map(kind).collect();
+            v.extend(m.vision.linears_mut().into_iter().map(kind));
+            v
+        };
+        assert_eq!(held(&mut direct), held(&mut after), "{what}");
+        assert_eq!(
+            direct.decoder.weight_format(),
+            after.decoder.weight_format()
+        );
         let s = ckpt.config.vision.image_size;
         let px = candle_core::Tensor::randn(0f32, 1.0, (1, 3, s, s), &cpu).unwrap();
         let (a, b) = (
             direct.encode_images(&px).unwrap(),
             after.encode_images(&px).unwrap(),
         );
-        assert_eq!(
-            kollava_testkit::max_abs_diff_tensors(&a, &b),
-            0.0,
-            "{family}"
-        );
-        let ids = candle_core::Tensor::new(&[[1u32, 319, 13563, 1546]], &cpu).unwrap();
+        assert_eq!(kollava_testkit::max_abs_diff_tensors(&a, &b), 0.0, "{what}");
+        let ids = candle_core::Tensor::new(&[[1u32, 319, 1003, 546]], &cpu).unwrap();
         let logits = |m: &kollava_model::Llava| {
             let x = m.decoder.embed(&ids).unwrap();
             let h = m
@@ -132,6 +163,6 @@ fn loading_packed_in_bf16_equals_packing_after_loading() {
             m.decoder.logits(&h).unwrap()
         };
         let diff = kollava_testkit::max_abs_diff_tensors(&logits(&direct), &logits(&after));
-        assert_eq!(diff, 0.0, "{family}");
+        assert_eq!(diff, 0.0, "{what}");
     }
 }

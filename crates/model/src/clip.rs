@@ -8,6 +8,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 use crate::config::{ClipVisionConfig, FeatureSelect};
+use crate::form::Matrices;
 use crate::layers::{activate_owned, attention, LayerNorm, Linear};
 
 #[derive(Debug, Clone)]
@@ -25,18 +26,18 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(vb: VarBuilder, cfg: &ClipVisionConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &ClipVisionConfig, m: Matrices) -> Result<Self> {
         let h = cfg.hidden_size;
         let attn = vb.pp("self_attn");
         Ok(Self {
             layer_norm1: LayerNorm::load(vb.pp("layer_norm1"), h, cfg.layer_norm_eps)?,
-            q_proj: Linear::load(attn.pp("q_proj"), h, h, true)?,
-            k_proj: Linear::load(attn.pp("k_proj"), h, h, true)?,
-            v_proj: Linear::load(attn.pp("v_proj"), h, h, true)?,
-            out_proj: Linear::load(attn.pp("out_proj"), h, h, true)?,
+            q_proj: Linear::load(attn.pp("q_proj"), h, h, true, m)?,
+            k_proj: Linear::load(attn.pp("k_proj"), h, h, true, m)?,
+            v_proj: Linear::load(attn.pp("v_proj"), h, h, true, m)?,
+            out_proj: Linear::load(attn.pp("out_proj"), h, h, true, m)?,
             layer_norm2: LayerNorm::load(vb.pp("layer_norm2"), h, cfg.layer_norm_eps)?,
-            fc1: Linear::load(vb.pp("mlp").pp("fc1"), h, cfg.intermediate_size, true)?,
-            fc2: Linear::load(vb.pp("mlp").pp("fc2"), cfg.intermediate_size, h, true)?,
+            fc1: Linear::load(vb.pp("mlp").pp("fc1"), h, cfg.intermediate_size, true, m)?,
+            fc2: Linear::load(vb.pp("mlp").pp("fc2"), cfg.intermediate_size, h, true, m)?,
             heads: cfg.num_attention_heads,
             act: cfg.hidden_act,
         })
@@ -94,6 +95,7 @@ impl ClipVision {
         cfg: &ClipVisionConfig,
         layers_used: usize,
         feature_select: FeatureSelect,
+        m: Matrices,
     ) -> Result<Self> {
         let h = cfg.hidden_size;
         let emb = vb.pp("embeddings");
@@ -113,7 +115,7 @@ impl ClipVision {
         let class_embedding = emb.get(h, "class_embedding")?;
         let pre_layrnorm = LayerNorm::load(vb.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?;
         let layers = (0..layers_used)
-            .map(|i| EncoderLayer::load(vb.pp("encoder.layers").pp(i), cfg))
+            .map(|i| EncoderLayer::load(vb.pp("encoder.layers").pp(i), cfg, m))
             .collect::<Result<_>>()?;
         Ok(Self {
             patch_embedding,

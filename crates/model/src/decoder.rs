@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::{Architecture, DecoderConfig};
+use crate::form::{Matrices, Pack};
 use crate::kv_cache::KvCache;
 use crate::layers::{attention, LayerNorm, Linear, RmsNorm};
 
@@ -80,22 +81,27 @@ struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn load(vb: VarBuilder, cfg: &DecoderConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &DecoderConfig, m: Matrices) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let bias = cfg.attention_bias;
         let (qkv, mpt) = match cfg.mpt() {
             None => (
                 Qkv::Separate([
-                    Linear::load(vb.pp("q_proj"), h, nh * d, bias)?,
-                    Linear::load(vb.pp("k_proj"), h, nkv * d, bias)?,
-                    Linear::load(vb.pp("v_proj"), h, nkv * d, bias)?,
+                    Linear::load(vb.pp("q_proj"), h, nh * d, bias, m)?,
+                    Linear::load(vb.pp("k_proj"), h, nkv * d, bias, m)?,
+                    Linear::load(vb.pp("v_proj"), h, nkv * d, bias, m)?,
                 ]),
                 None,
             ),
             Some(o) => {
                 let ln = |name: &str| {
-                    LayerNorm::load_with_bias(vb.pp(name), h, cfg.rms_norm_eps, o.norm_bias)
+                    let n =
+                        LayerNorm::load_with_bias(vb.pp(name), h, cfg.rms_norm_eps, o.norm_bias)?;
+                    match m.pack {
+                        Pack::AsRead => Ok(n),
+                        _ => n.to_f32(),
+                    }
                 };
                 let qk_ln = if o.qk_ln {
                     Some((ln("q_ln")?, ln("k_ln")?))
@@ -108,6 +114,7 @@ impl SelfAttention {
                         h,
                         (nh + 2 * nkv) * d,
                         bias,
+                        m,
                     )?),
                     Some(MptAttention {
                         clip_qkv: o.clip_qkv,
@@ -118,7 +125,7 @@ impl SelfAttention {
         };
         Ok(Self {
             qkv,
-            o_proj: Linear::load(vb.pp("o_proj"), nh * d, h, bias)?,
+            o_proj: Linear::load(vb.pp("o_proj"), nh * d, h, bias, m)?,
             mpt,
             heads: nh,
             kv_heads: nkv,
@@ -470,16 +477,16 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &DecoderConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &DecoderConfig, m: Matrices) -> Result<Self> {
         let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         let gate_proj = match cfg.arch {
-            Architecture::Llama => Some(Linear::load(vb.pp("gate_proj"), h, i, bias)?),
+            Architecture::Llama => Some(Linear::load(vb.pp("gate_proj"), h, i, bias, m)?),
             Architecture::Mpt(_) => None,
         };
         Ok(Self {
             gate_proj,
-            up_proj: Linear::load(vb.pp("up_proj"), h, i, bias)?,
-            down_proj: Linear::load(vb.pp("down_proj"), i, h, bias)?,
+            up_proj: Linear::load(vb.pp("up_proj"), h, i, bias, m)?,
+            down_proj: Linear::load(vb.pp("down_proj"), i, h, bias, m)?,
             act: cfg.hidden_act,
         })
     }
@@ -692,36 +699,58 @@ pub struct Decoder {
 
 impl Decoder {
     /// `vb` is at the checkpoint root: loads `model.embed_tokens`, `model.layers.*`,
-    /// `model.norm` and `lm_head` (or the tied embedding).
-    pub fn load(vb: VarBuilder, cfg: &DecoderConfig) -> Result<Self> {
-        let m = vb.pp("model");
-        let embed_weight = m
-            .pp("embed_tokens")
-            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
-        let embed_tokens =
-            TokenEmbedding::Dense(Embedding::new(embed_weight.clone(), cfg.hidden_size));
+    /// `model.norm` and `lm_head` (or the tied embedding), each matrix as `m` says. Packed
+    /// for inference, norms and activations are f32, and with bf16 kernels the KV cache is
+    /// f16 (as llama.cpp keeps it): a run that already rounds its weights gives up
+    /// exactness for speed and memory, an f32 one does not.
+    pub fn load(vb: VarBuilder, cfg: &DecoderConfig, m: Matrices) -> Result<Self> {
+        let md = vb.pp("model");
+        let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        // A GGUF file's table stays in its blocks (a 7B model's would take 0.5 GB in f32):
+        // lookups unpack a few rows at a time, on the CPU whatever the device.
+        let (embed_tokens, tied_head) = match m.stored("model.embed_tokens.weight")? {
+            Some(table) => {
+                if table.shape().dims2()? != (vocab, h) {
+                    candle_core::bail!(
+                        "an embedding table of {:?} for a model of {vocab}x{h}",
+                        table.shape()
+                    );
+                }
+                let head = Linear::Quantized {
+                    weight: table.clone(),
+                    bias: None,
+                };
+                let device = vb.device().clone();
+                (TokenEmbedding::Blocks { table, device }, head)
+            }
+            None => {
+                let w = md.pp("embed_tokens").get((vocab, h), "weight")?;
+                let head = Linear::from_weight(w.clone());
+                (TokenEmbedding::Dense(Embedding::new(w, h)), head)
+            }
+        };
         if cfg.mpt().is_some() && cfg.num_key_value_heads != cfg.num_attention_heads {
             candle_core::bail!("ALiBi with grouped-query attention is not an MPT model");
         }
+        let norm = |vb: VarBuilder| match m.pack {
+            Pack::AsRead => Norm::load(vb, h, cfg),
+            _ => Norm::load(vb, h, cfg)?.to_f32(),
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let l = m.pp("layers").pp(i);
+            let l = md.pp("layers").pp(i);
             layers.push(Layer {
-                input_layernorm: Norm::load(l.pp("input_layernorm"), cfg.hidden_size, cfg)?,
-                self_attn: SelfAttention::load(l.pp("self_attn"), cfg)?,
-                post_attention_layernorm: Norm::load(
-                    l.pp("post_attention_layernorm"),
-                    cfg.hidden_size,
-                    cfg,
-                )?,
-                mlp: Mlp::load(l.pp("mlp"), cfg)?,
+                input_layernorm: norm(l.pp("input_layernorm"))?,
+                self_attn: SelfAttention::load(l.pp("self_attn"), cfg, m)?,
+                post_attention_layernorm: norm(l.pp("post_attention_layernorm"))?,
+                mlp: Mlp::load(l.pp("mlp"), cfg, m)?,
             });
         }
-        let norm = Norm::load(m.pp("norm"), cfg.hidden_size, cfg)?;
+        let final_norm = norm(md.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::from_weight(embed_weight)
+            tied_head.in_form(m.pack)?
         } else {
-            Linear::load(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
+            Linear::load(vb.pp("lm_head"), h, vocab, false, m)?
         };
         let d = cfg.head_dim;
         let inv_freq: Vec<f32> = (0..d / 2)
@@ -729,11 +758,14 @@ impl Decoder {
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, d / 2, vb.device())?;
         Ok(Self {
-            compute_dtype: embed_tokens.dtype(),
-            kv_storage: None,
+            compute_dtype: match m.pack {
+                Pack::AsRead => embed_tokens.dtype(),
+                _ => DType::F32,
+            },
+            kv_storage: (m.pack == Pack::Bf16).then_some(DType::F16),
             embed_tokens,
             layers,
-            norm,
+            norm: final_norm,
             lm_head,
             inv_freq,
             cfg: cfg.clone(),
@@ -753,26 +785,24 @@ impl Decoder {
         }
     }
 
-    /// The activations' dtype (the weights' until [`Decoder::pack_for_inference`]).
+    /// The activations' dtype: the weights' as read, f32 once packed for inference.
     pub fn dtype(&self) -> DType {
         self.compute_dtype
     }
 
-    /// Readies the weights for generation: every matrix moves into a ggml container of its
-    /// own dtype (decoding then reads it once, in that width, on all threads), the norms
-    /// widen to f32, and activations run in f32. Training keeps the unpacked form.
-    /// With `bf16`, matrices are packed for our bf16 kernels instead, and the KV
-    /// cache is kept in f16 (as llama.cpp keeps it): a run that already rounds its weights
-    /// gives up exactness for speed and memory, an f32 one does not.
-    pub fn pack_for_inference(&mut self, bf16: bool) -> Result<()> {
-        if bf16 {
+    /// Brings a decoder built as read (one made for training) into the form `pack` that
+    /// [`Decoder::load`] builds directly; the tests check that both give the same numbers.
+    pub fn pack_for_inference(&mut self, pack: Pack) -> Result<()> {
+        if pack == Pack::AsRead {
+            return Ok(());
+        }
+        if pack == Pack::Bf16 {
             self.kv_storage = Some(DType::F16);
         }
-        let pack = |l: &Linear| if bf16 { l.packed_bf16() } else { l.packed() };
         for (_, l) in self.linears_mut() {
-            *l = pack(l)?;
+            *l = l.in_form(pack)?;
         }
-        self.lm_head = pack(&self.lm_head)?;
+        self.lm_head = self.lm_head.in_form(pack)?;
         for l in &mut self.layers {
             l.input_layernorm = l.input_layernorm.to_f32()?;
             l.post_attention_layernorm = l.post_attention_layernorm.to_f32()?;
@@ -845,31 +875,6 @@ impl Decoder {
     /// Token embeddings. `ids: (b, s)` u32 → `(b, s, hidden)`.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         self.embed_tokens.forward(ids)?.to_dtype(self.compute_dtype)
-    }
-
-    /// Looks tokens up in `table` (a GGUF file's `token_embd`, kept in its blocks) rather
-    /// than a dense copy: a 7B model's table would take 0.5 GB in f32. With tied
-    /// embeddings it is the output matrix too.
-    pub fn use_embedding_blocks(&mut self, table: Arc<QTensor>) -> Result<()> {
-        let (rows, cols) = table.shape().dims2()?;
-        if (rows, cols) != (self.cfg.vocab_size, self.cfg.hidden_size) {
-            candle_core::bail!(
-                "an embedding table of {rows}x{cols} for a model of {}x{}",
-                self.cfg.vocab_size,
-                self.cfg.hidden_size
-            );
-        }
-        if self.cfg.tie_word_embeddings {
-            self.lm_head = Linear::Quantized {
-                weight: table.clone(),
-                bias: None,
-            };
-        }
-        self.embed_tokens = TokenEmbedding::Blocks {
-            table,
-            device: self.device().clone(),
-        };
-        Ok(())
     }
 
     /// The whole stack on a step of embeddings, appending to `cache`.

@@ -8,6 +8,7 @@ use candle_core::{DType, Module, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
 use crate::config::Activation;
+use crate::form::{Matrices, Pack};
 use crate::kernels::softmax::{exp_nonpositive, softmax_in_place};
 
 /// From this many input rows on (prefill), a float weight is widened for a GEMM rather than
@@ -257,15 +258,60 @@ fn seeded_dropout(xs: &Tensor, p: f32, key: u64) -> Result<Tensor> {
 }
 
 impl Linear {
-    /// Loads `weight` (`[out, in]`) and, when `bias`, `bias` (`[out]`).
-    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias {
-            Some(vb.get(out_dim, "bias")?)
-        } else {
-            None
+    /// Loads `weight` (`[out, in]`) and, when `bias`, `bias` (`[out]`), straight into the
+    /// form `m` asks for: the weight as stored when `m` holds it in blocks, read in bf16
+    /// when it is to be packed for our bf16 kernels (it never exists wider).
+    pub fn load(
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        m: Matrices,
+    ) -> Result<Self> {
+        let read_bias = |dtype| match bias {
+            true => vb
+                .get_with_hints_dtype(out_dim, "bias", Default::default(), dtype)
+                .map(Some),
+            false => Ok(None),
         };
-        Ok(Linear::Dense(candle_nn::Linear::new(weight, bias)))
+        let layer = match m.stored(&format!("{}.weight", vb.prefix()))? {
+            Some(weight) => {
+                if weight.shape().dims2()? != (out_dim, in_dim) {
+                    candle_core::bail!(
+                        "{}.weight is stored as {:?}, the config implies ({out_dim}, {in_dim})",
+                        vb.prefix(),
+                        weight.shape()
+                    );
+                }
+                let bias = read_bias(DType::F32)?;
+                Linear::Quantized { weight, bias }
+            }
+            None => {
+                let dtype = match m.pack {
+                    Pack::Bf16 => DType::BF16,
+                    _ => vb.dtype(),
+                };
+                // The weight before the bias: trainable parameters are listed in read order.
+                let weight = vb.get_with_hints_dtype(
+                    (out_dim, in_dim),
+                    "weight",
+                    Default::default(),
+                    dtype,
+                )?;
+                Linear::Dense(candle_nn::Linear::new(weight, read_bias(vb.dtype())?))
+            }
+        };
+        layer.in_form(m.pack)
+    }
+
+    /// The layer held as `pack` says.
+    pub fn in_form(&self, pack: Pack) -> Result<Linear> {
+        match pack {
+            Pack::AsRead => Ok(self.clone()),
+            Pack::F32 => self.to_f32(),
+            Pack::Ggml => self.packed(),
+            Pack::Bf16 => self.packed_bf16(),
+        }
     }
 
     pub fn from_weight(weight: Tensor) -> Self {

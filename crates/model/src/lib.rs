@@ -11,6 +11,7 @@
 pub mod clip;
 pub mod config;
 pub mod decoder;
+pub mod form;
 pub mod kernels;
 pub mod kv_cache;
 pub mod layers;

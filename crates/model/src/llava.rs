@@ -13,6 +13,7 @@ use candle_nn::VarBuilder;
 use crate::clip::ClipVision;
 use crate::config::ModelConfig;
 use crate::decoder::Decoder;
+use crate::form::{Form, Matrices, StoredMatrices};
 use crate::layers::Linear;
 use crate::projector::Projector;
 
@@ -27,20 +28,40 @@ pub struct Llava {
 
 impl Llava {
     /// `llm` is at the checkpoint root with canonical LLaVA key names (`model.*`,
-    /// `lm_head`); `vision` is at the tower's `vision_model`.
-    pub fn load(llm: VarBuilder, vision: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
-        let decoder = Decoder::load(llm.clone(), &cfg.decoder)?;
+    /// `lm_head`); `vision` is at the tower's `vision_model`. The model is built in `form`,
+    /// with the matrices `stored` holds taken from there as stored.
+    pub fn load(
+        llm: VarBuilder,
+        vision: VarBuilder,
+        cfg: &ModelConfig,
+        form: Form,
+        stored: Option<&dyn StoredMatrices>,
+    ) -> Result<Self> {
+        let decoder = Decoder::load(
+            llm.clone(),
+            &cfg.decoder,
+            Matrices {
+                pack: form.decoder(),
+                stored,
+            },
+        )?;
+        let m = Matrices {
+            pack: form.vision(),
+            stored,
+        };
         let projector = Projector::load(
             llm.pp("model").pp("mm_projector"),
             cfg.projector,
             cfg.vision.hidden_size,
             cfg.decoder.hidden_size,
+            m,
         )?;
         let vision = ClipVision::load(
             vision,
             &cfg.vision,
             cfg.vision_layers_used,
             cfg.feature_select,
+            m,
         )?;
         Ok(Self {
             vision,
@@ -65,28 +86,13 @@ impl Llava {
         self.projector.forward(&features.to_dtype(self.dtype())?)
     }
 
-    /// Readies a loaded model for generation (see [`Decoder::pack_for_inference`]); the
-    /// projector computes in f32 with it.
-    /// With `bf16` (and a CPU with AVX512-BF16 or AVX2+FMA) every matrix, the tower's included, runs
-    /// through our bf16 kernels.
-    pub fn pack_for_inference(&mut self, bf16: bool) -> Result<()> {
-        if !self.decoder.device().is_cpu() {
-            // These layouts are for CPU kernels; a GPU multiplies dense weights.
-            return Ok(());
-        }
-        let bf16 = bf16 && crate::kernels::bf16::available();
-        self.decoder.pack_for_inference(bf16)?;
-        self.projector = self.projector.to_f32()?;
-        if bf16 {
-            self.projector.map_linears(Linear::packed_bf16)?;
-            self.vision.map_linears(Linear::packed_bf16)?;
-        } else {
-            // A GGUF tower's 16-bit matrices, widened once rather than at every image.
-            self.vision.map_linears(|l| match l {
-                Linear::Quantized { .. } if !l.is_quantized() => l.to_f32(),
-                _ => Ok(l.clone()),
-            })?;
-        }
+    /// Brings a model built as read (one made for training) into `form`, which
+    /// [`Llava::load`] builds directly; the tests check that both give the same numbers.
+    pub fn pack_for_inference(&mut self, form: Form) -> Result<()> {
+        self.decoder.pack_for_inference(form.decoder())?;
+        let pack = form.vision();
+        self.projector.map_linears(|l| l.in_form(pack))?;
+        self.vision.map_linears(|l| l.in_form(pack))?;
         Ok(())
     }
 

@@ -5,6 +5,7 @@ use candle_core::{Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use crate::config::{Activation, ProjectorKind};
+use crate::form::Matrices;
 use crate::layers::{activate_owned, Linear};
 
 #[derive(Debug, Clone)]
@@ -24,18 +25,19 @@ impl Projector {
         kind: ProjectorKind,
         vision_dim: usize,
         hidden: usize,
+        m: Matrices,
     ) -> Result<Self> {
         let (linears, activation) = match kind {
             ProjectorKind::Identity => (Vec::new(), Activation::Gelu),
             ProjectorKind::Linear => (
-                vec![Linear::load(vb, vision_dim, hidden, true)?],
+                vec![Linear::load(vb, vision_dim, hidden, true, m)?],
                 Activation::Gelu,
             ),
             ProjectorKind::Mlp { depth, activation } => {
                 let mut v = Vec::with_capacity(depth);
                 for i in 0..depth {
                     let in_dim = if i == 0 { vision_dim } else { hidden };
-                    v.push(Linear::load(vb.pp(2 * i), in_dim, hidden, true)?);
+                    v.push(Linear::load(vb.pp(2 * i), in_dim, hidden, true, m)?);
                 }
                 (v, activation)
             }

@@ -3,7 +3,7 @@
 //! tower and projector as llama.cpp's LLaVA encoder), and [`open_pair`] reads such a pair,
 //! ours or llama.cpp's, into the same [`Checkpoint`] every other format becomes.
 //!
-//! Quantized matrices stay quantized: the decoder's linear maps (as [`Linear::Quantized`])
+//! Quantized matrices stay quantized: the decoder's linear maps (as [`kollava_model::layers::Linear::Quantized`])
 //! and its token embedding table are views of the memory-mapped file (see [`mapped`]),
 //! multiplied through our kernels or candle's. Norms and biases are dequantized to f32.
 //!
@@ -16,7 +16,7 @@ mod mapped;
 pub mod names;
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -30,7 +30,7 @@ use kollava_inputs::Tokenizer;
 use kollava_model::config::{
     Activation, ClipVisionConfig, DecoderConfig, FeatureSelect, ProjectorKind,
 };
-use kollava_model::layers::Linear;
+use kollava_model::form::{Form, StoredMatrices};
 use kollava_model::{Llava, ModelConfig};
 
 use self::format::{GgufWriter, Meta, TensorEntry};
@@ -1144,11 +1144,17 @@ impl GgufPair {
         QTensor::new(storage, q.shape().clone())
     }
 
-    /// Loads the model: the decoder's quantized matrices, its token embedding table and
-    /// (on the CPU) the tower's 16-bit matrices stay in their blocks; everything else is f32.
-    pub fn load(&self, ckpt: &Checkpoint, device: &Device) -> Result<Llava, CheckpointError> {
+    /// Loads the model in `form`: the decoder's quantized matrices, its token embedding
+    /// table and (on the CPU) the tower's 16-bit matrices are taken as stored, in their
+    /// blocks; everything else is read as f32.
+    pub fn load(
+        &self,
+        ckpt: &Checkpoint,
+        device: &Device,
+        form: Form,
+    ) -> Result<Llava, CheckpointError> {
         let cfg = &ckpt.config;
-        let mut quantized = HashMap::new();
+        let mut kept = HashSet::new();
         for name in canonical_names(cfg) {
             let linear = name.starts_with("model.layers.") && name.ends_with("_proj.weight")
                 || name == "lm_head.weight";
@@ -1163,76 +1169,42 @@ impl GgufPair {
                 continue;
             }
             if let Some((c, _, m)) = self.locate(&name, cfg) {
-                let info = &c.tensor_infos[&m.name];
-                let keep = match info.ggml_dtype {
+                let keep = match c.tensor_infos[&m.name].ggml_dtype {
                     GgmlDType::F32 => false,
                     GgmlDType::F16 | GgmlDType::BF16 => true,
                     _ => !tower,
                 };
                 if keep {
-                    quantized.insert(name, info.shape.clone());
+                    kept.insert(name);
                 }
             }
         }
-        let placeholders: HashSet<String> = quantized.keys().cloned().collect();
+        let stored = Stored {
+            pair: self,
+            cfg,
+            device,
+            kept,
+            taken: Default::default(),
+        };
         let backend = Backend {
             pair: self,
             cfg: cfg.clone(),
-            placeholders: quantized,
         };
-        let err = |part: &'static str| {
-            let dir = self.model.display().to_string();
-            move |e: candle_core::Error| CheckpointError::Load {
-                part,
-                dir: dir.clone(),
+        let boxed: Box<dyn candle_nn::var_builder::SimpleBackend + '_> = Box::new(backend);
+        let vb = VarBuilder::from_backend(boxed, DType::F32, device.clone());
+        let model = Llava::load(vb.clone(), vb.pp("vision_model"), cfg, form, Some(&stored))
+            .map_err(|e| CheckpointError::Load {
+                part: "GGUF",
+                dir: self.model.display().to_string(),
                 reason: candle_reason(&e),
-            }
-        };
-        let mut model = {
-            let boxed: Box<dyn candle_nn::var_builder::SimpleBackend + '_> = Box::new(backend);
-            let vb = VarBuilder::from_backend(boxed, DType::F32, device.clone());
-            Llava::load(vb.clone(), vb.pp("vision_model"), cfg).map_err(err("GGUF"))?
-        };
-        let mut replaced = 0;
-        let mut place = |name: &str, lin: &mut Linear| -> Result<(), CheckpointError> {
-            let w = format!("{name}.weight");
-            if placeholders.contains(&w) {
-                let q = self
-                    .qtensor(&w, cfg, device)
-                    .map_err(err("language model"))?;
-                let bias = lin.parameters().and_then(|(_, b)| b.cloned());
-                *lin = Linear::Quantized {
-                    weight: Arc::new(q),
-                    bias,
-                };
-                replaced += 1;
-            }
-            Ok(())
-        };
-        for (name, lin) in model.decoder.linears_mut() {
-            place(&name, lin)?;
-        }
-        place("lm_head", model.decoder.lm_head_mut())?;
-        for (name, lin) in model.vision.linears_mut() {
-            place(&format!("vision_model.{name}"), lin)?;
-        }
-        if placeholders.contains(EMBEDDINGS) {
-            // Looked up a few rows at a time, on the CPU, whatever the device.
-            let table = self
-                .qtensor(EMBEDDINGS, cfg, &Device::Cpu)
-                .map_err(err("language model"))?;
-            model
-                .decoder
-                .use_embedding_blocks(Arc::new(table))
-                .map_err(err("language model"))?;
-            replaced += 1;
-        }
-        if replaced != placeholders.len() {
+            })?;
+        let taken = stored.taken.into_inner().len();
+        if taken != stored.kept.len() {
             return Err(CheckpointError::Invalid {
                 file: self.model.display().to_string(),
                 what: format!(
-                    "model: {replaced} of {} quantized matrices placed",
-                    placeholders.len()
+                    "model: {taken} of {} quantized matrices placed",
+                    stored.kept.len()
                 ),
             });
         }
@@ -1243,13 +1215,38 @@ impl GgufPair {
 /// The token embedding table's canonical name.
 const EMBEDDINGS: &str = "model.embed_tokens.weight";
 
-/// Canonical names → GGUF tensors for the model's loaders. A quantized matrix of the decoder
-/// is handed out as a zero-stride placeholder (no memory) and swapped for the quantized
-/// weight once the model is built.
+/// The matrices a GGUF model keeps in their blocks, handed to the model as it is built
+/// (the embedding table on the CPU, where its lookups run, whatever the device).
+struct Stored<'a> {
+    pair: &'a GgufPair,
+    cfg: &'a ModelConfig,
+    device: &'a Device,
+    kept: HashSet<String>,
+    /// The names handed out, to check that the model took every one.
+    taken: std::cell::RefCell<HashSet<String>>,
+}
+
+impl StoredMatrices for Stored<'_> {
+    fn matrix(&self, name: &str) -> candle_core::Result<Option<Arc<QTensor>>> {
+        if !self.kept.contains(name) {
+            return Ok(None);
+        }
+        let device = if name == EMBEDDINGS {
+            &Device::Cpu
+        } else {
+            self.device
+        };
+        let q = self.pair.qtensor(name, self.cfg, device)?;
+        self.taken.borrow_mut().insert(name.to_string());
+        Ok(Some(Arc::new(q)))
+    }
+}
+
+/// Canonical names → GGUF tensors, read as dense tensors, for what the model does not take
+/// from [`Stored`].
 struct Backend<'a> {
     pair: &'a GgufPair,
     cfg: ModelConfig,
-    placeholders: HashMap<String, Shape>,
 }
 
 impl candle_nn::var_builder::SimpleBackend for Backend<'_> {
@@ -1272,9 +1269,6 @@ impl candle_nn::var_builder::SimpleBackend for Backend<'_> {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        if let Some(shape) = self.placeholders.get(name) {
-            return Tensor::zeros((), dtype, dev)?.broadcast_as(shape);
-        }
         let q = self.pair.qtensor(name, &self.cfg, &Device::Cpu)?;
         q.dequantize(&Device::Cpu)?.to_dtype(dtype)?.to_device(dev)
     }
@@ -1287,6 +1281,7 @@ impl candle_nn::var_builder::SimpleBackend for Backend<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kollava_model::layers::Linear;
 
     fn fixture(name: &str) -> Checkpoint {
         let dir = kollava_testkit::checkpoint_dir(name);
@@ -1350,7 +1345,7 @@ mod tests {
             quantize(&src, &out, q, &mut |_, _| {}).unwrap();
             let back = crate::open(out.to_str().unwrap(), &Default::default()).unwrap();
             let (pair, cfg, cpu) = (back.gguf.as_ref().unwrap(), &back.config, &Device::Cpu);
-            let mut model = pair.load(&back, cpu).unwrap();
+            let mut model = pair.load(&back, cpu, Form::AsRead).unwrap();
             let file = |name: &str| pair.qtensor(name, cfg, cpu).unwrap();
             let ids = [0u32, 1, 7, cfg.decoder.vocab_size as u32 - 1];
             let ids = Tensor::new(ids.as_slice(), cpu).unwrap();
