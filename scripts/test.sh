@@ -63,6 +63,7 @@ interop_job=$!
 # LLaVA's own package with the versions it pins, for what LLaVA's code loads; its other pins
 # (gradio, bitsandbytes, deepspeed...) serve its web UI and training only.
 llava="$cache/llava-torch1.2.2.post1"
+mosaic="$cache/llava-torch1.1.1-mpt"
 (
   venv_once "$llava" "torch, transformers, peft" "torch==2.0.1" "transformers==4.36.2" \
     "tokenizers==0.15.0" "sentencepiece==0.1.99" "accelerate==0.21.0" "peft==0.4.0" \
@@ -70,9 +71,25 @@ llava="$cache/llava-torch1.2.2.post1"
     "safetensors==0.4.5" "protobuf==4.25.3" "pillow==13.0.0"
   "$llava/bin/python" -c 'import llava.model.builder' 2>/dev/null ||
     "$llava/bin/python" -m pip install -q --disable-pip-version-check --no-deps "llava-torch==1.2.2.post1"
+  # MosaicML's MPT code as LLaVA shipped it for LLaVA-MPT (llava-torch 1.1.1), the one
+  # reference that applies attn_config.qk_ln; run with the venv above.
+  if [ ! -f "$mosaic/mosaic_mpt/modeling_mpt.py" ]; then
+    rm -rf "$mosaic" && mkdir -p "$mosaic/wheel"
+    "$llava/bin/python" -m pip download -q --disable-pip-version-check --no-deps \
+      "llava-torch==1.1.1" -d "$mosaic/wheel"
+    "$llava/bin/python" - "$mosaic" <<'PY'
+import glob, shutil, sys, zipfile
+root = sys.argv[1]
+with zipfile.ZipFile(glob.glob(f"{root}/wheel/*.whl")[0]) as z:
+    prefix = "llava/model/language_model/mpt/"
+    z.extractall(f"{root}/wheel", [n for n in z.namelist() if n.startswith(prefix)])
+shutil.move(f"{root}/wheel/{prefix}", f"{root}/mosaic_mpt")
+PY
+  fi
 ) >"$cache/llava-install.log" 2>&1 &
 llava_job=$!
 export KOLLAVA_INTEROP_PYTHON="$interop/bin/python" KOLLAVA_LLAVA_PYTHON="$llava/bin/python"
+export KOLLAVA_MOSAIC_MPT="$mosaic"
 export KOLLAVA_REQUIRE_INTEROP_TESTS=1
 # llama.cpp, for what it answers on the GGUF files kollava writes (built once, ~13 minutes).
 llama_cpp="$cache/llama.cpp-0.3.36"

@@ -538,10 +538,67 @@ fn transformers_mpt_computes_kollavas_logits_with_and_without_clip_qkv() {
     }
 }
 
+/// MosaicML's own MPT code, as LLaVA shipped it for LLaVA-MPT (llava-torch 1.1.1; the one
+/// reference that applies `attn_config.qk_ln`), writes the LLaVA-MPT fixture with its q/k
+/// LayerNorms on and computes kollava's logits on it, as read and as packed for inference.
+#[test]
+fn mosaicmls_mpt_code_computes_kollavas_logits_with_qk_ln() {
+    let Some(py) = llava_python() else {
+        return;
+    };
+    let Some(mosaic) = std::env::var_os("KOLLAVA_MOSAIC_MPT") else {
+        assert!(
+            std::env::var_os("KOLLAVA_REQUIRE_INTEROP_TESTS").is_none(),
+            "KOLLAVA_MOSAIC_MPT is not set: run ./scripts/test.sh"
+        );
+        eprintln!("SKIPPED: no KOLLAVA_MOSAIC_MPT (./scripts/test.sh sets it up)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("llava-mpt-qk-ln");
+    let ids: Vec<u32> = vec![1047, 84, 566, 200, 14, 222, 897, 689, 262, 752, 699, 447];
+    let ids_json = serde_json::to_string(&ids).unwrap();
+    let report = interop(
+        &py,
+        "mosaic_mpt_logits.py",
+        &[
+            Path::new(&mosaic),
+            &checkpoint("llava-mpt"),
+            &model,
+            Path::new(&ids_json),
+        ],
+    );
+    let theirs: Vec<f32> = serde_json::from_value(report).unwrap();
+    let path = model.join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(config["attn_config"]["qk_ln"], json!(true));
+    config["mm_vision_tower"] = json!(checkpoint("clip-vit-tiny-patch14-28"));
+    std::fs::write(&path, config.to_string()).unwrap();
+    let ours = mpt_last_logits(&model, &ids);
+    let diff = max_diff(&theirs, &ours);
+    assert!(diff < 1e-4, "qk_ln: {diff}");
+    let plain = mpt_last_logits(&checkpoint("llava-mpt"), &ids);
+    assert!(max_diff(&plain, &ours) > 1e-3, "qk_ln changes nothing");
+    // The inference build (norms widened, matrices in ggml containers) computes the same.
+    let ckpt = kollava_checkpoint::open(model.to_str().unwrap(), &Default::default()).unwrap();
+    let packed = ckpt
+        .load_for_inference(
+            kollava_checkpoint::Precision::Dense(DType::F32),
+            &Device::Cpu,
+        )
+        .unwrap();
+    let diff = max_diff(&theirs, &last_logits(&packed, &ids));
+    assert!(diff < 1e-4, "qk_ln, packed: {diff}");
+}
+
 /// The last-position logits kollava computes for `ids` (text only) on `model`, in f32.
 fn mpt_last_logits(model: &Path, ids: &[u32]) -> Vec<f32> {
     let ckpt = kollava_checkpoint::open(model.to_str().unwrap(), &Default::default()).unwrap();
-    let m = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
+    last_logits(&ckpt.load_model(DType::F32, &Device::Cpu).unwrap(), ids)
+}
+
+/// The last-position logits `m` computes for `ids` (text only).
+fn last_logits(m: &kollava_model::Llava, ids: &[u32]) -> Vec<f32> {
     let d = &m.decoder;
     let ids_t = candle_core::Tensor::new(ids, &Device::Cpu)
         .unwrap()
