@@ -11,7 +11,11 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 fn session() -> Session {
-    let dir = kollava_testkit::checkpoint_dir("llava-v1.5");
+    session_of("llava-v1.5")
+}
+
+fn session_of(family: &str) -> Session {
+    let dir = kollava_testkit::checkpoint_dir(family);
     Session::load(&SessionOptions {
         model: dir.to_str().unwrap().to_string(),
         vision_tower: None,
@@ -119,6 +123,49 @@ async fn chat_completion_equals_the_cli_path_and_streaming_adds_up() {
     }
     assert_eq!(streamed.trim(), content);
     assert_eq!(finish.as_deref(), Some("length"));
+}
+
+/// Every family (LLaVA-MPT's ChatML template and stop rule among them) answers through the
+/// API as through the library path `kollava run` takes, up to its own stop.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_family_answers_through_the_api_as_through_the_cli_path() {
+    let img =
+        kollava_inputs::image::open(&kollava_testkit::fixtures_dir().join("images/wide_rgb.png"))
+            .unwrap();
+    for family in kollava_testkit::CHECKPOINTS {
+        let state = AppState::new(EngineHandle::spawn(session_of(family), 32, 16), None);
+        let mut body = with_image(false);
+        body["model"] = json!(family);
+        body["max_tokens"] = json!(24);
+        let (status, text) = send(&state, request(body)).await;
+        assert_eq!(status, StatusCode::OK, "{family}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let s = session_of(family);
+        let mut conv = Conversation::new(s.template.clone());
+        conv.push(Role::User, Some(s.user_text(QUESTION, 1)));
+        conv.push(Role::Assistant, None);
+        let opts = AnswerOptions {
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            max_new_tokens: 24,
+            stop: Vec::new(),
+            aspect: None,
+        };
+        let direct = s
+            .answer(&conv, std::slice::from_ref(&img), &opts, &mut |_| true)
+            .unwrap();
+        assert_eq!(
+            v["choices"][0]["message"]["content"], direct.generation.text,
+            "{family}"
+        );
+        assert_eq!(
+            v["usage"]["completion_tokens"],
+            direct.generation.ids.len(),
+            "{family}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -44,45 +44,53 @@ fn a_pickled_llava_hf_checkpoint_keeps_every_reference_value() {
     assert_eq!(failed, 0, "{}", stdout(&o));
 }
 
+/// The pickled (`.bin`, sharded) checkpoints, v0 and LLaVA-MPT, convert to safetensors that
+/// keep every reference value.
 #[test]
-fn converting_the_v0_bin_checkpoint_to_safetensors_keeps_every_reference_value() {
-    // A scratch fixtures tree: the converted checkpoint sits where the original did, so its
-    // relative mm_vision_tower and the reference's image paths still resolve.
-    let tmp = tempfile::tempdir().unwrap();
-    for dir in ["images", "clip-vit-tiny-patch14-28"] {
-        copy_dir(
-            &checkpoint("llava-v0").parent().unwrap().join(dir),
-            &tmp.path().join(dir),
+fn converting_the_bin_checkpoints_to_safetensors_keeps_every_reference_value() {
+    for family in ["llava-v0", "llava-mpt"] {
+        // A scratch fixtures tree: the converted checkpoint sits where the original did, so
+        // its relative mm_vision_tower and the reference's image paths still resolve.
+        let tmp = tempfile::tempdir().unwrap();
+        for dir in ["images", "clip-vit-tiny-patch14-28"] {
+            copy_dir(
+                &checkpoint(family).parent().unwrap().join(dir),
+                &tmp.path().join(dir),
+            );
+        }
+        let out = tmp.path().join(family);
+        let o = kollava(&[
+            &"convert",
+            &"--input",
+            &checkpoint(family),
+            &"--output",
+            &out,
+        ]);
+        assert_success(&o);
+        assert!(
+            out.join("model.safetensors.index.json").is_file(),
+            "{family}"
         );
+        assert!(!std::fs::read_dir(&out).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".bin")));
+        let o = kollava(&[&"verify", &"--model", &out, &"--reference", &out]);
+        assert_success(&o);
+        let (passed, failed, _) = verify_summary(&stdout(&o));
+        assert!(passed > 70, "{family}: {passed}");
+        assert_eq!(failed, 0, "{family}");
+        // Refuses to overwrite.
+        let o = kollava(&[
+            &"convert",
+            &"--input",
+            &checkpoint(family),
+            &"--output",
+            &out,
+        ]);
+        assert_one_line_error(&o, &["not empty"]);
     }
-    let out = tmp.path().join("llava-v0");
-    let o = kollava(&[
-        &"convert",
-        &"--input",
-        &checkpoint("llava-v0"),
-        &"--output",
-        &out,
-    ]);
-    assert_success(&o);
-    assert!(out.join("model.safetensors.index.json").is_file());
-    assert!(!std::fs::read_dir(&out).unwrap().any(|e| e
-        .unwrap()
-        .file_name()
-        .to_string_lossy()
-        .ends_with(".bin")));
-    let o = kollava(&[&"verify", &"--model", &out, &"--reference", &out]);
-    assert_success(&o);
-    let (_, failed, _) = verify_summary(&stdout(&o));
-    assert_eq!(failed, 0);
-    // Refuses to overwrite.
-    let o = kollava(&[
-        &"convert",
-        &"--input",
-        &checkpoint("llava-v0"),
-        &"--output",
-        &out,
-    ]);
-    assert_one_line_error(&o, &["not empty"]);
 }
 
 #[test]
