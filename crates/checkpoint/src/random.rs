@@ -551,13 +551,38 @@ pub fn init_random(
         });
     }
     crate::write_dir_atomically(out, |tmp| {
-        write_all(a, layout, dtype, seed, tmp, on_progress)?;
+        write_all(a, layout, dtype, seed, tmp, on_progress, true)?;
         if let Some(src) = tokenizer {
             copy_tokenizer(src, tmp)?;
         }
         Ok(())
     })?;
     Ok(out.to_path_buf())
+}
+
+/// `a` as a checkpoint without weights, in LLaVA's own layout: its configuration resolved as
+/// a downloaded one would be, for sizing a run on it (`train --plan --arch`). Nothing of it
+/// stays on disk.
+pub fn config_only(a: &Arch) -> Result<crate::Checkpoint, CheckpointError> {
+    let a = if a.vocab == 0 {
+        a.with_vocab(32000)
+    } else {
+        *a
+    };
+    let tmp = tempfile::tempdir().map_err(|e| CheckpointError::Io {
+        path: std::env::temp_dir().display().to_string(),
+        reason: e.to_string(),
+    })?;
+    write_all(
+        &a,
+        Layout::Original,
+        DiskDtype::F16,
+        0,
+        tmp.path(),
+        &mut |_, _| {},
+        false,
+    )?;
+    crate::open(&tmp.path().display().to_string(), &Default::default())
 }
 
 /// Replaces the written tokenizer files with those in `src`.
@@ -591,6 +616,7 @@ fn write_all(
     seed: u64,
     dir: &Path,
     on_progress: &mut dyn FnMut(u64, u64),
+    weights: bool,
 ) -> Result<(), CheckpointError> {
     let lazy = |v: Vec<(String, Vec<usize>, Init)>| -> Vec<Lazy> {
         v.into_iter()
@@ -623,7 +649,9 @@ fn write_all(
         Layout::Hf => {
             let mut all = llm;
             vision_tensors(a, "vision_tower.", &mut all);
-            write_shards(dir, &lazy(all), shard, on_progress)?;
+            if weights {
+                write_shards(dir, &lazy(all), shard, on_progress)?;
+            }
             let mut vision = clip_config(a);
             vision["projection_dim"] = json!(768);
             let mut text = common.clone();
@@ -656,7 +684,9 @@ fn write_all(
             std::fs::create_dir_all(&tower).map_err(io_err(&tower))?;
             let mut vision = Vec::new();
             vision_tensors(a, "", &mut vision);
-            write_shards(&tower, &lazy(vision), shard, &mut |_, _| {})?;
+            if weights {
+                write_shards(&tower, &lazy(vision), shard, &mut |_, _| {})?;
+            }
             write_json(
                 &tower.join("config.json"),
                 &json!({"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", "vision_config": clip_config(a)}),
@@ -665,7 +695,9 @@ fn write_all(
                 &tower.join("preprocessor_config.json"),
                 &preprocessor_config(a),
             )?;
-            write_shards(dir, &lazy(llm), shard, on_progress)?;
+            if weights {
+                write_shards(dir, &lazy(llm), shard, on_progress)?;
+            }
             let mut cfg = common;
             let extra = match a.kind {
                 Kind::Mpt => {

@@ -444,9 +444,18 @@ pub struct VqaArgs {
 pub struct TrainArgs {
     #[command(flatten)]
     pub setup: TrainSetup,
-    /// Where results, checkpoints and metrics.jsonl go — 출력 디렉터리
+    /// Where results, checkpoints and metrics.jsonl go (required unless --plan) — 출력 디렉터리
     #[arg(long, value_name = "DIR")]
-    pub output_dir: PathBuf,
+    pub output_dir: Option<PathBuf>,
+    /// Print the memory each rank needs for this run (weights, gradients, optimizer state,
+    /// activations at --per-device-batch-size sequences of --model-max-length tokens) and
+    /// stop: no data or weights are read, so hardware can be sized first — 메모리 계획만 출력
+    #[arg(long)]
+    pub plan: bool,
+    /// With --plan: size a named architecture (as `init-random --arch` knows them) instead of
+    /// a --model directory — 아키텍처 이름으로 계획
+    #[arg(long, value_parser = arch_names(), requires = "plan", conflicts_with = "model")]
+    pub arch: Option<String>,
     /// Save a checkpoint every N steps (resume point) — N 스텝마다 저장
     #[arg(long)]
     pub save_steps: Option<usize>,
@@ -474,12 +483,12 @@ pub struct TrainSetup {
     /// pretrain: projector only; finetune: LLM + projector — 학습 단계
     #[arg(long, value_enum, default_value_t = Stage::Pretrain)]
     pub stage: Stage,
-    /// Training data (JSON array or JSONL) — 학습 데이터
+    /// Training data (JSON array or JSONL; required unless --plan) — 학습 데이터
     #[arg(long, value_name = "FILE")]
-    pub data: PathBuf,
-    /// Folder the records' `image` names are relative to — 이미지 폴더
+    pub data: Option<PathBuf>,
+    /// Folder the records' `image` names are relative to (required unless --plan) — 이미지 폴더
     #[arg(long, value_name = "DIR")]
-    pub image_folder: PathBuf,
+    pub image_folder: Option<PathBuf>,
     /// Prefix added to every image file name (KoLLaVA's `COCO_train2014_`) — 파일 이름 접두사
     #[arg(long, default_value = "")]
     pub image_prefix: String,

@@ -14,6 +14,7 @@ pub mod labels;
 pub mod lora;
 pub mod loss;
 pub mod optim;
+pub mod plan;
 pub mod run;
 pub mod synth;
 pub mod tensorboard;

@@ -67,6 +67,12 @@ fn train_device(rank: usize) -> Result<Device> {
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
+    if args.plan {
+        return plan(args);
+    }
+    let Some(output_dir) = &args.output_dir else {
+        bail!("--output-dir is required (where the results, checkpoints and metrics go)");
+    };
     if args.nproc > 1 && std::env::var_os("RANK").is_none() {
         return launch(args.nproc);
     }
@@ -83,7 +89,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     };
     let dist = dist.map(std::sync::Mutex::new);
     let mut spec = spec(&args.setup)?;
-    spec.output_dir = args.output_dir.clone();
+    spec.output_dir = output_dir.clone();
     spec.save_steps = args.save_steps;
     spec.save_total_limit = args.save_total_limit;
     spec.save_dtype = args.save_dtype.dtype();
@@ -173,8 +179,15 @@ pub(crate) fn spec(args: &TrainSetup) -> Result<RunSpec> {
         model: crate::pipeline::model_path(args.model.model.as_deref()),
         vision_tower: args.model.vision_tower.clone(),
         projector: args.model.projector.clone(),
-        samples: kollava_train::data::read_samples(&args.data)?,
-        image_folder: args.image_folder.clone(),
+        samples: kollava_train::data::read_samples(
+            args.data
+                .as_deref()
+                .context("--data is required (the training records)")?,
+        )?,
+        image_folder: args
+            .image_folder
+            .clone()
+            .context("--image-folder is required (where the records' images are)")?,
         image_prefix: args.image_prefix.clone(),
         output_dir: std::path::PathBuf::new(),
         stage: args.stage,
@@ -259,5 +272,128 @@ pub fn merge_lora(args: &crate::args::MergeLoraArgs) -> Result<()> {
         opts.alpha,
         args.output.display()
     );
+    Ok(())
+}
+
+/// `train --plan`: the memory per rank of the run the other flags describe, on `--model`'s
+/// configuration or a named `--arch` (no weights, no data).
+fn plan(args: &TrainArgs) -> Result<()> {
+    let setup = &args.setup;
+    let lora = setup.lora_r > 0;
+    if lora && setup.stage != Stage::Finetune {
+        bail!("--lora-r trains adapters in stage 2: add --stage finetune");
+    }
+    if setup.bits == 4 && !lora {
+        bail!("--bits 4 (QLoRA) trains adapters over a 4-bit base: give --lora-r too");
+    }
+    let (ckpt, name) = match &args.arch {
+        Some(a) => {
+            let arch = kollava_checkpoint::random::arch(a).context("unknown --arch")?;
+            (kollava_checkpoint::random::config_only(arch)?, a.clone())
+        }
+        None => {
+            let path = crate::pipeline::model_path(setup.model.model.as_deref());
+            let opts = OpenOptions {
+                vision_tower: setup.model.vision_tower.clone(),
+                ..Default::default()
+            };
+            (kollava_checkpoint::open(&path, &opts)?, path)
+        }
+    };
+    let lora_opts = lora.then(|| lora::LoraOptions {
+        r: setup.lora_r,
+        alpha: setup.lora_alpha,
+        dropout: setup.lora_dropout,
+        targets: setup.lora_targets.clone(),
+        four_bit: setup.bits == 4,
+        seed: setup.seed,
+    });
+    let world = std::env::var("WORLD_SIZE")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(args.nproc as usize);
+    let p = kollava_train::plan::plan(&kollava_train::plan::PlanSpec {
+        config: &ckpt.config,
+        // v0's stage 1 trains the <im_start>/<im_end> rows (not LLaVA-MPT's: tied table).
+        boundary_rows: ckpt.family.layout == kollava_checkpoint::Layout::LlavaV0
+            && !ckpt.config.decoder.tie_word_embeddings,
+        stage: setup.stage,
+        lora: lora_opts.as_ref(),
+        freeze_llm: setup.freeze_backbone,
+        freeze_projector: setup.freeze_mm_mlp_adapter,
+        tune_vision: setup.tune_vision_tower,
+        bf16: setup.bf16,
+        shard: setup.shard,
+        world,
+        batch: setup.per_device_batch_size as usize,
+        seq_len: setup.model_max_length,
+        grad_accum: setup.grad_accum as usize,
+        checkpointing: setup.gradient_checkpointing,
+    });
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let how = match (&lora_opts, setup.stage) {
+        (Some(lo), _) if lo.four_bit => format!("QLoRA r={} over a 4-bit base", lo.r),
+        (Some(lo), _) => format!("LoRA r={}", lo.r),
+        (None, Stage::Finetune) => "full finetuning".into(),
+        (None, Stage::Pretrain) => "projector pretraining".into(),
+    };
+    println!(
+        "{name}: {how}, {:.2} B parameters, {:.2} B trained",
+        p.parameters as f64 / 1e9,
+        p.trained as f64 / 1e9
+    );
+    println!(
+        "{world} rank{} ({}), {} sequence{} of {} tokens per rank and pass{}{}{}",
+        if world == 1 { "" } else { "s" },
+        match setup.shard {
+            kollava_train::run::Sharding::None => "nothing sharded",
+            kollava_train::run::Sharding::GradOpt => "gradients and optimizer state sharded",
+            kollava_train::run::Sharding::Full =>
+                "parameters, gradients and optimizer state sharded",
+        },
+        setup.per_device_batch_size,
+        if setup.per_device_batch_size == 1 {
+            ""
+        } else {
+            "s"
+        },
+        setup.model_max_length,
+        if setup.grad_accum > 1 {
+            format!(", {} passes accumulated", setup.grad_accum)
+        } else {
+            String::new()
+        },
+        if setup.gradient_checkpointing {
+            ", gradient checkpointing"
+        } else {
+            ""
+        },
+        if setup.bf16 {
+            ", bf16 frozen matrices"
+        } else {
+            ""
+        },
+    );
+    println!("memory per rank (GiB)");
+    for (what, b) in [
+        ("weights", p.weights),
+        ("gradients", p.gradients),
+        ("optimizer state (AdamW)", p.optimizer),
+        ("activations", p.activations),
+        ("logits and loss", p.head),
+        ("in flight at the peak", p.transient),
+    ] {
+        println!("  {what:<26}{:>9.2}", gib(b));
+    }
+    println!(
+        "  {:<26}{:>9.2}",
+        "training step, highest",
+        gib(p.step_peak())
+    );
+    println!("  {:<26}{:>9.2}", "while loading", gib(p.load_peak));
+    println!("  {:<26}{:>9.2}", "peak", gib(p.peak()));
+    if setup.shard == kollava_train::run::Sharding::Full {
+        eprintln!("note: --shard full is planned here; training does not do it yet");
+    }
     Ok(())
 }

@@ -484,3 +484,69 @@ fn two_ranks_train_like_one_process_with_gradient_accumulation() {
         assert!(ddp.join("config.json").is_file());
     }
 }
+
+/// `train --plan` sizes a run from the configuration alone (no data, no weights, no
+/// output directory): a named 7B architecture, whose optimizer state halves from 4 to 8
+/// ranks under `--shard grad-opt`, and a fixture directory.
+#[test]
+fn train_plan_sizes_a_run_from_the_configuration_alone() {
+    let plan = |extra: &[&str]| {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+            &"train",
+            &"--plan",
+            &"--stage",
+            &"finetune",
+            &"--per-device-batch-size",
+            &"16",
+            &"--model-max-length",
+            &"2048",
+            &"--gradient-checkpointing",
+        ];
+        for e in extra {
+            args.push(e);
+        }
+        let o = kollava(&args);
+        assert_success(&o);
+        stdout(&o)
+    };
+    let gib = |out: &str, what: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(what))
+            .unwrap_or_else(|| panic!("no {what} line in:\n{out}"));
+        line.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    let arch = ["--arch", "llava-1.5-7b", "--shard", "grad-opt", "--nproc"];
+    let four = plan(&[arch.as_slice(), &["4"]].concat());
+    let eight = plan(&[arch.as_slice(), &["8"]].concat());
+    assert!(
+        four.contains("memory per rank") && four.contains("4 ranks"),
+        "{four}"
+    );
+    let (o4, o8) = (
+        gib(&four, "optimizer state"),
+        gib(&eight, "optimizer state"),
+    );
+    assert!(o4 > 10.0 && (o4 / o8 - 2.0).abs() < 0.01, "{o4} {o8}");
+    assert_eq!(gib(&four, "weights"), gib(&eight, "weights"));
+    let mpt = checkpoint("llava-mpt");
+    let out = plan(&[
+        "--model",
+        mpt.to_str().unwrap(),
+        "--lora-r",
+        "8",
+        "--bits",
+        "4",
+    ]);
+    assert!(out.contains("QLoRA r=8"), "{out}");
+    assert!(gib(&out, "peak") > 0.0, "{out}");
+}
+
+#[test]
+fn train_without_data_or_output_dir_says_which_is_missing() {
+    let o = kollava(&[&"train", &"--output-dir", &"/tmp/kollava-never-written"]);
+    assert_one_line_error(&o, &["--data"]);
+    let o = kollava(&[&"train", &"--data", &"x.json", &"--image-folder", &"."]);
+    assert_one_line_error(&o, &["--output-dir"]);
+    assert!(!Path::new("/tmp/kollava-never-written").exists());
+}

@@ -81,6 +81,10 @@ pub enum Sharding {
     /// gradients are reduce-scattered and the updated parameters all-gathered (ZeRO-2,
     /// FSDP's `SHARD_GRAD_OP`).
     GradOpt,
+    /// Each rank keeps 1/N of the parameters too, gathering each layer's for its forward
+    /// and backward (ZeRO-3, FSDP's `FULL_SHARD`). `train --plan` sizes it; training does
+    /// not do it yet.
+    Full,
 }
 
 /// Everything a run is asked to do.
@@ -217,6 +221,11 @@ impl RunSpec {
                 "training the vision tower under LoRA is not supported; train it in full finetuning",
             );
         }
+        if self.shard == Sharding::Full {
+            return invalid(
+                "--shard full is not implemented yet (train --plan sizes it); use grad-opt",
+            );
+        }
         if self.samples.is_empty() {
             return invalid("no training samples");
         }
@@ -324,8 +333,10 @@ pub fn execute(
         tm.model
             .pack_frozen_bf16()
             .map_err(|e| RunError::Invalid(e.to_string()))?;
-        // The frozen matrices' f32 copies are no longer used (outputs take the trained
-        // weights, the projector and the embedding rows).
+    }
+    if spec.bf16 || spec.lora.as_ref().is_some_and(|lo| lo.four_bit) {
+        // The frozen matrices' f32 copies are no longer used once packed in bf16 or 4 bits
+        // (outputs take the trained weights, the projector and the embedding rows).
         tm.tensors.retain(|(n, t)| {
             t.is_variable()
                 || n.starts_with("model.mm_projector.")
