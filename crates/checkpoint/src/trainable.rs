@@ -44,6 +44,9 @@ struct Recording {
     inner: VarBuilder<'static>,
     trainable: Arc<TrainableFilter>,
     record: Arc<Mutex<Record>>,
+    /// The frozen decoder layers' matrices are quantized as read ([`Form::Q4Base`]): their
+    /// f32 copies are not kept.
+    four_bit_base: bool,
 }
 
 impl Recording {
@@ -60,6 +63,11 @@ impl Recording {
             let v = Var::from_tensor(&t)?;
             rec.params.push((name.to_string(), v.clone()));
             v.as_tensor().clone()
+        } else if self.four_bit_base
+            && name.starts_with("model.layers.")
+            && name.ends_with("_proj.weight")
+        {
+            return Ok(t);
         } else {
             t
         };
@@ -93,6 +101,18 @@ impl Checkpoint {
         device: &Device,
         trainable: Arc<TrainableFilter>,
     ) -> std::result::Result<TrainableModel, CheckpointError> {
+        self.load_trainable_as(dtype, device, trainable, Form::AsRead)
+    }
+
+    /// [`Checkpoint::load_trainable`] in `form`: [`Form::Q4Base`] for QLoRA, whose frozen
+    /// decoder matrices are quantized one at a time as read and not kept in `tensors`.
+    pub fn load_trainable_as(
+        &self,
+        dtype: DType,
+        device: &Device,
+        trainable: Arc<TrainableFilter>,
+        form: Form,
+    ) -> std::result::Result<TrainableModel, CheckpointError> {
         let record = Arc::new(Mutex::new(Record::default()));
         let wrap = |vb: VarBuilder<'static>, dt: DType| -> VarBuilder<'static> {
             let device = vb.device().clone();
@@ -101,12 +121,13 @@ impl Checkpoint {
                     inner: vb,
                     trainable: trainable.clone(),
                     record: record.clone(),
+                    four_bit_base: form == Form::Q4Base,
                 }),
                 dt,
                 device,
             )
         };
-        let model = self.load_with(dtype, device, Form::AsRead, &wrap)?;
+        let model = self.load_with(dtype, device, form, &wrap)?;
         let rec = std::mem::take(&mut *record.lock().expect("not poisoned: load finished"));
         Ok(TrainableModel {
             model,

@@ -99,7 +99,7 @@ impl SelfAttention {
                     let n =
                         LayerNorm::load_with_bias(vb.pp(name), h, cfg.rms_norm_eps, o.norm_bias)?;
                     match m.pack {
-                        Pack::AsRead => Ok(n),
+                        Pack::AsRead | Pack::Q4_0 => Ok(n),
                         _ => n.to_f32(),
                     }
                 };
@@ -732,9 +732,12 @@ impl Decoder {
         if cfg.mpt().is_some() && cfg.num_key_value_heads != cfg.num_attention_heads {
             candle_core::bail!("ALiBi with grouped-query attention is not an MPT model");
         }
-        let norm = |vb: VarBuilder| match m.pack {
-            Pack::AsRead => Norm::load(vb, h, cfg),
-            _ => Norm::load(vb, h, cfg)?.to_f32(),
+        // Packed for inference, norms and activations are f32; a training form keeps the
+        // dtype read.
+        let inference = matches!(m.pack, Pack::F32 | Pack::Ggml | Pack::Bf16);
+        let norm = |vb: VarBuilder| match inference {
+            false => Norm::load(vb, h, cfg),
+            true => Norm::load(vb, h, cfg)?.to_f32(),
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -747,10 +750,18 @@ impl Decoder {
             });
         }
         let final_norm = norm(md.pp("norm"))?;
+        // QLoRA keeps the output head as read (it is no adapted layer).
+        let head = match m.pack {
+            Pack::Q4_0 => Matrices {
+                pack: Pack::AsRead,
+                ..m
+            },
+            _ => m,
+        };
         let lm_head = if cfg.tie_word_embeddings {
-            tied_head.in_form(m.pack)?
+            tied_head.in_form(head.pack)?
         } else {
-            Linear::load(vb.pp("lm_head"), h, vocab, false, m)?
+            Linear::load(vb.pp("lm_head"), h, vocab, false, head)?
         };
         let d = cfg.head_dim;
         let inv_freq: Vec<f32> = (0..d / 2)
@@ -758,9 +769,9 @@ impl Decoder {
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, d / 2, vb.device())?;
         Ok(Self {
-            compute_dtype: match m.pack {
-                Pack::AsRead => embed_tokens.dtype(),
-                _ => DType::F32,
+            compute_dtype: match inference {
+                false => embed_tokens.dtype(),
+                true => DType::F32,
             },
             kv_storage: (m.pack == Pack::Bf16).then_some(DType::F16),
             embed_tokens,

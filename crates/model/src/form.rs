@@ -20,6 +20,9 @@ pub enum Form {
     /// Every matrix (the tower's and projector's too) packed for our bf16 kernels, a 16-bit
     /// KV cache. Needs [`crate::kernels::bf16::available`].
     PackedBf16,
+    /// For QLoRA training: the decoder layers' matrices quantized to 4 bits as each is read
+    /// (the frozen base never exists whole in f32), everything else as read.
+    Q4Base,
 }
 
 impl Form {
@@ -29,13 +32,14 @@ impl Form {
             Form::AsRead => Pack::AsRead,
             Form::Packed => Pack::Ggml,
             Form::PackedBf16 => Pack::Bf16,
+            Form::Q4Base => Pack::Q4_0,
         }
     }
 
     /// How the tower's and projector's matrices are held.
     pub fn vision(self) -> Pack {
         match self {
-            Form::AsRead => Pack::AsRead,
+            Form::AsRead | Form::Q4Base => Pack::AsRead,
             Form::Packed => Pack::F32,
             Form::PackedBf16 => Pack::Bf16,
         }
@@ -53,6 +57,9 @@ pub enum Pack {
     Ggml,
     /// Packed for our bf16 kernels (quantized matrices stay as they are).
     Bf16,
+    /// A frozen base in ggml's Q4_0 blocks (QLoRA; a matrix whose rows are not whole blocks
+    /// stays as read).
+    Q4_0,
 }
 
 /// Matrices a checkpoint holds in ggml blocks (a GGUF file's), handed to the model as

@@ -311,6 +311,7 @@ impl Linear {
             Pack::F32 => self.to_f32(),
             Pack::Ggml => self.packed(),
             Pack::Bf16 => self.packed_bf16(),
+            Pack::Q4_0 => self.quantize_4bit(),
         }
     }
 

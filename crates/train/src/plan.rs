@@ -262,6 +262,17 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
         }
     }
     let mut weights = weights as u64;
+    // Each tensor is read in the file's type (16 bits, as checkpoints are published) and
+    // then widened: the largest one's read copy comes on top.
+    let largest = |f: &dyn Fn(&Param) -> bool| {
+        params.iter().filter(|p| f(p)).map(|p| p.numel).max().unwrap_or(0)
+    };
+    loaded += 2 * largest(&|_| true);
+    if spec.lora.is_some_and(|lo| lo.four_bit) {
+        // The base is quantized as it is read: one matrix at a time (read, then in f32)
+        // besides the model.
+        loaded = weights + (2 * largest(&|_| true)).max(6 * largest(&llm_linear));
+    }
     if spec.shard == Sharding::Full {
         // Each rank keeps its share of every parameter, and gathers one layer at a time
         // (the next one in flight).
@@ -272,8 +283,7 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
             .sum::<u64>();
         weights = weights / world + 2 * layer;
         // and reads only its share, a tensor at a time.
-        let largest = params.iter().map(|p| 4 * p.numel).max().unwrap_or(0);
-        loaded = loaded / world + largest;
+        loaded = loaded / world + 6 * largest(&|_| true);
     }
     let grads = 4 * trained;
     let (gradients, optimizer) = match spec.shard {

@@ -117,3 +117,88 @@ fn four_bit_bases_stay_close_to_the_dense_model() {
     let cosine = dot / (norm(&dense) * norm(&quantized));
     assert!(cosine > 0.98, "cosine {cosine}");
 }
+
+/// A QLoRA base quantized as it is read (`Form::Q4Base`) is the base quantized after a
+/// dense load: every decoder matrix in the same Q4_0 blocks (the output head as read), the
+/// same logits under the same adapters, and no f32 copy of those matrices kept.
+#[test]
+fn a_base_quantized_as_read_equals_one_quantized_after_loading() {
+    for family in ["llava-v1.5", "llava-mpt"] {
+        let dir = checkpoint_dir(family);
+        let ckpt = kollava_checkpoint::open(dir.to_str().unwrap(), &Default::default()).unwrap();
+        let ids: Vec<u32> = vec![1, 23, 45, 67, 89, 101];
+        let opts = LoraOptions {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets: vec!["q_proj".into(), "down_proj".into()],
+            four_bit: true,
+            seed: 1,
+        };
+        let frozen = || Arc::new(|_: &str| false);
+        let mut after = ckpt
+            .load_trainable(DType::F32, &Device::Cpu, frozen())
+            .unwrap();
+        let mut read = ckpt
+            .load_trainable_as(
+                DType::F32,
+                &Device::Cpu,
+                frozen(),
+                kollava_model::form::Form::Q4Base,
+            )
+            .unwrap();
+        assert!(
+            !read
+                .tensors
+                .iter()
+                .any(|(n, _)| n.starts_with("model.layers.") && n.ends_with("_proj.weight")),
+            "{family}: f32 copies of the base kept"
+        );
+        assert!(
+            read.model
+                .decoder
+                .linears_mut()
+                .iter()
+                .all(|(_, l)| l.is_quantized()),
+            "{family}: the base is 4-bit before any adapter"
+        );
+        add_adapters(&mut after.model, &opts, None).unwrap();
+        add_adapters(&mut read.model, &opts, None).unwrap();
+        let blocks = |m: &mut kollava_model::Llava| -> Vec<(String, Vec<u8>)> {
+            let mut v: Vec<_> = m
+                .decoder
+                .linears_mut()
+                .into_iter()
+                .map(|(n, l)| {
+                    let base = match l {
+                        kollava_model::layers::Linear::Lora(a) => a.base.clone(),
+                        other => other.clone(),
+                    };
+                    match base {
+                        kollava_model::layers::Linear::Quantized { weight, .. } => {
+                            (n, weight.data().unwrap().to_vec())
+                        }
+                        other => panic!("{family} {n}: {other:?}"),
+                    }
+                })
+                .collect();
+            let head = m.decoder.lm_head_mut();
+            assert!(
+                head.parameters().is_some(),
+                "{family}: the head stays as read"
+            );
+            v.sort();
+            v
+        };
+        assert_eq!(
+            blocks(&mut after.model),
+            blocks(&mut read.model),
+            "{family}"
+        );
+        assert_eq!(
+            max_abs_diff(&logits(&after.model, &ids), &logits(&read.model, &ids)),
+            0.0,
+            "{family}"
+        );
+    }
+}

@@ -48,6 +48,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
+/// The counts are the whole process's: the tests take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Samples long enough to fill `model_max_length` (cut there), all alike.
 fn samples() -> Vec<Sample> {
     let long = "빨간 사각형과 파란 원이 있는 그림입니다. ".repeat(60);
@@ -65,6 +68,7 @@ fn samples() -> Vec<Sample> {
 
 #[test]
 fn plans_hold_to_the_bytes_a_run_allocates() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let arch = kollava_checkpoint::random::arch("tiny").unwrap();
     let model = kollava_checkpoint::random::init_random(
@@ -209,6 +213,7 @@ fn plans_hold_to_the_bytes_a_run_allocates() {
 /// (stage 1, full finetuning, LoRA).
 #[test]
 fn plans_count_the_parameters_the_loaders_build() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for family in kollava_testkit::CHECKPOINTS {
         let dir = kollava_testkit::checkpoint_dir(family);
         let ckpt = kollava_checkpoint::open(dir.to_str().unwrap(), &Default::default()).unwrap();
@@ -280,5 +285,75 @@ fn plans_count_the_parameters_the_loaders_build() {
             assert_eq!(p.parameters as usize, held, "{what}: parameters");
             assert_eq!(p.trained as usize, trained, "{what}: trained");
         }
+    }
+}
+
+/// The plan's peak while loading, for LoRA (the model read in f32) and QLoRA (the base
+/// quantized as read), within 15 % of the bytes the load allocates.
+#[test]
+fn load_peaks_hold_to_the_plan() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let arch = kollava_checkpoint::random::arch("tiny").unwrap();
+    let model = kollava_checkpoint::random::init_random(
+        arch,
+        kollava_checkpoint::random::Layout::Original,
+        kollava_checkpoint::random::DiskDtype::F16,
+        1,
+        None,
+        &tmp.path().join("tiny"),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let ckpt = kollava_checkpoint::open(model.to_str().unwrap(), &Default::default()).unwrap();
+    for four_bit in [false, true] {
+        let lo = LoraOptions {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: ["q_proj", "v_proj"].map(String::from).to_vec(),
+            four_bit,
+            seed: 1,
+        };
+        let p = plan(&PlanSpec {
+            config: &ckpt.config,
+            boundary_rows: false,
+            stage: Stage::Finetune,
+            lora: Some(&lo),
+            freeze_llm: false,
+            freeze_projector: false,
+            tune_vision: false,
+            bf16: false,
+            shard: Sharding::None,
+            world: 1,
+            batch: 1,
+            seq_len: 64,
+            grad_accum: 1,
+            checkpointing: false,
+        });
+        let form = if four_bit {
+            kollava_model::form::Form::Q4Base
+        } else {
+            kollava_model::form::Form::AsRead
+        };
+        let base = HELD.load(Relaxed);
+        PEAK.store(base, Relaxed);
+        let filter = kollava_train::run::trainable_filter(true, true, (false, false, false), false);
+        let mut tm = ckpt
+            .load_trainable_as(
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+                filter,
+                form,
+            )
+            .unwrap();
+        kollava_train::lora::add_adapters(&mut tm.model, &lo, None).unwrap();
+        let measured = (PEAK.load(Relaxed) - base) as f64;
+        let ratio = p.load_peak as f64 / measured;
+        assert!(
+            (0.85..=1.15).contains(&ratio),
+            "four_bit {four_bit}: plan {} measured {measured}",
+            p.load_peak
+        );
     }
 }

@@ -310,7 +310,12 @@ pub fn execute(
         (spec.freeze_llm, spec.freeze_projector, spec.tune_vision),
         boundary_rows.is_some(),
     );
-    let mut tm = ckpt.load_trainable(DType::F32, device, filter)?;
+    // QLoRA's base is quantized as it is read: it never exists whole in f32.
+    let form = match &spec.lora {
+        Some(lo) if lo.four_bit => kollava_model::form::Form::Q4Base,
+        _ => kollava_model::form::Form::AsRead,
+    };
+    let mut tm = ckpt.load_trainable_as(DType::F32, device, filter, form)?;
     if let (Some(rows), Some(file), None) = (boundary_rows, &spec.projector, &resume) {
         if let Some(note) = take_boundary_rows(&tm.tensors, file, rows)? {
             on_event(Event::Notice(note));
