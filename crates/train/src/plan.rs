@@ -265,7 +265,12 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
     // Each tensor is read in the file's type (16 bits, as checkpoints are published) and
     // then widened: the largest one's read copy comes on top.
     let largest = |f: &dyn Fn(&Param) -> bool| {
-        params.iter().filter(|p| f(p)).map(|p| p.numel).max().unwrap_or(0)
+        params
+            .iter()
+            .filter(|p| f(p))
+            .map(|p| p.numel)
+            .max()
+            .unwrap_or(0)
     };
     loaded += 2 * largest(&|_| true);
     if spec.lora.is_some_and(|lo| lo.four_bit) {
