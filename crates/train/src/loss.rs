@@ -40,10 +40,7 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
     let picked = logits
         .index_select(&Tensor::new(rows, device)?, 0)?
         .to_dtype(DType::F32)?;
-    let logp = candle_nn::ops::log_softmax(&picked, 1)?;
-    let targets = Tensor::new(targets, device)?.unsqueeze(1)?;
-    let nll = logp.gather(&targets, 1)?.sum_all()?.neg()?;
-    nll / n as f64
+    kollava_model::kernels::cross_entropy::nll_sum(&picked, &targets)? / n as f64
 }
 
 /// Result of one projector-only backward (stage 1: LLM and vision frozen).

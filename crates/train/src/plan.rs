@@ -346,11 +346,11 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
     let projector = 4 * image_tokens * (vh + 3 * h);
     let activations = activations + projector;
 
-    // The head: logits, their log-softmax and its gradient over the labelled rows (every
-    // text position of a full sequence, at most).
+    // The head: the logits over the labelled rows (every text position of a full sequence,
+    // at most) and their gradient.
     let text = spec.seq_len.saturating_sub(cfg.image_tokens()).max(1) as u64;
     let rows = text * spec.batch as u64;
-    let head = 4 * rows * d.vocab_size as u64 * 3;
+    let head = 4 * rows * d.vocab_size as u64 * 2;
 
     // At the end of the backward pass, what is in flight; at the optimizer step the ranks
     // exchange gradients through flat buffers instead (the activations are gone by then,

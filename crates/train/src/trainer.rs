@@ -322,9 +322,7 @@ fn micro_batch_grads(
         let hidden = hidden.reshape((batch.len() * longest, hidden_size))?;
         let picked = hidden.index_select(&Tensor::new(rows.as_slice(), &device)?, 0)?;
         let logits = model.decoder.logits(&picked)?.to_dtype(DType::F32)?;
-        let logp = candle_nn::ops::log_softmax(&logits, 1)?;
-        let targets = Tensor::new(targets.as_slice(), &device)?.unsqueeze(1)?;
-        let nll = logp.gather(&targets, 1)?.sum_all()?.neg()?;
+        let nll = kollava_model::kernels::cross_entropy::nll_sum(&logits, &targets)?;
         nll * (weight / n as f64)
     };
     let tokens = lens.iter().sum();
