@@ -291,6 +291,26 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            if let Some((p, m, v)) = fused_update(
+                var.as_tensor(),
+                g,
+                self.m[i].as_ref(),
+                self.v[i].as_ref(),
+                Hyper {
+                    b1,
+                    b2,
+                    c1,
+                    c2,
+                    lr: self.lr,
+                    weight_decay: self.weight_decay,
+                    eps: self.eps,
+                },
+            )? {
+                var.set(&p)?;
+                self.m[i] = Some(m);
+                self.v[i] = Some(v);
+                continue;
+            }
             let g = g.to_dtype(DType::F32)?;
             let m = match &self.m[i] {
                 Some(m) => ((m * b1)? + (&g * (1.0 - b1))?)?,
@@ -368,6 +388,100 @@ impl AdamW {
     }
 }
 
+/// One step's constants.
+#[derive(Clone, Copy)]
+struct Hyper {
+    b1: f64,
+    b2: f64,
+    c1: f64,
+    c2: f64,
+    lr: f64,
+    weight_decay: f64,
+    eps: f64,
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor; `None` for any other tensor.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
+            Some(f(&v[a..b]))
+        }
+        _ => None,
+    }
+}
+
+/// AdamW's update of one f32 CPU parameter in one pass over `(p, g, m, v)`, the same
+/// operations in the same order as the tensor path (scalars rounded to f32 as candle's
+/// affine ops round them), with the new parameter and moments as its only allocations.
+/// `None` when a tensor is not f32 on the CPU (the tensor path does those).
+fn fused_update(
+    p: &Tensor,
+    g: &Tensor,
+    m: Option<&Tensor>,
+    v: Option<&Tensor>,
+    h: Hyper,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    use rayon::prelude::*;
+    let n = p.elem_count();
+    if g.elem_count() != n {
+        candle_core::bail!("a gradient of {} for a parameter of {n}", g.elem_count());
+    }
+    let (b1, b1c) = (h.b1 as f32, (1.0 - h.b1) as f32);
+    let (b2, b2c) = (h.b2 as f32, (1.0 - h.b2) as f32);
+    let (inv_c1, inv_c2) = ((1.0 / h.c1) as f32, (1.0 / h.c2) as f32);
+    let decay = (1.0 - h.lr * h.weight_decay) as f32;
+    let (lr, eps) = (h.lr as f32, h.eps as f32);
+    let (mut pn, mut mn, mut vn) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let zeros: &[f32] = &[];
+    let ok = with_f32(p, |p| {
+        with_f32(g, |g| {
+            let mut run = |mo: &[f32], vo: &[f32]| {
+                const CHUNK: usize = 1 << 14;
+                pn.par_chunks_mut(CHUNK)
+                    .zip(mn.par_chunks_mut(CHUNK))
+                    .zip(vn.par_chunks_mut(CHUNK))
+                    .enumerate()
+                    .for_each(|(c, ((pn, mn), vn))| {
+                        let at = c * CHUNK;
+                        for j in 0..pn.len() {
+                            let (gj, k) = (g[at + j], at + j);
+                            let m = match mo.is_empty() {
+                                true => gj * b1c,
+                                false => mo[k] * b1 + gj * b1c,
+                            };
+                            let v = match vo.is_empty() {
+                                true => (gj * gj) * b2c,
+                                false => vo[k] * b2 + (gj * gj) * b2c,
+                            };
+                            let update = (m * inv_c1) / ((v * inv_c2).sqrt() + eps);
+                            pn[j] = p[k] * decay - update * lr;
+                            (mn[j], vn[j]) = (m, v);
+                        }
+                    });
+            };
+            match (m, v) {
+                (Some(m), Some(v)) => with_f32(m, |m| with_f32(v, |v| run(m, v))).flatten(),
+                _ => {
+                    run(zeros, zeros);
+                    Some(())
+                }
+            }
+        })
+        .flatten()
+    })
+    .flatten();
+    if ok.is_none() {
+        return Ok(None);
+    }
+    let device = p.device();
+    Ok(Some((
+        Tensor::from_vec(pn, p.shape(), device)?,
+        Tensor::from_vec(mn, p.shape(), device)?,
+        Tensor::from_vec(vn, p.shape(), device)?,
+    )))
+}
+
 /// `get_cosine_schedule_with_warmup`: linear warmup to `base`, then half a cosine to 0.
 pub fn cosine_lr(base: f64, step: usize, warmup: usize, total: usize) -> f64 {
     if step < warmup {
@@ -410,6 +524,68 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fused update gives, bit for bit, torch's AdamW formula written as candle tensor
+    /// ops (the path GPU and non-f32 parameters take), over three steps with weight decay
+    /// and odd sizes.
+    #[test]
+    fn the_fused_update_is_the_tensor_formula() {
+        let dev = candle_core::Device::Cpu;
+        for n in [1usize, 7, 40_000] {
+            let p0 = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+            let var = Var::from_tensor(&p0).unwrap();
+            let mut opt = AdamW::new(vec![("w".into(), var.clone())], 3e-3, 0.1);
+            let h = Hyper {
+                b1: 0.9,
+                b2: 0.999,
+                c1: 0.1,
+                c2: 0.001,
+                lr: 1e-3,
+                weight_decay: 0.0,
+                eps: 1e-8,
+            };
+            assert!(
+                fused_update(&p0, &p0, None, None, h).unwrap().is_some(),
+                "f32 CPU parameters take the fused update"
+            );
+            let (mut p, mut m, mut v) = (p0.clone(), None::<Tensor>, None::<Tensor>);
+            for t in 1..=3 {
+                let g = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+                let store = (var.as_tensor() * &g)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                opt.step(&store).unwrap();
+                let (b1, b2, lr, wd, eps) =
+                    (opt.beta1, opt.beta2, opt.lr, opt.weight_decay, opt.eps);
+                let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+                let mt = match &m {
+                    Some(m) => ((m * b1).unwrap() + (&g * (1.0 - b1)).unwrap()).unwrap(),
+                    None => (&g * (1.0 - b1)).unwrap(),
+                };
+                let vt = match &v {
+                    Some(v) => {
+                        ((v * b2).unwrap() + (g.sqr().unwrap() * (1.0 - b2)).unwrap()).unwrap()
+                    }
+                    None => (g.sqr().unwrap() * (1.0 - b2)).unwrap(),
+                };
+                let decayed = (&p * (1.0 - lr * wd)).unwrap();
+                let update = ((&mt / c1).unwrap()
+                    / ((&vt / c2).unwrap().sqrt().unwrap() + eps).unwrap())
+                .unwrap();
+                p = (decayed - (update * lr).unwrap()).unwrap();
+                (m, v) = (Some(mt), Some(vt));
+                let diff = kollava_testkit::max_abs_diff_tensors(var.as_tensor(), &p);
+                assert_eq!(diff, 0.0, "n {n}, step {t}");
+                let state = opt.state();
+                let dm =
+                    kollava_testkit::max_abs_diff_tensors(&state["exp_avg.w"], m.as_ref().unwrap());
+                assert_eq!(dm, 0.0, "n {n}, step {t}: first moment");
+            }
+        }
+    }
 
     /// Four ranks sharding AdamW (`grad-opt`): each holds a quarter of the moments (bytes
     /// counted), and three steps on different per-rank gradients leave every rank with the
