@@ -133,8 +133,14 @@ mod tests {
                 ga.get(var.as_tensor()).unwrap(),
                 gb.get(var.as_tensor()).unwrap(),
             );
+            // candle's log-softmax backward sums each row's gradient in f32: over 32000
+            // entries its own rounding reaches ~1e-5 of the largest entry.
             let diff = kollava_testkit::max_abs_diff_tensors(ga, gb);
-            assert!(diff < 1e-6, "{rows}x{vocab}: gradient off by {diff}");
+            let scale = kollava_testkit::max_abs(gb);
+            assert!(
+                diff <= 1e-4 * scale,
+                "{rows}x{vocab}: gradient off by {diff} of {scale}"
+            );
         }
     }
 
