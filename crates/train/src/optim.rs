@@ -196,18 +196,17 @@ impl AdamW {
         let c1 = 1.0 - b1.powi(self.t as i32);
         let c2 = 1.0 - b2.powi(self.t as i32);
         let p = self.flat(None, own.clone())?;
+        let h = Hyper {
+            b1,
+            b2,
+            c1,
+            c2,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            eps: self.eps,
+        };
         let shard = self.shard.as_mut().expect("checked above");
-        let m = match &shard.m {
-            Some(m) => ((m * b1)? + (&g * (1.0 - b1))?)?,
-            None => (&g * (1.0 - b1))?,
-        };
-        let v = match &shard.v {
-            Some(v) => ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?,
-            None => (g.sqr()? * (1.0 - b2))?,
-        };
-        let p = (&p * (1.0 - self.lr * self.weight_decay))?;
-        let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.eps)?)?;
-        let p = (p - (update * self.lr)?)?;
+        let (p, m, v) = update(&p, &g, shard.m.as_ref(), shard.v.as_ref(), h)?;
         shard.m = Some(m);
         shard.v = Some(v);
         shard.gathered = None;
@@ -291,7 +290,7 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            if let Some((p, m, v)) = fused_update(
+            let (p, m, v) = update(
                 var.as_tensor(),
                 g,
                 self.m[i].as_ref(),
@@ -305,25 +304,7 @@ impl AdamW {
                     weight_decay: self.weight_decay,
                     eps: self.eps,
                 },
-            )? {
-                var.set(&p)?;
-                self.m[i] = Some(m);
-                self.v[i] = Some(v);
-                continue;
-            }
-            let g = g.to_dtype(DType::F32)?;
-            let m = match &self.m[i] {
-                Some(m) => ((m * b1)? + (&g * (1.0 - b1))?)?,
-                None => (&g * (1.0 - b1))?,
-            };
-            let v = match &self.v[i] {
-                Some(v) => ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?,
-                None => (g.sqr()? * (1.0 - b2))?,
-            };
-            let p = var.as_tensor().to_dtype(DType::F32)?;
-            let p = (&p * (1.0 - self.lr * self.weight_decay))?;
-            let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.eps)?)?;
-            let p = (p - (update * self.lr)?)?;
+            )?;
             var.set(&p.to_dtype(var.dtype())?)?;
             self.m[i] = Some(m);
             self.v[i] = Some(v);
@@ -409,6 +390,33 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
         }
         _ => None,
     }
+}
+
+/// AdamW's update (torch's formula) of a parameter `p` (whole, or a rank's flat range) with
+/// gradient `g` and moments `m`, `v` (none before the first step): the new parameter, in
+/// f32, and moments. One pass for f32 CPU tensors, candle's ops otherwise.
+fn update(
+    p: &Tensor,
+    g: &Tensor,
+    m: Option<&Tensor>,
+    v: Option<&Tensor>,
+    h: Hyper,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if let Some(done) = fused_update(p, g, m, v, h)? {
+        return Ok(done);
+    }
+    let g = g.to_dtype(DType::F32)?;
+    let m = match m {
+        Some(m) => ((m * h.b1)? + (&g * (1.0 - h.b1))?)?,
+        None => (&g * (1.0 - h.b1))?,
+    };
+    let v = match v {
+        Some(v) => ((v * h.b2)? + (g.sqr()? * (1.0 - h.b2))?)?,
+        None => (g.sqr()? * (1.0 - h.b2))?,
+    };
+    let p = (p.to_dtype(DType::F32)? * (1.0 - h.lr * h.weight_decay))?;
+    let step = ((&m / h.c1)? / ((&v / h.c2)?.sqrt()? + h.eps)?)?;
+    Ok(((p - (step * h.lr)?)?, m, v))
 }
 
 /// AdamW's update of one f32 CPU parameter in one pass over `(p, g, m, v)`, the same
