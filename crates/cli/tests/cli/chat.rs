@@ -21,33 +21,36 @@ fn kollava_with_stdin(args: &[&dyn AsRef<OsStr>], input: &str) -> Output {
     child.wait_with_output().expect("kollava runs")
 }
 
+/// On every family (LLaVA-MPT's ChatML turns among them).
 #[test]
 fn chat_answers_each_message_and_quits_on_slash_exit() {
-    let dir = checkpoint("llava-v1.5");
-    let input = format!(
-        "/image {}\nHello\nWhat color?\n/reset\n/exit\n",
-        image("wide_rgb.png").display()
-    );
-    let o = kollava_with_stdin(
-        &[
-            &"chat",
-            &"--model",
-            &dir,
-            &"--temperature",
-            &"0",
-            &"--max-new-tokens",
-            &"4",
-        ],
-        &input,
-    );
-    assert_success(&o);
-    assert_eq!(
-        stdout(&o).matches("ASSISTANT>").count(),
-        2,
-        "{}",
-        stdout(&o)
-    );
-    assert!(!stderr(&o).contains("error:"), "{}", stderr(&o));
+    for family in kollava_testkit::CHECKPOINTS {
+        let dir = checkpoint(family);
+        let input = format!(
+            "/image {}\nHello\nWhat color?\n/reset\n/exit\n",
+            image("wide_rgb.png").display()
+        );
+        let o = kollava_with_stdin(
+            &[
+                &"chat",
+                &"--model",
+                &dir,
+                &"--temperature",
+                &"0",
+                &"--max-new-tokens",
+                &"4",
+            ],
+            &input,
+        );
+        assert_success(&o);
+        assert_eq!(
+            stdout(&o).matches("ASSISTANT>").count(),
+            2,
+            "{family}: {}",
+            stdout(&o)
+        );
+        assert!(!stderr(&o).contains("error:"), "{family}: {}", stderr(&o));
+    }
 }
 
 /// A follow-up turn prefills only what it adds to the conversation (the cache holds the
