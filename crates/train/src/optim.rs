@@ -192,19 +192,8 @@ impl AdamW {
         let g = if coef < 1.0 { (g * coef)? } else { g };
         // AdamW on this rank's range, as `step` does it for a whole parameter.
         self.t += 1;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let c1 = 1.0 - b1.powi(self.t as i32);
-        let c2 = 1.0 - b2.powi(self.t as i32);
+        let h = self.hyper();
         let p = self.flat(None, own.clone())?;
-        let h = Hyper {
-            b1,
-            b2,
-            c1,
-            c2,
-            lr: self.lr,
-            weight_decay: self.weight_decay,
-            eps: self.eps,
-        };
         let shard = self.shard.as_mut().expect("checked above");
         let (p, m, v) = update(&p, &g, shard.m.as_ref(), shard.v.as_ref(), h)?;
         shard.m = Some(m);
@@ -280,12 +269,23 @@ impl AdamW {
         self.params.iter().map(|(_, v)| v.clone()).collect()
     }
 
+    /// The constants of step `self.t`.
+    fn hyper(&self) -> Hyper {
+        Hyper {
+            b1: self.beta1,
+            b2: self.beta2,
+            c1: 1.0 - self.beta1.powi(self.t as i32),
+            c2: 1.0 - self.beta2.powi(self.t as i32),
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            eps: self.eps,
+        }
+    }
+
     /// One update from `grads`; parameters without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.t += 1;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let c1 = 1.0 - b1.powi(self.t as i32);
-        let c2 = 1.0 - b2.powi(self.t as i32);
+        let h = self.hyper();
         for (i, (_, var)) in self.params.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
@@ -295,15 +295,7 @@ impl AdamW {
                 g,
                 self.m[i].as_ref(),
                 self.v[i].as_ref(),
-                Hyper {
-                    b1,
-                    b2,
-                    c1,
-                    c2,
-                    lr: self.lr,
-                    weight_decay: self.weight_decay,
-                    eps: self.eps,
-                },
+                h,
             )?;
             var.set(&p.to_dtype(var.dtype())?)?;
             self.m[i] = Some(m);

@@ -355,13 +355,6 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
     // At the end of the backward pass, what is in flight; at the optimizer step the ranks
     // exchange gradients through flat buffers instead (the activations are gone by then,
     // so the larger of the two counts).
-    // A trained embedding table's gradient is built from zeros once per sample's lookup
-    // and summed into the store: three tables at once.
-    let table = if filter("model.embed_tokens.weight") {
-        3 * 4 * (d.vocab_size * d.hidden_size) as u64
-    } else {
-        0
-    };
     // The backward pass's gradients of intermediates in flight: measured on the decoder,
     // (19h + 2i) per token, and (8h + 3i) more per layer whose backward is pending (all of
     // them, or the one recomputed with checkpointing).
@@ -370,7 +363,7 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
     // Accumulating micro-batches: the running sum and the new pass's gradients, and the
     // sum being formed.
     let accumulating = if spec.grad_accum > 1 { 2 * grads } else { 0 };
-    let in_flight = backward + table + accumulating;
+    let in_flight = backward + accumulating;
     let exchange = match (world, spec.shard) {
         (1, _) => 0,
         (_, Sharding::None) => 2 * grads,

@@ -66,37 +66,36 @@ fn samples() -> Vec<Sample> {
         .collect()
 }
 
-#[test]
-fn plans_hold_to_the_bytes_a_run_allocates() {
-    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
+/// The `tiny` architecture written with random weights in `dtype` under `dir`, opened.
+fn tiny(
+    dir: &std::path::Path,
+    dtype: kollava_checkpoint::random::DiskDtype,
+) -> (std::path::PathBuf, kollava_checkpoint::Checkpoint) {
     let arch = kollava_checkpoint::random::arch("tiny").unwrap();
     let model = kollava_checkpoint::random::init_random(
         arch,
         kollava_checkpoint::random::Layout::Original,
-        kollava_checkpoint::random::DiskDtype::F32,
+        dtype,
         1,
         None,
-        &tmp.path().join("tiny"),
+        &dir.join("tiny"),
         &mut |_, _| {},
     )
     .unwrap();
     let ckpt = kollava_checkpoint::open(model.to_str().unwrap(), &Default::default()).unwrap();
+    (model, ckpt)
+}
+
+#[test]
+fn plans_hold_to_the_bytes_a_run_allocates() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, ckpt) = tiny(tmp.path(), kollava_checkpoint::random::DiskDtype::F32);
     let lora = |four_bit| LoraOptions {
         r: 8,
         alpha: 16.0,
         dropout: 0.05,
-        targets: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        targets: kollava_train::lora::ALL_TARGETS.map(String::from).to_vec(),
         four_bit,
         seed: 1,
     };
@@ -221,17 +220,7 @@ fn plans_count_the_parameters_the_loaders_build() {
             r: 4,
             alpha: 8.0,
             dropout: 0.0,
-            targets: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            targets: kollava_train::lora::ALL_TARGETS.map(String::from).to_vec(),
             four_bit: false,
             seed: 1,
         };
@@ -294,18 +283,7 @@ fn plans_count_the_parameters_the_loaders_build() {
 fn load_peaks_hold_to_the_plan() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
-    let arch = kollava_checkpoint::random::arch("tiny").unwrap();
-    let model = kollava_checkpoint::random::init_random(
-        arch,
-        kollava_checkpoint::random::Layout::Original,
-        kollava_checkpoint::random::DiskDtype::F16,
-        1,
-        None,
-        &tmp.path().join("tiny"),
-        &mut |_, _| {},
-    )
-    .unwrap();
-    let ckpt = kollava_checkpoint::open(model.to_str().unwrap(), &Default::default()).unwrap();
+    let (_, ckpt) = tiny(tmp.path(), kollava_checkpoint::random::DiskDtype::F16);
     for four_bit in [false, true] {
         let lo = LoraOptions {
             r: 8,
