@@ -128,12 +128,14 @@ def worker(args):
 
     times = []
     tokens = []
+    losses = []
     model.train()
     for s, (input_ids, labels, mask, pixels, n_tokens) in enumerate(batches):
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels,
                         labels=labels)
+        losses.append(out.loss.item())
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -149,6 +151,7 @@ def worker(args):
         "tokens_per_step": statistics.median(tokens),
         "trained_parameters": sum(p.numel() for p in params),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "first_loss": losses[0],
         "torch": torch.__version__,
     }))
 

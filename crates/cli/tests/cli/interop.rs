@@ -890,3 +890,87 @@ fn peft_applies_a_lora_adapter_trained_on_llava_hf() {
     assert!(r["merged"].as_f64().unwrap() < 1e-4 * scale, "{r}");
     assert!(r["vs_base"].as_f64().unwrap() > 1e-3 * scale, "{r}");
 }
+
+/// Stage 1's first step on the same batch in PyTorch + transformers
+/// (`LlavaForConditionalGeneration`, as scripts/bench_train.py runs it) and in kollava: the
+/// f32 losses agree to 1e-4, and kollava's `--bf16` loss is within 1e-2 of PyTorch's CPU bf16
+/// autocast.
+#[test]
+fn stage_one_first_losses_match_pytorch_in_f32_and_in_bf16() {
+    let Some(py) = interop_python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    assert_success(&kollava(&[
+        &"data",
+        &"synth",
+        &"--out",
+        &data,
+        &"--count",
+        &"4",
+        &"--test-count",
+        &"1",
+    ]));
+    let model = checkpoint("llava-hf");
+    let (records, images) = (data.join("pretrain.json"), data.join("images"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_train.py");
+    let theirs = |run: &str| -> f64 {
+        let o = Command::new(&py)
+            .arg(&script)
+            .args(["--worker", "--run", run, "--batch", "4", "--steps", "1"])
+            .args(["--warmup", "0", "--threads", "2", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(&records)
+            .arg("--image-folder")
+            .arg(&images)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_str(
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .last()
+                .unwrap_or_default(),
+        )
+        .unwrap();
+        v["first_loss"].as_f64().unwrap()
+    };
+    let ours = |bf16: bool| -> f64 {
+        let out = tmp.path().join(format!("out-{bf16}"));
+        let mut args: Vec<&dyn AsRef<OsStr>> = vec![
+            &"train",
+            &"--model",
+            &model,
+            &"--data",
+            &records,
+            &"--image-folder",
+            &images,
+            &"--output-dir",
+            &out,
+            &"--max-steps",
+            &"1",
+            &"--per-device-batch-size",
+            &"4",
+        ];
+        if bf16 {
+            args.push(&"--bf16");
+        }
+        assert_success(&kollava(&args));
+        let line = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let v: Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+        v["loss"].as_f64().unwrap()
+    };
+    let (a, b) = (ours(false), theirs("pretrain"));
+    assert!((a - b).abs() < 1e-4, "f32: kollava {a}, PyTorch {b}");
+    if !kollava_model::kernels::bf16::available() {
+        eprintln!("bf16 half skipped: no bf16 kernels on this CPU");
+        return;
+    }
+    let (a, b) = (ours(true), theirs("pretrain-bf16"));
+    assert!(
+        (a - b).abs() < 1e-2,
+        "bf16: kollava {a}, PyTorch autocast {b}"
+    );
+}
