@@ -714,6 +714,10 @@ pub struct HttpArgs {
     /// idle connections) — 요청 헤더 대기 시간(초)
     #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub header_timeout: u64,
+    /// End a request whose body stops arriving for this many seconds (a client stalled
+    /// midway through its upload) and close its connection — 요청 본문 대기 시간(초)
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_timeout: u64,
     /// Connections open at once; one more is answered 503 and closed — 최대 동시 연결 수
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
@@ -723,6 +727,7 @@ impl HttpArgs {
     pub fn limits(&self) -> kollava_serve::HttpLimits {
         kollava_serve::HttpLimits {
             header_timeout: std::time::Duration::from_secs(self.header_timeout),
+            body_timeout: std::time::Duration::from_secs(self.body_timeout),
             max_connections: self.max_connections as usize,
         }
     }

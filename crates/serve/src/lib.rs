@@ -248,6 +248,9 @@ pub struct HttpLimits {
     /// next one on a kept-alive connection (so an idle connection is closed after it too);
     /// otherwise it is closed (slowloris).
     pub header_timeout: std::time::Duration,
+    /// A request body must keep coming: a wait longer than this for its next piece ends
+    /// the request with an error and closes the connection (a body that stalls midway).
+    pub body_timeout: std::time::Duration,
     /// Connections open at once; one more is answered 503 and closed.
     pub max_connections: usize,
 }
@@ -256,6 +259,7 @@ impl Default for HttpLimits {
     fn default() -> Self {
         HttpLimits {
             header_timeout: std::time::Duration::from_secs(30),
+            body_timeout: std::time::Duration::from_secs(30),
             max_connections: 1024,
         }
     }
@@ -314,7 +318,9 @@ pub async fn serve_router(
             tokio::spawn(refuse(stream));
             continue;
         };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let service = hyper_util::service::TowerToHyperService::new(
+            tower_http::timeout::RequestBodyTimeout::new(router.clone(), limits.body_timeout),
+        );
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
