@@ -677,6 +677,10 @@ pub struct ServeArgs {
     /// Requests decoded together in one batch; others wait in the queue — 동시 생성 요청 수
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrency: u32,
+    /// Drop a streamed request whose client leaves its answer unread (64 pieces behind) for
+    /// this many seconds; the batch never waits for a slow reader — 느린 스트림 클라이언트 제한(초)
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stream_timeout: u64,
     /// Fetch http(s) `image_url`s (off: only base64 data URLs; local paths never) — 원격 이미지 허용
     #[arg(long)]
     pub allow_remote_images: bool,

@@ -1,9 +1,10 @@
 //! The handle between HTTP handlers and the model: one worker thread owns the
 //! [`Session`] and decodes every running request together (continuous batching): between
 //! two decode steps it prefills the requests that arrived and lets them join, and a request
-//! leaves the batch the step it ends. Text streams back over a channel per request; a
-//! request whose receiver is gone (the client disconnected) is dropped before the next
-//! step.
+//! leaves the batch the step it ends. Text streams back over a channel per request (see
+//! [`events`]), which never makes the batch wait: a request whose receiver is gone (the
+//! client disconnected), or whose client has left a backlog unread for longer than the
+//! slow-reader timeout, is dropped before the next step.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -42,7 +43,84 @@ pub enum Input {
 pub struct Job {
     pub input: Input,
     pub options: AnswerOptions,
-    pub events: tmpsc::Sender<Event>,
+    pub events: EventSender,
+}
+
+/// Unread events past which a request's client counts as behind.
+const BACKLOG: usize = 64;
+
+/// The engine's end of a request's events. Sending never waits: events the client has not
+/// read yet queue up, and the engine drops a request whose client stays more than
+/// [`BACKLOG`] events behind for longer than the slow-reader timeout.
+#[derive(Clone)]
+pub struct EventSender {
+    tx: tmpsc::UnboundedSender<Event>,
+    unread: Arc<AtomicUsize>,
+}
+
+impl EventSender {
+    /// `false` when the receiver is gone.
+    fn send(&self, e: Event) -> bool {
+        self.unread.fetch_add(1, Ordering::SeqCst);
+        if self.tx.send(e).is_err() {
+            self.unread.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    fn unread(&self) -> usize {
+        self.unread.load(Ordering::SeqCst)
+    }
+
+    /// Whether the receiver is gone (the client disconnected).
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// The handler's end of a request's events, in order.
+pub struct EventReceiver {
+    rx: tmpsc::UnboundedReceiver<Event>,
+    unread: Arc<AtomicUsize>,
+}
+
+impl EventReceiver {
+    pub async fn recv(&mut self) -> Option<Event> {
+        let e = self.rx.recv().await;
+        if e.is_some() {
+            self.unread.fetch_sub(1, Ordering::SeqCst);
+        }
+        e
+    }
+}
+
+impl tokio_stream::Stream for EventReceiver {
+    type Item = Event;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Event>> {
+        let polled = self.rx.poll_recv(cx);
+        if let std::task::Poll::Ready(Some(_)) = &polled {
+            self.unread.fetch_sub(1, Ordering::SeqCst);
+        }
+        polled
+    }
+}
+
+/// A request's event channel.
+pub fn events() -> (EventSender, EventReceiver) {
+    let (tx, rx) = tmpsc::unbounded_channel();
+    let unread = Arc::new(AtomicUsize::new(0));
+    (
+        EventSender {
+            tx,
+            unread: unread.clone(),
+        },
+        EventReceiver { rx, unread },
+    )
 }
 
 /// What comes back, in order: text pieces, then exactly one `Done` or `Failed` (nothing
@@ -74,6 +152,8 @@ pub struct EngineStats {
     pub step_tokens_per_s: AtomicU64,
     /// Requests dropped because their client went away.
     pub cancelled: AtomicU64,
+    /// Requests dropped because their client read its stream too slowly.
+    pub slow_readers: AtomicU64,
     /// Answers stored in the prefix cache for their conversations' next turns.
     pub answers_stored: AtomicU64,
 }
@@ -99,9 +179,21 @@ pub struct EngineHandle {
     /// The session's caches, for `/metrics`.
     pub prefix_cache: Arc<PrefixCache>,
     pub feature_cache: Arc<FeatureCache>,
+    /// How long a client may stay behind its stream (ms).
+    slow_reader_ms: Arc<AtomicU64>,
 }
 
+/// The default slow-reader timeout.
+pub const SLOW_READER: Duration = Duration::from_secs(30);
+
 impl EngineHandle {
+    /// How long a client may leave more than [`BACKLOG`] events of its stream unread
+    /// before its request is dropped (default [`SLOW_READER`]).
+    pub fn set_slow_reader_timeout(&self, d: Duration) {
+        self.slow_reader_ms
+            .store(d.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+
     /// Starts the worker thread. At most `max_queue` jobs wait (more are refused) and at
     /// most `max_concurrency` are decoded together.
     pub fn spawn(session: Session, max_queue: usize, max_concurrency: usize) -> EngineHandle {
@@ -111,6 +203,7 @@ impl EngineHandle {
         let vocab_size = session.ckpt.config.decoder.vocab_size;
         let pending = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(EngineStats::default());
+        let slow_reader_ms = Arc::new(AtomicU64::new(SLOW_READER.as_millis() as u64));
         let (prefix_cache, feature_cache) =
             (session.prefix_cache.clone(), session.feature_cache.clone());
         let worker = Worker {
@@ -119,6 +212,7 @@ impl EngineHandle {
             pending: pending.clone(),
             stats: stats.clone(),
             max_concurrency: max_concurrency.max(1),
+            slow_reader_ms: slow_reader_ms.clone(),
         };
         std::thread::Builder::new()
             .name("kollava-engine".into())
@@ -133,6 +227,7 @@ impl EngineHandle {
             vocab_size,
             prefix_cache,
             feature_cache,
+            slow_reader_ms,
         }
     }
 
@@ -165,7 +260,7 @@ const STORE_WHEN_IDLE_FOR: Duration = Duration::from_millis(100);
 
 /// What the batch remembers of a request.
 struct Tag {
-    events: tmpsc::Sender<Event>,
+    events: EventSender,
     prompt_tokens: usize,
 }
 
@@ -176,6 +271,7 @@ struct Worker {
     pending: Arc<AtomicUsize>,
     stats: Arc<EngineStats>,
     max_concurrency: usize,
+    slow_reader_ms: Arc<AtomicU64>,
 }
 
 impl Worker {
@@ -266,6 +362,8 @@ impl Worker {
         let events = tag.events.clone();
         let stats = self.stats.clone();
         let mut first = true;
+        let slow_reader = Duration::from_millis(self.slow_reader_ms.load(Ordering::Relaxed));
+        let mut behind_since: Option<Instant> = None;
         let on_text = move |piece: &str| {
             if first {
                 first = false;
@@ -273,11 +371,27 @@ impl Worker {
                 stats.first_token_us.fetch_add(us, Ordering::Relaxed);
                 stats.first_tokens.fetch_add(1, Ordering::Relaxed);
             }
-            match events.try_send(Event::Text(piece.to_string())) {
-                Ok(()) => true,
-                Err(tmpsc::error::TrySendError::Full(e)) => events.blocking_send(e).is_ok(),
-                Err(tmpsc::error::TrySendError::Closed(_)) => false,
+            if !events.send(Event::Text(piece.to_string())) {
+                return false;
             }
+            if events.unread() <= BACKLOG {
+                behind_since = None;
+            } else if behind_since.get_or_insert_with(Instant::now).elapsed() > slow_reader {
+                tracing::info!(
+                    "a client left {} events unread for over {slow_reader:?}: request dropped",
+                    events.unread()
+                );
+                stats.slow_readers.fetch_add(1, Ordering::Relaxed);
+                // What the client finds at the end of what it has not read yet.
+                events.send(Event::Failed(ApiError {
+                    status: axum::http::StatusCode::REQUEST_TIMEOUT,
+                    message: format!(
+                        "the answer was stopped: this client left it unread for over {slow_reader:?}"
+                    ),
+                }));
+                return false;
+            }
+            true
         };
         let failed = tag.events.clone();
         let t_prefill = Instant::now();
@@ -339,7 +453,7 @@ impl Worker {
             }
             Err((tag, e)) => (tag.events, Event::Failed(e)),
         };
-        let _ = events.blocking_send(last);
+        events.send(last);
     }
 
     /// A decode step failed: every running request gets the error.

@@ -99,6 +99,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
          # TYPE kollava_request_failures_total counter\nkollava_request_failures_total {}\n\
          # TYPE kollava_generated_tokens_total counter\nkollava_generated_tokens_total {}\n\
          # TYPE kollava_cancelled_requests_total counter\nkollava_cancelled_requests_total {}\n\
+         # HELP kollava_slow_reader_drops_total requests dropped because their client fell behind its stream\n\
+         # TYPE kollava_slow_reader_drops_total counter\nkollava_slow_reader_drops_total {}\n\
          # HELP kollava_answers_stored_total answers kept in the prefix cache for a next turn\n\
          # TYPE kollava_answers_stored_total counter\nkollava_answers_stored_total {}\n\
          # TYPE kollava_queue_length gauge\nkollava_queue_length {}\n\
@@ -112,6 +114,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         m.failed.load(Ordering::Relaxed),
         m.generated_tokens.load(Ordering::Relaxed),
         e.cancelled.load(Ordering::Relaxed),
+        e.slow_readers.load(Ordering::Relaxed),
         e.answers_stored.load(Ordering::Relaxed),
         state.engine.queue_length(),
         e.running.load(Ordering::Relaxed),

@@ -16,8 +16,6 @@ use kollava_inputs::image;
 use kollava_inputs::template::Role;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use crate::engine::{Event, Input, Job, Turn};
@@ -155,7 +153,7 @@ pub const NEW_CONVERSATION_HEADER: &str = "x-kollava-new-conversation";
 /// trained on one image per conversation, mix two up.
 fn to_job(
     req: ChatRequest,
-    events: mpsc::Sender<Event>,
+    events: crate::engine::EventSender,
     remote: bool,
     multi_image: bool,
     vocab: usize,
@@ -323,7 +321,7 @@ async fn chat_completions_inner(
         }
     })?;
     let stream = req.stream;
-    let (tx, mut rx) = mpsc::channel(64);
+    let (tx, mut rx) = crate::engine::events();
     // Decoding (and fetching) images is blocking work: keep it off the async threads.
     let (remote, multi_image) = (state.allow_remote_images, state.multi_image);
     let vocab = state.engine.vocab_size;
@@ -406,7 +404,7 @@ async fn chat_completions_inner(
         SseEvent::default().data(body.to_string())
     };
     let head = tokio_stream::once(chunk(json!({"role": "assistant"}), None, None));
-    let rest = tokio_stream::once(first).chain(ReceiverStream::new(rx));
+    let rest = tokio_stream::once(first).chain(rx);
     // The engine drops its sender after the last event, which ends `rest`.
     let body = rest.map(move |event| match event {
         Event::Text(t) => chunk(json!({"content": t}), None, None),

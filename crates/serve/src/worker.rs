@@ -14,8 +14,6 @@ use axum::Json;
 use kollava_generate::{AnswerOptions, SamplingParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use crate::engine::{Event, Input, Job};
@@ -85,7 +83,7 @@ pub async fn generate_stream(
         stop: req.stop.into_iter().filter(|s| !s.is_empty()).collect(),
         aspect: None,
     };
-    let (tx, rx) = mpsc::channel(64);
+    let (tx, rx) = crate::engine::events();
     let prompt = req.prompt;
     state.engine.submit(Job {
         input: Input::Prompt {
@@ -96,7 +94,7 @@ pub async fn generate_stream(
         events: tx,
     })?;
     let mut so_far = String::new();
-    let stream = ReceiverStream::new(rx).filter_map(move |event| match event {
+    let stream = rx.filter_map(move |event| match event {
         Event::Text(t) => {
             so_far.push_str(&t);
             Some(chunk(

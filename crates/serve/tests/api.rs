@@ -923,3 +923,45 @@ async fn logit_bias_and_penalties_reach_the_sampler_or_are_refused() {
         assert_openai_error(&state, ask(extra), StatusCode::BAD_REQUEST, needle).await;
     }
 }
+
+/// A client that stops reading its stream neither holds up the batch (another request is
+/// answered meanwhile) nor keeps its request forever: once it is over 64 pieces behind for
+/// longer than the slow-reader timeout, the engine drops it and its stream ends unfinished.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_its_stream_does_not_hold_up_the_batch() {
+    let engine = EngineHandle::spawn(session(), 32, 16);
+    engine.set_slow_reader_timeout(std::time::Duration::from_millis(20));
+    let state = AppState::new(engine.clone(), None);
+    let mut long = with_image(true);
+    long["max_tokens"] = json!(3000);
+    // No end of sequence: the answer runs to its length.
+    long["logit_bias"] = json!({"2": -100});
+    let slow = app(state.clone()).oneshot(request(long)).await.unwrap();
+    assert_eq!(slow.status(), StatusCode::OK);
+    // Its body is not read while another request comes and goes.
+    let (status, body) = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        send(&state, request(with_image(false))),
+    )
+    .await
+    .expect("answered while the first client reads nothing");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let dropped = || {
+        engine
+            .stats
+            .slow_readers
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let t0 = std::time::Instant::now();
+    while dropped() == 0 && t0.elapsed() < std::time::Duration::from_secs(120) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(dropped(), 1, "the slow reader was not dropped");
+    let rest = slow.into_body().collect().await.unwrap().to_bytes();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("left it unread"), "{rest}");
+    assert!(
+        !rest.contains("finish_reason\":\""),
+        "a dropped stream ended as finished"
+    );
+}

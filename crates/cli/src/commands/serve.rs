@@ -13,6 +13,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         args.max_queue as usize,
         args.max_concurrency as usize,
     );
+    engine.set_slow_reader_timeout(std::time::Duration::from_secs(args.stream_timeout));
     let api_key = args
         .api_key
         .clone()
