@@ -521,9 +521,10 @@ pub struct TrainSetup {
     /// long sequences fit in memory for ~30 % more time — 그래디언트 체크포인팅
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    /// How data-parallel ranks split the training state: none (each holds everything) or
+    /// How data-parallel ranks split the training state: none (each holds everything),
     /// grad-opt (each keeps AdamW's moments for 1/N of the parameters; gradients
-    /// reduce-scattered, parameters all-gathered; ZeRO-2) — 학습 상태 분할
+    /// reduce-scattered, parameters all-gathered; ZeRO-2), or full (parameters too; ZeRO-3:
+    /// --plan sizes it, training does not do it yet) — 학습 상태 분할
     #[arg(long, value_enum, default_value_t = Sharding::None)]
     pub shard: Sharding,
     /// Frozen matrices (stage 1's language model, the base under LoRA, the tower) multiply
