@@ -3,7 +3,8 @@
 usage: openai_client.py BASE_URL IMAGE QUESTION EXPECTED
 
 Checks that the client lists the model, gets EXPECTED for QUESTION about IMAGE (sent as a
-base64 data URL, as the OpenAI vision API does) both whole and streamed, and that a bad
+base64 data URL, as the OpenAI vision API does) both whole and streamed, that `logprobs`
+and `top_logprobs` come back in the client's types (whole and streamed), and that a bad
 request surfaces as the client's own error type. Prints `ok` last.
 """
 import base64
@@ -36,6 +37,18 @@ stream = client.chat.completions.create(model=model, messages=messages, temperat
 parts = [c.choices[0].delta.content or "" for c in stream if c.choices]
 assert "".join(parts) == expected, f"streamed: {''.join(parts)!r} != {expected!r}"
 assert len([p for p in parts if p]) > 1, "streamed in several pieces"
+
+# logprobs / top_logprobs, whole and streamed (kollava sends them with the closing chunk).
+lp = client.chat.completions.create(model=model, messages=messages, temperature=0,
+                                    logprobs=True, top_logprobs=2)
+content = lp.choices[0].logprobs.content
+assert len(content) == lp.usage.completion_tokens, (len(content), lp.usage)
+assert all(len(t.top_logprobs) == 2 and t.logprob == t.top_logprobs[0].logprob for t in content)
+assert all(t.logprob <= 0 and t.bytes for t in content)
+streamed = [c.choices[0].logprobs.content for c in client.chat.completions.create(
+    model=model, messages=messages, temperature=0, logprobs=True, top_logprobs=2, stream=True)
+    if c.choices and c.choices[0].logprobs]
+assert [t.logprob for part in streamed for t in part] == [t.logprob for t in content]
 
 try:
     client.chat.completions.create(model=model, messages=[], temperature=0)

@@ -57,6 +57,8 @@ pub struct Generation {
     pub cached_tokens: usize,
     pub prefill_ms: f64,
     pub decode_ms: f64,
+    /// Per generated id, with `SamplingParams::logprobs` set (else empty).
+    pub logprobs: Vec<crate::TokenLogprob>,
 }
 
 /// Positions of a prompt always prefilled, however much of it is cached: at least the
@@ -153,6 +155,7 @@ struct Row {
     decoder: StreamDecoder,
     matcher: StopMatcher,
     stop: Option<StopReason>,
+    logprobs: Vec<crate::TokenLogprob>,
 }
 
 impl Row {
@@ -168,6 +171,7 @@ impl Row {
                 ..Default::default()
             },
             stop: None,
+            logprobs: Vec::new(),
         }
     }
 
@@ -196,6 +200,7 @@ impl Row {
             return None;
         }
         self.ids.push(id);
+        self.logprobs.extend(self.sampler.take_logprob());
         self.context.push(id);
         if let Some(piece) = self.decoder.push(tokenizer, id) {
             let (shown, stopped) = self.matcher.push(&piece);
@@ -243,6 +248,7 @@ impl Row {
             cached_tokens,
             prefill_ms,
             decode_ms,
+            logprobs: self.logprobs,
         }
     }
 }

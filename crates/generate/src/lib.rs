@@ -11,5 +11,5 @@ pub mod session;
 
 pub use engine::{generate, Batch, Finished, GenerateOptions, Generation, Prompt, StopReason};
 pub use prefix_cache::{CacheStats, FeatureCache, PosKey, PrefixCache};
-pub use sampler::{Sampler, SamplingParams};
+pub use sampler::{Sampler, SamplingParams, TokenLogprob};
 pub use session::{Answer, AnswerOptions, Session, SessionError, SessionOptions};

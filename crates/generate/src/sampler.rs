@@ -28,6 +28,44 @@ pub struct SamplingParams {
     /// 100; −100 bans a token, 100 all but forces it).
     pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
+    /// OpenAI's `logprobs`/`top_logprobs`: with `Some(k)`, each pick's log-probability and
+    /// the `k` likeliest tokens', from the log-softmax of the model's raw logits (before
+    /// bias, penalties and temperature, as OpenAI reports them).
+    pub logprobs: Option<usize>,
+}
+
+/// One pick's log-probability, and the likeliest tokens' (best first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// `id`'s log-softmax over `logits`, with the `k` highest (log-sum-exp summed in f64).
+pub fn token_logprob(logits: &[f32], id: u32, k: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    let lp = |x: f32| (x as f64 - lse) as f32;
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(order.len());
+    if k > 0 {
+        let by = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        order.select_nth_unstable_by(k - 1, by);
+        order.truncate(k);
+        order.sort_by(by);
+    } else {
+        order.clear();
+    }
+    TokenLogprob {
+        id,
+        logprob: lp(logits[id as usize]),
+        top: order
+            .into_iter()
+            .map(|t| (t, lp(logits[t as usize])))
+            .collect(),
+    }
 }
 
 impl Default for SamplingParams {
@@ -42,6 +80,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
             seed: 0,
+            logprobs: None,
         }
     }
 }
@@ -109,6 +148,8 @@ pub struct Sampler {
     rng: StdRng,
     /// How often each token was picked so far (the presence and frequency penalties').
     generated: std::collections::HashMap<u32, u32>,
+    /// The last pick's log-probabilities, when asked for.
+    last: Option<TokenLogprob>,
 }
 
 impl Sampler {
@@ -118,6 +159,7 @@ impl Sampler {
             params,
             rng,
             generated: Default::default(),
+            last: None,
         }
     }
 
@@ -132,7 +174,13 @@ impl Sampler {
         if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
             *self.generated.entry(id).or_default() += 1;
         }
+        self.last = self.params.logprobs.map(|k| token_logprob(logits, id, k));
         id
+    }
+
+    /// The last pick's log-probabilities (with `logprobs` set), once.
+    pub fn take_logprob(&mut self) -> Option<TokenLogprob> {
+        self.last.take()
     }
 
     fn pick(&mut self, logits: &[f32], context: &[u32]) -> u32 {
@@ -228,6 +276,37 @@ pub fn argmax(xs: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pick's log-probability is its log-softmax over the raw logits (whatever the bias
+    /// and temperature did to the pick), and the alternatives are the `k` likeliest, best
+    /// first; `k` past the vocabulary gives them all, 0 none.
+    #[test]
+    fn logprobs_are_the_raw_logits_log_softmax() {
+        let logits = [0.5f32, -1.0, 3.0, 2.0, 3.0 - 1e-3];
+        let z: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
+        let want = |i: usize| ((logits[i] as f64).exp() / z).ln() as f32;
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            logit_bias: vec![(1, 100.0)],
+            logprobs: Some(3),
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&logits, &[]), 1, "the bias forces token 1");
+        let lp = s.take_logprob().unwrap();
+        assert_eq!(lp.id, 1);
+        assert!((lp.logprob - want(1)).abs() < 1e-6);
+        let ids: Vec<u32> = lp.top.iter().map(|&(t, _)| t).collect();
+        assert_eq!(ids, [2, 4, 3]);
+        for &(t, l) in &lp.top {
+            assert!((l - want(t as usize)).abs() < 1e-6);
+        }
+        assert!(s.take_logprob().is_none(), "taken once");
+        assert_eq!(token_logprob(&logits, 0, 99).top.len(), 5);
+        assert!(token_logprob(&logits, 0, 0).top.is_empty());
+        let mut off = Sampler::new(SamplingParams::greedy());
+        off.sample(&logits, &[]);
+        assert!(off.take_logprob().is_none());
+    }
 
     /// `logit_bias` moves the greedy pick both ways; the presence penalty is charged once per
     /// generated token and the frequency penalty once per time it was generated, so a

@@ -135,8 +135,48 @@ pub enum Event {
         cached_tokens: usize,
         completion_tokens: usize,
         finish_reason: &'static str,
+        /// OpenAI's `logprobs.content`, when asked for.
+        logprobs: Option<serde_json::Value>,
     },
     Failed(ApiError),
+}
+
+/// OpenAI's `logprobs.content` for `picks` (`None` when none were asked for): each token's
+/// text and UTF-8 bytes (a byte-fallback token's one byte), its log-probability, and its
+/// alternatives'.
+fn logprobs_json(
+    tok: &kollava_inputs::Tokenizer,
+    picks: &[kollava_generate::TokenLogprob],
+) -> Option<serde_json::Value> {
+    if picks.is_empty() {
+        return None;
+    }
+    let entry = |id: u32, logprob: f32| {
+        let mut bytes = tok.decode_bytes(&[id], false);
+        // Decoding one token drops sentencepiece's word-start space: put it back.
+        if tok
+            .id_to_token(id)
+            .is_some_and(|t| t.starts_with('\u{2581}'))
+            && !bytes.starts_with(b" ")
+        {
+            bytes.insert(0, b' ');
+        }
+        serde_json::json!({
+            "token": String::from_utf8_lossy(&bytes),
+            "logprob": logprob,
+            "bytes": bytes,
+        })
+    };
+    Some(serde_json::Value::Array(
+        picks
+            .iter()
+            .map(|p| {
+                let mut e = entry(p.id, p.logprob);
+                e["top_logprobs"] = p.top.iter().map(|&(t, lp)| entry(t, lp)).collect();
+                e
+            })
+            .collect(),
+    ))
 }
 
 /// Live figures for `/metrics`, written by the engine thread.
@@ -437,7 +477,9 @@ impl Worker {
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
+                let logprobs = logprobs_json(&self.session.tok, &g.logprobs);
                 let last = Event::Done {
+                    logprobs,
                     text: g.text,
                     prompt_tokens: tag.prompt_tokens,
                     cached_tokens: g.cached_tokens,

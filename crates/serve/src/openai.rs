@@ -42,6 +42,12 @@ pub struct ChatRequest {
     /// Token id (as a string, as JSON keys are) → bias.
     #[serde(default)]
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// Each answer token's log-probability, and with `top_logprobs` (0 to 20) that many
+    /// alternatives'.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub top_logprobs: Option<usize>,
     /// kollava's extension, the chat page's image mode: `crop`, `resize` or `pad` (LLaVA's
     /// "Crop"/"Resize"/"Pad"); default: the checkpoint's.
     #[serde(default)]
@@ -235,6 +241,20 @@ fn to_job(
         frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
         logit_bias,
         seed: req.seed.unwrap_or(0),
+        logprobs: match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+            (_, Some(k)) if k > 20 => {
+                return Err(ApiError::bad_request(format!(
+                    "top_logprobs = {k} is out of range: 0 to 20"
+                )))
+            }
+            (false, Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "top_logprobs needs logprobs set to true",
+                ))
+            }
+            (true, k) => Some(k.unwrap_or(0)),
+            (false, None) => None,
+        },
     };
     sampling
         .validate()
@@ -372,6 +392,7 @@ async fn chat_completions_inner(
                     cached_tokens,
                     completion_tokens,
                     finish_reason,
+                    logprobs,
                 } => {
                     state.metrics.generated_tokens.fetch_add(
                         completion_tokens as u64,
@@ -379,7 +400,8 @@ async fn chat_completions_inner(
                     );
                     let body = json!({
                         "id": id, "object": "chat.completion", "created": created, "model": model,
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+                                     "logprobs": logprobs.map(|c| json!({"content": c}))}],
                         "usage": usage(prompt_tokens, cached_tokens, completion_tokens),
                     });
                     return Ok(mark(Json(body).into_response()));
@@ -393,7 +415,11 @@ async fn chat_completions_inner(
         }
     }
     let metrics = state.metrics.clone();
-    let chunk = move |delta: Value, finish: Option<&str>, usage: Option<Value>| -> SseEvent {
+    let chunk = move |delta: Value,
+                      finish: Option<&str>,
+                      usage: Option<Value>,
+                      logprobs: Option<Value>|
+          -> SseEvent {
         let mut body = json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
@@ -401,18 +427,22 @@ async fn chat_completions_inner(
         if let Some(u) = usage {
             body["usage"] = u;
         }
+        if let Some(c) = logprobs {
+            body["choices"][0]["logprobs"] = json!({"content": c});
+        }
         SseEvent::default().data(body.to_string())
     };
-    let head = tokio_stream::once(chunk(json!({"role": "assistant"}), None, None));
+    let head = tokio_stream::once(chunk(json!({"role": "assistant"}), None, None, None));
     let rest = tokio_stream::once(first).chain(rx);
     // The engine drops its sender after the last event, which ends `rest`.
     let body = rest.map(move |event| match event {
-        Event::Text(t) => chunk(json!({"content": t}), None, None),
+        Event::Text(t) => chunk(json!({"content": t}), None, None, None),
         Event::Done {
             finish_reason,
             completion_tokens,
             prompt_tokens,
             cached_tokens,
+            logprobs,
             ..
         } => {
             metrics.generated_tokens.fetch_add(
@@ -422,7 +452,8 @@ async fn chat_completions_inner(
             // The last chunk also carries the counts (what `stream_options.include_usage`
             // asks of OpenAI; clients ignore a field they do not expect).
             let usage = usage(prompt_tokens, cached_tokens, completion_tokens);
-            chunk(json!({}), Some(finish_reason), Some(usage))
+            // Streamed, the tokens' log-probabilities come with this closing chunk.
+            chunk(json!({}), Some(finish_reason), Some(usage), logprobs)
         }
         Event::Failed(e) => SseEvent::default()
             .data(json!({"error": {"message": e.message, "type": "server_error"}}).to_string()),

@@ -965,3 +965,103 @@ async fn a_client_that_stops_reading_its_stream_does_not_hold_up_the_batch() {
         "a dropped stream ended as finished"
     );
 }
+
+/// `logprobs` with `top_logprobs`: one entry per answer token, the pick's log-probability
+/// first among its alternatives (greedy), and the first token's alternatives are the
+/// log-softmax of the logits the model computes for the prompt, checked here by running the
+/// model on it directly. Streamed, they come with the closing chunk. Out-of-range values are
+/// 400s.
+#[tokio::test(flavor = "multi_thread")]
+async fn logprobs_are_the_log_softmax_of_the_models_logits() {
+    let state = state();
+    let mut body = with_image(false);
+    body["max_tokens"] = json!(6);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(3);
+    let (status, text) = send(&state, request(body.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        content.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    for e in content {
+        let top: Vec<f64> = e["top_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["logprob"].as_f64().unwrap())
+            .collect();
+        assert_eq!(top.len(), 3, "{e}");
+        assert!(top.windows(2).all(|w| w[0] >= w[1]), "{e}");
+        assert_eq!(
+            e["logprob"].as_f64().unwrap(),
+            top[0],
+            "greedy picks the likeliest"
+        );
+        assert_eq!(e["token"], e["top_logprobs"][0]["token"]);
+        assert!(e["bytes"].as_array().is_some_and(|b| !b.is_empty()), "{e}");
+    }
+    // The first step's logits, computed here from the same prompt.
+    let s = session();
+    let mut conv = Conversation::new(s.template.clone());
+    conv.push(Role::User, Some(s.user_text(QUESTION, 1)));
+    conv.push(Role::Assistant, None);
+    let img =
+        kollava_inputs::image::open(&kollava_testkit::fixtures_dir().join("images/wide_rgb.png"))
+            .unwrap();
+    let p = s
+        .embed_prompt(&conv.prompt(), &[img], &mut Default::default())
+        .unwrap();
+    let d = &s.model.decoder;
+    let hidden = d
+        .forward(&p.embeds, &[p.tokens], &mut d.new_cache(1))
+        .unwrap();
+    let last = hidden.narrow(1, p.tokens - 1, 1).unwrap();
+    let logits = d.logits(&last).unwrap().flatten_all().unwrap();
+    let logits: Vec<f32> = logits.to_vec1().unwrap();
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&x| (x as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    let mut want: Vec<f32> = logits.iter().map(|&x| (x as f64 - lse) as f32).collect();
+    want.sort_by(|a, b| b.total_cmp(a));
+    for (k, t) in content[0]["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let got = t["logprob"].as_f64().unwrap() as f32;
+        assert!(
+            (got - want[k]).abs() < 1e-4,
+            "alternative {k}: {got} vs {}",
+            want[k]
+        );
+    }
+    // Streamed.
+    body["stream"] = json!(true);
+    let (status, text) = send(&state, request(body.clone())).await;
+    assert_eq!(status, StatusCode::OK);
+    let last: Value = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .rfind(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .unwrap();
+    assert_eq!(last["choices"][0]["logprobs"]["content"], json!(content));
+    // Refused.
+    let mut bad = body.clone();
+    bad["top_logprobs"] = json!(21);
+    let (status, text) = send(&state, request(bad)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let mut bad = body.clone();
+    bad["logprobs"] = json!(false);
+    let (status, text) = send(&state, request(bad)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("needs logprobs"), "{text}");
+}
