@@ -4,8 +4,9 @@ usage: openai_client.py BASE_URL IMAGE QUESTION EXPECTED
 
 Checks that the client lists the model, gets EXPECTED for QUESTION about IMAGE (sent as a
 base64 data URL, as the OpenAI vision API does) both whole and streamed, that `logprobs`
-and `top_logprobs` come back in the client's types (whole and streamed), and that a bad
-request surfaces as the client's own error type. Prints `ok` last.
+and `top_logprobs` come back in the client's types (whole and streamed), that `n` gives
+the choices separate seeded requests give, and that a bad request surfaces as the client's
+own error type. Prints `ok` last.
 """
 import base64
 import sys
@@ -49,6 +50,15 @@ streamed = [c.choices[0].logprobs.content for c in client.chat.completions.creat
     model=model, messages=messages, temperature=0, logprobs=True, top_logprobs=2, stream=True)
     if c.choices and c.choices[0].logprobs]
 assert [t.logprob for part in streamed for t in part] == [t.logprob for t in content]
+
+# n choices: choice i is what seed + i gives alone.
+several = client.chat.completions.create(model=model, messages=messages, temperature=1.0,
+                                         seed=3, n=2, max_tokens=8)
+assert [c.index for c in several.choices] == [0, 1]
+for c in several.choices:
+    alone = client.chat.completions.create(model=model, messages=messages, temperature=1.0,
+                                           seed=3 + c.index, max_tokens=8)
+    assert c.message.content == alone.choices[0].message.content, c.index
 
 try:
     client.chat.completions.create(model=model, messages=[], temperature=0)

@@ -29,6 +29,7 @@ pub struct Turn {
 }
 
 /// The conversation to answer.
+#[derive(Clone)]
 pub enum Input {
     /// OpenAI-style messages, rendered with the checkpoint's template.
     Turns {

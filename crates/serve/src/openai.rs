@@ -46,6 +46,9 @@ pub struct ChatRequest {
     /// alternatives'.
     #[serde(default)]
     pub logprobs: Option<bool>,
+    /// Choices to generate (1 to 16); choice i samples with `seed + i`.
+    #[serde(default)]
+    pub n: Option<usize>,
     #[serde(default)]
     pub top_logprobs: Option<usize>,
     /// kollava's extension, the chat page's image mode: `crop`, `resize` or `pad` (LLaVA's
@@ -341,7 +344,13 @@ async fn chat_completions_inner(
         }
     })?;
     let stream = req.stream;
-    let (tx, mut rx) = crate::engine::events();
+    let n = req.n.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&n) {
+        return Err(ApiError::bad_request(format!(
+            "n = {n} is out of range: 1 to {MAX_CHOICES}"
+        )));
+    }
+    let (tx, rx) = crate::engine::events();
     // Decoding (and fetching) images is blocking work: keep it off the async threads.
     let (remote, multi_image) = (state.allow_remote_images, state.multi_image);
     let vocab = state.engine.vocab_size;
@@ -363,7 +372,25 @@ async fn chat_completions_inner(
         }
         r
     };
-    state.engine.submit(job)?;
+    // Choice i samples with seed + i: it is the answer a request with that seed gets. The
+    // choices decode together, and the prefix cache lets later ones reuse the prompt.
+    let mut receivers = vec![rx];
+    let mut jobs = Vec::with_capacity(n);
+    for i in 1..n {
+        let (tx, rx) = crate::engine::events();
+        let mut options = job.options.clone();
+        options.sampling.seed = options.sampling.seed.wrapping_add(i as u64);
+        jobs.push(Job {
+            input: job.input.clone(),
+            options,
+            events: tx,
+        });
+        receivers.push(rx);
+    }
+    jobs.insert(0, job);
+    for job in jobs {
+        state.engine.submit(job)?;
+    }
     static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let id = format!(
         "chatcmpl-{:x}-{}",
@@ -373,56 +400,71 @@ async fn chat_completions_inner(
     let model = state.engine.model_name.clone();
     let created = now();
 
-    // Wait for the first event: an error before any text is still an HTTP error.
-    let first = rx
-        .recv()
-        .await
-        .ok_or_else(|| ApiError::internal("the engine dropped the request"))?;
-    if let Event::Failed(e) = first {
-        return Err(e);
+    // Wait for each choice's first event: an error before any text is still an HTTP error.
+    let mut firsts = Vec::with_capacity(n);
+    for rx in &mut receivers {
+        let first = rx
+            .recv()
+            .await
+            .ok_or_else(|| ApiError::internal("the engine dropped the request"))?;
+        if let Event::Failed(e) = first {
+            return Err(e);
+        }
+        firsts.push(first);
     }
     if !stream {
-        let mut event = first;
-        loop {
-            match event {
-                Event::Text(_) => {}
-                Event::Done {
-                    text,
-                    prompt_tokens,
-                    cached_tokens,
-                    completion_tokens,
-                    finish_reason,
-                    logprobs,
-                } => {
-                    state.metrics.generated_tokens.fetch_add(
-                        completion_tokens as u64,
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
-                    let body = json!({
-                        "id": id, "object": "chat.completion", "created": created, "model": model,
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-                                     "logprobs": logprobs.map(|c| json!({"content": c}))}],
-                        "usage": usage(prompt_tokens, cached_tokens, completion_tokens),
-                    });
-                    return Ok(mark(Json(body).into_response()));
+        let mut choices = Vec::with_capacity(n);
+        let (mut prompt, mut cached, mut completion) = (0, 0, 0);
+        for (index, (first, mut rx)) in firsts.into_iter().zip(receivers).enumerate() {
+            let mut event = first;
+            loop {
+                match event {
+                    Event::Text(_) => {}
+                    Event::Done {
+                        text,
+                        prompt_tokens,
+                        cached_tokens,
+                        completion_tokens,
+                        finish_reason,
+                        logprobs,
+                    } => {
+                        if index == 0 {
+                            (prompt, cached) = (prompt_tokens, cached_tokens);
+                        }
+                        completion += completion_tokens;
+                        choices.push(json!({"index": index, "message": {"role": "assistant", "content": text},
+                                            "finish_reason": finish_reason, "logprobs": logprobs.map(|c| json!({"content": c}))}));
+                        break;
+                    }
+                    Event::Failed(e) => return Err(e),
                 }
-                Event::Failed(e) => return Err(e),
+                event = rx
+                    .recv()
+                    .await
+                    .ok_or_else(|| ApiError::internal("the engine dropped the request"))?;
             }
-            event = rx
-                .recv()
-                .await
-                .ok_or_else(|| ApiError::internal("the engine dropped the request"))?;
         }
+        state
+            .metrics
+            .generated_tokens
+            .fetch_add(completion as u64, std::sync::atomic::Ordering::Relaxed);
+        let body = json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices,
+            "usage": usage(prompt, cached, completion),
+        });
+        return Ok(mark(Json(body).into_response()));
     }
     let metrics = state.metrics.clone();
-    let chunk = move |delta: Value,
+    let chunk = move |index: usize,
+                      delta: Value,
                       finish: Option<&str>,
                       usage: Option<Value>,
                       logprobs: Option<Value>|
           -> SseEvent {
         let mut body = json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
         });
         if let Some(u) = usage {
             body["usage"] = u;
@@ -432,11 +474,18 @@ async fn chat_completions_inner(
         }
         SseEvent::default().data(body.to_string())
     };
-    let head = tokio_stream::once(chunk(json!({"role": "assistant"}), None, None, None));
-    let rest = tokio_stream::once(first).chain(rx);
-    // The engine drops its sender after the last event, which ends `rest`.
-    let body = rest.map(move |event| match event {
-        Event::Text(t) => chunk(json!({"content": t}), None, None, None),
+    let heads: Vec<SseEvent> = (0..n)
+        .map(|i| chunk(i, json!({"role": "assistant"}), None, None, None))
+        .collect();
+    let head = tokio_stream::iter(heads);
+    // Every choice's events as they come, tagged with its index. The engine drops a
+    // choice's sender after its last event, which ends that choice's stream.
+    let mut rest = tokio_stream::StreamMap::new();
+    for (index, (first, rx)) in firsts.into_iter().zip(receivers).enumerate() {
+        rest.insert(index, tokio_stream::once(first).chain(rx));
+    }
+    let body = rest.map(move |(index, event)| match event {
+        Event::Text(t) => chunk(index, json!({"content": t}), None, None, None),
         Event::Done {
             finish_reason,
             completion_tokens,
@@ -449,11 +498,11 @@ async fn chat_completions_inner(
                 completion_tokens as u64,
                 std::sync::atomic::Ordering::Relaxed,
             );
-            // The last chunk also carries the counts (what `stream_options.include_usage`
-            // asks of OpenAI; clients ignore a field they do not expect).
+            // A choice's last chunk also carries its counts (what `stream_options.
+            // include_usage` asks of OpenAI; clients ignore a field they do not expect), and
+            // streamed, the tokens' log-probabilities.
             let usage = usage(prompt_tokens, cached_tokens, completion_tokens);
-            // Streamed, the tokens' log-probabilities come with this closing chunk.
-            chunk(json!({}), Some(finish_reason), Some(usage), logprobs)
+            chunk(index, json!({}), Some(finish_reason), Some(usage), logprobs)
         }
         Event::Failed(e) => SseEvent::default()
             .data(json!({"error": {"message": e.message, "type": "server_error"}}).to_string()),
@@ -466,6 +515,9 @@ async fn chat_completions_inner(
             .into_response(),
     ))
 }
+
+/// Choices one request may ask for (`n`).
+const MAX_CHOICES: usize = 16;
 
 /// OpenAI's `usage`, with the prompt tokens the prefix cache supplied as
 /// `prompt_tokens_details.cached_tokens` (as OpenAI reports its own prompt caching).

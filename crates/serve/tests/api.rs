@@ -1065,3 +1065,66 @@ async fn logprobs_are_the_log_softmax_of_the_models_logits() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     assert!(text.contains("needs logprobs"), "{text}");
 }
+
+/// `n` choices: choice i is the answer a request with `seed + i` gets alone, whole and
+/// streamed (each chunk tagged with its choice's index); usage sums the choices' tokens.
+#[tokio::test(flavor = "multi_thread")]
+async fn n_choices_are_the_answers_of_separate_seeded_requests() {
+    let state = state();
+    let mut body = with_image(false);
+    body["max_tokens"] = json!(10);
+    body["temperature"] = json!(1.5);
+    body["seed"] = json!(7);
+    body["n"] = json!(3);
+    let (status, text) = send(&state, request(body.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let mut total = 0;
+    let mut texts = Vec::new();
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let mut alone = body.clone();
+        alone.as_object_mut().unwrap().remove("n");
+        alone["seed"] = json!(7 + i);
+        let (status, a) = send(&state, request(alone)).await;
+        assert_eq!(status, StatusCode::OK, "{a}");
+        let a: Value = serde_json::from_str(&a).unwrap();
+        assert_eq!(
+            c["message"]["content"], a["choices"][0]["message"]["content"],
+            "choice {i}"
+        );
+        total += a["usage"]["completion_tokens"].as_u64().unwrap();
+        texts.push(c["message"]["content"].as_str().unwrap().to_string());
+    }
+    assert_eq!(v["usage"]["completion_tokens"], total);
+    assert!(
+        texts.iter().any(|t| t != &texts[0]),
+        "the seeds made no difference: {texts:?}"
+    );
+    // Streamed: each index's pieces add up to its whole answer.
+    body["stream"] = json!(true);
+    let (status, text) = send(&state, request(body.clone())).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut streamed = vec![String::new(); 3];
+    for d in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if d == "[DONE]" {
+            continue;
+        }
+        let c: Value = serde_json::from_str(d).unwrap();
+        let i = c["choices"][0]["index"].as_u64().unwrap() as usize;
+        if let Some(t) = c["choices"][0]["delta"]["content"].as_str() {
+            streamed[i].push_str(t);
+        }
+    }
+    for (i, t) in streamed.iter().enumerate() {
+        assert_eq!(t.trim(), texts[i], "streamed choice {i}");
+    }
+    for bad in [0, 17] {
+        let mut b = body.clone();
+        b["n"] = json!(bad);
+        let (status, text) = send(&state, request(b)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    }
+}
