@@ -86,6 +86,31 @@ fn tiny(
     (model, ckpt)
 }
 
+/// A plan on one rank, stage `stage`, one sequence of 64 tokens, nothing else on: what
+/// each test changes from.
+fn one_rank<'a>(
+    config: &'a kollava_model::ModelConfig,
+    stage: Stage,
+    lora: Option<&'a LoraOptions>,
+) -> PlanSpec<'a> {
+    PlanSpec {
+        config,
+        boundary_rows: false,
+        stage,
+        lora,
+        freeze_llm: false,
+        freeze_projector: false,
+        tune_vision: false,
+        bf16: false,
+        shard: Sharding::None,
+        world: 1,
+        batch: 1,
+        seq_len: 64,
+        grad_accum: 1,
+        checkpointing: false,
+    }
+}
+
 #[test]
 fn plans_hold_to_the_bytes_a_run_allocates() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -128,20 +153,11 @@ fn plans_hold_to_the_bytes_a_run_allocates() {
     let mut report = Vec::new();
     for (what, stage, lo, batch, checkpointing, accum) in runs {
         let predicted = plan(&PlanSpec {
-            config: &ckpt.config,
-            boundary_rows: false,
-            stage,
-            lora: lo.as_ref(),
-            freeze_llm: false,
-            freeze_projector: false,
-            tune_vision: false,
-            bf16: false,
-            shard: Sharding::None,
-            world: 1,
             batch,
             seq_len: seq,
             grad_accum: accum,
             checkpointing,
+            ..one_rank(&ckpt.config, stage, lo.as_ref())
         });
         let spec = RunSpec {
             model: model.display().to_string(),
@@ -255,20 +271,8 @@ fn plans_count_the_parameters_the_loaders_build() {
                     .sum::<usize>();
             let trained: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
             let p = plan(&PlanSpec {
-                config: &ckpt.config,
                 boundary_rows: boundary,
-                stage,
-                lora,
-                freeze_llm: false,
-                freeze_projector: false,
-                tune_vision: false,
-                bf16: false,
-                shard: Sharding::None,
-                world: 1,
-                batch: 1,
-                seq_len: 64,
-                grad_accum: 1,
-                checkpointing: false,
+                ..one_rank(&ckpt.config, stage, lora)
             });
             let what = format!("{family} {stage:?} lora {}", lora.is_some());
             assert_eq!(p.parameters as usize, held, "{what}: parameters");
@@ -293,22 +297,7 @@ fn load_peaks_hold_to_the_plan() {
             four_bit,
             seed: 1,
         };
-        let p = plan(&PlanSpec {
-            config: &ckpt.config,
-            boundary_rows: false,
-            stage: Stage::Finetune,
-            lora: Some(&lo),
-            freeze_llm: false,
-            freeze_projector: false,
-            tune_vision: false,
-            bf16: false,
-            shard: Sharding::None,
-            world: 1,
-            batch: 1,
-            seq_len: 64,
-            grad_accum: 1,
-            checkpointing: false,
-        });
+        let p = plan(&one_rank(&ckpt.config, Stage::Finetune, Some(&lo)));
         let form = if four_bit {
             kollava_model::form::Form::Q4Base
         } else {

@@ -59,14 +59,16 @@ fn converting_the_bin_checkpoints_to_safetensors_keeps_every_reference_value() {
             );
         }
         let out = tmp.path().join(family);
-        let o = kollava(&[
-            &"convert",
-            &"--input",
-            &checkpoint(family),
-            &"--output",
-            &out,
-        ]);
-        assert_success(&o);
+        let convert = || {
+            kollava(&[
+                &"convert",
+                &"--input",
+                &checkpoint(family),
+                &"--output",
+                &out,
+            ])
+        };
+        assert_success(&convert());
         assert!(
             out.join("model.safetensors.index.json").is_file(),
             "{family}"
@@ -82,14 +84,7 @@ fn converting_the_bin_checkpoints_to_safetensors_keeps_every_reference_value() {
         assert!(passed > 70, "{family}: {passed}");
         assert_eq!(failed, 0, "{family}");
         // Refuses to overwrite.
-        let o = kollava(&[
-            &"convert",
-            &"--input",
-            &checkpoint(family),
-            &"--output",
-            &out,
-        ]);
-        assert_one_line_error(&o, &["not empty"]);
+        assert_one_line_error(&convert(), &["not empty"]);
     }
 }
 
