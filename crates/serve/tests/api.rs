@@ -43,6 +43,33 @@ fn data_url() -> String {
 
 const QUESTION: &str = "이 이미지에 무엇이 있나요?";
 
+/// QUESTION about one image, in `s`'s template, the assistant's turn open.
+fn question(s: &Session) -> Conversation {
+    let mut conv = Conversation::new(s.template.clone());
+    conv.push(Role::User, Some(s.user_text(QUESTION, 1)));
+    conv.push(Role::Assistant, None);
+    conv
+}
+
+/// The fixtures' wide test image.
+fn wide_image() -> kollava_inputs::image::RgbImage {
+    kollava_inputs::image::open(&kollava_testkit::fixtures_dir().join("images/wide_rgb.png"))
+        .unwrap()
+}
+
+/// Greedy answers of at most `max_new_tokens`.
+fn greedy(max_new_tokens: usize) -> AnswerOptions {
+    AnswerOptions {
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        max_new_tokens,
+        stop: Vec::new(),
+        aspect: None,
+    }
+}
+
 fn request(body: Value) -> Request<Body> {
     Request::post("/v1/chat/completions")
         .header("content-type", "application/json")
@@ -85,21 +112,9 @@ async fn chat_completion_equals_the_cli_path_and_streaming_adds_up() {
 
     // The same request through the library path `kollava run` uses.
     let s = session();
-    let mut conv = Conversation::new(s.template.clone());
-    conv.push(Role::User, Some(s.user_text(QUESTION, 1)));
-    conv.push(Role::Assistant, None);
-    let img =
-        kollava_inputs::image::open(&kollava_testkit::fixtures_dir().join("images/wide_rgb.png"))
-            .unwrap();
-    let opts = AnswerOptions {
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        max_new_tokens: 8,
-        stop: Vec::new(),
-        aspect: None,
-    };
+    let conv = question(&s);
+    let img = wide_image();
+    let opts = greedy(8);
     let direct = s.answer(&conv, &[img], &opts, &mut |_| true).unwrap();
     assert_eq!(content, direct.generation.text);
 
@@ -129,9 +144,7 @@ async fn chat_completion_equals_the_cli_path_and_streaming_adds_up() {
 /// API as through the library path `kollava run` takes, up to its own stop.
 #[tokio::test(flavor = "multi_thread")]
 async fn every_family_answers_through_the_api_as_through_the_cli_path() {
-    let img =
-        kollava_inputs::image::open(&kollava_testkit::fixtures_dir().join("images/wide_rgb.png"))
-            .unwrap();
+    let img = wide_image();
     for family in kollava_testkit::CHECKPOINTS {
         let state = AppState::new(EngineHandle::spawn(session_of(family), 32, 16), None);
         let mut body = with_image(false);
@@ -141,18 +154,8 @@ async fn every_family_answers_through_the_api_as_through_the_cli_path() {
         assert_eq!(status, StatusCode::OK, "{family}: {text}");
         let v: Value = serde_json::from_str(&text).unwrap();
         let s = session_of(family);
-        let mut conv = Conversation::new(s.template.clone());
-        conv.push(Role::User, Some(s.user_text(QUESTION, 1)));
-        conv.push(Role::Assistant, None);
-        let opts = AnswerOptions {
-            sampling: SamplingParams {
-                temperature: 0.0,
-                ..SamplingParams::default()
-            },
-            max_new_tokens: 24,
-            stop: Vec::new(),
-            aspect: None,
-        };
+        let conv = question(&s);
+        let opts = greedy(24);
         let direct = s
             .answer(&conv, std::slice::from_ref(&img), &opts, &mut |_| true)
             .unwrap();
@@ -273,9 +276,7 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
 async fn llava_worker_protocol_streams_nul_delimited_prompt_plus_answer() {
     let state = state();
     let s = session();
-    let mut conv = Conversation::new(s.template.clone());
-    conv.push(Role::User, Some(s.user_text(QUESTION, 1)));
-    conv.push(Role::Assistant, None);
+    let conv = question(&s);
     let prompt = conv.prompt();
     let image_b64 = data_url().split_once(',').unwrap().1.to_string();
     let body = json!({"model": "llava-v1.5", "prompt": prompt, "temperature": 0.0, "max_new_tokens": 8, "stop": "</s>", "images": [image_b64]});
@@ -487,12 +488,8 @@ async fn each_request_fits_its_image_by_its_own_mode() {
     use kollava_inputs::image::AspectMode;
     let state = state();
     let s = session();
-    let img =
-        kollava_inputs::image::open(&kollava_testkit::fixtures_dir().join("images/wide_rgb.png"))
-            .unwrap();
-    let mut conv = Conversation::new(s.template.clone());
-    conv.push(Role::User, Some(s.user_text(QUESTION, 1)));
-    conv.push(Role::Assistant, None);
+    let img = wide_image();
+    let conv = question(&s);
     // The modes really differ on this wide image: the image features are not the same.
     let mut t = Default::default();
     let mut embeds = |a| {
@@ -513,13 +510,8 @@ async fn each_request_fits_its_image_by_its_own_mode() {
         assert_eq!(status, StatusCode::OK, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
         let opts = AnswerOptions {
-            sampling: SamplingParams {
-                temperature: 0.0,
-                ..SamplingParams::default()
-            },
-            max_new_tokens: 8,
-            stop: Vec::new(),
             aspect: Some(mode),
+            ..greedy(8)
         };
         let direct = s
             .answer(&conv, std::slice::from_ref(&img), &opts, &mut |_| true)
@@ -1005,12 +997,8 @@ async fn logprobs_are_the_log_softmax_of_the_models_logits() {
     }
     // The first step's logits, computed here from the same prompt.
     let s = session();
-    let mut conv = Conversation::new(s.template.clone());
-    conv.push(Role::User, Some(s.user_text(QUESTION, 1)));
-    conv.push(Role::Assistant, None);
-    let img =
-        kollava_inputs::image::open(&kollava_testkit::fixtures_dir().join("images/wide_rgb.png"))
-            .unwrap();
+    let conv = question(&s);
+    let img = wide_image();
     let p = s
         .embed_prompt(&conv.prompt(), &[img], &mut Default::default())
         .unwrap();

@@ -357,7 +357,8 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
     // so the larger of the two counts).
     // The backward pass's gradients of intermediates in flight: measured on the decoder,
     // (19h + 2i) per token, and (8h + 3i) more per layer whose backward is pending (all of
-    // them, or the one recomputed with checkpointing).
+    // them, or the one recomputed with checkpointing); with adapters, about half of what
+    // they keep again per pending layer (fitted to LoRA's measured runs in tests/plan.rs).
     let pending = if spec.checkpointing { 1 } else { layers };
     let backward = 4 * tokens * (19 * h + 2 * i + pending * (8 * h + 3 * i + adapter_extra / 2));
     // Accumulating micro-batches: the running sum and the new pass's gradients, and the

@@ -163,8 +163,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// The run `setup` describes, writing nothing (the caller sets where and what to write).
-pub(crate) fn spec(args: &TrainSetup) -> Result<RunSpec> {
+/// The adapters `setup` asks for (`None`: none), once its adapter flags are checked
+/// against each other (a run and a plan refuse the same combinations).
+fn adapters(args: &TrainSetup) -> Result<Option<lora::LoraOptions>> {
     let lora = args.lora_r > 0;
     if lora && args.stage != Stage::Finetune {
         bail!("--lora-r trains adapters in stage 2: add --stage finetune");
@@ -175,6 +176,19 @@ pub(crate) fn spec(args: &TrainSetup) -> Result<RunSpec> {
     if lora && args.tune_vision_tower {
         bail!("--tune-vision-tower with LoRA is not supported; train the tower in full finetuning");
     }
+    Ok(lora.then(|| lora::LoraOptions {
+        r: args.lora_r,
+        alpha: args.lora_alpha,
+        dropout: args.lora_dropout,
+        targets: args.lora_targets.clone(),
+        four_bit: args.bits == 4,
+        seed: args.seed,
+    }))
+}
+
+/// The run `setup` describes, writing nothing (the caller sets where and what to write).
+pub(crate) fn spec(args: &TrainSetup) -> Result<RunSpec> {
+    let lora = adapters(args)?;
     Ok(RunSpec {
         model: crate::pipeline::model_path(args.model.model.as_deref()),
         vision_tower: args.model.vision_tower.clone(),
@@ -191,14 +205,7 @@ pub(crate) fn spec(args: &TrainSetup) -> Result<RunSpec> {
         image_prefix: args.image_prefix.clone(),
         output_dir: std::path::PathBuf::new(),
         stage: args.stage,
-        lora: lora.then(|| lora::LoraOptions {
-            r: args.lora_r,
-            alpha: args.lora_alpha,
-            dropout: args.lora_dropout,
-            targets: args.lora_targets.clone(),
-            four_bit: args.bits == 4,
-            seed: args.seed,
-        }),
+        lora,
         freeze_llm: args.freeze_backbone,
         freeze_projector: args.freeze_mm_mlp_adapter,
         tune_vision: args.tune_vision_tower,
@@ -279,13 +286,7 @@ pub fn merge_lora(args: &crate::args::MergeLoraArgs) -> Result<()> {
 /// configuration or a named `--arch` (no weights, no data).
 fn plan(args: &TrainArgs) -> Result<()> {
     let setup = &args.setup;
-    let lora = setup.lora_r > 0;
-    if lora && setup.stage != Stage::Finetune {
-        bail!("--lora-r trains adapters in stage 2: add --stage finetune");
-    }
-    if setup.bits == 4 && !lora {
-        bail!("--bits 4 (QLoRA) trains adapters over a 4-bit base: give --lora-r too");
-    }
+    let lora_opts = adapters(setup)?;
     let (ckpt, name) = match &args.arch {
         Some(a) => {
             let arch = kollava_checkpoint::random::arch(a).context("unknown --arch")?;
@@ -300,14 +301,6 @@ fn plan(args: &TrainArgs) -> Result<()> {
             (kollava_checkpoint::open(&path, &opts)?, path)
         }
     };
-    let lora_opts = lora.then(|| lora::LoraOptions {
-        r: setup.lora_r,
-        alpha: setup.lora_alpha,
-        dropout: setup.lora_dropout,
-        targets: setup.lora_targets.clone(),
-        four_bit: setup.bits == 4,
-        seed: setup.seed,
-    });
     let world = std::env::var("WORLD_SIZE")
         .ok()
         .and_then(|w| w.parse().ok())

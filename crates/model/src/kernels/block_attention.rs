@@ -16,6 +16,7 @@
 use candle_core::{DType, Result, Tensor};
 
 use crate::kernels::softmax::softmax_in_place;
+use crate::kernels::Dims;
 
 /// Query rows per task: a multiple of the kernels' 6-row tile.
 const ROWS: usize = 48;
@@ -140,7 +141,7 @@ fn attention_with(
     } else {
         16
     };
-    let sh = Shape {
+    let sh = Dims {
         b,
         heads,
         kv_heads,
@@ -201,16 +202,6 @@ impl Bias<'_> {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Shape {
-    b: usize,
-    heads: usize,
-    kv_heads: usize,
-    s: usize,
-    t: usize,
-    d: usize,
-}
-
 /// The `n` values of a contiguous f32 tensor's storage.
 fn at<'a>(st: &'a candle_core::CpuStorage, l: &candle_core::Layout, n: usize) -> Result<&'a [f32]> {
     Ok(&st.as_slice::<f32>()?[l.start_offset()..l.start_offset() + n])
@@ -218,9 +209,9 @@ fn at<'a>(st: &'a candle_core::CpuStorage, l: &candle_core::Layout, n: usize) ->
 
 /// Per (sequence, block of query rows), the key slots any of its rows sees: up to its last
 /// finite mask entry (all `t` without a mask). The same for every head, so found once.
-fn extents(sh: Shape, blocks: usize, mask: Option<&[f32]>) -> Vec<usize> {
+fn extents(sh: Dims, blocks: usize, mask: Option<&[f32]>) -> Vec<usize> {
     use rayon::prelude::*;
-    let Shape { b, s, t, .. } = sh;
+    let Dims { b, s, t, .. } = sh;
     (0..b * blocks)
         .into_par_iter()
         .map(|sb| {
@@ -243,12 +234,12 @@ fn extents(sh: Shape, blocks: usize, mask: Option<&[f32]>) -> Vec<usize> {
 /// are rounded into activation tiles, and each 16 × 16 tile of scores or of output sums its
 /// products in a tile register.
 mod tiles {
-    use super::{extents, Bias, Shape, ROWS};
+    use super::{extents, Bias, Dims, ROWS};
     use crate::kernels::bf16::{amx, pair, round_pairs};
 
-    pub(super) fn attend(sh: Shape, q: &[f32], k: &[f32], v: &[f32], bias: Bias) -> Vec<f32> {
+    pub(super) fn attend(sh: Dims, q: &[f32], k: &[f32], v: &[f32], bias: Bias) -> Vec<f32> {
         use rayon::prelude::*;
-        let Shape {
+        let Dims {
             b,
             heads,
             kv_heads,
@@ -407,9 +398,9 @@ mod tiles {
 
 /// [`attention`] on the tensors' memory, in tiles `cols` wide (16, or 32 where
 /// [`kernels::wide`]); returns the `(b, s, heads, d)` buffer.
-fn attend(cols: usize, sh: Shape, q: &[f32], k: &[f32], v: &[f32], bias: Bias) -> Vec<f32> {
+fn attend(cols: usize, sh: Dims, q: &[f32], k: &[f32], v: &[f32], bias: Bias) -> Vec<f32> {
     use rayon::prelude::*;
-    let Shape {
+    let Dims {
         b,
         heads,
         kv_heads,
@@ -775,7 +766,7 @@ mod tests {
         }
         let dev = Device::Cpu;
         let (b, heads, kv_heads, s, t, d) = (1, 2, 1, 61, 61 + 19, 48);
-        let sh = Shape {
+        let sh = Dims {
             b,
             heads,
             kv_heads,

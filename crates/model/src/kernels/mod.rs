@@ -14,3 +14,22 @@ pub mod kquant;
 mod prefetch;
 pub(crate) mod softmax;
 pub mod train_attention;
+
+/// An attention's extents: batch rows, query and key/value heads, query and key positions,
+/// head width (the prompt kernels' and training's).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dims {
+    pub b: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub s: usize,
+    pub t: usize,
+    pub d: usize,
+}
+
+impl Dims {
+    /// Query heads per key/value head.
+    pub fn rep(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}

@@ -14,6 +14,8 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::Dims;
+
 /// `softmax(q kᵀ · scale + mask [+ slope_h · dist]) v` with gradients for `q`, `k` and `v`.
 /// `q: (b, heads, s, d)`, `k, v: (b, kv_heads, t, d)`, `mask: (b, 1, s, t)` (0 or −∞; every
 /// row has a finite entry), `alibi`: MPT's key-minus-query distances `(b, 1, s, t)` and one
@@ -76,22 +78,6 @@ pub fn attention(
         &v.contiguous()?,
         std::sync::Arc::new(Box::new(op)),
     )
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Dims {
-    b: usize,
-    heads: usize,
-    kv_heads: usize,
-    s: usize,
-    t: usize,
-    d: usize,
-}
-
-impl Dims {
-    fn rep(&self) -> usize {
-        self.heads / self.kv_heads
-    }
 }
 
 struct Attention {
