@@ -523,8 +523,9 @@ pub struct TrainSetup {
     pub gradient_checkpointing: bool,
     /// How data-parallel ranks split the training state: none (each holds everything),
     /// grad-opt (each keeps AdamW's moments for 1/N of the parameters; gradients
-    /// reduce-scattered, parameters all-gathered; ZeRO-2), or full (parameters too; ZeRO-3:
-    /// --plan sizes it, training does not do it yet) — 학습 상태 분할
+    /// reduce-scattered, parameters all-gathered; ZeRO-2), or full (the decoder layers'
+    /// weights too, each layer gathered for its forward and its recomputation in the
+    /// backward; ZeRO-3, implies --gradient-checkpointing) — 학습 상태 분할
     #[arg(long, value_enum, default_value_t = Sharding::None)]
     pub shard: Sharding,
     /// Frozen matrices (stage 1's language model, the base under LoRA, the tower) multiply

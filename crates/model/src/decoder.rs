@@ -520,8 +520,10 @@ impl Mlp {
     }
 }
 
+/// One decoder layer's weights. Sharded training builds one from gathered weights
+/// ([`Decoder::load_layer`]) for each use and drops it after.
 #[derive(Debug, Clone)]
-struct Layer {
+pub struct Layer {
     input_layernorm: Norm,
     self_attn: SelfAttention,
     post_attention_layernorm: Norm,
@@ -529,6 +531,22 @@ struct Layer {
 }
 
 impl Layer {
+    /// `vb` at the layer (`model.layers.I`); `inference`: norms in f32 (see
+    /// [`Decoder::load`]).
+    fn load(vb: VarBuilder, cfg: &DecoderConfig, m: Matrices, inference: bool) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let norm = |vb: VarBuilder| match inference {
+            false => Norm::load(vb, h, cfg),
+            true => Norm::load(vb, h, cfg)?.to_f32(),
+        };
+        Ok(Layer {
+            input_layernorm: norm(vb.pp("input_layernorm"))?,
+            self_attn: SelfAttention::load(vb.pp("self_attn"), cfg, m)?,
+            post_attention_layernorm: norm(vb.pp("post_attention_layernorm"))?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg, m)?,
+        })
+    }
+
     /// Every matrix of the layer.
     fn linears(&self) -> impl Iterator<Item = &Linear> {
         self.self_attn
@@ -571,6 +589,39 @@ struct StepInputs {
     query_blocks: Option<Vec<QueryBlock>>,
 }
 
+/// Where a checkpointed forward and its backward get each layer's weights, and where the
+/// gradients of a recomputed layer go. The decoder's own layers by default; sharded
+/// training (`train --shard full`) gathers a layer's weights from the ranks for each use
+/// and hands its gradients back to be reduce-scattered.
+pub trait LayerSource {
+    /// Layer `i`'s weights for one forward (or its recomputation in the backward).
+    fn layer(&mut self, i: usize) -> Result<std::borrow::Cow<'_, Layer>>;
+    /// Layer `i`, recomputed, has been differentiated: `grads` holds its gradients.
+    fn layer_grads(&mut self, i: usize, grads: &GradStore) -> Result<()>;
+}
+
+/// The decoder's own layers; their parameters' gradients accumulate into a store.
+struct Resident<'a> {
+    decoder: &'a Decoder,
+    /// `None` in a forward.
+    into: Option<&'a mut GradStore>,
+    params: &'a [Var],
+}
+
+impl LayerSource for Resident<'_> {
+    fn layer(&mut self, i: usize) -> Result<std::borrow::Cow<'_, Layer>> {
+        self.decoder.check_whole()?;
+        Ok(std::borrow::Cow::Borrowed(&self.decoder.layers[i]))
+    }
+
+    fn layer_grads(&mut self, _: usize, grads: &GradStore) -> Result<()> {
+        match self.into.as_deref_mut() {
+            Some(into) => accumulate(into, grads, self.params),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A training forward that kept only each decoder layer's input (gradient checkpointing):
 /// activations inside a layer are recomputed, one layer at a time, during
 /// [`Checkpointed::backward`]. Memory for activations goes from all layers' to one layer's
@@ -602,20 +653,41 @@ impl Checkpointed {
         grads: &mut GradStore,
         params: &[Var],
     ) -> Result<Tensor> {
-        let Some(mut g) = grads.get(self.last.as_tensor()).cloned() else {
-            candle_core::bail!("the loss does not depend on the decoder's output");
+        let g = self.output_grad(grads)?;
+        let mut own = Resident {
+            decoder,
+            into: Some(grads),
+            params,
         };
-        for (i, layer) in decoder.layers.iter().enumerate().rev() {
+        self.backward_with(g, &mut own)
+    }
+
+    /// The loss's gradient with respect to the last layer's output, from `grads` of a loss
+    /// computed from [`Checkpointed::hidden`]: where [`Checkpointed::backward_with`] starts.
+    pub fn output_grad(&self, grads: &GradStore) -> Result<Tensor> {
+        match grads.get(self.last.as_tensor()) {
+            Some(g) => Ok(g.detach()),
+            None => candle_core::bail!("the loss does not depend on the decoder's output"),
+        }
+    }
+
+    /// [`Checkpointed::backward`] from the last layer's output gradient `g`, with the
+    /// layers (and what becomes of their gradients) from `layers`.
+    pub fn backward_with(&self, mut g: Tensor, layers: &mut dyn LayerSource) -> Result<Tensor> {
+        for i in (0..self.inputs.len()).rev() {
             let x = Var::from_tensor(&self.inputs[i])?;
-            let mut scratch = KvCache::new(decoder.layers.len(), self.batch);
-            let out = layer.forward(x.as_tensor(), &self.step, &mut scratch, i)?;
-            // d/dθ Σ out·g = gᵀ ∂out/∂θ: the chain rule through this layer alone.
-            let layer_grads = (out * g.detach())?.sum_all()?.backward()?;
-            accumulate(grads, &layer_grads, params)?;
+            let layer_grads = {
+                let layer = layers.layer(i)?;
+                let mut scratch = KvCache::new(self.inputs.len(), self.batch);
+                let out = layer.forward(x.as_tensor(), &self.step, &mut scratch, i)?;
+                // d/dθ Σ out·g = gᵀ ∂out/∂θ: the chain rule through this layer alone.
+                (out * &g)?.sum_all()?.backward()?
+            };
             g = match layer_grads.get(x.as_tensor()) {
                 Some(gx) => gx.detach(),
                 None => candle_core::bail!("layer {i}'s output does not depend on its input"),
             };
+            layers.layer_grads(i, &layer_grads)?;
         }
         Ok(g)
     }
@@ -739,16 +811,9 @@ impl Decoder {
             false => Norm::load(vb, h, cfg),
             true => Norm::load(vb, h, cfg)?.to_f32(),
         };
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let l = md.pp("layers").pp(i);
-            layers.push(Layer {
-                input_layernorm: norm(l.pp("input_layernorm"))?,
-                self_attn: SelfAttention::load(l.pp("self_attn"), cfg, m)?,
-                post_attention_layernorm: norm(l.pp("post_attention_layernorm"))?,
-                mlp: Mlp::load(l.pp("mlp"), cfg, m)?,
-            });
-        }
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::load(md.pp("layers").pp(i), cfg, m, inference))
+            .collect::<Result<Vec<_>>>()?;
         let final_norm = norm(md.pp("norm"))?;
         // QLoRA keeps the output head as read (it is no adapted layer).
         let head = match m.pack {
@@ -785,6 +850,34 @@ impl Decoder {
 
     pub fn config(&self) -> &DecoderConfig {
         &self.cfg
+    }
+
+    /// Builds layer `i` on its own, as read for training, from `vb` at the checkpoint root
+    /// (sharded training gathers one layer's weights at a time).
+    pub fn load_layer(vb: VarBuilder, cfg: &DecoderConfig, i: usize) -> Result<Layer> {
+        Layer::load(
+            vb.pp("model").pp("layers").pp(i),
+            cfg,
+            Matrices::AS_READ,
+            false,
+        )
+    }
+
+    /// Gives up the layers' weights (sharded training keeps each rank's share of them
+    /// elsewhere and builds a layer for each use with [`Decoder::load_layer`]); a forward
+    /// that needs them is refused from then on.
+    pub fn drop_layers(&mut self) {
+        self.layers = Vec::new();
+    }
+
+    /// Refuses to run without the layers (see [`Decoder::drop_layers`]).
+    fn check_whole(&self) -> Result<()> {
+        if self.layers.len() != self.cfg.num_hidden_layers {
+            candle_core::bail!(
+                "this decoder's layers are held by sharded training; run it through a LayerSource"
+            );
+        }
+        Ok(())
     }
 
     /// An empty cache for `batch` sequences, in the dtype this model keeps keys and values.
@@ -892,6 +985,7 @@ impl Decoder {
     /// `xs: (b, s, hidden)`; `valid[r]` real (not padding) leading positions of row `r`
     /// → final-normed hidden states `(b, s, hidden)`.
     pub fn forward(&self, xs: &Tensor, valid: &[usize], cache: &mut KvCache) -> Result<Tensor> {
+        self.check_whole()?;
         let step = self.begin_step(xs, valid, cache)?;
         let mut xs = xs.clone();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -905,13 +999,31 @@ impl Decoder {
     /// kept. `xs` is detached here; carry [`Checkpointed::backward`]'s result into whatever
     /// produced it.
     pub fn forward_checkpointed(&self, xs: &Tensor, valid: &[usize]) -> Result<Checkpointed> {
-        let batch = xs.dim(0)?;
-        let step = self.begin_step(xs, valid, &mut KvCache::new(self.layers.len(), batch))?;
-        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut own = Resident {
+            decoder: self,
+            into: None,
+            params: &[],
+        };
+        self.forward_checkpointed_with(xs, valid, &mut own)
+    }
+
+    /// [`Decoder::forward_checkpointed`] with the layers from `layers`.
+    pub fn forward_checkpointed_with(
+        &self,
+        xs: &Tensor,
+        valid: &[usize],
+        layers: &mut dyn LayerSource,
+    ) -> Result<Checkpointed> {
+        let (batch, n) = (xs.dim(0)?, self.cfg.num_hidden_layers);
+        let step = self.begin_step(xs, valid, &mut KvCache::new(n, batch))?;
+        let mut inputs = Vec::with_capacity(n);
         let mut x = xs.detach();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mut scratch = KvCache::new(self.layers.len(), batch);
-            let out = layer.forward(&x, &step, &mut scratch, i)?.detach();
+        for i in 0..n {
+            let mut scratch = KvCache::new(n, batch);
+            let out = layers
+                .layer(i)?
+                .forward(&x, &step, &mut scratch, i)?
+                .detach();
             inputs.push(std::mem::replace(&mut x, out));
         }
         Ok(Checkpointed {

@@ -28,18 +28,107 @@ pub struct AdamW {
     shard: Option<Shard>,
 }
 
-/// A rank's share of a sharded optimizer (`train --shard grad-opt`: ZeRO-2, FSDP's
-/// `SHARD_GRAD_OP`): the parameters laid end to end as one flat vector, cut into one nearly
-/// equal range per rank; the rank keeps AdamW's moments for its range only.
+/// A rank's share of a sharded optimizer. The parameters are laid end to end as one flat
+/// vector, cut into one nearly equal range per rank; the rank keeps AdamW's moments and the
+/// gradients for its range only (`train --shard grad-opt`: ZeRO-2, FSDP's
+/// `SHARD_GRAD_OP`). Under `--shard full` (ZeRO-3, `FULL_SHARD`) the decoder layers'
+/// parameters exist only as each rank's range too, gathered for a layer's every use
+/// ([`AdamW::gather_layer`]); the rest every rank holds whole, as `AdamW::params`.
 struct Shard {
     rank: usize,
     ranges: Vec<Range<usize>>,
-    /// Where each parameter starts in the flat vector.
-    offsets: Vec<usize>,
+    /// Every parameter, in the flat vector's order: `AdamW::params` (held whole) first,
+    /// then the layers', layer by layer.
+    slots: Vec<Slot>,
+    /// Where the layers' parameters start: `0..replicated` is `AdamW::params`.
+    replicated: usize,
+    /// Layer number → the indices of its slots and its span of the flat vector.
+    layers: std::collections::BTreeMap<usize, (Range<usize>, Range<usize>)>,
+    /// This rank's range of the parameters (f32).
+    p: Tensor,
+    /// This rank's range of the mean gradients reduce-scattered so far in this step.
+    g: Option<Vec<f32>>,
     m: Option<Tensor>,
     v: Option<Tensor>,
     /// Every rank's moments, put together for a checkpoint by [`AdamW::gather_state`].
     gathered: Option<HashMap<String, Tensor>>,
+    /// The layers' parameters, put together for a checkpoint by [`AdamW::gather_state`].
+    gathered_params: Vec<(String, Tensor)>,
+}
+
+/// One parameter's place in the flat vector.
+struct Slot {
+    name: String,
+    shape: candle_core::Shape,
+    at: usize,
+}
+
+impl Shard {
+    fn own(&self) -> Range<usize> {
+        self.ranges[self.rank].clone()
+    }
+
+    /// `span` of the flat vector as each rank holds it: every rank's range clipped to the
+    /// span, relative to its start (a partition of `0..span.len()`, as the collectives
+    /// take it).
+    fn parts(&self, span: &Range<usize>) -> Vec<Range<usize>> {
+        let clip = |x: usize| x.clamp(span.start, span.end) - span.start;
+        self.ranges
+            .iter()
+            .map(|r| clip(r.start)..clip(r.end))
+            .collect()
+    }
+
+    /// Where this rank's part of `span` lies in its own range.
+    fn own_part(&self, span: &Range<usize>) -> Range<usize> {
+        let part = self.parts(span)[self.rank].clone();
+        if part.is_empty() {
+            return 0..0;
+        }
+        let at = span.start + part.start - self.own().start;
+        at..at + part.len()
+    }
+
+    /// Adds the mean over the ranks of `flat` (this rank's gradients for `span`) to this
+    /// rank's part of the step's gradients: a reduce-scatter.
+    fn add_grads(
+        &mut self,
+        flat: &[f32],
+        span: &Range<usize>,
+        dist: Option<&Mutex<Dist>>,
+    ) -> Result<f64> {
+        let clock = std::time::Instant::now();
+        let parts = self.parts(span);
+        let mine = match dist {
+            Some(d) => exchange(d, |d| d.reduce_scatter_mean(flat, &parts))?,
+            None => flat[parts[self.rank].clone()].to_vec(),
+        };
+        let to = self.own_part(span);
+        let own_len = self.own().len();
+        let g = self.g.get_or_insert_with(|| vec![0f32; own_len]);
+        for (acc, x) in g[to].iter_mut().zip(mine) {
+            *acc += x;
+        }
+        Ok(clock.elapsed().as_secs_f64())
+    }
+
+    /// `span` of the parameters, whole, on every rank: an all-gather.
+    fn gather(&self, span: &Range<usize>, dist: Option<&Mutex<Dist>>) -> Result<Vec<f32>> {
+        let own = self.own_part(span);
+        let mine: Vec<f32> = self.p.narrow(0, own.start, own.len())?.to_vec1()?;
+        match dist {
+            Some(d) => exchange(d, |d| d.all_gather(&mine, &self.parts(span))),
+            None => Ok(mine),
+        }
+    }
+}
+
+/// Runs one exchange with the other ranks.
+fn exchange<R>(dist: &Mutex<Dist>, f: impl FnOnce(&mut Dist) -> std::io::Result<R>) -> Result<R> {
+    let mut d = dist
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("the rank connection is poisoned".into()))?;
+    f(&mut d).map_err(|e| candle_core::Error::Msg(format!("exchanging with the other ranks: {e}")))
 }
 
 /// `n` cut into `world` contiguous ranges whose lengths differ by at most one.
@@ -70,23 +159,68 @@ impl AdamW {
     /// From now on this optimizer is `rank`'s share of one sharded over `world` ranks:
     /// it keeps the moments of its range of the flat parameters, and steps with
     /// [`AdamW::sharded_step`].
-    pub fn shard(&mut self, rank: usize, world: usize) {
-        let mut offsets = Vec::with_capacity(self.params.len());
-        let mut n = 0;
-        for (_, v) in &self.params {
-            offsets.push(n);
-            n += v.elem_count();
+    pub fn shard(&mut self, rank: usize, world: usize) -> Result<()> {
+        self.shard_layers(rank, world, &|_| None).map(|_| ())
+    }
+
+    /// [`AdamW::shard`], and the parameters `layer_of` puts in a decoder layer are given up
+    /// but for this rank's range: [`AdamW::gather_layer`] puts a layer's together for each
+    /// use, [`AdamW::add_layer_grads`] takes its gradients. Returns those parameters' names
+    /// (the caller drops its own references to them).
+    pub fn shard_layers(
+        &mut self,
+        rank: usize,
+        world: usize,
+        layer_of: &dyn Fn(&str) -> Option<usize>,
+    ) -> Result<Vec<String>> {
+        let all = std::mem::take(&mut self.params);
+        let (mut layered, replicated): (Vec<_>, Vec<_>) =
+            all.into_iter().partition(|(n, _)| layer_of(n).is_some());
+        layered.sort_by_key(|(n, _)| layer_of(n));
+        let mut slots = Vec::with_capacity(replicated.len() + layered.len());
+        let mut layers = std::collections::BTreeMap::new();
+        let mut at = 0;
+        for (name, var) in replicated.iter().chain(&layered) {
+            if let Some(l) = layer_of(name) {
+                let e = layers
+                    .entry(l)
+                    .or_insert((slots.len()..slots.len(), at..at));
+                (e.0.end, e.1.end) = (slots.len() + 1, at + var.elem_count());
+            }
+            slots.push(Slot {
+                name: name.clone(),
+                shape: var.shape().clone(),
+                at,
+            });
+            at += var.elem_count();
         }
-        self.m.iter_mut().for_each(|m| *m = None);
-        self.v.iter_mut().for_each(|v| *v = None);
+        let replicated_len = replicated.iter().map(|(_, v)| v.elem_count()).sum();
+        let n_replicated = replicated.len();
+        let ranges = even_ranges(at, world);
+        // This rank's range of the parameters, read from wherever they are now.
+        self.params = replicated.into_iter().chain(layered).collect();
+        let p = match self.params.is_empty() {
+            true => Tensor::zeros(0, DType::F32, &candle_core::Device::Cpu)?,
+            false => self.flat(None, ranges[rank.min(world.max(1) - 1)].clone())?,
+        };
+        let given_up: Vec<String> = self.params.drain(n_replicated..).map(|(n, _)| n).collect();
+        let n = self.params.len();
+        self.m = vec![None; n];
+        self.v = vec![None; n];
         self.shard = Some(Shard {
             rank,
-            ranges: even_ranges(n, world),
-            offsets,
+            ranges,
+            slots,
+            replicated: replicated_len,
+            layers,
+            p,
+            g: None,
             m: None,
             v: None,
             gathered: None,
+            gathered_params: Vec::new(),
         });
+        Ok(given_up)
     }
 
     pub fn is_sharded(&self) -> bool {
@@ -100,6 +234,85 @@ impl AdamW {
             Some(s) => bytes(&s.m) + bytes(&s.v),
             None => self.m.iter().chain(&self.v).map(bytes).sum(),
         }
+    }
+
+    /// Bytes of the decoder layers' trained parameters this rank holds between their uses:
+    /// its range of them under [`AdamW::shard_layers`], else all of them.
+    pub fn layer_param_bytes(&self, layer_of: &dyn Fn(&str) -> Option<usize>) -> usize {
+        match &self.shard {
+            Some(s) if !s.layers.is_empty() => {
+                let own = s.own();
+                let held = own.end.max(s.replicated) - own.start.max(s.replicated);
+                4 * held.min(own.len())
+            }
+            _ => self
+                .params
+                .iter()
+                .filter(|(n, _)| layer_of(n).is_some())
+                .map(|(_, v)| v.elem_count() * v.dtype().size_in_bytes())
+                .sum(),
+        }
+    }
+
+    /// The decoder layers whose parameters [`AdamW::shard_layers`] gave up.
+    pub fn sharded_layers(&self) -> Vec<usize> {
+        self.shard
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.layers.keys().copied().collect())
+    }
+
+    /// Layer `layer`'s parameters put together from every rank's range (all ranks call
+    /// it), by name.
+    pub fn gather_layer(
+        &self,
+        layer: usize,
+        dist: Option<&Mutex<Dist>>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let Some((slots, span)) = self.shard.as_ref().and_then(|s| s.layers.get(&layer)) else {
+            candle_core::bail!("layer {layer}'s parameters are not sharded");
+        };
+        let shard = self.shard.as_ref().expect("checked above");
+        let all = shard.gather(span, dist)?;
+        let all = Tensor::from_vec(all, span.len(), shard.p.device())?;
+        shard.slots[slots.clone()]
+            .iter()
+            .map(|s| {
+                let t = all.narrow(0, s.at - span.start, s.shape.elem_count())?;
+                Ok((s.name.clone(), t.reshape(s.shape.clone())?))
+            })
+            .collect()
+    }
+
+    /// Takes this rank's gradients of layer `layer`'s parameters (in
+    /// [`AdamW::gather_layer`]'s order; `None` as zeros) and keeps the mean over the ranks
+    /// of its range of them (all ranks call it). Returns the seconds spent exchanging.
+    pub fn add_layer_grads(
+        &mut self,
+        layer: usize,
+        grads: &[Option<Tensor>],
+        dist: Option<&Mutex<Dist>>,
+    ) -> Result<f64> {
+        let Some(shard) = self.shard.as_mut() else {
+            candle_core::bail!("add_layer_grads on an optimizer that is not sharded");
+        };
+        let Some((slots, span)) = shard.layers.get(&layer).cloned() else {
+            candle_core::bail!("layer {layer}'s parameters are not sharded");
+        };
+        if grads.len() != slots.len() {
+            candle_core::bail!(
+                "{} gradients for layer {layer}'s {} parameters",
+                grads.len(),
+                slots.len()
+            );
+        }
+        let mut flat = Vec::with_capacity(span.len());
+        for (s, g) in shard.slots[slots].iter().zip(grads) {
+            match g {
+                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => flat.extend(std::iter::repeat_n(0f32, s.shape.elem_count())),
+            }
+        }
+        shard.add_grads(&flat, &span, dist)
     }
 
     /// `range` of the parameters (or, with `grads`, of their gradients, zeros where there
@@ -130,13 +343,14 @@ impl AdamW {
         Tensor::cat(&parts, 0)
     }
 
-    /// One optimizer step of a sharded run. This rank's gradients (`grads`, its share of
-    /// the batch, row masks applied) and `loss` are averaged with the other ranks' by a
-    /// reduce-scatter, so that it gets the mean gradient of its range only; they are
-    /// clipped to `max_norm` by the global norm (its squared parts summed over the ranks);
-    /// AdamW updates the range with this rank's moments; and the ranks' updated ranges are
-    /// all-gathered into every parameter. Returns the mean loss, the gradient norm and the
-    /// seconds spent exchanging.
+    /// One optimizer step of a sharded run. This rank's gradients of the parameters it
+    /// holds whole (`grads`, its share of the batch, row masks applied) and `loss` are
+    /// averaged with the other ranks' by a reduce-scatter, so that it gets the mean
+    /// gradient of its range only (the layers' came in by [`AdamW::add_layer_grads`]);
+    /// they are clipped to `max_norm` by the global norm (its squared parts summed over the
+    /// ranks); AdamW updates the range with this rank's moments; and the ranks' updated
+    /// ranges of the parameters held whole are all-gathered into them. Returns the mean
+    /// loss, the gradient norm and the seconds spent exchanging.
     pub fn sharded_step(
         &mut self,
         grads: Option<&GradStore>,
@@ -144,84 +358,74 @@ impl AdamW {
         max_norm: f64,
         dist: Option<&Mutex<Dist>>,
     ) -> Result<(f64, f64, f64)> {
-        if self.params.is_empty() {
-            return Ok((loss, 0.0, 0.0));
-        }
         let Some(shard) = self.shard.as_ref() else {
             candle_core::bail!("sharded_step on an optimizer that is not sharded");
         };
-        let (rank, ranges) = (shard.rank, shard.ranges.clone());
-        let own = ranges[rank].clone();
-        let device = self.params[0].1.device().clone();
-        let flat = self.flat(grads, 0..ranges.last().map_or(0, |r| r.end))?;
+        if shard.slots.is_empty() {
+            return Ok((loss, 0.0, 0.0));
+        }
+        let replicated = 0..shard.replicated;
         let mut comm = 0.0;
-        let mut exchange = |f: &mut dyn FnMut(&mut Dist) -> std::io::Result<()>| -> Result<()> {
-            let clock = std::time::Instant::now();
-            if let Some(d) = dist {
-                let mut d = d.lock().map_err(|_| {
-                    candle_core::Error::Msg("the rank connection is poisoned".into())
-                })?;
-                f(&mut d).map_err(|e| {
-                    candle_core::Error::Msg(format!("exchanging with the other ranks: {e}"))
-                })?;
-            }
-            comm += clock.elapsed().as_secs_f64();
-            Ok(())
-        };
-        let world = ranges.len() as f64;
-        let mut g: Vec<f32> = flat.narrow(0, own.start, own.len())?.to_vec1()?;
-        let mut mean_loss = loss;
-        exchange(&mut |d| {
-            let all = flat.to_vec1::<f32>().map_err(std::io::Error::other)?;
-            g = d.reduce_scatter_mean(&all, &ranges)?;
-            mean_loss = d.all_reduce_sum_f64(loss)? / world;
-            Ok(())
-        })?;
-        let g = Tensor::from_vec(g, own.len(), &device)?;
-        let mut sq = g
+        if !replicated.is_empty() {
+            let flat: Vec<f32> = self.flat(grads, replicated.clone())?.to_vec1()?;
+            let shard = self.shard.as_mut().expect("checked above");
+            comm += shard.add_grads(&flat, &replicated, dist)?;
+        }
+        self.t += 1;
+        let h = self.hyper();
+        let shard = self.shard.as_mut().expect("checked above");
+        let device = shard.p.device().clone();
+        let own_len = shard.own().len();
+        let g = shard.g.take().unwrap_or_else(|| vec![0f32; own_len]);
+        let g = Tensor::from_vec(g, own_len, &device)?;
+        let sq = g
             .sqr()?
             .sum_all()?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;
-        exchange(&mut |d| {
-            sq = d.all_reduce_sum_f64(sq)?;
-            Ok(())
-        })?;
+        let world = shard.ranges.len() as f64;
+        let clock = std::time::Instant::now();
+        let (mean_loss, sq) = match dist {
+            Some(d) => exchange(d, |d| {
+                let loss = d.all_reduce_sum_f64(loss)? / world;
+                Ok((loss, d.all_reduce_sum_f64(sq)?))
+            })?,
+            None => (loss, sq),
+        };
+        comm += clock.elapsed().as_secs_f64();
         let norm = sq.sqrt();
         let coef = max_norm / (norm + 1e-6);
         let g = if coef < 1.0 { (g * coef)? } else { g };
         // AdamW on this rank's range, as `step` does it for a whole parameter.
-        self.t += 1;
-        let h = self.hyper();
-        let p = self.flat(None, own.clone())?;
-        let shard = self.shard.as_mut().expect("checked above");
-        let (p, m, v) = update(&p, &g, shard.m.as_ref(), shard.v.as_ref(), h)?;
-        shard.m = Some(m);
-        shard.v = Some(v);
+        let (p, m, v) = update(&shard.p, &g, shard.m.as_ref(), shard.v.as_ref(), h)?;
+        (shard.p, shard.m, shard.v) = (p, Some(m), Some(v));
         shard.gathered = None;
-        let offsets = shard.offsets.clone();
-        let mut all: Vec<f32> = p.to_vec1()?;
-        exchange(&mut |d| {
-            all = d.all_gather(&all, &ranges)?;
-            Ok(())
-        })?;
-        let all = Tensor::from_vec(all, ranges.last().map_or(0, |r| r.end), &device)?;
-        for ((_, var), at) in self.params.iter().zip(offsets) {
-            let p = all.narrow(0, at, var.elem_count())?.reshape(var.dims())?;
-            var.set(&p.to_dtype(var.dtype())?)?;
+        shard.gathered_params.clear();
+        if !replicated.is_empty() {
+            let clock = std::time::Instant::now();
+            let all = shard.gather(&replicated, dist)?;
+            comm += clock.elapsed().as_secs_f64();
+            let all = Tensor::from_vec(all, replicated.len(), &device)?;
+            for ((_, var), slot) in self.params.iter().zip(&shard.slots) {
+                let p = all
+                    .narrow(0, slot.at, var.elem_count())?
+                    .reshape(var.dims())?;
+                var.set(&p.to_dtype(var.dtype())?)?;
+            }
         }
         Ok((mean_loss, norm, comm))
     }
 
     /// Puts every rank's moments together (all ranks call it), so that [`AdamW::state`]
-    /// gives the whole state a checkpoint stores. Unsharded: nothing to do.
+    /// gives the whole state a checkpoint stores, and the layers' parameters, for
+    /// [`AdamW::gathered_params`]. Unsharded: nothing to do.
     pub fn gather_state(&mut self, dist: Option<&Mutex<Dist>>) -> Result<()> {
         let Some(shard) = self.shard.as_ref() else {
             return Ok(());
         };
         let ranges = shard.ranges.clone();
         let total = ranges.last().map_or(0, |r| r.end);
-        let own_len = ranges[shard.rank].len();
+        let own_len = shard.own().len();
         let local = |t: &Option<Tensor>| -> Result<Vec<f32>> {
             match t {
                 Some(t) => t.to_vec1(),
@@ -231,38 +435,50 @@ impl AdamW {
         let (mut m, mut v) = (local(&shard.m)?, local(&shard.v)?);
         let started = shard.m.is_some();
         if let Some(d) = dist {
-            let mut d = d
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("the rank connection is poisoned".into()))?;
-            let io = |e: std::io::Error| {
-                candle_core::Error::Msg(format!("gathering the optimizer state: {e}"))
-            };
-            m = d.all_gather(&m, &ranges).map_err(io)?;
-            v = d.all_gather(&v, &ranges).map_err(io)?;
+            (m, v) = exchange(d, |d| {
+                Ok((d.all_gather(&m, &ranges)?, d.all_gather(&v, &ranges)?))
+            })
+            .map_err(|e| candle_core::Error::Msg(format!("gathering the optimizer state: {e}")))?;
         }
+        let device = shard.p.device().clone();
         let mut out = HashMap::new();
         if started {
-            let device = self.params[0].1.device();
             let (m, v) = (
-                Tensor::from_vec(m, total, device)?,
-                Tensor::from_vec(v, total, device)?,
+                Tensor::from_vec(m, total, &device)?,
+                Tensor::from_vec(v, total, &device)?,
             );
-            for ((name, var), &at) in self.params.iter().zip(&shard.offsets) {
-                let n = var.elem_count();
+            for slot in &shard.slots {
+                let n = slot.shape.elem_count();
                 out.insert(
-                    format!("exp_avg.{name}"),
-                    m.narrow(0, at, n)?.reshape(var.dims())?,
+                    format!("exp_avg.{}", slot.name),
+                    m.narrow(0, slot.at, n)?.reshape(slot.shape.clone())?,
                 );
                 out.insert(
-                    format!("exp_avg_sq.{name}"),
-                    v.narrow(0, at, n)?.reshape(var.dims())?,
+                    format!("exp_avg_sq.{}", slot.name),
+                    v.narrow(0, slot.at, n)?.reshape(slot.shape.clone())?,
                 );
+            }
+        }
+        let mut params = Vec::new();
+        if !shard.layers.is_empty() {
+            let span = shard.replicated..total;
+            let all = Tensor::from_vec(shard.gather(&span, dist)?, span.len(), &device)?;
+            for slot in shard.slots.iter().filter(|s| s.at >= shard.replicated) {
+                let t = all.narrow(0, slot.at - span.start, slot.shape.elem_count())?;
+                params.push((slot.name.clone(), t.reshape(slot.shape.clone())?));
             }
         }
         if let Some(s) = self.shard.as_mut() {
             s.gathered = Some(out);
+            s.gathered_params = params;
         }
         Ok(())
+    }
+
+    /// The decoder layers' parameters that [`AdamW::shard_layers`] gave up, as
+    /// [`AdamW::gather_state`] last put them together (for a checkpoint).
+    pub fn gathered_params(&self) -> &[(String, Tensor)] {
+        self.shard.as_ref().map_or(&[], |s| &s.gathered_params)
     }
 
     pub fn vars(&self) -> Vec<Var> {
@@ -324,12 +540,13 @@ impl AdamW {
         self.t = t;
         if let Some(shard) = self.shard.as_mut() {
             // This rank's range of the flat moments, from the whole state a checkpoint holds.
-            let own = shard.ranges[shard.rank].clone();
+            let own = shard.own();
             let flat = |prefix: &str| -> Result<Option<Tensor>> {
-                let mut parts = Vec::with_capacity(self.params.len());
-                for (name, var) in &self.params {
+                let mut parts = Vec::with_capacity(shard.slots.len());
+                for slot in &shard.slots {
+                    let name = &slot.name;
                     match state.get(&format!("{prefix}.{name}")) {
-                        Some(t) if t.dims() == var.dims() => {
+                        Some(t) if t.shape() == &slot.shape => {
                             parts.push(t.to_dtype(DType::F32)?.flatten_all()?)
                         }
                         Some(_) => {
@@ -342,8 +559,7 @@ impl AdamW {
                     .narrow(0, own.start, own.len())
                     .map(Some)
             };
-            shard.m = flat("exp_avg")?;
-            shard.v = flat("exp_avg_sq")?;
+            (shard.m, shard.v) = (flat("exp_avg")?, flat("exp_avg_sq")?);
             return Ok(());
         }
         for (i, (name, var)) in self.params.iter().enumerate() {
@@ -640,7 +856,7 @@ mod tests {
                     let d = Mutex::new(d);
                     let vars = init();
                     let mut opt = AdamW::new(vars.clone(), 0.05, 0.01);
-                    opt.shard(rank, world);
+                    opt.shard(rank, world).unwrap();
                     for t in 0..3 {
                         let g = store(&vars, &|i, n| grad(rank, t, i, n));
                         opt.sharded_step(Some(&g), 1.0, 1.0, Some(&d)).unwrap();

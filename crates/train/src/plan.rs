@@ -278,24 +278,36 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
         // besides the model.
         loaded = weights + (2 * largest(&|_| true)).max(6 * largest(&llm_linear));
     }
-    if spec.shard == Sharding::Full {
-        // Each rank keeps its share of every parameter, and gathers one layer at a time
-        // (the next one in flight).
-        let layer = params
-            .iter()
-            .filter(|p| p.name.starts_with("model.layers.0."))
-            .map(|p| 4 * p.numel)
-            .sum::<u64>();
-        weights = weights / world + 2 * layer;
-        // and reads only its share, a tensor at a time.
-        loaded = loaded / world + 6 * largest(&|_| true);
+    // `--shard full` shards the decoder layers that train (else it is grad-opt): each rank
+    // keeps its range of their weights and gathers one layer at a time, its weights and,
+    // in the backward, their differentiable copy and gradients; the rest stays whole.
+    let layers_trained: u64 = params
+        .iter()
+        .filter(|p| p.name.starts_with("model.layers.") && filter(&p.name))
+        .map(|p| p.numel)
+        .sum();
+    let full = spec.shard == Sharding::Full && layers_trained > 0;
+    let one_layer = 4 * params
+        .iter()
+        .filter(|p| p.name.starts_with("model.layers.0."))
+        .map(|p| p.numel)
+        .sum::<u64>();
+    if full {
+        weights = weights - 4 * layers_trained + 4 * layers_trained / world + 2 * one_layer;
     }
     let grads = 4 * trained;
     let (gradients, optimizer) = match spec.shard {
         Sharding::None => (grads, 8 * trained),
         Sharding::GradOpt => (grads, 8 * trained / world),
-        Sharding::Full => (grads / world, 8 * trained / world),
+        Sharding::Full if !full => (grads, 8 * trained / world),
+        // The whole ones' gradients, this rank's range of all, and one layer's.
+        Sharding::Full => (
+            4 * (trained - layers_trained) + grads / world + one_layer,
+            8 * trained / world,
+        ),
     };
+    // Full sharding recomputes each layer in the backward.
+    let checkpointing = spec.checkpointing || full;
 
     // Activations, in f32 elements per token of one layer as the training graph keeps them.
     let (h, i) = (d.hidden_size as u64, d.intermediate_size as u64);
@@ -334,7 +346,7 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
     let layer_bytes = 4 * tokens * (per_layer + adapter_extra);
     // The spliced input embeddings (the lookup, the splice, the padded batch).
     let inputs = 4 * tokens * 3 * h;
-    let activations = if spec.checkpointing {
+    let activations = if checkpointing {
         // Each layer's input, and one layer recomputed for its backward.
         4 * tokens * h * layers + layer_bytes + inputs
     } else {
@@ -359,7 +371,7 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
     // (19h + 2i) per token, and (8h + 3i) more per layer whose backward is pending (all of
     // them, or the one recomputed with checkpointing); with adapters, about half of what
     // they keep again per pending layer (fitted to LoRA's measured runs in tests/plan.rs).
-    let pending = if spec.checkpointing { 1 } else { layers };
+    let pending = if checkpointing { 1 } else { layers };
     let backward = 4 * tokens * (19 * h + 2 * i + pending * (8 * h + 3 * i + adapter_extra / 2));
     // Accumulating micro-batches: the running sum and the new pass's gradients, and the
     // sum being formed.
@@ -368,8 +380,12 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
     let exchange = match (world, spec.shard) {
         (1, _) => 0,
         (_, Sharding::None) => 2 * grads,
-        (_, Sharding::GradOpt) => grads + grads / world,
-        (_, Sharding::Full) => 0,
+        (_, Sharding::Full) if full => {
+            // One layer's gradients as bytes to send and this rank's range back, and the
+            // whole ones' at the step.
+            (2 * one_layer).max(4 * (trained - layers_trained) + grads / world)
+        }
+        (_, Sharding::GradOpt | Sharding::Full) => grads + grads / world,
     };
     let transient = in_flight.max(exchange.saturating_sub(activations + head));
     MemoryPlan {

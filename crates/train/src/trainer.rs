@@ -184,6 +184,56 @@ pub struct TrainInputs<'a> {
     pub dist: Option<&'a std::sync::Mutex<crate::dist::Dist>>,
 }
 
+/// The decoder layers under `train --shard full`: each is put together from the ranks'
+/// ranges for its forward and again for its recomputation in the backward, and dropped
+/// after; its gradients go back to be reduce-scattered.
+struct GatheredLayers<'a> {
+    opt: &'a mut AdamW,
+    dist: Option<&'a std::sync::Mutex<crate::dist::Dist>>,
+    cfg: &'a kollava_model::config::DecoderConfig,
+    device: candle_core::Device,
+    /// Whether a layer built now is differentiated (the backward's recomputation).
+    differentiate: bool,
+    /// The parameters of the layer built last, to read their gradients.
+    current: Vec<candle_core::Var>,
+    /// Seconds spent exchanging with the other ranks in the forward and in the backward.
+    comm: [f64; 2],
+}
+
+impl kollava_model::decoder::LayerSource for GatheredLayers<'_> {
+    fn layer(&mut self, i: usize) -> Result<std::borrow::Cow<'_, kollava_model::decoder::Layer>> {
+        let clock = std::time::Instant::now();
+        let named = self.opt.gather_layer(i, self.dist)?;
+        self.comm[self.differentiate as usize] += clock.elapsed().as_secs_f64();
+        self.current.clear();
+        let mut map = std::collections::HashMap::with_capacity(named.len());
+        for (name, t) in named {
+            let t = match self.differentiate {
+                true => {
+                    let v = candle_core::Var::from_tensor(&t)?;
+                    self.current.push(v.clone());
+                    v.as_tensor().clone()
+                }
+                false => t,
+            };
+            map.insert(name, t);
+        }
+        let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, &self.device);
+        Ok(std::borrow::Cow::Owned(
+            kollava_model::decoder::Decoder::load_layer(vb, self.cfg, i)?,
+        ))
+    }
+
+    fn layer_grads(&mut self, i: usize, grads: &GradStore) -> Result<()> {
+        let grads: Vec<Option<Tensor>> = std::mem::take(&mut self.current)
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned())
+            .collect();
+        self.comm[1] += self.opt.add_layer_grads(i, &grads, self.dist)?;
+        Ok(())
+    }
+}
+
 /// A sample made ready on the loader thread.
 struct Prepared {
     ids: Vec<u32>,
@@ -247,6 +297,7 @@ fn micro_batch_grads(
     opts: &TrainOptions,
     weight: f64,
     params: &[candle_core::Var],
+    gathered: Option<&mut GatheredLayers>,
 ) -> Result<Option<MicroBatch>> {
     let mut times = StepTimes::default();
     let clock = std::time::Instant::now();
@@ -314,11 +365,16 @@ fn micro_batch_grads(
                 .map(move |(i, &t)| ((b * longest + i - 1) as u32, t as u32))
         })
         .unzip();
-    if rows.is_empty() {
+    if rows.is_empty() && gathered.is_none() {
         return Ok(None);
     }
     let n = rows.len();
     let loss_of = |hidden: Tensor| -> Result<Tensor> {
+        if rows.is_empty() {
+            // Sharded layers: this rank still takes its part in every layer's exchanges,
+            // with nothing to learn.
+            return hidden.sum_all()?.to_dtype(DType::F32)? * 0.0;
+        }
         let hidden = hidden.reshape((batch.len() * longest, hidden_size))?;
         let picked = hidden.index_select(&Tensor::new(rows.as_slice(), &device)?, 0)?;
         let logits = model.decoder.logits(&picked)?.to_dtype(DType::F32)?;
@@ -335,6 +391,21 @@ fn micro_batch_grads(
             times,
         }))
     };
+    if let Some(layers) = gathered {
+        layers.differentiate = false;
+        let ck = model.decoder.forward_checkpointed_with(&x, &lens, layers)?;
+        let loss = loss_of(ck.hidden(&model.decoder)?)?;
+        times.forward = clock.elapsed().as_secs_f64();
+        let clock = std::time::Instant::now();
+        let mut grads = loss.backward()?;
+        layers.differentiate = true;
+        let gx = ck.backward_with(ck.output_grad(&grads)?, layers)?;
+        if x.track_op() {
+            let input_grads = (x * gx)?.sum_all()?.backward()?;
+            kollava_model::decoder::accumulate(&mut grads, &input_grads, params)?;
+        }
+        return done(loss, grads, times, clock);
+    }
     if !opts.gradient_checkpointing {
         let mut cache = KvCache::new(model.config().decoder.num_hidden_layers, batch.len());
         let loss = loss_of(model.decoder.forward(&x, &lens, &mut cache)?)?;
@@ -475,9 +546,29 @@ pub fn train(
                     opts.seed
                         ^ ((step as u64) << 20 | (micro_index as u64) << 4 | opts.rank as u64),
                 );
+                let layered = !opt.sharded_layers().is_empty();
+                let mut gathered = layered.then(|| GatheredLayers {
+                    opt: &mut *opt,
+                    dist: inp.dist,
+                    cfg: &inp.model.config().decoder,
+                    device: inp.model.decoder.device().clone(),
+                    differentiate: false,
+                    current: Vec::new(),
+                    comm: [0.0; 2],
+                });
                 let micro = kollava_model::layers::with_dropout_seed(dropout_seed, || {
-                    micro_batch_grads(inp, &batch, opts, 1.0 / chunks as f64, &vars)
+                    let g = gathered.as_mut();
+                    micro_batch_grads(inp, &batch, opts, 1.0 / chunks as f64, &vars, g)
                 })?;
+                if let Some(g) = &gathered {
+                    // Exchanges inside the forward and the backward count as communication.
+                    times.add(&StepTimes {
+                        forward: -g.comm[0],
+                        backward: -g.comm[1],
+                        communication: g.comm[0] + g.comm[1],
+                        ..Default::default()
+                    });
+                }
                 let Some(mb) = micro else {
                     continue;
                 };
@@ -488,6 +579,7 @@ pub fn train(
             }
             let lr = cosine_lr(opts.lr, step, warmup, total);
             let clock = std::time::Instant::now();
+            let layers_comm = times.communication;
             let grad_norm = if opt.is_sharded() {
                 // Row masks are linear: applied to each rank's share before the averaging.
                 if let Some(g) = grads.as_mut() {
@@ -497,13 +589,13 @@ pub fn train(
                 let (loss, norm, comm) =
                     opt.sharded_step(grads.as_ref(), loss_sum, opts.max_grad_norm, inp.dist)?;
                 loss_sum = loss;
-                times.communication = comm;
+                times.communication += comm;
                 norm
             } else {
                 if let Some(dist) = inp.dist {
                     let clock = std::time::Instant::now();
                     loss_sum = average_over_ranks(dist, &mut grads, &vars, loss_sum)?;
-                    times.communication = clock.elapsed().as_secs_f64();
+                    times.communication += clock.elapsed().as_secs_f64();
                 }
                 match grads.as_mut() {
                     Some(g) => {
@@ -516,7 +608,7 @@ pub fn train(
                     None => 0.0,
                 }
             };
-            times.optimizer = clock.elapsed().as_secs_f64() - times.communication;
+            times.optimizer = clock.elapsed().as_secs_f64() - (times.communication - layers_comm);
             let done = step + 1;
             on_step(&StepLog {
                 step: done,

@@ -223,9 +223,12 @@ fn bf16_runs_follow_the_f32_losses() {
     }
 }
 
+/// Each rank's bytes of optimizer state and of trained layer weights.
+type Held = Vec<(usize, usize)>;
+
 /// `world` ranks (threads here, processes in `train --nproc`) running `spec` together over
-/// TCP; returns rank 0's metrics.
-fn ranks(world: usize, spec: &RunSpec) -> Vec<(u64, f64)> {
+/// TCP; returns rank 0's metrics and what each rank held.
+fn ranks(world: usize, spec: &RunSpec) -> (Vec<(u64, f64)>, Held) {
     use kollava_train::dist::Dist;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -233,18 +236,22 @@ fn ranks(world: usize, spec: &RunSpec) -> Vec<(u64, f64)> {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    std::thread::scope(|s| {
-        for rank in 0..world {
-            let addr = addr.clone();
-            s.spawn(move || {
-                let d =
-                    Dist::connect(rank, world, &addr, std::time::Duration::from_secs(30)).unwrap();
-                let d = std::sync::Mutex::new(d);
-                execute(spec, &Device::Cpu, Some(&d), &mut |_| {}).unwrap();
-            });
-        }
+    let held = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                let addr = addr.clone();
+                s.spawn(move || {
+                    let d = Dist::connect(rank, world, &addr, std::time::Duration::from_secs(30))
+                        .unwrap();
+                    let d = std::sync::Mutex::new(d);
+                    let f = execute(spec, &Device::Cpu, Some(&d), &mut |_| {}).unwrap();
+                    (f.optimizer_bytes, f.layer_weight_bytes)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    metrics(&spec.output_dir)
+    (metrics(&spec.output_dir), held)
 }
 
 fn assert_losses_close(a: &[(u64, f64)], b: &[(u64, f64)], rel: f64, what: &str) {
@@ -258,10 +265,13 @@ fn assert_losses_close(a: &[(u64, f64)], b: &[(u64, f64)], rel: f64, what: &str)
     }
 }
 
-/// `--shard grad-opt` over 2 and 4 ranks, one sample each per step: the losses of one
-/// process accumulating the same global batch (within 1e-5: the mean of the gradients is
-/// summed in another order), and of the unsharded ranks (within 1e-6: only the gradient
-/// norm's sum differs). A sharded run cut after a checkpoint resumes with the same losses.
+/// `--shard grad-opt` and `--shard full` over 2 and 4 ranks, one sample each per step: the
+/// losses of one process accumulating the same global batch (within 1e-5: the mean of the
+/// gradients is summed in another order), and of the unsharded ranks (within 1e-6 for
+/// grad-opt, where only the gradient norm's sum differs; 1e-5 for full, whose layer
+/// gradients are averaged per micro-batch). A sharded run cut after a checkpoint resumes
+/// with the same losses. Each rank holds 1/N of the optimizer state (and under full, of
+/// the layers' weights), counted in bytes.
 #[test]
 fn sharded_ranks_train_as_one_process_and_resume() {
     use kollava_train::run::Sharding;
@@ -272,29 +282,59 @@ fn sharded_ranks_train_as_one_process_and_resume() {
         one.train.grad_accum = world;
         one.train.max_steps = Some(3);
         one.save_steps = None;
-        execute(&one, &Device::Cpu, None, &mut |_| {}).unwrap();
+        let single = execute(&one, &Device::Cpu, None, &mut |_| {}).unwrap();
         let want = metrics(&one.output_dir);
 
         let mut plain = spec("llava-v1.5", Stage::Finetune, &dir("plain"));
         plain.train.max_steps = Some(3);
         plain.save_steps = None;
-        let unsharded = ranks(world, &plain);
+        let (unsharded, _) = ranks(world, &plain);
 
-        let mut sharded = spec("llava-v1.5", Stage::Finetune, &dir("sharded"));
-        sharded.train.max_steps = Some(3);
-        sharded.shard = Sharding::GradOpt;
-        let got = ranks(world, &sharded);
-        assert_losses_close(&got, &want, 1e-5, "sharded vs one process");
-        assert_losses_close(&got, &unsharded, 1e-6, "sharded vs unsharded ranks");
+        for (mode, name, rel) in [
+            (Sharding::GradOpt, "grad-opt", 1e-6),
+            (Sharding::Full, "full", 1e-5),
+        ] {
+            let mut sharded = spec("llava-v1.5", Stage::Finetune, &dir(name));
+            sharded.train.max_steps = Some(3);
+            sharded.shard = mode;
+            let (got, held) = ranks(world, &sharded);
+            assert_losses_close(&got, &want, 1e-5, &format!("{name} vs one process"));
+            assert_losses_close(&got, &unsharded, rel, &format!("{name} vs unsharded"));
+            for (rank, (opt_bytes, layer_bytes)) in held.iter().enumerate() {
+                let share = |whole: usize| {
+                    let r = kollava_train::optim::even_ranges(whole / 4, world)[rank].clone();
+                    4 * r.len()
+                };
+                assert_eq!(
+                    *opt_bytes,
+                    2 * share(single.optimizer_bytes / 2),
+                    "{name} rank {rank}"
+                );
+                if mode == Sharding::Full {
+                    // The layers follow the parameters held whole in the flat vector:
+                    // this rank's range of them is at most its 1/N, and all ranks' add up.
+                    assert!(
+                        *layer_bytes <= share(single.optimizer_bytes / 2),
+                        "{name} rank {rank}"
+                    );
+                } else {
+                    assert_eq!(*layer_bytes, single.layer_weight_bytes);
+                }
+            }
+            if mode == Sharding::Full {
+                let sum: usize = held.iter().map(|h| h.1).sum();
+                assert_eq!(sum, single.layer_weight_bytes);
+            }
 
-        // Cut after checkpoint 1 (checkpoint 2 gone, half a metrics line left): the rerun
-        // resumes at step 1 and repeats the losses.
-        std::fs::remove_dir_all(sharded.output_dir.join("checkpoint-2")).unwrap();
-        let path = sharded.output_dir.join("metrics.jsonl");
-        let mut text = std::fs::read_to_string(&path).unwrap();
-        text.push_str("{\"step\": 4, \"lo");
-        std::fs::write(&path, text).unwrap();
-        let resumed = ranks(world, &sharded);
-        assert_losses_close(&resumed, &got, 1e-6, "resumed sharded run");
+            // Cut after checkpoint 1 (checkpoint 2 gone, half a metrics line left): the
+            // rerun resumes at step 1 and repeats the losses.
+            std::fs::remove_dir_all(sharded.output_dir.join("checkpoint-2")).unwrap();
+            let path = sharded.output_dir.join("metrics.jsonl");
+            let mut text = std::fs::read_to_string(&path).unwrap();
+            text.push_str("{\"step\": 4, \"lo");
+            std::fs::write(&path, text).unwrap();
+            let (resumed, _) = ranks(world, &sharded);
+            assert_losses_close(&resumed, &got, 1e-6, &format!("resumed {name} run"));
+        }
     }
 }

@@ -342,7 +342,7 @@ fn plan(args: &TrainArgs) -> Result<()> {
             kollava_train::run::Sharding::None => "nothing sharded",
             kollava_train::run::Sharding::GradOpt => "gradients and optimizer state sharded",
             kollava_train::run::Sharding::Full =>
-                "parameters, gradients and optimizer state sharded",
+                "layer weights, gradients and optimizer state sharded",
         },
         setup.per_device_batch_size,
         if setup.per_device_batch_size == 1 {
@@ -385,8 +385,5 @@ fn plan(args: &TrainArgs) -> Result<()> {
     );
     println!("  {:<26}{:>9.2}", "while loading", gib(p.load_peak));
     println!("  {:<26}{:>9.2}", "peak", gib(p.peak()));
-    if setup.shard == kollava_train::run::Sharding::Full {
-        eprintln!("note: --shard full is planned here; training does not do it yet");
-    }
     Ok(())
 }

@@ -437,7 +437,7 @@ fn v0_pretraining_trains_only_the_image_boundary_rows() {
 
 /// Two data-parallel processes, one sample each per step, train like one process that
 /// accumulates two micro-batches: the same losses (up to summation order), and one result;
-/// also with `--shard grad-opt`.
+/// also with `--shard grad-opt` and `--shard full`.
 #[test]
 fn two_ranks_train_like_one_process_with_gradient_accumulation() {
     let tmp = tempfile::tempdir().unwrap();
@@ -466,7 +466,11 @@ fn two_ranks_train_like_one_process_with_gradient_accumulation() {
     let a = losses(&single.join("metrics.jsonl"));
     assert_eq!(a.len(), 5);
     // Plain data parallelism, and with the optimizer state sharded between the ranks.
-    for (name, extra) in [("ddp", &[][..]), ("sharded", &["--shard", "grad-opt"][..])] {
+    for (name, extra) in [
+        ("ddp", &[][..]),
+        ("sharded", &["--shard", "grad-opt"][..]),
+        ("fully-sharded", &["--shard", "full"][..]),
+    ] {
         let ddp = tmp.path().join(name);
         let mut flags = vec!["--nproc", "2"];
         flags.extend(extra);

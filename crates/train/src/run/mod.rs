@@ -81,9 +81,11 @@ pub enum Sharding {
     /// gradients are reduce-scattered and the updated parameters all-gathered (ZeRO-2,
     /// FSDP's `SHARD_GRAD_OP`).
     GradOpt,
-    /// Each rank keeps 1/N of the parameters too, gathering each layer's for its forward
-    /// and backward (ZeRO-3, FSDP's `FULL_SHARD`). `train --plan` sizes it; training does
-    /// not do it yet.
+    /// Each rank keeps 1/N of the decoder layers' parameters too, gathering a layer's for
+    /// its forward and again for its recomputation in the backward (ZeRO-3, FSDP's
+    /// `FULL_SHARD`; gradient checkpointing is implied). The embeddings, head, final norm,
+    /// projector and tower stay whole on every rank, their gradients and optimizer state
+    /// sharded as under `GradOpt`.
     Full,
 }
 
@@ -169,6 +171,10 @@ pub struct Finished {
     pub metrics: PathBuf,
     /// Samples masked whole because their tokenization did not match.
     pub masked: usize,
+    /// Bytes this rank held between steps: AdamW's moments, and the trained decoder layers'
+    /// weights (its range of them under `--shard full`).
+    pub optimizer_bytes: usize,
+    pub layer_weight_bytes: usize,
 }
 
 /// The learning rate the reference's scripts use when none is given: stage 1 2e-3, full
@@ -221,9 +227,9 @@ impl RunSpec {
                 "training the vision tower under LoRA is not supported; train it in full finetuning",
             );
         }
-        if self.shard == Sharding::Full {
+        if self.shard == Sharding::Full && self.lora.is_some() {
             return invalid(
-                "--shard full is not implemented yet (train --plan sizes it); use grad-opt",
+                "--shard full shards trained decoder layers; under adapters the base is frozen: use --shard grad-opt",
             );
         }
         if self.samples.is_empty() {
@@ -371,6 +377,53 @@ pub fn execute(
         }
         _ => Vec::new(),
     };
+    let mut opts = TrainOptions {
+        lr: spec.lr.unwrap_or(default_lr(finetune, spec.lora.is_some())),
+        train_vision: finetune && spec.tune_vision,
+        world,
+        rank,
+        ..spec.train.clone()
+    };
+    let parameters = params.iter().map(|(_, v)| v.elem_count()).sum();
+    let tensors = params.len();
+    let trainable_names: Vec<String> = tm.params.iter().map(|(n, _)| n.clone()).collect();
+    let mut opt = AdamW::new(params.clone(), opts.lr, opts.weight_decay);
+    match spec.shard {
+        Sharding::None => {}
+        Sharding::GradOpt => opt.shard(rank, world)?,
+        Sharding::Full => {
+            let in_layers = |names: &mut dyn Iterator<Item = &String>| {
+                names.filter(|n| layer_of(n).is_some()).count()
+            };
+            let trained = in_layers(&mut tm.params.iter().map(|(n, _)| n));
+            if trained == 0 {
+                opt.shard(rank, world)?;
+                if main_rank {
+                    on_event(Event::Notice(
+                        "no decoder layer trains: --shard full shards the gradients and optimizer state (as grad-opt)".into(),
+                    ));
+                }
+            } else {
+                if trained != in_layers(&mut tm.tensors.iter().map(|(n, _)| n)) {
+                    return Err(RunError::Invalid(
+                        "--shard full shards decoder layers that train whole; some of these layers' weights are frozen".into(),
+                    ));
+                }
+                if !opts.gradient_checkpointing && main_rank {
+                    on_event(Event::Notice(
+                        "--shard full recomputes each layer in the backward: gradient checkpointing is on".into(),
+                    ));
+                }
+                opts.gradient_checkpointing = true;
+                // Only this rank's range of the layers' weights stays.
+                opt.shard_layers(rank, world, &layer_of)?;
+                tm.model.decoder.drop_layers();
+                tm.tensors.retain(|(n, _)| layer_of(n).is_none());
+                tm.params.retain(|(n, _)| layer_of(n).is_none());
+                params.retain(|(n, _)| layer_of(n).is_none());
+            }
+        }
+    }
     let inputs = TrainInputs {
         model: &tm.model,
         tokenizer: &tok,
@@ -383,17 +436,6 @@ pub fn execute(
         row_masks: &row_masks,
         dist,
     };
-    let opts = TrainOptions {
-        lr: spec.lr.unwrap_or(default_lr(finetune, spec.lora.is_some())),
-        train_vision: finetune && spec.tune_vision,
-        world,
-        rank,
-        ..spec.train.clone()
-    };
-    let mut opt = AdamW::new(params.clone(), opts.lr, opts.weight_decay);
-    if spec.shard == Sharding::GradOpt {
-        opt.shard(rank, world);
-    }
     if let Some((step, dir)) = &resume {
         let path = dir.join(OPTIMIZER_FILE);
         let state = candle_core::safetensors::load(&path, device)
@@ -412,15 +454,14 @@ pub fn execute(
     let total = opts.total_steps(spec.samples.len());
     if main_rank {
         on_event(Event::Started {
-            parameters: params.iter().map(|(_, v)| v.elem_count()).sum(),
-            tensors: params.len(),
+            parameters,
+            tensors,
             samples: spec.samples.len(),
             template: &version,
             start,
             total,
         });
     }
-    let trainable_names: Vec<String> = tm.params.iter().map(|(n, _)| n.clone()).collect();
     let kind = match &spec.lora {
         Some(lo) => Output::Lora {
             opts: lo,
@@ -434,10 +475,13 @@ pub fn execute(
         if !writes {
             return Ok(());
         }
+        // Sharded layers' weights, put together by the optimizer for the save.
+        let mut all = tm.tensors.clone();
+        all.extend(opt.gathered_params().iter().cloned());
         let result = if step == total {
             save_final(
                 &ckpt,
-                &tm.tensors,
+                &all,
                 &trainable_names,
                 out,
                 &kind,
@@ -447,7 +491,7 @@ pub fn execute(
         } else {
             save_checkpoint(
                 &ckpt,
-                &tm.tensors,
+                &all,
                 &trainable_names,
                 out,
                 &kind,
@@ -499,7 +543,18 @@ pub fn execute(
         adapter: spec.lora.is_some(),
         metrics: out.join(METRICS_FILE),
         masked,
+        optimizer_bytes: opt.state_bytes(),
+        layer_weight_bytes: opt.layer_param_bytes(&layer_of),
     })
+}
+
+/// The decoder layer a parameter belongs to (`model.layers.3.mlp.up_proj.weight` → 3).
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// A stage-1 file given to a checkpoint with `<im_start>`/`<im_end>` (v0) also carries those
