@@ -972,6 +972,10 @@ pub struct RunArgs {
     pub query_file: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// With --json: each answer token's log-probability and the N most likely tokens at
+    /// its place (0-20, as OpenAI's top_logprobs) — 토큰별 로그 확률 (--json과 함께)
+    #[arg(long, value_name = "N", requires = "json", value_parser = clap::value_parser!(u8).range(0..=20))]
+    pub logprobs: Option<u8>,
     /// Print one JSON object (text, ids, timings) instead of streaming — JSON으로 출력
     #[arg(long)]
     pub json: bool,

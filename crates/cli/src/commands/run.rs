@@ -45,7 +45,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_err = None;
-    let opts = pipeline::answer_options(&args.sampling)?;
+    let mut opts = pipeline::answer_options(&args.sampling)?;
+    opts.sampling.logprobs = args.logprobs.map(usize::from);
     let answer = loaded.answer(&conv, &images, &opts, &mut |piece| {
         if !args.json && write_err.is_none() {
             if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
@@ -65,6 +66,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
             "prompt_tokens": answer.prompt_tokens,
             "stop": format!("{:?}", answer.generation.stop).to_lowercase(),
             "template": loaded.template.name,
+            "logprobs": args.logprobs.map(|_| {
+                answer.generation.logprobs.iter().map(|t| serde_json::json!({
+                    "id": t.id,
+                    "logprob": t.logprob,
+                    "top": t.top.iter().map(|&(id, lp)| serde_json::json!({"id": id, "logprob": lp})).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>()
+            }),
             "timings": {
                 "load_ms": answer.timings.load_ms,
                 "preprocess_ms": answer.timings.preprocess_ms,

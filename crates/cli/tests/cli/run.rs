@@ -122,6 +122,44 @@ fn greedy_run_gives_the_same_ids_twice() {
     }
 }
 
+/// `run --json --logprobs 3`: per answer token, its log-probability and the three most
+/// likely at its place, best first; greedy picks the first of them, so its log-probability
+/// is that one's. Sampled at a high temperature, the log-probabilities are still the
+/// model's (not the tempered distribution's): the same three alternatives as greedy's at the
+/// first token. Without --json the flag is refused.
+#[test]
+fn run_reports_each_tokens_log_probability_and_alternatives() {
+    let model = checkpoint("llava-v1.5");
+    let greedy = run_json(&model, &["--temperature", "0", "--logprobs", "3"]);
+    let ids = token_ids(&greedy);
+    let steps = greedy["logprobs"].as_array().unwrap();
+    assert_eq!(steps.len(), ids.len());
+    for (t, &id) in steps.iter().zip(&ids) {
+        assert_eq!(t["id"].as_u64(), Some(id));
+        let top = t["top"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        let lp: Vec<f64> = top.iter().map(|c| c["logprob"].as_f64().unwrap()).collect();
+        assert!(lp.windows(2).all(|w| w[0] >= w[1]) && lp[0] <= 0.0, "{t}");
+        assert_eq!(top[0]["id"].as_u64(), Some(id), "{t}");
+        assert_eq!(t["logprob"].as_f64(), Some(lp[0]));
+    }
+    let hot = run_json(&model, &["--temperature", "1.5", "--logprobs", "3"]);
+    assert_eq!(hot["logprobs"][0]["top"], steps[0]["top"]);
+    let plain = run_json(&model, &["--temperature", "0"]);
+    assert!(plain["logprobs"].is_null());
+    let o = kollava(&[
+        &"run",
+        &"--model",
+        &model,
+        &"--query",
+        &"hi",
+        &"--logprobs",
+        &"2",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--json"), "{}", stderr(&o));
+}
+
 #[test]
 fn seeded_sampling_gives_the_same_ids_twice() {
     let args = ["--temperature", "0.8", "--seed", "5"];
