@@ -8,7 +8,7 @@ Per run and round: `kollava bench train --json` (its warm-up, then timed steps, 
 this script's own `--worker` under PY (torch, transformers, peft): `LlavaForConditionalGeneration`
 with `torch.set_num_threads(THREADS)`, `requires_grad` only on what the run trains, AdamW,
 clip-grad-norm 1.0, LLaVA's label masking (plain format for stage 1: the image and its
-caption, only the caption labelled; llava_v1 for finetuning: only the answers labelled);
+caption, only the caption labelled; llava_v1 for finetuning: LLaVA's preprocess_v1 masking);
 forward + backward + clip + step, median after the warm-up steps. The batches are built
 before the clock starts, on both sides' own tokenizer and image processor. Each side reports
 its tokens per step, so the work compared is visible. Prints a Markdown table; --out JSON.
@@ -70,7 +70,11 @@ def worker(args):
         for p in model.model.multi_modal_projector.parameters():
             p.requires_grad_(True)
     elif kind == "finetune":
+        # The language model with its output head (transformers 5 keeps `lm_head` beside
+        # `model.language_model`), as LLaVA's full finetuning trains it.
         for p in model.model.language_model.parameters():
+            p.requires_grad_(True)
+        for p in model.lm_head.parameters():
             p.requires_grad_(True)
         for p in model.model.multi_modal_projector.parameters():
             p.requires_grad_(True)
@@ -102,15 +106,53 @@ def worker(args):
             # is labelled.
             cap = ids(conv[1]["value"] + "\n")
             return bos + image_ids + cap, [-100] * (len(bos) + n_image) + cap
-        # llava_v1: system, then "USER: q ASSISTANT: a</s>" per exchange (sep " ", sep2
-        # "</s>"), tokenized whole around the image; the answers are labelled.
-        text = SYSTEM
-        for i in range(0, len(conv) - 1, 2):
-            text += " USER: " + conv[i]["value"] + " ASSISTANT: " + conv[i + 1]["value"] + "</s>"
-        before, _, after = text.partition("<image>")
-        seq = bos + ids(before) + (image_ids if "<image>" in text else []) + ids(after)
-        first_answer = len(bos) + len(ids(before)) + n_image
-        lab = [-100] * first_answer + seq[first_answer:]
+        return v1_sample(conv)
+
+    # LLaVA subtracts one token per later round for tokenizers that give text after a
+    # special token no dummy prefix (slow sentencepiece ones with legacy=False). The
+    # tokenizer.json backend transformers 5 loads gives it one ("</s>USER" -> "▁US"), i.e.
+    # behaves as legacy, and has no `legacy` attribute.
+    legacy = getattr(tok, "legacy", None) is not False
+
+    def toks(text):
+        # tokenizer(text).input_ids, the one <image> token standing for the image's features.
+        out = []
+        for i in tok(text)["input_ids"]:
+            out += [cfg.image_token_id] * n_image if i == cfg.image_token_id else [i]
+        return out
+
+    def v1_sample(conv):
+        # LLaVA's conv_vicuna_v1 prompt (system, " ", then "USER: q ASSISTANT: a</s>" per
+        # exchange) and preprocess_v1's masking: rounds split on "</s>", each round's
+        # instruction measured with its own BOS (hence the -2), one token less per round
+        # after the first for non-legacy tokenizers; a count that disagrees with the
+        # sequence masks the whole sample, as LLaVA does.
+        text = SYSTEM + " "
+        for i, turn in enumerate(conv):
+            role, end = ("USER", " ") if i % 2 == 0 else ("ASSISTANT", "</s>")
+            text += role + ": " + turn["value"] + end
+        seq = toks(text)
+        lab = list(seq)
+        cur = 1
+        lab[0] = -100
+        for i, rou in enumerate(text.split("</s>")):
+            if rou == "":
+                break
+            parts = rou.split(" ASSISTANT: ")
+            if len(parts) != 2:
+                break
+            round_len = len(toks(rou))
+            inst_len = len(toks(parts[0] + " ASSISTANT: ")) - 2
+            if i != 0 and not legacy:
+                round_len -= 1
+                inst_len -= 1
+            for j in range(cur, min(cur + inst_len, len(lab))):
+                lab[j] = -100
+            cur += round_len
+        for j in range(cur, len(lab)):
+            lab[j] = -100
+        if cur != sum(1 for t in seq if t != tok.unk_token_id):
+            lab = [-100] * len(lab)
         return seq, lab
 
     batches = []

@@ -528,9 +528,10 @@ pub struct TrainSetup {
     /// backward; ZeRO-3, implies --gradient-checkpointing) — 학습 상태 분할
     #[arg(long, value_enum, default_value_t = Sharding::None)]
     pub shard: Sharding,
-    /// Frozen matrices (stage 1's language model, the base under LoRA, the tower) multiply
-    /// in bf16 with our kernels, forward and backward; what trains, its gradients and the
-    /// optimizer state stay f32 — bf16 혼합 정밀도
+    /// Mixed precision as the reference's --bf16 True: every matrix product in bf16 with
+    /// our kernels, forward and backward (frozen matrices packed once; trained ones rounded
+    /// for each product); master weights, gradients and the optimizer state stay f32 —
+    /// bf16 혼합 정밀도
     #[arg(long)]
     pub bf16: bool,
     /// Stage 2: train the vision tower too — 비전 타워도 학습

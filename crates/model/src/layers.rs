@@ -187,6 +187,75 @@ impl candle_core::CustomOp1 for FrozenProduct {
     }
 }
 
+thread_local! {
+    static BF16_AUTOCAST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the products of trained weights in bf16 ([`trained_bf16_product`]), as
+/// `torch.autocast(dtype=torch.bfloat16)` runs a step under the reference's `--bf16 True`
+/// (`train --bf16`; frozen matrices are packed for the bf16 kernels once, beforehand).
+pub fn with_bf16_autocast<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let old = BF16_AUTOCAST.with(|s| s.replace(on));
+    let out = f();
+    BF16_AUTOCAST.with(|s| s.set(old));
+    out
+}
+
+/// Whether a product with trained weight `w` takes [`trained_bf16_product`].
+fn autocast_bf16(xs: &Tensor, w: &Tensor) -> bool {
+    BF16_AUTOCAST.with(|s| s.get())
+        && w.track_op()
+        && xs.device().is_cpu()
+        && w.rank() == 2
+        && crate::kernels::bf16::available()
+}
+
+/// `x Wᵀ` for a trained weight under bf16 autocast: `x` and `W` rounded to bf16 for the
+/// product, sums and result in f32 (our bf16 kernels); the backward's products `dX = dY W`
+/// and `dW = dYᵀ X` alike, `dW` arriving in f32 for the f32 master weight and AdamW.
+fn trained_bf16_product(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
+    xs.contiguous()?
+        .apply_op2(&w.contiguous()?, TrainedBf16Product)
+}
+
+struct TrainedBf16Product;
+
+impl candle_core::CustomOp2 for TrainedBf16Product {
+    fn name(&self) -> &'static str {
+        "trained-bf16-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = storage_tensor(xs, xl, self.name())?;
+        let w = storage_tensor(ws, wl, self.name())?;
+        let y = crate::kernels::bf16::PackedBf16::pack(&w)?.matmul(&x)?;
+        tensor_storage(&y.to_dtype(x.dtype())?, self.name())
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        use crate::kernels::bf16::PackedBf16;
+        let (n, k) = w.dims2()?;
+        // dY W = dY (Wᵀ)ᵀ, and dYᵀ X = dYᵀ (Xᵀ)ᵀ: the kernels multiply by a packed
+        // matrix's transpose.
+        let dx = PackedBf16::pack(&w.t()?)?.matmul(grad)?;
+        let xt = x.reshape(((), k))?.t()?;
+        let dw = PackedBf16::pack(&xt)?.matmul(&grad.reshape(((), n))?.t()?)?;
+        Ok((Some(dx.to_dtype(x.dtype())?), Some(dw.to_dtype(w.dtype())?)))
+    }
+}
+
 /// `y + bias` (broadcast over rows), or `y`.
 fn with_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
@@ -325,6 +394,9 @@ impl Linear {
                 frozen_product(xs, FrozenWeight::Dense(l.weight().clone()))?,
                 l.bias(),
             ),
+            Linear::Dense(l) if autocast_bf16(xs, l.weight()) => {
+                with_bias(trained_bf16_product(xs, l.weight())?, l.bias())
+            }
             Linear::Dense(l) => l.forward(xs),
             Linear::Quantized { weight, bias } if frozen_under_training(xs, None) => with_bias(
                 frozen_product(xs, FrozenWeight::Quantized(weight.clone()))?,
@@ -1177,6 +1249,47 @@ mod tests {
         let trained = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 8), &dev).unwrap()).unwrap();
         let l = Linear::Dense(candle_nn::Linear::new(trained.as_tensor().clone(), None));
         assert!(matches!(l.frozen_bf16().unwrap(), Linear::Dense(_)));
+    }
+
+    /// A trained weight's product under bf16 autocast against candle's f32 product: values,
+    /// and gradients of the input and the weight, within bf16 rounding (inputs rounded to 8
+    /// bits of mantissa, f32 sums), on odd sizes and batched inputs; outside autocast the
+    /// product is candle's own.
+    #[test]
+    fn autocast_bf16_products_track_the_f32_values_and_both_gradients() {
+        if !crate::kernels::bf16::available() {
+            eprintln!("skipped: no bf16 kernels on this CPU");
+            return;
+        }
+        let dev = Device::Cpu;
+        for (shape, out) in [
+            (vec![5, 33], 7),
+            (vec![2, 19, 64], 130),
+            (vec![3, 40, 96], 17),
+        ] {
+            let inp = *shape.last().unwrap();
+            let rows: usize = shape[..shape.len() - 1].iter().product();
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap();
+            let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (out, inp), &dev).unwrap()).unwrap();
+            let b = Tensor::randn(0f32, 1.0, out, &dev).unwrap();
+            let l = Linear::Dense(candle_nn::Linear::new(w.as_tensor().clone(), Some(b)));
+            let ours = with_bf16_autocast(true, || l.forward(x.as_tensor())).unwrap();
+            let theirs = l.forward(x.as_tensor()).unwrap();
+            let scale = (inp as f32).sqrt();
+            let err = max_abs_diff_tensors(&ours, &theirs);
+            assert!(err < 0.02 * scale, "{inp}x{out}: forward off by {err}");
+            assert!(err > 0.0, "{inp}x{out}: the bf16 path did not run");
+            let grads = probed_grads(&ours, &theirs, &[&x, &w]);
+            for ((a, b), (what, n)) in grads.iter().zip([("input", out), ("weight", rows)]) {
+                let err = max_abs_diff_tensors(a, b);
+                let scale = (n as f32).sqrt();
+                assert!(
+                    err < 0.02 * scale,
+                    "{inp}x{out}: {what} gradient off by {err}"
+                );
+                assert!(max_abs(b) > 0.1 * scale);
+            }
+        }
     }
 
     /// Training's RMSNorm op against candle's ops (the inference path): the same values,

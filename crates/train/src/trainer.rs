@@ -53,6 +53,9 @@ pub struct TrainOptions {
     /// Keep only each decoder layer's input during the forward and recompute the layer for
     /// its backward (`--gradient-checkpointing`): long sequences fit, for ~30 % more time.
     pub gradient_checkpointing: bool,
+    /// Multiply trained weights in bf16 too (autocast; `train --bf16`, which also packs the
+    /// frozen matrices for the bf16 kernels).
+    pub bf16: bool,
 }
 
 impl Default for TrainOptions {
@@ -72,6 +75,7 @@ impl Default for TrainOptions {
             world: 1,
             rank: 0,
             gradient_checkpointing: false,
+            bf16: false,
         }
     }
 }
@@ -557,8 +561,10 @@ pub fn train(
                     comm: [0.0; 2],
                 });
                 let micro = kollava_model::layers::with_dropout_seed(dropout_seed, || {
-                    let g = gathered.as_mut();
-                    micro_batch_grads(inp, &batch, opts, 1.0 / chunks as f64, &vars, g)
+                    kollava_model::layers::with_bf16_autocast(opts.bf16, || {
+                        let g = gathered.as_mut();
+                        micro_batch_grads(inp, &batch, opts, 1.0 / chunks as f64, &vars, g)
+                    })
                 })?;
                 if let Some(g) = &gathered {
                     // Exchanges inside the forward and the backward count as communication.

@@ -361,11 +361,7 @@ fn plan(args: &TrainArgs) -> Result<()> {
         } else {
             ""
         },
-        if setup.bf16 {
-            ", bf16 frozen matrices"
-        } else {
-            ""
-        },
+        if setup.bf16 { ", bf16 products" } else { "" },
     );
     println!("memory per rank (GiB)");
     for (what, b) in [

@@ -891,12 +891,12 @@ fn peft_applies_a_lora_adapter_trained_on_llava_hf() {
     assert!(r["vs_base"].as_f64().unwrap() > 1e-3 * scale, "{r}");
 }
 
-/// Stage 1's first step on the same batch in PyTorch + transformers
-/// (`LlavaForConditionalGeneration`, as scripts/bench_train.py runs it) and in kollava: the
-/// f32 losses agree to 1e-4, and kollava's `--bf16` loss is within 1e-2 of PyTorch's CPU bf16
-/// autocast.
+/// The first step of stage 1 and of full finetuning (llava_v1, multi-turn, LLaVA's
+/// masking) on the same batch in PyTorch + transformers (`LlavaForConditionalGeneration`, as
+/// scripts/bench_train.py runs it) and in kollava: the f32 losses agree to 1e-4, and
+/// kollava's `--bf16` loss is within 1e-2 of PyTorch's CPU bf16 autocast.
 #[test]
-fn stage_one_first_losses_match_pytorch_in_f32_and_in_bf16() {
+fn first_losses_match_pytorch_in_f32_and_in_bf16() {
     let Some(py) = interop_python() else {
         return;
     };
@@ -913,16 +913,16 @@ fn stage_one_first_losses_match_pytorch_in_f32_and_in_bf16() {
         &"1",
     ]));
     let model = checkpoint("llava-hf");
-    let (records, images) = (data.join("pretrain.json"), data.join("images"));
+    let images = data.join("images");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_train.py");
-    let theirs = |run: &str| -> f64 {
+    let theirs = |run: &str, records: &Path| -> f64 {
         let o = Command::new(&py)
             .arg(&script)
             .args(["--worker", "--run", run, "--batch", "4", "--steps", "1"])
             .args(["--warmup", "0", "--threads", "2", "--model"])
             .arg(&model)
             .arg("--data")
-            .arg(&records)
+            .arg(records)
             .arg("--image-folder")
             .arg(&images)
             .output()
@@ -937,10 +937,12 @@ fn stage_one_first_losses_match_pytorch_in_f32_and_in_bf16() {
         .unwrap();
         v["first_loss"].as_f64().unwrap()
     };
-    let ours = |bf16: bool| -> f64 {
-        let out = tmp.path().join(format!("out-{bf16}"));
+    let ours = |stage: &str, records: &Path, bf16: bool| -> f64 {
+        let out = tmp.path().join(format!("out-{stage}-{bf16}"));
         let mut args: Vec<&dyn AsRef<OsStr>> = vec![
             &"train",
+            &"--stage",
+            &stage,
             &"--model",
             &model,
             &"--data",
@@ -954,6 +956,9 @@ fn stage_one_first_losses_match_pytorch_in_f32_and_in_bf16() {
             &"--per-device-batch-size",
             &"4",
         ];
+        if stage == "finetune" {
+            args.extend([&"--version" as &dyn AsRef<OsStr>, &"llava_v1"]);
+        }
         if bf16 {
             args.push(&"--bf16");
         }
@@ -962,15 +967,26 @@ fn stage_one_first_losses_match_pytorch_in_f32_and_in_bf16() {
         let v: Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
         v["loss"].as_f64().unwrap()
     };
-    let (a, b) = (ours(false), theirs("pretrain"));
-    assert!((a - b).abs() < 1e-4, "f32: kollava {a}, PyTorch {b}");
-    if !kollava_model::kernels::bf16::available() {
+    let bf16 = kollava_model::kernels::bf16::available();
+    if !bf16 {
         eprintln!("bf16 half skipped: no bf16 kernels on this CPU");
-        return;
     }
-    let (a, b) = (ours(true), theirs("pretrain-bf16"));
-    assert!(
-        (a - b).abs() < 1e-2,
-        "bf16: kollava {a}, PyTorch autocast {b}"
-    );
+    for stage in ["pretrain", "finetune"] {
+        let records = data.join(format!("{stage}.json"));
+        let (a, b) = (ours(stage, &records, false), theirs(stage, &records));
+        assert!(
+            (a - b).abs() < 1e-4,
+            "{stage} f32: kollava {a}, PyTorch {b}"
+        );
+        if bf16 {
+            let (a, b) = (
+                ours(stage, &records, true),
+                theirs(&format!("{stage}-bf16"), &records),
+            );
+            assert!(
+                (a - b).abs() < 1e-2,
+                "{stage} bf16: kollava {a}, PyTorch autocast {b}"
+            );
+        }
+    }
 }

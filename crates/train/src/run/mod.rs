@@ -129,9 +129,10 @@ pub struct RunSpec {
     pub tensorboard: bool,
     /// How the ranks split the training state.
     pub shard: Sharding,
-    /// Frozen matrices multiply in bf16 with our kernels, forward and backward (the
-    /// language model in stage 1, the bases under LoRA, the tower); what trains, its
-    /// gradients and the optimizer state stay f32.
+    /// Every matrix product in bf16 with our kernels, as the reference's `--bf16 True`
+    /// autocasts them: frozen matrices packed once (the language model in stage 1, the bases
+    /// under LoRA, the tower), trained ones rounded for each product, forward and backward;
+    /// the master weights, their gradients and the optimizer state stay f32.
     pub bf16: bool,
     /// `false`: write nothing at all (no metrics, checkpoints or result), as a benchmark
     /// runs; resuming is then off too.
@@ -382,6 +383,7 @@ pub fn execute(
         train_vision: finetune && spec.tune_vision,
         world,
         rank,
+        bf16: spec.bf16,
         ..spec.train.clone()
     };
     let parameters = params.iter().map(|(_, v)| v.elem_count()).sum();
