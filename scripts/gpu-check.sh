@@ -13,7 +13,10 @@
 #   2. `kollava bench` on a random-weight llava-1.5-7b (llava-hf layout) in bf16: time to
 #      first token, decode tokens/s against the GPU's copy bandwidth;
 #   3. transformers bf16 on the same checkpoint and GPU (scripts/bench_hf.py), the peer;
-#   4. the same checkpoint quantized to q4_k, benched.
+#   4. the same checkpoint quantized to q4_k, benched;
+#   5. training on the GPU: the training benchmark's model (`init-random --arch bench-train`),
+#      full finetuning on `data synth` data, batch 4, 6 steps (metrics.jsonl has samples/s);
+#   6. with two GPUs, the same run on 2 ranks under `--shard full` (skipped on one).
 # ARCH, REPEAT, WORK and BIN override the defaults below.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,4 +70,26 @@ step "4. q4_k"
 [ -d "$WORK/q4k" ] || timeout 300 "$BIN" quantize --type q4_k "$MODEL" "$WORK/q4k" 2>&1 | tail -1 | tee -a "$LOG"
 timeout 300 "$BIN" bench --model "$WORK/q4k" --image tests/fixtures/images/photo.jpg --repeat "$REPEAT" --json >"$OUT/bench-q4k.json" 2>"$OUT/bench-q4k.err"
 echo "rc=$? $(cat "$OUT/bench-q4k.json")" | tee -a "$LOG"
+step "5. training on the GPU (bench-train, full finetuning)"
+TRAIN="$WORK/bench-train"
+[ -f "$TRAIN/config.json" ] || timeout 120 "$BIN" init-random --arch bench-train --out "$TRAIN" 2>&1 | tail -1 | tee -a "$LOG"
+[ -d "$WORK/synth" ] || timeout 120 "$BIN" data synth --out "$WORK/synth" --count 32 --test-count 0 2>&1 | tail -1 | tee -a "$LOG"
+train() {
+  "$BIN" train --stage finetune --version llava_v1 --model "$TRAIN" --data "$WORK/synth/finetune.json" \
+    --image-folder "$WORK/synth/images" --per-device-batch-size 4 --max-steps 6 "$@"
+}
+rm -rf "$WORK/train-1"
+timeout 300 train --output-dir "$WORK/train-1" >"$OUT/train-1.txt" 2>&1
+echo "rc=$? $(tail -1 "$WORK/train-1/metrics.jsonl" 2>/dev/null)" | tee -a "$LOG"
+cp "$WORK/train-1/metrics.jsonl" "$OUT/train-1.jsonl" 2>/dev/null
+
+step "6. two ranks, --shard full"
+if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
+  rm -rf "$WORK/train-2"
+  timeout 300 train --nproc 2 --shard full --output-dir "$WORK/train-2" >"$OUT/train-2.txt" 2>&1
+  echo "rc=$? $(tail -1 "$WORK/train-2/metrics.jsonl" 2>/dev/null)" | tee -a "$LOG"
+  cp "$WORK/train-2/metrics.jsonl" "$OUT/train-2.jsonl" 2>/dev/null
+else
+  echo "skipped: one GPU" | tee -a "$LOG"
+fi
 step "done"

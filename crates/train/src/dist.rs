@@ -173,32 +173,39 @@ impl Dist {
 
     /// The first half of a reduction: every rank sends `data` (the same length everywhere)
     /// to rank 0, which adds them up in rank order in f64 and gets the mean; the others get
-    /// `None` and wait for their share of it.
+    /// `None` and wait for their share of it. Rank 0 reads the ranks a chunk at a time, in
+    /// turn, so that it holds the sums of one chunk, not of the whole vector.
     fn mean_at_root(&mut self, data: &[f32]) -> std::io::Result<Option<Vec<f32>>> {
         if self.rank != 0 {
-            self.peers[0].write_all(&le_bytes(data))?;
+            write_f32s(&mut self.peers[0], data)?;
             return Ok(None);
         }
-        let mut sum: Vec<f64> = data.iter().map(|&x| x as f64).collect();
-        let mut buf = vec![0u8; data.len() * 4];
-        for s in &mut self.peers {
-            s.read_exact(&mut buf)?;
-            for (acc, x) in sum.iter_mut().zip(from_le_bytes(&buf)) {
-                *acc += x as f64;
+        let mut mean = vec![0f32; data.len()];
+        let mut sum = vec![0f64; CHUNK.min(data.len())];
+        let mut part = vec![0f32; CHUNK.min(data.len())];
+        for (at, own) in (0..).step_by(CHUNK).zip(data.chunks(CHUNK)) {
+            let n = own.len();
+            for (acc, &x) in sum.iter_mut().zip(own) {
+                *acc = x as f64;
+            }
+            for s in &mut self.peers {
+                read_f32s(s, &mut part[..n])?;
+                for (acc, &x) in sum.iter_mut().zip(&part[..n]) {
+                    *acc += x as f64;
+                }
+            }
+            for (m, acc) in mean[at..at + n].iter_mut().zip(&sum) {
+                *m = (*acc / self.world as f64) as f32;
             }
         }
-        Ok(Some(
-            sum.iter()
-                .map(|s| (*s / self.world as f64) as f32)
-                .collect(),
-        ))
+        Ok(Some(mean))
     }
 
     /// Reads `n` floats from rank 0.
     fn read_from_root(&mut self, n: usize) -> std::io::Result<Vec<f32>> {
-        let mut buf = vec![0u8; n * 4];
-        self.peers[0].read_exact(&mut buf)?;
-        Ok(from_le_bytes(&buf))
+        let mut out = vec![0f32; n];
+        read_f32s(&mut self.peers[0], &mut out)?;
+        Ok(out)
     }
 
     /// The mean over the ranks of `data` (the same length everywhere), of which this rank
@@ -212,7 +219,7 @@ impl Dist {
         match self.mean_at_root(data)? {
             Some(mean) => {
                 for (s, r) in self.peers.iter_mut().zip(&ranges[1..]) {
-                    s.write_all(&le_bytes(&mean[r.clone()]))?;
+                    write_f32s(s, &mean[r.clone()])?;
                 }
                 Ok(mean[ranges[0].clone()].to_vec())
             }
@@ -232,17 +239,14 @@ impl Dist {
             let mut all = vec![0f32; total];
             all[ranges[0].clone()].copy_from_slice(mine);
             for (s, r) in self.peers.iter_mut().zip(&ranges[1..]) {
-                let mut buf = vec![0u8; r.len() * 4];
-                s.read_exact(&mut buf)?;
-                all[r.clone()].copy_from_slice(&from_le_bytes(&buf));
+                read_f32s(s, &mut all[r.clone()])?;
             }
-            let out = le_bytes(&all);
             for s in &mut self.peers {
-                s.write_all(&out)?;
+                write_f32s(s, &all)?;
             }
             Ok(all)
         } else {
-            self.peers[0].write_all(&le_bytes(mine))?;
+            write_f32s(&mut self.peers[0], mine)?;
             self.read_from_root(total)
         }
     }
@@ -271,29 +275,43 @@ impl Dist {
 
     /// Replaces `data` on every rank by its mean over the ranks (same length everywhere).
     pub fn all_reduce_mean(&mut self, data: &mut [f32]) -> std::io::Result<()> {
-        let mean = match self.mean_at_root(data)? {
+        match self.mean_at_root(data)? {
             Some(mean) => {
-                let out = le_bytes(&mean);
                 for s in &mut self.peers {
-                    s.write_all(&out)?;
+                    write_f32s(s, &mean)?;
                 }
-                mean
+                data.copy_from_slice(&mean);
             }
-            None => self.read_from_root(data.len())?,
-        };
-        data.copy_from_slice(&mean);
+            None => read_f32s(&mut self.peers[0], data)?,
+        }
         Ok(())
     }
 }
 
-fn le_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+/// Floats go over the wire little-endian, converted a chunk at a time (a whole vector's
+/// bytes would be one more copy of it: hundreds of megabytes for a 7B model's head).
+const CHUNK: usize = 1 << 16;
+
+fn write_f32s(s: &mut TcpStream, v: &[f32]) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(4 * CHUNK.min(v.len()));
+    for c in v.chunks(CHUNK) {
+        buf.clear();
+        buf.extend(c.iter().flat_map(|x| x.to_le_bytes()));
+        s.write_all(&buf)?;
+    }
+    Ok(())
 }
 
-fn from_le_bytes(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+fn read_f32s(s: &mut TcpStream, out: &mut [f32]) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 4 * CHUNK.min(out.len())];
+    for c in out.chunks_mut(CHUNK) {
+        let bytes = &mut buf[..4 * c.len()];
+        s.read_exact(bytes)?;
+        for (x, b) in c.iter_mut().zip(bytes.chunks_exact(4)) {
+            *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+    Ok(())
 }
 
 /// The NCCL side (feature `nccl`).

@@ -292,8 +292,14 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
         .filter(|p| p.name.starts_with("model.layers.0."))
         .map(|p| p.numel)
         .sum::<u64>();
+    // The trained parameters held whole (embeddings, head, projector, …).
+    let whole_trained = trained - layers_trained;
     if full {
-        weights = weights - 4 * layers_trained + 4 * layers_trained / world + 2 * one_layer;
+        // Each rank's range of the flat vector covers some of those too, kept beside them.
+        weights = weights - 4 * layers_trained
+            + 4 * layers_trained / world
+            + 4 * whole_trained / world
+            + 2 * one_layer;
     }
     let grads = 4 * trained;
     let (gradients, optimizer) = match spec.shard {
@@ -302,7 +308,7 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
         Sharding::Full if !full => (grads, 8 * trained / world),
         // The whole ones' gradients, this rank's range of all, and one layer's.
         Sharding::Full => (
-            4 * (trained - layers_trained) + grads / world + one_layer,
+            4 * whole_trained + grads / world + one_layer,
             8 * trained / world,
         ),
     };
@@ -381,9 +387,9 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
         (1, _) => 0,
         (_, Sharding::None) => 2 * grads,
         (_, Sharding::Full) if full => {
-            // One layer's gradients as bytes to send and this rank's range back, and the
-            // whole ones' at the step.
-            (2 * one_layer).max(4 * (trained - layers_trained) + grads / world)
+            // At the step, the whole ones' gradients laid flat (gathered, then read out) and
+            // their mean on rank 0; one layer's at a time before that.
+            (2 * one_layer).max(3 * 4 * whole_trained)
         }
         (_, Sharding::GradOpt | Sharding::Full) => grads + grads / world,
     };

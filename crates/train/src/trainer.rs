@@ -377,7 +377,10 @@ fn micro_batch_grads(
         if rows.is_empty() {
             // Sharded layers: this rank still takes its part in every layer's exchanges,
             // with nothing to learn.
-            return hidden.sum_all()?.to_dtype(DType::F32)? * 0.0;
+            // (Times a zero tensor: candle prunes a product with the constant 0 from the
+            // backward, and the layers' exchanges would not happen.)
+            let zero = Tensor::zeros((), DType::F32, &device)?;
+            return hidden.sum_all()?.to_dtype(DType::F32)?.broadcast_mul(&zero);
         }
         let hidden = hidden.reshape((batch.len() * longest, hidden_size))?;
         let picked = hidden.index_select(&Tensor::new(rows.as_slice(), &device)?, 0)?;

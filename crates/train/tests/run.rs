@@ -223,6 +223,23 @@ fn bf16_runs_follow_the_f32_losses() {
     }
 }
 
+/// Under `--shard full` a micro-batch with nothing labelled (here every answer is cut by
+/// `model_max_length`) still takes its part in every layer's exchanges: the 2 ranks finish,
+/// with zero losses, instead of one waiting for the other forever or failing.
+#[test]
+fn full_sharding_goes_through_batches_with_nothing_labelled() {
+    use kollava_train::run::Sharding;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = spec("llava-v1.5", Stage::Finetune, tmp.path());
+    s.train.max_steps = Some(2);
+    s.train.model_max_length = 4;
+    s.save_steps = None;
+    s.shard = Sharding::Full;
+    let (losses, _) = ranks(2, &s);
+    assert_eq!(losses.len(), 2);
+    assert!(losses.iter().all(|&(_, l)| l == 0.0), "{losses:?}");
+}
+
 /// Each rank's bytes of optimizer state and of trained layer weights.
 type Held = Vec<(usize, usize)>;
 

@@ -345,6 +345,12 @@ pub fn execute(
         tm.model
             .pack_frozen_bf16()
             .map_err(|e| RunError::Invalid(e.to_string()))?;
+        use kollava_model::kernels::bf16::{kernels, Kernels};
+        if main_rank && kernels() == Some(Kernels::Avx2Fma) {
+            on_event(Event::Notice(
+                "this CPU has no bf16 instructions (AVX512-BF16): --bf16 gives bf16 numerics here but runs slower than f32".into(),
+            ));
+        }
     }
     if spec.bf16 || spec.lora.as_ref().is_some_and(|lo| lo.four_bit) {
         // The frozen matrices' f32 copies are no longer used once packed in bf16 or 4 bits
