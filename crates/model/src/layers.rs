@@ -1203,22 +1203,31 @@ mod tests {
         assert!(d < 1e-4, "{d}");
     }
 
+    /// Input shapes and output widths the bf16 training products are checked on: odd
+    /// sizes, batched inputs.
+    const BF16_SHAPES: [(&[usize], usize); 3] =
+        [(&[5, 33], 7), (&[2, 19, 64], 130), (&[3, 40, 96], 17)];
+
+    /// Whether this CPU has bf16 kernels (else the test says it is skipped).
+    fn bf16_kernels_or_skip() -> bool {
+        let ok = crate::kernels::bf16::available();
+        if !ok {
+            eprintln!("skipped: no bf16 kernels on this CPU");
+        }
+        ok
+    }
+
     /// `train --bf16`'s frozen product ([`Linear::frozen_bf16`]) against candle's f32 product
     /// of the same weight: values and input gradients within bf16 rounding (inputs and
     /// weights rounded to 8 bits of mantissa, f32 sums), on odd sizes and batched inputs;
     /// a trained (variable) weight is left dense.
     #[test]
     fn frozen_bf16_products_track_the_f32_values_and_input_gradients() {
-        if !crate::kernels::bf16::available() {
-            eprintln!("skipped: no bf16 kernels on this CPU");
+        if !bf16_kernels_or_skip() {
             return;
         }
         let dev = Device::Cpu;
-        for (shape, out) in [
-            (vec![5, 33], 7),
-            (vec![2, 19, 64], 130),
-            (vec![3, 40, 96], 17),
-        ] {
+        for (shape, out) in BF16_SHAPES.map(|(s, o)| (s.to_vec(), o)) {
             let inp = *shape.last().unwrap();
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap();
             let w = Tensor::randn(0f32, 1.0, (out, inp), &dev).unwrap();
@@ -1257,16 +1266,11 @@ mod tests {
     /// product is candle's own.
     #[test]
     fn autocast_bf16_products_track_the_f32_values_and_both_gradients() {
-        if !crate::kernels::bf16::available() {
-            eprintln!("skipped: no bf16 kernels on this CPU");
+        if !bf16_kernels_or_skip() {
             return;
         }
         let dev = Device::Cpu;
-        for (shape, out) in [
-            (vec![5, 33], 7),
-            (vec![2, 19, 64], 130),
-            (vec![3, 40, 96], 17),
-        ] {
+        for (shape, out) in BF16_SHAPES.map(|(s, o)| (s.to_vec(), o)) {
             let inp = *shape.last().unwrap();
             let rows: usize = shape[..shape.len() - 1].iter().product();
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap();
