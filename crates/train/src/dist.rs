@@ -227,6 +227,25 @@ impl Dist {
         }
     }
 
+    /// Every rank's `mine` (`ranges[rank]` of a vector) put together on rank 0 only (the
+    /// others get `None`): what a checkpoint that rank 0 writes needs.
+    pub fn gather_at_root(
+        &mut self,
+        mine: &[f32],
+        ranges: &[std::ops::Range<usize>],
+    ) -> std::io::Result<Option<Vec<f32>>> {
+        if self.rank != 0 {
+            write_f32s(&mut self.peers[0], mine)?;
+            return Ok(None);
+        }
+        let mut all = vec![0f32; ranges.last().map_or(0, |r| r.end)];
+        all[ranges[0].clone()].copy_from_slice(mine);
+        for (s, r) in self.peers.iter_mut().zip(&ranges[1..]) {
+            read_f32s(s, &mut all[r.clone()])?;
+        }
+        Ok(Some(all))
+    }
+
     /// Every rank's `mine` (`ranges[rank]` of a vector) put together, on every rank: an
     /// all-gather.
     pub fn all_gather(

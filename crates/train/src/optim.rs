@@ -50,9 +50,9 @@ struct Shard {
     g: Option<Vec<f32>>,
     m: Option<Tensor>,
     v: Option<Tensor>,
-    /// Every rank's moments, put together for a checkpoint by [`AdamW::gather_state`].
+    /// Every rank's moments, put together on rank 0 for a checkpoint by [`AdamW::gather_state`].
     gathered: Option<HashMap<String, Tensor>>,
-    /// The layers' parameters, put together for a checkpoint by [`AdamW::gather_state`].
+    /// The layers' parameters, put together on rank 0 for a checkpoint by [`AdamW::gather_state`].
     gathered_params: Vec<(String, Tensor)>,
 }
 
@@ -110,6 +110,20 @@ impl Shard {
             *acc += x;
         }
         Ok(clock.elapsed().as_secs_f64())
+    }
+
+    /// `span` of the parameters, whole, on rank 0 only (`None` on the others).
+    fn gather_at_root(
+        &self,
+        span: &Range<usize>,
+        dist: Option<&Mutex<Dist>>,
+    ) -> Result<Option<Vec<f32>>> {
+        let own = self.own_part(span);
+        let mine: Vec<f32> = self.p.narrow(0, own.start, own.len())?.to_vec1()?;
+        match dist {
+            Some(d) => exchange(d, |d| d.gather_at_root(&mine, &self.parts(span))),
+            None => Ok(Some(mine)),
+        }
     }
 
     /// `span` of the parameters, whole, on every rank: an all-gather.
@@ -366,10 +380,17 @@ impl AdamW {
         }
         let replicated = 0..shard.replicated;
         let mut comm = 0.0;
-        if !replicated.is_empty() {
-            let flat: Vec<f32> = self.flat(grads, replicated.clone())?.to_vec1()?;
-            let shard = self.shard.as_mut().expect("checked above");
-            comm += shard.add_grads(&flat, &replicated, dist)?;
+        // One parameter at a time: the same sums (element by element, in rank order) with
+        // one parameter's gradient in flight instead of all of them laid end to end.
+        let shard = self.shard.as_mut().expect("checked above");
+        let starts: Vec<usize> = shard.slots.iter().map(|s| s.at).collect();
+        for ((_, var), at) in self.params.iter().zip(starts) {
+            let n = var.elem_count();
+            let flat: Vec<f32> = match grads.and_then(|g| g.get(var.as_tensor())) {
+                Some(g) => g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                None => vec![0f32; n],
+            };
+            comm += shard.add_grads(&flat, &(at..at + n), dist)?;
         }
         self.t += 1;
         let h = self.hyper();
@@ -402,70 +423,70 @@ impl AdamW {
         shard.gathered = None;
         shard.gathered_params.clear();
         if !replicated.is_empty() {
-            let clock = std::time::Instant::now();
-            let all = shard.gather(&replicated, dist)?;
-            comm += clock.elapsed().as_secs_f64();
-            let all = Tensor::from_vec(all, replicated.len(), &device)?;
+            // The parameters held whole, one at a time, put back together.
             for ((_, var), slot) in self.params.iter().zip(&shard.slots) {
-                let p = all
-                    .narrow(0, slot.at, var.elem_count())?
-                    .reshape(var.dims())?;
+                let clock = std::time::Instant::now();
+                let p = shard.gather(&(slot.at..slot.at + var.elem_count()), dist)?;
+                comm += clock.elapsed().as_secs_f64();
+                let p = Tensor::from_vec(p, var.shape(), &device)?;
                 var.set(&p.to_dtype(var.dtype())?)?;
             }
         }
         Ok((mean_loss, norm, comm))
     }
 
-    /// Puts every rank's moments together (all ranks call it), so that [`AdamW::state`]
-    /// gives the whole state a checkpoint stores, and the layers' parameters, for
-    /// [`AdamW::gathered_params`]. Unsharded: nothing to do.
-    pub fn gather_state(&mut self, dist: Option<&Mutex<Dist>>) -> Result<()> {
+    /// Puts every rank's share together on rank 0 (all ranks call it), for a checkpoint it
+    /// writes: with `moments`, AdamW's (for [`AdamW::state`]); and the layers' parameters
+    /// (for [`AdamW::gathered_params`]). The other ranks get nothing, and hold nothing more.
+    /// Unsharded: nothing to do.
+    pub fn gather_state(&mut self, dist: Option<&Mutex<Dist>>, moments: bool) -> Result<()> {
         let Some(shard) = self.shard.as_ref() else {
             return Ok(());
         };
         let ranges = shard.ranges.clone();
         let total = ranges.last().map_or(0, |r| r.end);
         let own_len = shard.own().len();
-        let local = |t: &Option<Tensor>| -> Result<Vec<f32>> {
-            match t {
-                Some(t) => t.to_vec1(),
-                None => Ok(vec![0f32; own_len]),
-            }
-        };
-        let (mut m, mut v) = (local(&shard.m)?, local(&shard.v)?);
-        let started = shard.m.is_some();
-        if let Some(d) = dist {
-            (m, v) = exchange(d, |d| {
-                Ok((d.all_gather(&m, &ranges)?, d.all_gather(&v, &ranges)?))
-            })
-            .map_err(|e| candle_core::Error::Msg(format!("gathering the optimizer state: {e}")))?;
-        }
         let device = shard.p.device().clone();
         let mut out = HashMap::new();
-        if started {
-            let (m, v) = (
-                Tensor::from_vec(m, total, &device)?,
-                Tensor::from_vec(v, total, &device)?,
-            );
-            for slot in &shard.slots {
-                let n = slot.shape.elem_count();
-                out.insert(
-                    format!("exp_avg.{}", slot.name),
-                    m.narrow(0, slot.at, n)?.reshape(slot.shape.clone())?,
-                );
-                out.insert(
-                    format!("exp_avg_sq.{}", slot.name),
-                    v.narrow(0, slot.at, n)?.reshape(slot.shape.clone())?,
-                );
+        let started = shard.m.is_some();
+        if moments {
+            let whole = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+                let mine = match t {
+                    Some(t) => t.to_vec1()?,
+                    None => vec![0f32; own_len],
+                };
+                let all = match dist {
+                    Some(d) => exchange(d, |d| d.gather_at_root(&mine, &ranges)).map_err(|e| {
+                        candle_core::Error::Msg(format!("gathering the optimizer state: {e}"))
+                    })?,
+                    None => Some(mine),
+                };
+                all.map(|a| Tensor::from_vec(a, total, &device)).transpose()
+            };
+            let (m, v) = (whole(&shard.m)?, whole(&shard.v)?);
+            if let (true, Some(m), Some(v)) = (started, m, v) {
+                for slot in &shard.slots {
+                    let n = slot.shape.elem_count();
+                    out.insert(
+                        format!("exp_avg.{}", slot.name),
+                        m.narrow(0, slot.at, n)?.reshape(slot.shape.clone())?,
+                    );
+                    out.insert(
+                        format!("exp_avg_sq.{}", slot.name),
+                        v.narrow(0, slot.at, n)?.reshape(slot.shape.clone())?,
+                    );
+                }
             }
         }
         let mut params = Vec::new();
         if !shard.layers.is_empty() {
             let span = shard.replicated..total;
-            let all = Tensor::from_vec(shard.gather(&span, dist)?, span.len(), &device)?;
-            for slot in shard.slots.iter().filter(|s| s.at >= shard.replicated) {
-                let t = all.narrow(0, slot.at - span.start, slot.shape.elem_count())?;
-                params.push((slot.name.clone(), t.reshape(slot.shape.clone())?));
+            if let Some(all) = shard.gather_at_root(&span, dist)? {
+                let all = Tensor::from_vec(all, span.len(), &device)?;
+                for slot in shard.slots.iter().filter(|s| s.at >= shard.replicated) {
+                    let t = all.narrow(0, slot.at - span.start, slot.shape.elem_count())?;
+                    params.push((slot.name.clone(), t.reshape(slot.shape.clone())?));
+                }
             }
         }
         if let Some(s) = self.shard.as_mut() {
@@ -805,8 +826,8 @@ mod tests {
 
     /// Four ranks sharding AdamW (`grad-opt`): each holds a quarter of the moments (bytes
     /// counted), and three steps on different per-rank gradients leave every rank with the
-    /// parameters and, gathered, the moments of one unsharded AdamW on the mean gradients
-    /// (clipped by the global norm): the same to 1e-6.
+    /// parameters, and rank 0 with the gathered moments, of one unsharded AdamW on the mean
+    /// gradients (clipped by the global norm): the same to 1e-6.
     #[test]
     fn sharded_adamw_holds_a_quarter_and_steps_as_one_optimizer() {
         use std::time::Duration;
@@ -862,7 +883,7 @@ mod tests {
                         opt.sharded_step(Some(&g), 1.0, 1.0, Some(&d)).unwrap();
                     }
                     let bytes = opt.state_bytes();
-                    opt.gather_state(Some(&d)).unwrap();
+                    opt.gather_state(Some(&d), true).unwrap();
                     let params: Vec<Vec<f32>> = vars
                         .iter()
                         .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
@@ -909,6 +930,10 @@ mod tests {
                     &v.as_tensor().flatten_all().unwrap(),
                     &Tensor::new(p.as_slice(), &dev).unwrap(),
                 );
+            }
+            if rank > 0 {
+                assert!(state.is_empty(), "only rank 0 holds the gathered state");
+                continue;
             }
             let want = one.state();
             assert_eq!(state.len(), want.len());

@@ -632,12 +632,13 @@ pub fn train(
                 times,
             });
             if save_every.is_some_and(|k| k > 0 && done % k == 0) && done < total {
-                opt.gather_state(inp.dist)?;
+                opt.gather_state(inp.dist, true)?;
                 on_save(done, opt)?;
             }
         }
         drop(rx);
-        opt.gather_state(inp.dist)?;
+        // The result holds the weights only: no optimizer state to put together.
+        opt.gather_state(inp.dist, false)?;
         on_save(total, opt)
     })
 }
