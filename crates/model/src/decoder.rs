@@ -39,6 +39,16 @@ impl Norm {
         })
     }
 
+    /// [`Norm::load`] of a `hidden`-wide norm, in f32 for inference (see [`Decoder::load`]).
+    fn load_for(vb: VarBuilder, cfg: &DecoderConfig, inference: bool) -> Result<Self> {
+        let n = Norm::load(vb, cfg.hidden_size, cfg)?;
+        if inference {
+            n.to_f32()
+        } else {
+            Ok(n)
+        }
+    }
+
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Norm::Rms(n) => n.forward(xs),
@@ -534,11 +544,7 @@ impl Layer {
     /// `vb` at the layer (`model.layers.I`); `inference`: norms in f32 (see
     /// [`Decoder::load`]).
     fn load(vb: VarBuilder, cfg: &DecoderConfig, m: Matrices, inference: bool) -> Result<Self> {
-        let h = cfg.hidden_size;
-        let norm = |vb: VarBuilder| match inference {
-            false => Norm::load(vb, h, cfg),
-            true => Norm::load(vb, h, cfg)?.to_f32(),
-        };
+        let norm = |vb: VarBuilder| Norm::load_for(vb, cfg, inference);
         Ok(Layer {
             input_layernorm: norm(vb.pp("input_layernorm"))?,
             self_attn: SelfAttention::load(vb.pp("self_attn"), cfg, m)?,
@@ -807,14 +813,10 @@ impl Decoder {
         // Packed for inference, norms and activations are f32; a training form keeps the
         // dtype read.
         let inference = matches!(m.pack, Pack::F32 | Pack::Ggml | Pack::Bf16);
-        let norm = |vb: VarBuilder| match inference {
-            false => Norm::load(vb, h, cfg),
-            true => Norm::load(vb, h, cfg)?.to_f32(),
-        };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer::load(md.pp("layers").pp(i), cfg, m, inference))
             .collect::<Result<Vec<_>>>()?;
-        let final_norm = norm(md.pp("norm"))?;
+        let final_norm = Norm::load_for(md.pp("norm"), cfg, inference)?;
         // QLoRA keeps the output head as read (it is no adapted layer).
         let head = match m.pack {
             Pack::Q4_0 => Matrices {

@@ -174,19 +174,19 @@ impl AdamW {
     /// it keeps the moments of its range of the flat parameters, and steps with
     /// [`AdamW::sharded_step`].
     pub fn shard(&mut self, rank: usize, world: usize) -> Result<()> {
-        self.shard_layers(rank, world, &|_| None).map(|_| ())
+        self.shard_layers(rank, world, &|_| None)
     }
 
     /// [`AdamW::shard`], and the parameters `layer_of` puts in a decoder layer are given up
-    /// but for this rank's range: [`AdamW::gather_layer`] puts a layer's together for each
-    /// use, [`AdamW::add_layer_grads`] takes its gradients. Returns those parameters' names
-    /// (the caller drops its own references to them).
+    /// but for this rank's range (the caller drops its own references to them):
+    /// [`AdamW::gather_layer`] puts a layer's together for each use,
+    /// [`AdamW::add_layer_grads`] takes its gradients.
     pub fn shard_layers(
         &mut self,
         rank: usize,
         world: usize,
         layer_of: &dyn Fn(&str) -> Option<usize>,
-    ) -> Result<Vec<String>> {
+    ) -> Result<()> {
         let all = std::mem::take(&mut self.params);
         let (mut layered, replicated): (Vec<_>, Vec<_>) =
             all.into_iter().partition(|(n, _)| layer_of(n).is_some());
@@ -217,7 +217,7 @@ impl AdamW {
             true => Tensor::zeros(0, DType::F32, &candle_core::Device::Cpu)?,
             false => self.flat(None, ranges[rank.min(world.max(1) - 1)].clone())?,
         };
-        let given_up: Vec<String> = self.params.drain(n_replicated..).map(|(n, _)| n).collect();
+        self.params.truncate(n_replicated);
         let n = self.params.len();
         self.m = vec![None; n];
         self.v = vec![None; n];
@@ -234,7 +234,7 @@ impl AdamW {
             gathered: None,
             gathered_params: Vec::new(),
         });
-        Ok(given_up)
+        Ok(())
     }
 
     pub fn is_sharded(&self) -> bool {
@@ -256,8 +256,7 @@ impl AdamW {
         match &self.shard {
             Some(s) if !s.layers.is_empty() => {
                 let own = s.own();
-                let held = own.end.max(s.replicated) - own.start.max(s.replicated);
-                4 * held.min(own.len())
+                4 * (own.end.max(s.replicated) - own.start.max(s.replicated))
             }
             _ => self
                 .params
@@ -268,11 +267,9 @@ impl AdamW {
         }
     }
 
-    /// The decoder layers whose parameters [`AdamW::shard_layers`] gave up.
-    pub fn sharded_layers(&self) -> Vec<usize> {
-        self.shard
-            .as_ref()
-            .map_or_else(Vec::new, |s| s.layers.keys().copied().collect())
+    /// Whether [`AdamW::shard_layers`] gave up decoder layers' parameters.
+    pub fn shards_layers(&self) -> bool {
+        self.shard.as_ref().is_some_and(|s| !s.layers.is_empty())
     }
 
     /// Layer `layer`'s parameters put together from every rank's range (all ranks call
@@ -378,7 +375,6 @@ impl AdamW {
         if shard.slots.is_empty() {
             return Ok((loss, 0.0, 0.0));
         }
-        let replicated = 0..shard.replicated;
         let mut comm = 0.0;
         // One parameter at a time: the same sums (element by element, in rank order) with
         // one parameter's gradient in flight instead of all of them laid end to end.
@@ -422,15 +418,13 @@ impl AdamW {
         (shard.p, shard.m, shard.v) = (p, Some(m), Some(v));
         shard.gathered = None;
         shard.gathered_params.clear();
-        if !replicated.is_empty() {
-            // The parameters held whole, one at a time, put back together.
-            for ((_, var), slot) in self.params.iter().zip(&shard.slots) {
-                let clock = std::time::Instant::now();
-                let p = shard.gather(&(slot.at..slot.at + var.elem_count()), dist)?;
-                comm += clock.elapsed().as_secs_f64();
-                let p = Tensor::from_vec(p, var.shape(), &device)?;
-                var.set(&p.to_dtype(var.dtype())?)?;
-            }
+        // The parameters held whole, one at a time, put back together.
+        for ((_, var), slot) in self.params.iter().zip(&shard.slots) {
+            let clock = std::time::Instant::now();
+            let p = shard.gather(&(slot.at..slot.at + var.elem_count()), dist)?;
+            comm += clock.elapsed().as_secs_f64();
+            let p = Tensor::from_vec(p, var.shape(), &device)?;
+            var.set(&p.to_dtype(var.dtype())?)?;
         }
         Ok((mean_loss, norm, comm))
     }

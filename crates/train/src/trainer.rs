@@ -301,7 +301,7 @@ fn micro_batch_grads(
     opts: &TrainOptions,
     weight: f64,
     params: &[candle_core::Var],
-    gathered: Option<&mut GatheredLayers>,
+    mut gathered: Option<&mut GatheredLayers>,
 ) -> Result<Option<MicroBatch>> {
     let mut times = StepTimes::default();
     let clock = std::time::Instant::now();
@@ -398,22 +398,7 @@ fn micro_batch_grads(
             times,
         }))
     };
-    if let Some(layers) = gathered {
-        layers.differentiate = false;
-        let ck = model.decoder.forward_checkpointed_with(&x, &lens, layers)?;
-        let loss = loss_of(ck.hidden(&model.decoder)?)?;
-        times.forward = clock.elapsed().as_secs_f64();
-        let clock = std::time::Instant::now();
-        let mut grads = loss.backward()?;
-        layers.differentiate = true;
-        let gx = ck.backward_with(ck.output_grad(&grads)?, layers)?;
-        if x.track_op() {
-            let input_grads = (x * gx)?.sum_all()?.backward()?;
-            kollava_model::decoder::accumulate(&mut grads, &input_grads, params)?;
-        }
-        return done(loss, grads, times, clock);
-    }
-    if !opts.gradient_checkpointing {
+    if !opts.gradient_checkpointing && gathered.is_none() {
         let mut cache = KvCache::new(model.config().decoder.num_hidden_layers, batch.len());
         let loss = loss_of(model.decoder.forward(&x, &lens, &mut cache)?)?;
         times.forward = clock.elapsed().as_secs_f64();
@@ -421,14 +406,27 @@ fn micro_batch_grads(
         let grads = loss.backward()?;
         return done(loss, grads, times, clock);
     }
-    // Gradient checkpointing: the loss's gradients flow back through the head, then layer
-    // by layer (each recomputed), then from the decoder's input into what produced it.
-    let ck = model.decoder.forward_checkpointed(&x, &lens)?;
+    // Gradient checkpointing (always, with sharded layers): the loss's gradients flow back
+    // through the head, then layer by layer (each recomputed, the layers' own or gathered
+    // from the ranks), then from the decoder's input into what produced it.
+    let ck = match gathered.as_deref_mut() {
+        Some(layers) => {
+            layers.differentiate = false;
+            model.decoder.forward_checkpointed_with(&x, &lens, layers)?
+        }
+        None => model.decoder.forward_checkpointed(&x, &lens)?,
+    };
     let loss = loss_of(ck.hidden(&model.decoder)?)?;
     times.forward = clock.elapsed().as_secs_f64();
     let clock = std::time::Instant::now();
     let mut grads = loss.backward()?;
-    let gx = ck.backward(&model.decoder, &mut grads, params)?;
+    let gx = match gathered {
+        Some(layers) => {
+            layers.differentiate = true;
+            ck.backward_with(ck.output_grad(&grads)?, layers)?
+        }
+        None => ck.backward(&model.decoder, &mut grads, params)?,
+    };
     if x.track_op() {
         let input_grads = (x * gx)?.sum_all()?.backward()?;
         kollava_model::decoder::accumulate(&mut grads, &input_grads, params)?;
@@ -553,8 +551,7 @@ pub fn train(
                     opts.seed
                         ^ ((step as u64) << 20 | (micro_index as u64) << 4 | opts.rank as u64),
                 );
-                let layered = !opt.sharded_layers().is_empty();
-                let mut gathered = layered.then(|| GatheredLayers {
+                let mut gathered = opt.shards_layers().then(|| GatheredLayers {
                     opt: &mut *opt,
                     dist: inp.dist,
                     cfg: &inp.model.config().decoder,
