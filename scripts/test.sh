@@ -25,8 +25,9 @@ echo "== client test tools"
 if [ ! -x target/client-venv/bin/python ]; then
   python3 -m venv target/client-venv
 fi
-# numpy: scripts/safetensors_to_pth.py, which writes the pickled checkpoint a test loads.
-target/client-venv/bin/pip install -q --disable-pip-version-check "openai==3.57.0" "numpy==2.4.6"
+# numpy: scripts/safetensors_to_pth.py, which writes the pickled checkpoint a test loads;
+# jsonschema: validates the structured answers the client gets.
+target/client-venv/bin/pip install -q --disable-pip-version-check "openai==3.57.0" "numpy==2.4.6" "jsonschema==4.26.0"
 # ... and the chat page in headless Chromium through Playwright.
 if [ ! -x /usr/bin/chromium ]; then
   echo "installing Chromium (for the chat page test)" >&2

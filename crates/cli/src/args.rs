@@ -980,6 +980,11 @@ pub struct RunArgs {
     /// Print one JSON object (text, ids, timings) instead of streaming — JSON으로 출력
     #[arg(long)]
     pub json: bool,
+    /// Answer in JSON: `object` for any JSON object, or a file holding a JSON schema the
+    /// answer must validate against (decoded under its grammar, as the API's
+    /// response_format) — JSON 형식으로 답하기 (object 또는 JSON 스키마 파일)
+    #[arg(long, value_name = "object|SCHEMA.json")]
+    pub schema: Option<String>,
 }
 
 #[derive(Debug, Args)]

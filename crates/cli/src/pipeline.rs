@@ -93,5 +93,6 @@ pub fn answer_options(s: &SamplingArgs) -> Result<AnswerOptions> {
         max_new_tokens: s.max_new_tokens as usize,
         stop: Vec::new(),
         aspect: None,
+        constraint: None,
     })
 }

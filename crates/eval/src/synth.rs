@@ -41,6 +41,7 @@ pub fn evaluate(
         max_new_tokens: 64,
         stop: Vec::new(),
         aspect: None,
+        constraint: None,
     };
     let mut out = Vec::with_capacity(n);
     for s in records.iter().take(n) {

@@ -545,6 +545,7 @@ pub fn verify(
                 eos_ids: Vec::new(),
                 stop_strings: Vec::new(),
                 context_len: usize::MAX,
+                constraint: None,
             };
             let g = kollava_generate::generate(&model, &tok, &embeds, &p.ids, &opts, &mut |_| true)
                 .map_err(compute("greedy generation"))?;

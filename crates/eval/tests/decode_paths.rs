@@ -264,6 +264,7 @@ fn sequences_joining_and_leaving_a_running_batch_decode_as_alone() {
                 eos_ids: Vec::new(),
                 stop_strings: Vec::new(),
                 context_len: 4096,
+                constraint: None,
             };
             // (prompt, budget, decode steps of the batch before it joins)
             let plan: [(&[u32], usize, usize); 4] = [

@@ -54,6 +54,7 @@ fn greedy(tokens: usize) -> AnswerOptions {
         max_new_tokens: tokens,
         stop: Vec::new(),
         aspect: None,
+        constraint: None,
     }
 }
 

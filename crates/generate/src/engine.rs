@@ -22,6 +22,8 @@ pub enum StopReason {
     Context,
     /// The caller's `on_text` asked to stop (e.g. the client disconnected).
     Cancelled,
+    /// The grammar engine of a constrained answer failed (logged; the text is incomplete).
+    Grammar,
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +36,9 @@ pub struct GenerateOptions {
     pub stop_strings: Vec<String>,
     /// Longest total sequence (prompt with images + answer).
     pub context_len: usize,
+    /// The grammar the answer must follow (structured output); it ends the answer when it
+    /// is complete, and allows the end-of-sequence ids only where it may end.
+    pub constraint: Option<crate::Constraint>,
 }
 
 impl GenerateOptions {
@@ -156,6 +161,7 @@ struct Row {
     matcher: StopMatcher,
     stop: Option<StopReason>,
     logprobs: Vec<crate::TokenLogprob>,
+    constraint: Option<crate::Constraint>,
 }
 
 impl Row {
@@ -172,7 +178,42 @@ impl Row {
             },
             stop: None,
             logprobs: Vec::new(),
+            constraint: opts.constraint.clone(),
         }
+    }
+
+    /// Samples the next id, among what the grammar allows when there is one (`None`: the
+    /// grammar failed, and the row has stopped).
+    fn sample(&mut self, logits: &[f32], eos_ids: &[u32]) -> Option<u32> {
+        let Some(c) = self.constraint.as_mut() else {
+            return Some(self.sampler.sample(logits, &self.context));
+        };
+        let allowed = match c.allowed() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!("{e}");
+                self.stop = Some(StopReason::Grammar);
+                return None;
+            }
+        };
+        let allow = |id: u32| {
+            if eos_ids.contains(&id) {
+                allowed.may_end
+            } else {
+                allowed.contains(id)
+            }
+        };
+        let id = self
+            .sampler
+            .sample_where(logits, &self.context, Some(&allow));
+        if !eos_ids.contains(&id) {
+            if let Err(e) = c.commit(id) {
+                tracing::error!("{e}");
+                self.stop = Some(StopReason::Grammar);
+                return None;
+            }
+        }
+        Some(id)
     }
 
     /// Takes the next token from `logits` (or stops). Returns the token when the sequence
@@ -184,8 +225,8 @@ impl Row {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Option<u32> {
-        let room =
-            |ids: usize| ids < opts.max_new_tokens && self.prompt_len + ids < opts.context_len;
+        let prompt_len = self.prompt_len;
+        let room = |ids: usize| ids < opts.max_new_tokens && prompt_len + ids < opts.context_len;
         if self.ids.len() >= opts.max_new_tokens {
             self.stop = Some(StopReason::MaxTokens);
             return None;
@@ -194,7 +235,7 @@ impl Row {
             self.stop = Some(StopReason::Context);
             return None;
         }
-        let id = self.sampler.sample(logits, &self.context);
+        let id = self.sample(logits, &opts.eos_ids)?;
         if opts.eos_ids.contains(&id) {
             self.stop = Some(StopReason::Eos);
             return None;
@@ -212,6 +253,11 @@ impl Row {
                 self.stop = Some(StopReason::StopString);
                 return None;
             }
+        }
+        if self.constraint.as_ref().is_some_and(|c| c.is_finished()) {
+            // The grammar is complete and nothing may follow: the answer ends as at EOS.
+            self.stop = Some(StopReason::Eos);
+            return None;
         }
         if room(self.ids.len()) {
             Some(id)

@@ -170,7 +170,19 @@ impl Sampler {
     /// Picks the next id. `context` holds the prompt and generated ids so far (for the
     /// repetition penalty).
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> u32 {
-        let id = self.pick(logits, context);
+        self.sample_where(logits, context, None)
+    }
+
+    /// [`Sampler::sample`] among the ids `allow` accepts (a grammar's mask, applied after
+    /// the bias and penalties, before temperature, top-k and top-p; the log-probabilities
+    /// stay the raw logits'). At least one id must be allowed.
+    pub fn sample_where(
+        &mut self,
+        logits: &[f32],
+        context: &[u32],
+        allow: Option<&dyn Fn(u32) -> bool>,
+    ) -> u32 {
+        let id = self.pick(logits, context, allow);
         if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
             *self.generated.entry(id).or_default() += 1;
         }
@@ -183,7 +195,12 @@ impl Sampler {
         self.last.take()
     }
 
-    fn pick(&mut self, logits: &[f32], context: &[u32]) -> u32 {
+    fn pick(
+        &mut self,
+        logits: &[f32],
+        context: &[u32],
+        allow: Option<&dyn Fn(u32) -> bool>,
+    ) -> u32 {
         let mut scores = logits.to_vec();
         for &(id, bias) in &self.params.logit_bias {
             if let Some(s) = scores.get_mut(id as usize) {
@@ -207,6 +224,13 @@ impl Sampler {
         for (&id, &n) in &self.generated {
             if let Some(s) = scores.get_mut(id as usize) {
                 *s -= self.params.presence_penalty + self.params.frequency_penalty * n as f32;
+            }
+        }
+        if let Some(allow) = allow {
+            for (id, s) in scores.iter_mut().enumerate() {
+                if !allow(id as u32) {
+                    *s = f32::NEG_INFINITY;
+                }
             }
         }
         if self.params.temperature == 0.0 {

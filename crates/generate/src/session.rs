@@ -81,6 +81,10 @@ pub struct AnswerOptions {
     pub stop: Vec<String>,
     /// How images are fitted to the tower for this answer (`None`: the session's).
     pub aspect: Option<AspectMode>,
+    /// The grammar the answer must follow (structured output, compiled by
+    /// [`Session::grammars`]). The template's text stop strings are then not used: the
+    /// grammar ends the answer, and a separator such as `###` may be part of a JSON string.
+    pub constraint: Option<crate::Constraint>,
 }
 
 /// Timings of one answer, in milliseconds.
@@ -142,6 +146,8 @@ pub struct Session {
     /// (an extra prefill of the answer once it is delivered; see [`Batch::store_answers`]):
     /// on for an interactive chat, off (the default) where nothing follows an answer up.
     pub keep_answers: bool,
+    /// The vocabulary prepared for structured output (built on the first request for it).
+    pub grammars: Arc<crate::Grammars>,
 }
 
 impl Session {
@@ -192,7 +198,12 @@ impl Session {
         let feature_cache = Arc::new(FeatureCache::new(
             opts.image_cache_bytes.unwrap_or(default / 4),
         ));
+        let grammars = Arc::new(crate::Grammars::new(
+            tok.clone(),
+            ckpt.config.decoder.vocab_size,
+        ));
         Ok(Session {
+            grammars,
             prefix_cache,
             feature_cache,
             aspect: opts.aspect.unwrap_or(ckpt.aspect),
@@ -323,11 +334,12 @@ impl Session {
             self.ckpt.eos_ids.clone()
         };
         let mut stop_strings = Vec::new();
-        for s in self
-            .ckpt
-            .stop_strings(&self.template)
+        let template_stops = self.ckpt.stop_strings(&self.template);
+        let n_template = template_stops.len();
+        for (i, s) in template_stops
             .into_iter()
             .chain(opts.stop.iter().cloned())
+            .enumerate()
         {
             // A stop string that is one special token (`</s>`, an added `<|im_end|>`) never
             // shows up in text decoded without special tokens: stop on its id instead.
@@ -335,6 +347,7 @@ impl Session {
                 Some([bos, id]) if *bos == self.tok.bos_id && self.tok.is_special(*id) => {
                     eos_ids.push(*id)
                 }
+                _ if i < n_template && opts.constraint.is_some() => {}
                 _ => stop_strings.push(s),
             }
         }
@@ -344,6 +357,7 @@ impl Session {
             eos_ids,
             stop_strings,
             context_len: context,
+            constraint: opts.constraint.clone(),
         }
     }
 

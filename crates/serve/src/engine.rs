@@ -220,6 +220,8 @@ pub struct EngineHandle {
     /// The session's caches, for `/metrics`.
     pub prefix_cache: Arc<PrefixCache>,
     pub feature_cache: Arc<FeatureCache>,
+    /// The session's vocabulary for structured output (requests compile their formats).
+    pub grammars: Arc<kollava_generate::Grammars>,
     /// How long a client may stay behind its stream (ms).
     slow_reader_ms: Arc<AtomicU64>,
 }
@@ -247,6 +249,7 @@ impl EngineHandle {
         let slow_reader_ms = Arc::new(AtomicU64::new(SLOW_READER.as_millis() as u64));
         let (prefix_cache, feature_cache) =
             (session.prefix_cache.clone(), session.feature_cache.clone());
+        let grammars = session.grammars.clone();
         let worker = Worker {
             session,
             rx,
@@ -268,6 +271,7 @@ impl EngineHandle {
             vocab_size,
             prefix_cache,
             feature_cache,
+            grammars,
             slow_reader_ms,
         }
     }
@@ -476,6 +480,11 @@ impl Worker {
             Ok(Finished { tag, generation: g }) => {
                 if g.stop == StopReason::Cancelled {
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                if g.stop == StopReason::Grammar {
+                    let e = ApiError::internal("constrained decoding failed (see the server log)");
+                    tag.events.send(Event::Failed(e));
                     return;
                 }
                 let logprobs = logprobs_json(&self.session.tok, &g.logprobs);

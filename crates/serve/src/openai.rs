@@ -11,7 +11,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
-use kollava_generate::{AnswerOptions, SamplingParams};
+use kollava_generate::{AnswerOptions, Grammars, OutputFormat, SamplingParams};
 use kollava_inputs::image;
 use kollava_inputs::template::Role;
 use serde::Deserialize;
@@ -51,6 +51,11 @@ pub struct ChatRequest {
     pub n: Option<usize>,
     #[serde(default)]
     pub top_logprobs: Option<usize>,
+    /// `{"type": "text"}` (the default), `{"type": "json_object"}` or `{"type":
+    /// "json_schema", "json_schema": {"name": …, "schema": {…}}}`: the answer is decoded
+    /// under a grammar so that it parses (and validates against the schema).
+    #[serde(default)]
+    pub response_format: Option<Value>,
     /// kollava's extension, the chat page's image mode: `crop`, `resize` or `pad` (LLaVA's
     /// "Crop"/"Resize"/"Pad"); default: the checkpoint's.
     #[serde(default)]
@@ -151,7 +156,26 @@ fn fetch_image(url: &str, what: &str) -> Result<image::RgbImage, ApiError> {
     image::decode(&bytes, what).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
-/// Turns the request into a job for the engine.
+/// `response_format` as OpenAI shapes it: `None` for plain text.
+fn output_format(v: &Value) -> Result<Option<OutputFormat>, ApiError> {
+    let bad = |m: &str| Err(ApiError::bad_request(format!("response_format: {m}")));
+    match v.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(OutputFormat::JsonObject)),
+        Some("json_schema") => match v.get("json_schema") {
+            Some(Value::Object(js)) => match js.get("schema") {
+                Some(schema) => Ok(Some(OutputFormat::JsonSchema(schema.clone()))),
+                None => bad("json_schema.schema is missing"),
+            },
+            _ => bad("json_schema must be an object with the schema under \"schema\""),
+        },
+        Some(other) => bad(&format!(
+            "type {other:?} is not supported (text, json_object or json_schema)"
+        )),
+        None => bad("an object with a \"type\" is expected"),
+    }
+}
+
 /// The response header that tells a client its history was cut to start at its newest
 /// image (its value: how many earlier messages were left out).
 pub const NEW_CONVERSATION_HEADER: &str = "x-kollava-new-conversation";
@@ -166,7 +190,21 @@ fn to_job(
     remote: bool,
     multi_image: bool,
     vocab: usize,
+    grammars: &Grammars,
 ) -> Result<(Job, usize), ApiError> {
+    let constraint = match req
+        .response_format
+        .as_ref()
+        .map(output_format)
+        .transpose()?
+    {
+        Some(Some(format)) => Some(
+            grammars
+                .compile(&format)
+                .map_err(|e| ApiError::bad_request(format!("response_format: {e}")))?,
+        ),
+        _ => None,
+    };
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty"));
     }
@@ -294,6 +332,7 @@ fn to_job(
             max_new_tokens,
             stop,
             aspect,
+            constraint,
         },
         events,
     };
@@ -354,8 +393,10 @@ async fn chat_completions_inner(
     // Decoding (and fetching) images is blocking work: keep it off the async threads.
     let (remote, multi_image) = (state.allow_remote_images, state.multi_image);
     let vocab = state.engine.vocab_size;
+    // Compiling a schema (and, the first time, preparing the vocabulary) is blocking too.
+    let grammars = state.engine.grammars.clone();
     let (job, dropped) =
-        tokio::task::spawn_blocking(move || to_job(req, tx, remote, multi_image, vocab))
+        tokio::task::spawn_blocking(move || to_job(req, tx, remote, multi_image, vocab, &grammars))
             .await
             .map_err(ApiError::internal)??;
     if dropped > 0 {

@@ -82,6 +82,7 @@ pub async fn generate_stream(
         max_new_tokens: req.max_new_tokens.unwrap_or(256).clamp(1, 1024),
         stop: req.stop.into_iter().filter(|s| !s.is_empty()).collect(),
         aspect: None,
+        constraint: None,
     };
     let (tx, rx) = crate::engine::events();
     let prompt = req.prompt;

@@ -67,6 +67,7 @@ fn greedy(max_new_tokens: usize) -> AnswerOptions {
         max_new_tokens,
         stop: Vec::new(),
         aspect: None,
+        constraint: None,
     }
 }
 
@@ -511,6 +512,7 @@ async fn each_request_fits_its_image_by_its_own_mode() {
         let v: Value = serde_json::from_str(&body).unwrap();
         let opts = AnswerOptions {
             aspect: Some(mode),
+            constraint: None,
             ..greedy(8)
         };
         let direct = s
@@ -1115,4 +1117,170 @@ async fn n_choices_are_the_answers_of_separate_seeded_requests() {
         let (status, text) = send(&state, request(b)).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     }
+}
+
+/// A small family of JSON schemas, drawn from `seed`: objects (keys Korean or not, all
+/// required, nothing else allowed) of booleans, bounded integers, short strings, Korean
+/// enums, Hangul-only strings, short arrays and nested objects.
+fn random_schema(seed: &mut u64, depth: usize) -> Value {
+    fn next(seed: &mut u64, n: u64) -> u64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed % n
+    }
+    let keys = ["name", "이름", "count", "색깔", "ok", "목록", "x"];
+    let mut props = serde_json::Map::new();
+    for _ in 0..1 + next(seed, 3) {
+        let key = keys[next(seed, keys.len() as u64) as usize];
+        let kind = next(seed, if depth == 0 { 7 } else { 6 });
+        let (lo, hi) = (next(seed, 50) as i64 - 25, next(seed, 1000) as i64);
+        let value = match kind {
+            0 => json!({"type": "boolean"}),
+            1 => json!({"type": "integer", "minimum": lo, "maximum": lo + hi}),
+            2 => json!({"type": "string", "maxLength": 1 + next(seed, 6)}),
+            3 => json!({"enum": ["사과", "바나나 🍌", "고양이", "plain"]}),
+            4 => json!({"type": "string", "pattern": "^[가-힣]{1,4}$"}),
+            5 => json!({"type": "array", "maxItems": 1 + next(seed, 3),
+                        "items": {"type": "integer", "minimum": 0, "maximum": 99}}),
+            _ => random_schema(seed, depth + 1),
+        };
+        props.insert(key.to_string(), value);
+    }
+    let required: Vec<&String> = props.keys().collect();
+    json!({"type": "object", "properties": props, "required": required,
+           "additionalProperties": false})
+}
+
+/// Whether `v` is valid under a schema of [`random_schema`]'s family (the checks this
+/// family needs: type, bounds, length in characters, enum, the Hangul pattern, required
+/// and no other properties).
+fn valid(schema: &Value, v: &Value) -> Result<(), String> {
+    let fail = |what: &str| Err(format!("{v} is not {what} (schema {schema})"));
+    if let Some(options) = schema.get("enum") {
+        return if options.as_array().unwrap().contains(v) {
+            Ok(())
+        } else {
+            fail("in the enum")
+        };
+    }
+    match schema["type"].as_str().unwrap() {
+        "boolean" if v.is_boolean() => Ok(()),
+        "integer" => match v.as_i64() {
+            Some(i)
+                if i >= schema["minimum"].as_i64().unwrap()
+                    && i <= schema["maximum"].as_i64().unwrap() =>
+            {
+                Ok(())
+            }
+            _ => fail("an integer in range"),
+        },
+        "string" => {
+            let Some(s) = v.as_str() else {
+                return fail("a string");
+            };
+            let n = s.chars().count();
+            if let Some(max) = schema.get("maxLength") {
+                if n as u64 > max.as_u64().unwrap() {
+                    return fail("short enough");
+                }
+            }
+            if schema.get("pattern").is_some()
+                && !((1..=4).contains(&n) && s.chars().all(|c| ('가'..='힣').contains(&c)))
+            {
+                return fail("1 to 4 Hangul syllables");
+            }
+            Ok(())
+        }
+        "array" => {
+            let Some(items) = v.as_array() else {
+                return fail("an array");
+            };
+            if items.len() as u64 > schema["maxItems"].as_u64().unwrap() {
+                return fail("short enough");
+            }
+            items.iter().try_for_each(|i| valid(&schema["items"], i))
+        }
+        "object" => {
+            let Some(o) = v.as_object() else {
+                return fail("an object");
+            };
+            let props = schema["properties"].as_object().unwrap();
+            if o.len() != props.len() || !props.keys().all(|k| o.contains_key(k)) {
+                return fail("an object with exactly the schema's properties");
+            }
+            props.iter().try_for_each(|(k, s)| valid(s, &o[k]))
+        }
+        _ => fail("of the schema's type"),
+    }
+}
+
+/// Structured output on every tokenizer kind (sentencepiece with byte fallback, slow and
+/// fast; GPT-2 byte-level): whatever the sampler draws, each answer to a random schema of
+/// a small family parses and validates, Korean included, with its `n` choices decoding in
+/// one batch; `json_object` gives an object; bad formats are refused with a 400.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_schema_answers_always_parse_and_validate() {
+    for family in ["llava-v0", "llava-hf", "llava-mpt"] {
+        let state = AppState::new(EngineHandle::spawn(session_of(family), 32, 16), None);
+        let mut seed = family.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
+        });
+        for round in 0..8 {
+            let schema = random_schema(&mut seed, 0);
+            let mut body = with_image(false);
+            body["max_tokens"] = json!(400);
+            body["temperature"] = json!(1.0);
+            body["seed"] = json!(round);
+            body["n"] = json!(2);
+            body["response_format"] =
+                json!({"type": "json_schema", "json_schema": {"name": "t", "schema": schema}});
+            let (status, text) = send(&state, request(body)).await;
+            assert_eq!(status, StatusCode::OK, "{family}: {text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            for c in v["choices"].as_array().unwrap() {
+                let content = c["message"]["content"].as_str().unwrap();
+                assert_eq!(
+                    c["finish_reason"], "stop",
+                    "{family}: {content:?} for {schema}"
+                );
+                let parsed: Value = serde_json::from_str(content)
+                    .unwrap_or_else(|e| panic!("{family}: {content:?} does not parse: {e}"));
+                valid(&schema, &parsed).unwrap_or_else(|e| panic!("{family}: {e}"));
+            }
+        }
+        let mut body = with_image(false);
+        body["max_tokens"] = json!(400);
+        body["temperature"] = json!(0);
+        body["response_format"] = json!({"type": "json_object"});
+        let (status, text) = send(&state, request(body)).await;
+        assert_eq!(status, StatusCode::OK, "{family}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+        if v["choices"][0]["finish_reason"] == "stop" {
+            let parsed: Value = serde_json::from_str(content).unwrap();
+            assert!(parsed.is_object(), "{family}: {content}");
+        } else {
+            assert!(content.starts_with('{'), "{family}: {content}");
+        }
+    }
+    let state = state();
+    for bad in [
+        json!({"type": "xml"}),
+        json!({"type": "json_schema"}),
+        json!({"type": "json_schema", "json_schema": {"name": "t", "schema": 3}}),
+        json!({"type": "json_schema", "json_schema": {"name": "t",
+               "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}),
+        json!("json"),
+    ] {
+        let mut body = with_image(false);
+        body["response_format"] = bad.clone();
+        let (status, text) = send(&state, request(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {text}");
+        assert!(text.contains("response_format"), "{bad}: {text}");
+    }
+    let mut body = with_image(false);
+    body["response_format"] = json!({"type": "text"});
+    let (status, text) = send(&state, request(body)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
 }

@@ -93,6 +93,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         eos_ids: Vec::new(),
         stop_strings: Vec::new(),
         context_len: usize::MAX,
+        constraint: None,
     };
 
     let mut rows: Vec<[f64; 5]> = Vec::new(); // preprocess, vision, prefill, decode, ttft (ms)
@@ -240,6 +241,7 @@ fn conversation(
         max_new_tokens: args.gen_tokens as usize,
         stop: Vec::new(),
         aspect: None,
+        constraint: None,
     };
     let (prefix_budget, image_budget) = (
         loaded.prefix_cache.stats().budget,

@@ -3,6 +3,7 @@
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
+use kollava_generate::OutputFormat;
 use kollava_inputs::template::{Conversation, Role};
 
 use crate::args::RunArgs;
@@ -33,6 +34,18 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .as_deref()
         .map(pipeline::read_image)
         .transpose()?;
+    // The schema is read before the model loads, so that a bad one fails at once.
+    let format = match args.schema.as_deref() {
+        None => None,
+        Some("object") => Some(("object", OutputFormat::JsonObject)),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the schema {path}"))?;
+            let schema = serde_json::from_str(&text)
+                .with_context(|| format!("the schema {path} is not JSON"))?;
+            Some((path, OutputFormat::JsonSchema(schema)))
+        }
+    };
     let loaded = pipeline::load(&args.model)?;
     let mut conv = Conversation::new(loaded.template.clone());
     conv.push(
@@ -47,6 +60,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let mut write_err = None;
     let mut opts = pipeline::answer_options(&args.sampling)?;
     opts.sampling.logprobs = args.logprobs.map(usize::from);
+    if let Some((spec, format)) = &format {
+        let c = loaded.grammars.compile(format);
+        opts.constraint = Some(c.with_context(|| format!("--schema {spec}"))?);
+    }
     let answer = loaded.answer(&conv, &images, &opts, &mut |piece| {
         if !args.json && write_err.is_none() {
             if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {

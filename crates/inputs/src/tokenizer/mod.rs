@@ -503,6 +503,14 @@ impl Tokenizer {
         }
     }
 
+    /// The bytes `id` stands for in decoded text (a sentencepiece `▁` as a space, a byte
+    /// piece `<0xNN>` as its byte), as constrained decoding matches them against a grammar.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.push_token_bytes(id, &mut out);
+        out
+    }
+
     fn push_token_bytes(&self, id: u32, out: &mut Vec<u8>) {
         match &self.backend {
             Backend::Slow(s) => {
