@@ -58,12 +58,11 @@ fn st_dtype(d: DType) -> Dtype {
 impl Lazy {
     fn load(&self) -> candle_core::Result<Tensor> {
         let t = match &self.source {
-            Source::Pickle(p) => {
-                p.get(&self.name)?
-                    .ok_or_else(|| candle_core::Error::CannotFindTensor {
-                        path: self.name.clone(),
-                    })?
-            }
+            Source::Pickle(p) => crate::torch_pickle::get(p, &self.name)?.ok_or_else(|| {
+                candle_core::Error::CannotFindTensor {
+                    path: self.name.clone(),
+                }
+            })?,
             Source::Safetensors(s) => s.read(&self.name)?,
             Source::Memory(t) => t.clone(),
         };
@@ -180,9 +179,7 @@ fn index(
     for f in &files.files {
         let (mut names, source): (Vec<(String, Vec<usize>, DType)>, Source) = match files.format {
             WeightFormat::PytorchPickle => {
-                let p = std::sync::Arc::new(
-                    candle_core::pickle::PthTensors::new(f, None).map_err(weight_err(f))?,
-                );
+                let p = std::sync::Arc::new(crate::torch_pickle::open(f).map_err(weight_err(f))?);
                 let names = p
                     .tensor_infos()
                     .iter()
@@ -376,9 +373,9 @@ pub fn extract_projector(
         };
         match files.format {
             WeightFormat::PytorchPickle => {
-                let p = candle_core::pickle::PthTensors::new(f, None).map_err(err)?;
+                let p = crate::torch_pickle::open(f).map_err(err)?;
                 for n in &names {
-                    if let Some(t) = p.get(n).map_err(err)? {
+                    if let Some(t) = crate::torch_pickle::get(&p, n).map_err(err)? {
                         tensors.insert((*n).clone(), t);
                     }
                 }

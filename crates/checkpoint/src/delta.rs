@@ -35,13 +35,12 @@ impl BaseReader {
             WeightFormat::PytorchPickle => {
                 let mut map = HashMap::new();
                 for f in &files.files {
-                    let p =
-                        Arc::new(candle_core::pickle::PthTensors::new(f, None).map_err(|e| {
-                            CheckpointError::Weights {
-                                file: f.display().to_string(),
-                                reason: candle_reason(&e),
-                            }
-                        })?);
+                    let p = Arc::new(crate::torch_pickle::open(f).map_err(|e| {
+                        CheckpointError::Weights {
+                            file: f.display().to_string(),
+                            reason: candle_reason(&e),
+                        }
+                    })?);
                     for name in p.tensor_infos().keys() {
                         map.insert(name.clone(), p.clone());
                     }
@@ -62,7 +61,7 @@ impl BaseReader {
                 }
             }
             BaseReader::Pickle(map) => match map.get(name) {
-                Some(p) => p.get(name),
+                Some(p) => crate::torch_pickle::get(p, name),
                 None => Ok(None),
             },
         }

@@ -21,6 +21,7 @@ pub mod precision;
 pub mod random;
 pub mod torch_pickle;
 pub mod trainable;
+pub mod untrusted;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

@@ -14,6 +14,33 @@ use candle_core::{DType, Tensor};
 
 use crate::CheckpointError;
 
+/// candle's [`PthTensors::new`](candle_core::pickle::PthTensors::new) for `path`, its panics
+/// on malformed pickles being errors (see [`crate::untrusted`]).
+pub fn open(path: &Path) -> candle_core::Result<candle_core::pickle::PthTensors> {
+    guarded(|| candle_core::pickle::PthTensors::new(path, None))
+}
+
+/// The tensors a `.bin` file lists (names, dtypes, layouts), read without their data.
+pub fn tensor_info(path: &Path) -> candle_core::Result<Vec<candle_core::pickle::TensorInfo>> {
+    guarded(|| candle_core::pickle::read_pth_tensor_info(path, false, None))
+}
+
+/// One tensor of an opened `.bin` file (`None`: not in it).
+pub fn get(
+    pth: &candle_core::pickle::PthTensors,
+    name: &str,
+) -> candle_core::Result<Option<Tensor>> {
+    guarded(|| pth.get(name))
+}
+
+fn guarded<T>(f: impl FnOnce() -> candle_core::Result<T>) -> candle_core::Result<T> {
+    crate::untrusted::guard(f).unwrap_or_else(|p| {
+        Err(candle_core::Error::Msg(format!(
+            "malformed PyTorch pickle ({p})"
+        )))
+    })
+}
+
 /// Writes `tensors` (name → tensor, in this order) to `path` as `torch.save({...})` would,
 /// through a temporary file renamed into place.
 pub fn save(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), CheckpointError> {

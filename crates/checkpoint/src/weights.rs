@@ -91,7 +91,7 @@ impl WeightFiles {
                 names,
             });
         }
-        let names = candle_core::pickle::read_pth_tensor_info(path, false, None)
+        let names = crate::torch_pickle::tensor_info(path)
             .map_err(|e| CheckpointError::Weights {
                 file: path.display().to_string(),
                 reason: candle_reason(&e),
@@ -155,7 +155,7 @@ pub fn find_weights(dir: &Path) -> Result<WeightFiles, CheckpointError> {
     }
     let single = dir.join("pytorch_model.bin");
     if single.is_file() {
-        let names = candle_core::pickle::read_pth_tensor_info(&single, false, None)
+        let names = crate::torch_pickle::tensor_info(&single)
             .map_err(|e| CheckpointError::Weights {
                 file: single.display().to_string(),
                 reason: candle_reason(&e),
@@ -410,7 +410,7 @@ pub fn var_builder_filtered(
                         },
                     }
                 };
-                let pth = candle_core::pickle::PthTensors::new(f, None).map_err(failed(""))?;
+                let pth = crate::torch_pickle::open(f).map_err(failed(""))?;
                 let mut names: Vec<(&String, DType)> = pth
                     .tensor_infos()
                     .keys()
@@ -422,7 +422,8 @@ pub fn var_builder_filtered(
                     // One tensor at a time, converted before the next is read: peak memory
                     // stays at the converted model's size plus one raw tensor (a 7B f32
                     // shard read whole would add 10 GB).
-                    let Some(t) = pth.get(name).map_err(failed(name))? else {
+                    let Some(t) = crate::torch_pickle::get(&pth, name).map_err(failed(name))?
+                    else {
                         continue;
                     };
                     let t = t.to_dtype(dtype).map_err(failed(name))?;

@@ -156,6 +156,16 @@ fn fetch_image(url: &str, what: &str) -> Result<image::RgbImage, ApiError> {
     image::decode(&bytes, what).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
+/// What the API makes of a chat-completions body before the engine sees it (the JSON, the
+/// messages, data-URL images, sampling settings, `response_format`), without queueing it:
+/// the request parser's fuzz target. `vocab`: the ids `logit_bias` may name.
+pub fn parse_request(body: &[u8], vocab: usize, grammars: &Grammars) -> Result<(), ApiError> {
+    let req: ChatRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?;
+    let (events, _) = crate::engine::events();
+    to_job(req, events, false, false, vocab, grammars).map(|_| ())
+}
+
 /// `response_format` as OpenAI shapes it: `None` for plain text.
 fn output_format(v: &Value) -> Result<Option<OutputFormat>, ApiError> {
     let bad = |m: &str| Err(ApiError::bad_request(format!("response_format: {m}")));

@@ -590,10 +590,13 @@ fn file_len(path: &Path) -> Result<usize, CheckpointError> {
 /// that stopped) is reported here, under its own name, before anything is loaded.
 fn read_content(path: &Path) -> Result<Content, CheckpointError> {
     let mut f = std::fs::File::open(path).map_err(io_err(path))?;
-    let content = Content::read(&mut f).map_err(|e| CheckpointError::Weights {
-        file: path.display().to_string(),
-        reason: format!("not a readable GGUF file: {}", candle_reason(&e)),
-    })?;
+    let read = crate::untrusted::guard(|| Content::read(&mut f).map_err(|e| candle_reason(&e)));
+    let content = read
+        .unwrap_or_else(|panic| Err(format!("malformed header ({panic})")))
+        .map_err(|reason| CheckpointError::Weights {
+            file: path.display().to_string(),
+            reason: format!("not a readable GGUF file: {reason}"),
+        })?;
     let len = file_len(path)? as u64;
     let past_end = content.tensor_infos.iter().find_map(|(name, info)| {
         let bytes = format::byte_size(info.ggml_dtype, info.shape.elem_count());
