@@ -44,10 +44,10 @@ cp -L fuzz/corpus/"$target"/* "$work/in/"
 if [ -d fuzz/regressions/"$target" ]; then
   cp -L fuzz/regressions/"$target"/* "$work/in/" 2>/dev/null || true
 fi
-# No UI, no CPU-governor or core-pattern checks (containers cannot change them); a run
-# counts as hung after 5 s (the GGUF and pickle targets write a file per input).
+# No UI, no CPU-governor or core-pattern checks (containers cannot change them). A run
+# counts as hung after 20 s: a legitimate 100-megapixel picture takes seconds to fit.
 export AFL_NO_UI=1 AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_AFFINITY=1
-cargo afl fuzz -i "$work/in" -o "$work/out" -V $((minutes * 60)) -t 5000 -m none \
+cargo afl fuzz -i "$work/in" -o "$work/out" -V $((minutes * 60)) -t 20000 -m none \
   -- target/afl/release/kollava-fuzz "$target" >"$work/afl.log" 2>&1 || {
     tail -20 "$work/afl.log" >&2
     exit 1

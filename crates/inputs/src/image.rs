@@ -352,6 +352,21 @@ fn to_rgb_like_pillow(img: DynamicImage) -> RgbImage {
     }
 }
 
+/// `img`, or for a picture so elongated that its padded square would pass [`MAX_PIXELS`]
+/// (a long side over 10,000 pixels), the picture shrunk (bicubic) until the square fits.
+/// The reference pads at full size; a 1 KB JPEG declaring 65,000 x 255 pixels would make it
+/// build a 4-gigapixel canvas, so such pictures (none a camera takes) differ from it
+/// slightly, and everything else is padded exactly as it does.
+fn within_square_limit(img: &RgbImage) -> std::borrow::Cow<'_, RgbImage> {
+    let long = img.width.max(img.height) as u64;
+    if long * long <= MAX_PIXELS {
+        return std::borrow::Cow::Borrowed(img);
+    }
+    let side = (MAX_PIXELS as f64).sqrt() as u64;
+    let scale = |x: u32| ((x as u64 * side) / long).max(1) as u32;
+    std::borrow::Cow::Owned(resize_bicubic(img, scale(img.width), scale(img.height)))
+}
+
 /// LLaVA-1.5's `expand2square`: paste onto a square canvas of the longer side, centred on the
 /// short axis with offset `(long - short) // 2`.
 pub fn expand_to_square(img: &RgbImage, fill: [u8; 3]) -> RgbImage {
@@ -593,7 +608,7 @@ pub fn shortest_edge_size(width: u32, height: u32, shortest_edge: u32) -> (u32, 
 pub fn fit(img: &RgbImage, mode: AspectMode, cfg: &ClipPreprocess) -> RgbImage {
     let staged = match mode {
         AspectMode::Crop => img.clone(),
-        AspectMode::Pad => expand_to_square(img, cfg.pad_colour()),
+        AspectMode::Pad => expand_to_square(&within_square_limit(img), cfg.pad_colour()),
         AspectMode::Resize => resize_bicubic(img, cfg.crop.0, cfg.crop.1),
     };
     let (w, h) = shortest_edge_size(staged.width, staged.height, cfg.shortest_edge);
@@ -659,6 +674,28 @@ mod tests {
         // (4 - 1) // 2 = row 1 holds the image.
         assert_eq!(&sq.data[0..3], &[1, 2, 3]);
         assert_eq!(&sq.data[12..15], &[9, 9, 9]);
+    }
+
+    /// A picture whose padded square would pass the pixel limit is shrunk first: the
+    /// canvas stays within the limit, the picture keeps its aspect and its colour, and it
+    /// sits centred on the pad colour.
+    #[test]
+    fn pad_shrinks_a_picture_too_elongated_to_square() {
+        let img = RgbImage::filled(60_000, 6, [200, 10, 10]);
+        let small = within_square_limit(&img);
+        assert_eq!((small.width, small.height), (10_000, 1));
+        assert!(small.data.chunks_exact(3).all(|p| p == [200, 10, 10]));
+        let fine = RgbImage::filled(10_000, 6, [1, 2, 3]);
+        assert!(matches!(
+            within_square_limit(&fine),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        let cfg = ClipPreprocess::square(28);
+        let out = fit(&img, AspectMode::Pad, &cfg);
+        assert_eq!((out.width, out.height), (28, 28));
+        let row = |y: usize| &out.data[y * 28 * 3..(y + 1) * 28 * 3];
+        assert!(row(0).chunks_exact(3).all(|p| p == cfg.pad_colour()));
+        assert!(row(27).chunks_exact(3).all(|p| p == cfg.pad_colour()));
     }
 
     #[test]
