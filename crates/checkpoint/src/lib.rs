@@ -21,8 +21,9 @@ pub mod precision;
 pub mod random;
 pub mod torch_pickle;
 pub mod trainable;
-pub mod untrusted;
 pub mod weights;
+
+pub use kollava_inputs::untrusted;
 
 use std::path::{Path, PathBuf};
 

@@ -10,6 +10,7 @@ pub mod image;
 pub mod prompt;
 pub mod template;
 pub mod tokenizer;
+pub mod untrusted;
 
 pub use prompt::{ImageSlot, ImageTokens, Prompt};
 pub use tokenizer::{StreamDecoder, Tokenizer};

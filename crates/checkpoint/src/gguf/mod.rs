@@ -599,11 +599,16 @@ fn read_content(path: &Path) -> Result<Content, CheckpointError> {
         })?;
     let len = file_len(path)? as u64;
     let past_end = content.tensor_infos.iter().find_map(|(name, info)| {
-        let bytes = format::byte_size(info.ggml_dtype, info.shape.elem_count());
+        // A header may declare any dims: their product and the byte count are checked.
+        let elems = (info.shape.dims().iter()).try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+        let bytes = elems.and_then(|e| {
+            let (block, size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+            (e / block as u64).checked_mul(size as u64)
+        });
         let end = content
             .tensor_data_offset
             .checked_add(info.offset)
-            .and_then(|o| o.checked_add(bytes));
+            .and_then(|o| o.checked_add(bytes?));
         end.is_none_or(|end| end > len).then_some((name, end))
     });
     if let Some((name, end)) = past_end {

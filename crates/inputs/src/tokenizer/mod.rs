@@ -173,10 +173,13 @@ impl Tokenizer {
         config: &Value,
         what: &str,
     ) -> Result<Self, TokenizerError> {
-        let tok = tokenizers::Tokenizer::from_bytes(json).map_err(|e| TokenizerError::Parse {
-            file: what.to_string(),
-            reason: e.to_string(),
-        })?;
+        // `tokenizers` panics on some malformed files (a decoder it cannot deserialize).
+        let tok = crate::untrusted::guard(|| tokenizers::Tokenizer::from_bytes(json))
+            .unwrap_or_else(|panic| Err(panic.into()))
+            .map_err(|e| TokenizerError::Parse {
+                file: what.to_string(),
+                reason: e.to_string(),
+            })?;
         let id = |key: &str, default: &str| -> u32 {
             let name = config
                 .get(key)
