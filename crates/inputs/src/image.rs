@@ -203,17 +203,17 @@ fn decode_jpeg_like_pillow(bytes: &[u8], what: &str) -> Result<Option<RgbImage>,
         reason,
     };
     // mozjpeg reports libjpeg errors by unwinding; contain them here.
-    let header = std::panic::catch_unwind(|| {
+    let header = crate::untrusted::guard(|| {
         mozjpeg::Decompress::new_mem(bytes).map(|d| (d.width() as u32, d.height() as u32))
     });
     let (width, height) = match header {
         Ok(Ok(dims)) => dims,
         Ok(Err(e)) => return Err(fail(e.to_string())),
-        Err(p) => return Err(fail(panic_text(&p))),
+        Err(text) => return Err(fail(text)),
     };
     check_size(what, width, height)?;
     let ran_out = AtomicBool::new(false);
-    let decoded = std::panic::catch_unwind(|| -> std::io::Result<Vec<u8>> {
+    let decoded = crate::untrusted::guard(|| -> std::io::Result<Vec<u8>> {
         let src = EofWatch {
             bytes,
             ran_out: &ran_out,
@@ -240,8 +240,7 @@ fn decode_jpeg_like_pillow(bytes: &[u8], what: &str) -> Result<Option<RgbImage>,
         Ok(Ok(_)) => Err(fail("truncated JPEG data".into())),
         Ok(Err(e)) if e.to_string().contains("color conversion") => Ok(None),
         Ok(Err(e)) => Err(fail(e.to_string())),
-        Err(p) => {
-            let text = panic_text(&p);
+        Err(text) => {
             if text.contains("color conversion") {
                 Ok(None)
             } else {
@@ -276,13 +275,6 @@ impl std::io::BufRead for EofWatch<'_> {
     fn consume(&mut self, n: usize) {
         self.bytes = &self.bytes[n.min(self.bytes.len())..];
     }
-}
-
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "libjpeg error".into())
 }
 
 fn check_size(what: &str, width: u32, height: u32) -> Result<(), ImageError> {

@@ -1,5 +1,6 @@
 //! Third-party readers (candle's pickle and GGUF readers, `tokenizers`' tokenizer.json
-//! reader) run on files kollava did not write. Where such a reader panics on malformed bytes instead of returning an error (the
+//! reader, libjpeg through mozjpeg, which reports errors by unwinding) run on files
+//! kollava did not write. Where such a reader panics on malformed bytes instead of returning an error (the
 //! fuzzers found several), [`guard`] turns the panic into an error for that file, and the
 //! panic prints nothing: the user sees one line naming the file.
 
