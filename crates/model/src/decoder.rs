@@ -215,8 +215,8 @@ impl SelfAttention {
         let [q, k, v] = self.project(xs)?;
         let (q, k) = match &step.rotary {
             Some((cos, sin)) => (
-                crate::layers::rope(&split(q, self.heads)?, cos, sin)?,
-                crate::layers::rope(&split(k, self.kv_heads)?, cos, sin)?,
+                crate::layers::rope_heads(&q, self.heads, cos, sin)?,
+                crate::layers::rope_heads(&k, self.kv_heads, cos, sin)?,
             ),
             None => (split(q, self.heads)?, split(k, self.kv_heads)?),
         };

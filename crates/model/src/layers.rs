@@ -877,6 +877,14 @@ pub fn gated(act: Activation, gate: Tensor, up: &Tensor) -> Result<Tensor> {
         && gate.is_contiguous()
         && up.is_contiguous();
     if !fused {
+        let trainable = act == Activation::Silu
+            && gate.device().is_cpu()
+            && gate.dtype() == DType::F32
+            && up.dtype() == DType::F32
+            && gate.shape() == up.shape();
+        if trainable && (gate.track_op() || up.track_op()) {
+            return gate.contiguous()?.apply_op2(&up.contiguous()?, SiluGate);
+        }
         return activate(act, &gate)? * up;
     }
     gate.inplace_op2(up, &SiluTimes)?;
@@ -974,6 +982,103 @@ impl candle_core::InplaceOp2 for SiluTimes {
             }
         });
         Ok(())
+    }
+}
+
+/// A contiguous f32 CPU tensor's values, borrowed (a custom op's backward reads its saved
+/// inputs and the incoming gradient this way instead of copying them out).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        candle_core::bail!("a contiguous f32 CPU tensor is expected");
+    };
+    f(&v[a..b])
+}
+
+/// A contiguous f32 CPU storage's values.
+fn f32_span<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{op}: a contiguous f32 input is expected"),
+    }
+}
+
+/// `silu(gate) · up` for training on the CPU, as one op ([`gated`] with gradients): the
+/// forward is [`SiluTimes`]'s arithmetic (so that a checkpointed layer's recomputation
+/// gives the numbers of its first forward), and the backward is one pass giving both
+/// gradients, `d_up = g · silu(gate)` and `d_gate = g · up · σ(gate)(1 + gate(1 − σ(gate)))`,
+/// where candle's ops ran about ten passes over intermediate-sized tensors and kept three.
+struct SiluGate;
+
+impl candle_core::CustomOp2 for SiluGate {
+    fn name(&self) -> &'static str {
+        "silu-gate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &candle_core::CpuStorage,
+        gl: &candle_core::Layout,
+        us: &candle_core::CpuStorage,
+        ul: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let g = f32_span(gs, gl, "silu-gate")?;
+        let u = f32_span(us, ul, "silu-gate")?;
+        let mut out = g.to_vec();
+        for_chunks(&mut out, |o, at| {
+            for (o, &u) in o.iter_mut().zip(&u[at..]) {
+                *o = *o * sigmoid(*o) * u;
+            }
+        });
+        Ok((candle_core::CpuStorage::F32(out), gl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut d_gate = with_f32(gate, |g| Ok(g.to_vec()))?;
+        let mut d_up = vec![0f32; d_gate.len()];
+        with_f32(up, |u| {
+            with_f32(grad, |dy| {
+                const CHUNK: usize = 1 << 14;
+                use rayon::prelude::*;
+                d_gate
+                    .par_chunks_mut(CHUNK)
+                    .zip(d_up.par_chunks_mut(CHUNK))
+                    .enumerate()
+                    .for_each(|(i, (dg, du))| {
+                        let at = i * CHUNK;
+                        for (j, (dg, du)) in dg.iter_mut().zip(du).enumerate() {
+                            let (x, s) = (*dg, sigmoid(*dg));
+                            let dy = dy[at + j];
+                            *du = dy * x * s;
+                            *dg = dy * u[at + j] * s * (1.0 + x * (1.0 - s));
+                        }
+                    });
+                Ok(())
+            })
+        })?;
+        let dev = gate.device();
+        let d_up = up
+            .track_op()
+            .then(|| Tensor::from_vec(d_up, up.shape(), dev))
+            .transpose()?;
+        let d_gate = gate
+            .track_op()
+            .then(|| Tensor::from_vec(d_gate, gate.shape(), dev))
+            .transpose()?;
+        Ok((d_gate, d_up))
     }
 }
 
@@ -1093,6 +1198,107 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let out1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
     let out2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
     Tensor::cat(&[out1, out2], D::Minus1)
+}
+
+/// A projection's output `xs: (b, s, heads·d)` split into heads `(b, heads, s, d)` and
+/// rotated by `cos/sin: (b, s, d/2)` ([`rope`]'s layout and arithmetic). Training on the
+/// CPU in f32 takes one op for both ([`RopeHeads`]); otherwise candle's transpose and rope.
+pub fn rope_heads(xs: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, s, width) = xs.dims3()?;
+    let d = width / heads;
+    if xs.track_op() && xs.device().is_cpu() && xs.dtype() == DType::F32 && d.is_multiple_of(2) {
+        let table = |t: &Tensor| -> Result<std::sync::Arc<Vec<f32>>> {
+            let t = t.to_dtype(DType::F32)?;
+            if t.dims() != [b, s, d / 2] {
+                candle_core::bail!("rope: a table {:?} for {:?}", t.dims(), xs.dims());
+            }
+            Ok(std::sync::Arc::new(t.flatten_all()?.to_vec1()?))
+        };
+        let op = RopeHeads {
+            heads,
+            cos: table(cos)?,
+            sin: table(sin)?,
+        };
+        return xs.contiguous()?.apply_op1(op);
+    }
+    let split = xs
+        .reshape((b, s, heads, d))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    rope(&split, cos, sin)
+}
+
+/// [`rope_heads`] for training: `x: (b, s, heads·d) → (b, heads, s, d)` with
+/// `y₁ = x₁ cos − x₂ sin`, `y₂ = x₁ sin + x₂ cos` (the halves of each head), and the
+/// backward `dx₁ = dy₁ cos + dy₂ sin`, `dx₂ = dy₂ cos − dy₁ sin` written back in the
+/// projection's layout: one pass each way, where candle's ops took a copy for the split and
+/// about ten passes (and as many kept intermediates) for the rotation.
+struct RopeHeads {
+    heads: usize,
+    cos: std::sync::Arc<Vec<f32>>,
+    sin: std::sync::Arc<Vec<f32>>,
+}
+
+impl candle_core::CustomOp1 for RopeHeads {
+    fn name(&self) -> &'static str {
+        "rope-heads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let x = f32_span(storage, layout, "rope-heads")?;
+        let (b, s, width) = layout.shape().dims3()?;
+        let (n, d) = (self.heads, width / self.heads);
+        let half = d / 2;
+        let mut out = vec![0f32; x.len()];
+        // One task per (batch row, head): its `s × d` block of the output is contiguous.
+        out.par_chunks_mut(s * d).enumerate().for_each(|(bh, o)| {
+            let (bi, h) = (bh / n, bh % n);
+            for t in 0..s {
+                let row = (bi * s + t) * width + h * d;
+                let (x1, x2) = x[row..row + d].split_at(half);
+                let cs = (bi * s + t) * half;
+                let (c, sn) = (&self.cos[cs..cs + half], &self.sin[cs..cs + half]);
+                let (o1, o2) = o[t * d..(t + 1) * d].split_at_mut(half);
+                for i in 0..half {
+                    o1[i] = x1[i] * c[i] - x2[i] * sn[i];
+                    o2[i] = x1[i] * sn[i] + x2[i] * c[i];
+                }
+            }
+        });
+        Ok((candle_core::CpuStorage::F32(out), (b, n, s, d).into()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let (b, s, width) = x.dims3()?;
+        let (n, d) = (self.heads, width / self.heads);
+        let half = d / 2;
+        let mut dx = vec![0f32; b * s * width];
+        with_f32(grad, |dy| {
+            // One task per position: its row of `dx` gathers every head's gradient.
+            dx.par_chunks_mut(width).enumerate().for_each(|(row, out)| {
+                let (bi, t) = (row / s, row % s);
+                let cs = row * half;
+                let (c, sn) = (&self.cos[cs..cs + half], &self.sin[cs..cs + half]);
+                for h in 0..n {
+                    let at = ((bi * n + h) * s + t) * d;
+                    let (g1, g2) = dy[at..at + d].split_at(half);
+                    let (o1, o2) = out[h * d..(h + 1) * d].split_at_mut(half);
+                    for i in 0..half {
+                        o1[i] = g1[i] * c[i] + g2[i] * sn[i];
+                        o2[i] = g2[i] * c[i] - g1[i] * sn[i];
+                    }
+                }
+            });
+            Ok(())
+        })?;
+        Ok(Some(Tensor::from_vec(dx, (b, s, width), x.device())?))
+    }
 }
 
 #[cfg(test)]
@@ -1352,6 +1558,73 @@ mod tests {
                     "element {i}: {a} vs {b}"
                 );
             }
+        }
+    }
+
+    /// The training SiLU gate ([`SiluGate`]) against candle's ops: values and both
+    /// gradients, on odd sizes, values in both tails of the sigmoid, and a tensor large
+    /// enough for the parallel chunks.
+    #[test]
+    fn training_silu_gate_matches_candles_values_and_gradients() {
+        let dev = Device::Cpu;
+        for shape in [(1, 1, 1), (3, 7, 33), (2, 5, 3 * (1 << 12) + 7)] {
+            let gate = (Tensor::rand(-1f32, 1.0, shape, &dev).unwrap() * 30.0).unwrap();
+            let gate = Var::from_tensor(&gate).unwrap();
+            let up = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap();
+            let ours = gated(Activation::Silu, gate.as_tensor().clone(), up.as_tensor()).unwrap();
+            assert!(ours.track_op(), "a tracked result");
+            let theirs =
+                (candle_nn::ops::silu(gate.as_tensor()).unwrap() * up.as_tensor()).unwrap();
+            let err = max_abs_diff_tensors(&ours, &theirs);
+            assert!(err <= 1e-5 * max_abs(&theirs).max(1.0), "{shape:?}: {err}");
+            let grads = probed_grads(&ours, &theirs, &[&gate, &up]);
+            for (name, (a, b)) in ["gate", "up"].iter().zip(&grads) {
+                let err = max_abs_diff_tensors(a, b);
+                assert!(
+                    err <= 1e-5 * max_abs(b).max(1.0),
+                    "{shape:?} d{name}: {err}"
+                );
+            }
+        }
+    }
+
+    /// The training rotary op ([`rope_heads`]) against the split and candle's tensor ops:
+    /// values and the input's gradient, on odd lengths and head counts.
+    #[test]
+    fn training_rope_heads_matches_candles_values_and_gradients() {
+        let dev = Device::Cpu;
+        for (b, s, heads, d) in [(1, 1, 1, 2), (2, 7, 3, 10), (3, 33, 5, 64)] {
+            let x = Tensor::randn(0f32, 1.0, (b, s, heads * d), &dev).unwrap();
+            let x = Var::from_tensor(&x).unwrap();
+            let angle = Tensor::rand(-4f32, 4.0, (b, s, d / 2), &dev).unwrap();
+            let (cos, sin) = (angle.cos().unwrap(), angle.sin().unwrap());
+            let ours = rope_heads(x.as_tensor(), heads, &cos, &sin).unwrap();
+            assert_eq!(ours.dims(), [b, heads, s, d]);
+            let theirs = {
+                let split = x.as_tensor().reshape((b, s, heads, d)).unwrap();
+                let split = split.transpose(1, 2).unwrap().contiguous().unwrap();
+                // `rope`'s tracked path: candle's differentiable ops.
+                rope(&split, &cos, &sin).unwrap()
+            };
+            let untracked = {
+                let split = x.as_tensor().detach().reshape((b, s, heads, d)).unwrap();
+                let split = split.transpose(1, 2).unwrap().contiguous().unwrap();
+                rope(&split, &cos, &sin).unwrap()
+            };
+            // Bit for bit candle's fused kernel, which inference and checkpointing run.
+            assert_eq!(
+                max_abs_diff_tensors(&ours, &untracked),
+                0.0,
+                "{b}x{s}x{heads}x{d}"
+            );
+            let err = max_abs_diff_tensors(&ours, &theirs);
+            assert!(err < 1e-5, "{b}x{s}x{heads}x{d}: {err}");
+            let grads = probed_grads(&ours, &theirs, &[&x]);
+            let err = max_abs_diff_tensors(&grads[0].0, &grads[0].1);
+            assert!(
+                err <= 1e-5 * max_abs(&grads[0].1).max(1.0),
+                "{b}x{s}x{heads}x{d} dx: {err}"
+            );
         }
     }
 

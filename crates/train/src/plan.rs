@@ -319,7 +319,7 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
     let (h, i) = (d.hidden_size as u64, d.intermediate_size as u64);
     let kvd = (d.num_key_value_heads * d.head_dim) as u64;
     let per_layer = match d.mpt() {
-        None => 14 * h + 8 * kvd + 4 * i,
+        None => 10 * h + 4 * kvd + 3 * i,
         Some(_) => 14 * h + 8 * kvd + 3 * i,
     };
     let adapter_extra = match spec.lora {
@@ -373,12 +373,20 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
     // At the end of the backward pass, what is in flight; at the optimizer step the ranks
     // exchange gradients through flat buffers instead (the activations are gone by then,
     // so the larger of the two counts).
-    // The backward pass's gradients of intermediates in flight: measured on the decoder,
-    // (19h + 2i) per token, and (8h + 3i) more per layer whose backward is pending (all of
-    // them, or the one recomputed with checkpointing); with adapters, about half of what
-    // they keep again per pending layer (fitted to LoRA's measured runs in tests/plan.rs).
+    // The backward pass's gradients of intermediates in flight: measured on the decoder
+    // with trained layers, (19h + 2i) per token, and (8h + 3i) more per layer whose
+    // backward is pending (all of them, or the one recomputed with checkpointing); with
+    // adapters, about half of what they keep again per pending layer (fitted to LoRA's
+    // measured runs in tests/plan.rs).
+    // Layers that are wholly frozen (stage 1) compute no weight gradients, and their fused
+    // ops (RMSNorm, rotary, SiLU gate, frozen products) return one gradient each: measured,
+    // (5h + 2i) per token and (2h + i) per pending layer.
     let pending = if checkpointing { 1 } else { layers };
-    let backward = 4 * tokens * (19 * h + 2 * i + pending * (8 * h + 3 * i + adapter_extra / 2));
+    let backward = if layers_trained == 0 && spec.lora.is_none() {
+        4 * tokens * (5 * h + 2 * i + pending * (2 * h + i))
+    } else {
+        4 * tokens * (19 * h + 2 * i + pending * (8 * h + 3 * i + adapter_extra / 2))
+    };
     // Accumulating micro-batches: the running sum and the new pass's gradients, and the
     // sum being formed.
     let accumulating = if spec.grad_accum > 1 { 2 * grads } else { 0 };
