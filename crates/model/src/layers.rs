@@ -178,6 +178,12 @@ impl candle_core::CustomOp1 for FrozenProduct {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        if let (FrozenWeight::Dense(w), candle_core::CpuStorage::F32(_)) = (&self.0, storage) {
+            if w.dtype() == DType::F32 {
+                let x = f32_span(storage, layout, "frozen-product")?;
+                return dense_product(x, layout.shape(), w);
+            }
+        }
         let x = storage_tensor(storage, layout, "frozen-product")?;
         tensor_storage(&self.0.product(&x)?, "frozen-product")
     }
@@ -185,6 +191,62 @@ impl candle_core::CustomOp1 for FrozenProduct {
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.0.input_grad(grad)?))
     }
+}
+
+/// `x Wᵀ` straight from the op's input into its output, by the GEMM candle's matmul calls
+/// with the same operands (no copy of either side). `x: (…, k)`, `w: (n, k)` f32.
+fn dense_product(
+    x: &[f32],
+    shape: &candle_core::Shape,
+    w: &Tensor,
+) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    let (n, k) = w.dims2()?;
+    let dims = shape.dims();
+    if dims.last() != Some(&k) {
+        candle_core::bail!(
+            "frozen-product: an input {dims:?} for a weight {:?}",
+            w.dims()
+        );
+    }
+    let m = x.len() / k.max(1);
+    let mut y = vec![0f32; m * n];
+    with_f32(w, |w| {
+        let threads = rayon::current_num_threads();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: `x` holds m·k values, `w` n·k and `y` m·n, each laid out as the strides
+        // say (rows of x and w contiguous; Wᵀ read column-wise); `y` is not aliased.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+        Ok(())
+    })?;
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("a dimension") = n;
+    Ok((candle_core::CpuStorage::F32(y), out.into()))
 }
 
 thread_local! {
@@ -1314,7 +1376,7 @@ mod tests {
     #[test]
     fn frozen_products_give_candles_values_and_input_gradients() {
         let dev = Device::Cpu;
-        for (rows, inp, out) in [(1, 1, 1), (7, 33, 5), (37, 64, 130)] {
+        for (rows, inp, out) in [(1, 1, 1), (7, 33, 5), (37, 64, 130), (301, 200, 190)] {
             for batched in [false, true] {
                 for bias in [false, true] {
                     let shape: Vec<usize> = if batched {

@@ -2,18 +2,21 @@
 //! every `(b, heads, s, t)` intermediate of `softmax(QKᵀ·scale + mask)·V` for the backward
 //! (scores, scaled, masked, probabilities: a third of a LLaVA step's activation memory at
 //! 430 tokens). This op keeps only the output and each row's log-sum-exp; its backward
-//! recomputes one head's probabilities at a time, in a buffer of its own, and takes the
-//! gradients of Q, K and V from them:
+//! recomputes one head's probabilities at a time, a block of query rows at a time in a
+//! buffer of its own, and takes the gradients of Q, K and V from them:
 //! `dV = Pᵀ dO`, `dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = dS K·scale`, `dK = dSᵀ Q·scale`.
 //! Heads sharing a key/value head (grouped-query attention) are one task, so that their
 //! `dK`/`dV` add up without locks. The products are `gemm`'s (candle's own matrix
-//! kernels), one head per task on rayon's threads.
+//! kernels), one head per task on rayon's threads. Each block of query rows multiplies only
+//! the leading keys some row of it sees, so a causal mask's upper triangle is skipped, both
+//! ways.
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::softmax::exp_nonpositive;
 use super::Dims;
 
 /// `softmax(q kᵀ · scale + mask [+ slope_h · dist]) v` with gradients for `q`, `k` and `v`.
@@ -59,8 +62,11 @@ pub fn attention(
         ),
         None => None,
     };
+    let mask: Vec<f32> = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let extents = key_extents(&mask, b, s, t);
     let op = Attention {
         alibi,
+        extents,
         dims: Dims {
             b,
             heads,
@@ -69,7 +75,7 @@ pub fn attention(
             t,
             d,
         },
-        mask: mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+        mask,
         scale: scale as f32,
         lse: Mutex::new(None),
     };
@@ -80,8 +86,35 @@ pub fn attention(
     )
 }
 
+/// Query rows per block: each block's products reach only the keys some row of it sees.
+const QUERY_BLOCK: usize = 64;
+
+/// Per batch row and block of [`QUERY_BLOCK`] query rows, how many leading keys cover every
+/// key a row of the block sees (a finite mask entry): under a causal mask, the later blocks
+/// reach further, and the products skip the rest (about half of them).
+fn key_extents(mask: &[f32], b: usize, s: usize, t: usize) -> Vec<usize> {
+    let blocks = s.div_ceil(QUERY_BLOCK);
+    let mut out = Vec::with_capacity(b * blocks);
+    for bi in 0..b {
+        for blk in 0..blocks {
+            let rows = blk * QUERY_BLOCK..((blk + 1) * QUERY_BLOCK).min(s);
+            let extent = rows
+                .map(|i| {
+                    let row = &mask[(bi * s + i) * t..][..t];
+                    row.iter().rposition(|m| m.is_finite()).map_or(0, |j| j + 1)
+                })
+                .max()
+                .unwrap_or(0);
+            out.push(extent.max(1));
+        }
+    }
+    out
+}
+
 struct Attention {
     dims: Dims,
+    /// [`key_extents`] of the mask.
+    extents: Vec<usize>,
     /// `(b, s, t)`.
     mask: Vec<f32>,
     /// ALiBi: distances `(b, s, t)` and a slope per head.
@@ -134,20 +167,41 @@ fn mm(
     }
 }
 
+/// Query rows `rows` of a head and the leading `extent` keys they see.
+struct Block {
+    rows: std::ops::Range<usize>,
+    extent: usize,
+}
+
 impl Attention {
-    /// Head `h`'s `scores · scale + mask` (and ALiBi's bias) (`s × t`) into `p`.
-    #[allow(clippy::too_many_arguments)]
-    fn scores(&self, p: &mut [f32], q: &[f32], k: &[f32], bi: usize, h: usize) {
+    /// Batch row `bi`'s query blocks.
+    fn blocks(&self, bi: usize) -> impl Iterator<Item = Block> + '_ {
+        let s = self.dims.s;
+        let n = s.div_ceil(QUERY_BLOCK);
+        (0..n).map(move |blk| Block {
+            rows: blk * QUERY_BLOCK..((blk + 1) * QUERY_BLOCK).min(s),
+            extent: self.extents[bi * n + blk],
+        })
+    }
+
+    /// Head `h`'s `scores · scale + mask` (and ALiBi's bias) over a block's rows and keys
+    /// (`rows × extent`, that row stride) into `p`; `q` the head's whole `s × d`.
+    fn scores(&self, p: &mut [f32], q: &[f32], k: &[f32], bi: usize, h: usize, blk: &Block) {
         let Dims { s, t, d, .. } = self.dims;
-        mm((s, t, d), p, false, q, (d, 1), k, (1, d), self.scale);
-        let at = bi * s * t..(bi + 1) * s * t;
-        let mask = &self.mask[at.clone()];
-        p.iter_mut().zip(mask).for_each(|(x, m)| *x += m);
-        if let Some((dist, slopes)) = &self.alibi {
-            let slope = slopes[h];
-            p.iter_mut()
-                .zip(&dist[at])
-                .for_each(|(x, dd)| *x += slope * dd);
+        let (n, e) = (blk.rows.len(), blk.extent);
+        let q = &q[blk.rows.start * d..];
+        mm((n, e, d), p, false, q, (d, 1), k, (1, d), self.scale);
+        for (r, row) in blk.rows.clone().zip(p.chunks_exact_mut(e)) {
+            let at = (bi * s + r) * t;
+            row.iter_mut()
+                .zip(&self.mask[at..at + e])
+                .for_each(|(x, m)| *x += m);
+            if let Some((dist, slopes)) = &self.alibi {
+                let slope = slopes[h];
+                row.iter_mut()
+                    .zip(&dist[at..at + e])
+                    .for_each(|(x, dd)| *x += slope * dd);
+            }
         }
     }
 }
@@ -194,31 +248,28 @@ impl CustomOp3 for Attention {
                 let (bi, g) = (task / kv_heads, task % kv_heads);
                 let kv = (bi * kv_heads + g) * t * d;
                 let (k, v) = (&k[kv..kv + t * d], &v[kv..kv + t * d]);
-                let mut p = vec![0f32; s * t];
+                let mut p = vec![0f32; QUERY_BLOCK.min(s) * t];
                 for r in 0..rep {
                     let h = g * rep + r;
                     let qh = &q[(bi * heads + h) * s * d..][..s * d];
-                    self.scores(&mut p, qh, k, bi, h);
-                    for (row, l) in p.chunks_exact_mut(t).zip(&mut lse[r * s..(r + 1) * s]) {
-                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0f32;
-                        for x in row.iter_mut() {
-                            *x = (*x - max).exp();
-                            sum += *x;
+                    for blk in self.blocks(bi) {
+                        let (n, e) = (blk.rows.len(), blk.extent);
+                        let p = &mut p[..n * e];
+                        self.scores(p, qh, k, bi, h, &blk);
+                        let lse = &mut lse[r * s + blk.rows.start..r * s + blk.rows.end];
+                        for (row, l) in p.chunks_exact_mut(e).zip(lse) {
+                            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                            let mut sum = 0f32;
+                            for x in row.iter_mut() {
+                                *x = exp_nonpositive(*x - max);
+                                sum += *x;
+                            }
+                            row.iter_mut().for_each(|x| *x /= sum);
+                            *l = max + sum.ln();
                         }
-                        row.iter_mut().for_each(|x| *x /= sum);
-                        *l = max + sum.ln();
+                        let o = &mut out[(r * s + blk.rows.start) * d..(r * s + blk.rows.end) * d];
+                        mm((n, d, e), o, false, p, (e, 1), v, (d, 1), 1.0);
                     }
-                    mm(
-                        (s, d, t),
-                        &mut out[r * s * d..(r + 1) * s * d],
-                        false,
-                        &p,
-                        (t, 1),
-                        v,
-                        (d, 1),
-                        1.0,
-                    );
                 }
             });
         *self
@@ -268,45 +319,44 @@ impl CustomOp3 for Attention {
                 let (bi, g) = (task / kv_heads, task % kv_heads);
                 let kv = (bi * kv_heads + g) * t * d;
                 let (kh, vh) = (&k[kv..kv + t * d], &v[kv..kv + t * d]);
-                let mut p = vec![0f32; s * t];
-                let mut ds = vec![0f32; s * t];
+                let mut p = vec![0f32; QUERY_BLOCK.min(s) * t];
+                let mut ds = vec![0f32; QUERY_BLOCK.min(s) * t];
                 for r in 0..rep {
                     let h = g * rep + r;
                     let at = (bi * heads + h) * s * d;
                     let (qh, oh, gh) =
                         (&q[at..at + s * d], &o[at..at + s * d], &go[at..at + s * d]);
-                    self.scores(&mut p, qh, kh, bi, h);
-                    let lse = &lse[(bi * heads + h) * s..][..s];
-                    for (row, l) in p.chunks_exact_mut(t).zip(lse) {
-                        row.iter_mut().for_each(|x| *x = (*x - l).exp());
-                    }
-                    // dV += Pᵀ dO.
-                    mm((t, d, s), dv, r > 0, &p, (1, t), gh, (d, 1), 1.0);
-                    // dP = dO Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)) · scale.
-                    mm((s, t, d), &mut ds, false, gh, (d, 1), vh, (1, d), 1.0);
-                    for i in 0..s {
-                        let di: f32 = gh[i * d..(i + 1) * d]
-                            .iter()
-                            .zip(&oh[i * d..(i + 1) * d])
-                            .map(|(a, b)| a * b)
-                            .sum();
-                        let (prow, drow) = (&p[i * t..(i + 1) * t], &mut ds[i * t..(i + 1) * t]);
-                        for (x, &pv) in drow.iter_mut().zip(prow) {
-                            *x = pv * (*x - di) * self.scale;
+                    for blk in self.blocks(bi) {
+                        let (n, e) = (blk.rows.len(), blk.extent);
+                        let (p, ds) = (&mut p[..n * e], &mut ds[..n * e]);
+                        self.scores(p, qh, kh, bi, h, &blk);
+                        let lse = &lse[(bi * heads + h) * s + blk.rows.start..][..n];
+                        for (row, l) in p.chunks_exact_mut(e).zip(lse) {
+                            row.iter_mut().for_each(|x| *x = exp_nonpositive(*x - l));
                         }
+                        let rows = blk.rows.start * d..blk.rows.end * d;
+                        let (qb, ob, gb) = (&qh[rows.clone()], &oh[rows.clone()], &gh[rows]);
+                        // dV += Pᵀ dO (the keys the block sees; `dv` starts at zero).
+                        mm((e, d, n), dv, true, p, (1, e), gb, (d, 1), 1.0);
+                        // dP = dO Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)) · scale.
+                        mm((n, e, d), ds, false, gb, (d, 1), vh, (1, d), 1.0);
+                        for i in 0..n {
+                            let di: f32 = gb[i * d..(i + 1) * d]
+                                .iter()
+                                .zip(&ob[i * d..(i + 1) * d])
+                                .map(|(a, b)| a * b)
+                                .sum();
+                            let (prow, drow) =
+                                (&p[i * e..(i + 1) * e], &mut ds[i * e..(i + 1) * e]);
+                            for (x, &pv) in drow.iter_mut().zip(prow) {
+                                *x = pv * (*x - di) * self.scale;
+                            }
+                        }
+                        // dQ = dS K, dK += dSᵀ Q.
+                        let dqb = &mut dq[(r * s + blk.rows.start) * d..(r * s + blk.rows.end) * d];
+                        mm((n, d, e), dqb, false, ds, (e, 1), kh, (d, 1), 1.0);
+                        mm((e, d, n), dk, true, ds, (1, e), qb, (d, 1), 1.0);
                     }
-                    // dQ = dS K, dK += dSᵀ Q.
-                    mm(
-                        (s, d, t),
-                        &mut dq[r * s * d..(r + 1) * s * d],
-                        false,
-                        &ds,
-                        (t, 1),
-                        kh,
-                        (d, 1),
-                        1.0,
-                    );
-                    mm((t, d, s), dk, r > 0, &ds, (1, t), qh, (d, 1), 1.0);
                 }
             });
         let dev = candle_core::Device::Cpu;
@@ -383,6 +433,9 @@ mod tests {
             (2, 4, 2, 7, 5, vec![0, 3]),
             (1, 3, 3, 33, 16, vec![0]),
             (3, 6, 2, 20, 8, vec![5, 0, 19]),
+            // Several query blocks, padding across a block's edge.
+            (2, 4, 2, 150, 8, vec![0, 70]),
+            (1, 2, 1, 129, 4, vec![0]),
         ] {
             let var = |shape: (usize, usize, usize, usize)| {
                 Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
@@ -415,7 +468,14 @@ mod tests {
     #[test]
     fn train_attention_with_alibi_matches_candles_values_and_gradients() {
         let dev = Device::Cpu;
-        let (b, heads, s, d) = (2, 4, 9, 8);
+        for s in [9, 100] {
+            alibi_case(&dev, s);
+        }
+    }
+
+    fn alibi_case(dev: &Device, s: usize) {
+        let (b, heads, d) = (2, 4, 8);
+        let dev = dev.clone();
         let var = |shape: (usize, usize, usize, usize)| {
             Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
         };
