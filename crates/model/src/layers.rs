@@ -211,42 +211,301 @@ fn dense_product(
     let m = x.len() / k.max(1);
     let mut y = vec![0f32; m * n];
     with_f32(w, |w| {
-        let threads = rayon::current_num_threads();
-        let par = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: `x` holds m·k values, `w` n·k and `y` m·n, each laid out as the strides
-        // say (rows of x and w contiguous; Wᵀ read column-wise); `y` is not aliased.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                y.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            )
-        }
+        sgemm((m, n, k), &mut y, None, x, (k, 1), w, (1, k));
         Ok(())
     })?;
     let mut out = dims.to_vec();
     *out.last_mut().expect("a dimension") = n;
     Ok((candle_core::CpuStorage::F32(y), out.into()))
+}
+
+/// `dst (m×n) = [beta_dst ·dst +] alpha · a (m×k) · b (k×n)` on the thread pool, `a` and `b`
+/// given with their (row, column) strides; `dst` row-major. `accumulate: Some(alpha)` adds
+/// `alpha·a·b` to what `dst` holds, `None` overwrites it with `a·b`.
+pub(crate) fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: Option<f32>,
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+) {
+    assert!(dst.len() >= m * n, "sgemm: a destination too small");
+    assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let (read, beta) = match accumulate {
+        Some(alpha) => (true, alpha),
+        None => (false, 1.0),
+    };
+    // SAFETY: the asserts above: every element the strides reach is inside its slice, and
+    // `dst` is a unique borrow.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            read,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// A LoRA map for training on the CPU in f32 as one op over `(x, A, B)`:
+/// `y = x Wᵀ + s · (drop(x) Aᵀ) Bᵀ` with the base `W` frozen. It keeps only the rank-r
+/// product `drop(x) Aᵀ` and the dropout mask as bits: candle's ops kept the dropped copy of
+/// the input, the mask in f32 and three output-sized tensors (the adapter's output, it
+/// scaled, the sum) per adapted map, and those were most of a LoRA run's peak memory. The
+/// backward: `d(xa) = s · dY B`, `dB = s · dYᵀ (xa)`, `dA = d(xa)ᵀ drop(x)`,
+/// `dx = dY W + drop'(d(xa) A)`. The masks are [`seeded_dropout`]'s.
+struct LoraProduct {
+    base: FrozenWeight,
+    scale: f32,
+    dropout: f32,
+    /// [`seeded_dropout`]'s stream for this adapter and micro-batch.
+    stream: u64,
+    /// From the forward: each element's keep bit, and `drop(x) Aᵀ` `(rows, r)`.
+    saved: std::sync::Mutex<Option<(Vec<u64>, Vec<f32>)>>,
+}
+
+impl LoraProduct {
+    /// The op for `l` over `xs` and the base's bias, when it applies: f32 on the CPU, a base
+    /// our frozen products take. (Under `--bf16` too: the adapters' products stay in f32, as
+    /// the tensor-op path computed them; the base is packed for the bf16 kernels.)
+    fn for_input(l: &Lora, xs: &Tensor) -> Result<Option<(Self, Option<Tensor>)>> {
+        let f32s =
+            xs.dtype() == DType::F32 && l.a.dtype() == DType::F32 && l.b.dtype() == DType::F32;
+        if !xs.device().is_cpu() || !f32s {
+            return Ok(None);
+        }
+        let (base, bias) = match &l.base {
+            Linear::Dense(d) if d.weight().dtype() == DType::F32 && !d.weight().track_op() => {
+                (FrozenWeight::Dense(d.weight().clone()), d.bias().cloned())
+            }
+            Linear::Quantized { weight, bias } => {
+                (FrozenWeight::Quantized(weight.clone()), bias.clone())
+            }
+            Linear::Bf16 {
+                weight,
+                bias,
+                transposed: Some(wt),
+            } => (
+                FrozenWeight::Bf16 {
+                    w: weight.clone(),
+                    wt: wt.clone(),
+                },
+                bias.clone(),
+            ),
+            _ => return Ok(None),
+        };
+        let seed = DROPOUT_SEED.with(|s| s.get());
+        Ok(Some((
+            LoraProduct {
+                base,
+                scale: l.scale as f32,
+                dropout: l.dropout,
+                stream: splitmix64(seed ^ splitmix64(l.dropout_key)),
+                saved: std::sync::Mutex::new(None),
+            },
+            bias,
+        )))
+    }
+
+    /// Keep bits of elements `0..n` (bit `i % 64` of word `i / 64`).
+    fn keep_bits(&self, n: usize) -> Vec<u64> {
+        use rayon::prelude::*;
+        let p = self.dropout;
+        let mut bits = vec![0u64; n.div_ceil(64)];
+        bits.par_iter_mut().enumerate().for_each(|(w, word)| {
+            for j in 0..64.min(n - w * 64) {
+                let i = (w * 64 + j) as u64;
+                if dropout_draw(self.stream, i) >= p {
+                    *word |= 1 << j;
+                }
+            }
+        });
+        bits
+    }
+
+    /// `x ⊙ keep / (1 − p)`, as [`seeded_dropout`] computes it.
+    fn dropped(&self, x: &[f32], bits: &[u64]) -> Vec<f32> {
+        let keep = 1.0 / (1.0 - self.dropout);
+        let mut out = x.to_vec();
+        for_chunks(&mut out, |c, at| {
+            for (j, v) in c.iter_mut().enumerate() {
+                let i = at + j;
+                *v *= if bits[i / 64] >> (i % 64) & 1 == 1 {
+                    keep
+                } else {
+                    0.0
+                };
+            }
+        });
+        out
+    }
+
+    /// The frozen base's `x Wᵀ`, `(m, out)` values.
+    fn base_product(&self, x: &[f32], shape: &candle_core::Shape) -> Result<Vec<f32>> {
+        if let FrozenWeight::Dense(w) = &self.base {
+            let (n, k) = w.dims2()?;
+            let mut y = vec![0f32; x.len() / k.max(1) * n];
+            with_f32(w, |w| {
+                sgemm(
+                    (x.len() / k.max(1), n, k),
+                    &mut y,
+                    None,
+                    x,
+                    (k, 1),
+                    w,
+                    (1, k),
+                );
+                Ok(())
+            })?;
+            return Ok(y);
+        }
+        let x = Tensor::from_slice(x, shape, &candle_core::Device::Cpu)?;
+        self.base.product(&x)?.flatten_all()?.to_vec1()
+    }
+}
+
+impl candle_core::CustomOp3 for LoraProduct {
+    fn name(&self) -> &'static str {
+        "lora-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        as_: &candle_core::CpuStorage,
+        al: &candle_core::Layout,
+        bs: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = f32_span(xs, xl, self.name())?;
+        let a = f32_span(as_, al, self.name())?;
+        let b = f32_span(bs, bl, self.name())?;
+        let (r, k) = al.shape().dims2()?;
+        let (n, rb) = bl.shape().dims2()?;
+        let dims = xl.shape().dims();
+        if rb != r || dims.last() != Some(&k) {
+            candle_core::bail!(
+                "lora-product: x {dims:?}, A {:?}, B {:?}",
+                al.dims(),
+                bl.dims()
+            );
+        }
+        let m = x.len() / k.max(1);
+        let bits = if self.dropout > 0.0 {
+            self.keep_bits(x.len())
+        } else {
+            Vec::new()
+        };
+        let mut xa = vec![0f32; m * r];
+        {
+            let dropped;
+            let input = if self.dropout > 0.0 {
+                dropped = self.dropped(x, &bits);
+                &dropped[..]
+            } else {
+                x
+            };
+            sgemm((m, r, k), &mut xa, None, input, (k, 1), a, (1, k));
+        }
+        let mut y = self.base_product(x, xl.shape())?;
+        sgemm((m, n, r), &mut y, Some(self.scale), &xa, (r, 1), b, (1, r));
+        *self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))? = Some((bits, xa));
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("a dimension") = n;
+        Ok((candle_core::CpuStorage::F32(y), out.into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some((bits, xa)) = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
+            .clone()
+        else {
+            candle_core::bail!("lora-product: backward before forward");
+        };
+        let (r, k) = a.dims2()?;
+        let (n, _) = b.dims2()?;
+        let m = x.elem_count() / k.max(1);
+        let dev = x.device();
+        // d(xa) = s · dY B, dB = s · dYᵀ xa.
+        let mut dxa = vec![0f32; m * r];
+        let mut db = vec![0f32; n * r];
+        with_f32(grad, |dy| {
+            with_f32(b, |bv| {
+                sgemm((m, r, n), &mut dxa, None, dy, (n, 1), bv, (r, 1));
+                Ok(())
+            })?;
+            sgemm((n, r, m), &mut db, None, dy, (1, n), &xa, (r, 1));
+            Ok(())
+        })?;
+        dxa.iter_mut().for_each(|v| *v *= self.scale);
+        db.iter_mut().for_each(|v| *v *= self.scale);
+        // dA = d(xa)ᵀ drop(x); the adapter's part of dx, d(xa) A, through the mask.
+        let mut da = vec![0f32; r * k];
+        let mut dx_adapter = vec![0f32; m * k];
+        with_f32(x, |xv| {
+            let dropped;
+            let input = if self.dropout > 0.0 {
+                dropped = self.dropped(xv, &bits);
+                &dropped[..]
+            } else {
+                xv
+            };
+            sgemm((r, k, m), &mut da, None, &dxa, (1, r), input, (k, 1));
+            Ok(())
+        })?;
+        with_f32(a, |av| {
+            sgemm((m, k, r), &mut dx_adapter, None, &dxa, (r, 1), av, (k, 1));
+            Ok(())
+        })?;
+        let dx_adapter = if self.dropout > 0.0 {
+            self.dropped(&dx_adapter, &bits)
+        } else {
+            dx_adapter
+        };
+        let dx = (self.base.input_grad(grad)? + Tensor::from_vec(dx_adapter, x.shape(), dev)?)?;
+        Ok((
+            Some(dx),
+            Some(Tensor::from_vec(da, (r, k), dev)?),
+            Some(Tensor::from_vec(db, (n, r), dev)?),
+        ))
+    }
 }
 
 thread_local! {
@@ -367,6 +626,11 @@ pub fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Element `i`'s uniform draw in `[0, 1)` from a dropout stream: the top 24 bits of its hash.
+fn dropout_draw(stream: u64, i: u64) -> f32 {
+    (splitmix64(stream.wrapping_add(i)) >> 40) as f32 / (1u64 << 24) as f32
+}
+
 /// Inverted dropout with masks from the current seed and `key`: each element is zeroed
 /// with probability `p`, the rest scaled by `1 / (1 − p)`.
 fn seeded_dropout(xs: &Tensor, p: f32, key: u64) -> Result<Tensor> {
@@ -374,15 +638,7 @@ fn seeded_dropout(xs: &Tensor, p: f32, key: u64) -> Result<Tensor> {
     let base = splitmix64(seed ^ splitmix64(key));
     let keep = 1.0 / (1.0 - p);
     let mask: Vec<f32> = (0..xs.elem_count() as u64)
-        .map(|i| {
-            // The top 24 bits as a uniform draw in [0, 1).
-            let u = (splitmix64(base.wrapping_add(i)) >> 40) as f32 / (1u64 << 24) as f32;
-            if u < p {
-                0.0
-            } else {
-                keep
-            }
-        })
+        .map(|i| if dropout_draw(base, i) < p { 0.0 } else { keep })
         .collect();
     let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
     xs * mask
@@ -521,6 +777,15 @@ impl Linear {
                 with_bias(weight.matmul(xs)?.to_dtype(xs.dtype())?, bias.as_ref())
             }
             Linear::Lora(l) => {
+                if let Some((op, bias)) = LoraProduct::for_input(l, xs)? {
+                    let (a, b) = (l.a.contiguous()?, l.b.contiguous()?);
+                    let y = xs.contiguous()?.apply_op3_arc(
+                        &a,
+                        &b,
+                        std::sync::Arc::new(Box::new(op)),
+                    )?;
+                    return with_bias(y, bias.as_ref());
+                }
                 let x = if l.dropout > 0.0 {
                     seeded_dropout(xs, l.dropout, l.dropout_key)?
                 } else {
@@ -1687,6 +1952,74 @@ mod tests {
                 err <= 1e-5 * max_abs(&grads[0].1).max(1.0),
                 "{b}x{s}x{heads}x{d} dx: {err}"
             );
+        }
+    }
+
+    /// The fused LoRA map ([`LoraProduct`]) against candle's ops on the same dropout
+    /// masks: values, and the gradients of the input and both adapter matrices, on odd
+    /// sizes, with and without dropout, over a dense and a 4-bit base.
+    #[test]
+    fn training_lora_product_matches_candles_values_and_gradients() {
+        let dev = Device::Cpu;
+        for (rows, inp, out, r, p, four_bit) in [
+            (1, 1, 1, 1, 0.0, false),
+            (7, 33, 5, 3, 0.3, false),
+            (61, 64, 130, 8, 0.05, false),
+            (61, 64, 96, 4, 0.5, true),
+        ] {
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, rows, inp), &dev).unwrap()).unwrap();
+            let a = Var::from_tensor(&Tensor::randn(0f32, 0.5, (r, inp), &dev).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, (out, r), &dev).unwrap()).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (out, inp), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, out, &dev).unwrap();
+            let base = if four_bit {
+                let q = QTensor::quantize(&w, GgmlDType::Q4_0).unwrap();
+                Linear::Quantized {
+                    weight: std::sync::Arc::new(q),
+                    bias: Some(bias),
+                }
+            } else {
+                Linear::Dense(candle_nn::Linear::new(w, Some(bias)))
+            };
+            let lora = Lora {
+                base: base.clone(),
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+                scale: 2.0,
+                dropout: p,
+                dropout_key: 7,
+            };
+            with_dropout_seed(42, || {
+                let ours = Linear::Lora(Box::new(lora.clone()))
+                    .forward(x.as_tensor())
+                    .unwrap();
+                let theirs = {
+                    let xs = x.as_tensor();
+                    let dropped = if p > 0.0 {
+                        seeded_dropout(xs, p, 7).unwrap()
+                    } else {
+                        xs.clone()
+                    };
+                    let delta = dropped
+                        .broadcast_matmul(&a.as_tensor().t().unwrap())
+                        .unwrap()
+                        .broadcast_matmul(&b.as_tensor().t().unwrap())
+                        .unwrap();
+                    (base.forward(xs).unwrap() + (delta * 2.0).unwrap()).unwrap()
+                };
+                let what = format!("{rows}x{inp}x{out} r{r} p{p} 4-bit {four_bit}");
+                let err = max_abs_diff_tensors(&ours, &theirs);
+                assert!(err <= 1e-5 * max_abs(&theirs).max(1.0), "{what}: {err}");
+                let grads = probed_grads(&ours, &theirs, &[&x, &a, &b]);
+                for (name, (g, want)) in ["x", "A", "B"].iter().zip(&grads) {
+                    let err = max_abs_diff_tensors(g, want);
+                    assert!(
+                        err <= 1e-5 * max_abs(want).max(1.0),
+                        "{what} d{name}: {err}"
+                    );
+                }
+            });
         }
     }
 

@@ -325,22 +325,25 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
     let adapter_extra = match spec.lora {
         Some(lo) => {
             let has = |m: &str| lora::targets(&lo.targets, m);
-            // Per adapted map: with dropout its input once more (the mask, and the input
-            // times it), the rank-r product, the adapter's output, that scaled, and the sum
-            // with the base's output.
-            let drop = if lo.dropout > 0.0 { 2 } else { 0 };
+            // Per adapted map (one op, `LoraProduct`): the rank-r product, and with
+            // dropout the mask as bits (a 32nd of the input).
             let mut e = 0;
-            for (m, inp, out) in [
-                ("q_proj", h, h),
-                ("k_proj", h, kvd),
-                ("v_proj", h, kvd),
-                ("o_proj", h, h),
-                ("gate_proj", h, i),
-                ("up_proj", h, i),
-                ("down_proj", i, h),
+            for (m, inp) in [
+                ("q_proj", h),
+                ("k_proj", h),
+                ("v_proj", h),
+                ("o_proj", h),
+                ("gate_proj", h),
+                ("up_proj", h),
+                ("down_proj", i),
             ] {
                 if has(m) {
-                    e += drop * inp + lo.r as u64 + 3 * out;
+                    let mask = if lo.dropout > 0.0 {
+                        inp.div_ceil(32)
+                    } else {
+                        0
+                    };
+                    e += mask + lo.r as u64;
                 }
             }
             e
@@ -378,12 +381,13 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
     // backward is pending (all of them, or the one recomputed with checkpointing); with
     // adapters, about half of what they keep again per pending layer (fitted to LoRA's
     // measured runs in tests/plan.rs).
-    // Layers that are wholly frozen (stage 1) compute no weight gradients, and their fused
-    // ops (RMSNorm, rotary, SiLU gate, frozen products) return one gradient each: measured,
-    // (5h + 2i) per token and (2h + i) per pending layer.
+    // Layers whose matrices are frozen (stage 1; LoRA's base, its adapters fused into one
+    // op per map) compute no weight gradients, and their fused ops (RMSNorm, rotary, SiLU
+    // gate, frozen and LoRA products) return one gradient each: measured, (5h + 2i) per
+    // token and (2h + i) per pending layer.
     let pending = if checkpointing { 1 } else { layers };
-    let backward = if layers_trained == 0 && spec.lora.is_none() {
-        4 * tokens * (5 * h + 2 * i + pending * (2 * h + i))
+    let backward = if layers_trained == 0 {
+        4 * tokens * (5 * h + 2 * i + pending * (2 * h + i + adapter_extra))
     } else {
         4 * tokens * (19 * h + 2 * i + pending * (8 * h + 3 * i + adapter_extra / 2))
     };
