@@ -1665,7 +1665,7 @@ impl candle_core::CustomOp1 for RopeHeads {
 mod tests {
     use super::*;
     use candle_core::Device;
-    use kollava_testkit::{max_abs, max_abs_diff_tensors, probed_grads};
+    use kollava_testkit::{assert_values_and_grads, max_abs, max_abs_diff_tensors, probed_grads};
 
     /// A frozen weight's product ([`frozen_product`]) against candle's own `Linear` on
     /// the same tracked input: the same values, and the same input gradient, for 2-D and
@@ -1885,16 +1885,9 @@ mod tests {
                     .broadcast_mul(w.as_tensor())
                     .unwrap()
             };
-            let err = max_abs_diff_tensors(&ours, &theirs);
-            assert!(err < 1e-5, "{rows}x{h}: {err}");
-            let grads = probed_grads(&ours, &theirs, &[&x, &w]);
-            for (name, (a, b)) in ["x", "w"].iter().zip(&grads) {
-                let err = max_abs_diff_tensors(a, b);
-                assert!(
-                    err <= 1e-4 * max_abs(b).max(1.0),
-                    "{rows}x{h} d{name}: {err}"
-                );
-            }
+            let what = format!("{rows}x{h}");
+            let vars = [("x", &x), ("w", &w)];
+            assert_values_and_grads(&what, &ours, &theirs, &vars, (1e-5, 1e-4));
         }
     }
 
@@ -1935,16 +1928,9 @@ mod tests {
             assert!(ours.track_op(), "a tracked result");
             let theirs =
                 (candle_nn::ops::silu(gate.as_tensor()).unwrap() * up.as_tensor()).unwrap();
-            let err = max_abs_diff_tensors(&ours, &theirs);
-            assert!(err <= 1e-5 * max_abs(&theirs).max(1.0), "{shape:?}: {err}");
-            let grads = probed_grads(&ours, &theirs, &[&gate, &up]);
-            for (name, (a, b)) in ["gate", "up"].iter().zip(&grads) {
-                let err = max_abs_diff_tensors(a, b);
-                assert!(
-                    err <= 1e-5 * max_abs(b).max(1.0),
-                    "{shape:?} d{name}: {err}"
-                );
-            }
+            let what = format!("{shape:?}");
+            let vars = [("gate", &gate), ("up", &up)];
+            assert_values_and_grads(&what, &ours, &theirs, &vars, (1e-5, 1e-5));
         }
     }
 
@@ -1977,14 +1963,8 @@ mod tests {
                 0.0,
                 "{b}x{s}x{heads}x{d}"
             );
-            let err = max_abs_diff_tensors(&ours, &theirs);
-            assert!(err < 1e-5, "{b}x{s}x{heads}x{d}: {err}");
-            let grads = probed_grads(&ours, &theirs, &[&x]);
-            let err = max_abs_diff_tensors(&grads[0].0, &grads[0].1);
-            assert!(
-                err <= 1e-5 * max_abs(&grads[0].1).max(1.0),
-                "{b}x{s}x{heads}x{d} dx: {err}"
-            );
+            let what = format!("{b}x{s}x{heads}x{d}");
+            assert_values_and_grads(&what, &ours, &theirs, &[("x", &x)], (1e-5, 1e-5));
         }
     }
 
@@ -2042,16 +2022,8 @@ mod tests {
                     (base.forward(xs).unwrap() + (delta * 2.0).unwrap()).unwrap()
                 };
                 let what = format!("{rows}x{inp}x{out} r{r} p{p} 4-bit {four_bit}");
-                let err = max_abs_diff_tensors(&ours, &theirs);
-                assert!(err <= 1e-5 * max_abs(&theirs).max(1.0), "{what}: {err}");
-                let grads = probed_grads(&ours, &theirs, &[&x, &a, &b]);
-                for (name, (g, want)) in ["x", "A", "B"].iter().zip(&grads) {
-                    let err = max_abs_diff_tensors(g, want);
-                    assert!(
-                        err <= 1e-5 * max_abs(want).max(1.0),
-                        "{what} d{name}: {err}"
-                    );
-                }
+                let vars = [("x", &x), ("A", &a), ("B", &b)];
+                assert_values_and_grads(&what, &ours, &theirs, &vars, (1e-5, 1e-5));
             });
         }
     }

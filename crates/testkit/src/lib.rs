@@ -136,6 +136,33 @@ pub fn probed_grads(
         .collect()
 }
 
+/// A differentiable op against its reference computation: the values within `value_tol`
+/// of the reference's largest magnitude (at least 1), and under one random probe
+/// ([`probed_grads`]) each named variable's gradient within `grad_tol` likewise. `what`
+/// names the case in a failure.
+#[track_caller]
+pub fn assert_values_and_grads(
+    what: &str,
+    ours: &Tensor,
+    theirs: &Tensor,
+    vars: &[(&str, &candle_core::Var)],
+    (value_tol, grad_tol): (f32, f32),
+) {
+    let err = max_abs_diff_tensors(ours, theirs);
+    assert!(
+        err <= value_tol * max_abs(theirs).max(1.0),
+        "{what}: values off by {err}"
+    );
+    let only: Vec<&candle_core::Var> = vars.iter().map(|(_, v)| *v).collect();
+    for ((name, _), (g, want)) in vars.iter().zip(probed_grads(ours, theirs, &only)) {
+        let err = max_abs_diff_tensors(&g, &want);
+        assert!(
+            err <= grad_tol * max_abs(&want).max(1.0),
+            "{what}: d{name} off by {err}"
+        );
+    }
+}
+
 /// The largest absolute value of a tensor.
 pub fn max_abs(t: &Tensor) -> f32 {
     max_abs_diff_tensors(t, &t.zeros_like().expect("zeros"))

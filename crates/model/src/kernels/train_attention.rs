@@ -372,7 +372,7 @@ impl CustomOp3 for Attention {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
-    use kollava_testkit::{max_abs, max_abs_diff_tensors, probed_grads};
+    use kollava_testkit::assert_values_and_grads;
 
     /// candle's tensor-op attention (the decoder's training path before this op), with the
     /// key/value heads repeated for grouped-query attention.
@@ -450,16 +450,9 @@ mod tests {
             let ours =
                 attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &m, None, scale).unwrap();
             let theirs = reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), &m, scale);
-            let err = max_abs_diff_tensors(&ours, &theirs);
-            assert!(err < 1e-5, "{b}x{heads}x{s}x{d}: {err}");
-            let grads = probed_grads(&ours, &theirs, &[&q, &k, &v]);
-            for (name, (a, bb)) in ["q", "k", "v"].iter().zip(&grads) {
-                let err = max_abs_diff_tensors(a, bb);
-                assert!(
-                    err <= 1e-4 * max_abs(bb).max(1.0),
-                    "{b}x{heads}x{s}x{d} d{name}: {err}"
-                );
-            }
+            let what = format!("{b}x{heads}x{s}x{d}");
+            let vars = [("q", &q), ("k", &k), ("v", &v)];
+            assert_values_and_grads(&what, &ours, &theirs, &vars, (1e-5, 1e-4));
         }
     }
 
@@ -511,12 +504,13 @@ mod tests {
         )
         .unwrap();
         let theirs = reference_biased(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, scale);
-        let err = max_abs_diff_tensors(&ours, &theirs);
-        assert!(err < 1e-5, "{err}");
-        let grads = probed_grads(&ours, &theirs, &[&q, &k, &v]);
-        for (name, (a, bb)) in ["q", "k", "v"].iter().zip(&grads) {
-            let err = max_abs_diff_tensors(a, bb);
-            assert!(err < 1e-4, "d{name}: {err}");
-        }
+        let vars = [("q", &q), ("k", &k), ("v", &v)];
+        assert_values_and_grads(
+            &format!("ALiBi, {s} rows"),
+            &ours,
+            &theirs,
+            &vars,
+            (1e-5, 1e-4),
+        );
     }
 }
