@@ -1815,8 +1815,10 @@ mod tests {
             let (a, b) = probed_grads(&ours, &theirs, &[&x]).remove(0);
             let err = max_abs_diff_tensors(&a, &b);
             let outs = (out as f32).sqrt();
+            // Sums of few products are dominated by their largest terms' rounding (2⁻⁸
+            // per operand): a share of the largest value, beside the √n of long sums.
             assert!(
-                err < 0.02 * outs,
+                err < 0.02 * outs + max_abs(&b) / 64.0,
                 "{inp}x{out}: input gradient off by {err}"
             );
             assert!(max_abs(&b) > 0.1 * outs);
@@ -1853,8 +1855,9 @@ mod tests {
             for ((a, b), (what, n)) in grads.iter().zip([("input", out), ("weight", rows)]) {
                 let err = max_abs_diff_tensors(a, b);
                 let scale = (n as f32).sqrt();
+                // As above: a sum over 5 rows is as far off as its largest terms' rounding.
                 assert!(
-                    err < 0.02 * scale,
+                    err < 0.02 * scale + max_abs(b) / 64.0,
                     "{inp}x{out}: {what} gradient off by {err}"
                 );
                 assert!(max_abs(b) > 0.1 * scale);
