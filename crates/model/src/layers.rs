@@ -271,6 +271,83 @@ pub(crate) fn sgemm(
     }
 }
 
+/// Whether a product with this weight takes [`TrainedProduct`]: a trained f32 weight and
+/// an f32 input on the CPU, outside bf16 autocast.
+fn trained_on_cpu(xs: &Tensor, w: &Tensor) -> bool {
+    w.track_op()
+        && xs.device().is_cpu()
+        && xs.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && w.rank() == 2
+        && w.is_contiguous()
+        && !BF16_AUTOCAST.with(|s| s.get())
+}
+
+/// `x Wᵀ` for a trained f32 weight on the CPU, as one op whose backward gives `dW = dYᵀ X`
+/// in the weight's own layout. Through candle's matmul, `dW` came out transposed at the
+/// `Wᵀ` view, was accumulated there (a weight-sized zero buffer and a sum) and then added
+/// into the weight's gradient through the transposed view, element by element.
+struct TrainedProduct;
+
+impl candle_core::CustomOp2 for TrainedProduct {
+    fn name(&self) -> &'static str {
+        "trained-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = f32_span(xs, xl, self.name())?;
+        let w = f32_span(ws, wl, self.name())?;
+        let (n, k) = wl.shape().dims2()?;
+        let dims = xl.shape().dims();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("trained-product: an input {dims:?} for a weight ({n}, {k})");
+        }
+        let m = x.len() / k.max(1);
+        let mut y = vec![0f32; m * n];
+        sgemm((m, n, k), &mut y, None, x, (k, 1), w, (1, k));
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("a dimension") = n;
+        Ok((candle_core::CpuStorage::F32(y), out.into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let m = x.elem_count() / k.max(1);
+        let mut dx = vec![0f32; m * k];
+        let mut dw = vec![0f32; n * k];
+        with_f32(grad, |dy| {
+            with_f32(w, |wv| {
+                // dX = dY W.
+                sgemm((m, k, n), &mut dx, None, dy, (n, 1), wv, (k, 1));
+                Ok(())
+            })?;
+            with_f32(x, |xv| {
+                // dW = dYᵀ X.
+                sgemm((n, k, m), &mut dw, None, dy, (1, n), xv, (k, 1));
+                Ok(())
+            })
+        })?;
+        let dev = x.device();
+        let dx = x
+            .track_op()
+            .then(|| Tensor::from_vec(dx, x.shape(), dev))
+            .transpose()?;
+        Ok((dx, Some(Tensor::from_vec(dw, (n, k), dev)?)))
+    }
+}
+
 /// A LoRA map for training on the CPU in f32 as one op over `(x, A, B)`:
 /// `y = x Wᵀ + s · (drop(x) Aᵀ) Bᵀ` with the base `W` frozen. It keeps only the rank-r
 /// product `drop(x) Aᵀ` and the dropout mask as bits: candle's ops kept the dropped copy of
@@ -748,6 +825,10 @@ impl Linear {
             Linear::Dense(l) if autocast_bf16(xs, l.weight()) => {
                 with_bias(trained_bf16_product(xs, l.weight())?, l.bias())
             }
+            Linear::Dense(l) if trained_on_cpu(xs, l.weight()) => with_bias(
+                xs.contiguous()?.apply_op2(l.weight(), TrainedProduct)?,
+                l.bias(),
+            ),
             Linear::Dense(l) => l.forward(xs),
             Linear::Quantized { weight, bias } if frozen_under_training(xs, None) => with_bias(
                 frozen_product(xs, FrozenWeight::Quantized(weight.clone()))?,
@@ -2028,6 +2109,31 @@ mod tests {
                 let vars = [("x", &x), ("A", &a), ("B", &b)];
                 assert_values_and_grads(&what, &ours, &theirs, &vars, (1e-5, 1e-5));
             });
+        }
+    }
+
+    /// A trained weight's product ([`TrainedProduct`]) against candle's `Linear`: values,
+    /// and the gradients of the input and the weight, 2-D and batched, with a bias.
+    #[test]
+    fn trained_products_match_candles_values_and_gradients() {
+        let dev = Device::Cpu;
+        for (shape, out) in [(vec![1, 1], 1), (vec![7, 33], 5), (vec![3, 61, 64], 130)] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap();
+            let inp = *x.dims().last().unwrap();
+            let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (out, inp), &dev).unwrap()).unwrap();
+            let b = Tensor::randn(0f32, 1.0, out, &dev).unwrap();
+            let ours = Linear::Dense(candle_nn::Linear::new(
+                w.as_tensor().clone(),
+                Some(b.clone()),
+            ))
+            .forward(x.as_tensor())
+            .unwrap();
+            let theirs = candle_nn::Linear::new(w.as_tensor().clone(), Some(b))
+                .forward(x.as_tensor())
+                .unwrap();
+            let what = format!("{:?}x{out}", x.dims());
+            let vars = [("x", &x), ("w", &w)];
+            assert_values_and_grads(&what, &ours, &theirs, &vars, (1e-5, 1e-5));
         }
     }
 

@@ -391,9 +391,9 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
     } else {
         4 * tokens * (19 * h + 2 * i + pending * (8 * h + 3 * i + adapter_extra / 2))
     };
-    // Accumulating micro-batches: the running sum and the new pass's gradients, and the
-    // sum being formed.
-    let accumulating = if spec.grad_accum > 1 { 2 * grads } else { 0 };
+    // Accumulating micro-batches: the running sum beside the new pass's gradients (those
+    // are `gradients`; the sum is formed one parameter at a time).
+    let accumulating = if spec.grad_accum > 1 { grads } else { 0 };
     let in_flight = backward + accumulating;
     let exchange = match (world, spec.shard) {
         (1, _) => 0,
