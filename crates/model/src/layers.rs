@@ -201,19 +201,26 @@ fn dense_product(
     w: &Tensor,
 ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
     let (n, k) = w.dims2()?;
+    with_f32(w, |w| {
+        product_storage(x, shape, w, (n, k), "frozen-product")
+    })
+}
+
+/// `x Wᵀ` for `x: (…, k)` and a row-major `w: (n, k)`, as a custom op's output `(…, n)`.
+fn product_storage(
+    x: &[f32],
+    shape: &candle_core::Shape,
+    w: &[f32],
+    (n, k): (usize, usize),
+    op: &str,
+) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
     let dims = shape.dims();
     if dims.last() != Some(&k) {
-        candle_core::bail!(
-            "frozen-product: an input {dims:?} for a weight {:?}",
-            w.dims()
-        );
+        candle_core::bail!("{op}: an input {dims:?} for a weight ({n}, {k})");
     }
     let m = x.len() / k.max(1);
     let mut y = vec![0f32; m * n];
-    with_f32(w, |w| {
-        sgemm((m, n, k), &mut y, None, x, (k, 1), w, (1, k));
-        Ok(())
-    })?;
+    sgemm((m, n, k), &mut y, None, x, (k, 1), w, (1, k));
     let mut out = dims.to_vec();
     *out.last_mut().expect("a dimension") = n;
     Ok((candle_core::CpuStorage::F32(y), out.into()))
@@ -303,17 +310,7 @@ impl candle_core::CustomOp2 for TrainedProduct {
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let x = f32_span(xs, xl, self.name())?;
         let w = f32_span(ws, wl, self.name())?;
-        let (n, k) = wl.shape().dims2()?;
-        let dims = xl.shape().dims();
-        if dims.last() != Some(&k) {
-            candle_core::bail!("trained-product: an input {dims:?} for a weight ({n}, {k})");
-        }
-        let m = x.len() / k.max(1);
-        let mut y = vec![0f32; m * n];
-        sgemm((m, n, k), &mut y, None, x, (k, 1), w, (1, k));
-        let mut out = dims.to_vec();
-        *out.last_mut().expect("a dimension") = n;
-        Ok((candle_core::CpuStorage::F32(y), out.into()))
+        product_storage(x, xl.shape(), w, wl.shape().dims2()?, self.name())
     }
 
     fn bwd(
