@@ -9,6 +9,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::Activation;
 use crate::form::{Matrices, Pack};
+use crate::kernels::sgemm;
 use crate::kernels::softmax::{exp_nonpositive, softmax_in_place};
 
 /// From this many input rows on (prefill), a float weight is widened for a GEMM rather than
@@ -218,64 +219,18 @@ fn product_storage(
     if dims.last() != Some(&k) {
         candle_core::bail!("{op}: an input {dims:?} for a weight ({n}, {k})");
     }
-    let m = x.len() / k.max(1);
-    let mut y = vec![0f32; m * n];
-    sgemm((m, n, k), &mut y, None, x, (k, 1), w, (1, k));
+    let y = dense_rows(x, w, (n, k));
     let mut out = dims.to_vec();
     *out.last_mut().expect("a dimension") = n;
     Ok((candle_core::CpuStorage::F32(y), out.into()))
 }
 
-/// `dst (m×n) = [beta_dst ·dst +] alpha · a (m×k) · b (k×n)` on the thread pool, `a` and `b`
-/// given with their (row, column) strides; `dst` row-major. `accumulate: Some(alpha)` adds
-/// `alpha·a·b` to what `dst` holds, `None` overwrites it with `a·b`.
-pub(crate) fn sgemm(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    accumulate: Option<f32>,
-    a: &[f32],
-    (a_rs, a_cs): (usize, usize),
-    b: &[f32],
-    (b_rs, b_cs): (usize, usize),
-) {
-    assert!(dst.len() >= m * n, "sgemm: a destination too small");
-    assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
-    assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    let (read, beta) = match accumulate {
-        Some(alpha) => (true, alpha),
-        None => (false, 1.0),
-    };
-    // SAFETY: the asserts above: every element the strides reach is inside its slice, and
-    // `dst` is a unique borrow.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            read,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+/// `x Wᵀ` for the rows of `x` (`k` wide) and a row-major `w: (n, k)`, on the thread pool.
+fn dense_rows(x: &[f32], w: &[f32], (n, k): (usize, usize)) -> Vec<f32> {
+    let m = x.len() / k.max(1);
+    let mut y = vec![0f32; m * n];
+    sgemm((m, n, k), &mut y, false, x, (k, 1), w, (1, k), 1.0, true);
+    y
 }
 
 /// Whether a product with this weight takes [`TrainedProduct`]: a trained f32 weight and
@@ -327,12 +282,12 @@ impl candle_core::CustomOp2 for TrainedProduct {
         with_f32(grad, |dy| {
             with_f32(w, |wv| {
                 // dX = dY W.
-                sgemm((m, k, n), &mut dx, None, dy, (n, 1), wv, (k, 1));
+                sgemm((m, k, n), &mut dx, false, dy, (n, 1), wv, (k, 1), 1.0, true);
                 Ok(())
             })?;
             with_f32(x, |xv| {
                 // dW = dYᵀ X.
-                sgemm((n, k, m), &mut dw, None, dy, (1, n), xv, (k, 1));
+                sgemm((n, k, m), &mut dw, false, dy, (1, n), xv, (k, 1), 1.0, true);
                 Ok(())
             })
         })?;
@@ -441,21 +396,8 @@ impl LoraProduct {
     /// The frozen base's `x Wᵀ`, `(m, out)` values.
     fn base_product(&self, x: &[f32], shape: &candle_core::Shape) -> Result<Vec<f32>> {
         if let FrozenWeight::Dense(w) = &self.base {
-            let (n, k) = w.dims2()?;
-            let mut y = vec![0f32; x.len() / k.max(1) * n];
-            with_f32(w, |w| {
-                sgemm(
-                    (x.len() / k.max(1), n, k),
-                    &mut y,
-                    None,
-                    x,
-                    (k, 1),
-                    w,
-                    (1, k),
-                );
-                Ok(())
-            })?;
-            return Ok(y);
+            let nk = w.dims2()?;
+            return with_f32(w, |w| Ok(dense_rows(x, w, nk)));
         }
         let x = Tensor::from_slice(x, shape, &candle_core::Device::Cpu)?;
         self.base.product(&x)?.flatten_all()?.to_vec1()
@@ -504,10 +446,30 @@ impl candle_core::CustomOp3 for LoraProduct {
             } else {
                 x
             };
-            sgemm((m, r, k), &mut xa, None, input, (k, 1), a, (1, k));
+            sgemm(
+                (m, r, k),
+                &mut xa,
+                false,
+                input,
+                (k, 1),
+                a,
+                (1, k),
+                1.0,
+                true,
+            );
         }
         let mut y = self.base_product(x, xl.shape())?;
-        sgemm((m, n, r), &mut y, Some(self.scale), &xa, (r, 1), b, (1, r));
+        sgemm(
+            (m, n, r),
+            &mut y,
+            true,
+            &xa,
+            (r, 1),
+            b,
+            (1, r),
+            self.scale,
+            true,
+        );
         *self
             .saved
             .lock()
@@ -542,14 +504,32 @@ impl candle_core::CustomOp3 for LoraProduct {
         let mut db = vec![0f32; n * r];
         with_f32(grad, |dy| {
             with_f32(b, |bv| {
-                sgemm((m, r, n), &mut dxa, None, dy, (n, 1), bv, (r, 1));
+                sgemm(
+                    (m, r, n),
+                    &mut dxa,
+                    false,
+                    dy,
+                    (n, 1),
+                    bv,
+                    (r, 1),
+                    self.scale,
+                    true,
+                );
                 Ok(())
             })?;
-            sgemm((n, r, m), &mut db, None, dy, (1, n), &xa, (r, 1));
+            sgemm(
+                (n, r, m),
+                &mut db,
+                false,
+                dy,
+                (1, n),
+                &xa,
+                (r, 1),
+                self.scale,
+                true,
+            );
             Ok(())
         })?;
-        dxa.iter_mut().for_each(|v| *v *= self.scale);
-        db.iter_mut().for_each(|v| *v *= self.scale);
         // dA = d(xa)ᵀ drop(x); the adapter's part of dx, d(xa) A, through the mask.
         let mut da = vec![0f32; r * k];
         let mut dx_adapter = vec![0f32; m * k];
@@ -561,11 +541,31 @@ impl candle_core::CustomOp3 for LoraProduct {
             } else {
                 xv
             };
-            sgemm((r, k, m), &mut da, None, &dxa, (1, r), input, (k, 1));
+            sgemm(
+                (r, k, m),
+                &mut da,
+                false,
+                &dxa,
+                (1, r),
+                input,
+                (k, 1),
+                1.0,
+                true,
+            );
             Ok(())
         })?;
         with_f32(a, |av| {
-            sgemm((m, k, r), &mut dx_adapter, None, &dxa, (r, 1), av, (k, 1));
+            sgemm(
+                (m, k, r),
+                &mut dx_adapter,
+                false,
+                &dxa,
+                (r, 1),
+                av,
+                (k, 1),
+                1.0,
+                true,
+            );
             Ok(())
         })?;
         let dx_adapter = if self.dropout > 0.0 {

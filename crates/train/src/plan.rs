@@ -378,9 +378,7 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
     // so the larger of the two counts).
     // The backward pass's gradients of intermediates in flight: measured on the decoder
     // with trained layers, (19h + 2i) per token, and (8h + 3i) more per layer whose
-    // backward is pending (all of them, or the one recomputed with checkpointing); with
-    // adapters, about half of what they keep again per pending layer (fitted to LoRA's
-    // measured runs in tests/plan.rs).
+    // backward is pending (all of them, or the one recomputed with checkpointing).
     // Layers whose matrices are frozen (stage 1; LoRA's base, its adapters fused into one
     // op per map) compute no weight gradients, and their fused ops (RMSNorm, rotary, SiLU
     // gate, frozen and LoRA products) return one gradient each: measured, (5h + 2i) per
@@ -389,7 +387,7 @@ pub fn plan(spec: &PlanSpec) -> MemoryPlan {
     let backward = if layers_trained == 0 {
         4 * tokens * (5 * h + 2 * i + pending * (2 * h + i + adapter_extra))
     } else {
-        4 * tokens * (19 * h + 2 * i + pending * (8 * h + 3 * i + adapter_extra / 2))
+        4 * tokens * (19 * h + 2 * i + pending * (8 * h + 3 * i))
     };
     // Accumulating micro-batches: the running sum beside the new pass's gradients (those
     // are `gradients`; the sum is formed one parameter at a time).

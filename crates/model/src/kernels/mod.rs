@@ -33,3 +33,54 @@ impl Dims {
         self.heads / self.kv_heads
     }
 }
+
+/// `dst (m×n) = [dst +] alpha · a (m×k) · b (k×n)` by `gemm` (candle's own matrix kernels),
+/// `a` and `b` given by their (row, column) strides, `dst` row-major. `parallel`: on the
+/// thread pool; without it one thread (callers that parallelise over heads themselves).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    add: bool,
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    alpha: f32,
+    parallel: bool,
+) {
+    assert!(dst.len() >= m * n, "sgemm: a destination too small");
+    assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    let threads = rayon::current_num_threads();
+    let par = if parallel && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above: every element the strides reach is inside its slice, and
+    // `dst` is a unique borrow.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            add,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}

@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::softmax::exp_nonpositive;
-use super::Dims;
+use super::{sgemm, Dims};
 
 /// `softmax(q kᵀ · scale + mask [+ slope_h · dist]) v` with gradients for `q`, `k` and `v`.
 /// `q: (b, heads, s, d)`, `k, v: (b, kv_heads, t, d)`, `mask: (b, 1, s, t)` (0 or −∞; every
@@ -124,49 +124,6 @@ struct Attention {
     lse: Mutex<Option<Vec<f32>>>,
 }
 
-/// `dst (m×n) = [dst +] alpha · a (m×k) · b (k×n)`, with `a`'s and `b`'s row and column
-/// strides; one thread (the caller parallelises over heads).
-#[allow(clippy::too_many_arguments)]
-fn mm(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    accumulate: bool,
-    a: &[f32],
-    (a_rs, a_cs): (usize, usize),
-    b: &[f32],
-    (b_rs, b_cs): (usize, usize),
-    alpha: f32,
-) {
-    debug_assert!(dst.len() >= m * n);
-    debug_assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
-    debug_assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    // SAFETY: the slices hold every element the strides reach (checked above in debug
-    // builds; the callers pass whole heads), and `dst` is not aliased.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
 /// Query rows `rows` of a head and the leading `extent` keys they see.
 struct Block {
     rows: std::ops::Range<usize>,
@@ -190,7 +147,7 @@ impl Attention {
         let Dims { s, t, d, .. } = self.dims;
         let (n, e) = (blk.rows.len(), blk.extent);
         let q = &q[blk.rows.start * d..];
-        mm((n, e, d), p, false, q, (d, 1), k, (1, d), self.scale);
+        sgemm((n, e, d), p, false, q, (d, 1), k, (1, d), self.scale, false);
         for (r, row) in blk.rows.clone().zip(p.chunks_exact_mut(e)) {
             let at = (bi * s + r) * t;
             row.iter_mut()
@@ -268,7 +225,7 @@ impl CustomOp3 for Attention {
                             *l = max + sum.ln();
                         }
                         let o = &mut out[(r * s + blk.rows.start) * d..(r * s + blk.rows.end) * d];
-                        mm((n, d, e), o, false, p, (e, 1), v, (d, 1), 1.0);
+                        sgemm((n, d, e), o, false, p, (e, 1), v, (d, 1), 1.0, false);
                     }
                 }
             });
@@ -337,9 +294,9 @@ impl CustomOp3 for Attention {
                         let rows = blk.rows.start * d..blk.rows.end * d;
                         let (qb, ob, gb) = (&qh[rows.clone()], &oh[rows.clone()], &gh[rows]);
                         // dV += Pᵀ dO (the keys the block sees; `dv` starts at zero).
-                        mm((e, d, n), dv, true, p, (1, e), gb, (d, 1), 1.0);
+                        sgemm((e, d, n), dv, true, p, (1, e), gb, (d, 1), 1.0, false);
                         // dP = dO Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)) · scale.
-                        mm((n, e, d), ds, false, gb, (d, 1), vh, (1, d), 1.0);
+                        sgemm((n, e, d), ds, false, gb, (d, 1), vh, (1, d), 1.0, false);
                         for i in 0..n {
                             let di: f32 = gb[i * d..(i + 1) * d]
                                 .iter()
@@ -354,8 +311,8 @@ impl CustomOp3 for Attention {
                         }
                         // dQ = dS K, dK += dSᵀ Q.
                         let dqb = &mut dq[(r * s + blk.rows.start) * d..(r * s + blk.rows.end) * d];
-                        mm((n, d, e), dqb, false, ds, (e, 1), kh, (d, 1), 1.0);
-                        mm((e, d, n), dk, true, ds, (1, e), qb, (d, 1), 1.0);
+                        sgemm((n, d, e), dqb, false, ds, (e, 1), kh, (d, 1), 1.0, false);
+                        sgemm((e, d, n), dk, true, ds, (1, e), qb, (d, 1), 1.0, false);
                     }
                 }
             });
